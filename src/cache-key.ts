@@ -1,0 +1,42 @@
+// Cache keys. The primary key is the normalised absolute URL: lower-case scheme and host, default port
+// dropped, path and query byte-exact. A response with Vary adds the selected request headers.
+import { createHash } from 'node:crypto';
+import type { IncomingHttpHeaders } from 'node:http';
+
+/** Normalise an absolute http URL, or return undefined if it is not one. */
+export function normaliseUrl(target: string): URL | undefined {
+  let u: URL;
+  try {
+    u = new URL(target);
+  } catch {
+    return undefined;
+  }
+  if (u.protocol !== 'http:' || !u.hostname) return undefined;
+  u.hash = '';
+  return u; // WHATWG URL already lower-cases scheme/host and drops the default port
+}
+
+export function primaryKey(u: URL): string {
+  return `${u.protocol}//${u.host}${u.pathname}${u.search}`;
+}
+
+/** The Vary header names of a response, lower-cased; '*' means never cacheable. */
+export function varyNames(vary: string | string[] | undefined): string[] {
+  if (!vary) return [];
+  const s = Array.isArray(vary) ? vary.join(',') : vary;
+  return s.split(',').map((v) => v.trim().toLowerCase()).filter(Boolean).sort();
+}
+
+export function variantKey(primary: string, names: readonly string[], reqHeaders: IncomingHttpHeaders): string {
+  if (names.length === 0) return primary;
+  const parts = names.map((n) => {
+    const v = reqHeaders[n];
+    return `${n}:${Array.isArray(v) ? v.join(',') : (v ?? '')}`;
+  });
+  return `${primary}\n${parts.join('\n')}`;
+}
+
+/** Fixed-length file-system name of a key. */
+export function hashKey(key: string): string {
+  return createHash('sha256').update(key).digest('hex');
+}

@@ -1,0 +1,355 @@
+// Configuration: one DEFAULTS table, the YAML file and the command line merged (the command line wins),
+// validated once by a zod schema that reports every problem with its key, then deep-frozen.
+// Runtime code only ever sees the frozen `Config`; nothing on the hot path re-checks it.
+import { readFileSync } from 'node:fs';
+import { isIP } from 'node:net';
+import { hostname } from 'node:os';
+import { parseArgs } from 'node:util';
+import { parse as parseYaml } from 'yaml';
+import { z } from 'zod';
+import { ConfigError } from './errors.ts';
+
+export const VERSION = '0.1.0';
+
+/** Every option: CLI flag and YAML key share the name. `multiple` options are lists. */
+export const DEFAULTS = {
+  listen: ['0.0.0.0:3128'],
+  'cache-dir': './var/cache',
+  'disk-cache': '10GB',
+  'memory-cache': '256MB',
+  'max-object-size': '1GB',
+  'max-memory-object-size': '1MB',
+  'allow-client': ['127.0.0.0/8', '::1/128', '10.0.0.0/8', '172.16.0.0/12', '192.168.0.0/16', 'fc00::/7', 'fe80::/10'],
+  'allow-dest': [] as string[],
+  'allow-port': '80,8000,8080,1025-65535',
+  'allow-connect-port': '',
+  'negative-ttl': '60s',
+  'uncacheable-ttl': '120s',
+  'access-log': '-',
+  'log-level': 'info',
+  'visible-hostname': hostname(),
+  'connect-timeout': '10s',
+  'read-timeout': '60s',
+  'tunnel-idle-timeout': '300s',
+  'client-idle-timeout': '120s',
+  'max-fills': 1024,
+  'max-passes': 1024,
+  'max-client-connections': 65536,
+  'upstream-connections': 64,
+  'fill-window': '2MB',
+} as const;
+
+export type OptionName = keyof typeof DEFAULTS;
+
+const HELP: Record<OptionName, string> = {
+  listen: '[HOST:]PORT to accept proxy requests on (repeatable)',
+  'cache-dir': 'directory of the disk tier',
+  'disk-cache': 'disk tier size bound (KB/MB/GB)',
+  'memory-cache': 'memory tier size bound',
+  'max-object-size': 'largest object kept on disk',
+  'max-memory-object-size': 'largest object kept in memory',
+  'allow-client': 'client CIDR allowed to use the proxy (repeatable)',
+  'allow-dest': 'destination host (.domain for subdomains), IP or CIDR (repeatable); when given, only these',
+  'allow-port': 'destination ports allowed, e.g. 80,8000,1025-65535',
+  'allow-connect-port': 'ports CONNECT may tunnel to (default: none, CONNECT denied)',
+  'negative-ttl': 'how long a 404/410 without explicit freshness is cached',
+  'uncacheable-ttl': 'how long a key whose response was not storable bypasses coalescing',
+  'access-log': 'Squid-format access log file, - for stdout, none to disable',
+  'log-level': 'operational log level (fatal,error,warn,info,debug,trace)',
+  'visible-hostname': 'name used in Via and X-Cache',
+  'connect-timeout': 'upstream connect timeout',
+  'read-timeout': 'upstream timeout for headers and between body bytes',
+  'tunnel-idle-timeout': 'idle timeout of CONNECT tunnels',
+  'client-idle-timeout': 'idle keep-alive timeout of client connections',
+  'max-fills': 'concurrent upstream cache fills; beyond it misses get 503',
+  'max-passes': 'concurrent uncached (pass/tunnel) requests; beyond it 503',
+  'max-client-connections': 'open client connections; beyond it new ones are refused',
+  'upstream-connections': 'connections per upstream host',
+  'fill-window': 'memory per in-flight fill; older bytes are read back from its disk spill',
+};
+
+const MULTIPLE = new Set<OptionName>(['listen', 'allow-client', 'allow-dest']);
+
+const UNITS: Record<string, number> = { '': 1, B: 1, K: 1024, KB: 1024, KIB: 1024, M: 1024 ** 2, MB: 1024 ** 2, MIB: 1024 ** 2, G: 1024 ** 3, GB: 1024 ** 3, GIB: 1024 ** 3, T: 1024 ** 4, TB: 1024 ** 4, TIB: 1024 ** 4 };
+const DURATIONS: Record<string, number> = { ms: 1, '': 1000, s: 1000, m: 60_000, min: 60_000, h: 3_600_000, d: 86_400_000 };
+
+export function parseSize(v: string | number): number | undefined {
+  if (typeof v === 'number') return Number.isSafeInteger(v) && v >= 0 ? v : undefined;
+  const m = /^\s*(\d+(?:\.\d+)?)\s*([a-z]*)\s*$/i.exec(v);
+  const unit = m && UNITS[m[2]!.toUpperCase()];
+  return m && unit ? Math.floor(Number(m[1]) * unit) : undefined;
+}
+
+export function parseDurationMs(v: string | number): number | undefined {
+  if (typeof v === 'number') return v >= 0 ? v * 1000 : undefined;
+  const m = /^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|min|h|d|)\s*$/i.exec(v);
+  const unit = m && DURATIONS[m[2]!.toLowerCase()];
+  return m && unit ? Math.round(Number(m[1]) * unit) : undefined;
+}
+
+export interface PortRange { from: number; to: number }
+
+function parsePorts(v: string | number | (string | number)[]): PortRange[] | undefined {
+  const parts = Array.isArray(v) ? v.map(String) : String(v).split(',');
+  const out: PortRange[] = [];
+  for (const raw of parts) {
+    const p = raw.trim();
+    if (p === '') continue;
+    const m = /^(\d+)(?:-(\d+))?$/.exec(p);
+    if (!m) return undefined;
+    const from = Number(m[1]);
+    const to = m[2] ? Number(m[2]) : from;
+    if (from < 1 || to > 65535 || from > to) return undefined;
+    out.push({ from, to });
+  }
+  return out;
+}
+
+export interface ListenAddr { host: string; port: number }
+
+function parseListen(v: string | number): ListenAddr | undefined {
+  const s = String(v).trim();
+  const m = /^(?:\[([^\]]+)\]|([^:]+)):(\d+)$/.exec(s) ?? /^()()(\d+)$/.exec(s);
+  if (!m) return undefined;
+  const port = Number(m[3]);
+  if (port > 65535) return undefined;
+  return { host: m[1] || m[2] || '0.0.0.0', port };
+}
+
+/** "a.b.c.d/n", "::/n" or a bare address (a /32 or /128). Matching itself is net.BlockList's job. */
+export interface Cidr { address: string; prefix: number; family: 'ipv4' | 'ipv6' }
+
+export function parseCidr(v: string): Cidr | undefined {
+  const [addr, bits, extra] = v.trim().split('/');
+  if (extra !== undefined || !addr) return undefined;
+  const fam = isIP(addr);
+  if (!fam) return undefined;
+  const max = fam === 4 ? 32 : 128;
+  const prefix = bits === undefined ? max : /^\d+$/.test(bits) ? Number(bits) : NaN;
+  if (!(prefix >= 0 && prefix <= max)) return undefined;
+  return { address: addr, prefix, family: fam === 4 ? 'ipv4' : 'ipv6' };
+}
+
+export type DestRule = { kind: 'cidr'; cidr: Cidr } | { kind: 'host'; host: string } | { kind: 'domain'; suffix: string };
+
+function parseDest(v: string): DestRule | undefined {
+  const s = v.trim().toLowerCase();
+  const cidr = parseCidr(s);
+  if (cidr) return { kind: 'cidr', cidr };
+  if (!/^\.?[a-z0-9]([a-z0-9-]*[a-z0-9])?(\.[a-z0-9]([a-z0-9-]*[a-z0-9])?)*$/.test(s)) return undefined;
+  return s.startsWith('.') ? { kind: 'domain', suffix: s } : { kind: 'host', host: s };
+}
+
+// A zod field that turns a user string into a typed value, with the expectation in the error text.
+const conv = <T>(fn: (v: never) => T | undefined, expected: string) =>
+  z.union([z.string(), z.number()]).transform((v, ctx) => {
+    const out = fn(v as never);
+    if (out === undefined) {
+      ctx.addIssue({ code: 'custom', message: `expected ${expected}, got ${JSON.stringify(v)}` });
+      return z.NEVER;
+    }
+    return out;
+  });
+const list = <T>(item: z.ZodType<T>) => z.union([z.array(item), item.transform((v) => [v])]);
+const size = conv(parseSize, 'a size such as 512KB, 256MB or 10GB');
+const duration = conv(parseDurationMs, 'a duration such as 500ms, 60s, 5m or 1h');
+const count = z.number({ error: 'expected a positive integer' }).int('expected a positive integer').positive('expected a positive integer');
+
+const schema = z
+  .object({
+    listen: list(conv(parseListen, '[HOST:]PORT')).refine((l) => l.length > 0, 'expected at least one [HOST:]PORT'),
+    'cache-dir': z.string().min(1, 'expected a directory path'),
+    'disk-cache': size,
+    'memory-cache': size,
+    'max-object-size': size,
+    'max-memory-object-size': size,
+    'allow-client': list(conv(parseCidr, 'an IP address or CIDR such as 10.0.0.0/8')),
+    'allow-dest': list(conv(parseDest, 'a host name, .domain, IP or CIDR')),
+    'allow-port': conv(parsePorts, 'ports such as 80,8000,1025-65535'),
+    'allow-connect-port': z.union([z.array(z.union([z.string(), z.number()])), z.string(), z.number()]).transform((v, ctx) => {
+      const out = parsePorts(v);
+      if (!out) {
+        ctx.addIssue({ code: 'custom', message: `expected ports such as 443,8443, got ${JSON.stringify(v)}` });
+        return z.NEVER;
+      }
+      return out;
+    }),
+    'negative-ttl': duration,
+    'uncacheable-ttl': duration,
+    'access-log': z.string().min(1, 'expected a file path, - or none'),
+    'log-level': z.enum(['fatal', 'error', 'warn', 'info', 'debug', 'trace', 'silent']),
+    'visible-hostname': z.string().regex(/^[A-Za-z0-9._-]+$/, 'expected a host name'),
+    'connect-timeout': duration,
+    'read-timeout': duration,
+    'tunnel-idle-timeout': duration,
+    'client-idle-timeout': duration,
+    'max-fills': count,
+    'max-passes': count,
+    'max-client-connections': count,
+    'upstream-connections': count,
+    'fill-window': size,
+  })
+  .strict();
+
+type Parsed = z.output<typeof schema>;
+
+/** The validated, frozen configuration every module reads. Units are in the names. */
+export interface Config {
+  readonly listen: readonly ListenAddr[];
+  readonly cacheDir: string;
+  readonly diskCacheBytes: number;
+  readonly memoryCacheBytes: number;
+  readonly maxObjectBytes: number;
+  readonly maxMemoryObjectBytes: number;
+  readonly allowClient: readonly Cidr[];
+  readonly allowDest: readonly DestRule[];
+  readonly allowPorts: readonly PortRange[];
+  readonly allowConnectPorts: readonly PortRange[];
+  readonly negativeTtlMs: number;
+  readonly uncacheableTtlMs: number;
+  readonly accessLog: string;
+  readonly logLevel: string;
+  readonly visibleHostname: string;
+  readonly connectTimeoutMs: number;
+  readonly readTimeoutMs: number;
+  readonly tunnelIdleTimeoutMs: number;
+  readonly clientIdleTimeoutMs: number;
+  readonly maxFills: number;
+  readonly maxPasses: number;
+  readonly maxClientConnections: number;
+  readonly upstreamConnections: number;
+  readonly fillWindowBytes: number;
+}
+
+function toConfig(p: Parsed): Config {
+  return {
+    listen: p.listen,
+    cacheDir: p['cache-dir'],
+    diskCacheBytes: p['disk-cache'],
+    memoryCacheBytes: p['memory-cache'],
+    maxObjectBytes: p['max-object-size'],
+    maxMemoryObjectBytes: p['max-memory-object-size'],
+    allowClient: p['allow-client'],
+    allowDest: p['allow-dest'],
+    allowPorts: p['allow-port'],
+    allowConnectPorts: p['allow-connect-port'],
+    negativeTtlMs: p['negative-ttl'],
+    uncacheableTtlMs: p['uncacheable-ttl'],
+    accessLog: p['access-log'],
+    logLevel: p['log-level'],
+    visibleHostname: p['visible-hostname'],
+    connectTimeoutMs: p['connect-timeout'],
+    readTimeoutMs: p['read-timeout'],
+    tunnelIdleTimeoutMs: p['tunnel-idle-timeout'],
+    clientIdleTimeoutMs: p['client-idle-timeout'],
+    maxFills: p['max-fills'],
+    maxPasses: p['max-passes'],
+    maxClientConnections: p['max-client-connections'],
+    upstreamConnections: p['upstream-connections'],
+    fillWindowBytes: p['fill-window'],
+  };
+}
+
+function deepFreeze<T>(o: T): T {
+  if (o && typeof o === 'object' && !Object.isFrozen(o)) {
+    Object.freeze(o);
+    for (const v of Object.values(o)) deepFreeze(v);
+  }
+  return o;
+}
+
+/** Validate a raw options object (YAML keys). Throws ConfigError listing every problem. */
+export function buildConfig(raw: Record<string, unknown>): Config {
+  const merged = { ...structuredClone(DEFAULTS), ...raw } as Record<string, unknown>;
+  const res = schema.safeParse(merged);
+  if (!res.success) {
+    const problems = res.error.issues.map((i) => {
+      const key = i.path.length ? String(i.path[0]) : '(config)';
+      if (i.code === 'unrecognized_keys') return `${i.keys.map((k) => `unknown key "${k}"`).join(', ')}; known keys: ${Object.keys(DEFAULTS).join(', ')}`;
+      return `${key}: ${i.message}`;
+    });
+    throw new ConfigError(problems);
+  }
+  const cfg = toConfig(res.data);
+  const cross: string[] = [];
+  if (cfg.maxMemoryObjectBytes > cfg.memoryCacheBytes) cross.push('max-memory-object-size: must not exceed memory-cache');
+  if (cfg.maxObjectBytes > cfg.diskCacheBytes) cross.push('max-object-size: must not exceed disk-cache');
+  if (cross.length) throw new ConfigError(cross);
+  return deepFreeze(cfg);
+}
+
+/** Read a YAML config file into a raw object. */
+export function readConfigFile(file: string): Record<string, unknown> {
+  let text: string;
+  try {
+    text = readFileSync(file, 'utf8');
+  } catch (err) {
+    throw new ConfigError([`config: cannot read ${file}: ${(err as Error).message}`]);
+  }
+  let doc: unknown;
+  try {
+    doc = parseYaml(text);
+  } catch (err) {
+    throw new ConfigError([`config: ${file} is not valid YAML: ${(err as Error).message}`]);
+  }
+  if (doc == null) return {};
+  if (typeof doc !== 'object' || Array.isArray(doc)) throw new ConfigError([`config: ${file} must be a YAML mapping of option: value`]);
+  return doc as Record<string, unknown>;
+}
+
+export interface Cli {
+  configFile?: string;
+  checkConfig: boolean;
+  version: boolean;
+  help: boolean;
+  options: Record<string, unknown>;
+}
+
+/** Parse argv. Unknown options are errors that name the option. */
+export function parseCli(argv: string[]): Cli {
+  const options: Record<string, { type: 'string' | 'boolean'; multiple?: boolean }> = {
+    config: { type: 'string' },
+    'check-config': { type: 'boolean' },
+    version: { type: 'boolean' },
+    help: { type: 'boolean' },
+  };
+  for (const name of Object.keys(DEFAULTS) as OptionName[]) options[name] = { type: 'string', multiple: MULTIPLE.has(name) };
+  let parsed;
+  try {
+    parsed = parseArgs({ args: argv, options, strict: true, allowPositionals: false });
+  } catch (err) {
+    throw new ConfigError([(err as Error).message.split('\n')[0]!]);
+  }
+  const v = parsed.values as Record<string, unknown>;
+  const out: Record<string, unknown> = {};
+  for (const name of Object.keys(DEFAULTS) as OptionName[]) {
+    if (v[name] === undefined) continue;
+    const def = DEFAULTS[name];
+    // Numeric options arrive as strings from the command line.
+    out[name] = typeof def === 'number' && /^\d+$/.test(String(v[name])) ? Number(v[name]) : v[name];
+  }
+  return {
+    configFile: v.config as string | undefined,
+    checkConfig: Boolean(v['check-config']),
+    version: Boolean(v.version),
+    help: Boolean(v.help),
+    options: out,
+  };
+}
+
+/** Config from argv (+ the file it names). The command line wins over the file. */
+export function loadConfig(cli: Cli): Config {
+  const file = cli.configFile ? readConfigFile(cli.configFile) : {};
+  return buildConfig({ ...file, ...cli.options });
+}
+
+export function helpText(): string {
+  const lines = ['usage: cuttle [--config FILE] [options]', '', 'options (each is also a key of the YAML config file):'];
+  for (const name of Object.keys(DEFAULTS) as OptionName[]) {
+    const d = DEFAULTS[name];
+    const shown = Array.isArray(d) ? d.join(' ') : String(d);
+    lines.push(`  --${name.padEnd(24)} ${HELP[name]}${shown ? ` (default: ${shown})` : ''}`);
+  }
+  lines.push('  --config FILE              YAML config file', '  --check-config             validate the configuration and exit', '  --version', '  --help');
+  return lines.join('\n');
+}

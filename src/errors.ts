@@ -1,0 +1,94 @@
+// One catalog of cuttle's own failures. Each code has a status, an RFC 9209 Proxy-Status error token,
+// an X-Squid-Error value (so CVMFS clients blame the proxy, not the Stratum 1) and a Squid log tag.
+// Codes are public (README "Error codes") and are never reused.
+
+export const ERRORS = {
+  ERR_CLIENT_DENIED: { status: 403, token: 'http_request_denied', squid: 'ERR_ACCESS_DENIED 0', text: 'client address is not allowed to use this proxy' },
+  ERR_DEST_DENIED: { status: 403, token: 'destination_ip_prohibited', squid: 'ERR_ACCESS_DENIED 0', text: 'destination is not allowed' },
+  ERR_PORT_DENIED: { status: 403, token: 'destination_ip_prohibited', squid: 'ERR_ACCESS_DENIED 0', text: 'destination port is not allowed' },
+  ERR_CONNECT_DENIED: { status: 403, token: 'http_request_denied', squid: 'ERR_ACCESS_DENIED 0', text: 'CONNECT is not allowed to this port' },
+  ERR_PURGE_DENIED: { status: 403, token: 'http_request_denied', squid: 'ERR_ACCESS_DENIED 0', text: 'PURGE is not allowed from this address' },
+  ERR_ORIGIN_FORM: { status: 400, token: 'http_request_error', squid: 'ERR_INVALID_URL 0', text: 'this is a forward proxy: the request target must be an absolute http:// URL' },
+  ERR_BAD_REQUEST: { status: 400, token: 'http_request_error', squid: 'ERR_INVALID_REQ 0', text: 'malformed request' },
+  ERR_UNSUPPORTED_SCHEME: { status: 400, token: 'http_request_error', squid: 'ERR_UNSUP_REQ 0', text: 'only http:// URLs are proxied (use CONNECT for TLS)' },
+  ERR_LOOP: { status: 508, token: 'proxy_loop_detected', squid: 'ERR_ACCESS_DENIED 0', text: 'forwarding loop detected (this proxy is already in Via)' },
+  ERR_DNS_FAIL: { status: 502, token: 'dns_error', squid: 'ERR_DNS_FAIL 0', text: 'upstream host name could not be resolved' },
+  ERR_CONNECT_REFUSED: { status: 502, token: 'connection_refused', squid: 'ERR_CONNECT_FAIL 111', text: 'upstream refused the connection' },
+  ERR_CONNECT_TIMEOUT: { status: 504, token: 'connection_timeout', squid: 'ERR_CONNECT_FAIL 110', text: 'upstream connect timed out' },
+  ERR_READ_TIMEOUT: { status: 504, token: 'http_response_timeout', squid: 'ERR_READ_TIMEOUT 0', text: 'upstream did not answer in time' },
+  ERR_UPSTREAM_RESET: { status: 502, token: 'connection_terminated', squid: 'ERR_READ_ERROR 104', text: 'upstream closed the connection' },
+  ERR_INVALID_RESPONSE: { status: 502, token: 'http_protocol_error', squid: 'ERR_INVALID_RESP 0', text: 'upstream sent an invalid response' },
+  ERR_OVERLOADED: { status: 503, token: 'connection_limit_reached', squid: 'ERR_ONLY_IF_CACHED_MISS 0', text: 'proxy is overloaded, try another proxy' },
+  ERR_INTERNAL: { status: 500, token: 'proxy_internal_error', squid: 'ERR_CANNOT_FORWARD 0', text: 'internal proxy error' },
+} as const;
+
+export type ErrorCode = keyof typeof ERRORS;
+
+export class ProxyError extends Error {
+  readonly code: ErrorCode;
+  readonly status: number;
+  readonly token: string;
+  readonly squid: string;
+  readonly detail: string | undefined;
+  constructor(code: ErrorCode, detail?: string, options?: { cause?: unknown }) {
+    const entry = ERRORS[code];
+    super(detail ? `${entry.text}: ${detail}` : entry.text, options);
+    this.name = 'ProxyError';
+    this.code = code;
+    this.status = entry.status;
+    this.token = entry.token;
+    this.squid = entry.squid;
+    this.detail = detail;
+  }
+}
+
+/** Thrown for invalid configuration: every problem, each with the key it concerns. */
+export class ConfigError extends Error {
+  readonly problems: readonly string[];
+  constructor(problems: string[]) {
+    super(`invalid configuration:\n  ${problems.join('\n  ')}`);
+    this.name = 'ConfigError';
+    this.problems = problems;
+  }
+}
+
+/**
+ * Map an undici / socket error seen while talking upstream to our catalog.
+ * `phase` tells whether response headers had arrived (then the failure is a truncation).
+ */
+export function upstreamError(err: unknown): ProxyError {
+  if (err instanceof ProxyError) return err;
+  const e = err as { code?: string; message?: string; cause?: { code?: string } };
+  const code = e?.code ?? e?.cause?.code ?? '';
+  const msg = e?.message ?? String(err);
+  switch (code) {
+    case 'ENOTFOUND':
+    case 'EAI_AGAIN':
+    case 'EAI_FAIL':
+    case 'EAI_NONAME':
+      return new ProxyError('ERR_DNS_FAIL', msg, { cause: err });
+    case 'ECONNREFUSED':
+    case 'EHOSTUNREACH':
+    case 'ENETUNREACH':
+      return new ProxyError('ERR_CONNECT_REFUSED', msg, { cause: err });
+    case 'UND_ERR_CONNECT_TIMEOUT':
+    case 'ETIMEDOUT':
+      return new ProxyError('ERR_CONNECT_TIMEOUT', msg, { cause: err });
+    case 'UND_ERR_HEADERS_TIMEOUT':
+    case 'UND_ERR_BODY_TIMEOUT':
+      return new ProxyError('ERR_READ_TIMEOUT', msg, { cause: err });
+    case 'UND_ERR_SOCKET':
+    case 'ECONNRESET':
+    case 'EPIPE':
+    case 'UND_ERR_CLOSED':
+      return new ProxyError('ERR_UPSTREAM_RESET', msg, { cause: err });
+    case 'HPE_INVALID_CONSTANT':
+    case 'UND_ERR_INFO':
+    case 'UND_ERR_RES_CONTENT_LENGTH_MISMATCH':
+    case 'UND_ERR_RES_EXCEEDED_MAX_SIZE':
+      return new ProxyError('ERR_INVALID_RESPONSE', msg, { cause: err });
+    default:
+      if (code.startsWith('HPE_')) return new ProxyError('ERR_INVALID_RESPONSE', msg, { cause: err });
+      return new ProxyError('ERR_UPSTREAM_RESET', msg || code, { cause: err });
+  }
+}

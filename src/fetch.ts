@@ -1,0 +1,78 @@
+// Upstream HTTP through one undici Agent: bounded pools per origin, connect/header/body timeouts, and a
+// DNS hook that applies the destination ACL to every resolved address before connecting.
+import { lookup as dnsLookup, type LookupAddress } from 'node:dns';
+import type { Readable } from 'node:stream';
+import { Agent } from 'undici';
+import type { Acl } from './acl.ts';
+import type { Config } from './config.ts';
+import { ProxyError, upstreamError } from './errors.ts';
+
+export interface UpstreamRequest {
+  url: URL;
+  method: string;
+  headers: Record<string, string | string[]>;
+  body?: Readable | null;
+  signal?: AbortSignal;
+}
+
+export interface UpstreamResponse {
+  status: number;
+  headers: Record<string, string | string[]>;
+  body: Readable;
+  /** Address the response came from, for the access log's hierarchy field. */
+  peer: string;
+}
+
+type LookupCb = (err: NodeJS.ErrnoException | null, address: string | LookupAddress[], family?: number) => void;
+
+export class Upstream {
+  readonly #agent: Agent;
+  readonly #acl: () => Acl;
+  fetches = 0;
+  /** Body bytes received from upstreams (counted by the consumers, which own the stream's flow). */
+  bytes = 0;
+
+  constructor(cfg: Config, acl: () => Acl) {
+    this.#acl = acl;
+    const lookup = (hostname: string, options: { all?: boolean }, cb: LookupCb) => {
+      dnsLookup(hostname, { ...options, all: true }, (err, addrs) => {
+        if (err) return cb(err, []);
+        const ok = addrs.filter((a) => this.#acl().allowsResolved(hostname, a.address));
+        if (ok.length === 0) return cb(new ProxyError('ERR_DEST_DENIED', `${hostname} resolves to a denied address`) as never, []);
+        if (options.all) cb(null, ok);
+        else cb(null, ok[0]!.address, ok[0]!.family);
+      });
+    };
+    this.#agent = new Agent({
+      connections: cfg.upstreamConnections,
+      pipelining: 1,
+      keepAliveTimeout: 30_000,
+      headersTimeout: cfg.readTimeoutMs,
+      bodyTimeout: cfg.readTimeoutMs,
+      connect: { timeout: cfg.connectTimeoutMs, lookup: lookup as never },
+      maxOrigins: 4096,
+    });
+  }
+
+  async request(r: UpstreamRequest): Promise<UpstreamResponse> {
+    this.fetches++;
+    try {
+      const res = await this.#agent.request({
+        origin: r.url.origin,
+        path: `${r.url.pathname}${r.url.search}`,
+        method: r.method as 'GET',
+        headers: r.headers,
+        body: r.body ?? null,
+        signal: r.signal,
+        blocking: false,
+      });
+      return { status: res.statusCode, headers: res.headers as Record<string, string | string[]>, body: res.body, peer: r.url.hostname };
+    } catch (err) {
+      throw upstreamError(err);
+    }
+  }
+
+  close(): Promise<void> {
+    return this.#agent.close();
+  }
+}

@@ -1,0 +1,216 @@
+// A Fill is one upstream response growing in place, read by any number of clients at once
+// (Varnish's busy object, ATS read-while-writer). It knows nothing of HTTP or storage policy.
+//
+// Lifecycle: pending (no headers yet) -> streaming -> done | failed.
+// Body bytes live in a memory window [windowStart, received). With a spill file (the disk record being
+// written), bytes older than the window are read back from it, so every reader has its own cursor and a
+// slow reader never holds back a fast one or the upstream. Without a spill (a response that is not
+// being stored, or a failed disk) the window can only drop what every reader has consumed, and the
+// upstream is paused while the window is full: that mode is only used for a single reader.
+import type { DiskWriter } from './store-disk.ts';
+import type { ProxyError } from './errors.ts';
+
+export type FillState = 'pending' | 'streaming' | 'done' | 'failed';
+
+export interface FillHead {
+  status: number;
+  headers: Record<string, string | string[]>;
+  contentLength: number | undefined;
+}
+
+/** What a reader finds at its cursor. */
+export type Peek = Buffer | 'wait' | 'end' | 'failed' | 'spill';
+
+export interface UpstreamControl {
+  pause(): void;
+  resume(): void;
+  abort(): void;
+}
+
+const READ_SPILL_BYTES = 256 * 1024;
+
+export class Fill {
+  readonly key: string;
+  readonly startedAt: number;
+  state: FillState = 'pending';
+  head: FillHead | undefined;
+  /** Failure before headers: every waiter gets this labelled error. */
+  error: ProxyError | undefined;
+  /** Set when the response is not shared: waiters must fetch on their own. */
+  released = false;
+  /** A revalidation was answered 304: serve the (refreshed) stored copy. */
+  notModified = false;
+  received = 0;
+  /** Readers that got body bytes before the fill completed (they streamed, not waited). */
+  streamedEarly = 0;
+  attached = 0;
+  upstream: UpstreamControl | undefined;
+
+  readonly #windowBytesMax: number;
+  #chunks: Buffer[] = [];
+  #starts: number[] = [];
+  #windowStart = 0;
+  #spill: DiskWriter | undefined;
+  #readers = new Map<number, number>(); // reader id -> cursor (used only without a spill)
+  #nextReader = 0;
+  #paused = false;
+  #changed: Promise<void> | undefined;
+  #notify: (() => void) | undefined;
+
+  constructor(key: string, startedAt: number, windowBytesMax: number) {
+    this.key = key;
+    this.startedAt = startedAt;
+    this.#windowBytesMax = windowBytesMax;
+  }
+
+  get windowBytes(): number {
+    return this.received - this.#windowStart;
+  }
+
+  get spilling(): boolean {
+    return this.#spill !== undefined && !this.#spill.failed;
+  }
+
+  /** A late reader can join only if it can replay from byte 0. */
+  get joinable(): boolean {
+    return !this.released && this.state !== 'failed' && (this.#windowStart === 0 || this.spilling);
+  }
+
+  /** Resolves at the next change of state or data. Shared by all readers. */
+  changed(): Promise<void> {
+    this.#changed ??= new Promise((r) => (this.#notify = r));
+    return this.#changed;
+  }
+
+  #wake(): void {
+    const n = this.#notify;
+    this.#changed = undefined;
+    this.#notify = undefined;
+    n?.();
+  }
+
+  setHead(head: FillHead, spill: DiskWriter | undefined): void {
+    this.head = head;
+    this.state = 'streaming';
+    this.#spill = spill;
+    if (spill) {
+      spill.onFlush = () => {
+        this.#trim();
+        this.#wake();
+      };
+    }
+    this.#wake();
+  }
+
+  /** The response will not be shared: wake every waiter so it fetches on its own. */
+  release(): void {
+    this.released = true;
+    this.#wake();
+  }
+
+  push(chunk: Buffer): void {
+    this.#starts.push(this.received);
+    this.#chunks.push(chunk);
+    this.received += chunk.length;
+    this.#spill?.append(chunk);
+    this.#trim();
+    this.#wake();
+  }
+
+  finish(): void {
+    this.state = 'done';
+    this.#wake();
+  }
+
+  fail(err: ProxyError | undefined): void {
+    if (this.state === 'done' || this.state === 'failed') return;
+    if (this.state === 'pending') this.error = err;
+    this.state = 'failed';
+    this.#wake();
+  }
+
+  /** Register a reader; returns its id. A reader holds the spill file open until it leaves. */
+  addReader(): number {
+    const id = this.#nextReader++;
+    this.#readers.set(id, 0);
+    this.attached++;
+    this.#spill?.retain();
+    return id;
+  }
+
+  removeReader(id: number): void {
+    if (!this.#readers.delete(id)) return;
+    this.#spill?.release();
+    this.#trim();
+    // A non-shared response with nobody left to read it is not worth finishing.
+    if (this.released && this.#readers.size === 0 && this.state === 'streaming') this.upstream?.abort();
+  }
+
+  /** What reader `id` finds at byte `off`. Without a spill, also records the reader's progress. */
+  peek(id: number, off: number): Peek {
+    if (!this.#spill || this.#spill.failed) {
+      if (this.#readers.get(id) !== off) {
+        this.#readers.set(id, off);
+        this.#trim();
+      }
+    }
+    if (off < this.received) {
+      if (off >= this.#windowStart) return this.#slice(off);
+      return this.spilling && off < this.#spill!.flushed ? 'spill' : 'failed';
+    }
+    if (this.state === 'done') return 'end';
+    if (this.state === 'failed') return 'failed';
+    return 'wait';
+  }
+
+  readSpill(off: number): Promise<Buffer> {
+    return this.#spill!.readAt(off, READ_SPILL_BYTES);
+  }
+
+  #slice(off: number): Buffer {
+    // Binary search for the chunk holding `off`.
+    let lo = 0;
+    let hi = this.#starts.length - 1;
+    while (lo < hi) {
+      const mid = (lo + hi + 1) >> 1;
+      if (this.#starts[mid]! <= off) lo = mid;
+      else hi = mid - 1;
+    }
+    const c = this.#chunks[lo]!;
+    const s = this.#starts[lo]!;
+    return off === s ? c : c.subarray(off - s);
+  }
+
+  /** All bytes, if the window still holds them (small objects). */
+  wholeBody(): Buffer | undefined {
+    return this.#windowStart === 0 ? Buffer.concat(this.#chunks, this.received) : undefined;
+  }
+
+  #trim(): void {
+    // How far the window may be dropped: what is safely on disk, or what every reader has consumed.
+    let keepFrom: number;
+    if (this.#spill && !this.#spill.failed) keepFrom = this.#spill.flushed;
+    else {
+      keepFrom = this.received;
+      for (const off of this.#readers.values()) keepFrom = Math.min(keepFrom, off);
+      if (this.#readers.size === 0 && !this.released) keepFrom = this.#windowStart; // nobody yet: keep all
+    }
+    // Keep small bodies whole in memory (the memory tier wants them); drop whole chunks only.
+    while (this.#chunks.length > 1 && this.received - this.#windowStart > this.#windowBytesMax) {
+      const end = this.#starts[1]!;
+      if (end > keepFrom) break;
+      this.#chunks.shift();
+      this.#starts.shift();
+      this.#windowStart = end;
+    }
+    // Backpressure goes to the upstream only from the disk, or from the single non-shared reader.
+    const full = this.received - this.#windowStart > this.#windowBytesMax * 2;
+    if (full && !this.#paused && this.state === 'streaming') {
+      this.#paused = true;
+      this.upstream?.pause();
+    } else if (!full && this.#paused) {
+      this.#paused = false;
+      this.upstream?.resume();
+    }
+  }
+}

@@ -1,0 +1,83 @@
+// HTTP/1.1 forwarding rules (RFC 9110 §7.6): hop-by-hop headers go, Via is added, X-Forwarded-For is
+// appended, Max-Forwards is honoured for TRACE/OPTIONS, and our own Via entry means a loop.
+import type { IncomingHttpHeaders, OutgoingHttpHeaders, ServerResponse } from 'node:http';
+import { VERSION } from './config.ts';
+import type { ProxyError } from './errors.ts';
+
+export type Headers = Record<string, string | string[]>;
+
+const HOP_BY_HOP = new Set(['connection', 'keep-alive', 'proxy-connection', 'proxy-authenticate', 'proxy-authorization', 'te', 'trailer', 'trailers', 'transfer-encoding', 'upgrade', 'http2-settings']);
+
+/** Copy headers without hop-by-hop fields, including those that Connection names. */
+export function endToEnd(h: IncomingHttpHeaders | Headers): Headers {
+  const named = new Set<string>();
+  const conn = h.connection;
+  for (const v of Array.isArray(conn) ? conn : conn ? [conn] : []) for (const t of v.split(',')) named.add(t.trim().toLowerCase());
+  const out: Headers = {};
+  for (const [k, v] of Object.entries(h)) {
+    if (v === undefined || HOP_BY_HOP.has(k) || named.has(k)) continue;
+    out[k] = v;
+  }
+  return out;
+}
+
+export function viaEntry(name: string): string {
+  return `1.1 ${name} (cuttle/${VERSION})`;
+}
+
+function join(v: string | string[] | undefined): string {
+  return Array.isArray(v) ? v.join(', ') : (v ?? '');
+}
+
+/** Has this request already passed through a proxy with our name? */
+export function isLoop(h: IncomingHttpHeaders, name: string): boolean {
+  const via = join(h.via);
+  if (!via) return false;
+  const me = name.toLowerCase();
+  return via.split(',').some((e) => e.trim().split(/\s+/)[1]?.toLowerCase() === me);
+}
+
+export function appendVia(existing: string | string[] | undefined, name: string): string {
+  const prev = join(existing);
+  return prev ? `${prev}, ${viaEntry(name)}` : viaEntry(name);
+}
+
+/** Headers for the upstream request. */
+export function upstreamRequestHeaders(h: IncomingHttpHeaders, url: URL, client: string, name: string): Headers {
+  const out = endToEnd(h);
+  out.host = url.host;
+  out.via = appendVia(h.via, name);
+  const xff = join(h['x-forwarded-for']);
+  out['x-forwarded-for'] = xff ? `${xff}, ${client}` : client;
+  return out;
+}
+
+/** Headers for the client, from an upstream or stored response. */
+export function clientResponseHeaders(h: Headers, name: string, cache: 'HIT' | 'MISS', ageS?: number): OutgoingHttpHeaders {
+  const out: OutgoingHttpHeaders = endToEnd(h);
+  out.via = appendVia(h.via, name);
+  out['x-cache'] = `${cache} from ${name}`;
+  if (ageS !== undefined) out.age = String(ageS);
+  return out;
+}
+
+/** RFC 9209 Proxy-Status plus Squid's X-Squid-Error, on cuttle's own failures only. */
+export function sendError(res: ServerResponse, err: ProxyError, name: string): number {
+  if (res.headersSent) {
+    res.destroy();
+    return 0;
+  }
+  const body = `${err.status} ${err.message}\n`;
+  const details = err.detail ? `; details=${JSON.stringify(err.detail.replace(/[^\x20-\x7e]/g, '?').slice(0, 200))}` : '';
+  res.writeHead(err.status, {
+    'content-type': 'text/plain; charset=utf-8',
+    'content-length': Buffer.byteLength(body),
+    'proxy-status': `cuttle; error=${err.token}${details}`,
+    'x-squid-error': err.squid,
+    'x-cache': `MISS from ${name}`,
+    via: viaEntry(name),
+    'cache-control': 'no-store',
+  });
+  res.end(body);
+  return Buffer.byteLength(body);
+}

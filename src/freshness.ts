@@ -1,0 +1,57 @@
+// RFC 9111 policy for a shared cache, via http-cache-semantics, with time taken from our Clock.
+// Adds what the library leaves to the cache: negative caching of 404/410 without explicit freshness,
+// and no minimum expiry (max-age=61 is cached for 61 s, unlike Squid's default minimum_expiry_time).
+import CachePolicy from 'http-cache-semantics';
+import type { Clock } from './clock.ts';
+
+export type Policy = CachePolicy;
+type PolicyRequest = CachePolicy.Request;
+type PolicyResponse = CachePolicy.Response;
+
+export interface Freshness {
+  /** Build a policy for a fresh upstream response. */
+  policyFor(req: PolicyRequest, res: PolicyResponse): Policy;
+  fromObject(o: object): Policy;
+}
+
+// https://www.rfc-editor.org/rfc/rfc9111#section-4.2.1 explicit freshness comes from these.
+function hasExplicitFreshness(h: CachePolicy.Headers): boolean {
+  const cc = String(h['cache-control'] ?? '');
+  return /(^|,)\s*(s-maxage|max-age)\s*=/i.test(cc) || h.expires !== undefined;
+}
+
+export function createFreshness(clock: Clock, negativeTtlMs: number): Freshness {
+  class ClockedPolicy extends CachePolicy {
+    now(): number {
+      return clock.now();
+    }
+  }
+  const opts = { shared: true, cacheHeuristic: 0.1, immutableMinTimeToLive: 24 * 3600 * 1000 };
+  return {
+    policyFor(req, res) {
+      let headers = res.headers;
+      // Negative caching: a 404/410 without explicit freshness lives for negative-ttl (Squid negative_ttl).
+      if ((res.status === 404 || res.status === 410) && !hasExplicitFreshness(headers) && negativeTtlMs > 0) {
+        const cc = headers['cache-control'];
+        headers = { ...headers, 'cache-control': `${cc ? `${cc}, ` : ''}max-age=${Math.floor(negativeTtlMs / 1000)}` };
+      }
+      return new ClockedPolicy(req, { ...res, headers }, opts);
+    },
+    fromObject(o) {
+      return ClockedPolicy.fromObject(o as never);
+    },
+  };
+}
+
+/** Does the client demand an end-to-end reload (RFC 9111 §5.2.1.4, §5.4)? */
+export function clientWantsReload(h: { 'cache-control'?: string | string[] | undefined; pragma?: string | string[] | undefined }): boolean {
+  const cc = String(h['cache-control'] ?? '').toLowerCase();
+  if (/(^|,)\s*no-cache\b/.test(cc) || /(^|,)\s*max-age\s*=\s*0\b/.test(cc)) return true;
+  // Pragma: no-cache only counts without Cache-Control (RFC 9111 §5.4), but CVMFS sends both; Squid honours either.
+  return /(^|,)\s*no-cache\b/i.test(String(h.pragma ?? ''));
+}
+
+/** Validators that make a conditional refetch possible. */
+export function hasValidators(h: Record<string, unknown>): boolean {
+  return h.etag !== undefined || h['last-modified'] !== undefined;
+}

@@ -1,0 +1,502 @@
+// The request path as one explicit state machine (Varnish cache_req_fsm.c):
+//
+//   recv ──deny/bad──▶ synth
+//    │
+//   lookup ──▶ hit ───────────────────────────────▶ deliverStored  (TCP_HIT / TCP_MEM_HIT)
+//    │    ├──▶ busy ─▶ join fill ─────────────────▶ deliverFill    (TCP_CF_MISS)
+//    │    ├──▶ stale ─▶ fill (conditional if validators) ─304─▶ deliverStored (TCP_REFRESH_UNMODIFIED)
+//    │    │                                        └─200─▶ deliverFill    (TCP_REFRESH_MODIFIED)
+//    │    ├──▶ miss ─▶ new fill ──────────────────▶ deliverFill    (TCP_MISS)
+//    │    └──▶ pass ─▶ upstream, not stored ──────▶ (TCP_MISS)
+//   finish ─▶ one Transaction: access log line and counters
+//
+// Each step is a named function returning the next step.
+import type { IncomingMessage, ServerResponse } from 'node:http';
+import type { Acl } from './acl.ts';
+import { plainAddress } from './acl.ts';
+import type { AccessLog, Transaction } from './access-log.ts';
+import { normaliseUrl, primaryKey, variantKey } from './cache-key.ts';
+import type { Clock } from './clock.ts';
+import type { Coalescer } from './coalescer.ts';
+import type { Config } from './config.ts';
+import { ProxyError, upstreamError } from './errors.ts';
+import type { Upstream } from './fetch.ts';
+import type { Fill } from './fill.ts';
+import { clientWantsReload, hasValidators } from './freshness.ts';
+import { clientResponseHeaders, isLoop, sendError, upstreamRequestHeaders } from './forward.ts';
+import type { Logger } from './log.ts';
+import type { StoredObject, TieredStore } from './store.ts';
+
+export interface Counters {
+  requests: number;
+  hits: number;
+  memHits: number;
+  misses: number;
+  coalesced: number;
+  passes: number;
+  denied: number;
+  errors: number;
+  truncated: number;
+  bytesOut: number;
+  passesInFlight: number;
+  corruptRecords: number;
+}
+
+export function newCounters(): Counters {
+  return { requests: 0, hits: 0, memHits: 0, misses: 0, coalesced: 0, passes: 0, denied: 0, errors: 0, truncated: 0, bytesOut: 0, passesInFlight: 0, corruptRecords: 0 };
+}
+
+export interface Ctx {
+  cfg: Config;
+  acl: () => Acl;
+  clock: Clock;
+  store: TieredStore;
+  coalescer: Coalescer;
+  upstream: Upstream;
+  accessLog: AccessLog;
+  log: Logger;
+  counters: Counters;
+}
+
+type StepName = 'recv' | 'lookup' | 'hit' | 'stale' | 'busy' | 'miss' | 'pass' | 'purge' | 'deliverFill' | 'synth';
+
+interface State {
+  ctx: Ctx;
+  req: IncomingMessage;
+  res: ServerResponse;
+  tx: Transaction;
+  url?: URL;
+  primary?: string;
+  key?: string;
+  vary?: string[];
+  stored?: StoredObject;
+  fill?: Fill;
+  /** Reader id 0 owns a fill's response if it turns out not to be shared. */
+  readerId?: number;
+  error?: ProxyError;
+  reload?: boolean;
+}
+
+const CACHEABLE = new Set(['GET', 'HEAD']);
+const SAFE = new Set(['GET', 'HEAD', 'OPTIONS', 'TRACE']);
+
+export async function handleRequest(ctx: Ctx, req: IncomingMessage, res: ServerResponse): Promise<void> {
+  ctx.counters.requests++;
+  const tx: Transaction = {
+    startedAt: ctx.clock.now(),
+    client: plainAddress(req.socket.remoteAddress ?? '-'),
+    method: req.method ?? '-',
+    url: req.url ?? '-',
+    status: 0,
+    bytesOut: 0,
+    result: 'NONE',
+    aborted: false,
+    hierarchy: 'HIER_NONE',
+    peer: '',
+    mime: '',
+    coalesced: false,
+  };
+  const s: State = { ctx, req, res, tx };
+  let step: StepName | undefined = 'recv';
+  try {
+    while (step) step = await STEPS[step](s);
+  } catch (err) {
+    ctx.log.error({ err, url: tx.url }, 'request failed inside the proxy');
+    s.error = err instanceof ProxyError ? err : upstreamError(err);
+    await synth(s);
+  }
+  finish(s);
+}
+
+const STEPS: Record<StepName, (s: State) => Promise<StepName | undefined>> = {
+  recv,
+  lookup,
+  hit,
+  stale,
+  busy,
+  miss,
+  pass,
+  purge,
+  deliverFill,
+  synth,
+};
+
+function fail(s: State, code: ProxyError['code'], detail?: string): StepName {
+  s.error = new ProxyError(code, detail);
+  return 'synth';
+}
+
+async function recv(s: State): Promise<StepName> {
+  const { ctx, req, tx } = s;
+  if (!ctx.acl().allowsClient(tx.client)) return fail(s, 'ERR_CLIENT_DENIED', tx.client);
+  const target = req.url ?? '';
+  if (target.startsWith('/')) return fail(s, 'ERR_ORIGIN_FORM');
+  const url = normaliseUrl(target);
+  if (!url) return fail(s, /^[a-z][a-z0-9+.-]*:\/\//i.test(target) && !/^http:/i.test(target) ? 'ERR_UNSUPPORTED_SCHEME' : 'ERR_BAD_REQUEST', target.slice(0, 200));
+  s.url = url;
+  tx.url = url.href;
+  if (isLoop(req.headers, ctx.cfg.visibleHostname)) return fail(s, 'ERR_LOOP');
+  const port = Number(url.port || 80);
+  const verdict = ctx.acl().checkDestination(url.hostname, port);
+  if (verdict === 'deny-port') return fail(s, 'ERR_PORT_DENIED', String(port));
+  if (verdict === 'deny-dest') return fail(s, 'ERR_DEST_DENIED', url.hostname);
+  const method = tx.method;
+  if (method === 'PURGE') return 'purge';
+  // RFC 9110 §7.6.2: Max-Forwards 0 on TRACE/OPTIONS is answered here.
+  if ((method === 'OPTIONS' || method === 'TRACE') && req.headers['max-forwards'] !== undefined) {
+    const mf = Number(req.headers['max-forwards']);
+    if (mf === 0) {
+      const body = method === 'TRACE' ? `${method} ${tx.url} HTTP/1.1\r\n${Object.entries(req.headers).map(([k, v]) => `${k}: ${v}`).join('\r\n')}\r\n\r\n` : '';
+      reply(s, 200, { allow: 'GET, HEAD, POST, PUT, DELETE, OPTIONS, TRACE', 'content-type': method === 'TRACE' ? 'message/http' : 'text/plain', 'content-length': String(Buffer.byteLength(body)) }, body);
+      return undefined as never;
+    }
+    if (Number.isInteger(mf) && mf > 0) req.headers['max-forwards'] = String(mf - 1);
+  }
+  if (!CACHEABLE.has(method)) return 'pass';
+  s.primary = primaryKey(url);
+  s.vary = ctx.coalescer.varySpecs.get(s.primary) ?? [];
+  s.key = variantKey(s.primary, s.vary, req.headers);
+  return 'lookup';
+}
+
+async function lookup(s: State): Promise<StepName> {
+  const { ctx, req, tx } = s;
+  const key = s.key!;
+  s.reload = clientWantsReload(req.headers);
+  if (s.reload) {
+    // Never satisfied by, nor joined to, a copy or fill that began before this request arrived.
+    tx.result = 'TCP_CLIENT_REFRESH_MISS';
+    return tx.method === 'GET' ? 'miss' : 'pass';
+  }
+  if (ctx.coalescer.isUncacheable(s.primary!)) return 'pass';
+  const fill = ctx.coalescer.joinable(key);
+  if (fill) return 'busy';
+  let stored: StoredObject | undefined;
+  try {
+    stored = await ctx.store.get(key);
+  } catch (err) {
+    ctx.counters.corruptRecords++;
+    ctx.log.warn({ err, key }, 'stored object unreadable; refetching');
+  }
+  if (stored) {
+    const policyReq = { url: `${s.url!.pathname}${s.url!.search}`, method: 'GET', headers: req.headers as Record<string, string> };
+    if (stored.policy.satisfiesWithoutRevalidation(policyReq as never)) {
+      s.stored = stored;
+      return 'hit';
+    }
+    s.stored = stored;
+    return 'stale';
+  }
+  if (tx.method === 'HEAD') return 'pass';
+  return 'miss';
+}
+
+async function hit(s: State): Promise<StepName | undefined> {
+  const st = s.stored!;
+  s.tx.result = st.tier === 'memory' ? 'TCP_MEM_HIT' : 'TCP_HIT';
+  if (st.tier === 'memory') s.ctx.counters.memHits++;
+  s.ctx.counters.hits++;
+  await deliverStored(s, st);
+  return undefined;
+}
+
+async function stale(s: State): Promise<StepName> {
+  const st = s.stored!;
+  if (st.body.kind === 'file' && (!hasValidators(st.meta.headers) || s.tx.method === 'HEAD')) st.body.close();
+  s.tx.result = 'TCP_REFRESH_MODIFIED';
+  if (s.tx.method === 'HEAD') return 'pass';
+  if (!hasValidators(st.meta.headers)) s.stored = undefined; // no validators: a plain refetch
+  return 'miss';
+}
+
+async function busy(s: State): Promise<StepName> {
+  s.fill = s.ctx.coalescer.joinable(s.key!)!;
+  s.tx.coalesced = true;
+  s.ctx.counters.coalesced++;
+  if (s.tx.result === 'NONE') s.tx.result = 'TCP_MISS';
+  return 'deliverFill';
+}
+
+async function miss(s: State): Promise<StepName> {
+  const { ctx, req, tx } = s;
+  if (ctx.coalescer.inFlight >= ctx.cfg.maxFills) {
+    if (s.stored?.body.kind === 'file') s.stored.body.close();
+    return fail(s, 'ERR_OVERLOADED', 'too many fills in flight');
+  }
+  ctx.counters.misses++;
+  if (tx.result === 'NONE') tx.result = 'TCP_MISS';
+  const stale = s.stored;
+  s.stored = undefined;
+  s.fill = ctx.coalescer.start({
+    key: s.key!,
+    primary: s.primary!,
+    url: s.url!,
+    vary: s.vary!,
+    clientHeaders: req.headers,
+    upstreamHeaders: upstreamRequestHeaders(req.headers, s.url!, tx.client, ctx.cfg.visibleHostname),
+    stale,
+  });
+  if (stale?.body.kind === 'file') stale.body.close();
+  return 'deliverFill';
+}
+
+async function deliverFill(s: State): Promise<StepName | undefined> {
+  const { ctx, res, tx } = s;
+  const fill = s.fill!;
+  const id = fill.addReader();
+  try {
+    while (fill.state === 'pending' && !fill.released) await fill.changed();
+    tx.hierarchy = 'HIER_DIRECT';
+    tx.peer = s.url!.hostname;
+    if (fill.released && id !== 0) {
+      tx.coalesced = false;
+      return 'pass'; // the response was not shareable: fetch on our own
+    }
+    if (fill.notModified) {
+      const st = await ctx.store.get(s.key!);
+      if (!st) return 'miss';
+      tx.result = 'TCP_REFRESH_UNMODIFIED';
+      await deliverStored(s, st);
+      return undefined;
+    }
+    if (!fill.head) {
+      s.error = fill.error ?? new ProxyError('ERR_UPSTREAM_RESET');
+      return 'synth';
+    }
+    const head = fill.head;
+    const headers = clientResponseHeaders(head.headers, ctx.cfg.visibleHostname, 'MISS', 0);
+    tx.status = head.status;
+    tx.mime = String(head.headers['content-type'] ?? '');
+    if (res.destroyed) return undefined;
+    res.writeHead(head.status, headers);
+    if (tx.method === 'HEAD' || head.status === 204 || head.status === 304) {
+      res.end();
+      return undefined;
+    }
+    let off = 0;
+    for (;;) {
+      if (res.destroyed) {
+        tx.aborted = true;
+        return undefined;
+      }
+      const p = fill.peek(id, off);
+      if (p === 'end') break;
+      if (p === 'failed') {
+        ctx.counters.truncated++;
+        tx.aborted = true;
+        res.destroy(); // no terminating chunk, Content-Length unfulfilled: the client sees a truncation
+        return undefined;
+      }
+      if (p === 'wait') {
+        await fill.changed();
+        continue;
+      }
+      const buf = p === 'spill' ? await fill.readSpill(off) : p;
+      if (buf.length === 0) {
+        await fill.changed();
+        continue;
+      }
+      if (fill.state !== 'done' && off === 0) fill.streamedEarly++;
+      off += buf.length;
+      tx.bytesOut += buf.length;
+      if (!res.write(buf)) await drained(res);
+    }
+    res.end();
+    return undefined;
+  } finally {
+    fill.removeReader(id);
+  }
+}
+
+async function deliverStored(s: State, st: StoredObject): Promise<void> {
+  const { ctx, res, tx } = s;
+  const age = Math.floor(st.policy.age());
+  const headers = clientResponseHeaders(st.meta.headers, ctx.cfg.visibleHostname, 'HIT', age);
+  headers['content-length'] = String(st.size);
+  tx.status = st.meta.status;
+  tx.mime = String(st.meta.headers['content-type'] ?? '');
+  const body = st.body;
+  try {
+    if (res.destroyed) return;
+    res.writeHead(st.meta.status, headers);
+    if (tx.method === 'HEAD' || st.meta.status === 204 || st.meta.status === 304) {
+      res.end();
+      return;
+    }
+    if (body.kind === 'buffer') {
+      tx.bytesOut += body.data.length;
+      res.end(body.data);
+      return;
+    }
+    for (let pos = 0; pos < st.size; ) {
+      const b = await body.read(pos, 256 * 1024);
+      if (b.length === 0) break;
+      body.feed(b);
+      pos += b.length;
+      if (res.destroyed) {
+        tx.aborted = true;
+        return;
+      }
+      // Hold back the last piece until the record's checksum is verified.
+      if (pos >= st.size && body.verify() !== 'ok') break;
+      tx.bytesOut += b.length;
+      if (!res.write(b)) await drained(res);
+    }
+    if (body.verify() !== 'ok') {
+      ctx.counters.corruptRecords++;
+      ctx.log.error({ key: st.meta.key }, 'disk record failed its checksum; dropped, client cut short');
+      await ctx.store.delete(st.meta.key);
+      tx.aborted = true;
+      res.destroy();
+      return;
+    }
+    res.end();
+  } finally {
+    if (body.kind === 'file') body.close();
+  }
+}
+
+async function pass(s: State): Promise<StepName | undefined> {
+  const { ctx, req, res, tx } = s;
+  if (ctx.counters.passesInFlight >= ctx.cfg.maxPasses) return fail(s, 'ERR_OVERLOADED', 'too many uncached requests in flight');
+  ctx.counters.passes++;
+  ctx.counters.passesInFlight++;
+  if (tx.result === 'NONE') tx.result = 'TCP_MISS';
+  const url = s.url!;
+  const hasBody = req.headers['content-length'] !== undefined ? req.headers['content-length'] !== '0' : req.headers['transfer-encoding'] !== undefined;
+  const ac = new AbortController();
+  const onClose = () => {
+    if (!res.writableFinished) ac.abort();
+  };
+  res.once('close', onClose);
+  try {
+    let up;
+    try {
+      up = await ctx.upstream.request({
+        url,
+        method: tx.method,
+        headers: upstreamRequestHeaders(req.headers, url, tx.client, ctx.cfg.visibleHostname),
+        body: hasBody ? req : null,
+        signal: ac.signal,
+      });
+    } catch (err) {
+      s.error = upstreamError(err);
+      return 'synth';
+    }
+    tx.hierarchy = 'HIER_DIRECT';
+    tx.peer = up.peer;
+    tx.status = up.status;
+    tx.mime = String(up.headers['content-type'] ?? '');
+    // RFC 9111 §4.4: a successful unsafe request invalidates the stored URL.
+    if (!SAFE.has(tx.method) && up.status < 400) {
+      const primary = primaryKey(url);
+      const vary = ctx.coalescer.varySpecs.get(primary) ?? [];
+      for (const k of new Set([primary, variantKey(primary, vary, req.headers)])) {
+        ctx.coalescer.invalidate(k);
+        await ctx.store.delete(k);
+      }
+    }
+    if (res.destroyed) {
+      up.body.destroy();
+      return undefined;
+    }
+    res.writeHead(up.status, clientResponseHeaders(up.headers, ctx.cfg.visibleHostname, 'MISS'));
+    const ok = await new Promise<boolean>((resolve) => {
+      up.body.on('data', (c: Buffer) => {
+        tx.bytesOut += c.length;
+        ctx.upstream.bytes += c.length;
+        if (!res.write(c)) {
+          up.body.pause();
+          res.once('drain', () => up.body.resume());
+        }
+      });
+      up.body.once('end', () => resolve(true));
+      up.body.once('error', () => resolve(false));
+      res.once('close', () => resolve(res.writableFinished));
+    });
+    if (ok) res.end();
+    else {
+      if (!res.destroyed) ctx.counters.truncated++;
+      tx.aborted = true;
+      up.body.destroy();
+      res.destroy();
+    }
+    return undefined;
+  } finally {
+    res.off('close', onClose);
+    ctx.counters.passesInFlight--;
+  }
+}
+
+async function purge(s: State): Promise<StepName | undefined> {
+  const { ctx, tx } = s;
+  if (!ctx.acl().allowsPurge(tx.client)) return fail(s, 'ERR_PURGE_DENIED', tx.client);
+  const primary = primaryKey(s.url!);
+  const vary = ctx.coalescer.varySpecs.get(primary) ?? [];
+  const keys = new Set([primary, variantKey(primary, vary, s.req.headers)]);
+  let found = false;
+  for (const k of keys) {
+    const st = await ctx.store.get(k).catch(() => undefined);
+    if (st) {
+      found = true;
+      if (st.body.kind === 'file') st.body.close();
+    }
+    ctx.coalescer.invalidate(k);
+    await ctx.store.delete(k);
+  }
+  reply(s, found ? 200 : 404, { 'content-length': '0' }, '');
+  return undefined;
+}
+
+async function synth(s: State): Promise<undefined> {
+  const err = s.error ?? new ProxyError('ERR_INTERNAL');
+  const { ctx, tx } = s;
+  tx.status = err.status;
+  if (err.status === 403) {
+    tx.result = 'TCP_DENIED';
+    ctx.counters.denied++;
+  } else {
+    ctx.counters.errors++;
+    if (tx.result === 'NONE') tx.result = 'TCP_MISS';
+  }
+  tx.mime = 'text/plain';
+  // The request body, if any, is not wanted; let the connection be reused where possible.
+  s.req.resume();
+  if (!s.res.destroyed) tx.bytesOut += sendError(s.res, err, ctx.cfg.visibleHostname);
+  return undefined;
+}
+
+function reply(s: State, status: number, headers: Record<string, string>, body: string): void {
+  s.tx.status = status;
+  s.tx.result = 'TCP_MISS';
+  s.tx.bytesOut += Buffer.byteLength(body);
+  s.req.resume();
+  s.res.writeHead(status, { ...headers, via: `1.1 ${s.ctx.cfg.visibleHostname}` });
+  s.res.end(body);
+}
+
+function drained(res: ServerResponse): Promise<void> {
+  return new Promise((resolve) => {
+    const done = () => {
+      res.off('drain', done);
+      res.off('close', done);
+      resolve();
+    };
+    res.on('drain', done);
+    res.on('close', done);
+  });
+}
+
+function finish(s: State): void {
+  const { ctx, tx } = s;
+  ctx.counters.bytesOut += tx.bytesOut;
+  if (!s.res.writableFinished && !s.res.destroyed) {
+    // Response still streaming out of the socket buffers: log when it ends.
+    s.res.once('close', () => {
+      if (!s.res.writableFinished) tx.aborted = true;
+      ctx.accessLog.write(tx, ctx.clock.now());
+    });
+    return;
+  }
+  ctx.accessLog.write(tx, ctx.clock.now());
+}

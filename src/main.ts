@@ -1,0 +1,61 @@
+#!/usr/bin/env node
+// The command line: parse, validate, start, and own the process (signals, exit codes).
+import { ConfigError } from './errors.ts';
+import { helpText, loadConfig, parseCli, VERSION } from './config.ts';
+import { createProxy } from './server.ts';
+
+async function main(argv: string[]): Promise<number> {
+  let cli;
+  let cfg;
+  try {
+    cli = parseCli(argv);
+    if (cli.help) {
+      process.stdout.write(`${helpText()}\n`);
+      return 0;
+    }
+    if (cli.version) {
+      process.stdout.write(`cuttle ${VERSION}\n`);
+      return 0;
+    }
+    cfg = loadConfig(cli);
+  } catch (err) {
+    if (err instanceof ConfigError) {
+      process.stderr.write(`cuttle: ${err.message}\n`);
+      return 2;
+    }
+    throw err;
+  }
+  if (cli.checkConfig) {
+    process.stdout.write('configuration OK\n');
+    return 0;
+  }
+  let proxy;
+  try {
+    proxy = await createProxy(cfg);
+    await proxy.listen();
+  } catch (err) {
+    process.stderr.write(`cuttle: ${(err as Error).message}\n`);
+    return 1;
+  }
+  const p = proxy;
+  let stopping = false;
+  const stop = (sig: string) => {
+    if (stopping) return;
+    stopping = true;
+    p.log.info({ signal: sig }, 'shutting down');
+    void p.close().then(() => process.exit(0));
+  };
+  process.on('SIGTERM', () => stop('SIGTERM'));
+  process.on('SIGINT', () => stop('SIGINT'));
+  return -1; // keep running
+}
+
+main(process.argv.slice(2)).then(
+  (code) => {
+    if (code >= 0) process.exitCode = code;
+  },
+  (err) => {
+    process.stderr.write(`cuttle: fatal: ${(err as Error).stack ?? err}\n`);
+    process.exit(1);
+  },
+);

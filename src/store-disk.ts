@@ -1,0 +1,459 @@
+// Disk tier: one self-describing record per object under <cache-dir>/v1/objects/<aa>/<sha256(key)>.
+//
+// Record layout (all integers big-endian):
+//   "CUTL" u16 version u16 flags u32 metaLen | meta JSON (full key, headers, policy) | body |
+//   u64 bodyLen u32 crc32(body) "LTUC"
+// Lifecycle: a writer streams into v1/tmp/<hash>.<pid>.<n>, then writes the trailer and renames the file
+// into place. A crash at any moment leaves at worst a temp file (removed at start) or nothing, never a
+// record that would be served. At start the index is rebuilt by scanning the directory in the
+// background; records whose header, length or trailer don't add up are removed. While the scan runs,
+// a lookup that misses the index opens the record's path directly, so the proxy serves during the load.
+// The body CRC is checked as a hit streams out; a mismatch cuts the client short and drops the record.
+import { constants as fsc } from 'node:fs';
+import * as fs from 'node:fs';
+import * as fsp from 'node:fs/promises';
+import { join } from 'node:path';
+import { crc32 } from 'node:zlib';
+import { LRUCache } from 'lru-cache';
+import { hashKey } from './cache-key.ts';
+import type { Freshness, Policy } from './freshness.ts';
+import type { StoredMeta, StoredObject, Tier, TierStats, TierWriter } from './store.ts';
+
+const MAGIC = 0x4355544c; // "CUTL"
+const END_MAGIC = 0x4c545543; // "LTUC"
+const VERSION = 1;
+const PREFIX = 12;
+const TRAILER = 16;
+const MAX_META = 1024 * 1024;
+
+function encodeHeader(meta: StoredMeta): Buffer {
+  const json = Buffer.from(JSON.stringify(meta));
+  const b = Buffer.allocUnsafe(PREFIX + json.length);
+  b.writeUInt32BE(MAGIC, 0);
+  b.writeUInt16BE(VERSION, 4);
+  b.writeUInt16BE(0, 6);
+  b.writeUInt32BE(json.length, 8);
+  json.copy(b, PREFIX);
+  return b;
+}
+
+function encodeTrailer(bodyLen: number, crc: number): Buffer {
+  const b = Buffer.allocUnsafe(TRAILER);
+  b.writeBigUInt64BE(BigInt(bodyLen), 0);
+  b.writeUInt32BE(crc >>> 0, 8);
+  b.writeUInt32BE(END_MAGIC, 12);
+  return b;
+}
+
+interface RecordInfo {
+  meta: StoredMeta;
+  bodyOffset: number;
+  bodyLen: number;
+  crc: number;
+  fileBytes: number;
+}
+
+/** Read and check the header and trailer of an open record. Undefined when it doesn't add up. */
+async function readRecordInfo(fh: fsp.FileHandle): Promise<RecordInfo | undefined> {
+  const { size } = await fh.stat();
+  if (size < PREFIX + TRAILER) return undefined;
+  const pre = Buffer.allocUnsafe(PREFIX);
+  await fh.read(pre, 0, PREFIX, 0);
+  if (pre.readUInt32BE(0) !== MAGIC || pre.readUInt16BE(4) !== VERSION) return undefined;
+  const metaLen = pre.readUInt32BE(8);
+  if (metaLen > MAX_META || PREFIX + metaLen + TRAILER > size) return undefined;
+  const metaBuf = Buffer.allocUnsafe(metaLen);
+  await fh.read(metaBuf, 0, metaLen, PREFIX);
+  const tr = Buffer.allocUnsafe(TRAILER);
+  await fh.read(tr, 0, TRAILER, size - TRAILER);
+  if (tr.readUInt32BE(12) !== END_MAGIC) return undefined;
+  const bodyLen = Number(tr.readBigUInt64BE(0));
+  if (PREFIX + metaLen + bodyLen + TRAILER !== size) return undefined;
+  let meta: StoredMeta;
+  try {
+    meta = JSON.parse(metaBuf.toString('utf8')) as StoredMeta;
+  } catch {
+    return undefined;
+  }
+  if (typeof meta?.key !== 'string' || typeof meta.status !== 'number' || !meta.policy) return undefined;
+  return { meta, bodyOffset: PREFIX + metaLen, bodyLen, crc: tr.readUInt32BE(8), fileBytes: size };
+}
+
+export interface DiskTierOptions {
+  dir: string;
+  maxBytes: number;
+  maxEntryBytes: number;
+  freshness: Freshness;
+  /** Called for each record found by the start-up scan (to learn Vary specs). */
+  onRecord?: (meta: StoredMeta) => void;
+  onError?: (msg: string, err: unknown) => void;
+}
+
+let tmpSeq = 0;
+
+export class DiskTier implements Tier {
+  readonly #o: DiskTierOptions;
+  readonly #objects: string;
+  readonly #tmp: string;
+  readonly #index: LRUCache<string, number>; // hash -> file bytes
+  #evictions = 0;
+  #loaded = false;
+  loaded: Promise<void> = Promise.resolve();
+
+  constructor(o: DiskTierOptions) {
+    if (!(o.maxBytes > 0)) throw new Error('DiskTier needs maxBytes > 0');
+    this.#o = o;
+    this.#objects = join(o.dir, 'v1', 'objects');
+    this.#tmp = join(o.dir, 'v1', 'tmp');
+    this.#index = new LRUCache<string, number>({
+      maxSize: o.maxBytes,
+      maxEntrySize: o.maxEntryBytes + MAX_META + TRAILER,
+      sizeCalculation: (n) => Math.max(1, n),
+      dispose: (_n, hash, reason) => {
+        if (reason === 'evict') {
+          this.#evictions++;
+          fs.unlink(this.#pathOf(hash), () => {});
+        }
+      },
+    });
+  }
+
+  get isLoaded(): boolean {
+    return this.#loaded;
+  }
+
+  /** Create the directories and prove they are writable (fail loudly), then start the index scan. */
+  async open(): Promise<void> {
+    await fsp.mkdir(this.#tmp, { recursive: true });
+    await fsp.mkdir(this.#objects, { recursive: true });
+    const probe = join(this.#tmp, `.probe.${process.pid}`);
+    await fsp.writeFile(probe, 'ok');
+    await fsp.unlink(probe);
+    // Anything left in tmp is from a crash: it was never complete.
+    for (const f of await fsp.readdir(this.#tmp)) await fsp.rm(join(this.#tmp, f), { force: true });
+    this.loaded = this.#scan().then(
+      () => {
+        this.#loaded = true;
+      },
+      (err) => {
+        this.#loaded = true;
+        this.#o.onError?.('disk index scan failed', err);
+      },
+    );
+  }
+
+  #pathOf(hash: string): string {
+    return join(this.#objects, hash.slice(0, 2), hash);
+  }
+
+  async #scan(): Promise<void> {
+    const found: { hash: string; bytes: number; mtime: number }[] = [];
+    const subdirs = await fsp.readdir(this.#objects).catch(() => [] as string[]);
+    for (const sub of subdirs) {
+      const names = await fsp.readdir(join(this.#objects, sub)).catch(() => [] as string[]);
+      // Bounded parallelism: the scan must not starve the requests being served meanwhile.
+      for (let i = 0; i < names.length; i += 32) {
+        await Promise.all(
+          names.slice(i, i + 32).map(async (hash) => {
+            const path = join(this.#objects, sub, hash);
+            const info = await this.#inspect(path, hash);
+            if (!info) return;
+            const st = await fsp.stat(path).catch(() => undefined);
+            found.push({ hash, bytes: info.fileBytes, mtime: st?.mtimeMs ?? 0 });
+            this.#o.onRecord?.(info.meta);
+          }),
+        );
+      }
+    }
+    // Oldest first, so the most recently written records are the most recently used.
+    found.sort((a, b) => a.mtime - b.mtime);
+    for (const f of found) if (!this.#index.has(f.hash)) this.#index.set(f.hash, f.bytes);
+  }
+
+  /** Validate a record file; remove it when it is partial, corrupt or from another format. */
+  async #inspect(path: string, hash: string): Promise<RecordInfo | undefined> {
+    let fh: fsp.FileHandle | undefined;
+    try {
+      fh = await fsp.open(path, fsc.O_RDONLY);
+      const info = await readRecordInfo(fh);
+      if (info && hashKey(info.meta.key) === hash) return info;
+    } catch (err) {
+      if ((err as NodeJS.ErrnoException).code === 'ENOENT') return undefined;
+    } finally {
+      await fh?.close().catch(() => {});
+    }
+    await fsp.rm(path, { force: true });
+    return undefined;
+  }
+
+  async get(key: string): Promise<StoredObject | undefined> {
+    const hash = hashKey(key);
+    if (!this.#index.has(hash) && this.#loaded) return undefined;
+    let fh: fsp.FileHandle;
+    try {
+      fh = await fsp.open(this.#pathOf(hash), fsc.O_RDONLY);
+    } catch {
+      this.#index.delete(hash);
+      return undefined;
+    }
+    let info: RecordInfo | undefined;
+    try {
+      info = await readRecordInfo(fh);
+    } catch {
+      info = undefined;
+    }
+    if (!info || info.meta.key !== key) {
+      await fh.close().catch(() => {});
+      if (!info) await this.delete(key);
+      return undefined;
+    }
+    this.#index.get(hash); // touch (LRU) — or learn it, while the scan is still running
+    if (!this.#index.has(hash)) this.#index.set(hash, info.fileBytes);
+    const { bodyOffset, bodyLen, crc } = info;
+    let running = 0;
+    let fed = 0;
+    let closed = false;
+    return {
+      meta: info.meta,
+      policy: this.#o.freshness.fromObject(info.meta.policy),
+      size: bodyLen,
+      tier: 'disk',
+      body: {
+        kind: 'file',
+        read: async (pos, len) => {
+          const n = Math.min(len, bodyLen - pos);
+          const buf = Buffer.allocUnsafe(n);
+          const { bytesRead } = await fh.read(buf, 0, n, bodyOffset + pos);
+          return bytesRead === n ? buf : buf.subarray(0, bytesRead);
+        },
+        feed: (b) => {
+          running = crc32(b, running);
+          fed += b.length;
+        },
+        verify: () => (fed < bodyLen ? 'pending' : fed === bodyLen && running >>> 0 === crc ? 'ok' : 'corrupt'),
+        close: () => {
+          if (!closed) {
+            closed = true;
+            fh.close().catch(() => {});
+          }
+        },
+      },
+    };
+  }
+
+  openWriter(meta: StoredMeta, _policy: Policy, expectedBytes: number | undefined): DiskWriter | undefined {
+    if (expectedBytes !== undefined && expectedBytes > this.#o.maxEntryBytes) return undefined;
+    const hash = hashKey(meta.key);
+    const tmp = join(this.#tmp, `${hash}.${process.pid}.${++tmpSeq}`);
+    return new DiskWriter(tmp, encodeHeader(meta), this.#o.maxEntryBytes, async (fileBytes) => {
+      const dest = this.#pathOf(hash);
+      await fsp.mkdir(join(this.#objects, hash.slice(0, 2)), { recursive: true });
+      await fsp.rename(tmp, dest);
+      this.#index.delete(hash); // replaced in place: don't let dispose unlink the new file
+      this.#index.set(hash, fileBytes);
+      if (!this.#index.has(hash)) await fsp.rm(dest, { force: true });
+    });
+  }
+
+  async delete(key: string): Promise<void> {
+    const hash = hashKey(key);
+    this.#index.delete(hash);
+    await fsp.rm(this.#pathOf(hash), { force: true });
+  }
+
+  async updateMeta(meta: StoredMeta, policy: Policy): Promise<void> {
+    const old = await this.get(meta.key);
+    if (!old || old.body.kind !== 'file') return;
+    const w = this.openWriter(meta, policy, old.size);
+    if (!w) return old.body.close();
+    try {
+      for (let pos = 0; pos < old.size; ) {
+        const b = await old.body.read(pos, 1 << 20);
+        if (b.length === 0) break;
+        old.body.feed(b);
+        w.append(b);
+        pos += b.length;
+      }
+      if (old.body.verify() === 'ok') await w.commit();
+      else {
+        w.abort();
+        await this.delete(meta.key);
+      }
+    } finally {
+      old.body.close();
+    }
+  }
+
+  stats(): TierStats {
+    return { objects: this.#index.size, bytes: this.#index.calculatedSize, maxBytes: this.#o.maxBytes, evictions: this.#evictions };
+  }
+}
+
+/**
+ * Streams one body into a temp record. It doubles as the spill file of an in-flight fill: readers that
+ * fall behind the fill's memory window read bytes back with readAt() while the fill continues.
+ */
+export class DiskWriter implements TierWriter {
+  readonly #path: string;
+  readonly #headerLen: number;
+  readonly #maxBytes: number;
+  readonly #publish: (fileBytes: number) => Promise<void>;
+  #fd = -1;
+  #opening: Promise<void>;
+  #queue: Buffer[] = [];
+  #queuedBytes = 0;
+  #writing = false;
+  #crc = 0;
+  #received = 0;
+  #state: 'open' | 'committing' | 'committed' | 'aborted' = 'open';
+  #refs = 1; // the fill holds one; each readAt in flight holds one
+  #idle: (() => void)[] = [];
+  failed: Error | undefined;
+  /** Body bytes known to be on disk (readable with readAt). */
+  flushed = 0;
+  onFlush: (() => void) | undefined;
+
+  constructor(path: string, header: Buffer, maxBytes: number, publish: (fileBytes: number) => Promise<void>) {
+    this.#path = path;
+    this.#headerLen = header.length;
+    this.#maxBytes = maxBytes;
+    this.#publish = publish;
+    this.#opening = new Promise((resolve) => {
+      fs.open(path, 'wx', 0o644, (err, fd) => {
+        if (err) this.#fail(err);
+        else {
+          this.#fd = fd;
+          this.#queue.unshift(header);
+          this.#queuedBytes += 0; // the header is not body
+          this.#headerPending = true;
+          this.#kick();
+        }
+        resolve();
+      });
+    });
+  }
+
+  #headerPending = false;
+
+  get pendingBytes(): number {
+    return this.#queuedBytes;
+  }
+
+  append(chunk: Buffer): void {
+    if (this.#state !== 'open' || this.failed) return;
+    this.#received += chunk.length;
+    if (this.#received > this.#maxBytes) return this.#fail(new Error('object larger than max-object-size'));
+    this.#crc = crc32(chunk, this.#crc);
+    this.#queue.push(chunk);
+    this.#queuedBytes += chunk.length;
+    this.#kick();
+  }
+
+  #kick(): void {
+    if (this.#writing || this.#fd < 0 || this.#queue.length === 0 || this.failed) {
+      if (!this.#writing && this.#queue.length === 0) for (const f of this.#idle.splice(0)) f();
+      return;
+    }
+    this.#writing = true;
+    const bufs = this.#queue;
+    this.#queue = [];
+    const header = this.#headerPending;
+    this.#headerPending = false;
+    const bodyBytes = bufs.reduce((n, b) => n + b.length, 0) - (header ? this.#headerLen : 0);
+    const pos = header ? 0 : this.#headerLen + this.flushed;
+    fs.writev(this.#fd, bufs, pos, (err, written) => {
+      this.#writing = false;
+      if (err || written !== bodyBytes + (header ? this.#headerLen : 0)) {
+        this.#fail(err ?? new Error('short write'));
+        for (const f of this.#idle.splice(0)) f();
+        return;
+      }
+      this.#queuedBytes -= bodyBytes;
+      this.flushed += bodyBytes;
+      this.onFlush?.();
+      this.#kick();
+    });
+  }
+
+  #fail(err: Error): void {
+    if (this.failed) return;
+    this.failed = err;
+    this.#queue = [];
+    this.#queuedBytes = 0;
+    this.onFlush?.();
+  }
+
+  #drained(): Promise<void> {
+    if (!this.#writing && this.#queue.length === 0) return Promise.resolve();
+    return new Promise((r) => this.#idle.push(r));
+  }
+
+  /** Read back body bytes [pos, pos+len) that are already flushed. */
+  readAt(pos: number, len: number): Promise<Buffer> {
+    const n = Math.min(len, this.flushed - pos);
+    if (n <= 0 || this.#fd < 0) return Promise.resolve(Buffer.alloc(0));
+    this.#refs++;
+    const buf = Buffer.allocUnsafe(n);
+    return new Promise((resolve, reject) => {
+      fs.read(this.#fd, buf, 0, n, this.#headerLen + pos, (err, bytesRead) => {
+        this.release();
+        if (err) reject(err);
+        else resolve(bytesRead === n ? buf : buf.subarray(0, bytesRead));
+      });
+    });
+  }
+
+  async commit(): Promise<boolean> {
+    if (this.#state !== 'open') return false;
+    this.#state = 'committing';
+    await this.#opening;
+    await this.#drained();
+    if (this.failed || this.#fd < 0) {
+      this.#discard();
+      return false;
+    }
+    const trailer = encodeTrailer(this.#received, this.#crc);
+    try {
+      await new Promise<void>((resolve, reject) =>
+        fs.write(this.#fd, trailer, 0, TRAILER, this.#headerLen + this.#received, (err) => (err ? reject(err) : resolve())),
+      );
+      await this.#publish(this.#headerLen + this.#received + TRAILER);
+      this.#state = 'committed';
+      return true;
+    } catch (err) {
+      this.failed = err as Error;
+      this.#discard();
+      return false;
+    } finally {
+      this.release();
+    }
+  }
+
+  abort(): void {
+    if (this.#state !== 'open') return;
+    this.#fail(new Error('aborted'));
+    this.#discard();
+    this.release();
+  }
+
+  #discard(): void {
+    this.#state = 'aborted';
+    fs.unlink(this.#path, () => {});
+  }
+
+  /** Add a holder of the file descriptor (a reader that may still readAt). */
+  retain(): void {
+    this.#refs++;
+  }
+
+  release(): void {
+    if (--this.#refs > 0) return;
+    void this.#opening.then(() => {
+      if (this.#fd >= 0) {
+        const fd = this.#fd;
+        this.#fd = -1;
+        fs.close(fd, () => {});
+      }
+    });
+  }
+}

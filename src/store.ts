@@ -1,0 +1,108 @@
+// What a stored object is, and the small interface every storage tier implements (see
+// test/store-conformance.ts). TieredStore looks in memory, then on disk, and promotes small disk hits
+// to memory only when they are seen a second time, so a herd of one-time objects can't flush hot catalogs.
+import { LRUCache } from 'lru-cache';
+import type { Policy } from './freshness.ts';
+
+export type StoredHeaders = Record<string, string | string[]>;
+
+/** Everything about an object except its body; JSON-serialisable (it is the disk record header). */
+export interface StoredMeta {
+  key: string;
+  url: string;
+  status: number;
+  headers: StoredHeaders;
+  /** http-cache-semantics CachePolicy.toObject() */
+  policy: object;
+  /** Request header names selected by Vary. */
+  vary: string[];
+  storedAt: number;
+}
+
+export interface StoredObject {
+  meta: StoredMeta;
+  policy: Policy;
+  size: number;
+  tier: 'memory' | 'disk';
+  /** Stream the body to `sink`; resolves false if the stored bytes turn out corrupt. */
+  body: BodySource;
+}
+
+export type BodySource =
+  | { kind: 'buffer'; data: Buffer }
+  | { kind: 'file'; read(pos: number, len: number): Promise<Buffer>; verify(): 'ok' | 'corrupt' | 'pending'; feed(b: Buffer): void; close(): void };
+
+export interface TierWriter {
+  append(chunk: Buffer): void;
+  /** Make the object visible. False when it could not be stored. */
+  commit(): Promise<boolean>;
+  abort(): void;
+}
+
+export interface TierStats {
+  objects: number;
+  bytes: number;
+  maxBytes: number;
+  evictions: number;
+}
+
+export interface Tier {
+  get(key: string): Promise<StoredObject | undefined>;
+  openWriter(meta: StoredMeta, policy: Policy, expectedBytes: number | undefined): TierWriter | undefined;
+  delete(key: string): Promise<void>;
+  /** Replace the header part of a stored object (after a 304). */
+  updateMeta(meta: StoredMeta, policy: Policy): Promise<void>;
+  stats(): TierStats;
+}
+
+export class TieredStore {
+  readonly memory: Tier & { put(meta: StoredMeta, policy: Policy, body: Buffer): boolean };
+  readonly disk: Tier;
+  readonly #maxMemoryObjectBytes: number;
+  // Keys seen once on disk: a second disk hit promotes a small object. Bounded.
+  readonly #seenOnDisk = new LRUCache<string, true>({ max: 65536 });
+
+  constructor(memory: TieredStore['memory'], disk: Tier, maxMemoryObjectBytes: number) {
+    this.memory = memory;
+    this.disk = disk;
+    this.#maxMemoryObjectBytes = maxMemoryObjectBytes;
+  }
+
+  async get(key: string): Promise<StoredObject | undefined> {
+    const m = await this.memory.get(key);
+    if (m) return m;
+    const d = await this.disk.get(key);
+    if (!d) return undefined;
+    if (d.size <= this.#maxMemoryObjectBytes) {
+      if (this.#seenOnDisk.has(key)) {
+        this.#seenOnDisk.delete(key);
+        return this.#promote(d);
+      }
+      this.#seenOnDisk.set(key, true);
+    }
+    return d;
+  }
+
+  async #promote(d: StoredObject): Promise<StoredObject> {
+    if (d.body.kind !== 'file') return d;
+    const body = await d.body.read(0, d.size);
+    d.body.feed(body);
+    const ok = body.length === d.size && d.body.verify() === 'ok';
+    d.body.close();
+    if (!ok) {
+      await this.disk.delete(d.meta.key);
+      throw new Error('corrupt disk record');
+    }
+    this.memory.put(d.meta, d.policy, body);
+    return { ...d, tier: 'memory', body: { kind: 'buffer', data: body } };
+  }
+
+  async delete(key: string): Promise<void> {
+    this.#seenOnDisk.delete(key);
+    await Promise.all([this.memory.delete(key), this.disk.delete(key)]);
+  }
+
+  async updateMeta(meta: StoredMeta, policy: Policy): Promise<void> {
+    await Promise.all([this.memory.updateMeta(meta, policy), this.disk.updateMeta(meta, policy)]);
+  }
+}

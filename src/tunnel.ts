@@ -1,0 +1,103 @@
+// CONNECT: denied unless the port is listed in --allow-connect-port; then a plain TCP tunnel with an
+// idle timeout, subject to the same client and destination rules as every other request.
+import type { IncomingMessage } from 'node:http';
+import { connect, isIP, type Socket } from 'node:net';
+import type { Duplex } from 'node:stream';
+import { plainAddress } from './acl.ts';
+import type { Transaction } from './access-log.ts';
+import { ProxyError, upstreamError } from './errors.ts';
+import type { Ctx } from './handle-request.ts';
+import { viaEntry } from './forward.ts';
+
+function rejectTunnel(socket: Duplex, err: ProxyError, name: string): void {
+  const body = `${err.status} ${err.message}\n`;
+  socket.end(
+    `HTTP/1.1 ${err.status} ${err.status === 403 ? 'Forbidden' : 'Bad Gateway'}\r\n` +
+      `Proxy-Status: cuttle; error=${err.token}\r\nX-Squid-Error: ${err.squid}\r\nVia: ${viaEntry(name)}\r\n` +
+      `Content-Type: text/plain\r\nContent-Length: ${Buffer.byteLength(body)}\r\nConnection: close\r\n\r\n${body}`,
+  );
+}
+
+export function handleConnect(ctx: Ctx, req: IncomingMessage, socket: Duplex, head: Buffer): void {
+  const tx: Transaction = {
+    startedAt: ctx.clock.now(),
+    client: plainAddress(req.socket.remoteAddress ?? '-'),
+    method: 'CONNECT',
+    url: req.url ?? '-',
+    status: 0,
+    bytesOut: 0,
+    result: 'TCP_TUNNEL',
+    aborted: false,
+    hierarchy: 'HIER_NONE',
+    peer: '',
+    mime: '',
+    coalesced: false,
+  };
+  ctx.counters.requests++;
+  const name = ctx.cfg.visibleHostname;
+  const deny = (err: ProxyError) => {
+    tx.status = err.status;
+    tx.result = err.status === 403 ? 'TCP_DENIED' : 'TCP_TUNNEL';
+    if (err.status === 403) ctx.counters.denied++;
+    else ctx.counters.errors++;
+    rejectTunnel(socket, err, name);
+    ctx.accessLog.write(tx, ctx.clock.now());
+  };
+  if (!ctx.acl().allowsClient(tx.client)) return deny(new ProxyError('ERR_CLIENT_DENIED', tx.client));
+  const m = /^\[?([^\]]+?)\]?:(\d+)$/.exec(req.url ?? '');
+  if (!m) return deny(new ProxyError('ERR_BAD_REQUEST', 'CONNECT needs host:port'));
+  const host = m[1]!;
+  const port = Number(m[2]);
+  const verdict = ctx.acl().allowsConnect(host, port);
+  if (verdict !== 'allow') return deny(new ProxyError(verdict === 'deny-port' ? 'ERR_CONNECT_DENIED' : 'ERR_DEST_DENIED', `${host}:${port}`));
+  if (ctx.counters.passesInFlight >= ctx.cfg.maxPasses) return deny(new ProxyError('ERR_OVERLOADED'));
+  ctx.counters.passesInFlight++;
+  const lookup = isIP(host)
+    ? undefined
+    : (hostname: string, opts: object, cb: (e: Error | null, a?: string, f?: number) => void) =>
+        import('node:dns').then((dns) =>
+          dns.lookup(hostname, { ...opts, all: false }, (err, address, family) => {
+            if (err) return cb(err);
+            if (!ctx.acl().allowsResolved(hostname, address)) return cb(new ProxyError('ERR_DEST_DENIED', hostname));
+            cb(null, address, family);
+          }),
+        );
+  const upstream: Socket = connect({ host, port, lookup: lookup as never, timeout: ctx.cfg.connectTimeoutMs });
+  let established = false;
+  let ended = false;
+  const end = () => {
+    if (ended) return;
+    ended = true;
+    ctx.counters.passesInFlight--;
+    upstream.destroy();
+    socket.destroy();
+    ctx.accessLog.write(tx, ctx.clock.now());
+  };
+  upstream.once('timeout', () => {
+    if (!established) upstream.destroy(Object.assign(new Error('connect timeout'), { code: 'ETIMEDOUT' }));
+    else end(); // idle
+  });
+  upstream.once('connect', () => {
+    established = true;
+    upstream.setTimeout(ctx.cfg.tunnelIdleTimeoutMs);
+    tx.status = 200;
+    tx.hierarchy = 'HIER_DIRECT';
+    tx.peer = upstream.remoteAddress ?? host;
+    socket.write('HTTP/1.1 200 Connection Established\r\n\r\n');
+    if (head.length) upstream.write(head);
+    upstream.on('data', (c: Buffer) => {
+      tx.bytesOut += c.length;
+    });
+    upstream.pipe(socket);
+    socket.pipe(upstream);
+  });
+  upstream.once('error', (err) => {
+    if (established) return end();
+    ended = true;
+    ctx.counters.passesInFlight--;
+    deny(err instanceof ProxyError ? err : upstreamError(err));
+  });
+  upstream.once('close', end);
+  socket.once('error', end);
+  socket.once('close', end);
+}

@@ -1,0 +1,92 @@
+// Start a real cuttle on 127.0.0.1:0 with a fresh cache dir, in this process (for injected clocks and
+// counters) or as a child process (for restarts, kill -9 and peak RSS).
+import { spawn, type ChildProcess } from 'node:child_process';
+import { mkdtempSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { once } from 'node:events';
+import { Pool, type Dispatcher } from 'undici';
+import { pino } from 'pino';
+import type { Clock } from '../../src/clock.ts';
+import { buildConfig } from '../../src/config.ts';
+import { createProxy, type Proxy } from '../../src/server.ts';
+import type { AccessLog, Transaction } from '../../src/access-log.ts';
+import { formatSquid } from '../../src/access-log.ts';
+
+export function tmpDir(prefix = 'cuttle-test-'): string {
+  return mkdtempSync(join(tmpdir(), prefix));
+}
+
+export interface TestProxy {
+  proxy: Proxy;
+  url: string;
+  port: number;
+  cacheDir: string;
+  logLines: string[];
+  close(): Promise<void>;
+}
+
+export async function startProxy(overrides: Record<string, unknown> = {}, opts: { clock?: Clock } = {}): Promise<TestProxy> {
+  const cacheDir = (overrides['cache-dir'] as string) ?? join(tmpDir(), 'cache');
+  const cfg = buildConfig({ listen: ['127.0.0.1:0'], 'cache-dir': cacheDir, 'allow-dest': ['127.0.0.1'], 'access-log': 'none', 'visible-hostname': 'cuttle-test', ...overrides });
+  const logLines: string[] = [];
+  const accessLog: AccessLog = {
+    write: (tx: Transaction, now: number) => void logLines.push(formatSquid(tx, now)),
+    reopen() {},
+    flush: async () => {},
+  };
+  const proxy = await createProxy(cfg, { clock: opts.clock, logger: pino({ level: 'silent' }), accessLog });
+  await proxy.listen();
+  const port = proxy.addresses()[0]!.port;
+  return { proxy, url: `http://127.0.0.1:${port}`, port, cacheDir, logLines, close: () => proxy.close(1000) };
+}
+
+export interface ChildProxy {
+  child: ChildProcess;
+  url: string;
+  port: number;
+  stderr: () => string;
+  stop(signal?: NodeJS.Signals): Promise<number | null>;
+}
+
+/** Run `node src/main.ts` with the given arguments; resolves once it listens. */
+export async function startChildProxy(args: string[]): Promise<ChildProxy> {
+  const child = spawn(process.execPath, ['src/main.ts', '--access-log', 'none', ...args], { stdio: ['ignore', 'pipe', 'pipe'] });
+  let err = '';
+  child.stderr!.on('data', (c) => (err += c));
+  child.stdout!.resume();
+  const port = await new Promise<number>((resolve, reject) => {
+    const onData = () => {
+      const m = /"port":(\d+)/.exec(err);
+      if (m) {
+        child.stderr!.off('data', onData);
+        resolve(Number(m[1]));
+      }
+    };
+    child.stderr!.on('data', onData);
+    child.once('exit', (code) => reject(new Error(`proxy exited ${code}: ${err}`)));
+  });
+  return {
+    child,
+    port,
+    url: `http://127.0.0.1:${port}`,
+    stderr: () => err,
+    async stop(signal = 'SIGTERM') {
+      if (child.exitCode !== null) return child.exitCode;
+      child.kill(signal);
+      const [code] = await once(child, 'exit');
+      return code as number | null;
+    },
+  };
+}
+
+/** A client pool that speaks absolute-form requests to the proxy. */
+export function proxyClient(proxyUrl: string, connections = 16): Pool {
+  return new Pool(proxyUrl, { connections, pipelining: 1, keepAliveTimeout: 10_000 });
+}
+
+export async function get(pool: Dispatcher, url: string, headers: Record<string, string> = {}, method = 'GET', body?: string) {
+  const res = await pool.request({ path: url, method: method as 'GET', headers, body });
+  const buf = Buffer.from(await res.body.arrayBuffer());
+  return { status: res.statusCode, headers: res.headers, body: buf };
+}
