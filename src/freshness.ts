@@ -25,6 +25,18 @@ export function createFreshness(clock: Clock, negativeTtlMs: number): Freshness 
     now(): number {
       return clock.now();
     }
+    // The library stores only the status codes it "understands"; a shared cache may also store a 5xx
+    // that carries explicit freshness (RFC 9111 §3), and only then (frontier-squid bug 5051 lesson).
+    storable(): boolean {
+      if (super.storable()) return true;
+      const p = this as unknown as { _status: number; _method: string; _rescc: Record<string, string>; _reqcc: Record<string, string>; _resHeaders: Record<string, string> };
+      return (
+        p._status >= 500 && p._status <= 599 &&
+        (p._method === 'GET' || p._method === 'HEAD') &&
+        !p._reqcc['no-store'] && !p._rescc['no-store'] && !p._rescc.private &&
+        Boolean(p._rescc['max-age'] || p._rescc['s-maxage'] || p._resHeaders.expires)
+      );
+    }
   }
   const opts = { shared: true, cacheHeuristic: 0.1, immutableMinTimeToLive: 24 * 3600 * 1000 };
   return {
