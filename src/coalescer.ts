@@ -14,7 +14,7 @@ import type { Clock } from './clock.ts';
 import type { Config } from './config.ts';
 import { upstreamError } from './errors.ts';
 import { Fill } from './fill.ts';
-import type { Freshness, Policy } from './freshness.ts';
+import { policyRequest, type Freshness, type Policy } from './freshness.ts';
 import { endToEnd, type Headers } from './forward.ts';
 import type { Logger } from './log.ts';
 import type { StoredMeta, StoredObject, TieredStore } from './store.ts';
@@ -110,10 +110,10 @@ export class Coalescer {
   }
 
   async #run(fill: Fill, r: FillRequest): Promise<void> {
-    const policyReq = { url: `${r.url.pathname}${r.url.search}`, method: 'GET', headers: r.clientHeaders as Record<string, string> };
+    const policyReq = policyRequest(r.url, 'GET', r.clientHeaders);
     const headers = { ...r.upstreamHeaders };
     // A client reload must not be answered from a cache further up either.
-    if (r.stale?.policy) Object.assign(headers, r.stale.policy.revalidationHeaders(policyReq as never));
+    if (r.stale?.policy) Object.assign(headers, r.stale.policy.revalidationHeaders(policyReq));
     const ac = new AbortController();
     let res;
     try {

@@ -27,7 +27,8 @@ export interface UpstreamControl {
   abort(): void;
 }
 
-const READ_SPILL_BYTES = 256 * 1024;
+// Each lagging reader holds at most one such buffer in its socket queue: keep it small.
+const READ_SPILL_BYTES = 64 * 1024;
 
 export class Fill {
   readonly key: string;
@@ -94,6 +95,8 @@ export class Fill {
     this.state = 'streaming';
     this.#spill = spill;
     if (spill) {
+      // Readers that attached before the headers now hold the spill file open too.
+      for (let i = 0; i < this.#readers.size; i++) spill.retain();
       spill.onFlush = () => {
         this.#trim();
         this.#wake();
@@ -195,9 +198,9 @@ export class Fill {
       for (const off of this.#readers.values()) keepFrom = Math.min(keepFrom, off);
       if (this.#readers.size === 0 && !this.released) keepFrom = this.#windowStart; // nobody yet: keep all
     }
-    // Keep small bodies whole in memory (the memory tier wants them); drop whole chunks only.
-    while (this.#chunks.length > 1 && this.received - this.#windowStart > this.#windowBytesMax) {
-      const end = this.#starts[1]!;
+    // Drop whole chunks, oldest first, while the window is over its bound.
+    while (this.#chunks.length > 0 && this.received - this.#windowStart > this.#windowBytesMax) {
+      const end = this.#starts[1] ?? this.received;
       if (end > keepFrom) break;
       this.#chunks.shift();
       this.#starts.shift();

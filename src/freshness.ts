@@ -67,3 +67,8 @@ export function clientWantsReload(h: { 'cache-control'?: string | string[] | und
 export function hasValidators(h: Record<string, unknown>): boolean {
   return h.etag !== undefined || h['last-modified'] !== undefined;
 }
+
+/** The request as http-cache-semantics sees it. Host comes from the absolute URL, which is what the key holds. */
+export function policyRequest(url: URL, method: string, headers: Record<string, string | string[] | undefined>): CachePolicy.Request {
+  return { url: `${url.pathname}${url.search}`, method, headers: { ...headers, host: url.host } as CachePolicy.Headers };
+}

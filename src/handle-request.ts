@@ -22,7 +22,7 @@ import type { Config } from './config.ts';
 import { ProxyError, upstreamError } from './errors.ts';
 import type { Upstream } from './fetch.ts';
 import type { Fill } from './fill.ts';
-import { clientWantsReload, hasValidators } from './freshness.ts';
+import { clientWantsReload, hasValidators, policyRequest } from './freshness.ts';
 import { clientResponseHeaders, isLoop, sendError, upstreamRequestHeaders } from './forward.ts';
 import type { Logger } from './log.ts';
 import type { StoredObject, TieredStore } from './store.ts';
@@ -179,8 +179,7 @@ async function lookup(s: State): Promise<StepName> {
     ctx.log.warn({ err, key }, 'stored object unreadable; refetching');
   }
   if (stored) {
-    const policyReq = { url: `${s.url!.pathname}${s.url!.search}`, method: 'GET', headers: req.headers as Record<string, string> };
-    if (stored.policy.satisfiesWithoutRevalidation(policyReq as never)) {
+    if (stored.policy.satisfiesWithoutRevalidation(policyRequest(s.url!, 'GET', req.headers))) {
       s.stored = stored;
       return 'hit';
     }
@@ -273,6 +272,7 @@ async function deliverFill(s: State): Promise<StepName | undefined> {
       res.end();
       return undefined;
     }
+    res.flushHeaders(); // the client's watchdog counts the first byte: send the head now
     let off = 0;
     for (;;) {
       if (res.destroyed) {

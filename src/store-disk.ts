@@ -319,7 +319,7 @@ export class DiskWriter implements TierWriter {
     this.#maxBytes = maxBytes;
     this.#publish = publish;
     this.#opening = new Promise((resolve) => {
-      fs.open(path, 'wx', 0o644, (err, fd) => {
+      fs.open(path, 'wx+', 0o644, (err, fd) => { // read-write: readers read the spill back
         if (err) this.#fail(err);
         else {
           this.#fd = fd;
