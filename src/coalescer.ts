@@ -73,7 +73,10 @@ export class Coalescer {
   /** A fill this request may join, if any. */
   joinable(key: string): Fill | undefined {
     const f = this.#fills.get(key);
-    return f?.joinable ? f : undefined;
+    if (!f?.joinable) return undefined;
+    // A completed fill still being committed is as good as a stored copy only while it is fresh.
+    if (f.state === 'done' && f.policy && !(f.policy.timeToLive() > 0)) return undefined;
+    return f;
   }
 
   isUncacheable(primary: string): boolean {
@@ -102,8 +105,12 @@ export class Coalescer {
     return fill;
   }
 
-  #done(fill: Fill): void {
+  #unmap(fill: Fill): void {
     if (this.#fills.get(fill.key) === fill) this.#fills.delete(fill.key);
+  }
+
+  #done(fill: Fill): void {
+    this.#unmap(fill);
     const s = this.stats.waitersPerFill;
     s.push(fill.attached);
     if (s.length > 1024) s.splice(0, s.length - 1024);
@@ -169,6 +176,7 @@ export class Coalescer {
 
     const meta: StoredMeta = { key: r.key, url: r.url.href, status: res.status, headers: head.headers, policy: policy.toObject(), vary, storedAt: this.#clock.now() };
     const spill = this.#store.disk.openWriter(meta, policy, cl) as DiskWriter | undefined;
+    fill.policy = policy;
     fill.setHead(head, spill);
     this.#pipe(fill, body, spill, meta, policy);
   }
@@ -189,17 +197,24 @@ export class Coalescer {
     body.on('end', () => {
       fill.finish();
       if (!spill || !meta || !policy) return;
-      void this.#commit(fill, spill, meta, policy);
+      // A small body goes to memory at once, so the next request is a hit without waiting for the disk.
+      let inMemory = false;
+      if (!this.#superseded.has(fill) && fill.received <= this.#cfg.maxMemoryObjectBytes) {
+        const whole = fill.wholeBody();
+        if (whole) inMemory = this.#store.memory.put(meta, policy, whole);
+        if (inMemory) this.#unmap(fill);
+      }
+      void this.#commit(fill, spill, meta, policy, inMemory);
     });
   }
 
-  async #commit(fill: Fill, spill: DiskWriter, meta: StoredMeta, policy: Policy): Promise<void> {
+  async #commit(fill: Fill, spill: DiskWriter, meta: StoredMeta, policy: Policy, inMemory: boolean): Promise<void> {
     try {
       if (this.#superseded.has(fill)) {
         spill.abort();
         return;
       }
-      if (fill.received <= this.#cfg.maxMemoryObjectBytes) {
+      if (!inMemory && fill.received <= this.#cfg.maxMemoryObjectBytes) {
         const whole = fill.wholeBody() ?? (await spill.readAt(0, fill.received));
         if (whole.length === fill.received) this.#store.memory.put(meta, policy, whole);
       }

@@ -150,7 +150,7 @@ const conv = <T>(fn: (v: never) => T | undefined, expected: string) =>
     }
     return out;
   });
-const list = <T>(item: z.ZodType<T>) => z.union([z.array(item), item.transform((v) => [v])]);
+const list = <T extends z.ZodType>(item: T) => z.preprocess((v) => (Array.isArray(v) ? v : [v]), z.array(item));
 const size = conv(parseSize, 'a size such as 512KB, 256MB or 10GB');
 const duration = conv(parseDurationMs, 'a duration such as 500ms, 60s, 5m or 1h');
 const count = z.number({ error: 'expected a positive integer' }).int('expected a positive integer').positive('expected a positive integer');

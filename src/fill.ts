@@ -9,6 +9,7 @@
 // upstream is paused while the window is full: that mode is only used for a single reader.
 import type { DiskWriter } from './store-disk.ts';
 import type { ProxyError } from './errors.ts';
+import type { Policy } from './freshness.ts';
 
 export type FillState = 'pending' | 'streaming' | 'done' | 'failed';
 
@@ -46,6 +47,8 @@ export class Fill {
   streamedEarly = 0;
   attached = 0;
   upstream: UpstreamControl | undefined;
+  /** Freshness of the response being filled (set once it is known to be stored). */
+  policy: Policy | undefined;
 
   readonly #windowBytesMax: number;
   #chunks: Buffer[] = [];

@@ -321,10 +321,10 @@ export class DiskWriter implements TierWriter {
     this.#opening = new Promise((resolve) => {
       fs.open(path, 'wx+', 0o644, (err, fd) => { // read-write: readers read the spill back
         if (err) this.#fail(err);
+        else if (this.failed) fs.close(fd, () => {});
         else {
           this.#fd = fd;
-          this.#queue.unshift(header);
-          this.#queuedBytes += 0; // the header is not body
+          this.#queue.unshift(header); // the header is not counted in #queuedBytes
           this.#headerPending = true;
           this.#kick();
         }
@@ -384,7 +384,7 @@ export class DiskWriter implements TierWriter {
   }
 
   #drained(): Promise<void> {
-    if (!this.#writing && this.#queue.length === 0) return Promise.resolve();
+    if (!this.#writing && (this.#queue.length === 0 || this.failed)) return Promise.resolve();
     return new Promise((r) => this.#idle.push(r));
   }
 

@@ -1,0 +1,27 @@
+import assert from 'node:assert/strict';
+import { describe, it } from 'node:test';
+import { normaliseUrl, primaryKey, variantKey, varyNames } from '../../src/cache-key.ts';
+import { formatSquid } from '../../src/access-log.ts';
+
+describe('cache key', () => {
+  it('lower-cases scheme and host and drops the default port; path and query stay exact', () => {
+    assert.equal(primaryKey(normaliseUrl('HTTP://CVMFS.Example.ORG:80/cvmfs/A/.cvmfspublished?X=1')!), 'http://cvmfs.example.org/cvmfs/A/.cvmfspublished?X=1');
+    assert.equal(primaryKey(normaliseUrl('http://h:8000/p')!), 'http://h:8000/p');
+    assert.equal(normaliseUrl('https://h/p'), undefined);
+    assert.equal(normaliseUrl('/origin-form'), undefined);
+  });
+
+  it('adds Vary-selected request headers', () => {
+    assert.deepEqual(varyNames('Accept-Encoding, accept-language'), ['accept-encoding', 'accept-language']);
+    assert.equal(variantKey('u', ['accept-language'], { 'accept-language': 'en' }), 'u\naccept-language:en');
+    assert.equal(variantKey('u', [], {}), 'u');
+  });
+});
+
+describe('access log', () => {
+  it('writes Squid native lines, with TCP_CF_ for coalesced and _ABORTED for hang-ups', () => {
+    const tx = { startedAt: 1_700_000_000_123, client: '10.0.0.5', method: 'GET', url: 'http://s1:8000/cvmfs/a/data/ab/cd', status: 200, bytesOut: 4096, result: 'TCP_MISS' as const, aborted: false, hierarchy: 'HIER_DIRECT' as const, peer: 's1', mime: 'application/octet-stream', coalesced: true };
+    assert.equal(formatSquid(tx, 1_700_000_000_168), '1700000000.123     45 10.0.0.5 TCP_CF_MISS/200 4096 GET http://s1:8000/cvmfs/a/data/ab/cd - HIER_DIRECT/s1 application/octet-stream\n');
+    assert.match(formatSquid({ ...tx, coalesced: false, aborted: true, result: 'TCP_HIT', hierarchy: 'HIER_NONE', peer: '' }, 1_700_000_000_200), / TCP_HIT_ABORTED\/200 4096 GET .* HIER_NONE\/- /);
+  });
+});

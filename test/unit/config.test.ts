@@ -1,0 +1,112 @@
+import assert from 'node:assert/strict';
+import { spawnSync } from 'node:child_process';
+import { writeFileSync } from 'node:fs';
+import { createServer } from 'node:net';
+import type { AddressInfo } from 'node:net';
+import { join } from 'node:path';
+import { describe, it } from 'node:test';
+import { buildConfig, parseCli, parseDurationMs, parseSize, loadConfig } from '../../src/config.ts';
+import { ConfigError } from '../../src/errors.ts';
+import { tmpDir } from '../helpers/proxy.ts';
+
+function problems(raw: Record<string, unknown>): string[] {
+  try {
+    buildConfig(raw);
+  } catch (err) {
+    assert.ok(err instanceof ConfigError);
+    return [...err.problems];
+  }
+  assert.fail('expected a ConfigError');
+}
+
+function cuttle(args: string[]) {
+  return spawnSync(process.execPath, ['src/main.ts', ...args], { encoding: 'utf8', timeout: 20_000 });
+}
+
+describe('config', () => {
+  it('has working defaults (Squid port, NET_LOCAL clients, CVMFS ports)', () => {
+    const c = buildConfig({});
+    assert.deepEqual(c.listen, [{ host: '0.0.0.0', port: 3128 }]);
+    assert.equal(c.diskCacheBytes, 10 * 1024 ** 3);
+    assert.equal(c.memoryCacheBytes, 256 * 1024 ** 2);
+    assert.equal(c.maxObjectBytes, 1024 ** 3);
+    assert.equal(c.maxMemoryObjectBytes, 1024 ** 2);
+    assert.equal(c.allowClient.length, 7);
+    assert.deepEqual(c.allowPorts, [{ from: 80, to: 80 }, { from: 8000, to: 8000 }, { from: 8080, to: 8080 }, { from: 1025, to: 65535 }]);
+    assert.deepEqual(c.allowConnectPorts, []);
+    assert.equal(c.negativeTtlMs, 60_000);
+    assert.ok(Object.isFrozen(c) && Object.isFrozen(c.listen));
+  });
+
+  it('parses sizes and durations in powers of 1024', () => {
+    assert.equal(parseSize('512KB'), 512 * 1024);
+    assert.equal(parseSize('1.5GB'), 1.5 * 1024 ** 3);
+    assert.equal(parseSize('12 parsecs'), undefined);
+    assert.equal(parseDurationMs('61s'), 61_000);
+    assert.equal(parseDurationMs('5m'), 300_000);
+    assert.equal(parseDurationMs('250ms'), 250);
+  });
+
+  it('names the key of an unknown option, a bad size and a bad CIDR', () => {
+    assert.match(problems({ 'cache-sise': '1GB' }).join('\n'), /unknown key "cache-sise"/);
+    assert.match(problems({ 'disk-cache': 'lots' }).join('\n'), /^disk-cache: expected a size such as 512KB, 256MB or 10GB, got "lots"/m);
+    assert.match(problems({ 'allow-client': ['10.0.0.0/33'] }).join('\n'), /^allow-client: expected an IP address or CIDR/m);
+    assert.match(problems({ 'allow-port': '80,http' }).join('\n'), /^allow-port: expected ports/m);
+    assert.match(problems({ listen: 'nowhere' }).join('\n'), /^listen: expected \[HOST:\]PORT/m);
+  });
+
+  it('reports every problem at once', () => {
+    const p = problems({ 'disk-cache': 'x', 'memory-cache': 'y', 'negative-ttl': 'soon' });
+    assert.equal(p.length, 3);
+  });
+
+  it('command line wins over the YAML file', () => {
+    const dir = tmpDir();
+    const file = join(dir, 'cuttle.yaml');
+    writeFileSync(file, 'memory-cache: 64MB\ndisk-cache: 2GB\nallow-dest:\n  - .cern.ch\n');
+    const c = loadConfig(parseCli(['--config', file, '--memory-cache', '32MB']));
+    assert.equal(c.memoryCacheBytes, 32 * 1024 ** 2);
+    assert.equal(c.diskCacheBytes, 2 * 1024 ** 3);
+    assert.deepEqual(c.allowDest, [{ kind: 'domain', suffix: '.cern.ch' }]);
+  });
+
+  it('cuttle --check-config prints each problem with its key and exits non-zero', () => {
+    const dir = tmpDir();
+    const file = join(dir, 'bad.yaml');
+    writeFileSync(file, 'disk-cache: huge\nallow-client: [300.1.1.1/8]\nfrobnicate: 1\n');
+    const r = cuttle(['--config', file, '--check-config']);
+    assert.equal(r.status, 2);
+    assert.match(r.stderr, /disk-cache: expected a size/);
+    assert.match(r.stderr, /allow-client: expected an IP address or CIDR/);
+    assert.match(r.stderr, /unknown key "frobnicate"/);
+    const ok = cuttle(['--check-config', '--memory-cache', '64MB']);
+    assert.equal(ok.status, 0);
+    assert.match(ok.stdout, /configuration OK/);
+  });
+
+  it('an unknown command-line option is an error that names it', () => {
+    const r = cuttle(['--memory-cahce', '1GB']);
+    assert.equal(r.status, 2);
+    assert.match(r.stderr, /--memory-cahce/);
+  });
+
+  it('--version and --help', () => {
+    assert.match(cuttle(['--version']).stdout, /^cuttle \d+\.\d+\.\d+/);
+    assert.match(cuttle(['--help']).stdout, /--allow-connect-port/);
+  });
+
+  it('fails loudly when the port is taken or the cache dir is unwritable', async () => {
+    const blocker = createServer();
+    await new Promise<void>((r) => blocker.listen(0, '127.0.0.1', () => r()));
+    const port = (blocker.address() as AddressInfo).port;
+    const r = cuttle(['--listen', `127.0.0.1:${port}`, '--cache-dir', join(tmpDir(), 'c')]);
+    assert.equal(r.status, 1);
+    assert.match(r.stderr, /cannot listen on 127\.0\.0\.1:\d+: .*EADDRINUSE/);
+    blocker.close();
+    const file = join(tmpDir(), 'a-file');
+    writeFileSync(file, 'not a dir');
+    const u = cuttle(['--listen', '127.0.0.1:0', '--cache-dir', join(file, 'cache')]);
+    assert.equal(u.status, 1);
+    assert.match(u.stderr, /cache-dir .* is not usable/);
+  });
+});
