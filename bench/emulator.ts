@@ -1,0 +1,198 @@
+// A Stratum 1 emulator: a CVMFS-shaped URL space for the herd benchmark and the compose demo.
+//   /cvmfs/<repo>/.cvmfspublished      max-age=61, text manifest with a revision
+//   /cvmfs/<repo>/data/XX/<sha1>[C|P]  bytes whose SHA-1 is the name, max-age=259200
+// Knobs: first-byte latency, per-response and total bandwidth caps, and faults (reset after N bytes,
+// a 5xx rate, corrupt bytes). It counts requests per path and reports them on GET /_emulator/stats.
+import { createHash } from 'node:crypto';
+import { once } from 'node:events';
+import { createServer, type Server, type ServerResponse } from 'node:http';
+import type { AddressInfo, Socket } from 'node:net';
+import { setTimeout as sleep } from 'node:timers/promises';
+
+export interface ObjectSpec {
+  path: string; // /cvmfs/<repo>/data/XX/<hash><suffix>
+  hash: string;
+  size: number;
+  kind: 'file' | 'catalog' | 'chunk';
+}
+
+/** Deterministic PRNG (mulberry32), so every run and every target sees the same object set. */
+export function prng(seed: number): () => number {
+  let a = seed >>> 0;
+  return () => {
+    a = (a + 0x6d2b79f5) >>> 0;
+    let t = a;
+    t = Math.imul(t ^ (t >>> 15), t | 1);
+    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
+    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
+  };
+}
+
+function bytesFor(seed: number, size: number): Buffer {
+  const rnd = prng(seed);
+  const b = Buffer.allocUnsafe(size);
+  for (let i = 0; i + 4 <= size; i += 4) b.writeUInt32LE((rnd() * 4294967296) >>> 0, i);
+  for (let i = size - (size % 4); i < size; i++) b[i] = (rnd() * 256) | 0;
+  return b;
+}
+
+export interface CatalogOptions {
+  repo: string;
+  objects: number;
+  seed: number;
+  /** Fractions of catalogs (1 MiB) and chunks (16–24 MiB); the rest are 4–64 KiB files. */
+  catalogs?: number;
+  chunks?: number;
+}
+
+/** The object list, and the bytes behind it. ~55 MiB for 200 objects with the default mix. */
+export function makeCatalog(o: CatalogOptions): { specs: ObjectSpec[]; bodies: Map<string, Buffer> } {
+  const rnd = prng(o.seed);
+  const nChunks = o.chunks ?? Math.max(o.objects >= 50 ? 2 : 0, Math.round(o.objects * 0.01));
+  const nCatalogs = o.catalogs ?? Math.round(o.objects * 0.04);
+  const specs: ObjectSpec[] = [];
+  const bodies = new Map<string, Buffer>();
+  for (let i = 0; i < o.objects; i++) {
+    const kind: ObjectSpec['kind'] = i < nChunks ? 'chunk' : i < nChunks + nCatalogs ? 'catalog' : 'file';
+    const size = kind === 'chunk' ? (16 + Math.floor(rnd() * 8)) * 2 ** 20 : kind === 'catalog' ? 2 ** 20 : 4096 + Math.floor(rnd() * 60 * 1024);
+    const body = bytesFor(o.seed * 100_003 + i, size);
+    const hash = createHash('sha1').update(body).digest('hex');
+    const suffix = kind === 'chunk' ? 'P' : kind === 'catalog' ? 'C' : '';
+    const path = `/cvmfs/${o.repo}/data/${hash.slice(0, 2)}/${hash.slice(2)}${suffix}`;
+    specs.push({ path, hash, size, kind });
+    bodies.set(path, body);
+  }
+  return { specs, bodies };
+}
+
+export interface EmulatorOptions {
+  repo: string;
+  bodies: Map<string, Buffer>;
+  latencyMs?: number;
+  /** Per-response cap for chunks (the big objects), bytes/s. */
+  chunkBytesPerSec?: number;
+  /** Total bandwidth cap across responses, bytes/s. */
+  totalBytesPerSec?: number;
+  /** Fault injection. */
+  resetAfterBytes?: number;
+  errorRate?: number;
+  corrupt?: boolean;
+  seed?: number;
+}
+
+export interface EmulatorStats {
+  requests: number;
+  bytes: number;
+  perPath: Record<string, number>;
+  /** Epoch ms at which the first complete response of each path was written. */
+  firstComplete: Record<string, number>;
+}
+
+export interface Emulator {
+  url: string;
+  port: number;
+  stats: EmulatorStats;
+  revision: number;
+  close(): Promise<void>;
+}
+
+const SLICE = 64 * 1024;
+
+export async function startEmulator(o: EmulatorOptions, port = 0, host = '127.0.0.1'): Promise<Emulator> {
+  const stats: EmulatorStats = { requests: 0, bytes: 0, perPath: {}, firstComplete: {} };
+  const rnd = prng(o.seed ?? 7);
+  const sockets = new Set<Socket>();
+  let totalBudgetAt = Date.now();
+  const emu: Emulator = { url: '', port: 0, stats, revision: 1, close: async () => {} };
+
+  // A token bucket shared by all responses for the total cap.
+  async function takeTotal(n: number): Promise<void> {
+    if (!o.totalBytesPerSec) return;
+    const now = Date.now();
+    totalBudgetAt = Math.max(totalBudgetAt, now) + (n / o.totalBytesPerSec) * 1000;
+    const wait = totalBudgetAt - now - 50;
+    if (wait > 0) await sleep(wait);
+  }
+
+  async function send(res: ServerResponse, path: string, body: Buffer, headers: Record<string, string>, perSec: number | undefined, head: boolean): Promise<void> {
+    res.writeHead(200, { 'content-length': String(body.length), ...headers });
+    if (head) return void res.end();
+    const started = Date.now();
+    for (let off = 0; off < body.length; off += SLICE) {
+      let slice = body.subarray(off, Math.min(body.length, off + SLICE));
+      if (o.resetAfterBytes !== undefined && off + slice.length > o.resetAfterBytes) {
+        res.write(slice.subarray(0, Math.max(0, o.resetAfterBytes - off)));
+        res.socket?.destroy();
+        return;
+      }
+      if (o.corrupt && off === 0) {
+        slice = Buffer.from(slice);
+        slice[0]! ^= 0xff;
+      }
+      await takeTotal(slice.length);
+      if (perSec) {
+        const due = started + ((off + slice.length) / perSec) * 1000;
+        const wait = due - Date.now();
+        if (wait > 0) await sleep(wait);
+      }
+      stats.bytes += slice.length;
+      if (!res.write(slice)) await once(res, 'drain');
+    }
+    res.end(() => {
+      stats.firstComplete[path] ??= Date.now();
+    });
+  }
+
+  const server: Server = createServer(async (req, res) => {
+    const path = (req.url ?? '/').split('?')[0]!;
+    if (path === '/_emulator/stats') {
+      res.writeHead(200, { 'content-type': 'application/json' });
+      return void res.end(JSON.stringify(stats));
+    }
+    if (path === '/_emulator/publish' && req.method === 'POST') {
+      emu.revision++;
+      return void res.end(String(emu.revision));
+    }
+    stats.requests++;
+    stats.perPath[path] = (stats.perPath[path] ?? 0) + 1;
+    if (o.latencyMs) await sleep(o.latencyMs);
+    if (o.errorRate && rnd() < o.errorRate) {
+      res.writeHead(503, { 'content-type': 'text/plain' });
+      return void res.end('emulated failure\n');
+    }
+    const head = req.method === 'HEAD';
+    if (path === `/cvmfs/${o.repo}/.cvmfspublished`) {
+      const body = Buffer.from(`C0000000000000000000000000000000000000000\nN${o.repo}\nS${emu.revision}\nT${Math.floor(Date.now() / 1000)}\n--\n`);
+      return void send(res, path, body, { 'content-type': 'application/x-cvmfs', 'cache-control': 'max-age=61' }, undefined, head);
+    }
+    const body = o.bodies.get(path);
+    if (!body) {
+      res.writeHead(404, { 'content-type': 'text/plain' });
+      return void res.end('not found\n');
+    }
+    const isChunk = path.endsWith('P');
+    await send(res, path, body, { 'content-type': 'application/x-cvmfs', 'cache-control': 'max-age=259200' }, isChunk ? o.chunkBytesPerSec : undefined, head);
+  });
+  server.keepAliveTimeout = 120_000;
+  server.on('connection', (s) => {
+    sockets.add(s);
+    s.on('close', () => sockets.delete(s));
+  });
+  await new Promise<void>((r) => server.listen({ port, host, backlog: 4096 }, () => r()));
+  emu.port = (server.address() as AddressInfo).port;
+  emu.url = `http://${host}:${emu.port}`;
+  emu.close = async () => {
+    for (const s of sockets) s.destroy();
+    await new Promise<void>((r) => server.close(() => r()));
+  };
+  return emu;
+}
+
+// Standalone: `node bench/emulator.ts [--port 8000] [--repo atlas.cern.ch] [--objects 200] [--latency-ms 50]`
+if (import.meta.main) {
+  const { parseArgs } = await import('node:util');
+  const { values } = parseArgs({ options: { port: { type: 'string', default: '8000' }, host: { type: 'string', default: '0.0.0.0' }, repo: { type: 'string', default: 'atlas.cern.ch' }, objects: { type: 'string', default: '200' }, 'latency-ms': { type: 'string', default: '50' }, seed: { type: 'string', default: '1' } } });
+  const { bodies } = makeCatalog({ repo: values.repo!, objects: Number(values.objects), seed: Number(values.seed) });
+  const emu = await startEmulator({ repo: values.repo!, bodies, latencyMs: Number(values['latency-ms']) }, Number(values.port), values.host);
+  process.stdout.write(`stratum1 emulator on ${emu.url} serving /cvmfs/${values.repo}/ (${bodies.size} objects)\n`);
+}

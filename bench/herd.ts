@@ -1,0 +1,214 @@
+// The herd benchmark: simulated CVMFS nodes against cuttle and against Squid (or any proxy), side by side.
+//   npm run bench -- --scenario herd --compare squid --rounds 3
+//   npm run bench -- --scenario herd --target http://proxy.example:3128
+// Each target runs cold (fresh cache, fresh emulator) in A B A B order; the table shows medians and the
+// ratio cuttle/other. Results go to bench/results/ (JSON, Markdown, SVG).
+import { spawn, spawnSync } from 'node:child_process';
+import { mkdirSync, writeFileSync } from 'node:fs';
+import { createServer } from 'node:net';
+import { join } from 'node:path';
+import { parseArgs } from 'node:util';
+import autocannon from 'autocannon';
+import { makeCatalog, startEmulator, type EmulatorOptions } from './emulator.ts';
+import type { NodesPlan, NodesReport } from './nodes.ts';
+import { markdownTable, svgChart, type RunResult } from './report.ts';
+import { externalTarget, hasTaskset, procStats, squidBinary, startCuttle, startSquid, type Target } from './targets.ts';
+
+export interface Scenario {
+  name: string;
+  kind: 'herd' | 'hot' | 'poll' | 'skip';
+  nodes: number;
+  objects: number;
+  order: 'same' | 'shuffle';
+  latencyMs: number;
+  chunkBytesPerSec?: number;
+  hotObjectBytes?: number;
+  hotSeconds?: number;
+  hotConnections?: number;
+  poll?: { everyMs: number; forMs: number };
+  why?: string;
+}
+
+export const SCENARIOS: Record<string, Scenario> = {
+  herd: { name: 'herd', kind: 'herd', nodes: 1000, objects: 200, order: 'same', latencyMs: 50 },
+  'herd-shuffle': { name: 'herd-shuffle', kind: 'herd', nodes: 1000, objects: 200, order: 'shuffle', latencyMs: 50 },
+  'herd-slow': { name: 'herd-slow', kind: 'herd', nodes: 1000, objects: 200, order: 'same', latencyMs: 200, chunkBytesPerSec: 2 * 2 ** 20 },
+  'mirror-kill': { name: 'mirror-kill', kind: 'skip', nodes: 0, objects: 0, order: 'same', latencyMs: 0, why: 'needs Stratum 1 mirror groups (issue 3); skipped' },
+  'hot-small': { name: 'hot-small', kind: 'hot', nodes: 0, objects: 0, order: 'same', latencyMs: 0, hotObjectBytes: 4096, hotSeconds: 10, hotConnections: 200 },
+  'hot-large': { name: 'hot-large', kind: 'hot', nodes: 0, objects: 0, order: 'same', latencyMs: 0, hotObjectBytes: 2 ** 20, hotSeconds: 10, hotConnections: 50 },
+  'manifest-poll': { name: 'manifest-poll', kind: 'poll', nodes: 1000, objects: 0, order: 'same', latencyMs: 50, poll: { everyMs: 5000, forMs: 60_000 } },
+};
+
+const REPO = 'atlas.cern.ch';
+
+async function freePort(): Promise<number> {
+  return new Promise((resolve) => {
+    const s = createServer();
+    s.listen(0, '127.0.0.1', () => {
+      const p = (s.address() as { port: number }).port;
+      s.close(() => resolve(p));
+    });
+  });
+}
+
+function runNodes(plan: NodesPlan): Promise<NodesReport> {
+  return new Promise((resolve, reject) => {
+    const script = new URL('./nodes.ts', import.meta.url).pathname;
+    const args = [script, JSON.stringify(plan)];
+    const pin = hasTaskset ? 'exec taskset -c 1 "$0" "$@"' : 'exec "$0" "$@"';
+    const child = spawn('bash', ['-c', `ulimit -n 65536 2>/dev/null; ${pin}`, process.execPath, ...args], { stdio: ['ignore', 'pipe', 'pipe'] });
+    let out = '';
+    let err = '';
+    child.stdout.on('data', (c) => (out += c));
+    child.stderr.on('data', (c) => {
+      err += c;
+      process.stderr.write(c);
+    });
+    child.on('exit', (code) => {
+      try {
+        resolve(JSON.parse(out.trim().split('\n').pop()!) as NodesReport);
+      } catch {
+        reject(new Error(`load generator failed (${code}): ${err.slice(-2000)}`));
+      }
+    });
+  });
+}
+
+export interface RunOptions {
+  scenario: Scenario;
+  target: string; // 'cuttle' | 'squid' | URL
+  round: number;
+  seed: number;
+  memoryCache: string;
+  connectionsPerNode: number;
+}
+
+/** One cold run of one scenario against one target. */
+export async function runOnce(o: RunOptions): Promise<RunResult> {
+  const sc = o.scenario;
+  const { specs, bodies } = makeCatalog({ repo: REPO, objects: sc.kind === 'hot' ? 0 : sc.objects, seed: o.seed });
+  if (sc.kind === 'hot') {
+    const b = Buffer.alloc(sc.hotObjectBytes!, 7);
+    const hash = (await import('node:crypto')).createHash('sha1').update(b).digest('hex');
+    const path = `/cvmfs/${REPO}/data/${hash.slice(0, 2)}/${hash.slice(2)}`;
+    bodies.set(path, b);
+    specs.push({ path, hash, size: b.length, kind: 'file' });
+  }
+  const emuOpts: EmulatorOptions = { repo: REPO, bodies, latencyMs: sc.latencyMs, chunkBytesPerSec: sc.chunkBytesPerSec, seed: o.seed };
+  const emu = await startEmulator(emuOpts);
+  const port = await freePort();
+  let target: Target;
+  if (o.target === 'cuttle') target = await startCuttle(port, { memoryCache: o.memoryCache });
+  else if (o.target === 'squid') target = await startSquid(port, { memoryCacheMB: Math.round(parseSizeMB(o.memoryCache)) });
+  else target = externalTarget(o.target);
+  const startedAt = new Date().toISOString();
+  const t0 = Date.now();
+  const cpu0 = procStats(target.pid).cpuS;
+  const result: RunResult = { scenario: sc.name, target: target.name, round: o.round, startedAt, uniqueObjects: 0, upstreamFetches: 0, emulatorRequests: 0, fetchesPerObjectMean: NaN, fetchesPerObjectMax: NaN, objectsFetchedMoreThanOnce: 0, proxyCpuS: NaN, proxyPeakRssMiB: NaN, goodputMiBs: NaN, wallS: NaN };
+  try {
+    if (sc.kind === 'hot') {
+      const url = `${emu.url}${specs[0]!.path}`;
+      // Warm the cache (twice: a disk hit is promoted to memory on its second sighting).
+      for (let i = 0; i < 3; i++) await fetchVia(target.url, url);
+      const r = await autocannon({ url: target.url, connections: sc.hotConnections!, duration: sc.hotSeconds!, requests: [{ method: 'GET', path: url }] });
+      result.reqPerSec = r.requests.average;
+      result.mibPerSec = r.throughput.average / 2 ** 20;
+      result.hotErrors = r.errors + r.non2xx + r.timeouts;
+      result.wallS = (Date.now() - t0) / 1000;
+    } else {
+      const paths = sc.kind === 'poll' ? [`/cvmfs/${REPO}/.cvmfspublished`] : [`/cvmfs/${REPO}/.cvmfspublished`, ...specs.map((s) => s.path)];
+      const nodes = await runNodes({ proxy: target.url, origin: emu.url, nodes: sc.nodes, connectionsPerNode: o.connectionsPerNode, paths, order: sc.order, seed: o.seed, poll: sc.poll, emulatorStats: `${emu.url}/_emulator/stats` });
+      result.nodes = nodes;
+      result.wallS = nodes.wallMs / 1000;
+      result.goodputMiBs = nodes.bytes / 2 ** 20 / result.wallS;
+    }
+    const counts = Object.values(emu.stats.perPath);
+    result.uniqueObjects = counts.length;
+    result.upstreamFetches = counts.reduce((a, b) => a + b, 0);
+    result.emulatorRequests = emu.stats.requests;
+    result.fetchesPerObjectMean = counts.length ? result.upstreamFetches / counts.length : NaN;
+    result.fetchesPerObjectMax = counts.length ? Math.max(...counts) : NaN;
+    result.objectsFetchedMoreThanOnce = counts.filter((c) => c > 1).length;
+    const ps = procStats(target.pid);
+    result.proxyCpuS = ps.cpuS - cpu0;
+    result.proxyPeakRssMiB = ps.peakRssMiB;
+  } finally {
+    await target.stop();
+    await emu.close();
+  }
+  return result;
+}
+
+async function fetchVia(proxy: string, url: string): Promise<void> {
+  const { Pool } = await import('undici');
+  const pool = new Pool(proxy);
+  const r = await pool.request({ path: url, method: 'GET' });
+  await r.body.arrayBuffer();
+  await pool.close();
+}
+
+function parseSizeMB(s: string): number {
+  const m = /^(\d+(?:\.\d+)?)\s*(KB|MB|GB)?$/i.exec(s);
+  if (!m) return 256;
+  const n = Number(m[1]);
+  return (m[2] ?? 'MB').toUpperCase() === 'GB' ? n * 1024 : (m[2] ?? '').toUpperCase() === 'KB' ? n / 1024 : n;
+}
+
+async function main(): Promise<void> {
+  const { values } = parseArgs({
+    options: {
+      scenario: { type: 'string', multiple: true },
+      target: { type: 'string', default: 'cuttle' },
+      compare: { type: 'string' },
+      rounds: { type: 'string', default: '3' },
+      nodes: { type: 'string' },
+      objects: { type: 'string' },
+      connections: { type: 'string', default: '1' },
+      'latency-ms': { type: 'string' },
+      'memory-cache': { type: 'string', default: '256MB' },
+      seed: { type: 'string', default: '1' },
+      out: { type: 'string', default: 'bench/results' },
+      help: { type: 'boolean' },
+    },
+  });
+  if (values.help) {
+    process.stdout.write(`usage: npm run bench -- [--scenario NAME]... [--target cuttle|http://HOST:PORT] [--compare squid|http://HOST:PORT] [--rounds N] [--nodes N] [--objects N] [--connections N] [--latency-ms N]\nscenarios: ${Object.keys(SCENARIOS).join(', ')}\n`);
+    return;
+  }
+  // Keep the orchestrator (emulator + autocannon) off the proxy's core.
+  if (hasTaskset) spawnSync('taskset', ['-a', '-p', '-c', '1', String(process.pid)], { stdio: 'ignore' });
+  const targets = [values.target!, ...(values.compare ? [values.compare] : [])];
+  if (targets.includes('squid') && !squidBinary) throw new Error('--compare squid needs Debian squid: apt-get install squid');
+  mkdirSync(values.out!, { recursive: true });
+  const commit = spawnSync('git', ['rev-parse', '--short', 'HEAD'], { encoding: 'utf8' }).stdout.trim() || 'unknown';
+  const tables: string[] = [];
+  for (const name of values.scenario ?? ['herd']) {
+    const base = SCENARIOS[name];
+    if (!base) throw new Error(`unknown scenario ${name}; known: ${Object.keys(SCENARIOS).join(', ')}`);
+    if (base.kind === 'skip') {
+      process.stderr.write(`${name}: ${base.why}\n`);
+      continue;
+    }
+    const sc: Scenario = { ...base, nodes: Number(values.nodes ?? base.nodes), objects: Number(values.objects ?? base.objects), latencyMs: Number(values['latency-ms'] ?? base.latencyMs) };
+    const runs: RunResult[] = [];
+    for (let round = 1; round <= Number(values.rounds); round++) {
+      for (const t of targets) {
+        process.stderr.write(`${name} round ${round}: ${t} …\n`);
+        const r = await runOnce({ scenario: sc, target: t, round, seed: Number(values.seed), memoryCache: values['memory-cache']!, connectionsPerNode: Number(values.connections) });
+        runs.push(r);
+        process.stderr.write(`  done: wall ${r.wallS.toFixed(1)} s, fetches/object ${r.fetchesPerObjectMean.toFixed(2)}, proxy CPU ${r.proxyCpuS.toFixed(1)} s\n`);
+      }
+    }
+    const names = [...new Set(runs.map((r) => r.target))];
+    const table = markdownTable(name, runs, names);
+    tables.push(table);
+    const stamp = new Date().toISOString().replace(/[:.]/g, '-');
+    writeFileSync(join(values.out!, `${name}-${stamp}.json`), JSON.stringify({ commit, scenario: sc, runs }, null, 2));
+    writeFileSync(join(values.out!, `${name}-${stamp}.md`), `${table}\n`);
+    writeFileSync(join(values.out!, `${name}-${stamp}.svg`), svgChart(name, runs, names));
+    process.stdout.write(`\n${table}\n`);
+  }
+  process.stdout.write(`\n(${new Date().toISOString().slice(0, 10)}, commit ${commit}, ${Number(values.rounds)} rounds, medians; results in ${values.out})\n`);
+}
+
+if (import.meta.main) await main();

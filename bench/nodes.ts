@@ -1,0 +1,241 @@
+// Simulated CVMFS nodes: the load generator of the herd benchmark, run as its own process.
+// Each node behaves like a cvmfs2 client (cvmfs-notes §1.4–§1.5): its own keep-alive connections
+// (default 1, up to 16), absolute-form GETs through the proxy with `User-Agent: cvmfs Fuse 2.11.x`,
+// a 5 s connect timeout, the "proxy too slow" watchdog (under 1 KiB/s for 5 s, first byte included),
+// SHA-1 checks of every data object, and one retry after a failure (with no-cache after a bad hash).
+// Input: JSON in argv[2]. Output: one JSON report on stdout; progress lines on stderr.
+import { createHash } from 'node:crypto';
+import { build, type Histogram } from 'hdr-histogram-js';
+import { Pool } from 'undici';
+import { prng } from './emulator.ts';
+
+export interface NodesPlan {
+  proxy: string;
+  origin: string;
+  nodes: number;
+  connectionsPerNode: number;
+  paths: string[];
+  order: 'same' | 'shuffle';
+  seed: number;
+  /** manifest-poll mode: GET paths[0] every pollEveryMs for pollForMs. */
+  poll?: { everyMs: number; forMs: number };
+  /** Emulator stats endpoint, read at the end to count who streamed before the first fill completed. */
+  emulatorStats: string;
+}
+
+export interface NodesReport {
+  planned: number;
+  requests: number;
+  attempts: number;
+  completed: number;
+  bytes: number;
+  wallMs: number;
+  errors: Record<string, number>;
+  firstAttemptErrors: Record<string, number>;
+  watchdogTrips: number;
+  hashFailures: number;
+  latencyMs: { p50: number; p90: number; p99: number; max: number; cdf: [number, number][] };
+  ttfbMs: { p50: number; p99: number; max: number };
+  streamedBeforeFirstFill: number;
+  waitersDuringFirstFill: number;
+  generatorCpuS: number;
+}
+
+const WATCHDOG_MS = 5000;
+const LOW_SPEED_BYTES = 1024 * 5; // 1 KiB/s over the 5 s window
+
+interface Active {
+  startedAt: number;
+  bytes: number;
+  windowStart: number;
+  windowBytes: number;
+  abort: AbortController;
+  tripped: boolean;
+}
+
+class TooSlow extends Error {}
+
+async function main(): Promise<void> {
+  const plan = JSON.parse(process.argv[2]!) as NodesPlan;
+  const cpu0 = process.cpuUsage();
+  const latency: Histogram = build({ lowestDiscernibleValue: 1, highestTrackableValue: 3_600_000_000, numberOfSignificantValueDigits: 3 });
+  const ttfb: Histogram = build({ lowestDiscernibleValue: 1, highestTrackableValue: 3_600_000_000, numberOfSignificantValueDigits: 3 });
+  const errors: Record<string, number> = {};
+  const firstErrors: Record<string, number> = {};
+  const firstBytes = new Map<string, number[]>(); // path -> epoch ms of first body byte, per request
+  const asked = new Map<string, number[]>(); // path -> epoch ms the request was sent
+  const active = new Set<Active>();
+  let requests = 0;
+  let attempts = 0;
+  let completed = 0;
+  let bytes = 0;
+  let watchdogTrips = 0;
+  let hashFailures = 0;
+  let nodesDone = 0;
+  const planned = plan.poll ? 0 : plan.nodes * plan.paths.length;
+
+  // The watchdog: libcurl's CURLOPT_LOW_SPEED_LIMIT/TIME, checked once a second.
+  const ticker = setInterval(() => {
+    const now = Date.now();
+    for (const a of active) {
+      if (now - a.windowStart < WATCHDOG_MS) continue;
+      if (a.bytes - a.windowBytes < LOW_SPEED_BYTES) {
+        a.tripped = true;
+        a.abort.abort(new TooSlow('proxy too slow'));
+      } else {
+        a.windowStart = now;
+        a.windowBytes = a.bytes;
+      }
+    }
+  }, 250);
+  const progress = setInterval(() => {
+    const errs = Object.values(errors).reduce((a, b) => a + b, 0);
+    process.stderr.write(`  nodes done ${nodesDone}/${plan.nodes}, requests ${requests}, errors ${errs}\n`);
+  }, 2000);
+
+  const count = (m: Record<string, number>, k: string) => (m[k] = (m[k] ?? 0) + 1);
+
+  async function fetchOnce(pool: Pool, path: string, noCache: boolean): Promise<string | undefined> {
+    attempts++;
+    const a: Active = { startedAt: Date.now(), bytes: 0, windowStart: Date.now(), windowBytes: 0, abort: new AbortController(), tripped: false };
+    active.add(a);
+    const t0 = performance.now();
+    const headers: Record<string, string> = { 'user-agent': 'cvmfs Fuse 2.11.5', pragma: '' };
+    if (noCache) Object.assign(headers, { pragma: 'no-cache', 'cache-control': 'no-cache' });
+    (asked.get(path) ?? asked.set(path, []).get(path)!).push(a.startedAt);
+    try {
+      const res = await pool.request({ path: `${plan.origin}${path}`, method: 'GET', headers, signal: a.abort.signal });
+      const isData = path.includes('/data/');
+      const hash = isData ? createHash('sha1') : undefined;
+      let first = true;
+      let got = 0;
+      for await (const chunk of res.body) {
+        const c = chunk as Buffer;
+        if (first) {
+          first = false;
+          ttfb.recordValue(Math.max(1, Math.round((performance.now() - t0) * 1000)));
+          (firstBytes.get(path) ?? firstBytes.set(path, []).get(path)!).push(Date.now());
+        }
+        got += c.length;
+        a.bytes += c.length;
+        hash?.update(c);
+      }
+      bytes += got;
+      if (res.statusCode !== 200) return `http-${res.statusCode}`;
+      const cl = Number(res.headers['content-length'] ?? got);
+      if (got !== cl) return 'truncated';
+      if (hash) {
+        const name = path.split('/').pop()!.replace(/[A-Z]$/, '');
+        const want = path.split('/').at(-2)! + name;
+        if (hash.digest('hex') !== want) {
+          hashFailures++;
+          return 'bad-hash';
+        }
+      }
+      latency.recordValue(Math.max(1, Math.round((performance.now() - t0) * 1000)));
+      return undefined;
+    } catch (err) {
+      if (a.tripped) {
+        watchdogTrips++;
+        return 'watchdog-too-slow';
+      }
+      const code = (err as { code?: string }).code ?? '';
+      if (code === 'UND_ERR_CONNECT_TIMEOUT') return 'connect-timeout';
+      if (code === 'ECONNREFUSED') return 'connect-refused';
+      if (code === 'UND_ERR_SOCKET' || code === 'ECONNRESET') return 'reset';
+      return `other:${code || (err as Error).message}`;
+    } finally {
+      active.delete(a);
+    }
+  }
+
+  async function fetchWithRetry(pool: Pool, path: string): Promise<void> {
+    requests++;
+    const e1 = await fetchOnce(pool, path, false);
+    if (!e1) {
+      completed++;
+      return;
+    }
+    count(firstErrors, e1);
+    const e2 = await fetchOnce(pool, path, e1 === 'bad-hash');
+    if (!e2) completed++;
+    else count(errors, e2);
+  }
+
+  const pools = Array.from({ length: plan.nodes }, () => new Pool(plan.proxy, { connections: plan.connectionsPerNode, pipelining: 1, connect: { timeout: 5000 }, headersTimeout: 0, bodyTimeout: 0, keepAliveTimeout: 60_000 }));
+  const started = Date.now();
+  await Promise.all(
+    pools.map(async (pool, n) => {
+      if (plan.poll) {
+        const end = started + plan.poll.forMs;
+        // Spread the nodes' phases over one period, as real mounts are.
+        await new Promise((r) => setTimeout(r, (n / plan.nodes) * plan.poll!.everyMs));
+        while (Date.now() < end) {
+          const t = Date.now();
+          await fetchWithRetry(pool, plan.paths[0]!);
+          await new Promise((r) => setTimeout(r, Math.max(0, plan.poll!.everyMs - (Date.now() - t))));
+        }
+      } else {
+        let list = plan.paths;
+        if (plan.order === 'shuffle') {
+          const rnd = prng(plan.seed + n);
+          list = [...list];
+          for (let i = list.length - 1; i > 0; i--) {
+            const j = Math.floor(rnd() * (i + 1));
+            [list[i], list[j]] = [list[j]!, list[i]!];
+          }
+        }
+        let next = 0;
+        const lane = async () => {
+          while (next < list.length) await fetchWithRetry(pool, list[next++]!);
+        };
+        await Promise.all(Array.from({ length: plan.connectionsPerNode }, lane));
+      }
+      nodesDone++;
+    }),
+  );
+  const wallMs = Date.now() - started;
+  clearInterval(ticker);
+  clearInterval(progress);
+  await Promise.all(pools.map((p) => p.close()));
+
+  // Who got bytes before the first fill of that object completed at the origin?
+  let streamedEarly = 0;
+  let waitersDuring = 0;
+  try {
+    const st = (await (await fetch(plan.emulatorStats)).json()) as { firstComplete: Record<string, number> };
+    for (const [path, times] of asked) {
+      const done = st.firstComplete[path];
+      if (done === undefined) continue;
+      const fb = (firstBytes.get(path) ?? []).slice().sort((a, b) => a - b);
+      const early = times.filter((t) => t < done).length;
+      waitersDuring += early;
+      streamedEarly += Math.min(early, fb.filter((t) => t < done).length);
+    }
+  } catch {
+    /* the emulator may not be reachable for external targets */
+  }
+  const cdf: [number, number][] = [];
+  for (const q of [1, 5, 10, 25, 50, 75, 90, 95, 99, 99.9, 100]) cdf.push([latency.getValueAtPercentile(q) / 1000, q]);
+  const cpu = process.cpuUsage(cpu0);
+  const report: NodesReport = {
+    planned,
+    requests,
+    attempts,
+    completed,
+    bytes,
+    wallMs,
+    errors,
+    firstAttemptErrors: firstErrors,
+    watchdogTrips,
+    hashFailures,
+    latencyMs: { p50: latency.getValueAtPercentile(50) / 1000, p90: latency.getValueAtPercentile(90) / 1000, p99: latency.getValueAtPercentile(99) / 1000, max: latency.maxValue / 1000, cdf },
+    ttfbMs: { p50: ttfb.getValueAtPercentile(50) / 1000, p99: ttfb.getValueAtPercentile(99) / 1000, max: ttfb.maxValue / 1000 },
+    streamedBeforeFirstFill: streamedEarly,
+    waitersDuringFirstFill: waitersDuring,
+    generatorCpuS: (cpu.user + cpu.system) / 1e6,
+  };
+  process.stdout.write(`${JSON.stringify(report)}\n`);
+}
+
+if (import.meta.main) await main();

@@ -1,0 +1,149 @@
+// The proxies under test: cuttle (started here), Squid from Debian with a frontier-squid-like config
+// (started here), or any running forward proxy given by URL. Each proxy is pinned to core 0 where
+// `taskset` exists, and its CPU time and peak RSS are read from /proc.
+import { spawn, spawnSync, type ChildProcess } from 'node:child_process';
+import { chownSync, existsSync, mkdirSync, mkdtempSync, readFileSync, writeFileSync } from 'node:fs';
+import { connect } from 'node:net';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { setTimeout as sleep } from 'node:timers/promises';
+
+export interface Target {
+  name: string;
+  url: string;
+  pid: number | undefined;
+  stop(): Promise<void>;
+}
+
+export const hasTaskset = spawnSync('taskset', ['-V']).status === 0;
+export const squidBinary = ['/usr/sbin/squid', '/usr/local/sbin/squid'].find((p) => existsSync(p));
+
+/** Run `cmd args` with a raised open-files limit, pinned to `core` if possible. */
+function launch(cmd: string, args: string[], core: number | undefined, env: NodeJS.ProcessEnv = process.env): ChildProcess {
+  const pin = hasTaskset && core !== undefined ? `exec taskset -c ${core} "$0" "$@"` : 'exec "$0" "$@"';
+  return spawn('bash', ['-c', `ulimit -n 65536 2>/dev/null || ulimit -n 4096; ${pin}`, cmd, ...args], { stdio: ['ignore', 'ignore', 'pipe'], env });
+}
+
+async function waitForPort(port: number, child: ChildProcess, stderr: () => string, ms = 20_000): Promise<void> {
+  const until = Date.now() + ms;
+  while (Date.now() < until) {
+    if (child.exitCode !== null) throw new Error(`proxy exited (${child.exitCode}): ${stderr().slice(-2000)}`);
+    const ok = await new Promise<boolean>((r) => {
+      const s = connect({ port, host: '127.0.0.1' }, () => {
+        s.destroy();
+        r(true);
+      });
+      s.on('error', () => r(false));
+    });
+    if (ok) return;
+    await sleep(100);
+  }
+  throw new Error(`proxy did not listen on ${port}: ${stderr().slice(-2000)}`);
+}
+
+async function stopChild(child: ChildProcess): Promise<void> {
+  if (child.exitCode !== null || child.signalCode) return;
+  child.kill('SIGTERM');
+  const t = setTimeout(() => child.kill('SIGKILL'), 10_000);
+  await new Promise((r) => child.once('exit', r));
+  clearTimeout(t);
+}
+
+export async function startCuttle(port: number, opts: { memoryCache: string; extra?: string[]; core?: number }): Promise<Target> {
+  const dir = mkdtempSync(join(tmpdir(), 'cuttle-bench-'));
+  const args = ['src/main.ts', '--listen', `127.0.0.1:${port}`, '--cache-dir', join(dir, 'cache'), '--allow-dest', '127.0.0.1', '--access-log', join(dir, 'access.log'), '--memory-cache', opts.memoryCache, '--log-level', 'warn', ...(opts.extra ?? [])];
+  const child = launch(process.execPath, args, opts.core ?? 0);
+  let err = '';
+  child.stderr!.on('data', (c) => (err += c));
+  await waitForPort(port, child, () => err);
+  return { name: 'cuttle', url: `http://127.0.0.1:${port}`, pid: child.pid, stop: () => stopChild(child) };
+}
+
+/** frontier-squid-like settings (cpt-squid.rst): collapsed forwarding, no minimum expiry, 1 GB objects. */
+export function squidConfig(port: number, dir: string, memoryCacheMB: number): string {
+  return [
+    `http_port 127.0.0.1:${port}`,
+    'acl localnet src 127.0.0.0/8',
+    'acl Safe_ports port 80 8000 8080 1025-65535',
+    'http_access deny !Safe_ports',
+    'http_access allow localnet',
+    'http_access deny all',
+    'collapsed_forwarding on',
+    'minimum_expiry_time 0',
+    `cache_mem ${memoryCacheMB} MB`,
+    'maximum_object_size_in_memory 1 MB',
+    'maximum_object_size 1 GB',
+    `cache_dir ufs ${join(dir, 'cache')} 10000 16 256`,
+    'quick_abort_min 0 KB',
+    'quick_abort_max 0 KB',
+    'negative_ttl 1 minute',
+    'max_filedescriptors 65536',
+    'shutdown_lifetime 1 seconds',
+    'client_persistent_connections on',
+    'server_persistent_connections on',
+    `pid_filename ${join(dir, 'squid.pid')}`,
+    `cache_log ${join(dir, 'cache.log')}`,
+    `access_log ${join(dir, 'access.log')} squid`,
+    `coredump_dir ${dir}`,
+    'cache_effective_user proxy',
+    'via on',
+    'forwarded_for on',
+    '',
+  ].join('\n');
+}
+
+export async function startSquid(port: number, opts: { memoryCacheMB: number; core?: number }): Promise<Target> {
+  if (!squidBinary) throw new Error('squid is not installed (apt-get install squid)');
+  const dir = mkdtempSync(join(tmpdir(), 'squid-bench-'));
+  mkdirSync(join(dir, 'cache'));
+  const conf = join(dir, 'squid.conf');
+  writeFileSync(conf, squidConfig(port, dir, opts.memoryCacheMB));
+  for (const p of [dir, join(dir, 'cache')]) {
+    try {
+      chownSync(p, uidOf('proxy'), gidOf('proxy'));
+    } catch {
+      /* not root: squid runs as ourselves */
+    }
+  }
+  const z = spawnSync(squidBinary, ['-N', '-z', '-f', conf], { encoding: 'utf8' });
+  if (z.status !== 0) throw new Error(`squid -z failed: ${z.stderr}${readSafe(join(dir, 'cache.log'))}`);
+  const child = launch(squidBinary, ['-N', '-f', conf], opts.core ?? 0);
+  let err = '';
+  child.stderr!.on('data', (c) => (err += c));
+  await waitForPort(port, child, () => err + readSafe(join(dir, 'cache.log')));
+  return { name: 'squid', url: `http://127.0.0.1:${port}`, pid: child.pid, stop: () => stopChild(child) };
+}
+
+function readSafe(p: string): string {
+  try {
+    return readFileSync(p, 'utf8');
+  } catch {
+    return '';
+  }
+}
+
+function idOf(file: string, name: string): number {
+  const line = readFileSync(file, 'utf8').split('\n').find((l) => l.startsWith(`${name}:`));
+  return line ? Number(line.split(':')[2]) : process.getuid?.() ?? 0;
+}
+const uidOf = (n: string) => idOf('/etc/passwd', n);
+const gidOf = (n: string) => idOf('/etc/group', n);
+
+export function externalTarget(url: string): Target {
+  return { name: url, url, pid: undefined, stop: async () => {} };
+}
+
+/** The real process behind a launcher shell (bash execs, so it is the same pid). */
+export function procStats(pid: number | undefined): { cpuS: number; peakRssMiB: number } {
+  if (!pid) return { cpuS: NaN, peakRssMiB: NaN };
+  try {
+    const stat = readFileSync(`/proc/${pid}/stat`, 'utf8');
+    const fields = stat.slice(stat.lastIndexOf(')') + 2).split(' ');
+    const ticks = Number(fields[11]) + Number(fields[12]); // utime + stime
+    const status = readFileSync(`/proc/${pid}/status`, 'utf8');
+    const hwm = Number(/VmHWM:\s+(\d+)/.exec(status)?.[1] ?? NaN);
+    return { cpuS: ticks / 100, peakRssMiB: hwm / 1024 };
+  } catch {
+    return { cpuS: NaN, peakRssMiB: NaN };
+  }
+}

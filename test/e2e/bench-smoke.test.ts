@@ -1,0 +1,28 @@
+// The herd harness end to end, small: 20 nodes x (manifest + 10 objects) against a real cuttle.
+// It checks that the report adds up; it asserts nothing about timing.
+import assert from 'node:assert/strict';
+import { describe, it } from 'node:test';
+import { runOnce, SCENARIOS } from '../../bench/herd.ts';
+import { markdownTable, svgChart } from '../../bench/report.ts';
+
+describe('bench harness (smoke)', () => {
+  it('runs herd with 20 nodes and 10 objects, and its numbers are consistent', async () => {
+    const scenario = { ...SCENARIOS.herd!, nodes: 20, objects: 10, latencyMs: 5 };
+    const r = await runOnce({ scenario, target: 'cuttle', round: 1, seed: 3, memoryCache: '64MB', connectionsPerNode: 1 });
+    const n = r.nodes!;
+    assert.equal(n.planned, 20 * 11);
+    assert.equal(n.requests, n.planned, 'requests counted == requests planned');
+    assert.equal(n.completed, n.planned);
+    assert.deepEqual(n.errors, {});
+    assert.equal(n.watchdogTrips, 0);
+    assert.equal(n.hashFailures, 0);
+    assert.equal(r.upstreamFetches, r.emulatorRequests, "upstream fetches == the emulator's own count");
+    assert.equal(r.uniqueObjects, 11);
+    assert.equal(r.fetchesPerObjectMean, 1);
+    assert.equal(r.objectsFetchedMoreThanOnce, 0);
+    assert.ok(n.bytes > 0 && r.proxyPeakRssMiB > 0);
+    const table = markdownTable('herd', [r], ['cuttle']);
+    assert.match(table, /\| upstream fetches \/ object \(mean\) \| 1 \|/);
+    assert.match(svgChart('herd', [r], ['cuttle']), /^<svg /);
+  });
+});
