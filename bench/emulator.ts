@@ -62,7 +62,14 @@ export function makeCatalog(o: CatalogOptions): { specs: ObjectSpec[]; bodies: M
     specs.push({ path, hash, size, kind });
     bodies.set(path, body);
   }
-  return { specs, bodies };
+  // The order a mount reads them in: catalogs first, then files and chunks interleaved.
+  const catalogs = specs.filter((s) => s.kind === 'catalog');
+  const rest = specs.filter((s) => s.kind !== 'catalog');
+  for (let i = rest.length - 1; i > 0; i--) {
+    const j = Math.floor(rnd() * (i + 1));
+    [rest[i], rest[j]] = [rest[j]!, rest[i]!];
+  }
+  return { specs: [...catalogs, ...rest], bodies };
 }
 
 export interface EmulatorOptions {

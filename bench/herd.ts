@@ -55,7 +55,9 @@ function runNodes(plan: NodesPlan): Promise<NodesReport> {
   return new Promise((resolve, reject) => {
     const script = new URL('./nodes.ts', import.meta.url).pathname;
     const args = [script, JSON.stringify(plan)];
-    const pin = hasTaskset ? 'exec taskset -c 1 "$0" "$@"' : 'exec "$0" "$@"';
+    // The generator shares core 1 with the Stratum 1 emulator. It runs at a lower priority, so the
+    // emulator (a separate machine in real life) is not starved by the clients it serves.
+    const pin = hasTaskset ? 'exec nice -n 10 taskset -c 1 "$0" "$@"' : 'exec nice -n 10 "$0" "$@"';
     const child = spawn('bash', ['-c', `ulimit -n 65536 2>/dev/null; ${pin}`, process.execPath, ...args], { stdio: ['ignore', 'pipe', 'pipe'] });
     let out = '';
     let err = '';
@@ -117,7 +119,7 @@ export async function runOnce(o: RunOptions): Promise<RunResult> {
       result.wallS = (Date.now() - t0) / 1000;
     } else {
       const paths = sc.kind === 'poll' ? [`/cvmfs/${REPO}/.cvmfspublished`] : [`/cvmfs/${REPO}/.cvmfspublished`, ...specs.map((s) => s.path)];
-      const nodes = await runNodes({ proxy: target.url, origin: emu.url, nodes: sc.nodes, connectionsPerNode: o.connectionsPerNode, paths, order: sc.order, seed: o.seed, poll: sc.poll, emulatorStats: `${emu.url}/_emulator/stats` });
+      const nodes = await runNodes({ proxy: target.url, origin: emu.url, nodes: sc.nodes, connectionsPerNode: o.connectionsPerNode, paths, streamPaths: specs.filter((s) => s.size > 2 ** 20).map((s) => s.path), order: sc.order, seed: o.seed, poll: sc.poll, emulatorStats: `${emu.url}/_emulator/stats` });
       result.nodes = nodes;
       result.wallS = nodes.wallMs / 1000;
       result.goodputMiBs = nodes.bytes / 2 ** 20 / result.wallS;

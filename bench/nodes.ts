@@ -19,6 +19,8 @@ export interface NodesPlan {
   seed: number;
   /** manifest-poll mode: GET paths[0] every pollEveryMs for pollForMs. */
   poll?: { everyMs: number; forMs: number };
+  /** Big objects (chunks), where streaming to waiters matters: the early-bytes figure counts these. */
+  streamPaths: string[];
   /** Emulator stats endpoint, read at the end to count who streamed before the first fill completed. */
   emulatorStats: string;
 }
@@ -90,7 +92,8 @@ async function main(): Promise<void> {
   }, 250);
   const progress = setInterval(() => {
     const errs = Object.values(errors).reduce((a, b) => a + b, 0);
-    process.stderr.write(`  nodes done ${nodesDone}/${plan.nodes}, requests ${requests}, errors ${errs}\n`);
+    const kinds = Object.entries({ ...firstErrors }).map(([k, v]) => `${k}=${v}`).join(' ');
+    process.stderr.write(`  nodes done ${nodesDone}/${plan.nodes}, requests ${requests}, errors ${errs}${kinds ? ` (first attempts: ${kinds})` : ''}\n`);
   }, 2000);
 
   const count = (m: Record<string, number>, k: string) => (m[k] = (m[k] ?? 0) + 1);
@@ -204,7 +207,9 @@ async function main(): Promise<void> {
   let waitersDuring = 0;
   try {
     const st = (await (await fetch(plan.emulatorStats)).json()) as { firstComplete: Record<string, number> };
+    const big = new Set(plan.streamPaths);
     for (const [path, times] of asked) {
+      if (!big.has(path)) continue;
       const done = st.firstComplete[path];
       if (done === undefined) continue;
       const fb = (firstBytes.get(path) ?? []).slice().sort((a, b) => a - b);

@@ -13,7 +13,7 @@ import { varyNames } from './cache-key.ts';
 import type { Clock } from './clock.ts';
 import type { Config } from './config.ts';
 import { upstreamError } from './errors.ts';
-import { Fill } from './fill.ts';
+import { Fill, type FillBudget } from './fill.ts';
 import { policyRequest, type Freshness, type Policy } from './freshness.ts';
 import { endToEnd, type Headers } from './forward.ts';
 import type { Logger } from './log.ts';
@@ -54,6 +54,8 @@ export class Coalescer {
   readonly #upstream: Upstream;
   readonly #freshness: Freshness;
   readonly #log: Logger;
+  /** Memory shared by the windows of all fills in flight (--fill-memory). */
+  readonly budget: FillBudget;
   readonly stats: CoalescerStats = { fillsStarted: 0, fillsCommitted: 0, fillsFailed: 0, fillsReleased: 0, waitersPerFill: [] };
 
   constructor(o: { cfg: Config; clock: Clock; store: TieredStore; upstream: Upstream; freshness: Freshness; log: Logger }) {
@@ -63,6 +65,7 @@ export class Coalescer {
     this.#upstream = o.upstream;
     this.#freshness = o.freshness;
     this.#log = o.log;
+    this.budget = { limitBytes: o.cfg.fillMemoryBytes, usedBytes: 0 };
     this.#uncacheable = new LRUCache<string, true>({ max: 65536, ttl: Math.max(1, o.cfg.uncacheableTtlMs), ttlAutopurge: false, perf: o.clock });
   }
 
@@ -87,8 +90,8 @@ export class Coalescer {
   invalidate(key: string): void {
     const f = this.#fills.get(key);
     if (f) {
-      this.#fills.delete(key);
       this.#superseded.add(f);
+      this.#unmap(f);
     }
   }
 
@@ -96,9 +99,12 @@ export class Coalescer {
 
   /** Start a fill. A newer fill for the same key (a client reload) supersedes the older one. */
   start(r: FillRequest): Fill {
-    const fill = new Fill(r.key, this.#clock.now(), this.#cfg.fillWindowBytes);
+    const fill = new Fill(r.key, this.#clock.now(), this.#cfg.fillWindowBytes, this.budget);
     const prev = this.#fills.get(r.key);
-    if (prev) this.#superseded.add(prev);
+    if (prev) {
+      this.#superseded.add(prev);
+      prev.retire();
+    }
     this.#fills.set(r.key, fill);
     this.stats.fillsStarted++;
     void this.#run(fill, r);
@@ -107,6 +113,7 @@ export class Coalescer {
 
   #unmap(fill: Fill): void {
     if (this.#fills.get(fill.key) === fill) this.#fills.delete(fill.key);
+    fill.retire();
   }
 
   #done(fill: Fill): void {

@@ -37,6 +37,7 @@ export const DEFAULTS = {
   'max-client-connections': 65536,
   'upstream-connections': 64,
   'fill-window': '2MB',
+  'fill-memory': '128MB',
 } as const;
 
 export type OptionName = keyof typeof DEFAULTS;
@@ -65,7 +66,8 @@ const HELP: Record<OptionName, string> = {
   'max-passes': 'concurrent uncached (pass/tunnel) requests; beyond it 503',
   'max-client-connections': 'open client connections; beyond it new ones are refused',
   'upstream-connections': 'connections per upstream host',
-  'fill-window': 'memory per in-flight fill; older bytes are read back from its disk spill',
+  'fill-window': 'memory each in-flight fill keeps when fill-memory is spent; older bytes are read back from disk',
+  'fill-memory': 'memory shared by in-flight fills, so a herd streams from memory; beyond it, from disk',
 };
 
 const MULTIPLE = new Set<OptionName>(['listen', 'allow-client', 'allow-dest']);
@@ -188,6 +190,7 @@ const schema = z
     'max-client-connections': count,
     'upstream-connections': count,
     'fill-window': size,
+    'fill-memory': size,
   })
   .strict();
 
@@ -219,6 +222,7 @@ export interface Config {
   readonly maxClientConnections: number;
   readonly upstreamConnections: number;
   readonly fillWindowBytes: number;
+  readonly fillMemoryBytes: number;
 }
 
 function toConfig(p: Parsed): Config {
@@ -247,6 +251,7 @@ function toConfig(p: Parsed): Config {
     maxClientConnections: p['max-client-connections'],
     upstreamConnections: p['upstream-connections'],
     fillWindowBytes: p['fill-window'],
+    fillMemoryBytes: p['fill-memory'],
   };
 }
 

@@ -22,14 +22,22 @@ export interface FillHead {
 /** What a reader finds at its cursor. */
 export type Peek = Buffer | 'wait' | 'end' | 'failed' | 'spill';
 
+/** Memory shared by all fills' windows. While it has room, windows keep whole bodies, so a herd reads
+ * from memory; past it, each window shrinks to its own bound and lagging readers read from disk. */
+export interface FillBudget {
+  limitBytes: number;
+  usedBytes: number;
+}
+
+/** Unflushed bytes a fill may hold before its upstream is paused for the disk to catch up. */
+const MAX_UNFLUSHED_BYTES = 32 * 1024 * 1024;
+
 export interface UpstreamControl {
   pause(): void;
   resume(): void;
   abort(): void;
 }
 
-// Each lagging reader holds at most one such buffer in its socket queue: keep it small.
-const READ_SPILL_BYTES = 64 * 1024;
 
 export class Fill {
   readonly key: string;
@@ -61,10 +69,13 @@ export class Fill {
   #changed: Promise<void> | undefined;
   #notify: (() => void) | undefined;
 
-  constructor(key: string, startedAt: number, windowBytesMax: number) {
+  readonly #budget: FillBudget;
+
+  constructor(key: string, startedAt: number, windowBytesMax: number, budget: FillBudget) {
     this.key = key;
     this.startedAt = startedAt;
     this.#windowBytesMax = windowBytesMax;
+    this.#budget = budget;
   }
 
   get windowBytes(): number {
@@ -118,6 +129,7 @@ export class Fill {
     this.#starts.push(this.received);
     this.#chunks.push(chunk);
     this.received += chunk.length;
+    this.#budget.usedBytes += chunk.length;
     this.#spill?.append(chunk);
     this.#trim();
     this.#wake();
@@ -133,6 +145,24 @@ export class Fill {
     if (this.state === 'pending') this.error = err;
     this.state = 'failed';
     this.#wake();
+    if (this.#readers.size === 0) this.#dropWindowIfIdle();
+  }
+
+  /** The coalescer no longer hands this fill to new readers: its memory can go once readers are done. */
+  retire(): void {
+    this.#retired = true;
+    if (this.#readers.size === 0) this.#dropWindowIfIdle();
+  }
+
+  #retired = false;
+
+  #dropWindowIfIdle(): void {
+    const finished = this.state === 'failed' || (this.state === 'done' && (this.#retired || this.released));
+    if (!finished || this.#chunks.length === 0) return;
+    this.#budget.usedBytes -= this.windowBytes;
+    this.#chunks = [];
+    this.#starts = [];
+    this.#windowStart = this.received;
   }
 
   /** Register a reader; returns its id. A reader holds the spill file open until it leaves. */
@@ -148,6 +178,7 @@ export class Fill {
     if (!this.#readers.delete(id)) return;
     this.#spill?.release();
     this.#trim();
+    if (this.#readers.size === 0) this.#dropWindowIfIdle();
     // A non-shared response with nobody left to read it is not worth finishing.
     if (this.released && this.#readers.size === 0 && this.state === 'streaming') this.upstream?.abort();
   }
@@ -169,8 +200,9 @@ export class Fill {
     return 'wait';
   }
 
-  readSpill(off: number): Promise<Buffer> {
-    return this.#spill!.readAt(off, READ_SPILL_BYTES);
+  /** Read bytes behind the window back from the spill file into `into`. */
+  readSpill(off: number, into: Buffer): Promise<Buffer> {
+    return this.#spill!.readAt(off, into.length, into);
   }
 
   #slice(off: number): Buffer {
@@ -201,16 +233,19 @@ export class Fill {
       for (const off of this.#readers.values()) keepFrom = Math.min(keepFrom, off);
       if (this.#readers.size === 0 && !this.released) keepFrom = this.#windowStart; // nobody yet: keep all
     }
-    // Drop whole chunks, oldest first, while the window is over its bound.
-    while (this.#chunks.length > 0 && this.received - this.#windowStart > this.#windowBytesMax) {
+    // Drop whole chunks, oldest first, while the window is over its own bound and the shared budget is
+    // spent (or, without a spill, as soon as every reader has them).
+    const spilling = this.spilling;
+    while (this.#chunks.length > 0 && this.windowBytes > this.#windowBytesMax && (!spilling || this.#budget.usedBytes > this.#budget.limitBytes)) {
       const end = this.#starts[1] ?? this.received;
       if (end > keepFrom) break;
+      this.#budget.usedBytes -= end - this.#windowStart;
       this.#chunks.shift();
       this.#starts.shift();
       this.#windowStart = end;
     }
     // Backpressure goes to the upstream only from the disk, or from the single non-shared reader.
-    const full = this.received - this.#windowStart > this.#windowBytesMax * 2;
+    const full = spilling ? this.received - this.#spill!.flushed > MAX_UNFLUSHED_BYTES : this.windowBytes > this.#windowBytesMax * 2;
     if (full && !this.#paused && this.state === 'streaming') {
       this.#paused = true;
       this.upstream?.pause();

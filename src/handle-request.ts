@@ -15,6 +15,7 @@ import type { IncomingMessage, ServerResponse } from 'node:http';
 import type { Acl } from './acl.ts';
 import { plainAddress } from './acl.ts';
 import type { AccessLog, Transaction } from './access-log.ts';
+import type { BufferPool } from './buffer-pool.ts';
 import { normaliseUrl, primaryKey, variantKey } from './cache-key.ts';
 import type { Clock } from './clock.ts';
 import type { Coalescer } from './coalescer.ts';
@@ -56,6 +57,7 @@ export interface Ctx {
   accessLog: AccessLog;
   log: Logger;
   counters: Counters;
+  buffers: BufferPool;
 }
 
 type StepName = 'recv' | 'lookup' | 'hit' | 'stale' | 'busy' | 'miss' | 'pass' | 'purge' | 'deliverFill' | 'synth';
@@ -291,15 +293,17 @@ async function deliverFill(s: State): Promise<StepName | undefined> {
         await fill.changed();
         continue;
       }
-      const buf = p === 'spill' ? await fill.readSpill(off) : p;
+      const pooled = p === 'spill' ? ctx.buffers.acquire() : undefined;
+      const buf = pooled ? await fill.readSpill(off, pooled) : (p as Buffer);
       if (buf.length === 0) {
+        if (pooled) ctx.buffers.release(pooled);
         await fill.changed();
         continue;
       }
       if (fill.state !== 'done' && off === 0) fill.streamedEarly++;
       off += buf.length;
       tx.bytesOut += buf.length;
-      if (!res.write(buf)) await drained(res);
+      if (!res.write(buf, pooled && (() => ctx.buffers.release(pooled)))) await drained(res);
     }
     res.end();
     return undefined;
@@ -329,8 +333,12 @@ async function deliverStored(s: State, st: StoredObject): Promise<void> {
       return;
     }
     for (let pos = 0; pos < st.size; ) {
-      const b = await body.read(pos, 256 * 1024);
-      if (b.length === 0) break;
+      const pooled = ctx.buffers.acquire();
+      const b = await body.read(pos, pooled.length, pooled);
+      if (b.length === 0) {
+        ctx.buffers.release(pooled);
+        break;
+      }
       body.feed(b);
       pos += b.length;
       if (res.destroyed) {
@@ -340,7 +348,7 @@ async function deliverStored(s: State, st: StoredObject): Promise<void> {
       // Hold back the last piece until the record's checksum is verified.
       if (pos >= st.size && body.verify() !== 'ok') break;
       tx.bytesOut += b.length;
-      if (!res.write(b)) await drained(res);
+      if (!res.write(b, () => ctx.buffers.release(pooled))) await drained(res);
     }
     if (body.verify() !== 'ok') {
       ctx.counters.corruptRecords++;

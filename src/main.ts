@@ -1,5 +1,6 @@
 #!/usr/bin/env node
 // The command line: parse, validate, start, and own the process (signals, exit codes).
+import './process-setup.ts';
 import { ConfigError } from './errors.ts';
 import { helpText, loadConfig, parseCli, VERSION } from './config.ts';
 import { createProxy } from './server.ts';

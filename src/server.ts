@@ -3,6 +3,7 @@ import { createServer, type Server } from 'node:http';
 import type { AddressInfo } from 'node:net';
 import { openAccessLog, type AccessLog } from './access-log.ts';
 import { compileAcl, type Acl } from './acl.ts';
+import { BufferPool } from './buffer-pool.ts';
 import { primaryKey } from './cache-key.ts';
 import { systemClock, type Clock } from './clock.ts';
 import { Coalescer } from './coalescer.ts';
@@ -68,7 +69,7 @@ export async function createProxy(cfg: Config, opts: ProxyOptions = {}): Promise
   coalescerRef.c = coalescer;
   const counters = newCounters();
   const accessLog = opts.accessLog ?? openAccessLog(cfg.accessLog);
-  const ctx: Ctx = { cfg, acl: getAcl, clock, store, coalescer, upstream, accessLog, log, counters };
+  const ctx: Ctx = { cfg, acl: getAcl, clock, store, coalescer, upstream, accessLog, log, counters, buffers: new BufferPool(2048) };
 
   const servers: Server[] = cfg.listen.map(() => {
     const srv = createServer({

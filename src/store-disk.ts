@@ -220,11 +220,11 @@ export class DiskTier implements Tier {
       tier: 'disk',
       body: {
         kind: 'file',
-        read: async (pos, len) => {
-          const n = Math.min(len, bodyLen - pos);
-          const buf = Buffer.allocUnsafe(n);
+        read: async (pos, len, into) => {
+          const n = Math.min(len, bodyLen - pos, into ? into.length : Infinity);
+          const buf = into ?? Buffer.allocUnsafe(n);
           const { bytesRead } = await fh.read(buf, 0, n, bodyOffset + pos);
-          return bytesRead === n ? buf : buf.subarray(0, bytesRead);
+          return bytesRead === buf.length ? buf : buf.subarray(0, bytesRead);
         },
         feed: (b) => {
           running = crc32(b, running);
@@ -388,17 +388,17 @@ export class DiskWriter implements TierWriter {
     return new Promise((r) => this.#idle.push(r));
   }
 
-  /** Read back body bytes [pos, pos+len) that are already flushed. */
-  readAt(pos: number, len: number): Promise<Buffer> {
-    const n = Math.min(len, this.flushed - pos);
+  /** Read back flushed body bytes from `pos`, up to `len` (into `into` when given). */
+  readAt(pos: number, len: number, into?: Buffer): Promise<Buffer> {
+    const n = Math.min(len, this.flushed - pos, into ? into.length : Infinity);
     if (n <= 0 || this.#fd < 0) return Promise.resolve(Buffer.alloc(0));
     this.#refs++;
-    const buf = Buffer.allocUnsafe(n);
+    const buf = into ?? Buffer.allocUnsafe(n);
     return new Promise((resolve, reject) => {
       fs.read(this.#fd, buf, 0, n, this.#headerLen + pos, (err, bytesRead) => {
         this.release();
         if (err) reject(err);
-        else resolve(bytesRead === n ? buf : buf.subarray(0, bytesRead));
+        else resolve(bytesRead === buf.length ? buf : buf.subarray(0, bytesRead));
       });
     });
   }

@@ -30,7 +30,7 @@ export interface StoredObject {
 
 export type BodySource =
   | { kind: 'buffer'; data: Buffer }
-  | { kind: 'file'; read(pos: number, len: number): Promise<Buffer>; verify(): 'ok' | 'corrupt' | 'pending'; feed(b: Buffer): void; close(): void };
+  | { kind: 'file'; read(pos: number, len: number, into?: Buffer): Promise<Buffer>; verify(): 'ok' | 'corrupt' | 'pending'; feed(b: Buffer): void; close(): void };
 
 export interface TierWriter {
   append(chunk: Buffer): void;
