@@ -6,6 +6,7 @@
 // Input: JSON in argv[2]. Output: one JSON report on stdout; progress lines on stderr.
 import { createHash } from 'node:crypto';
 import { build, type Histogram } from 'hdr-histogram-js';
+import { monitorEventLoopDelay } from 'node:perf_hooks';
 import { Pool } from 'undici';
 import { prng } from './emulator.ts';
 
@@ -41,6 +42,10 @@ export interface NodesReport {
   streamedBeforeFirstFill: number;
   waitersDuringFirstFill: number;
   generatorCpuS: number;
+  /** The generator's own event-loop delay: when it is seconds, watchdog trips are the generator's doing. */
+  generatorLoopLagMs: { p99: number; max: number };
+  /** Watchdog trips by object kind, and how many had received the response head. */
+  tripsByKind: Record<string, number>;
 }
 
 const WATCHDOG_MS = 5000;
@@ -59,6 +64,11 @@ class TooSlow extends Error {}
 
 async function main(): Promise<void> {
   const plan = JSON.parse(process.argv[2]!) as NodesPlan;
+  const lag = monitorEventLoopDelay({ resolution: 20 });
+  lag.enable();
+  const tripsByKind: Record<string, number> = {};
+  const big = new Set(plan.streamPaths);
+  const kindOf = (p: string) => (p.endsWith('.cvmfspublished') ? 'manifest' : big.has(p) ? 'chunk' : p.endsWith('C') ? 'catalog' : 'file');
   const cpu0 = process.cpuUsage();
   const latency: Histogram = build({ lowestDiscernibleValue: 1, highestTrackableValue: 3_600_000_000, numberOfSignificantValueDigits: 3 });
   const ttfb: Histogram = build({ lowestDiscernibleValue: 1, highestTrackableValue: 3_600_000_000, numberOfSignificantValueDigits: 3 });
@@ -93,7 +103,8 @@ async function main(): Promise<void> {
   const progress = setInterval(() => {
     const errs = Object.values(errors).reduce((a, b) => a + b, 0);
     const kinds = Object.entries({ ...firstErrors }).map(([k, v]) => `${k}=${v}`).join(' ');
-    process.stderr.write(`  nodes done ${nodesDone}/${plan.nodes}, requests ${requests}, errors ${errs}${kinds ? ` (first attempts: ${kinds})` : ''}\n`);
+    const trips = Object.entries(tripsByKind).map(([k, v]) => `${k}=${v}`).join(' ');
+    process.stderr.write(`  nodes done ${nodesDone}/${plan.nodes}, requests ${requests}, errors ${errs}${kinds ? ` (first attempts: ${kinds})` : ''}${trips ? ` [trips: ${trips}]` : ''}, generator loop lag max ${(lag.max / 1e6).toFixed(0)} ms\n`);
   }, 2000);
 
   const count = (m: Record<string, number>, k: string) => (m[k] = (m[k] ?? 0) + 1);
@@ -140,6 +151,7 @@ async function main(): Promise<void> {
     } catch (err) {
       if (a.tripped) {
         watchdogTrips++;
+        count(tripsByKind, `${kindOf(path)}${a.bytes > 0 ? '+bytes' : ''}`);
         return 'watchdog-too-slow';
       }
       const code = (err as { code?: string }).code ?? '';
@@ -207,7 +219,6 @@ async function main(): Promise<void> {
   let waitersDuring = 0;
   try {
     const st = (await (await fetch(plan.emulatorStats)).json()) as { firstComplete: Record<string, number> };
-    const big = new Set(plan.streamPaths);
     for (const [path, times] of asked) {
       if (!big.has(path)) continue;
       const done = st.firstComplete[path];
@@ -239,6 +250,8 @@ async function main(): Promise<void> {
     streamedBeforeFirstFill: streamedEarly,
     waitersDuringFirstFill: waitersDuring,
     generatorCpuS: (cpu.user + cpu.system) / 1e6,
+    generatorLoopLagMs: { p99: lag.percentile(99) / 1e6, max: lag.max / 1e6 },
+    tripsByKind,
   };
   process.stdout.write(`${JSON.stringify(report)}\n`);
 }

@@ -276,7 +276,14 @@ async function deliverFill(s: State): Promise<StepName | undefined> {
     }
     res.flushHeaders(); // the client's watchdog counts the first byte: send the head now
     let off = 0;
+    let burst = 0;
     for (;;) {
+      // Fairness: bytes already in memory can be written without ever awaiting, so one reader could
+      // hold the event loop for megabytes while new requests and the upstream wait. Yield regularly.
+      if (burst >= BURST_BYTES) {
+        burst = 0;
+        await yieldToLoop();
+      }
       if (res.destroyed) {
         tx.aborted = true;
         return undefined;
@@ -302,6 +309,7 @@ async function deliverFill(s: State): Promise<StepName | undefined> {
       }
       if (fill.state !== 'done' && off === 0) fill.streamedEarly++;
       off += buf.length;
+      burst += buf.length;
       tx.bytesOut += buf.length;
       if (!res.write(buf, pooled && (() => ctx.buffers.release(pooled)))) await drained(res);
     }
@@ -481,6 +489,12 @@ function reply(s: State, status: number, headers: Record<string, string>, body: 
   s.req.resume();
   s.res.writeHead(status, { ...headers, via: `1.1 ${s.ctx.cfg.visibleHostname}` });
   s.res.end(body);
+}
+
+const BURST_BYTES = 1024 * 1024;
+
+function yieldToLoop(): Promise<void> {
+  return new Promise((resolve) => setImmediate(resolve));
 }
 
 function drained(res: ServerResponse): Promise<void> {
