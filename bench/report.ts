@@ -47,6 +47,7 @@ export const FIGURES: { label: string; get: (r: RunResult) => number | undefined
   { label: 'proxy peak RSS (MiB)', get: (r) => r.proxyPeakRssMiB, better: 'lower' },
   { label: 'load generator CPU (s)', get: (r) => r.nodes?.generatorCpuS, better: 'lower' },
   { label: 'load generator loop lag p99 (ms)', get: (r) => r.nodes?.generatorLoopLagMs.p99, better: 'lower' },
+  { label: 'load generator stalls excluded from the watchdog (s)', get: (r) => r.nodes?.generatorStallS, better: 'lower' },
 ];
 
 export function median(xs: number[]): number {
