@@ -76,7 +76,9 @@ export interface EmulatorOptions {
   repo: string;
   bodies: Map<string, Buffer>;
   latencyMs?: number;
-  /** Per-response cap for chunks (the big objects), bytes/s. */
+  /** Per-response cap for every response, bytes/s. */
+  responseBytesPerSec?: number;
+  /** Per-response cap for chunks (the big objects) only, bytes/s (herd-slow). */
   chunkBytesPerSec?: number;
   /** Total bandwidth cap across responses, bytes/s. */
   totalBytesPerSec?: number;
@@ -178,7 +180,7 @@ export async function startEmulator(o: EmulatorOptions, port = 0, host = '127.0.
       return void res.end('not found\n');
     }
     const isChunk = path.endsWith('P');
-    await send(res, path, body, { 'content-type': 'application/x-cvmfs', 'cache-control': 'max-age=259200' }, isChunk ? o.chunkBytesPerSec : undefined, head);
+    await send(res, path, body, { 'content-type': 'application/x-cvmfs', 'cache-control': 'max-age=259200' }, (isChunk ? o.chunkBytesPerSec : undefined) ?? o.responseBytesPerSec, head);
   });
   server.keepAliveTimeout = 120_000;
   server.on('connection', (s) => {

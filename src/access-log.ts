@@ -48,12 +48,27 @@ export interface AccessLog {
 export function openAccessLog(target: string): AccessLog {
   if (target === 'none') return { write() {}, reopen() {}, flush: async () => {} };
   const dest = pino.destination({ dest: target === '-' ? 1 : target, sync: false, minLength: 4096, mkdir: true });
+  // Lines are batched for throughput; a quiet proxy still gets its lines out within a second.
+  const timer = setInterval(() => {
+    try {
+      dest.flush();
+    } catch {
+      /* a write is in flight; the next tick flushes */
+    }
+  }, 1000);
+  timer.unref();
   return {
     write(tx, now) {
       dest.write(formatSquid(tx, now));
     },
     reopen() {
-      if (target !== '-') dest.reopen();
+      if (target === '-') return;
+      // What is buffered belongs to the old (renamed) file: flush it there, then reopen by name.
+      try {
+        dest.flush(() => dest.reopen());
+      } catch {
+        dest.reopen();
+      }
     },
     flush() {
       return new Promise((resolve) => {

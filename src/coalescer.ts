@@ -58,6 +58,9 @@ export class Coalescer {
   readonly budget: FillBudget;
   readonly stats: CoalescerStats = { fillsStarted: 0, fillsCommitted: 0, fillsFailed: 0, fillsReleased: 0, waitersPerFill: [] };
 
+  /** Called once per fill with the number of clients it served. */
+  onFillDone: ((readers: number) => void) | undefined;
+
   constructor(o: { cfg: Config; clock: Clock; store: TieredStore; upstream: Upstream; freshness: Freshness; log: Logger }) {
     this.#cfg = o.cfg;
     this.#clock = o.clock;
@@ -118,6 +121,7 @@ export class Coalescer {
 
   #done(fill: Fill): void {
     this.#unmap(fill);
+    this.onFillDone?.(fill.attached);
     const s = this.stats.waitersPerFill;
     s.push(fill.attached);
     if (s.length > 1024) s.splice(0, s.length - 1024);

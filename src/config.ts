@@ -38,6 +38,8 @@ export const DEFAULTS = {
   'upstream-connections': 64,
   'fill-window': '2MB',
   'fill-memory': '128MB',
+  'admin-listen': '127.0.0.1:3129',
+  'shutdown-timeout': '30s',
 } as const;
 
 export type OptionName = keyof typeof DEFAULTS;
@@ -68,6 +70,8 @@ const HELP: Record<OptionName, string> = {
   'upstream-connections': 'connections per upstream host',
   'fill-window': 'memory each in-flight fill keeps when fill-memory is spent; older bytes are read back from disk',
   'fill-memory': 'memory shared by in-flight fills, so a herd streams from memory; beyond it, from disk',
+  'admin-listen': '[HOST:]PORT of the admin listener (/metrics, /healthz, /readyz, /status), or none',
+  'shutdown-timeout': 'how long SIGTERM waits for in-flight responses before closing them',
 };
 
 const MULTIPLE = new Set<OptionName>(['listen', 'allow-client', 'allow-dest']);
@@ -191,6 +195,8 @@ const schema = z
     'upstream-connections': count,
     'fill-window': size,
     'fill-memory': size,
+    'admin-listen': conv((v: string | number) => (v === 'none' ? ('none' as const) : parseListen(v)), '[HOST:]PORT or none'),
+    'shutdown-timeout': duration,
   })
   .strict();
 
@@ -223,6 +229,8 @@ export interface Config {
   readonly upstreamConnections: number;
   readonly fillWindowBytes: number;
   readonly fillMemoryBytes: number;
+  readonly adminListen: ListenAddr | 'none';
+  readonly shutdownTimeoutMs: number;
 }
 
 function toConfig(p: Parsed): Config {
@@ -252,6 +260,8 @@ function toConfig(p: Parsed): Config {
     upstreamConnections: p['upstream-connections'],
     fillWindowBytes: p['fill-window'],
     fillMemoryBytes: p['fill-memory'],
+    adminListen: p['admin-listen'],
+    shutdownTimeoutMs: p['shutdown-timeout'],
   };
 }
 

@@ -16,6 +16,7 @@ import type { Acl } from './acl.ts';
 import { plainAddress } from './acl.ts';
 import type { AccessLog, Transaction } from './access-log.ts';
 import type { BufferPool } from './buffer-pool.ts';
+import type { Metrics } from './metrics.ts';
 import { normaliseUrl, primaryKey, variantKey } from './cache-key.ts';
 import type { Clock } from './clock.ts';
 import type { Coalescer } from './coalescer.ts';
@@ -58,6 +59,7 @@ export interface Ctx {
   log: Logger;
   counters: Counters;
   buffers: BufferPool;
+  metrics: Metrics;
 }
 
 type StepName = 'recv' | 'lookup' | 'hit' | 'stale' | 'busy' | 'miss' | 'pass' | 'purge' | 'deliverFill' | 'synth';
@@ -512,13 +514,18 @@ function drained(res: ServerResponse): Promise<void> {
 function finish(s: State): void {
   const { ctx, tx } = s;
   ctx.counters.bytesOut += tx.bytesOut;
+  const record = () => {
+    const now = ctx.clock.now();
+    ctx.accessLog.write(tx, now);
+    ctx.metrics.observe(tx, s.error?.token, now);
+  };
   if (!s.res.writableFinished && !s.res.destroyed) {
     // Response still streaming out of the socket buffers: log when it ends.
     s.res.once('close', () => {
       if (!s.res.writableFinished) tx.aborted = true;
-      ctx.accessLog.write(tx, ctx.clock.now());
+      record();
     });
     return;
   }
-  ctx.accessLog.write(tx, ctx.clock.now());
+  record();
 }

@@ -39,15 +39,32 @@ async function main(argv: string[]): Promise<number> {
     return 1;
   }
   const p = proxy;
+  const c = cli;
   let stopping = false;
   const stop = (sig: string) => {
     if (stopping) return;
     stopping = true;
-    p.log.info({ signal: sig }, 'shutting down');
-    void p.close().then(() => process.exit(0));
+    p.log.info({ signal: sig, timeoutMs: p.config.shutdownTimeoutMs }, 'draining, then shutting down');
+    void p.close().then(() => {
+      p.log.info('stopped');
+      p.log.flush?.();
+      process.exit(0);
+    });
   };
   process.on('SIGTERM', () => stop('SIGTERM'));
   process.on('SIGINT', () => stop('SIGINT'));
+  // SIGHUP: reload; a bad file is rejected with its problems and the old configuration stays.
+  process.on('SIGHUP', () => {
+    try {
+      p.reload(loadConfig(c));
+    } catch (err) {
+      p.log.error({ problems: err instanceof ConfigError ? err.problems : [(err as Error).message] }, 'reload rejected; keeping the running configuration');
+    }
+  });
+  process.on('SIGUSR1', () => {
+    p.reopenLogs();
+    p.log.info('access log reopened');
+  });
   return -1; // keep running
 }
 

@@ -7,7 +7,9 @@ import { BufferPool } from './buffer-pool.ts';
 import { primaryKey } from './cache-key.ts';
 import { systemClock, type Clock } from './clock.ts';
 import { Coalescer } from './coalescer.ts';
-import type { Config } from './config.ts';
+import { VERSION, type Config } from './config.ts';
+import { createAdminServer } from './admin.ts';
+import { Metrics } from './metrics.ts';
 import { Upstream } from './fetch.ts';
 import { createFreshness } from './freshness.ts';
 import { handleRequest, newCounters, type Counters, type Ctx } from './handle-request.ts';
@@ -36,8 +38,11 @@ export interface Proxy {
   listen(): Promise<void>;
   /** Stop accepting, let in-flight responses finish (up to timeoutMs), then close everything. */
   close(timeoutMs?: number): Promise<void>;
-  /** Swap in a new configuration for the parts that can change live (ACLs). */
-  setAcl(cfg: Config): void;
+  /** Apply a new, already validated configuration: the access rules change live. */
+  reload(cfg: Config): void;
+  /** Reopen the access log file (log rotation). */
+  reopenLogs(): void;
+  adminAddress(): AddressInfo | undefined;
 }
 
 export async function createProxy(cfg: Config, opts: ProxyOptions = {}): Promise<Proxy> {
@@ -69,7 +74,40 @@ export async function createProxy(cfg: Config, opts: ProxyOptions = {}): Promise
   coalescerRef.c = coalescer;
   const counters = newCounters();
   const accessLog = opts.accessLog ?? openAccessLog(cfg.accessLog);
-  const ctx: Ctx = { cfg, acl: getAcl, clock, store, coalescer, upstream, accessLog, log, counters, buffers: new BufferPool(2048) };
+  let connections = 0;
+  const metrics = new Metrics({
+    fillsInFlight: () => coalescer.inFlight,
+    fillMemoryBytes: () => coalescer.budget.usedBytes,
+    upstreamFetches: () => upstream.fetches,
+    upstreamBytes: () => upstream.bytes,
+    tiers: () => [
+      { tier: 'memory', ...memory.stats() },
+      { tier: 'disk', ...disk.stats() },
+    ],
+    clientConnections: () => connections,
+  });
+  coalescer.onFillDone = (readers) => metrics.fillDone(readers);
+  const ctx: Ctx = { cfg, acl: getAcl, clock, store, coalescer, upstream, accessLog, log, counters, buffers: new BufferPool(2048), metrics };
+  let draining = false;
+  let listening = false;
+  const startedAt = clock.now();
+  const admin =
+    cfg.adminListen === 'none'
+      ? undefined
+      : createAdminServer(metrics, {
+          ready: () =>
+            draining ? { ready: false, why: 'draining' } : !listening ? { ready: false, why: 'not listening yet' } : !disk.isLoaded ? { ready: false, why: 'loading the disk index' } : { ready: true, why: 'ready' },
+          status: () => ({
+            version: VERSION,
+            uptimeS: Math.round((clock.now() - startedAt) / 1000),
+            draining,
+            counters,
+            fills: { inFlight: coalescer.inFlight, memoryBytes: coalescer.budget.usedBytes, ...coalescer.stats, waitersPerFill: undefined },
+            upstream: { fetches: upstream.fetches, bytes: upstream.bytes },
+            tiers: { memory: memory.stats(), disk: { ...disk.stats(), loaded: disk.isLoaded } },
+            clientConnections: connections,
+          }),
+        });
 
   const servers: Server[] = cfg.listen.map(() => {
     const srv = createServer({
@@ -80,6 +118,10 @@ export async function createProxy(cfg: Config, opts: ProxyOptions = {}): Promise
       highWaterMark: 64 * 1024,
     });
     srv.maxConnections = cfg.maxClientConnections;
+    srv.on('connection', (sock) => {
+      connections++;
+      sock.once('close', () => connections--);
+    });
     srv.on('request', (req, res) => void handleRequest(ctx, req, res));
     srv.on('connect', (req, socket, head) => handleConnect(ctx, req, socket, head));
     srv.on('clientError', (err: NodeJS.ErrnoException, socket) => {
@@ -111,19 +153,42 @@ export async function createProxy(cfg: Config, opts: ProxyOptions = {}): Promise
           });
         });
       }
-      log.info({ listen: servers.map((s) => s.address()), cacheDir: cfg.cacheDir }, 'cuttle listening');
+      if (admin && cfg.adminListen !== 'none') {
+        const { host, port } = cfg.adminListen;
+        await new Promise<void>((resolve, reject) => {
+          admin.once('error', (err) => reject(new Error(`cannot listen on admin ${host}:${port}: ${err.message}`, { cause: err })));
+          admin.listen({ host, port }, () => resolve());
+        });
+      }
+      listening = true;
+      log.info({ listen: servers.map((s) => s.address()), admin: admin?.address(), cacheDir: cfg.cacheDir }, 'cuttle listening');
     },
-    async close(timeoutMs = 30_000) {
+    adminAddress: () => admin?.address() as AddressInfo | undefined,
+    async close(timeoutMs = cfg.shutdownTimeoutMs) {
+      // Drain: stop accepting, report not ready, let in-flight responses finish, then close the rest.
+      draining = true;
       const closing = servers.map((srv) => new Promise<void>((r) => (srv.listening ? srv.close(() => r()) : r())));
+      // Keep-alive connections become idle as their last response ends: close them as they do.
+      const sweep = setInterval(() => servers.forEach((srv) => srv.closeIdleConnections()), 100);
       for (const srv of servers) srv.closeIdleConnections();
       const timer = setTimeout(() => servers.forEach((s) => s.closeAllConnections()), timeoutMs);
       await Promise.all(closing);
       clearTimeout(timer);
+      clearInterval(sweep);
       await upstream.close().catch(() => {});
       await accessLog.flush();
+      await new Promise<void>((r) => (admin?.listening ? admin.close(() => r()) : r()));
     },
-    setAcl(next) {
+    reload(next) {
+      // What can change live: the access rules. The rest (listeners, tiers, sizes) needs a restart.
       acl = compileAcl(next);
+      const live = new Set(['allowClient', 'allowDest', 'allowPorts', 'allowConnectPorts']);
+      const needRestart = (Object.keys(next) as (keyof Config)[]).filter((k) => !live.has(k) && JSON.stringify(next[k]) !== JSON.stringify(cfg[k]));
+      if (needRestart.length) log.warn({ keys: needRestart }, 'reload: these settings take effect only after a restart');
+      log.info('configuration reloaded');
+    },
+    reopenLogs() {
+      accessLog.reopen();
     },
   };
 }

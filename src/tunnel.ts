@@ -42,6 +42,7 @@ export function handleConnect(ctx: Ctx, req: IncomingMessage, socket: Duplex, he
     else ctx.counters.errors++;
     rejectTunnel(socket, err, name);
     ctx.accessLog.write(tx, ctx.clock.now());
+    ctx.metrics.observe(tx, err.token, ctx.clock.now());
   };
   if (!ctx.acl().allowsClient(tx.client)) return deny(new ProxyError('ERR_CLIENT_DENIED', tx.client));
   const m = /^\[?([^\]]+?)\]?:(\d+)$/.exec(req.url ?? '');
@@ -72,6 +73,7 @@ export function handleConnect(ctx: Ctx, req: IncomingMessage, socket: Duplex, he
     upstream.destroy();
     socket.destroy();
     ctx.accessLog.write(tx, ctx.clock.now());
+    ctx.metrics.observe(tx, undefined, ctx.clock.now());
   };
   upstream.once('timeout', () => {
     if (!established) upstream.destroy(Object.assign(new Error('connect timeout'), { code: 'ETIMEDOUT' }));

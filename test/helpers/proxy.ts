@@ -28,7 +28,7 @@ export interface TestProxy {
 
 export async function startProxy(overrides: Record<string, unknown> = {}, opts: { clock?: Clock } = {}): Promise<TestProxy> {
   const cacheDir = (overrides['cache-dir'] as string) ?? join(tmpDir(), 'cache');
-  const cfg = buildConfig({ listen: ['127.0.0.1:0'], 'cache-dir': cacheDir, 'allow-dest': ['127.0.0.1'], 'access-log': 'none', 'visible-hostname': 'cuttle-test', ...overrides });
+  const cfg = buildConfig({ listen: ['127.0.0.1:0'], 'cache-dir': cacheDir, 'allow-dest': ['127.0.0.1'], 'access-log': 'none', 'visible-hostname': 'cuttle-test', 'admin-listen': '127.0.0.1:0', ...overrides });
   const logLines: string[] = [];
   const accessLog: AccessLog = {
     write: (tx: Transaction, now: number) => void logLines.push(formatSquid(tx, now)),
@@ -51,7 +51,8 @@ export interface ChildProxy {
 
 /** Run `node src/main.ts` with the given arguments; resolves once it listens. */
 export async function startChildProxy(args: string[]): Promise<ChildProxy> {
-  const child = spawn(process.execPath, ['src/main.ts', '--access-log', 'none', ...args], { stdio: ['ignore', 'pipe', 'pipe'] });
+  const withAdmin = args.includes('--admin-listen') ? args : ['--admin-listen', '127.0.0.1:0', ...args];
+  const child = spawn(process.execPath, ['src/main.ts', '--access-log', 'none', ...withAdmin], { stdio: ['ignore', 'pipe', 'pipe'] });
   let err = '';
   child.stderr!.on('data', (c) => (err += c));
   child.stdout!.resume();

@@ -1,0 +1,44 @@
+// The admin listener (--admin-listen, loopback by default; never the proxy port): Prometheus /metrics,
+// /healthz (liveness), /readyz (listening, disk index loaded, not draining) and /status (the same
+// figures as JSON, for scripts without Prometheus).
+import { createServer, type Server } from 'node:http';
+import type { Metrics } from './metrics.ts';
+
+export interface AdminState {
+  ready(): { ready: boolean; why: string };
+  status(): Record<string, unknown>;
+}
+
+export function createAdminServer(metrics: Metrics, state: AdminState): Server {
+  return createServer(async (req, res) => {
+    const path = (req.url ?? '/').split('?')[0];
+    if (req.method !== 'GET' && req.method !== 'HEAD') {
+      res.writeHead(405, { allow: 'GET, HEAD' }).end();
+      return;
+    }
+    try {
+      switch (path) {
+        case '/metrics': {
+          const text = await metrics.registry.metrics();
+          res.writeHead(200, { 'content-type': metrics.registry.contentType }).end(text);
+          return;
+        }
+        case '/healthz':
+          res.writeHead(200, { 'content-type': 'text/plain' }).end('ok\n');
+          return;
+        case '/readyz': {
+          const r = state.ready();
+          res.writeHead(r.ready ? 200 : 503, { 'content-type': 'text/plain' }).end(`${r.why}\n`);
+          return;
+        }
+        case '/status':
+          res.writeHead(200, { 'content-type': 'application/json' }).end(`${JSON.stringify(state.status(), null, 2)}\n`);
+          return;
+        default:
+          res.writeHead(404, { 'content-type': 'text/plain' }).end('not found: try /metrics, /healthz, /readyz, /status\n');
+      }
+    } catch (err) {
+      res.writeHead(500, { 'content-type': 'text/plain' }).end(`${(err as Error).message}\n`);
+    }
+  });
+}

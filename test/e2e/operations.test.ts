@@ -1,0 +1,116 @@
+// Operating cuttle: metrics move with traffic, readiness, SIGHUP reload, SIGTERM drain, log reopen.
+import assert from 'node:assert/strict';
+import { randomBytes } from 'node:crypto';
+import { existsSync, readFileSync, renameSync, writeFileSync } from 'node:fs';
+import { join } from 'node:path';
+import { after, before, describe, it } from 'node:test';
+import { setTimeout as sleep } from 'node:timers/promises';
+import { Pool } from 'undici';
+import { startOrigin, type Origin } from '../helpers/origin.ts';
+import { get, proxyClient, startChildProxy, startProxy, tmpDir } from '../helpers/proxy.ts';
+
+function metric(text: string, name: string, labels = ''): number {
+  const line = text.split('\n').find((l) => l.startsWith(`${name}${labels ? `{${labels}}` : ''} `));
+  return line ? Number(line.split(' ').pop()) : 0;
+}
+
+async function adminGet(port: number, path: string): Promise<{ status: number; text: string }> {
+  const res = await fetch(`http://127.0.0.1:${port}${path}`);
+  return { status: res.status, text: await res.text() };
+}
+
+describe('operations', () => {
+  let origin: Origin;
+  before(async () => {
+    origin = await startOrigin({ '/m': { headers: { 'cache-control': 'max-age=60', 'content-type': 'text/plain' }, body: 'metric me' } });
+  });
+  after(() => origin.close());
+
+  it('metrics count a MISS, a MEM_HIT and a DENIED; healthz and readyz answer', async () => {
+    const p = await startProxy({ 'allow-client': ['127.0.0.1/32'] });
+    const admin = p.proxy.adminAddress()!.port;
+    const c = proxyClient(p.url);
+    await get(c, `${origin.url}/m`);
+    await get(c, `${origin.url}/m`);
+    const denied = new Pool(p.url, { localAddress: '127.0.0.2' });
+    await get(denied, `${origin.url}/m`);
+    const m = (await adminGet(admin, '/metrics')).text;
+    assert.equal(metric(m, 'cuttle_requests_total', 'result="MISS",method="GET"'), 1);
+    assert.equal(metric(m, 'cuttle_requests_total', 'result="MEM_HIT",method="GET"'), 1);
+    assert.equal(metric(m, 'cuttle_requests_total', 'result="DENIED",method="GET"'), 1);
+    assert.equal(metric(m, 'cuttle_errors_total', 'error="http_request_denied"'), 1);
+    assert.equal(metric(m, 'cuttle_upstream_fetches_total'), 1);
+    assert.equal(metric(m, 'cuttle_served_bytes_total', 'tier="memory"'), 9);
+    assert.equal(metric(m, 'cuttle_cache_objects', 'tier="memory"'), 1);
+    assert.match(m, /cuttle_process_nodejs_eventloop_lag_seconds/);
+    assert.equal((await adminGet(admin, '/healthz')).status, 200);
+    await p.proxy.disk.loaded;
+    assert.equal((await adminGet(admin, '/readyz')).status, 200);
+    const status = JSON.parse((await adminGet(admin, '/status')).text);
+    assert.equal(status.counters.requests, 3);
+    await c.close();
+    await denied.close();
+    await p.close();
+  });
+
+  it('SIGHUP applies a valid config live (ACL) and keeps the old one when the new file is bad', async () => {
+    const dir = tmpDir();
+    const file = join(dir, 'cuttle.yaml');
+    writeFileSync(file, `listen: 127.0.0.1:0\ncache-dir: ${join(dir, 'cache')}\nallow-dest: [127.0.0.1]\n`);
+    const proxy = await startChildProxy(['--config', file]);
+    const c = proxyClient(proxy.url);
+    assert.equal((await get(c, `${origin.url}/m`)).status, 200);
+    writeFileSync(file, `listen: 127.0.0.1:0\ncache-dir: ${join(dir, 'cache')}\nallow-dest: [127.0.0.1]\nallow-client: [10.0.0.0/8]\n`);
+    proxy.child.kill('SIGHUP');
+    await sleep(300);
+    assert.equal((await get(c, `${origin.url}/m`)).status, 403, 'the new ACL is live');
+    writeFileSync(file, 'allow-client: [not-a-cidr]\n');
+    proxy.child.kill('SIGHUP');
+    await sleep(300);
+    assert.match(proxy.stderr(), /reload rejected/);
+    assert.equal((await get(c, `${origin.url}/m`)).status, 403, 'the running ACL stays');
+    await c.close();
+    assert.equal(await proxy.stop(), 0);
+  });
+
+  it('SIGTERM during a large transfer: the transfer completes, readyz says draining, and the exit code is 0', async () => {
+    const body = randomBytes(8 * 1024 * 1024);
+    origin.route('/large', { headers: { 'cache-control': 'max-age=60' }, body, chunkBytes: 256 * 1024, chunkDelayMs: 40 });
+    const proxy = await startChildProxy(['--listen', '127.0.0.1:0', '--cache-dir', join(tmpDir(), 'c'), '--allow-dest', '127.0.0.1']);
+    const adminPort = Number(/"admin":\{"address":"127\.0\.0\.1","family":"IPv4","port":(\d+)\}/.exec(proxy.stderr())![1]);
+    const c = proxyClient(proxy.url);
+    const transfer = get(c, `${origin.url}/large`);
+    while (origin.count('/large') === 0) await sleep(10);
+    await sleep(200);
+    proxy.child.kill('SIGTERM');
+    await sleep(100);
+    assert.equal((await adminGet(adminPort, '/readyz')).status, 503);
+    const r = await transfer;
+    assert.equal(r.status, 200);
+    assert.ok(r.body.equals(body), 'the whole body arrived');
+    const [code] = await new Promise<[number | null]>((resolve) => proxy.child.once('exit', (code) => resolve([code])));
+    assert.equal(code, 0);
+    assert.equal(origin.count('/large'), 1);
+    await c.close();
+  });
+
+  it('SIGUSR1 reopens the access log: after a rename, new lines go to the new file', async () => {
+    const dir = tmpDir();
+    const log = join(dir, 'access.log');
+    const proxy = await startChildProxy(['--listen', '127.0.0.1:0', '--cache-dir', join(dir, 'c'), '--allow-dest', '127.0.0.1', '--access-log', log]);
+    const c = proxyClient(proxy.url);
+    await get(c, `${origin.url}/m?one`);
+    await sleep(200);
+    renameSync(log, `${log}.1`);
+    proxy.child.kill('SIGUSR1');
+    await sleep(200);
+    await get(c, `${origin.url}/m?two`);
+    await c.close();
+    assert.equal(await proxy.stop(), 0);
+    assert.match(readFileSync(`${log}.1`, 'utf8'), /\?one/);
+    assert.ok(existsSync(log));
+    const fresh = readFileSync(log, 'utf8');
+    assert.match(fresh, /\?two/);
+    assert.doesNotMatch(fresh, /\?one/);
+  });
+});
