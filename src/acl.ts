@@ -45,9 +45,9 @@ export interface Acl {
   allowsPurge(addr: string): boolean;
 }
 
-export function compileAcl(cfg: Pick<Config, 'allowClient' | 'allowDest' | 'allowPorts' | 'allowConnectPorts'> & { allowPurge?: readonly Cidr[] }): Acl {
+export function compileAcl(cfg: Pick<Config, 'allowClient' | 'allowDest' | 'allowPorts' | 'allowConnectPorts' | 'allowPurge'>): Acl {
   const clients = blockList(cfg.allowClient);
-  const purge = blockList(cfg.allowPurge ?? [{ address: '127.0.0.0', prefix: 8, family: 'ipv4' }, { address: '::1', prefix: 128, family: 'ipv6' }]);
+  const purge = blockList(cfg.allowPurge);
   const destCidrs = blockList(cfg.allowDest.filter((r): r is Extract<DestRule, { kind: 'cidr' }> => r.kind === 'cidr').map((r) => r.cidr));
   const hosts = new Set(cfg.allowDest.flatMap((r) => (r.kind === 'host' ? [r.host] : [])));
   const suffixes = cfg.allowDest.flatMap((r) => (r.kind === 'domain' ? [r.suffix] : []));

@@ -38,6 +38,7 @@ export const DEFAULTS = {
   'upstream-connections': 64,
   'fill-window': '2MB',
   'fill-memory': '128MB',
+  'allow-purge': ['127.0.0.0/8', '::1/128'],
   'admin-listen': '127.0.0.1:3129',
   'shutdown-timeout': '30s',
 } as const;
@@ -70,11 +71,12 @@ const HELP: Record<OptionName, string> = {
   'upstream-connections': 'connections per upstream host',
   'fill-window': 'memory each in-flight fill keeps when fill-memory is spent; older bytes are read back from disk',
   'fill-memory': 'memory shared by in-flight fills, so a herd streams from memory; beyond it, from disk',
+  'allow-purge': 'client CIDR allowed to PURGE cached objects (repeatable)',
   'admin-listen': '[HOST:]PORT of the admin listener (/metrics, /healthz, /readyz, /status), or none',
   'shutdown-timeout': 'how long SIGTERM waits for in-flight responses before closing them',
 };
 
-const MULTIPLE = new Set<OptionName>(['listen', 'allow-client', 'allow-dest']);
+const MULTIPLE = new Set<OptionName>(['listen', 'allow-client', 'allow-dest', 'allow-purge']);
 
 const UNITS: Record<string, number> = { '': 1, B: 1, K: 1024, KB: 1024, KIB: 1024, M: 1024 ** 2, MB: 1024 ** 2, MIB: 1024 ** 2, G: 1024 ** 3, GB: 1024 ** 3, GIB: 1024 ** 3, T: 1024 ** 4, TB: 1024 ** 4, TIB: 1024 ** 4 };
 const DURATIONS: Record<string, number> = { ms: 1, '': 1000, s: 1000, m: 60_000, min: 60_000, h: 3_600_000, d: 86_400_000 };
@@ -195,6 +197,7 @@ const schema = z
     'upstream-connections': count,
     'fill-window': size,
     'fill-memory': size,
+    'allow-purge': list(conv(parseCidr, 'an IP address or CIDR such as 127.0.0.0/8')),
     'admin-listen': conv((v: string | number) => (v === 'none' ? ('none' as const) : parseListen(v)), '[HOST:]PORT or none'),
     'shutdown-timeout': duration,
   })
@@ -229,6 +232,7 @@ export interface Config {
   readonly upstreamConnections: number;
   readonly fillWindowBytes: number;
   readonly fillMemoryBytes: number;
+  readonly allowPurge: readonly Cidr[];
   readonly adminListen: ListenAddr | 'none';
   readonly shutdownTimeoutMs: number;
 }
@@ -260,6 +264,7 @@ function toConfig(p: Parsed): Config {
     upstreamConnections: p['upstream-connections'],
     fillWindowBytes: p['fill-window'],
     fillMemoryBytes: p['fill-memory'],
+    allowPurge: p['allow-purge'],
     adminListen: p['admin-listen'],
     shutdownTimeoutMs: p['shutdown-timeout'],
   };

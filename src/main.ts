@@ -1,6 +1,6 @@
 #!/usr/bin/env node
 // The command line: parse, validate, start, and own the process (signals, exit codes).
-import './process-setup.ts';
+import { raiseOpenFilesLimit, WANTED_OPEN_FILES } from './process-setup.ts';
 import { ConfigError } from './errors.ts';
 import { helpText, loadConfig, parseCli, VERSION } from './config.ts';
 import { createProxy } from './server.ts';
@@ -40,6 +40,10 @@ async function main(argv: string[]): Promise<number> {
   }
   const p = proxy;
   const c = cli;
+  const nofile = raiseOpenFilesLimit();
+  if (nofile !== undefined && nofile < WANTED_OPEN_FILES) {
+    p.log.warn({ openFiles: nofile, wanted: WANTED_OPEN_FILES }, 'open-files limit is low for a site proxy: raise LimitNOFILE (systemd) or ulimit -n');
+  }
   let stopping = false;
   const stop = (sig: string) => {
     if (stopping) return;

@@ -1,4 +1,34 @@
-// Process-wide settings that must be in place before anything touches the libuv thread pool.
-// Disk hits and the spill files of fills are file-system work on that pool; its default of 4 threads
-// queues a herd of disk hits behind each other. Imported first by main.ts.
+// Process-wide settings: the libuv thread pool size (before anything uses it; imported first by
+// main.ts) and the open-files limit, which a herd of 10^4–10^5 client sockets needs.
+import { spawnSync } from 'node:child_process';
+import { readFileSync } from 'node:fs';
+
+// Disk hits and fill spill files are file-system work on the pool; the default of 4 threads queues a
+// herd of disk hits behind each other.
 process.env.UV_THREADPOOL_SIZE ??= '16';
+
+export const WANTED_OPEN_FILES = 65536;
+
+function openFilesLimit(): { soft: number; hard: number } | undefined {
+  try {
+    const line = readFileSync('/proc/self/limits', 'utf8').split('\n').find((l) => l.startsWith('Max open files'));
+    const [soft, hard] = line!.split(/\s{2,}/).slice(1, 3).map((v) => (v === 'unlimited' ? Infinity : Number(v)));
+    return { soft: soft!, hard: hard! };
+  } catch {
+    return undefined; // not Linux
+  }
+}
+
+/**
+ * Raise the soft open-files limit to the hard limit where the OS allows (Node has no setrlimit, so
+ * util-linux prlimit does it for our pid). Returns the limit now in force, or undefined if unknown.
+ */
+export function raiseOpenFilesLimit(): number | undefined {
+  const before = openFilesLimit();
+  if (!before) return undefined;
+  if (before.soft < before.hard) {
+    const to = Number.isFinite(before.hard) ? String(before.hard) : 'unlimited';
+    spawnSync('prlimit', ['--pid', String(process.pid), `--nofile=${to}:${to}`], { stdio: 'ignore', timeout: 2000 });
+  }
+  return openFilesLimit()?.soft;
+}

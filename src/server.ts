@@ -182,7 +182,7 @@ export async function createProxy(cfg: Config, opts: ProxyOptions = {}): Promise
     reload(next) {
       // What can change live: the access rules. The rest (listeners, tiers, sizes) needs a restart.
       acl = compileAcl(next);
-      const live = new Set(['allowClient', 'allowDest', 'allowPorts', 'allowConnectPorts']);
+      const live = new Set(['allowClient', 'allowDest', 'allowPorts', 'allowConnectPorts', 'allowPurge']);
       const needRestart = (Object.keys(next) as (keyof Config)[]).filter((k) => !live.has(k) && JSON.stringify(next[k]) !== JSON.stringify(cfg[k]));
       if (needRestart.length) log.warn({ keys: needRestart }, 'reload: these settings take effect only after a restart');
       log.info('configuration reloaded');

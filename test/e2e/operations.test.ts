@@ -53,6 +53,25 @@ describe('operations', () => {
     await p.close();
   });
 
+  it('PURGE removes a stored object for an allowed client and is denied to others', async () => {
+    const p = await startProxy({ 'allow-purge': ['127.0.0.1/32'] });
+    const c = proxyClient(p.url);
+    const n = origin.count('/m');
+    await get(c, `${origin.url}/m`);
+    const other = new Pool(p.url, { localAddress: '127.0.0.3' });
+    const denied = await get(other, `${origin.url}/m`, {}, 'PURGE');
+    assert.equal(denied.status, 403);
+    assert.match(String(denied.headers['proxy-status']), /error=http_request_denied/);
+    assert.match(String((await get(c, `${origin.url}/m`)).headers['x-cache']), /^HIT/, 'still stored');
+    assert.equal((await get(c, `${origin.url}/m`, {}, 'PURGE')).status, 200);
+    assert.equal((await get(c, `${origin.url}/m`, {}, 'PURGE')).status, 404, 'already gone');
+    assert.match(String((await get(c, `${origin.url}/m`)).headers['x-cache']), /^MISS/);
+    assert.equal(origin.count('/m'), n + 2);
+    await other.close();
+    await c.close();
+    await p.close();
+  });
+
   it('SIGHUP applies a valid config live (ACL) and keeps the old one when the new file is bad', async () => {
     const dir = tmpDir();
     const file = join(dir, 'cuttle.yaml');
