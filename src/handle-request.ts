@@ -214,6 +214,13 @@ async function stale(s: State): Promise<StepName> {
 
 async function busy(s: State): Promise<StepName> {
   s.fill = s.ctx.coalescer.joinable(s.key!)!;
+  if (s.fill.state === 'done') {
+    // The whole response is already here, only not yet handed to the tiers: a hit in all but name.
+    s.tx.result = 'TCP_MEM_HIT';
+    s.ctx.counters.hits++;
+    s.ctx.counters.memHits++;
+    return 'deliverFill';
+  }
   s.tx.coalesced = true;
   s.ctx.counters.coalesced++;
   if (s.tx.result === 'NONE') s.tx.result = 'TCP_MISS';
@@ -249,8 +256,10 @@ async function deliverFill(s: State): Promise<StepName | undefined> {
   const id = fill.addReader();
   try {
     while (fill.state === 'pending' && !fill.released) await fill.changed();
-    tx.hierarchy = 'HIER_DIRECT';
-    tx.peer = s.url!.hostname;
+    if (tx.result !== 'TCP_MEM_HIT') {
+      tx.hierarchy = 'HIER_DIRECT';
+      tx.peer = s.url!.hostname;
+    }
     if (fill.released && id !== 0) {
       tx.coalesced = false;
       return 'pass'; // the response was not shareable: fetch on our own
@@ -267,7 +276,8 @@ async function deliverFill(s: State): Promise<StepName | undefined> {
       return 'synth';
     }
     const head = fill.head;
-    const headers = clientResponseHeaders(head.headers, ctx.cfg.visibleHostname, 'MISS', 0);
+    const isHit = tx.result === 'TCP_MEM_HIT';
+    const headers = clientResponseHeaders(head.headers, ctx.cfg.visibleHostname, isHit ? 'HIT' : 'MISS', isHit && fill.policy ? Math.floor(fill.policy.age()) : 0);
     tx.status = head.status;
     tx.mime = String(head.headers['content-type'] ?? '');
     if (res.destroyed) return undefined;
