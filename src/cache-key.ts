@@ -2,6 +2,7 @@
 // dropped, path and query byte-exact. A response with Vary adds the selected request headers.
 import { createHash } from 'node:crypto';
 import type { IncomingHttpHeaders } from 'node:http';
+import { LRUCache } from 'lru-cache';
 
 /** Normalise an absolute http URL, or return undefined if it is not one. */
 export function normaliseUrl(target: string): URL | undefined {
@@ -14,6 +15,25 @@ export function normaliseUrl(target: string): URL | undefined {
   if (u.protocol !== 'http:' || !u.hostname) return undefined;
   u.hash = '';
   return u; // WHATWG URL already lower-cases scheme/host and drops the default port
+}
+
+/** A parsed target with its primary key. Shared between requests: never mutate `url`. */
+export interface Target {
+  readonly url: URL;
+  readonly primary: string;
+}
+
+// A herd asks for the same few thousand URLs: parse each once (URL parsing is a visible share of a hit).
+const targets = new LRUCache<string, Target>({ max: 16384 });
+
+export function parseTarget(raw: string): Target | undefined {
+  let t = targets.get(raw);
+  if (t) return t;
+  const url = normaliseUrl(raw);
+  if (!url) return undefined;
+  t = { url, primary: primaryKey(url) };
+  targets.set(raw, t);
+  return t;
 }
 
 export function primaryKey(u: URL): string {

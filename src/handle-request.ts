@@ -17,7 +17,7 @@ import { plainAddress } from './acl.ts';
 import type { AccessLog, Transaction } from './access-log.ts';
 import type { BufferPool } from './buffer-pool.ts';
 import type { Metrics } from './metrics.ts';
-import { normaliseUrl, primaryKey, variantKey } from './cache-key.ts';
+import { parseTarget, primaryKey, variantKey } from './cache-key.ts';
 import type { Clock } from './clock.ts';
 import type { Coalescer } from './coalescer.ts';
 import type { Config } from './config.ts';
@@ -135,8 +135,9 @@ async function recv(s: State): Promise<StepName> {
   if (!ctx.acl().allowsClient(tx.client)) return fail(s, 'ERR_CLIENT_DENIED', tx.client);
   const target = req.url ?? '';
   if (target.startsWith('/')) return fail(s, 'ERR_ORIGIN_FORM');
-  const url = normaliseUrl(target);
-  if (!url) return fail(s, /^[a-z][a-z0-9+.-]*:\/\//i.test(target) && !/^http:/i.test(target) ? 'ERR_UNSUPPORTED_SCHEME' : 'ERR_BAD_REQUEST', target.slice(0, 200));
+  const parsed = parseTarget(target);
+  const url = parsed?.url;
+  if (!parsed || !url) return fail(s, /^[a-z][a-z0-9+.-]*:\/\//i.test(target) && !/^http:/i.test(target) ? 'ERR_UNSUPPORTED_SCHEME' : 'ERR_BAD_REQUEST', target.slice(0, 200));
   s.url = url;
   tx.url = url.href;
   if (isLoop(req.headers, ctx.cfg.visibleHostname)) return fail(s, 'ERR_LOOP');
@@ -157,7 +158,7 @@ async function recv(s: State): Promise<StepName> {
     if (Number.isInteger(mf) && mf > 0) req.headers['max-forwards'] = String(mf - 1);
   }
   if (!CACHEABLE.has(method)) return 'pass';
-  s.primary = primaryKey(url);
+  s.primary = parsed.primary;
   s.vary = ctx.coalescer.varySpecs.get(s.primary) ?? [];
   s.key = variantKey(s.primary, s.vary, req.headers);
   return 'lookup';
@@ -183,7 +184,10 @@ async function lookup(s: State): Promise<StepName> {
     ctx.log.warn({ err, key }, 'stored object unreadable; refetching');
   }
   if (stored) {
-    if (stored.policy.satisfiesWithoutRevalidation(policyRequest(s.url!, 'GET', req.headers))) {
+    // Without request directives, freshness is the stored timeline alone (the key already pins URL,
+    // host and Vary); with them, the full RFC 9111 check.
+    const plain = !req.headers['cache-control'] && !req.headers.pragma; // CVMFS sends an empty Pragma
+    if (plain ? stored.policy.timeToLive() > 0 : stored.policy.satisfiesWithoutRevalidation(policyRequest(s.url!, 'GET', req.headers))) {
       s.stored = stored;
       return 'hit';
     }
