@@ -7,8 +7,11 @@ export interface RunResult {
   round: number;
   startedAt: string;
   nodes?: NodesReport;
+  /** Data objects seen by the emulator (the manifest is counted in manifestFetches). */
   uniqueObjects: number;
+  /** All upstream requests, manifest included. */
   upstreamFetches: number;
+  manifestFetches?: number;
   emulatorRequests: number;
   fetchesPerObjectMean: number;
   fetchesPerObjectMax: number;
@@ -25,6 +28,7 @@ export interface RunResult {
 
 /** Rows of the summary: label, how to read it from a run, and which direction is better. */
 export const FIGURES: { label: string; get: (r: RunResult) => number | undefined; better: 'lower' | 'higher' }[] = [
+  { label: 'manifest fetches (expires every 61 s)', get: (r) => r.manifestFetches, better: 'lower' },
   { label: 'upstream fetches / object (mean)', get: (r) => r.fetchesPerObjectMean, better: 'lower' },
   { label: 'upstream fetches / object (max)', get: (r) => r.fetchesPerObjectMax, better: 'lower' },
   { label: 'objects fetched more than once', get: (r) => r.objectsFetchedMoreThanOnce, better: 'lower' },

@@ -51,8 +51,6 @@ export class Fill {
   /** A revalidation was answered 304: serve the (refreshed) stored copy. */
   notModified = false;
   received = 0;
-  /** Readers that got body bytes before the fill completed (they streamed, not waited). */
-  streamedEarly = 0;
   attached = 0;
   upstream: UpstreamControl | undefined;
   /** Freshness of the response being filled (set once it is known to be stored). */

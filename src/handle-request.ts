@@ -130,14 +130,14 @@ function fail(s: State, code: ProxyError['code'], detail?: string): StepName {
   return 'synth';
 }
 
-async function recv(s: State): Promise<StepName> {
+async function recv(s: State): Promise<StepName | undefined> {
   const { ctx, req, tx } = s;
   if (!ctx.acl().allowsClient(tx.client)) return fail(s, 'ERR_CLIENT_DENIED', tx.client);
   const target = req.url ?? '';
   if (target.startsWith('/')) return fail(s, 'ERR_ORIGIN_FORM');
   const parsed = parseTarget(target);
-  const url = parsed?.url;
-  if (!parsed || !url) return fail(s, /^[a-z][a-z0-9+.-]*:\/\//i.test(target) && !/^http:/i.test(target) ? 'ERR_UNSUPPORTED_SCHEME' : 'ERR_BAD_REQUEST', target.slice(0, 200));
+  if (!parsed) return fail(s, /^[a-z][a-z0-9+.-]*:\/\//i.test(target) && !/^http:/i.test(target) ? 'ERR_UNSUPPORTED_SCHEME' : 'ERR_BAD_REQUEST', target.slice(0, 200));
+  const url = parsed.url;
   s.url = url;
   tx.url = url.href;
   if (isLoop(req.headers, ctx.cfg.visibleHostname)) return fail(s, 'ERR_LOOP');
@@ -153,7 +153,7 @@ async function recv(s: State): Promise<StepName> {
     if (mf === 0) {
       const body = method === 'TRACE' ? `${method} ${tx.url} HTTP/1.1\r\n${Object.entries(req.headers).map(([k, v]) => `${k}: ${v}`).join('\r\n')}\r\n\r\n` : '';
       reply(s, 200, { allow: 'GET, HEAD, POST, PUT, DELETE, OPTIONS, TRACE', 'content-type': method === 'TRACE' ? 'message/http' : 'text/plain', 'content-length': String(Buffer.byteLength(body)) }, body);
-      return undefined as never;
+      return undefined;
     }
     if (Number.isInteger(mf) && mf > 0) req.headers['max-forwards'] = String(mf - 1);
   }
@@ -323,7 +323,6 @@ async function deliverFill(s: State): Promise<StepName | undefined> {
         await fill.changed();
         continue;
       }
-      if (fill.state !== 'done' && off === 0) fill.streamedEarly++;
       off += buf.length;
       burst += buf.length;
       tx.bytesOut += buf.length;

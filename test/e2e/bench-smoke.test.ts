@@ -17,7 +17,8 @@ describe('bench harness (smoke)', () => {
     assert.equal(n.watchdogTrips, 0);
     assert.equal(n.hashFailures, 0);
     assert.equal(r.upstreamFetches, r.emulatorRequests, "upstream fetches == the emulator's own count");
-    assert.equal(r.uniqueObjects, 11);
+    assert.equal(r.uniqueObjects, 10, 'data objects');
+    assert.equal(r.manifestFetches, 1);
     assert.equal(r.fetchesPerObjectMean, 1);
     assert.equal(r.objectsFetchedMoreThanOnce, 0);
     assert.ok(n.bytes > 0 && r.proxyPeakRssMiB > 0);
