@@ -99,6 +99,15 @@ export class Coalescer {
   }
 
   readonly #superseded = new WeakSet<Fill>();
+  readonly #commits = new Set<Promise<void>>();
+
+  /** Resolves when no fill is running or being committed (graceful shutdown waits for this). */
+  async settle(): Promise<void> {
+    while (this.#fills.size > 0 || this.#commits.size > 0) {
+      if (this.#commits.size > 0) await Promise.all(this.#commits);
+      else await new Promise((r) => setTimeout(r, 50));
+    }
+  }
 
   /** Start a fill. A newer fill for the same key (a client reload) supersedes the older one. */
   start(r: FillRequest): Fill {
@@ -215,7 +224,9 @@ export class Coalescer {
         if (whole) inMemory = this.#store.memory.put(meta, policy, whole);
         if (inMemory) this.#unmap(fill);
       }
-      void this.#commit(fill, spill, meta, policy, inMemory);
+      const c = this.#commit(fill, spill, meta, policy, inMemory);
+      this.#commits.add(c);
+      void c.finally(() => this.#commits.delete(c));
     });
   }
 

@@ -167,6 +167,7 @@ export async function createProxy(cfg: Config, opts: ProxyOptions = {}): Promise
     async close(timeoutMs = cfg.shutdownTimeoutMs) {
       // Drain: stop accepting, report not ready, let in-flight responses finish, then close the rest.
       draining = true;
+      const drainStarted = clock.now();
       const closing = servers.map((srv) => new Promise<void>((r) => (srv.listening ? srv.close(() => r()) : r())));
       // Keep-alive connections become idle as their last response ends: close them as they do.
       const sweep = setInterval(() => servers.forEach((srv) => srv.closeIdleConnections()), 100);
@@ -175,6 +176,9 @@ export async function createProxy(cfg: Config, opts: ProxyOptions = {}): Promise
       await Promise.all(closing);
       clearTimeout(timer);
       clearInterval(sweep);
+      // Fills still running or being written to disk: let them land, within what is left of the timeout.
+      const left = Math.max(1000, timeoutMs - (clock.now() - drainStarted));
+      await Promise.race([coalescer.settle(), new Promise((r) => setTimeout(r, left).unref())]);
       await upstream.close().catch(() => {});
       await accessLog.flush();
       await new Promise<void>((r) => (admin?.listening ? admin.close(() => r()) : r()));
