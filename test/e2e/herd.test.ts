@@ -2,21 +2,17 @@
 // The proxy runs as its own process (as in production) so the clients don't share its event loop.
 import assert from 'node:assert/strict';
 import { randomBytes } from 'node:crypto';
-import { readFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { after, before, describe, it } from 'node:test';
 import { Pool } from 'undici';
 import { startOrigin, type Origin } from '../helpers/origin.ts';
 import { startChildProxy, tmpDir, type ChildProxy } from '../helpers/proxy.ts';
+import { procStats } from '../../bench/targets.ts';
 
 const CLIENTS = Number(process.env.HERD_CLIENTS ?? 1000);
 const SMALL = 49;
 const BIG = 16 * 1024 * 1024;
 
-function peakRssBytes(pid: number): number {
-  const m = /VmHWM:\s+(\d+) kB/.exec(readFileSync(`/proc/${pid}/status`, 'utf8'));
-  return m ? Number(m[1]) * 1024 : 0;
-}
 
 describe('herd', () => {
   let origin: Origin;
@@ -83,13 +79,13 @@ describe('herd', () => {
       }),
     );
     assert.deepEqual(failures.slice(0, 5), [], proxy.stderr().slice(-3000));
-    const rss = peakRssBytes(proxy.child.pid!);
+    const rssMiB = procStats(proxy.child.pid).peakRssMiB;
     await pool.close();
     for (const path of bodies.keys()) assert.equal(origin.count(path), 1, `origin fetches of ${path}`);
     assert.equal(errors, 0);
     assert.equal(mismatches, 0);
     assert.ok(askedBeforeDone > 0, 'some clients asked while the big fill was running');
     assert.equal(streamedBeforeDone, askedBeforeDone, 'every client that asked during the fill got bytes before it completed');
-    process.stdout.write(`# herd: ${CLIENTS} clients, origin fetches per object 1.00, streamed early ${streamedBeforeDone}/${askedBeforeDone}, proxy peak RSS ${(rss / 2 ** 20).toFixed(0)} MiB\n`);
+    process.stdout.write(`# herd: ${CLIENTS} clients, origin fetches per object 1.00, streamed early ${streamedBeforeDone}/${askedBeforeDone}, proxy peak RSS ${rssMiB.toFixed(0)} MiB\n`);
   });
 });
