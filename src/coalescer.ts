@@ -128,8 +128,13 @@ export class Coalescer {
     fill.retire();
   }
 
+  readonly #finished = new WeakSet<Fill>();
+
+  /** A fill's end, counted once however it ends (a released fill ends at its head, then its body). */
   #done(fill: Fill): void {
     this.#unmap(fill);
+    if (this.#finished.has(fill)) return;
+    this.#finished.add(fill);
     this.onFillDone?.(fill.attached);
     const s = this.stats.waitersPerFill;
     s.push(fill.attached);
@@ -208,9 +213,11 @@ export class Coalescer {
     });
     body.on('error', (err: unknown) => {
       if (fill.state === 'done') return;
-      this.stats.fillsFailed++;
       spill?.abort();
       fill.fail(upstreamError(err));
+      // A released fill is aborted on purpose once its one reader leaves: not an upstream failure.
+      if (fill.released) return;
+      this.stats.fillsFailed++;
       this.#done(fill);
       this.#log.warn({ key: fill.key, bytes: fill.received, err: (err as Error).message }, 'upstream failed mid-body; readers truncated, nothing stored');
     });

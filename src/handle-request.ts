@@ -419,14 +419,7 @@ async function pass(s: State): Promise<StepName | undefined> {
     tx.status = up.status;
     tx.mime = String(up.headers['content-type'] ?? '');
     // RFC 9111 §4.4: a successful unsafe request invalidates the stored URL.
-    if (!SAFE.has(tx.method) && up.status < 400) {
-      const primary = primaryKey(url);
-      const vary = ctx.coalescer.varySpecs.get(primary) ?? [];
-      for (const k of new Set([primary, variantKey(primary, vary, req.headers)])) {
-        ctx.coalescer.invalidate(k);
-        await ctx.store.delete(k);
-      }
-    }
+    if (!SAFE.has(tx.method) && up.status < 400) for (const k of urlKeys(s)) await forget(ctx, k);
     if (res.destroyed) {
       up.body.destroy();
       return undefined;
@@ -459,21 +452,30 @@ async function pass(s: State): Promise<StepName | undefined> {
   }
 }
 
+/** The keys a URL may be stored under: the bare URL and the requester's Vary variant of it. */
+function urlKeys(s: State): Set<string> {
+  const primary = primaryKey(s.url!);
+  const vary = s.ctx.coalescer.varySpecs.get(primary) ?? [];
+  return new Set([primary, variantKey(primary, vary, s.req.headers)]);
+}
+
+/** Drop a key from the tiers and from the fills that new requests could join. */
+async function forget(ctx: Ctx, key: string): Promise<void> {
+  ctx.coalescer.invalidate(key);
+  await ctx.store.delete(key);
+}
+
 async function purge(s: State): Promise<StepName | undefined> {
   const { ctx, tx } = s;
   if (!ctx.acl().allowsPurge(tx.client)) return fail(s, 'ERR_PURGE_DENIED', tx.client);
-  const primary = primaryKey(s.url!);
-  const vary = ctx.coalescer.varySpecs.get(primary) ?? [];
-  const keys = new Set([primary, variantKey(primary, vary, s.req.headers)]);
   let found = false;
-  for (const k of keys) {
+  for (const k of urlKeys(s)) {
     const st = await ctx.store.get(k).catch(() => undefined);
     if (st) {
       found = true;
       if (st.body.kind === 'file') st.body.close();
     }
-    ctx.coalescer.invalidate(k);
-    await ctx.store.delete(k);
+    await forget(ctx, k);
   }
   reply(s, found ? 200 : 404, { 'content-length': '0' }, '');
   return undefined;
