@@ -86,6 +86,8 @@ export interface EmulatorOptions {
   resetAfterBytes?: number;
   errorRate?: number;
   corrupt?: boolean;
+  /** Flip a byte in these paths only. */
+  corruptPaths?: Set<string>;
   seed?: number;
 }
 
@@ -95,6 +97,8 @@ export interface EmulatorStats {
   perPath: Record<string, number>;
   /** Epoch ms at which the first complete response of each path was written. */
   firstComplete: Record<string, number>;
+  /** Range requests seen, as "path bytes=N-". */
+  ranges: string[];
 }
 
 export interface Emulator {
@@ -108,7 +112,7 @@ export interface Emulator {
 const SLICE = 64 * 1024;
 
 export async function startEmulator(o: EmulatorOptions, port = 0, host = '127.0.0.1'): Promise<Emulator> {
-  const stats: EmulatorStats = { requests: 0, bytes: 0, perPath: {}, firstComplete: {} };
+  const stats: EmulatorStats = { requests: 0, bytes: 0, perPath: {}, firstComplete: {}, ranges: [] };
   const rnd = prng(o.seed ?? 7);
   const sockets = new Set<Socket>();
   let totalBudgetAt = Date.now();
@@ -123,8 +127,13 @@ export async function startEmulator(o: EmulatorOptions, port = 0, host = '127.0.
     if (wait > 0) await sleep(wait);
   }
 
-  async function send(res: ServerResponse, path: string, body: Buffer, headers: Record<string, string>, perSec: number | undefined, head: boolean): Promise<void> {
-    res.writeHead(200, { 'content-length': String(body.length), ...headers });
+  async function send(res: ServerResponse, path: string, whole: Buffer, headers: Record<string, string>, perSec: number | undefined, head: boolean, range?: string): Promise<void> {
+    // A Stratum 1 (Apache) honours single open-ended ranges, which is what a resuming proxy sends.
+    const from = range ? /^bytes=(\d+)-$/.exec(range) : null;
+    const start = from && Number(from[1]) < whole.length ? Number(from[1]) : 0;
+    const body = whole.subarray(start);
+    if (start > 0) res.writeHead(206, { 'content-length': String(body.length), 'content-range': `bytes ${start}-${whole.length - 1}/${whole.length}`, ...headers });
+    else res.writeHead(200, { 'content-length': String(body.length), ...headers });
     if (head) return void res.end();
     const started = Date.now();
     for (let off = 0; off < body.length; off += SLICE) {
@@ -134,7 +143,7 @@ export async function startEmulator(o: EmulatorOptions, port = 0, host = '127.0.
         res.socket?.destroy();
         return;
       }
-      if (o.corrupt && off === 0) {
+      if ((o.corrupt || o.corruptPaths?.has(path)) && off === 0) {
         slice = Buffer.from(slice);
         slice[0]! ^= 0xff;
       }
@@ -164,6 +173,7 @@ export async function startEmulator(o: EmulatorOptions, port = 0, host = '127.0.
     }
     stats.requests++;
     stats.perPath[path] = (stats.perPath[path] ?? 0) + 1;
+    if (req.headers.range) stats.ranges.push(`${path} ${req.headers.range}`);
     if (o.latencyMs) await sleep(o.latencyMs);
     if (o.errorRate && rnd() < o.errorRate) {
       res.writeHead(503, { 'content-type': 'text/plain' });
@@ -180,7 +190,7 @@ export async function startEmulator(o: EmulatorOptions, port = 0, host = '127.0.
       return void res.end('not found\n');
     }
     const isChunk = path.endsWith('P');
-    await send(res, path, body, { 'content-type': 'application/x-cvmfs', 'cache-control': 'max-age=259200' }, (isChunk ? o.chunkBytesPerSec : undefined) ?? o.responseBytesPerSec, head);
+    await send(res, path, body, { 'content-type': 'application/x-cvmfs', 'cache-control': 'max-age=259200' }, (isChunk ? o.chunkBytesPerSec : undefined) ?? o.responseBytesPerSec, head, req.headers.range);
   });
   server.keepAliveTimeout = 120_000;
   server.on('connection', (s) => {

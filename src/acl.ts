@@ -45,11 +45,13 @@ export interface Acl {
   allowsPurge(addr: string): boolean;
 }
 
-export function compileAcl(cfg: Pick<Config, 'allowClient' | 'allowDest' | 'allowPorts' | 'allowConnectPorts' | 'allowPurge'>): Acl {
+export function compileAcl(cfg: Pick<Config, 'allowClient' | 'allowDest' | 'allowPorts' | 'allowConnectPorts' | 'allowPurge'> & Partial<Pick<Config, 'mirrorGroups'>>): Acl {
   const clients = blockList(cfg.allowClient);
   const purge = blockList(cfg.allowPurge);
   const destCidrs = blockList(cfg.allowDest.filter((r): r is Extract<DestRule, { kind: 'cidr' }> => r.kind === 'cidr').map((r) => r.cidr));
   const hosts = new Set(cfg.allowDest.flatMap((r) => (r.kind === 'host' ? [r.host] : [])));
+  // Configured Stratum 1 mirrors are named by the admin: a failover fetch to one is always allowed.
+  const mirrorHosts = new Set((cfg.mirrorGroups ?? []).flatMap((g) => g.mirrors.map((m) => new URL(m).hostname.replace(/^\[|\]$/g, ''))));
   const suffixes = cfg.allowDest.flatMap((r) => (r.kind === 'domain' ? [r.suffix] : []));
   const restricted = cfg.allowDest.length > 0;
 
@@ -59,8 +61,8 @@ export function compileAcl(cfg: Pick<Config, 'allowClient' | 'allowDest' | 'allo
     const fam = family(a);
     const explicitIp = destCidrs.check(a, fam);
     // A special address passes only when named explicitly: by IP/CIDR, or by exact host name.
-    if (SPECIAL.check(a, fam)) return explicitIp || hosts.has(host);
-    if (!restricted) return true;
+    if (SPECIAL.check(a, fam)) return explicitIp || hosts.has(host) || mirrorHosts.has(host);
+    if (!restricted || mirrorHosts.has(host)) return true;
     return explicitIp || nameMatches(host);
   };
 
@@ -68,7 +70,8 @@ export function compileAcl(cfg: Pick<Config, 'allowClient' | 'allowDest' | 'allo
     const h = host.toLowerCase().replace(/^\[|\]$/g, '');
     if (!inPorts(ports, port)) return 'deny-port';
     if (isIP(h)) return ipAllowed(h, h) ? 'allow' : 'deny-dest';
-    if (h === 'localhost' || h.endsWith('.localhost')) return hosts.has(h) ? 'allow' : 'deny-dest';
+    if (h === 'localhost' || h.endsWith('.localhost')) return hosts.has(h) || mirrorHosts.has(h) ? 'allow' : 'deny-dest';
+    if (mirrorHosts.has(h)) return 'allow';
     if (restricted && !nameMatches(h) && destCidrs.rules.length === 0) return 'deny-dest';
     return 'allow';
   };

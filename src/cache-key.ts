@@ -1,8 +1,11 @@
 // Cache keys. The primary key is the normalised absolute URL: lower-case scheme and host, default port
-// dropped, path and query byte-exact. A response with Vary adds the selected request headers.
+// dropped, path and query byte-exact. A content-addressed CVMFS object (/cvmfs/<repo>/data/...) is keyed
+// by its path alone, so a copy fetched through one Stratum 1 is a hit for a client naming another.
+// A response with Vary adds the selected request headers.
 import { createHash } from 'node:crypto';
 import type { IncomingHttpHeaders } from 'node:http';
 import { LRUCache } from 'lru-cache';
+import { casObject, type CasObject } from './content-hash.ts';
 
 /** Normalise an absolute http URL, or return undefined if it is not one. */
 export function normaliseUrl(target: string): URL | undefined {
@@ -21,6 +24,7 @@ export function normaliseUrl(target: string): URL | undefined {
 export interface Target {
   readonly url: URL;
   readonly primary: string;
+  readonly cas: CasObject | undefined;
 }
 
 // A herd asks for the same few thousand URLs: parse each once (URL parsing is a visible share of a hit).
@@ -31,13 +35,15 @@ export function parseTarget(raw: string): Target | undefined {
   if (t) return t;
   const url = normaliseUrl(raw);
   if (!url) return undefined;
-  t = { url, primary: primaryKey(url) };
+  const cas = casObject(url.pathname, url.search);
+  t = { url, primary: cas ? cas.key : primaryKey(url), cas };
   targets.set(raw, t);
   return t;
 }
 
+/** The key a URL is stored under before Vary: its content hash path, or the URL. */
 export function primaryKey(u: URL): string {
-  return `${u.protocol}//${u.host}${u.pathname}${u.search}`;
+  return casObject(u.pathname, u.search)?.key ?? `${u.protocol}//${u.host}${u.pathname}${u.search}`;
 }
 
 /** The Vary header names of a response, lower-cased; '*' means never cacheable. */

@@ -8,18 +8,22 @@
 //   error before headers -> every waiter gets the same labelled error
 //   error mid-body  -> every reader is cut short; nothing is stored
 import type { IncomingHttpHeaders } from 'node:http';
+import { Readable } from 'node:stream';
 import { LRUCache } from 'lru-cache';
 import { varyNames } from './cache-key.ts';
+import { HashCheck, type CasObject } from './content-hash.ts';
+import { FetchPlan, type Attempt } from './fetch-plan.ts';
+import type { Mirror, Mirrors } from './mirrors.ts';
 import type { Clock } from './clock.ts';
 import type { Config } from './config.ts';
-import { upstreamError } from './errors.ts';
+import { ProxyError, upstreamError } from './errors.ts';
 import { Fill, type FillBudget } from './fill.ts';
 import { policyRequest, type Freshness, type Policy } from './freshness.ts';
 import { endToEnd, type Headers } from './forward.ts';
 import type { Logger } from './log.ts';
 import type { StoredMeta, StoredObject, TieredStore } from './store.ts';
 import type { DiskWriter } from './store-disk.ts';
-import type { Upstream } from './fetch.ts';
+import type { Upstream, UpstreamResponse } from './fetch.ts';
 
 export interface FillRequest {
   key: string;
@@ -33,6 +37,10 @@ export interface FillRequest {
   upstreamHeaders: Headers;
   /** Stale stored copy to revalidate conditionally. */
   stale?: StoredObject;
+  /** The content-addressed object the URL names: verified, and fetched from any mirror of its group. */
+  cas?: CasObject;
+  /** Accelerator mode: the repository whose sticky mirror `url` names. */
+  accelRepo?: string;
 }
 
 export interface CoalescerStats {
@@ -41,6 +49,12 @@ export interface CoalescerStats {
   fillsFailed: number;
   fillsReleased: number;
   waitersPerFill: number[]; // recent samples, bounded
+  /** Answers skipped for the next mirror (error, 5xx, or a 404 of a content-addressed object). */
+  failovers: number;
+  /** Bodies that broke off and were continued with Range from another mirror. */
+  resumes: number;
+  /** Content-addressed bodies whose bytes did not match their hash (never stored). */
+  hashMismatches: number;
 }
 
 export class Coalescer {
@@ -56,12 +70,16 @@ export class Coalescer {
   readonly #log: Logger;
   /** Memory shared by the windows of all fills in flight (--fill-memory). */
   readonly budget: FillBudget;
-  readonly stats: CoalescerStats = { fillsStarted: 0, fillsCommitted: 0, fillsFailed: 0, fillsReleased: 0, waitersPerFill: [] };
+  readonly stats: CoalescerStats = { fillsStarted: 0, fillsCommitted: 0, fillsFailed: 0, fillsReleased: 0, waitersPerFill: [], failovers: 0, resumes: 0, hashMismatches: 0 };
+  readonly #mirrors: Mirrors;
+  /** Mirrors that recently served corrupt bytes for a key: asked last by the next fill. */
+  readonly #corruptFrom = new LRUCache<string, Set<string>>({ max: 4096, ttl: 600_000 });
 
   /** Called once per fill with the number of clients it served. */
   onFillDone: ((readers: number) => void) | undefined;
 
-  constructor(o: { cfg: Config; clock: Clock; store: TieredStore; upstream: Upstream; freshness: Freshness; log: Logger }) {
+  constructor(o: { cfg: Config; clock: Clock; store: TieredStore; upstream: Upstream; freshness: Freshness; log: Logger; mirrors: Mirrors }) {
+    this.#mirrors = o.mirrors;
     this.#cfg = o.cfg;
     this.#clock = o.clock;
     this.#store = o.store;
@@ -146,18 +164,17 @@ export class Coalescer {
     const headers = { ...r.upstreamHeaders };
     // A client reload must not be answered from a cache further up either.
     if (r.stale?.policy) Object.assign(headers, r.stale.policy.revalidationHeaders(policyReq));
-    const ac = new AbortController();
-    let res;
-    try {
-      res = await this.#upstream.request({ url: r.url, method: 'GET', headers, signal: ac.signal });
-    } catch (err) {
+    const plan = new FetchPlan({ url: r.url, cas: r.cas, mirrors: this.#mirrors, accelRepo: r.accelRepo, avoid: this.#corruptFrom.get(r.key) });
+    const got = await this.#firstAnswer(plan, headers);
+    if ('error' in got) {
       this.stats.fillsFailed++;
-      fill.fail(upstreamError(err));
+      fill.fail(got.error);
       this.#done(fill);
       return;
     }
+    const { res, attempt, ac } = got;
+    fill.peer = attempt.url.hostname;
     const body = res.body;
-    fill.upstream = { pause: () => body.pause(), resume: () => body.resume(), abort: () => ac.abort() };
     const resForPolicy = { status: res.status, headers: res.headers as Record<string, string> };
 
     // Revalidation answered 304: refresh the stored headers; waiters are served the stored body.
@@ -180,61 +197,211 @@ export class Coalescer {
     const head = { status: res.status, headers: endToEnd(res.headers), contentLength: cl };
     const varyChanged = vary.join() !== r.vary.join();
     if (vary.length && !vary.includes('*')) this.varySpecs.set(r.primary, vary);
+    // A content-addressed object is keyed without its host, so only the object itself is stored under
+    // that key: never one mirror's 404 or error.
+    const verified = r.cas !== undefined && res.status === 200;
     const storable =
       !this.#superseded.has(fill) &&
       !varyChanged &&
       res.status !== 206 &&
+      (r.cas === undefined || verified) &&
       policy.storable() &&
       policy.timeToLive() > 0 &&
       (cl === undefined || cl <= this.#cfg.maxObjectBytes);
+    const job: PipeJob = { plan, headers, mirror: attempt.mirror, contentLength: cl, check: verified ? new HashCheck(r.cas!) : undefined, skip: 0, ac };
+    if (job.check) fill.holdBack = true;
 
     if (!storable) {
       // Not shared: the first client keeps it; the rest go upstream on their own, now and for a while.
-      if (!varyChanged) this.#uncacheable.set(r.primary, true);
+      if (!varyChanged && r.cas === undefined) this.#uncacheable.set(r.primary, true);
       this.stats.fillsReleased++;
       this.#done(fill);
       fill.setHead(head, undefined);
       fill.release();
-      this.#pipe(fill, body, undefined, undefined, undefined);
+      this.#attach(fill, body, job);
       return;
     }
 
     const meta: StoredMeta = { key: r.key, url: r.url.href, status: res.status, headers: head.headers, policy: policy.toObject(), vary, storedAt: this.#clock.now() };
     const spill = this.#store.disk.openWriter(meta, policy, cl) as DiskWriter | undefined;
     fill.policy = policy;
+    job.store = { spill, meta, policy };
     fill.setHead(head, spill);
-    this.#pipe(fill, body, spill, meta, policy);
+    this.#attach(fill, body, job);
   }
 
-  #pipe(fill: Fill, body: NodeJS.ReadableStream & { destroy(): void }, spill: DiskWriter | undefined, meta: StoredMeta | undefined, policy: Policy | undefined): void {
+  /**
+   * Ask the plan's mirrors in turn until one gives an answer worth passing on. Connect errors, timeouts
+   * and 5xx move on when the plan allows failover; so does a 404 of a content-addressed object, which is
+   * answered only when no mirror has it.
+   */
+  async #firstAnswer(plan: FetchPlan, headers: Headers): Promise<{ res: UpstreamResponse; attempt: Attempt; ac: AbortController } | { error: ProxyError }> {
+    let lastError: ProxyError | undefined;
+    let held404: { status: number; headers: Record<string, string | string[]>; body: Buffer; attempt: Attempt } | undefined;
+    for (let attempt = plan.next(); attempt; attempt = plan.next()) {
+      const ac = new AbortController();
+      const t0 = performance.now();
+      const m = attempt.mirror;
+      let res: UpstreamResponse;
+      try {
+        res = await this.#upstream.request({ url: attempt.url, method: 'GET', headers: { ...headers, host: attempt.url.host }, signal: ac.signal });
+      } catch (err) {
+        lastError = upstreamError(err);
+        if (m) this.#mirrorFailed(plan, m, lastError.token);
+        if (!plan.failover) break;
+        if (plan.hasMore) this.stats.failovers++;
+        continue;
+      }
+      const ttfb = performance.now() - t0;
+      if (res.status >= 500 && plan.failover && plan.hasMore) {
+        res.body.destroy();
+        if (m) this.#mirrorFailed(plan, m, `HTTP ${res.status}`);
+        this.stats.failovers++;
+        continue;
+      }
+      if (m) this.#mirrors.fetched(m, res.status < 500, ttfb, `HTTP ${res.status}`);
+      if (res.status === 404 && plan.retry404 && plan.hasMore) {
+        // That mirror lacks the object (not yet replicated): ask the next one, keep this answer in case.
+        const b = await readCapped(res.body, 64 * 1024).catch(() => Buffer.alloc(0));
+        held404 ??= { status: res.status, headers: res.headers, body: b, attempt };
+        this.stats.failovers++;
+        continue;
+      }
+      if (lastError || held404) this.#log.info({ url: attempt.url.href, status: res.status, tried: attempt.mirror?.origin }, 'answered by a failover mirror');
+      return { res, attempt, ac };
+    }
+    if (held404) {
+      const { status, headers: h, body, attempt } = held404;
+      return { res: { status, headers: h, body: Readable.from([body]), peer: attempt.url.hostname }, attempt, ac: new AbortController() };
+    }
+    return { error: lastError ?? new ProxyError('ERR_UPSTREAM_RESET', 'no mirror to ask') };
+  }
+
+  #mirrorFailed(plan: FetchPlan, m: Mirror, why: string): void {
+    this.#mirrors.fetched(m, false, undefined, why);
+    if (plan.accelRepo !== undefined) plan.group?.unstick(plan.accelRepo, m);
+  }
+
+  /** Feed an upstream body into the fill. On a mid-body failure it may be resumed from another mirror. */
+  #attach(fill: Fill, body: Readable, job: PipeJob): void {
+    const ac = job.ac;
+    fill.upstream = { pause: () => body.pause(), resume: () => body.resume(), abort: () => ac.abort() };
+    let skip = job.skip;
     body.on('data', (c: Buffer) => {
       this.#upstream.bytes += c.length;
+      if (job.mirror) job.mirror.bytes += c.length;
+      if (skip > 0) {
+        // A mirror that ignored our Range sends the whole object again: drop what we already have.
+        if (c.length <= skip) {
+          skip -= c.length;
+          return;
+        }
+        c = c.subarray(skip);
+        skip = 0;
+      }
+      job.check?.update(c);
       fill.push(c);
     });
-    body.on('error', (err: unknown) => {
-      if (fill.state === 'done') return;
-      spill?.abort();
+    body.on('error', (err: unknown) => void this.#bodyFailed(fill, job, err));
+    body.on('end', () => this.#bodyEnded(fill, job));
+  }
+
+  async #bodyFailed(fill: Fill, job: PipeJob, err: unknown): Promise<void> {
+    if (fill.state === 'done' || fill.state === 'failed') return;
+    // A released fill is aborted on purpose once its one reader leaves: not an upstream failure.
+    if (fill.released && job.ac.signal.aborted) {
+      job.store?.spill?.abort();
       fill.fail(upstreamError(err));
-      // A released fill is aborted on purpose once its one reader leaves: not an upstream failure.
-      if (fill.released) return;
-      this.stats.fillsFailed++;
-      this.#done(fill);
-      this.#log.warn({ key: fill.key, bytes: fill.received, err: (err as Error).message }, 'upstream failed mid-body; readers truncated, nothing stored');
-    });
-    body.on('end', () => {
-      fill.finish();
-      if (!spill || !meta || !policy) return;
-      // A small body goes to memory at once, so the next request is a hit without waiting for the disk.
-      let inMemory = false;
-      if (!this.#superseded.has(fill) && fill.received <= this.#cfg.maxMemoryObjectBytes) {
-        const whole = fill.wholeBody();
-        if (whole) inMemory = this.#store.memory.put(meta, policy, whole);
-        if (inMemory) this.#unmap(fill);
+      return;
+    }
+    const e = upstreamError(err);
+    if (job.mirror) this.#mirrorFailed(job.plan, job.mirror, `${e.token} after ${fill.received} bytes`);
+    if (await this.#resume(fill, job)) return;
+    job.store?.spill?.abort();
+    fill.fail(e);
+    if (fill.released) return;
+    this.stats.fillsFailed++;
+    this.#done(fill);
+    this.#log.warn({ key: fill.key, bytes: fill.received, err: e.message }, 'upstream failed mid-body; readers truncated, nothing stored');
+  }
+
+  /** Continue a content-addressed body of known length with `Range: bytes=N-` from the next mirror. */
+  async #resume(fill: Fill, job: PipeJob): Promise<boolean> {
+    const cl = job.contentLength;
+    if (!job.plan.cas || !job.plan.failover || cl === undefined || fill.received >= cl) return false;
+    for (let attempt = job.plan.next(); attempt; attempt = job.plan.next()) {
+      const from = fill.received;
+      const ac = new AbortController();
+      const t0 = performance.now();
+      const m = attempt.mirror;
+      let res: UpstreamResponse;
+      try {
+        res = await this.#upstream.request({ url: attempt.url, method: 'GET', headers: { ...job.headers, host: attempt.url.host, range: `bytes=${from}-` }, signal: ac.signal });
+      } catch (err) {
+        if (m) this.#mirrorFailed(job.plan, m, upstreamError(err).token);
+        continue;
       }
-      const c = this.#commit(fill, spill, meta, policy, inMemory);
-      this.#commits.add(c);
-      void c.finally(() => this.#commits.delete(c));
-    });
+      const range = /^bytes (\d+)-(\d+)\/(\d+)$/.exec(String(res.headers['content-range'] ?? ''));
+      let skip: number;
+      if (res.status === 206 && range && Number(range[1]) === from && Number(range[3]) === cl) skip = 0;
+      else if (res.status === 200 && parseContentLength(res.headers['content-length']) === cl) skip = from;
+      else {
+        res.body.destroy();
+        if (m) this.#mirrorFailed(job.plan, m, `resume answered HTTP ${res.status}`);
+        continue;
+      }
+      if (m) this.#mirrors.fetched(m, true, performance.now() - t0);
+      if (fill.state !== 'streaming') {
+        res.body.destroy();
+        return true;
+      }
+      this.stats.resumes++;
+      fill.peer = attempt.url.hostname;
+      this.#log.info({ key: fill.key, from, of: cl, mirror: attempt.mirror?.origin, status: res.status }, 'resumed a broken fill from another mirror');
+      this.#attach(fill, res.body, { ...job, mirror: m, skip, ac });
+      return true;
+    }
+    return false;
+  }
+
+  #bodyEnded(fill: Fill, job: PipeJob): void {
+    if (fill.state !== 'streaming') return;
+    if (job.check && !job.check.matches()) {
+      // Corrupt: nobody gets the last bytes, nothing is stored, and the next fill asks another mirror.
+      this.stats.hashMismatches++;
+      job.store?.spill?.abort();
+      fill.fail(new ProxyError('ERR_CONTENT_HASH'));
+      if (job.mirror) {
+        this.#mirrorFailed(job.plan, job.mirror, 'content hash mismatch');
+        const bad = this.#corruptFrom.get(fill.key) ?? new Set<string>();
+        bad.add(job.mirror.origin);
+        this.#corruptFrom.set(fill.key, bad);
+      }
+      this.#log.error({ key: fill.key, mirror: job.mirror?.origin, bytes: fill.received }, 'content hash mismatch; readers cut short, nothing stored');
+      if (!fill.released) this.stats.fillsFailed++;
+      this.#done(fill);
+      return;
+    }
+    fill.finish();
+    if (!job.store) return; // released: counted done when it was released
+    const { spill, meta, policy } = job.store;
+    if (!spill) {
+      // No disk writer (the disk tier refused or failed): keep a small object in memory at least.
+      const whole = fill.received <= this.#cfg.maxMemoryObjectBytes ? fill.wholeBody() : undefined;
+      if (whole && !this.#superseded.has(fill)) this.#store.memory.put(meta, policy, whole);
+      this.#done(fill);
+      return;
+    }
+    // A small body goes to memory at once, so the next request is a hit without waiting for the disk.
+    let inMemory = false;
+    if (!this.#superseded.has(fill) && fill.received <= this.#cfg.maxMemoryObjectBytes) {
+      const whole = fill.wholeBody();
+      if (whole) inMemory = this.#store.memory.put(meta, policy, whole);
+      if (inMemory) this.#unmap(fill);
+    }
+    const c = this.#commit(fill, spill, meta, policy, inMemory);
+    this.#commits.add(c);
+    void c.finally(() => this.#commits.delete(c));
   }
 
   async #commit(fill: Fill, spill: DiskWriter, meta: StoredMeta, policy: Policy, inMemory: boolean): Promise<void> {
@@ -256,6 +423,32 @@ export class Coalescer {
       this.#done(fill);
     }
   }
+}
+
+interface PipeJob {
+  plan: FetchPlan;
+  headers: Headers;
+  mirror: Mirror | undefined;
+  contentLength: number | undefined;
+  check: HashCheck | undefined;
+  /** Bytes to drop from the start of this body (a resume answered 200 instead of 206). */
+  skip: number;
+  ac: AbortController;
+  store?: { spill: DiskWriter | undefined; meta: StoredMeta; policy: Policy };
+}
+
+async function readCapped(body: Readable, cap: number): Promise<Buffer> {
+  const parts: Buffer[] = [];
+  let n = 0;
+  for await (const c of body) {
+    n += (c as Buffer).length;
+    if (n > cap) {
+      body.destroy();
+      break;
+    }
+    parts.push(c as Buffer);
+  }
+  return Buffer.concat(parts);
 }
 
 function parseContentLength(v: string | string[] | undefined): number | undefined {

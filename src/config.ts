@@ -8,6 +8,7 @@ import { parseArgs } from 'node:util';
 import { parse as parseYaml } from 'yaml';
 import { z } from 'zod';
 import { ConfigError } from './errors.ts';
+import type { MirrorGroupConfig, ProbeConfig } from './mirrors.ts';
 
 export const VERSION = '0.1.0';
 
@@ -41,6 +42,16 @@ export const DEFAULTS = {
   'allow-purge': ['127.0.0.0/8', '::1/128'],
   'admin-listen': '127.0.0.1:3129',
   'shutdown-timeout': '30s',
+  stratum1: [] as string[],
+  accel: false,
+  'accel-listen': 'none',
+  'probe-interval': '5s',
+  'probe-timeout': '2s',
+  'probe-window': 8,
+  'probe-threshold': 3,
+  'probe-initial': 2,
+  'probe-repo': '',
+  'mirror-fail-threshold': 3,
 } as const;
 
 export type OptionName = keyof typeof DEFAULTS;
@@ -74,9 +85,19 @@ const HELP: Record<OptionName, string> = {
   'allow-purge': 'client CIDR allowed to PURGE cached objects (repeatable)',
   'admin-listen': '[HOST:]PORT of the admin listener (/metrics, /healthz, /readyz, /status), or none',
   'shutdown-timeout': 'how long SIGTERM waits for in-flight responses before closing them',
+  stratum1: 'base URL of a Stratum 1 mirror (repeatable; one group). In YAML also a map of group name: [URLs]',
+  accel: 'accelerator mode: --listen ports also take origin-form GET /cvmfs/<repo>/... and serve it from the first mirror group',
+  'accel-listen': '[HOST:]PORT of an extra accelerator-mode listener, or none',
+  'probe-interval': 'mirror health probe interval (jittered by ±20%)',
+  'probe-timeout': 'mirror health probe timeout',
+  'probe-window': 'probe results remembered per mirror',
+  'probe-threshold': 'good probes in the window for a mirror to be healthy',
+  'probe-initial': 'probes counted as good at start (below the threshold: healthy after the first good probe)',
+  'probe-repo': 'repository whose .cvmfspublished is probed (default: the most recently requested one)',
+  'mirror-fail-threshold': 'failed fetches in a row that mark a mirror down until its next good probe',
 };
 
-const MULTIPLE = new Set<OptionName>(['listen', 'allow-client', 'allow-dest', 'allow-purge']);
+const MULTIPLE = new Set<OptionName>(['listen', 'allow-client', 'allow-dest', 'allow-purge', 'stratum1']);
 
 const UNITS: Record<string, number> = { '': 1, B: 1, K: 1024, KB: 1024, KIB: 1024, M: 1024 ** 2, MB: 1024 ** 2, MIB: 1024 ** 2, G: 1024 ** 3, GB: 1024 ** 3, GIB: 1024 ** 3, T: 1024 ** 4, TB: 1024 ** 4, TIB: 1024 ** 4 };
 const DURATIONS: Record<string, number> = { ms: 1, '': 1000, s: 1000, m: 60_000, min: 60_000, h: 3_600_000, d: 86_400_000 };
@@ -148,6 +169,17 @@ function parseDest(v: string): DestRule | undefined {
   return s.startsWith('.') ? { kind: 'domain', suffix: s } : { kind: 'host', host: s };
 }
 
+/** A Stratum 1 base URL; only its origin matters (a /cvmfs/@fqrn@ path as clients write it is dropped). */
+function parseMirror(v: string): string | undefined {
+  let u: URL;
+  try {
+    u = new URL(String(v).replace('@fqrn@', 'x'));
+  } catch {
+    return undefined;
+  }
+  return u.protocol === 'http:' && u.hostname ? u.origin : undefined;
+}
+
 // A zod field that turns a user string into a typed value, with the expectation in the error text.
 const conv = <T>(fn: (v: never) => T | undefined, expected: string) =>
   z.union([z.string(), z.number()]).transform((v, ctx) => {
@@ -200,6 +232,31 @@ const schema = z
     'allow-purge': list(conv(parseCidr, 'an IP address or CIDR such as 127.0.0.0/8')),
     'admin-listen': conv((v: string | number) => (v === 'none' ? ('none' as const) : parseListen(v)), '[HOST:]PORT or none'),
     'shutdown-timeout': duration,
+    stratum1: z.unknown().transform((v, ctx) => {
+      // A list is one group named "default"; a mapping names several groups.
+      const named = v !== null && typeof v === 'object' && !Array.isArray(v);
+      const out: MirrorGroupConfig[] = [];
+      for (const [name, raw] of named ? Object.entries(v) : [['default', v] as const]) {
+        if (!/^[A-Za-z0-9_.-]+$/.test(name)) ctx.addIssue({ code: 'custom', message: `expected a group name of letters, digits, . _ -, got ${JSON.stringify(name)}` });
+        const mirrors: string[] = [];
+        for (const item of Array.isArray(raw) ? raw : raw == null ? [] : [raw]) {
+          const m = parseMirror(String(item));
+          if (m) mirrors.push(m);
+          else ctx.addIssue({ code: 'custom', message: `expected an http:// base URL such as http://cvmfs-s1.example:8000, got ${JSON.stringify(item)}` });
+        }
+        if (named || mirrors.length) out.push({ name, mirrors });
+      }
+      return out;
+    }),
+    accel: z.union([z.boolean(), z.enum(['true', 'false']).transform((v) => v === 'true')]),
+    'accel-listen': conv((v: string | number) => (v === 'none' ? ('none' as const) : parseListen(v)), '[HOST:]PORT or none'),
+    'probe-interval': duration,
+    'probe-timeout': duration,
+    'probe-window': count.max(64, 'expected at most 64'),
+    'probe-threshold': count,
+    'probe-initial': z.number({ error: 'expected an integer' }).int().min(0),
+    'probe-repo': z.string().regex(/^[A-Za-z0-9._-]*$/, 'expected a repository name such as atlas.cern.ch'),
+    'mirror-fail-threshold': count,
   })
   .strict();
 
@@ -235,6 +292,10 @@ export interface Config {
   readonly allowPurge: readonly Cidr[];
   readonly adminListen: ListenAddr | 'none';
   readonly shutdownTimeoutMs: number;
+  readonly mirrorGroups: readonly MirrorGroupConfig[];
+  readonly accel: boolean;
+  readonly accelListen: ListenAddr | 'none';
+  readonly probe: ProbeConfig;
 }
 
 function toConfig(p: Parsed): Config {
@@ -267,6 +328,18 @@ function toConfig(p: Parsed): Config {
     allowPurge: p['allow-purge'],
     adminListen: p['admin-listen'],
     shutdownTimeoutMs: p['shutdown-timeout'],
+    mirrorGroups: p.stratum1,
+    accel: p.accel,
+    accelListen: p['accel-listen'],
+    probe: {
+      intervalMs: p['probe-interval'],
+      timeoutMs: p['probe-timeout'],
+      window: p['probe-window'],
+      threshold: p['probe-threshold'],
+      initial: p['probe-initial'],
+      failThreshold: p['mirror-fail-threshold'],
+      repo: p['probe-repo'],
+    },
   };
 }
 
@@ -294,6 +367,17 @@ export function buildConfig(raw: Record<string, unknown>): Config {
   const cross: string[] = [];
   if (cfg.maxMemoryObjectBytes > cfg.memoryCacheBytes) cross.push('max-memory-object-size: must not exceed memory-cache');
   if (cfg.maxObjectBytes > cfg.diskCacheBytes) cross.push('max-object-size: must not exceed disk-cache');
+  if (cfg.probe.threshold > cfg.probe.window) cross.push('probe-threshold: must not exceed probe-window');
+  if (cfg.probe.initial > cfg.probe.window) cross.push('probe-initial: must not exceed probe-window');
+  if ((cfg.accel || cfg.accelListen !== 'none') && cfg.mirrorGroups.length === 0) cross.push('accel: accelerator mode needs at least one stratum1 mirror to serve from');
+  const seen = new Map<string, string>();
+  for (const g of cfg.mirrorGroups) {
+    if (g.mirrors.length === 0) cross.push(`stratum1: group "${g.name}" has no mirrors`);
+    for (const m of g.mirrors) {
+      if (seen.has(m)) cross.push(`stratum1: ${m} is listed twice (groups "${seen.get(m)}" and "${g.name}")`);
+      seen.set(m, g.name);
+    }
+  }
   if (cross.length) throw new ConfigError(cross);
   return deepFreeze(cfg);
 }
@@ -333,7 +417,7 @@ export function parseCli(argv: string[]): Cli {
     version: { type: 'boolean' },
     help: { type: 'boolean' },
   };
-  for (const name of Object.keys(DEFAULTS) as OptionName[]) options[name] = { type: 'string', multiple: MULTIPLE.has(name) };
+  for (const name of Object.keys(DEFAULTS) as OptionName[]) options[name] = typeof DEFAULTS[name] === 'boolean' ? { type: 'boolean' } : { type: 'string', multiple: MULTIPLE.has(name) };
   let parsed;
   try {
     parsed = parseArgs({ args: argv, options, strict: true, allowPositionals: false });

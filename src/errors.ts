@@ -18,6 +18,7 @@ export const ERRORS = {
   ERR_READ_TIMEOUT: { status: 504, token: 'http_response_timeout', squid: 'ERR_READ_TIMEOUT 0', text: 'upstream did not answer in time' },
   ERR_UPSTREAM_RESET: { status: 502, token: 'connection_terminated', squid: 'ERR_READ_ERROR 104', text: 'upstream closed the connection' },
   ERR_INVALID_RESPONSE: { status: 502, token: 'http_protocol_error', squid: 'ERR_INVALID_RESP 0', text: 'upstream sent an invalid response' },
+  ERR_CONTENT_HASH: { status: 502, token: 'http_protocol_error', squid: 'ERR_INVALID_RESP 0', text: 'upstream bytes do not match the content hash the URL names' },
   ERR_OVERLOADED: { status: 503, token: 'connection_limit_reached', squid: 'ERR_ONLY_IF_CACHED_MISS 0', text: 'proxy is overloaded, try another proxy' },
   ERR_INTERNAL: { status: 500, token: 'proxy_internal_error', squid: 'ERR_CANNOT_FORWARD 0', text: 'internal proxy error' },
 } as const;

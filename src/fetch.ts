@@ -72,6 +72,29 @@ export class Upstream {
     }
   }
 
+  /**
+   * A health probe: GET with no-cache, timed to the response head. Not counted as a fetch. `wantOk`
+   * asks for a 200 (a manifest); otherwise any answer below 500 shows the server is alive.
+   */
+  async probe(url: URL, timeoutMs: number, wantOk: boolean): Promise<{ ok: boolean; rttMs: number; why?: string }> {
+    const t0 = performance.now();
+    try {
+      const res = await this.#agent.request({
+        origin: url.origin,
+        path: `${url.pathname}${url.search}`,
+        method: 'GET',
+        headers: { host: url.host, 'cache-control': 'no-cache', pragma: 'no-cache', 'user-agent': 'cuttle-probe' },
+        signal: AbortSignal.timeout(timeoutMs),
+      });
+      const rttMs = performance.now() - t0;
+      await res.body.dump({ limit: 1 << 20 }).catch(() => {});
+      const ok = wantOk ? res.statusCode === 200 : res.statusCode < 500;
+      return { ok, rttMs, why: ok ? undefined : `HTTP ${res.statusCode}` };
+    } catch (err) {
+      return { ok: false, rttMs: performance.now() - t0, why: upstreamError(err).token };
+    }
+  }
+
   close(): Promise<void> {
     return this.#agent.close();
   }

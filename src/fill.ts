@@ -55,6 +55,10 @@ export class Fill {
   upstream: UpstreamControl | undefined;
   /** Freshness of the response being filled (set once it is known to be stored). */
   policy: Policy | undefined;
+  /** Withhold the last byte from readers until finish() (the content hash is being verified). */
+  holdBack = false;
+  /** Host the body came from (the access log's hierarchy peer); changes on failover or resume. */
+  peer = '';
 
   readonly #windowBytesMax: number;
   #chunks: Buffer[] = [];
@@ -189,8 +193,12 @@ export class Fill {
         this.#trim();
       }
     }
-    if (off < this.received) {
-      if (off >= this.#windowStart) return this.#slice(off);
+    const visible = this.visible;
+    if (off < visible) {
+      if (off >= this.#windowStart) {
+        const b = this.#slice(off);
+        return off + b.length > visible ? b.subarray(0, visible - off) : b;
+      }
       return this.spilling && off < this.#spill!.flushed ? 'spill' : 'failed';
     }
     if (this.state === 'done') return 'end';
@@ -198,9 +206,14 @@ export class Fill {
     return 'wait';
   }
 
+  /** Bytes readers may have: all of them, or all but the last while the content is being verified. */
+  get visible(): number {
+    return this.holdBack && this.state !== 'done' ? Math.max(0, this.received - 1) : this.received;
+  }
+
   /** Read bytes behind the window back from the spill file into `into`. */
   readSpill(off: number, into: Buffer): Promise<Buffer> {
-    return this.#spill!.readAt(off, into.length, into);
+    return this.#spill!.readAt(off, Math.min(into.length, this.visible - off), into);
   }
 
   #slice(off: number): Buffer {

@@ -27,6 +27,8 @@ import type { Fill } from './fill.ts';
 import { clientWantsReload, hasValidators, policyRequest } from './freshness.ts';
 import { clientResponseHeaders, isLoop, sendError, upstreamRequestHeaders } from './forward.ts';
 import type { Logger } from './log.ts';
+import type { Mirrors } from './mirrors.ts';
+import { repoOf, type CasObject } from './content-hash.ts';
 import type { StoredObject, TieredStore } from './store.ts';
 
 export interface Counters {
@@ -60,6 +62,7 @@ export interface Ctx {
   counters: Counters;
   buffers: BufferPool;
   metrics: Metrics;
+  mirrors: Mirrors;
 }
 
 type StepName = 'recv' | 'lookup' | 'hit' | 'stale' | 'busy' | 'miss' | 'pass' | 'purge' | 'deliverFill' | 'synth';
@@ -79,12 +82,19 @@ interface State {
   readerId?: number;
   error?: ProxyError;
   reload?: boolean;
+  /** The request came in on an accelerator-mode listener. */
+  accel: boolean;
+  cas?: CasObject;
+  /** Accelerator mode: the repository whose sticky mirror serves this request. */
+  accelRepo?: string;
+  /** Accelerator mode: mirrors moved on to after the sticky one failed. */
+  accelRetries?: number;
 }
 
 const CACHEABLE = new Set(['GET', 'HEAD']);
 const SAFE = new Set(['GET', 'HEAD', 'OPTIONS', 'TRACE']);
 
-export async function handleRequest(ctx: Ctx, req: IncomingMessage, res: ServerResponse): Promise<void> {
+export async function handleRequest(ctx: Ctx, req: IncomingMessage, res: ServerResponse, accel = false): Promise<void> {
   ctx.counters.requests++;
   const tx: Transaction = {
     startedAt: ctx.clock.now(),
@@ -100,7 +110,7 @@ export async function handleRequest(ctx: Ctx, req: IncomingMessage, res: ServerR
     mime: '',
     coalesced: false,
   };
-  const s: State = { ctx, req, res, tx };
+  const s: State = { ctx, req, res, tx, accel };
   let step: StepName | undefined = 'recv';
   try {
     while (step) step = await STEPS[step](s);
@@ -133,13 +143,27 @@ function fail(s: State, code: ProxyError['code'], detail?: string): StepName {
 async function recv(s: State): Promise<StepName | undefined> {
   const { ctx, req, tx } = s;
   if (!ctx.acl().allowsClient(tx.client)) return fail(s, 'ERR_CLIENT_DENIED', tx.client);
-  const target = req.url ?? '';
-  if (target.startsWith('/')) return fail(s, 'ERR_ORIGIN_FORM');
+  let target = req.url ?? '';
+  if (target.startsWith('/')) {
+    if (!s.accel) return fail(s, 'ERR_ORIGIN_FORM');
+    // Accelerator mode: the repository's sticky mirror of the first group serves the path; from here on
+    // the request is the same as a forward request naming that mirror.
+    const path = target.split('#')[0]!;
+    if (!/^\/[\x21-\x7e]*$/.test(path)) return fail(s, 'ERR_BAD_REQUEST', target.slice(0, 200));
+    s.accelRepo = repoOf(path);
+    target = ctx.mirrors.groups[0]!.stickyFor(s.accelRepo).origin + path;
+  }
   const parsed = parseTarget(target);
   if (!parsed) return fail(s, /^[a-z][a-z0-9+.-]*:\/\//i.test(target) && !/^http:/i.test(target) ? 'ERR_UNSUPPORTED_SCHEME' : 'ERR_BAD_REQUEST', target.slice(0, 200));
   const url = parsed.url;
   s.url = url;
+  s.cas = parsed.cas;
   tx.url = url.href;
+  const mirror = ctx.mirrors.byHost(url.host);
+  if (mirror) {
+    const repo = s.cas?.repo ?? repoOf(url.pathname);
+    if (repo) mirror.group.lastRepo = repo; // what the group's probes fetch by default
+  }
   if (isLoop(req.headers, ctx.cfg.visibleHostname)) return fail(s, 'ERR_LOOP');
   const port = Number(url.port || 80);
   const verdict = ctx.acl().checkDestination(url.hostname, port);
@@ -158,10 +182,34 @@ async function recv(s: State): Promise<StepName | undefined> {
     if (Number.isInteger(mf) && mf > 0) req.headers['max-forwards'] = String(mf - 1);
   }
   if (!CACHEABLE.has(method)) return 'pass';
-  s.primary = parsed.primary;
-  s.vary = ctx.coalescer.varySpecs.get(s.primary) ?? [];
-  s.key = variantKey(s.primary, s.vary, req.headers);
+  setKey(s, parsed.primary);
   return 'lookup';
+}
+
+function setKey(s: State, primary: string): void {
+  s.primary = primary;
+  s.vary = s.ctx.coalescer.varySpecs.get(primary) ?? [];
+  s.key = variantKey(primary, s.vary, s.req.headers);
+}
+
+/**
+ * Accelerator mode, a manifest or other per-mirror file whose sticky mirror just failed: the repository
+ * has moved on, so ask the new sticky mirror, under its own key (never store one mirror's answer under
+ * another's URL).
+ */
+function retryOnNextMirror(s: State): boolean {
+  const group = s.ctx.mirrors.groups[0];
+  if (s.accelRepo === undefined || s.cas || !group || (s.accelRetries ?? 0) >= group.mirrors.length - 1) return false;
+  const next = group.stickyFor(s.accelRepo).origin;
+  if (next === s.url!.origin) return false;
+  const parsed = parseTarget(`${next}${s.url!.pathname}${s.url!.search}`);
+  if (!parsed) return false;
+  s.accelRetries = (s.accelRetries ?? 0) + 1;
+  s.url = parsed.url;
+  s.tx.url = parsed.url.href;
+  s.fill = undefined;
+  setKey(s, parsed.primary);
+  return true;
 }
 
 async function lookup(s: State): Promise<StepName> {
@@ -249,6 +297,8 @@ async function miss(s: State): Promise<StepName> {
     clientHeaders: req.headers,
     upstreamHeaders: upstreamRequestHeaders(req.headers, s.url!, tx.client, ctx.cfg.visibleHostname),
     stale,
+    cas: s.cas,
+    accelRepo: s.accelRepo,
   });
   if (stale?.body.kind === 'file') stale.body.close();
   return 'deliverFill';
@@ -262,7 +312,7 @@ async function deliverFill(s: State): Promise<StepName | undefined> {
     while (fill.state === 'pending' && !fill.released) await fill.changed();
     if (tx.result !== 'TCP_MEM_HIT') {
       tx.hierarchy = 'HIER_DIRECT';
-      tx.peer = s.url!.hostname;
+      tx.peer = fill.peer || s.url!.hostname;
     }
     if (fill.released && id !== 0) {
       tx.coalesced = false;
@@ -276,6 +326,7 @@ async function deliverFill(s: State): Promise<StepName | undefined> {
       return undefined;
     }
     if (!fill.head) {
+      if (retryOnNextMirror(s)) return 'lookup';
       s.error = fill.error ?? new ProxyError('ERR_UPSTREAM_RESET');
       return 'synth';
     }
@@ -452,7 +503,7 @@ async function pass(s: State): Promise<StepName | undefined> {
   }
 }
 
-/** The keys a URL may be stored under: the bare URL and the requester's Vary variant of it. */
+/** The keys a URL may be stored under: the bare URL (or content path) and the requester's Vary variant. */
 function urlKeys(s: State): Set<string> {
   const primary = primaryKey(s.url!);
   const vary = s.ctx.coalescer.varySpecs.get(primary) ?? [];

@@ -3,6 +3,8 @@
 // scrape time, so the hot path pays for nothing but a few integer increments.
 import { Counter, Gauge, Histogram, Registry, collectDefaultMetrics } from 'prom-client';
 import type { Transaction } from './access-log.ts';
+import type { CoalescerStats } from './coalescer.ts';
+import type { MirrorSnapshot } from './mirrors.ts';
 
 export interface MetricsSources {
   fillsInFlight: () => number;
@@ -11,6 +13,8 @@ export interface MetricsSources {
   upstreamBytes: () => number;
   tiers: () => { tier: 'memory' | 'disk'; objects: number; bytes: number; maxBytes: number; evictions: number }[];
   clientConnections: () => number;
+  mirrors: () => MirrorSnapshot[];
+  fillStats: () => CoalescerStats;
 }
 
 const RESULT_GROUP: Record<string, string> = {
@@ -55,6 +59,30 @@ export class Metrics {
     tierGauge('cuttle_cache_objects', 'Objects stored, by tier', (t) => t.objects);
     tierGauge('cuttle_cache_bytes', 'Bytes stored, by tier', (t) => t.bytes);
     tierGauge('cuttle_cache_max_bytes', 'Configured bound, by tier', (t) => t.maxBytes);
+    const mirrorGauge = (name: string, help: string, pick: (m: MirrorSnapshot) => number | null) =>
+      new Gauge({
+        name,
+        help,
+        labelNames: ['group', 'mirror'],
+        registers: [r],
+        collect() {
+          for (const m of src.mirrors()) {
+            const v = pick(m);
+            if (v !== null) this.set({ group: m.group, mirror: m.mirror }, v);
+          }
+        },
+      });
+    mirrorGauge('cuttle_mirror_healthy', 'Stratum 1 mirror health (1 healthy, 0 down)', (m) => (m.healthy ? 1 : 0));
+    mirrorGauge('cuttle_mirror_rtt_seconds', 'Smoothed RTT of a mirror (EWMA of probes and time to first byte)', (m) => (m.rttMs === null ? null : m.rttMs / 1000));
+    mirrorGauge('cuttle_mirror_fetches', 'Fetches sent to a mirror since start (a gauge of a monotonic count)', (m) => m.fetches);
+    mirrorGauge('cuttle_mirror_failures', 'Failed fetches of a mirror since start: connect, timeout, 5xx, broken body, bad hash', (m) => m.failures);
+    mirrorGauge('cuttle_mirror_bytes', 'Body bytes received from a mirror since start', (m) => m.bytes);
+    mirrorGauge('cuttle_mirror_probe_failures', 'Failed health probes of a mirror since start', (m) => m.probeFailures);
+    const fillCounter = (name: string, help: string, pick: (s: CoalescerStats) => number) =>
+      new Counter({ name, help, registers: [r], collect() { this.reset(); this.inc(pick(src.fillStats())); } });
+    fillCounter('cuttle_mirror_failovers_total', 'Upstream answers skipped for the next mirror (error, 5xx, or 404 of a content-addressed object)', (s) => s.failovers);
+    fillCounter('cuttle_fill_resumes_total', 'Broken bodies continued with Range from another mirror', (s) => s.resumes);
+    fillCounter('cuttle_hash_mismatches_total', 'Content-addressed bodies that failed their hash (cut short, never stored)', (s) => s.hashMismatches);
     tierGauge('cuttle_cache_evictions', 'Objects evicted since start, by tier (a gauge of a monotonic count)', (t) => t.evictions);
   }
 

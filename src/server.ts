@@ -14,6 +14,7 @@ import { Upstream } from './fetch.ts';
 import { createFreshness } from './freshness.ts';
 import { handleRequest, newCounters, type Counters, type Ctx } from './handle-request.ts';
 import { createLogger, type Logger } from './log.ts';
+import { Mirrors, Prober } from './mirrors.ts';
 import { TieredStore } from './store.ts';
 import { DiskTier } from './store-disk.ts';
 import { MemoryTier } from './store-memory.ts';
@@ -33,7 +34,8 @@ export interface Proxy {
   readonly disk: DiskTier;
   readonly coalescer: Coalescer;
   readonly log: Logger;
-  /** Bound addresses, in --listen order. */
+  readonly mirrors: Mirrors;
+  /** Bound addresses, in --listen order, then the --accel-listen one. */
   addresses(): AddressInfo[];
   listen(): Promise<void>;
   /** Stop accepting, let in-flight responses finish (up to timeoutMs), then close everything. */
@@ -70,7 +72,9 @@ export async function createProxy(cfg: Config, opts: ProxyOptions = {}): Promise
   const memory = new MemoryTier({ maxBytes: cfg.memoryCacheBytes, maxEntryBytes: cfg.maxMemoryObjectBytes });
   const store = new TieredStore(memory, disk, cfg.maxMemoryObjectBytes);
   const upstream = new Upstream(cfg, getAcl);
-  const coalescer = new Coalescer({ cfg, clock, store, upstream, freshness, log });
+  const mirrors = new Mirrors(cfg.mirrorGroups, cfg.probe, log);
+  const prober = new Prober(mirrors, (url, timeoutMs, wantOk) => upstream.probe(url, timeoutMs, wantOk));
+  const coalescer = new Coalescer({ cfg, clock, store, upstream, freshness, log, mirrors });
   coalescerRef.c = coalescer;
   const counters = newCounters();
   const accessLog = opts.accessLog ?? openAccessLog(cfg.accessLog);
@@ -85,9 +89,11 @@ export async function createProxy(cfg: Config, opts: ProxyOptions = {}): Promise
       { tier: 'disk', ...disk.stats() },
     ],
     clientConnections: () => connections,
+    mirrors: () => mirrors.snapshot(),
+    fillStats: () => coalescer.stats,
   });
   coalescer.onFillDone = (readers) => metrics.fillDone(readers);
-  const ctx: Ctx = { cfg, acl: getAcl, clock, store, coalescer, upstream, accessLog, log, counters, buffers: new BufferPool(2048), metrics };
+  const ctx: Ctx = { cfg, acl: getAcl, clock, store, coalescer, upstream, accessLog, log, counters, buffers: new BufferPool(2048), metrics, mirrors };
   let draining = false;
   let listening = false;
   const startedAt = clock.now();
@@ -106,10 +112,12 @@ export async function createProxy(cfg: Config, opts: ProxyOptions = {}): Promise
             upstream: { fetches: upstream.fetches, bytes: upstream.bytes },
             tiers: { memory: memory.stats(), disk: { ...disk.stats(), loaded: disk.isLoaded } },
             clientConnections: connections,
+            mirrors: mirrors.snapshot(),
           }),
         });
 
-  const servers: Server[] = cfg.listen.map(() => {
+  const listeners = [...cfg.listen.map((addr) => ({ addr, accel: cfg.accel })), ...(cfg.accelListen === 'none' ? [] : [{ addr: cfg.accelListen, accel: true }])];
+  const servers: Server[] = listeners.map(({ accel }) => {
     const srv = createServer({
       requireHostHeader: false,
       keepAliveTimeout: cfg.clientIdleTimeoutMs,
@@ -122,7 +130,7 @@ export async function createProxy(cfg: Config, opts: ProxyOptions = {}): Promise
       connections++;
       sock.once('close', () => connections--);
     });
-    srv.on('request', (req, res) => void handleRequest(ctx, req, res));
+    srv.on('request', (req, res) => void handleRequest(ctx, req, res, accel));
     srv.on('connect', (req, socket, head) => handleConnect(ctx, req, socket, head));
     srv.on('clientError', (err: NodeJS.ErrnoException, socket) => {
       if (socket.writable && err.code !== 'ECONNRESET') {
@@ -140,10 +148,11 @@ export async function createProxy(cfg: Config, opts: ProxyOptions = {}): Promise
     disk,
     coalescer,
     log,
+    mirrors,
     addresses: () => servers.map((s) => s.address() as AddressInfo),
     async listen() {
       for (const [i, srv] of servers.entries()) {
-        const { host, port } = cfg.listen[i]!;
+        const { host, port } = listeners[i]!.addr;
         await new Promise<void>((resolve, reject) => {
           const onErr = (err: Error) => reject(new Error(`cannot listen on ${host}:${port}: ${err.message}`, { cause: err }));
           srv.once('error', onErr);
@@ -161,12 +170,14 @@ export async function createProxy(cfg: Config, opts: ProxyOptions = {}): Promise
         });
       }
       listening = true;
+      prober.start();
       log.info({ listen: servers.map((s) => s.address()), admin: admin?.address(), cacheDir: cfg.cacheDir }, 'cuttle listening');
     },
     adminAddress: () => admin?.address() as AddressInfo | undefined,
     async close(timeoutMs = cfg.shutdownTimeoutMs) {
       // Drain: stop accepting, report not ready, let in-flight responses finish, then close the rest.
       draining = true;
+      prober.stop();
       const drainStarted = clock.now();
       const closing = servers.map((srv) => new Promise<void>((r) => (srv.listening ? srv.close(() => r()) : r())));
       // Keep-alive connections become idle as their last response ends: close them as they do.
@@ -185,7 +196,7 @@ export async function createProxy(cfg: Config, opts: ProxyOptions = {}): Promise
     },
     reload(next) {
       // What can change live: the access rules. The rest (listeners, tiers, sizes) needs a restart.
-      acl = compileAcl(next);
+      acl = compileAcl({ ...next, mirrorGroups: cfg.mirrorGroups }); // mirror groups change on restart
       const live = new Set(['allowClient', 'allowDest', 'allowPorts', 'allowConnectPorts', 'allowPurge']);
       const needRestart = (Object.keys(next) as (keyof Config)[]).filter((k) => !live.has(k) && JSON.stringify(next[k]) !== JSON.stringify(cfg[k]));
       if (needRestart.length) log.warn({ keys: needRestart }, 'reload: these settings take effect only after a restart');

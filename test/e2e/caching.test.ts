@@ -22,12 +22,27 @@ describe('caching policy (RFC 9111, injected clock)', () => {
           : { headers: { etag: '"v1"', 'cache-control': 'max-age=10' }, body: 'validated body' },
       '/vary': (req) => ({ headers: { vary: 'Accept-Language', 'cache-control': 'max-age=60' }, body: `lang=${req.headers['accept-language']}` }),
       '/vary-star': { headers: { vary: '*', 'cache-control': 'max-age=60' }, body: 'star' },
+      '/cvmfs/atlas.cern.ch/api/v1.0/geo/cuttle-test/s1a.example,s1b.example': { headers: { 'cache-control': 'max-age=3600' }, body: '2,1\n' },
     });
     p = await startProxy({ 'negative-ttl': '60s' }, { clock });
   });
   after(async () => {
     await p.close();
     await origin.close();
+  });
+
+  it('caches geo API answers for their max-age (3600 s) and sends X-Forwarded-For for geolocation', async () => {
+    const c = proxyClient(p.url);
+    const path = '/cvmfs/atlas.cern.ch/api/v1.0/geo/cuttle-test/s1a.example,s1b.example';
+    assert.equal((await get(c, origin.url + path)).body.toString(), '2,1\n');
+    assert.equal(origin.seen.find((r) => r.path === path)?.headers['x-forwarded-for'], '127.0.0.1');
+    clock.advance(3599_000);
+    assert.match(String((await get(c, origin.url + path)).headers['x-cache']), /^HIT/);
+    assert.equal(origin.count(path), 1);
+    clock.advance(2_000);
+    await get(c, origin.url + path);
+    assert.equal(origin.count(path), 2, 'refetched once expired');
+    await c.close();
   });
 
   it('caches max-age=61 for exactly 61 s (no minimum expiry), then refetches', async () => {

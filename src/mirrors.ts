@@ -1,0 +1,292 @@
+// Stratum 1 mirror groups: health, smoothed RTT, ranking and the order a fill tries mirrors in.
+//
+// Health follows Varnish probes: a sliding window of the last `window` probe results, healthy while at
+// least `threshold` of them were good; the window starts with `initial` good results, so a mirror is
+// healthy only after its first good probe. Passive failures of real fetches (connect errors, timeouts,
+// 5xx, corrupt bytes) mark a mirror down after `failThreshold` in a row; only a good probe revives it.
+// The RTT is an EWMA of probe round trips and real time-to-first-byte. The ranking keeps the current
+// first choice until another healthy mirror is clearly faster (hysteresis), so near-equal mirrors don't flap.
+//
+// The state here is pure: results come in with their timings, and the prober (at the bottom) is the
+// only part that owns timers.
+import type { Logger } from './log.ts';
+
+export interface MirrorGroupConfig {
+  readonly name: string;
+  /** Base URLs' origins, e.g. http://cvmfs-s1a.example:8000 */
+  readonly mirrors: readonly string[];
+}
+
+export interface ProbeConfig {
+  intervalMs: number;
+  timeoutMs: number;
+  window: number;
+  threshold: number;
+  initial: number;
+  failThreshold: number;
+  /** Repository whose manifest is probed; '' means the group's most recently requested one. */
+  repo: string;
+}
+
+const EWMA_ALPHA = 0.3;
+/** A challenger must be this much faster than the current first choice to replace it. */
+const HYSTERESIS = 0.2;
+const HYSTERESIS_MS = 2;
+
+export class Mirror {
+  readonly origin: string;
+  /** host:port as it appears in a request URL (default port omitted, as WHATWG URL does). */
+  readonly host: string;
+  readonly group: MirrorGroup;
+  readonly index: number;
+  rttMs: number | undefined;
+  /** Failures of real fetches in a row. */
+  consecutiveFailures = 0;
+  /** Marked down by passive failures; cleared only by a good probe. */
+  passiveDown = false;
+  fetches = 0;
+  failures = 0;
+  bytes = 0;
+  probes = 0;
+  probeFailures = 0;
+  lastProbeOk: boolean | undefined;
+  readonly #window: boolean[];
+  readonly #cfg: ProbeConfig;
+
+  constructor(origin: string, group: MirrorGroup, index: number, cfg: ProbeConfig) {
+    const u = new URL(origin);
+    this.origin = u.origin;
+    this.host = u.host;
+    this.group = group;
+    this.index = index;
+    this.#cfg = cfg;
+    this.#window = Array.from({ length: cfg.window }, (_, i) => i >= cfg.window - cfg.initial); // the initial good results are the most recent
+  }
+
+  get goodProbes(): number {
+    let n = 0;
+    for (const ok of this.#window) if (ok) n++;
+    return n;
+  }
+
+  get healthy(): boolean {
+    return !this.passiveDown && this.goodProbes >= this.#cfg.threshold;
+  }
+
+  recordProbe(ok: boolean, rttMs: number | undefined): void {
+    this.probes++;
+    this.lastProbeOk = ok;
+    this.#window.shift();
+    this.#window.push(ok);
+    if (ok) {
+      this.passiveDown = false;
+      this.consecutiveFailures = 0;
+      if (rttMs !== undefined) this.#sample(rttMs);
+    } else this.probeFailures++;
+  }
+
+  recordFetch(ok: boolean, ttfbMs?: number): void {
+    this.fetches++;
+    if (ok) {
+      this.consecutiveFailures = 0;
+      if (ttfbMs !== undefined) this.#sample(ttfbMs);
+      return;
+    }
+    this.failures++;
+    this.consecutiveFailures++;
+    if (this.consecutiveFailures >= this.#cfg.failThreshold) this.passiveDown = true;
+  }
+
+  #sample(ms: number): void {
+    this.rttMs = this.rttMs === undefined ? ms : this.rttMs + EWMA_ALPHA * (ms - this.rttMs);
+  }
+
+  snapshot(): MirrorSnapshot {
+    return {
+      group: this.group.name,
+      mirror: this.origin,
+      healthy: this.healthy,
+      rttMs: this.rttMs === undefined ? null : Math.round(this.rttMs * 10) / 10,
+      goodProbes: this.goodProbes,
+      passiveDown: this.passiveDown,
+      fetches: this.fetches,
+      failures: this.failures,
+      bytes: this.bytes,
+      probes: this.probes,
+      probeFailures: this.probeFailures,
+    };
+  }
+}
+
+export interface MirrorSnapshot {
+  group: string;
+  mirror: string;
+  healthy: boolean;
+  rttMs: number | null;
+  goodProbes: number;
+  passiveDown: boolean;
+  fetches: number;
+  failures: number;
+  bytes: number;
+  probes: number;
+  probeFailures: number;
+}
+
+const byRtt = (a: Mirror, b: Mirror) => (a.rttMs ?? Infinity) - (b.rttMs ?? Infinity) || a.index - b.index;
+
+export class MirrorGroup {
+  readonly name: string;
+  readonly mirrors: Mirror[] = [];
+  /** The mirror misses go to first; changes only with hysteresis. */
+  #first: Mirror | undefined;
+  /** Accelerator mode: the mirror each repository sticks to. */
+  readonly #sticky = new Map<string, Mirror>();
+  /** The repository most recently requested through this group (what probes fetch by default). */
+  lastRepo = '';
+  readonly #onChange: (event: string, fields: Record<string, unknown>) => void;
+
+  constructor(cfg: MirrorGroupConfig, probe: ProbeConfig, onChange: (event: string, fields: Record<string, unknown>) => void) {
+    this.name = cfg.name;
+    this.#onChange = onChange;
+    cfg.mirrors.forEach((m, i) => this.mirrors.push(new Mirror(m, this, i, probe)));
+  }
+
+  /**
+   * Mirrors in the order a miss should try them: healthy ones nearest first (with hysteresis), then the
+   * rest as a last resort (down mirrors are better than an error when nothing else is left).
+   */
+  ranked(): Mirror[] {
+    const healthy = this.mirrors.filter((m) => m.healthy).sort(byRtt);
+    const best = healthy[0];
+    const cur = this.#first;
+    if (best && cur !== best) {
+      const keep = cur?.healthy && cur.rttMs !== undefined && best.rttMs !== undefined && best.rttMs > cur.rttMs * (1 - HYSTERESIS) - HYSTERESIS_MS;
+      if (keep) {
+        healthy.splice(healthy.indexOf(cur!), 1);
+        healthy.unshift(cur!);
+      } else {
+        this.#first = best;
+        this.#onChange('mirror ranking changed', { group: this.name, first: best.origin, rttMs: best.rttMs, previous: cur?.origin });
+      }
+    }
+    const rest = this.mirrors.filter((m) => !m.healthy).sort((a, b) => Number(a.passiveDown) - Number(b.passiveDown) || byRtt(a, b));
+    return [...healthy, ...rest];
+  }
+
+  /** Accelerator mode: the repository's mirror; it moves only when it stops being healthy. */
+  stickyFor(repo: string): Mirror {
+    const cur = this.#sticky.get(repo);
+    if (cur && (cur.healthy || !this.mirrors.some((m) => m.healthy))) return cur;
+    const next = this.ranked()[0]!;
+    this.#sticky.set(repo, next);
+    if (cur !== next) this.#onChange('sticky mirror changed', { group: this.name, repo, mirror: next.origin, previous: cur?.origin });
+    return next;
+  }
+
+  /** The sticky mirror failed a fetch: move the repository on to the next mirror now. */
+  unstick(repo: string, failed: Mirror): void {
+    if (this.#sticky.get(repo) !== failed) return;
+    const next = this.ranked().find((m) => m !== failed) ?? failed;
+    this.#sticky.set(repo, next);
+    if (next !== failed) this.#onChange('sticky mirror changed', { group: this.name, repo, mirror: next.origin, previous: failed.origin, reason: 'fetch failed' });
+  }
+}
+
+/** All groups, and which group a request's host:port belongs to. */
+export class Mirrors {
+  readonly groups: MirrorGroup[];
+  readonly #byHost = new Map<string, Mirror>();
+  readonly cfg: ProbeConfig;
+  readonly #log: Logger;
+
+  constructor(groups: readonly MirrorGroupConfig[], probe: ProbeConfig, log: Logger) {
+    this.cfg = probe;
+    this.#log = log;
+    this.groups = groups.map((g) => new MirrorGroup(g, probe, (event, fields) => log.info(fields, event)));
+    for (const g of this.groups) for (const m of g.mirrors) this.#byHost.set(m.host, m);
+  }
+
+  /** The mirror a request URL names, if it is one of ours. */
+  byHost(host: string): Mirror | undefined {
+    return this.#byHost.get(host);
+  }
+
+  get empty(): boolean {
+    return this.groups.length === 0;
+  }
+
+  all(): Mirror[] {
+    return this.groups.flatMap((g) => g.mirrors);
+  }
+
+  /** Apply a probe result, logging a health change as one structured line. */
+  probed(m: Mirror, ok: boolean, rttMs: number | undefined, why?: string): void {
+    const was = m.healthy;
+    m.recordProbe(ok, rttMs);
+    if (m.healthy !== was) this.#logState(m, ok ? 'probe succeeded' : `probe failed: ${why ?? 'unknown'}`);
+  }
+
+  /** Apply the outcome of a real fetch. */
+  fetched(m: Mirror, ok: boolean, ttfbMs?: number, why?: string): void {
+    const was = m.healthy;
+    m.recordFetch(ok, ttfbMs);
+    if (m.healthy !== was) this.#logState(m, ok ? 'fetch succeeded' : `fetch failed: ${why ?? 'unknown'}`);
+  }
+
+  #logState(m: Mirror, reason: string): void {
+    this.#log.info({ ...m.snapshot(), reason }, m.healthy ? 'mirror up' : 'mirror down');
+  }
+
+  snapshot(): MirrorSnapshot[] {
+    return this.all().map((m) => m.snapshot());
+  }
+}
+
+export type ProbeFn = (url: URL, timeoutMs: number, wantOk: boolean) => Promise<{ ok: boolean; rttMs: number; why?: string }>;
+
+/**
+ * Active probes: each group is probed at a jittered interval (±20%), each mirror with a GET of the
+ * probed repository's manifest (Cache-Control: no-cache). With no repository known yet, the server's
+ * global /cvmfs/info/v1/repositories.json is fetched and any answer below 500 counts as alive.
+ */
+export class Prober {
+  readonly #mirrors: Mirrors;
+  readonly #probe: ProbeFn;
+  readonly #timers = new Set<NodeJS.Timeout>();
+  #stopped = false;
+
+  constructor(mirrors: Mirrors, probe: ProbeFn) {
+    this.#mirrors = mirrors;
+    this.#probe = probe;
+  }
+
+  start(): void {
+    for (const g of this.#mirrors.groups) void this.#round(g);
+  }
+
+  async #round(g: MirrorGroup): Promise<void> {
+    if (this.#stopped) return;
+    const cfg = this.#mirrors.cfg;
+    const repo = cfg.repo || g.lastRepo;
+    const path = repo ? `/cvmfs/${repo}/.cvmfspublished` : '/cvmfs/info/v1/repositories.json';
+    await Promise.all(
+      g.mirrors.map(async (m) => {
+        const r = await this.#probe(new URL(path, m.origin), cfg.timeoutMs, Boolean(repo)).catch((err: Error) => ({ ok: false, rttMs: 0, why: err.message }));
+        if (!this.#stopped) this.#mirrors.probed(m, r.ok, r.ok ? r.rttMs : undefined, r.why);
+      }),
+    );
+    if (this.#stopped) return;
+    const t = setTimeout(() => {
+      this.#timers.delete(t);
+      void this.#round(g);
+    }, cfg.intervalMs * (0.8 + 0.4 * Math.random()));
+    t.unref();
+    this.#timers.add(t);
+  }
+
+  stop(): void {
+    this.#stopped = true;
+    for (const t of this.#timers) clearTimeout(t);
+    this.#timers.clear();
+  }
+}

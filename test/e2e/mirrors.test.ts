@@ -1,0 +1,234 @@
+// Stratum 1 awareness: nearest healthy mirror, failover, Range resume, hash verification, host-independent
+// keys for content-addressed objects, and manifests that never cross mirrors. Real loopback mirrors.
+import assert from 'node:assert/strict';
+import { after, before, describe, it } from 'node:test';
+import { Pool } from 'undici';
+import { casObject } from '../../src/content-hash.ts';
+import { get, proxyClient, startProxy, type TestProxy } from '../helpers/proxy.ts';
+import { casBodies, healthy, REPO, startMirrors, waitFor, type TestMirror } from '../helpers/mirrors.ts';
+
+const MANIFEST = `/cvmfs/${REPO}/.cvmfspublished`;
+
+function mirrorOptions(mirrors: TestMirror[], extra: Record<string, unknown> = {}): Record<string, unknown> {
+  return { stratum1: mirrors.map((m) => m.url), 'probe-interval': '150ms', 'probe-timeout': '1s', 'probe-repo': REPO, ...extra };
+}
+
+const total = (mirrors: TestMirror[], path: string) => mirrors.reduce((n, m) => n + m.count(path), 0);
+
+describe('mirrors: nearest healthy, failover and return', () => {
+  let mirrors: TestMirror[];
+  let p: TestProxy;
+  let pool: Pool;
+  const bodies = casBodies(Array.from({ length: 24 }, (_, i) => 2048 + i * 100));
+  const paths = [...bodies.keys()];
+  before(async () => {
+    mirrors = await startMirrors(bodies, [10, 40, 80]);
+    p = await startProxy(mirrorOptions(mirrors));
+    pool = proxyClient(p.url, 4);
+    await waitFor('all mirrors healthy', () => mirrors.every((m) => healthy(p.proxy, m.url)));
+  });
+  after(async () => {
+    await pool?.close();
+    await p?.close();
+    for (const m of mirrors ?? []) await m.stop().catch(() => {});
+  });
+
+  it('misses go to the 10 ms mirror whichever mirror the client names', async () => {
+    const [a, , c] = mirrors;
+    for (const path of paths.slice(0, 4)) {
+      const r = await get(pool, `${c!.url}${path}`);
+      assert.equal(r.status, 200);
+      assert.ok(r.body.equals(bodies.get(path)!));
+      assert.equal(a!.count(path), 1, 'fetched from the nearest mirror');
+      assert.equal(total(mirrors, path), 1, 'one upstream fetch in all');
+    }
+    const snap = p.proxy.mirrors.snapshot();
+    assert.ok(snap[0]!.rttMs! < snap[1]!.rttMs! && snap[1]!.rttMs! < snap[2]!.rttMs!, JSON.stringify(snap));
+  });
+
+  it('a stopped mirror is failed over at once, marked down, and misses move to the 40 ms one', async () => {
+    const [a, b] = mirrors;
+    await a!.stop();
+    // Requests naming the dead mirror still succeed: the fill asks the next one.
+    for (const path of paths.slice(4, 8)) {
+      const r = await get(pool, `${a!.url}${path}`);
+      assert.equal(r.status, 200);
+      assert.ok(r.body.equals(bodies.get(path)!));
+      assert.equal(b!.count(path), 1);
+    }
+    await waitFor('the stopped mirror marked down', () => !healthy(p.proxy, a!.url));
+    const before = p.proxy.coalescer.stats.failovers;
+    for (const path of paths.slice(8, 12)) {
+      assert.equal((await get(pool, `${a!.url}${path}`)).status, 200);
+      assert.equal(b!.count(path), 1, 'a down mirror is not tried first');
+      assert.equal(total(mirrors, path), 1);
+    }
+    assert.equal(p.proxy.coalescer.stats.failovers, before, 'no failover needed once it is down');
+  });
+
+  it('returns to the 10 ms mirror after good probes', async () => {
+    const [a] = mirrors;
+    await a!.start();
+    await waitFor('the mirror back up', () => healthy(p.proxy, a!.url));
+    for (const path of paths.slice(12, 16)) {
+      assert.equal((await get(pool, `${mirrors[2]!.url}${path}`)).status, 200);
+      assert.equal(a!.count(path), 1);
+      assert.equal(total(mirrors, path), 1);
+    }
+  });
+
+  it('content-addressed keys are host-independent: via mirror A, then via mirror B, is a HIT', async () => {
+    const [a, b] = mirrors;
+    const path = paths[16]!;
+    assert.equal((await get(pool, `${a!.url}${path}`)).headers['x-cache'], 'MISS from cuttle-test');
+    const second = await get(pool, `${b!.url}${path}`);
+    assert.match(String(second.headers['x-cache']), /^HIT/);
+    assert.ok(second.body.equals(bodies.get(path)!));
+    assert.equal(total(mirrors, path), 1);
+  });
+
+  it('exposes each mirror in /metrics', async () => {
+    const text = await (await fetch(`http://127.0.0.1:${p.proxy.adminAddress()!.port}/metrics`)).text();
+    for (const m of mirrors) assert.match(text, new RegExp(`cuttle_mirror_healthy\\{group="default",mirror="${m.url.replace(/\./g, '\\.')}"\\} 1`));
+    assert.match(text, /cuttle_mirror_rtt_seconds\{/);
+    assert.match(text, /cuttle_mirror_failovers_total \d+/);
+  });
+});
+
+describe('mirrors: 404 failover, corrupt bytes, Range resume', () => {
+  let p: TestProxy | undefined;
+  let mirrors: TestMirror[] = [];
+  let pool: Pool | undefined;
+  const stop = async () => {
+    await pool?.close();
+    await p?.close();
+    for (const m of mirrors) await m.stop().catch(() => {});
+    [pool, p, mirrors] = [undefined, undefined, []];
+  };
+  after(stop);
+
+  it('a 404 on one mirror with 200 on another is served as 200; a 404 everywhere is a plain 404', async () => {
+    const bodies = casBodies([5000, 6000]);
+    const [have, missing] = [...bodies.keys()];
+    const partial = new Map([[have!, bodies.get(have!)!]]);
+    mirrors = await startMirrors(bodies, [5, 30], [{ bodies: partial }]);
+    p = await startProxy(mirrorOptions(mirrors));
+    pool = proxyClient(p.url, 2);
+    await waitFor('mirrors healthy', () => mirrors.every((m) => healthy(p!.proxy, m.url)));
+    const r = await get(pool, `${mirrors[0]!.url}${missing}`);
+    assert.equal(r.status, 200);
+    assert.ok(r.body.equals(bodies.get(missing!)!));
+    assert.equal(mirrors[0]!.count(missing!), 1);
+    assert.equal(mirrors[1]!.count(missing!), 1);
+    assert.equal(p.proxy.coalescer.stats.failovers, 1);
+    const nowhere = `/cvmfs/${REPO}/data/00/${'0'.repeat(38)}`;
+    const r404 = await get(pool, `${mirrors[0]!.url}${nowhere}`);
+    assert.equal(r404.status, 404);
+    assert.equal(r404.headers['proxy-status'], undefined, "a Stratum 1's own 404 is not labelled as the proxy's");
+    assert.equal(total(mirrors, nowhere), 2, 'every mirror was asked');
+    await stop();
+  });
+
+  it('a corrupt mirror: nothing stored, the client is cut short, the retry gets a good copy elsewhere', async () => {
+    const bodies = casBodies([300_000]);
+    const [path] = [...bodies.keys()];
+    mirrors = await startMirrors(bodies, [5, 30], [{ corruptPaths: new Set([path!]) }]);
+    p = await startProxy(mirrorOptions(mirrors));
+    pool = proxyClient(p.url, 2);
+    await waitFor('mirrors healthy', () => mirrors.every((m) => healthy(p!.proxy, m.url)));
+    await assert.rejects(get(pool, `${mirrors[0]!.url}${path}`), 'the client sees a truncated body, not a complete one');
+    assert.equal(p.proxy.coalescer.stats.hashMismatches, 1);
+    await p.proxy.coalescer.settle();
+    assert.equal(await p.proxy.store.get(casObject(path!)!.key), undefined, 'nothing stored');
+    const retry = await get(pool, `${mirrors[0]!.url}${path}`, { 'cache-control': 'no-cache', pragma: 'no-cache' });
+    assert.equal(retry.status, 200);
+    assert.ok(retry.body.equals(bodies.get(path!)!));
+    assert.equal(mirrors[0]!.count(path!), 1, 'the corrupt mirror is not asked again');
+    assert.equal(mirrors[1]!.count(path!), 1);
+    await p.proxy.coalescer.settle();
+    const hit = await get(pool, `${mirrors[1]!.url}${path}`);
+    assert.match(String(hit.headers['x-cache']), /^HIT/);
+    await stop();
+  });
+
+  it('a 16 MiB body broken off mid-way is resumed with Range from another mirror; clients get the exact bytes', async () => {
+    const bodies = casBodies([16 * 1024 * 1024], 'P');
+    const [path] = [...bodies.keys()];
+    mirrors = await startMirrors(bodies, [5, 30], [{ resetAfterBytes: 5 * 1024 * 1024 + 123 }]);
+    p = await startProxy(mirrorOptions(mirrors));
+    pool = proxyClient(p.url, 4);
+    await waitFor('mirrors healthy', () => mirrors.every((m) => healthy(p!.proxy, m.url)));
+    const [r1, r2] = await Promise.all([get(pool, `${mirrors[0]!.url}${path}`), get(pool, `${mirrors[1]!.url}${path}`)]);
+    for (const r of [r1, r2]) {
+      assert.equal(r.status, 200);
+      assert.ok(r.body.equals(bodies.get(path!)!), 'exact bytes');
+    }
+    assert.equal(p.proxy.coalescer.stats.resumes, 1);
+    assert.equal(mirrors[0]!.count(path!), 1);
+    assert.equal(mirrors[1]!.count(path!), 1);
+    const ranges = mirrors[1]!.emu.stats.ranges;
+    assert.equal(ranges.length, 1, 'the second mirror saw one Range request');
+    const from = Number(/^\S+ bytes=(\d+)-$/.exec(ranges[0]!)?.[1]);
+    assert.ok(from >= 4 * 1024 * 1024 && from <= 5 * 1024 * 1024 + 123, `resumed from the byte the first mirror stopped at (${ranges[0]})`);
+    await p.proxy.coalescer.settle();
+    assert.match(String((await get(pool, `${mirrors[0]!.url}${path}`)).headers['x-cache']), /^HIT/, 'the resumed object was verified and stored');
+    await stop();
+  });
+});
+
+describe('mirrors: manifests are never crossed', () => {
+  let mirrors: TestMirror[];
+  let p: TestProxy;
+  let pool: Pool;
+  let accel: Pool;
+  const bodies = casBodies([1000, 2000]);
+  before(async () => {
+    mirrors = await startMirrors(bodies, [5, 40]);
+    mirrors[0]!.emu.revision = 5;
+    mirrors[1]!.emu.revision = 9;
+    p = await startProxy(mirrorOptions(mirrors, { 'accel-listen': '127.0.0.1:0' }));
+    pool = proxyClient(p.url, 2);
+    accel = new Pool(`http://127.0.0.1:${p.proxy.addresses()[1]!.port}`, { connections: 2 });
+    await waitFor('mirrors healthy', () => mirrors.every((m) => healthy(p.proxy, m.url)));
+  });
+  after(async () => {
+    await pool?.close();
+    await accel?.close();
+    await p?.close();
+    for (const m of mirrors ?? []) await m.stop().catch(() => {});
+  });
+
+  it('forward mode: each client gets the manifest of the mirror it named', async () => {
+    for (let i = 0; i < 2; i++) {
+      assert.match((await get(pool, `${mirrors[0]!.url}${MANIFEST}`)).body.toString(), /\nS5\n/);
+      assert.match((await get(pool, `${mirrors[1]!.url}${MANIFEST}`)).body.toString(), /\nS9\n/);
+    }
+  });
+
+  it('accelerator mode: origin-form requests are served from the sticky mirror, manifest and data alike', async () => {
+    const r = await accel.request({ path: MANIFEST, method: 'GET' });
+    assert.equal(r.statusCode, 200);
+    assert.match(await r.body.text(), /\nS5\n/, 'the nearest mirror is the sticky one');
+    const [path] = [...bodies.keys()];
+    const d = await accel.request({ path: path!, method: 'GET' });
+    assert.equal(d.statusCode, 200);
+    assert.ok(Buffer.from(await d.body.arrayBuffer()).equals(bodies.get(path!)!));
+    assert.equal(mirrors[0]!.count(path!), 1);
+    // The forward proxy port still refuses origin-form.
+    assert.equal((await get(pool, MANIFEST)).status, 400);
+  });
+
+  it('accelerator mode: when the sticky mirror dies, the repository moves to the next mirror, manifest included', async () => {
+    await mirrors[0]!.stop();
+    const r = await accel.request({ path: MANIFEST, method: 'GET', headers: { 'cache-control': 'no-cache' } });
+    assert.equal(r.statusCode, 200);
+    assert.match(await r.body.text(), /\nS9\n/);
+    const again = await accel.request({ path: MANIFEST, method: 'GET' });
+    assert.match(await again.body.text(), /\nS9\n/, 'never the old mirror\'s manifest once the repository moved');
+    const [, path] = [...bodies.keys()];
+    const d = await accel.request({ path: path!, method: 'GET' });
+    assert.equal(d.statusCode, 200);
+    await d.body.arrayBuffer();
+    assert.equal(mirrors[1]!.count(path!), 1);
+  });
+});
