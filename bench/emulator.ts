@@ -99,6 +99,8 @@ export interface EmulatorStats {
   firstComplete: Record<string, number>;
   /** Range requests seen, as "path bytes=N-". */
   ranges: string[];
+  /** Health probes of a proxy (User-Agent cuttle-probe), not in requests or perPath. */
+  probes: number;
 }
 
 export interface Emulator {
@@ -112,7 +114,7 @@ export interface Emulator {
 const SLICE = 64 * 1024;
 
 export async function startEmulator(o: EmulatorOptions, port = 0, host = '127.0.0.1'): Promise<Emulator> {
-  const stats: EmulatorStats = { requests: 0, bytes: 0, perPath: {}, firstComplete: {}, ranges: [] };
+  const stats: EmulatorStats = { requests: 0, bytes: 0, perPath: {}, firstComplete: {}, ranges: [], probes: 0 };
   const rnd = prng(o.seed ?? 7);
   const sockets = new Set<Socket>();
   let totalBudgetAt = Date.now();
@@ -171,8 +173,12 @@ export async function startEmulator(o: EmulatorOptions, port = 0, host = '127.0.
       emu.revision++;
       return void res.end(String(emu.revision));
     }
-    stats.requests++;
-    stats.perPath[path] = (stats.perPath[path] ?? 0) + 1;
+    // A proxy's health probes are not client traffic: counted apart.
+    if (req.headers['user-agent'] === 'cuttle-probe') stats.probes++;
+    else {
+      stats.requests++;
+      stats.perPath[path] = (stats.perPath[path] ?? 0) + 1;
+    }
     if (req.headers.range) stats.ranges.push(`${path} ${req.headers.range}`);
     if (o.latencyMs) await sleep(o.latencyMs);
     if (o.errorRate && rnd() < o.errorRate) {

@@ -26,6 +26,10 @@ export interface Scenario {
   hotSeconds?: number;
   hotConnections?: number;
   poll?: { everyMs: number; forMs: number };
+  /** mirror-kill: latencies of three mirrors; the first (nearest, the one nodes name) dies mid-run. */
+  mirrorLatenciesMs?: number[];
+  /** Kill the nearest mirror once it has sent this fraction of the catalogue's bytes. */
+  killAtFraction?: number;
   why?: string;
 }
 
@@ -33,7 +37,7 @@ export const SCENARIOS: Record<string, Scenario> = {
   herd: { name: 'herd', kind: 'herd', nodes: 1000, objects: 200, order: 'same', latencyMs: 50 },
   'herd-shuffle': { name: 'herd-shuffle', kind: 'herd', nodes: 1000, objects: 200, order: 'shuffle', latencyMs: 50 },
   'herd-slow': { name: 'herd-slow', kind: 'herd', nodes: 1000, objects: 200, order: 'same', latencyMs: 200, chunkBytesPerSec: 2 * 2 ** 20 },
-  'mirror-kill': { name: 'mirror-kill', kind: 'skip', nodes: 0, objects: 0, order: 'same', latencyMs: 0, why: 'needs Stratum 1 mirror groups (issue 3); skipped' },
+  'mirror-kill': { name: 'mirror-kill', kind: 'herd', nodes: 1000, objects: 100, order: 'same', latencyMs: 20, mirrorLatenciesMs: [20, 60, 100], chunkBytesPerSec: 8 * 2 ** 20, killAtFraction: 0.3 },
   'hot-small': { name: 'hot-small', kind: 'hot', nodes: 0, objects: 0, order: 'same', latencyMs: 0, hotObjectBytes: 4096, hotSeconds: 10, hotConnections: 200 },
   'hot-large': { name: 'hot-large', kind: 'hot', nodes: 0, objects: 0, order: 'same', latencyMs: 0, hotObjectBytes: 2 ** 20, hotSeconds: 10, hotConnections: 50 },
   'manifest-poll': { name: 'manifest-poll', kind: 'poll', nodes: 1000, objects: 0, order: 'same', latencyMs: 50, poll: { everyMs: 5000, forMs: 60_000 } },
@@ -98,9 +102,14 @@ export async function runOnce(o: RunOptions): Promise<RunResult> {
   }
   const emuOpts: EmulatorOptions = { repo: REPO, bodies, latencyMs: sc.latencyMs, chunkBytesPerSec: sc.chunkBytesPerSec, seed: o.seed };
   const emu = await startEmulator(emuOpts);
+  // mirror-kill: two more mirrors with the same content, farther away. cuttle is told they are one group;
+  // Squid has no such notion, and its nodes fail over to the next Stratum 1 themselves.
+  const others = await Promise.all((sc.mirrorLatenciesMs ?? []).slice(1).map((latencyMs) => startEmulator({ ...emuOpts, latencyMs })));
+  const emus = [emu, ...others];
   const port = await freePort();
   let target: Target;
-  if (o.target === 'cuttle') target = await startCuttle(port, { memoryCache: o.memoryCache });
+  const mirrorArgs = others.length ? emus.flatMap((e) => ['--stratum1', e.url, '--probe-repo', REPO]) : [];
+  if (o.target === 'cuttle') target = await startCuttle(port, { memoryCache: o.memoryCache, extra: mirrorArgs });
   else if (o.target === 'squid') target = await startSquid(port, { memoryCacheMB: Math.round(parseSizeMB(o.memoryCache)) });
   else target = externalTarget(o.target);
   const startedAt = new Date().toISOString();
@@ -119,19 +128,33 @@ export async function runOnce(o: RunOptions): Promise<RunResult> {
       result.wallS = (Date.now() - t0) / 1000;
     } else {
       const paths = sc.kind === 'poll' ? [`/cvmfs/${REPO}/.cvmfspublished`] : [`/cvmfs/${REPO}/.cvmfspublished`, ...specs.map((s) => s.path)];
-      const nodes = await runNodes({ proxy: target.url, origin: emu.url, nodes: sc.nodes, connectionsPerNode: o.connectionsPerNode, paths, streamPaths: specs.filter((s) => s.size > 2 ** 20).map((s) => s.path), order: sc.order, seed: o.seed, poll: sc.poll, emulatorStats: `${emu.url}/_emulator/stats` });
+      let killer: NodeJS.Timeout | undefined;
+      if (sc.killAtFraction) {
+        const total = specs.reduce((a, x) => a + x.size, 0);
+        killer = setInterval(() => {
+          if (emu.stats.bytes < total * sc.killAtFraction!) return;
+          clearInterval(killer);
+          result.mirrorKilledAtS = (Date.now() - t0) / 1000;
+          process.stderr.write(`  killing the nearest mirror at ${result.mirrorKilledAtS.toFixed(1)} s\n`);
+          void emu.close();
+        }, 50);
+      }
+      const nodes = await runNodes({ proxy: target.url, origin: emu.url, origins: emus.map((e) => e.url), nodes: sc.nodes, connectionsPerNode: o.connectionsPerNode, paths, streamPaths: specs.filter((s) => s.size > 2 ** 20).map((s) => s.path), order: sc.order, seed: o.seed, poll: sc.poll, emulatorStats: `${emu.url}/_emulator/stats` });
+      clearInterval(killer);
       result.nodes = nodes;
       result.wallS = nodes.wallMs / 1000;
       result.goodputMiBs = nodes.bytes / 2 ** 20 / result.wallS;
     }
     // Data objects are immutable: more than one fetch is a coalescing failure. The manifest expires
     // after 61 s, so a run longer than that legitimately fetches it again: it is counted apart.
-    const perPath = Object.entries(emu.stats.perPath);
+    const merged: Record<string, number> = {};
+    for (const e of emus) for (const [p, n] of Object.entries(e.stats.perPath)) merged[p] = (merged[p] ?? 0) + n;
+    const perPath = Object.entries(merged);
     const counts = perPath.filter(([p]) => p.includes('/data/')).map(([, n]) => n);
     result.manifestFetches = perPath.filter(([p]) => !p.includes('/data/')).reduce((a, [, n]) => a + n, 0);
     result.uniqueObjects = counts.length;
     result.upstreamFetches = perPath.reduce((a, [, n]) => a + n, 0);
-    result.emulatorRequests = emu.stats.requests;
+    result.emulatorRequests = emus.reduce((a, e) => a + e.stats.requests, 0);
     result.fetchesPerObjectMean = counts.length ? counts.reduce((a, b) => a + b, 0) / counts.length : NaN;
     result.fetchesPerObjectMax = counts.length ? Math.max(...counts) : NaN;
     result.objectsFetchedMoreThanOnce = counts.filter((c) => c > 1).length;
@@ -140,7 +163,7 @@ export async function runOnce(o: RunOptions): Promise<RunResult> {
     result.proxyPeakRssMiB = ps.peakRssMiB;
   } finally {
     await target.stop();
-    await emu.close();
+    for (const e of emus) await e.close().catch(() => {});
   }
   return result;
 }

@@ -13,6 +13,9 @@ import { prng } from './emulator.ts';
 export interface NodesPlan {
   proxy: string;
   origin: string;
+  /** The node's Stratum 1 list (CVMFS_SERVER_URL), origin first: after a failed attempt the node moves
+   * to the next host, as a cvmfs client does on a host failure (mirror-kill). */
+  origins?: string[];
   nodes: number;
   connectionsPerNode: number;
   paths: string[];
@@ -48,6 +51,8 @@ export interface NodesReport {
   generatorStallS: number;
   /** Watchdog trips by object kind, and how many had received the response head. */
   tripsByKind: Record<string, number>;
+  /** Nodes that moved to another Stratum 1 after a failure. */
+  hostSwitches: number;
 }
 
 const WATCHDOG_MS = 5000;
@@ -125,7 +130,7 @@ async function main(): Promise<void> {
 
   // One request through undici's dispatch API: callbacks per chunk, no stream or promise per chunk,
   // so that 1,000 simulated nodes cost the generator as little CPU as possible.
-  function fetchOnce(pool: Pool, path: string, noCache: boolean): Promise<string | undefined> {
+  function fetchOnce(pool: Pool, path: string, noCache: boolean, host = plan.origin): Promise<string | undefined> {
     attempts++;
     const a: Active = { startedAt: Date.now(), bytes: 0, windowStart: Date.now(), windowBytes: 0, abort: new AbortController(), tripped: false };
     active.add(a);
@@ -144,7 +149,7 @@ async function main(): Promise<void> {
         resolve(outcome);
       };
       pool.dispatch(
-        { path: `${plan.origin}${path}`, method: 'GET', headers },
+        { path: `${host}${path}`, method: 'GET', headers },
         {
           onRequestStart(controller) {
             a.abort.signal.addEventListener('abort', () => controller.abort(new TooSlow('proxy too slow')), { once: true });
@@ -196,15 +201,24 @@ async function main(): Promise<void> {
     });
   }
 
+  const hosts = plan.origins ?? [plan.origin];
+  const hostOf = new Map<Pool, number>();
+  let hostSwitches = 0;
   async function fetchWithRetry(pool: Pool, path: string): Promise<void> {
     requests++;
-    const e1 = await fetchOnce(pool, path, false);
+    const h = hostOf.get(pool) ?? 0;
+    const e1 = await fetchOnce(pool, path, false, hosts[h]);
     if (!e1) {
       completed++;
       return;
     }
     count(firstErrors, e1);
-    const e2 = await fetchOnce(pool, path, e1 === 'bad-hash');
+    // A node with several Stratum 1s moves on after a failure (only if no other lane already did).
+    if (hosts.length > 1 && e1 !== 'bad-hash' && (hostOf.get(pool) ?? 0) === h) {
+      hostOf.set(pool, (h + 1) % hosts.length);
+      hostSwitches++;
+    }
+    const e2 = await fetchOnce(pool, path, e1 === 'bad-hash', hosts[hostOf.get(pool) ?? 0]);
     if (!e2) completed++;
     else count(errors, e2);
   }
@@ -285,6 +299,7 @@ async function main(): Promise<void> {
     generatorLoopLagMs: { p99: lag.percentile(99) / 1e6, max: lag.max / 1e6 },
     generatorStallS: generatorStallMs / 1000,
     tripsByKind,
+    hostSwitches,
   };
   process.stdout.write(`${JSON.stringify(report)}\n`);
 }

@@ -24,6 +24,8 @@ export interface RunResult {
   reqPerSec?: number;
   mibPerSec?: number;
   hotErrors?: number;
+  /** mirror-kill: when the nearest mirror was killed. */
+  mirrorKilledAtS?: number;
 }
 
 /** Rows of the summary: label, how to read it from a run, and which direction is better. */
@@ -34,6 +36,7 @@ export const FIGURES: { label: string; get: (r: RunResult) => number | undefined
   { label: 'objects fetched more than once', get: (r) => r.objectsFetchedMoreThanOnce, better: 'lower' },
   { label: 'client errors (after retry)', get: (r) => (r.nodes ? Object.values(r.nodes.errors).reduce((a, b) => a + b, 0) : r.hotErrors), better: 'lower' },
   { label: 'first-attempt failures', get: (r) => (r.nodes ? Object.values(r.nodes.firstAttemptErrors).reduce((a, b) => a + b, 0) : undefined), better: 'lower' },
+  { label: 'nodes that switched Stratum 1', get: (r) => r.nodes?.hostSwitches, better: 'lower' },
   { label: 'watchdog trips', get: (r) => r.nodes?.watchdogTrips, better: 'lower' },
   { label: 'hash failures', get: (r) => r.nodes?.hashFailures, better: 'lower' },
   { label: 'latency p50 (ms)', get: (r) => r.nodes?.latencyMs.p50, better: 'lower' },

@@ -1,7 +1,9 @@
-// The admin listener (--admin-listen, loopback by default; never the proxy port): Prometheus /metrics,
+// The admin listener (--admin-listen, loopback by default; never the proxy port): the live dashboard at /,
+// Prometheus /metrics,
 // /healthz (liveness), /readyz (listening, disk index loaded, not draining) and /status (the same
 // figures as JSON, for scripts without Prometheus).
 import { createServer, type Server } from 'node:http';
+import { DASHBOARD_CSP, DASHBOARD_HTML } from './dashboard.ts';
 import type { Metrics } from './metrics.ts';
 
 export interface AdminState {
@@ -18,6 +20,9 @@ export function createAdminServer(metrics: Metrics, state: AdminState): Server {
     }
     try {
       switch (path) {
+        case '/':
+          res.writeHead(200, { 'content-type': 'text/html; charset=utf-8', 'content-security-policy': DASHBOARD_CSP, 'cache-control': 'no-store' }).end(DASHBOARD_HTML);
+          return;
         case '/metrics': {
           const text = await metrics.registry.metrics();
           res.writeHead(200, { 'content-type': metrics.registry.contentType }).end(text);
@@ -32,10 +37,10 @@ export function createAdminServer(metrics: Metrics, state: AdminState): Server {
           return;
         }
         case '/status':
-          res.writeHead(200, { 'content-type': 'application/json' }).end(`${JSON.stringify(state.status(), null, 2)}\n`);
+          res.writeHead(200, { 'content-type': 'application/json', 'cache-control': 'no-store' }).end(`${JSON.stringify(state.status(), null, 2)}\n`);
           return;
         default:
-          res.writeHead(404, { 'content-type': 'text/plain' }).end('not found: try /metrics, /healthz, /readyz, /status\n');
+          res.writeHead(404, { 'content-type': 'text/plain' }).end('not found: try /, /metrics, /healthz, /readyz, /status\n');
       }
     } catch (err) {
       res.writeHead(500, { 'content-type': 'text/plain' }).end(`${(err as Error).message}\n`);

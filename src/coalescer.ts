@@ -94,6 +94,15 @@ export class Coalescer {
     return this.#fills.size;
   }
 
+  /** The fills in flight with the most clients attached (the dashboard's "top waiters"). */
+  topFills(n: number, now: number): { url: string; readers: number; bytes: number; of: number | null; ageS: number }[] {
+    return [...this.#fills.values()]
+      .filter((f) => f.state === 'pending' || f.state === 'streaming')
+      .sort((a, b) => b.attached - a.attached)
+      .slice(0, n)
+      .map((f) => ({ url: f.key.split('\n')[0]!, readers: f.attached, bytes: f.received, of: f.head?.contentLength ?? null, ageS: Math.round((now - f.startedAt) / 100) / 10 }));
+  }
+
   /** A fill this request may join, if any. */
   joinable(key: string): Fill | undefined {
     const f = this.#fills.get(key);

@@ -52,6 +52,9 @@ export const DEFAULTS = {
   'probe-initial': 2,
   'probe-repo': '',
   'mirror-fail-threshold': 3,
+  'snmp-listen': 'none',
+  'allow-snmp': ['127.0.0.0/8', '::1/128'],
+  'snmp-community': 'public',
 } as const;
 
 export type OptionName = keyof typeof DEFAULTS;
@@ -95,9 +98,12 @@ const HELP: Record<OptionName, string> = {
   'probe-initial': 'probes counted as good at start (below the threshold: healthy after the first good probe)',
   'probe-repo': 'repository whose .cvmfspublished is probed (default: the most recently requested one)',
   'mirror-fail-threshold': 'failed fetches in a row that mark a mirror down until its next good probe',
+  'snmp-listen': '[HOST:]PORT (UDP) of the SNMP agent with the Squid MIB, usually 3401, or none',
+  'allow-snmp': 'CIDR allowed to query the SNMP agent (repeatable)',
+  'snmp-community': 'SNMP v1/v2c community string',
 };
 
-const MULTIPLE = new Set<OptionName>(['listen', 'allow-client', 'allow-dest', 'allow-purge', 'stratum1']);
+const MULTIPLE = new Set<OptionName>(['listen', 'allow-client', 'allow-dest', 'allow-purge', 'stratum1', 'allow-snmp']);
 
 const UNITS: Record<string, number> = { '': 1, B: 1, K: 1024, KB: 1024, KIB: 1024, M: 1024 ** 2, MB: 1024 ** 2, MIB: 1024 ** 2, G: 1024 ** 3, GB: 1024 ** 3, GIB: 1024 ** 3, T: 1024 ** 4, TB: 1024 ** 4, TIB: 1024 ** 4 };
 const DURATIONS: Record<string, number> = { ms: 1, '': 1000, s: 1000, m: 60_000, min: 60_000, h: 3_600_000, d: 86_400_000 };
@@ -257,6 +263,9 @@ const schema = z
     'probe-initial': z.number({ error: 'expected an integer' }).int().min(0),
     'probe-repo': z.string().regex(/^[A-Za-z0-9._-]*$/, 'expected a repository name such as atlas.cern.ch'),
     'mirror-fail-threshold': count,
+    'snmp-listen': conv((v: string | number) => (v === 'none' ? ('none' as const) : parseListen(v)), '[HOST:]PORT or none'),
+    'allow-snmp': list(conv(parseCidr, 'an IP address or CIDR such as 127.0.0.0/8')),
+    'snmp-community': z.string().min(1, 'expected a community string').regex(/^[\x21-\x7e]+$/, 'expected printable characters without spaces'),
   })
   .strict();
 
@@ -296,6 +305,9 @@ export interface Config {
   readonly accel: boolean;
   readonly accelListen: ListenAddr | 'none';
   readonly probe: ProbeConfig;
+  readonly snmpListen: ListenAddr | 'none';
+  readonly allowSnmp: readonly Cidr[];
+  readonly snmpCommunity: string;
 }
 
 function toConfig(p: Parsed): Config {
@@ -329,6 +341,9 @@ function toConfig(p: Parsed): Config {
     adminListen: p['admin-listen'],
     shutdownTimeoutMs: p['shutdown-timeout'],
     mirrorGroups: p.stratum1,
+    snmpListen: p['snmp-listen'],
+    allowSnmp: p['allow-snmp'],
+    snmpCommunity: p['snmp-community'],
     accel: p.accel,
     accelListen: p['accel-listen'],
     probe: {

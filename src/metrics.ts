@@ -91,10 +91,18 @@ export class Metrics {
     const group = errorToken && tx.result !== 'TCP_DENIED' ? 'ERROR' : (RESULT_GROUP[tx.result] ?? 'ERROR');
     this.#requests.inc({ result: group, method: tx.method });
     const tier = tx.result === 'TCP_MEM_HIT' ? 'memory' : tx.result === 'TCP_HIT' || tx.result === 'TCP_REFRESH_UNMODIFIED' ? 'disk' : 'upstream';
-    if (tx.bytesOut > 0 && !errorToken) this.#bytes.inc({ tier }, tx.bytesOut);
+    this.results[group] = (this.results[group] ?? 0) + 1;
+    if (tx.bytesOut > 0 && !errorToken) {
+      this.#bytes.inc({ tier }, tx.bytesOut);
+      this.served[tier] += tx.bytesOut;
+    }
     if (errorToken) this.#errors.inc({ error: errorToken });
     this.#duration.observe({ result: group }, Math.max(0, nowMs - tx.startedAt) / 1000);
   }
+
+  /** Body bytes served by tier, and requests by result group, as plain numbers (for /status and the dashboard). */
+  readonly served = { memory: 0, disk: 0, upstream: 0 };
+  readonly results: Record<string, number> = {};
 
   fillDone(readers: number): void {
     this.#waiters.observe(readers);

@@ -15,6 +15,7 @@ import { createFreshness } from './freshness.ts';
 import { handleRequest, newCounters, type Counters, type Ctx } from './handle-request.ts';
 import { createLogger, type Logger } from './log.ts';
 import { Mirrors, Prober } from './mirrors.ts';
+import { startSnmpAgent, type SnmpAgent } from './snmp.ts';
 import { TieredStore } from './store.ts';
 import { DiskTier } from './store-disk.ts';
 import { MemoryTier } from './store-memory.ts';
@@ -45,6 +46,8 @@ export interface Proxy {
   /** Reopen the access log file (log rotation). */
   reopenLogs(): void;
   adminAddress(): AddressInfo | undefined;
+  /** The SNMP agent's UDP port, when --snmp-listen is set. */
+  snmpPort(): number | undefined;
 }
 
 export async function createProxy(cfg: Config, opts: ProxyOptions = {}): Promise<Proxy> {
@@ -95,6 +98,7 @@ export async function createProxy(cfg: Config, opts: ProxyOptions = {}): Promise
   coalescer.onFillDone = (readers) => metrics.fillDone(readers);
   const ctx: Ctx = { cfg, acl: getAcl, clock, store, coalescer, upstream, accessLog, log, counters, buffers: new BufferPool(2048), metrics, mirrors };
   let draining = false;
+  let snmpAgent: SnmpAgent | undefined;
   let listening = false;
   const startedAt = clock.now();
   const admin =
@@ -112,6 +116,9 @@ export async function createProxy(cfg: Config, opts: ProxyOptions = {}): Promise
             upstream: { fetches: upstream.fetches, bytes: upstream.bytes },
             tiers: { memory: memory.stats(), disk: { ...disk.stats(), loaded: disk.isLoaded } },
             clientConnections: connections,
+            results: metrics.results,
+            servedBytes: metrics.served,
+            topFills: coalescer.topFills(10, clock.now()),
             mirrors: mirrors.snapshot(),
           }),
         });
@@ -169,11 +176,37 @@ export async function createProxy(cfg: Config, opts: ProxyOptions = {}): Promise
           admin.listen({ host, port }, () => resolve());
         });
       }
+      if (cfg.snmpListen !== 'none') {
+        snmpAgent = await startSnmpAgent({
+          listen: cfg.snmpListen,
+          community: cfg.snmpCommunity,
+          allow: cfg.allowSnmp,
+          log,
+          sources: {
+            version: VERSION,
+            uptimeMs: () => clock.now() - startedAt,
+            requests: () => counters.requests,
+            hits: () => counters.hits,
+            errors: () => counters.errors + counters.denied,
+            clientBytesOut: () => metrics.served.memory + metrics.served.disk + metrics.served.upstream,
+            upstreamRequests: () => upstream.fetches,
+            upstreamErrors: () => coalescer.stats.fillsFailed,
+            upstreamBytesIn: () => upstream.bytes,
+            memoryBytes: () => memory.stats().bytes,
+            memoryMaxBytes: () => cfg.memoryCacheBytes,
+            diskBytes: () => disk.stats().bytes,
+            diskMaxBytes: () => cfg.diskCacheBytes,
+            objects: () => memory.stats().objects + disk.stats().objects,
+            clients: () => connections,
+          },
+        });
+      }
       listening = true;
       prober.start();
       log.info({ listen: servers.map((s) => s.address()), admin: admin?.address(), cacheDir: cfg.cacheDir }, 'cuttle listening');
     },
     adminAddress: () => admin?.address() as AddressInfo | undefined,
+    snmpPort: () => snmpAgent?.port,
     async close(timeoutMs = cfg.shutdownTimeoutMs) {
       // Drain: stop accepting, report not ready, let in-flight responses finish, then close the rest.
       draining = true;
@@ -193,6 +226,7 @@ export async function createProxy(cfg: Config, opts: ProxyOptions = {}): Promise
       await upstream.close().catch(() => {});
       await accessLog.flush();
       await new Promise<void>((r) => (admin?.listening ? admin.close(() => r()) : r()));
+      await snmpAgent?.close();
     },
     reload(next) {
       // What can change live: the access rules. The rest (listeners, tiers, sizes) needs a restart.

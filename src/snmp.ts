@@ -1,0 +1,149 @@
+// An optional SNMP agent (--snmp-listen, off by default; UDP 3401 as Squid's) serving the part of Squid's
+// MIB (enterprise 1.3.6.1.4.1.3495) that WLCG's MRTG monitoring polls: request and hit counts, bytes in
+// and out, cache size and uptime. v1/v2c with a community string (--snmp-community); packets from
+// outside --allow-snmp are dropped unanswered, as Squid's snmp_access deny does. net-snmp does the
+// protocol; this file only maps cuttle's counters onto the MIB.
+import dgram from 'node:dgram';
+import { BlockList, isIP } from 'node:net';
+import snmp from 'net-snmp';
+import type { Cidr, ListenAddr } from './config.ts';
+import type { Logger } from './log.ts';
+
+const SQUID = '1.3.6.1.4.1.3495'; // enterprises.nlanr; the table's OIDs start with squid(1)
+
+export interface SnmpSources {
+  uptimeMs(): number;
+  requests(): number;
+  hits(): number;
+  errors(): number;
+  clientBytesOut(): number;
+  upstreamRequests(): number;
+  upstreamErrors(): number;
+  upstreamBytesIn(): number;
+  memoryBytes(): number;
+  memoryMaxBytes(): number;
+  diskBytes(): number;
+  diskMaxBytes(): number;
+  objects(): number;
+  clients(): number;
+  version: string;
+}
+
+type Kind = 'counter' | 'gauge' | 'integer' | 'ticks' | 'string';
+
+const KB = (n: number) => Math.floor(n / 1024);
+const MB = (n: number) => Math.floor(n / 1024 / 1024);
+const C32 = (n: number) => Math.floor(n) % 2 ** 32; // Counter32 wraps, as the MIB says
+
+/** The objects served: OID under the squid subtree, Squid's name, type, value. */
+function table(src: SnmpSources): [string, string, Kind, () => number | string][] {
+  const cpu = () => {
+    const u = process.cpuUsage();
+    return Math.floor((u.user + u.system) / 1e6);
+  };
+  return [
+    ['1.1.1.0', 'cacheSysVMsize', 'integer', () => KB(src.memoryBytes())],
+    ['1.1.2.0', 'cacheSysStorage', 'integer', () => KB(src.diskBytes())],
+    ['1.1.3.0', 'cacheUptime', 'ticks', () => Math.floor(src.uptimeMs() / 10)],
+    ['1.2.2.0', 'cacheSoftware', 'string', () => 'cuttle'],
+    ['1.2.3.0', 'cacheVersionId', 'string', () => src.version],
+    ['1.2.5.1.0', 'cacheMemMaxSize', 'integer', () => MB(src.memoryMaxBytes())],
+    ['1.2.5.2.0', 'cacheSwapMaxSize', 'integer', () => MB(src.diskMaxBytes())],
+    ['1.3.1.3.0', 'cacheMemUsage', 'integer', () => KB(process.memoryUsage.rss())],
+    ['1.3.1.4.0', 'cacheCpuTime', 'integer', cpu],
+    ['1.3.1.6.0', 'cacheMaxResSize', 'integer', () => process.resourceUsage().maxRSS],
+    ['1.3.1.7.0', 'cacheNumObjCount', 'gauge', () => src.objects()],
+    ['1.3.2.1.1.0', 'cacheProtoClientHttpRequests', 'counter', () => C32(src.requests())],
+    ['1.3.2.1.2.0', 'cacheHttpHits', 'counter', () => C32(src.hits())],
+    ['1.3.2.1.3.0', 'cacheHttpErrors', 'counter', () => C32(src.errors())],
+    ['1.3.2.1.5.0', 'cacheHttpOutKb', 'counter', () => C32(KB(src.clientBytesOut()))],
+    ['1.3.2.1.10.0', 'cacheServerRequests', 'counter', () => C32(src.upstreamRequests())],
+    ['1.3.2.1.11.0', 'cacheServerErrors', 'counter', () => C32(src.upstreamErrors())],
+    ['1.3.2.1.12.0', 'cacheServerInKb', 'counter', () => C32(KB(src.upstreamBytesIn()))],
+    ['1.3.2.1.14.0', 'cacheCurrentSwapSize', 'gauge', () => KB(src.diskBytes())],
+    ['1.3.2.1.15.0', 'cacheClients', 'gauge', () => src.clients()],
+  ];
+}
+
+const TYPES: Record<Kind, number> = {
+  counter: snmp.ObjectType.Counter32,
+  gauge: snmp.ObjectType.Gauge32,
+  integer: snmp.ObjectType.Integer,
+  ticks: snmp.ObjectType.TimeTicks,
+  string: snmp.ObjectType.OctetString,
+};
+
+export interface SnmpAgent {
+  port: number;
+  /** Packets dropped because the sender is outside --allow-snmp. */
+  denied: number;
+  close(): Promise<void>;
+}
+
+export async function startSnmpAgent(o: { listen: ListenAddr; community: string; allow: readonly Cidr[]; sources: SnmpSources; log: Logger }): Promise<SnmpAgent> {
+  const allow = new BlockList();
+  for (const c of o.allow) allow.addSubnet(c.address, c.prefix, c.family);
+  const allowed = (addr: string) => allow.check(addr.startsWith('::ffff:') ? addr.slice(7) : addr, isIP(addr) === 6 && !addr.startsWith('::ffff:') ? 'ipv6' : 'ipv4');
+  const rows = table(o.sources);
+  let mib: { setScalarValue(name: string, v: unknown): void } | undefined;
+  const refresh = () => {
+    for (const [, name, , read] of rows) mib?.setScalarValue(name, read());
+  };
+  const state = { port: o.listen.port, denied: 0, socket: undefined as dgram.Socket | undefined };
+  // net-snmp has no source ACL: its socket is wrapped so that packets from outside --allow-snmp never
+  // reach the agent, and the values are read fresh just before each allowed packet is handled.
+  const dgramModule = {
+    createSocket(type: dgram.SocketType) {
+      const sock = dgram.createSocket(type);
+      state.socket = sock;
+      // net-snmp turns port 0 into 161: bind the configured port ourselves (0 = any, for tests).
+      const bind = sock.bind.bind(sock);
+      sock.bind = ((_port: number, address?: string) => bind(o.listen.port, address)) as typeof sock.bind;
+      const on = sock.on.bind(sock);
+      sock.on = ((event: string, fn: (...a: unknown[]) => void) => {
+        if (event !== 'message') return on(event, fn);
+        return on('message', (msg: Buffer, rinfo: dgram.RemoteInfo) => {
+          if (!allowed(rinfo.address)) {
+            state.denied++;
+            return;
+          }
+          refresh();
+          fn(msg, rinfo);
+        });
+      }) as typeof sock.on;
+      return sock;
+    },
+  };
+  const agent = snmp.createAgent(
+    { port: o.listen.port, address: o.listen.host, transport: isIP(o.listen.host) === 6 ? 'udp6' : 'udp4', dgramModule, disableAuthorization: false },
+    (err: Error | null) => {
+      if (err) o.log.debug({ err: err.message }, 'snmp request failed');
+    },
+  );
+  await new Promise<void>((resolve, reject) => {
+    const sock = state.socket!;
+    const onErr = (err: Error) => reject(new Error(`cannot listen on snmp ${o.listen.host}:${o.listen.port}: ${err.message}`, { cause: err }));
+    sock.once('error', onErr);
+    sock.once('listening', () => {
+      sock.off('error', onErr);
+      resolve();
+    });
+  });
+  state.port = state.socket!.address().port;
+  agent.getAuthorizer().addCommunity(o.community);
+  mib = agent.getMib();
+  for (const [oid, name, kind] of rows) {
+    agent.registerProvider({ name, type: snmp.MibProviderType.Scalar, oid: `${SQUID}.${oid.slice(0, -2)}`, scalarType: TYPES[kind], maxAccess: snmp.MaxAccess['read-only'] });
+  }
+  refresh();
+  o.log.info({ snmp: `${o.listen.host}:${state.port}` }, 'snmp agent listening (Squid MIB 1.3.6.1.4.1.3495)');
+  return {
+    get port() {
+      return state.port;
+    },
+    get denied() {
+      return state.denied;
+    },
+    close: () => new Promise<void>((r) => agent.close(() => r())),
+  };
+}
