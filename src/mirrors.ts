@@ -141,6 +141,8 @@ export class MirrorGroup {
   #first: Mirror | undefined;
   /** Accelerator mode: the mirror each repository sticks to. */
   readonly #sticky = new Map<string, Mirror>();
+  /** Sticky choices made before any mirror was known healthy (at startup): re-made once one is. */
+  readonly #provisional = new Set<string>();
   /** The repository most recently requested through this group (what probes fetch by default). */
   lastRepo = '';
   readonly #onChange: (event: string, fields: Record<string, unknown>) => void;
@@ -176,9 +178,12 @@ export class MirrorGroup {
   /** Accelerator mode: the repository's mirror; it moves only when it stops being healthy. */
   stickyFor(repo: string): Mirror {
     const cur = this.#sticky.get(repo);
-    if (cur && (cur.healthy || !this.mirrors.some((m) => m.healthy))) return cur;
+    const anyHealthy = this.mirrors.some((m) => m.healthy);
+    if (cur && (anyHealthy ? cur.healthy && !this.#provisional.has(repo) : true)) return cur;
     const next = this.ranked()[0]!;
     this.#sticky.set(repo, next);
+    if (anyHealthy) this.#provisional.delete(repo);
+    else this.#provisional.add(repo);
     if (cur !== next) this.#onChange('sticky mirror changed', { group: this.name, repo, mirror: next.origin, previous: cur?.origin });
     return next;
   }

@@ -33,7 +33,7 @@ describe('packaging', () => {
       const r = checkConfig(compose.services[name]!.command!);
       assert.equal(r.status, 0, `${name}: ${r.stderr}`);
     }
-    assert.deepEqual(compose.services.stratum1!.entrypoint, ['node', 'bench/emulator.ts']);
+    for (const name of ['stratum1a', 'stratum1b']) assert.deepEqual(compose.services[name]!.entrypoint, ['node', 'bench/emulator.ts']);
   });
 
   it('the HEALTHCHECK command reports a running proxy healthy, and a stopped one unhealthy', async () => {

@@ -78,6 +78,16 @@ describe('mirror health (Varnish window 8, threshold 3, initial 2)', () => {
     g.unstick('atlas', g.mirrors[1]!);
     assert.equal(g.stickyFor('atlas').origin, A);
   });
+
+  it('a sticky choice made before any probe answered is re-made once mirrors are known', () => {
+    const { mirrors, g } = group();
+    assert.equal(g.stickyFor('cms').origin, A, 'nothing known yet: configured order');
+    mirrors.probed(g.mirrors[2]!, true, 5);
+    mirrors.probed(g.mirrors[0]!, true, 50);
+    assert.equal(g.stickyFor('cms').origin, C, 'the nearest healthy mirror, once known');
+    mirrors.probed(g.mirrors[1]!, true, 1);
+    assert.equal(g.stickyFor('cms').origin, C, 'and then it sticks');
+  });
 });
 
 describe('fetch plan', () => {
