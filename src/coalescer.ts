@@ -252,14 +252,17 @@ export class Coalescer {
       const t0 = performance.now();
       const m = attempt.mirror;
       let res: UpstreamResponse;
+      const timer = this.#answerTimer(plan, ac);
       try {
         res = await this.#upstream.request({ url: attempt.url, method: 'GET', headers: { ...headers, host: attempt.url.host }, signal: ac.signal });
       } catch (err) {
-        lastError = upstreamError(err);
+        lastError = upstreamError(ac.signal.aborted ? ac.signal.reason : err);
         if (m) this.#mirrorFailed(plan, m, lastError.token);
         if (!plan.failover) break;
         if (plan.hasMore) this.stats.failovers++;
         continue;
+      } finally {
+        clearTimeout(timer);
       }
       const ttfb = performance.now() - t0;
       if (res.status >= 500 && plan.failover && plan.hasMore) {
@@ -284,6 +287,17 @@ export class Coalescer {
       return { res: { status, headers: h, body: Readable.from([body]), peer: attempt.url.hostname }, attempt, ac: new AbortController() };
     }
     return { error: lastError ?? new ProxyError('ERR_UPSTREAM_RESET', 'no mirror to ask') };
+  }
+
+  /**
+   * With another mirror to fall back on, a mirror that has not connected and answered within
+   * --mirror-timeout is given up: waiting for --connect-timeout or --read-timeout would cost every
+   * waiting client its 5 s watchdog. The last mirror of a plan gets the full timeouts.
+   */
+  #answerTimer(plan: FetchPlan, ac: AbortController): NodeJS.Timeout | undefined {
+    if (!plan.failover || !plan.hasMore) return undefined;
+    const ms = this.#mirrors.cfg.answerTimeoutMs;
+    return setTimeout(() => ac.abort(new ProxyError('ERR_READ_TIMEOUT', `mirror did not answer within ${ms} ms; asking the next one`)), ms);
   }
 
   #mirrorFailed(plan: FetchPlan, m: Mirror, why: string): void {
@@ -313,6 +327,25 @@ export class Coalescer {
     });
     body.on('error', (err: unknown) => void this.#bodyFailed(fill, job, err));
     body.on('end', () => this.#bodyEnded(fill, job));
+    // A content-addressed body that stalls while another mirror could finish it is given up after
+    // --mirror-timeout without bytes (not counting time paused for our own backpressure), and resumed.
+    if (job.plan.cas && job.plan.failover && job.plan.hasMore) {
+      const stallMs = this.#mirrors.cfg.answerTimeoutMs;
+      let seen = fill.received;
+      let quietSince = performance.now();
+      const watch = setInterval(() => {
+        const now = performance.now();
+        if (fill.received !== seen || fill.paused) {
+          seen = fill.received;
+          quietSince = now;
+        } else if (now - quietSince > stallMs) {
+          clearInterval(watch);
+          body.destroy(new ProxyError('ERR_READ_TIMEOUT', `mirror sent nothing for ${stallMs} ms mid-body`));
+        }
+      }, Math.max(50, Math.min(500, stallMs / 4)));
+      watch.unref();
+      body.once('close', () => clearInterval(watch));
+    }
   }
 
   async #bodyFailed(fill: Fill, job: PipeJob, err: unknown): Promise<void> {
@@ -344,11 +377,14 @@ export class Coalescer {
       const t0 = performance.now();
       const m = attempt.mirror;
       let res: UpstreamResponse;
+      const timer = this.#answerTimer(job.plan, ac);
       try {
         res = await this.#upstream.request({ url: attempt.url, method: 'GET', headers: { ...job.headers, host: attempt.url.host, range: `bytes=${from}-` }, signal: ac.signal });
       } catch (err) {
-        if (m) this.#mirrorFailed(job.plan, m, upstreamError(err).token);
+        if (m) this.#mirrorFailed(job.plan, m, upstreamError(ac.signal.aborted ? ac.signal.reason : err).token);
         continue;
+      } finally {
+        clearTimeout(timer);
       }
       const range = /^bytes (\d+)-(\d+)\/(\d+)$/.exec(String(res.headers['content-range'] ?? ''));
       let skip: number;

@@ -80,6 +80,11 @@ export class Fill {
     this.#budget = budget;
   }
 
+  /** The upstream is paused for backpressure (so a quiet body is not a stalled mirror). */
+  get paused(): boolean {
+    return this.#paused;
+  }
+
   get windowBytes(): number {
     return this.received - this.#windowStart;
   }

@@ -24,6 +24,8 @@ export interface ProbeConfig {
   threshold: number;
   initial: number;
   failThreshold: number;
+  /** A mirror with another behind it must connect and send headers within this, or the next is asked. */
+  answerTimeoutMs: number;
   /** Repository whose manifest is probed; '' means the group's most recently requested one. */
   repo: string;
 }

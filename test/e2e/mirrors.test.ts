@@ -4,6 +4,7 @@ import assert from 'node:assert/strict';
 import { after, before, describe, it } from 'node:test';
 import { Pool } from 'undici';
 import { casObject } from '../../src/content-hash.ts';
+import { startOrigin } from '../helpers/origin.ts';
 import { get, proxyClient, startProxy, type TestProxy } from '../helpers/proxy.ts';
 import { casBodies, healthy, REPO, startMirrors, waitFor, type TestMirror } from '../helpers/mirrors.ts';
 
@@ -127,6 +128,59 @@ describe('mirrors: 404 failover, corrupt bytes, Range resume', () => {
     assert.equal(r404.headers['proxy-status'], undefined, "a Stratum 1's own 404 is not labelled as the proxy's");
     assert.equal(total(mirrors, nowhere), 2, 'every mirror was asked');
     await stop();
+  });
+
+  it('a mirror that accepts but does not answer within --mirror-timeout is given up for the next one', async () => {
+    const bodies = casBodies([8000]);
+    const [path] = [...bodies.keys()];
+    // The nearest mirror answers its probes at once but sits on data requests for 30 s.
+    const slow = await startOrigin({
+      [`/cvmfs/${REPO}/.cvmfspublished`]: { headers: { 'cache-control': 'max-age=61' }, body: 'Ntest\n' },
+      [path!]: { delayMs: 30_000, body: bodies.get(path!)! },
+    });
+    let slowAnswered = false;
+    slow.onComplete = (p) => (slowAnswered ||= p === path);
+    mirrors = await startMirrors(bodies, [40]);
+    p = await startProxy({ stratum1: [slow.url, mirrors[0]!.url], 'probe-interval': '150ms', 'probe-repo': REPO, 'mirror-timeout': '500ms' });
+    pool = proxyClient(p.url, 2);
+    try {
+      await waitFor('mirrors healthy', () => healthy(p!.proxy, slow.url) && healthy(p!.proxy, mirrors[0]!.url));
+      assert.equal(p.proxy.mirrors.byHost(new URL(slow.url).host)!.group.ranked()[0]!.origin, slow.url, 'the slow one ranks first');
+      const r = await get(pool, `${slow.url}${path}`);
+      assert.equal(r.status, 200);
+      assert.ok(r.body.equals(bodies.get(path!)!));
+      assert.equal(slowAnswered, false, 'served before the slow mirror ever answered');
+      assert.equal(slow.count(path!), 1);
+      assert.equal(mirrors[0]!.count(path!), 1);
+      assert.equal(p.proxy.mirrors.snapshot()[0]!.failures, 1, 'the slow mirror was charged a failure');
+    } finally {
+      await stop();
+      await slow.close();
+    }
+  });
+
+  it('a body that stalls mid-way for --mirror-timeout is resumed from another mirror', async () => {
+    const bodies = casBodies([4 * 1024 * 1024], 'P');
+    const [path] = [...bodies.keys()];
+    // The nearest mirror sends 1 MiB, then nothing for 30 s.
+    const stall = await startOrigin({
+      [`/cvmfs/${REPO}/.cvmfspublished`]: { headers: { 'cache-control': 'max-age=61' }, body: 'Ntest\n' },
+      [path!]: { headers: { 'cache-control': 'max-age=259200' }, body: bodies.get(path!)!, chunkBytes: 1024 * 1024, chunkDelayMs: 30_000 },
+    });
+    mirrors = await startMirrors(bodies, [40]);
+    p = await startProxy({ stratum1: [stall.url, mirrors[0]!.url], 'probe-interval': '150ms', 'probe-repo': REPO, 'mirror-timeout': '500ms' });
+    pool = proxyClient(p.url, 2);
+    try {
+      await waitFor('mirrors healthy', () => healthy(p!.proxy, stall.url) && healthy(p!.proxy, mirrors[0]!.url));
+      const r = await get(pool, `${stall.url}${path}`);
+      assert.equal(r.status, 200);
+      assert.ok(r.body.equals(bodies.get(path!)!), 'exact bytes');
+      assert.equal(p.proxy.coalescer.stats.resumes, 1);
+      assert.deepEqual(mirrors[0]!.emu.stats.ranges, [`${path} bytes=${1024 * 1024}-`]);
+    } finally {
+      await stop();
+      await stall.close();
+    }
   });
 
   it('a corrupt mirror: nothing stored, the client is cut short, the retry gets a good copy elsewhere', async () => {

@@ -7,7 +7,7 @@ import { casObject, HashCheck } from '../../src/content-hash.ts';
 import { FetchPlan } from '../../src/fetch-plan.ts';
 import { Mirrors, type ProbeConfig } from '../../src/mirrors.ts';
 
-const PROBE: ProbeConfig = { intervalMs: 5000, timeoutMs: 2000, window: 8, threshold: 3, initial: 2, failThreshold: 3, repo: '' };
+const PROBE: ProbeConfig = { intervalMs: 5000, timeoutMs: 2000, window: 8, threshold: 3, initial: 2, failThreshold: 3, answerTimeoutMs: 3000, repo: '' };
 const A = 'http://s1a.example:8000';
 const B = 'http://s1b.example:8000';
 const C = 'http://s1c.example:8000';
