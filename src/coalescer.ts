@@ -23,7 +23,7 @@ import { endToEnd, type Headers } from './forward.ts';
 import type { Logger } from './log.ts';
 import type { StoredMeta, StoredObject, TieredStore } from './store.ts';
 import type { DiskWriter } from './store-disk.ts';
-import type { Upstream, UpstreamResponse } from './fetch.ts';
+import { discard, type Upstream, type UpstreamResponse } from './fetch.ts';
 
 export interface FillRequest {
   key: string;
@@ -181,13 +181,14 @@ export class Coalescer {
       this.#done(fill);
       return;
     }
-    const { res, attempt, ac } = got;
+    const { res, attempt, ac, every404 } = got;
     fill.peer = attempt.url.hostname;
     const body = res.body;
     const resForPolicy = { status: res.status, headers: res.headers as Record<string, string> };
 
     // Revalidation answered 304: refresh the stored headers; waiters are served the stored body.
     if (r.stale && res.status === 304) {
+      body.on('error', () => {}); // a 304 has no body to lose
       body.resume();
       const { policy, modified } = r.stale.policy.revalidatedPolicy(policyReq as never, resForPolicy as never);
       if (!modified) {
@@ -207,19 +208,27 @@ export class Coalescer {
     const varyChanged = vary.join() !== r.vary.join();
     if (vary.length && !vary.includes('*')) this.varySpecs.set(r.primary, vary);
     // A content-addressed object is keyed without its host, so only the object itself is stored under
-    // that key: never one mirror's 404 or error.
+    // that key, or a 404 that every mirror of the group gave (negatively cached): never one mirror's
+    // 404 or error.
     const verified = r.cas !== undefined && res.status === 200;
     const storable =
       !this.#superseded.has(fill) &&
       !varyChanged &&
       res.status !== 206 &&
-      (r.cas === undefined || verified) &&
+      (r.cas === undefined || verified || every404) &&
       policy.storable() &&
       policy.timeToLive() > 0 &&
       (cl === undefined || cl <= this.#cfg.maxObjectBytes);
     const job: PipeJob = { plan, headers, mirror: attempt.mirror, contentLength: cl, check: verified ? new HashCheck(r.cas!) : undefined, skip: 0, ac };
     if (job.check) fill.holdBack = true;
 
+    if (!storable && r.cas !== undefined && cl !== undefined && cl <= SHARED_ERROR_MAX_BYTES && !this.#superseded.has(fill)) {
+      // A content-addressed object's error answer (a 5xx, a 404 not every mirror gave) is not stored,
+      // but every waiter gets it: releasing a herd to fetch on its own would hammer the Stratum 1.
+      fill.setHead(head, undefined);
+      this.#attach(fill, body, job);
+      return;
+    }
     if (!storable) {
       // Not shared: the first client keeps it; the rest go upstream on their own, now and for a while.
       if (!varyChanged && r.cas === undefined) this.#uncacheable.set(r.primary, true);
@@ -244,8 +253,9 @@ export class Coalescer {
    * and 5xx move on when the plan allows failover; so does a 404 of a content-addressed object, which is
    * answered only when no mirror has it.
    */
-  async #firstAnswer(plan: FetchPlan, headers: Headers): Promise<{ res: UpstreamResponse; attempt: Attempt; ac: AbortController } | { error: ProxyError }> {
+  async #firstAnswer(plan: FetchPlan, headers: Headers): Promise<{ res: UpstreamResponse; attempt: Attempt; ac: AbortController; every404: boolean } | { error: ProxyError }> {
     let lastError: ProxyError | undefined;
+    let other = false; // an attempt failed with something other than a 404
     let held404: { status: number; headers: Record<string, string | string[]>; body: Buffer; attempt: Attempt } | undefined;
     for (let attempt = plan.next(); attempt; attempt = plan.next()) {
       const ac = new AbortController();
@@ -257,6 +267,7 @@ export class Coalescer {
         res = await this.#upstream.request({ url: attempt.url, method: 'GET', headers: { ...headers, host: attempt.url.host }, signal: ac.signal });
       } catch (err) {
         lastError = upstreamError(ac.signal.aborted ? ac.signal.reason : err);
+        other = true;
         if (m) this.#mirrorFailed(plan, m, lastError.token);
         if (!plan.failover) break;
         if (plan.hasMore) this.stats.failovers++;
@@ -266,7 +277,8 @@ export class Coalescer {
       }
       const ttfb = performance.now() - t0;
       if (res.status >= 500 && plan.failover && plan.hasMore) {
-        res.body.destroy();
+        other = true;
+        discard(res.body);
         if (m) this.#mirrorFailed(plan, m, `HTTP ${res.status}`);
         this.stats.failovers++;
         continue;
@@ -280,11 +292,13 @@ export class Coalescer {
         continue;
       }
       if (lastError || held404) this.#log.info({ url: attempt.url.href, status: res.status, tried: attempt.mirror?.origin }, 'answered by a failover mirror');
-      return { res, attempt, ac };
+      // Every mirror of the group was asked and each said 404: the object is missing group-wide.
+      const every404 = res.status === 404 && plan.retry404 && !other;
+      return { res, attempt, ac, every404 };
     }
     if (held404) {
       const { status, headers: h, body, attempt } = held404;
-      return { res: { status, headers: h, body: Readable.from([body]), peer: attempt.url.hostname }, attempt, ac: new AbortController() };
+      return { res: { status, headers: h, body: Readable.from([body]), peer: attempt.url.hostname }, attempt, ac: new AbortController(), every404: false };
     }
     return { error: lastError ?? new ProxyError('ERR_UPSTREAM_RESET', 'no mirror to ask') };
   }
@@ -391,13 +405,13 @@ export class Coalescer {
       if (res.status === 206 && range && Number(range[1]) === from && Number(range[3]) === cl) skip = 0;
       else if (res.status === 200 && parseContentLength(res.headers['content-length']) === cl) skip = from;
       else {
-        res.body.destroy();
+        discard(res.body);
         if (m) this.#mirrorFailed(job.plan, m, `resume answered HTTP ${res.status}`);
         continue;
       }
       if (m) this.#mirrors.fetched(m, true, performance.now() - t0);
       if (fill.state !== 'streaming') {
-        res.body.destroy();
+        discard(res.body);
         return true;
       }
       this.stats.resumes++;
@@ -428,7 +442,10 @@ export class Coalescer {
       return;
     }
     fill.finish();
-    if (!job.store) return; // released: counted done when it was released
+    if (!job.store) {
+      this.#done(fill); // shared but not stored (a released fill was counted done already)
+      return;
+    }
     const { spill, meta, policy } = job.store;
     if (!spill) {
       // No disk writer (the disk tier refused or failed): keep a small object in memory at least.
@@ -470,6 +487,9 @@ export class Coalescer {
   }
 }
 
+/** Largest error body of a content-addressed object shared with every waiter (without a spill file). */
+const SHARED_ERROR_MAX_BYTES = 256 * 1024;
+
 interface PipeJob {
   plan: FetchPlan;
   headers: Headers;
@@ -485,10 +505,11 @@ interface PipeJob {
 async function readCapped(body: Readable, cap: number): Promise<Buffer> {
   const parts: Buffer[] = [];
   let n = 0;
+  body.on('error', () => {}); // the loop below sees errors; this only keeps a late one from being unhandled
   for await (const c of body) {
     n += (c as Buffer).length;
     if (n > cap) {
-      body.destroy();
+      discard(body);
       break;
     }
     parts.push(c as Buffer);

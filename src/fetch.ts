@@ -7,6 +7,15 @@ import type { Acl } from './acl.ts';
 import type { Config } from './config.ts';
 import { ProxyError, upstreamError } from './errors.ts';
 
+/**
+ * Throw away an upstream body we will not read. undici reports a destroyed, unfinished body as an
+ * 'error' event, which with no listener would take the whole process down.
+ */
+export function discard(body: Readable): void {
+  body.on('error', () => {});
+  body.destroy();
+}
+
 export interface UpstreamRequest {
   url: URL;
   method: string;

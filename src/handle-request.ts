@@ -22,7 +22,7 @@ import type { Clock } from './clock.ts';
 import type { Coalescer } from './coalescer.ts';
 import type { Config } from './config.ts';
 import { ProxyError, upstreamError } from './errors.ts';
-import type { Upstream } from './fetch.ts';
+import { discard, type Upstream } from './fetch.ts';
 import type { Fill } from './fill.ts';
 import { clientWantsReload, hasValidators, policyRequest } from './freshness.ts';
 import { clientResponseHeaders, isLoop, sendError, upstreamRequestHeaders } from './forward.ts';
@@ -472,7 +472,7 @@ async function pass(s: State): Promise<StepName | undefined> {
     // RFC 9111 §4.4: a successful unsafe request invalidates the stored URL.
     if (!SAFE.has(tx.method) && up.status < 400) for (const k of urlKeys(s)) await forget(ctx, k);
     if (res.destroyed) {
-      up.body.destroy();
+      discard(up.body);
       return undefined;
     }
     res.writeHead(up.status, clientResponseHeaders(up.headers, ctx.cfg.visibleHostname, 'MISS'));
@@ -493,7 +493,7 @@ async function pass(s: State): Promise<StepName | undefined> {
     else {
       if (!res.destroyed) ctx.counters.truncated++;
       tx.aborted = true;
-      up.body.destroy();
+      discard(up.body);
       res.destroy();
     }
     return undefined;

@@ -16,6 +16,31 @@ function raw(port: number, text: string, bindAddress?: string): Promise<string> 
   });
 }
 
+describe('forwarding: hang-ups', () => {
+  it('a client that hangs up before the upstream answers does not take the proxy down', async () => {
+    const origin = await startOrigin({ '/slow-post': { delayMs: 300, body: 'late answer' } });
+    const p = await startProxy();
+    try {
+      const s = connect({ port: p.port, host: '127.0.0.1' });
+      s.on('error', () => {});
+      s.write(`POST ${origin.url}/slow-post HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 2\r\n\r\nhi`);
+      while (origin.count('/slow-post') === 0) await new Promise((r) => setTimeout(r, 10));
+      s.destroy();
+      // The pass notices the hang-up and lets go of its upstream request.
+      while (p.proxy.counters.passesInFlight > 0) await new Promise((r) => setTimeout(r, 10));
+      await new Promise((r) => setTimeout(r, 400)); // past the moment the origin answers the abandoned request
+      const c = proxyClient(p.url, 1);
+      assert.equal((await get(c, `${origin.url}/slow-post`)).status, 200, 'still serving');
+      await c.close();
+      assert.equal(p.proxy.counters.passes, 1, 'the abandoned POST was a pass');
+      assert.equal(p.proxy.counters.passesInFlight, 0);
+    } finally {
+      await p.close();
+      await origin.close();
+    }
+  });
+});
+
 describe('forwarding', () => {
   let origin: Origin;
   let p: TestProxy;
@@ -24,6 +49,7 @@ describe('forwarding', () => {
       '/hello': { headers: { 'content-type': 'text/plain', 'cache-control': 'max-age=300', 'keep-alive': 'timeout=5', connection: 'x-secret' , 'x-secret': 'leak' }, body: 'hello world' },
       '/echo': (req) => ({ body: JSON.stringify({ method: req.method, body: req.body, headers: req.headers }), headers: { 'content-type': 'application/json' } }),
       '/nostore': { headers: { 'cache-control': 'no-store' }, body: 'private' },
+      '/slow-post': { delayMs: 300, body: 'late answer' },
     });
     p = await startProxy();
   });

@@ -127,7 +127,39 @@ describe('mirrors: 404 failover, corrupt bytes, Range resume', () => {
     assert.equal(r404.status, 404);
     assert.equal(r404.headers['proxy-status'], undefined, "a Stratum 1's own 404 is not labelled as the proxy's");
     assert.equal(total(mirrors, nowhere), 2, 'every mirror was asked');
+    await p.proxy.coalescer.settle();
+    const again = await get(pool, `${mirrors[1]!.url}${nowhere}`);
+    assert.equal(again.status, 404);
+    assert.match(String(again.headers['x-cache']), /^HIT/, 'a 404 from every mirror is negatively cached');
+    assert.equal(total(mirrors, nowhere), 2);
+    // A herd asking for an object no mirror has yet: one request per mirror, the same 404 for all.
+    const absent = `/cvmfs/${REPO}/data/ff/${'f'.repeat(38)}`;
+    const herd = await Promise.all(Array.from({ length: 20 }, () => get(pool!, `${mirrors[0]!.url}${absent}`)));
+    assert.deepEqual([...new Set(herd.map((r) => r.status))], [404]);
+    assert.equal(total(mirrors, absent), 2);
     await stop();
+  });
+
+  it('when every mirror fails with 5xx, a herd shares one answer per mirror: 503 to all, unlabelled, not stored', async () => {
+    const path = `/cvmfs/${REPO}/data/ab/${'c'.repeat(38)}`;
+    const routes = { [`/cvmfs/${REPO}/.cvmfspublished`]: { headers: { 'cache-control': 'max-age=61' }, body: 'Ntest\n' }, [path]: { status: 503, delayMs: 300, body: 'overloaded\n' } };
+    const [o1, o2] = await Promise.all([startOrigin(routes), startOrigin(routes)]);
+    p = await startProxy({ stratum1: [o1.url, o2.url], 'probe-interval': '150ms', 'probe-repo': REPO });
+    pool = proxyClient(p.url, 20);
+    try {
+      await waitFor('mirrors healthy', () => healthy(p!.proxy, o1.url) && healthy(p!.proxy, o2.url));
+      const herd = await Promise.all(Array.from({ length: 20 }, () => get(pool!, `${o1.url}${path}`)));
+      assert.deepEqual([...new Set(herd.map((r) => r.status))], [503]);
+      assert.equal(herd[0]!.headers['proxy-status'], undefined, "the Stratum 1's own 503 passes unlabelled");
+      assert.equal(o1.count(path) + o2.count(path), 2, 'one request per mirror for the whole herd');
+      await p.proxy.coalescer.settle();
+      await get(pool, `${o1.url}${path}`);
+      assert.equal(o1.count(path) + o2.count(path), 4, 'not stored: the next request asks again');
+    } finally {
+      await stop();
+      await o1.close();
+      await o2.close();
+    }
   });
 
   it('a mirror that accepts but does not answer within --mirror-timeout is given up for the next one', async () => {
