@@ -108,6 +108,8 @@ export interface Emulator {
   port: number;
   stats: EmulatorStats;
   revision: number;
+  /** Publish time (T) of the manifest, epoch seconds; default: now. */
+  publishedAtS: number | undefined;
   close(): Promise<void>;
 }
 
@@ -118,7 +120,7 @@ export async function startEmulator(o: EmulatorOptions, port = 0, host = '127.0.
   const rnd = prng(o.seed ?? 7);
   const sockets = new Set<Socket>();
   let totalBudgetAt = Date.now();
-  const emu: Emulator = { url: '', port: 0, stats, revision: 1, close: async () => {} };
+  const emu: Emulator = { url: '', port: 0, stats, revision: 1, publishedAtS: undefined, close: async () => {} };
 
   // A token bucket shared by all responses for the total cap.
   async function takeTotal(n: number): Promise<void> {
@@ -187,7 +189,7 @@ export async function startEmulator(o: EmulatorOptions, port = 0, host = '127.0.
     }
     const head = req.method === 'HEAD';
     if (path === `/cvmfs/${o.repo}/.cvmfspublished`) {
-      const body = Buffer.from(`C0000000000000000000000000000000000000000\nN${o.repo}\nS${emu.revision}\nT${Math.floor(Date.now() / 1000)}\n--\n`);
+      const body = Buffer.from(`C0000000000000000000000000000000000000000\nN${o.repo}\nS${emu.revision}\nT${emu.publishedAtS ?? Math.floor(Date.now() / 1000)}\n--\n`);
       return void send(res, path, body, { 'content-type': 'application/x-cvmfs', 'cache-control': 'max-age=61' }, undefined, head);
     }
     const body = o.bodies.get(path);

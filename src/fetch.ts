@@ -85,7 +85,7 @@ export class Upstream {
    * A health probe: GET with no-cache, timed to the response head. Not counted as a fetch. `wantOk`
    * asks for a 200 (a manifest); otherwise any answer below 500 shows the server is alive.
    */
-  async probe(url: URL, timeoutMs: number, wantOk: boolean): Promise<{ ok: boolean; rttMs: number; why?: string }> {
+  async probe(url: URL, timeoutMs: number, wantOk: boolean): Promise<{ ok: boolean; rttMs: number; why?: string; text?: string }> {
     const t0 = performance.now();
     try {
       const res = await this.#agent.request({
@@ -96,9 +96,11 @@ export class Upstream {
         signal: AbortSignal.timeout(timeoutMs),
       });
       const rttMs = performance.now() - t0;
-      await res.body.dump({ limit: 1 << 20 }).catch(() => {});
+      // A manifest is a few hundred bytes of text, read for its revision; anything else is dropped.
+      const text = wantOk && res.statusCode === 200 ? (await res.body.text().catch(() => '')).slice(0, 65536) : undefined;
+      if (text === undefined) await res.body.dump({ limit: 1 << 20 }).catch(() => {});
       const ok = wantOk ? res.statusCode === 200 : res.statusCode < 500;
-      return { ok, rttMs, why: ok ? undefined : `HTTP ${res.statusCode}` };
+      return { ok, rttMs, why: ok ? undefined : `HTTP ${res.statusCode}`, text };
     } catch (err) {
       return { ok: false, rttMs: performance.now() - t0, why: upstreamError(err).token };
     }

@@ -74,6 +74,8 @@ export class Metrics {
       });
     mirrorGauge('cuttle_mirror_healthy', 'Stratum 1 mirror health (1 healthy, 0 down)', (m) => (m.healthy ? 1 : 0));
     mirrorGauge('cuttle_mirror_rtt_seconds', 'Smoothed RTT of a mirror (EWMA of probes and time to first byte)', (m) => (m.rttMs === null ? null : m.rttMs / 1000));
+    mirrorGauge('cuttle_mirror_stale', "1 when the mirror's probed manifest lags the group's newest by more than --mirror-max-lag", (m) => (m.stale ? 1 : 0));
+    mirrorGauge('cuttle_mirror_manifest_revision', "Revision (S) of the probed repository's manifest on the mirror", (m) => m.revision);
     mirrorGauge('cuttle_mirror_fetches', 'Fetches sent to a mirror since start (a gauge of a monotonic count)', (m) => m.fetches);
     mirrorGauge('cuttle_mirror_failures', 'Failed fetches of a mirror since start: connect, timeout, 5xx, broken body, bad hash', (m) => m.failures);
     mirrorGauge('cuttle_mirror_bytes', 'Body bytes received from a mirror since start', (m) => m.bytes);

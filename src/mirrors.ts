@@ -28,6 +28,28 @@ export interface ProbeConfig {
   answerTimeoutMs: number;
   /** Repository whose manifest is probed; '' means the group's most recently requested one. */
   repo: string;
+  /** A mirror whose manifest was published this much earlier than the group's newest is stale. */
+  maxLagMs: number;
+}
+
+/** What a probe read from a `.cvmfspublished`: the repository, its revision (S) and publish time (T). */
+export interface ManifestInfo {
+  repo: string;
+  revision: number;
+  publishedAtS: number;
+}
+
+/** Parse the text fields of a signed manifest (cvmfs-notes §2.2): one letter, then the value, up to `--`. */
+export function parseManifest(text: string): ManifestInfo | undefined {
+  const f: Record<string, string> = {};
+  for (const line of text.split('\n')) {
+    if (line.startsWith('--')) break;
+    if (line.length > 1) f[line[0]!] = line.slice(1).trim();
+  }
+  const revision = Number(f.S);
+  const publishedAtS = Number(f.T);
+  if (!f.N || !Number.isSafeInteger(revision) || !Number.isSafeInteger(publishedAtS)) return undefined;
+  return { repo: f.N, revision, publishedAtS };
 }
 
 const EWMA_ALPHA = 0.3;
@@ -52,6 +74,10 @@ export class Mirror {
   probes = 0;
   probeFailures = 0;
   lastProbeOk: boolean | undefined;
+  /** The last manifest a probe read from this mirror. */
+  manifest: ManifestInfo | undefined;
+  /** Its manifest is older than the group's newest by more than --mirror-max-lag. */
+  stale = false;
   readonly #window: boolean[];
   readonly #cfg: ProbeConfig;
 
@@ -109,6 +135,9 @@ export class Mirror {
       mirror: this.origin,
       healthy: this.healthy,
       rttMs: this.rttMs === undefined ? null : Math.round(this.rttMs * 10) / 10,
+      repo: this.manifest?.repo ?? null,
+      revision: this.manifest?.revision ?? null,
+      stale: this.stale,
       goodProbes: this.goodProbes,
       passiveDown: this.passiveDown,
       fetches: this.fetches,
@@ -125,6 +154,10 @@ export interface MirrorSnapshot {
   mirror: string;
   healthy: boolean;
   rttMs: number | null;
+  /** The probed repository's manifest revision on this mirror. */
+  repo: string | null;
+  revision: number | null;
+  stale: boolean;
   goodProbes: number;
   passiveDown: boolean;
   fetches: number;
@@ -181,8 +214,12 @@ export class MirrorGroup {
   stickyFor(repo: string): Mirror {
     const cur = this.#sticky.get(repo);
     const anyHealthy = this.mirrors.some((m) => m.healthy);
-    if (cur && (anyHealthy ? cur.healthy && !this.#provisional.has(repo) : true)) return cur;
-    const next = this.ranked()[0]!;
+    // A stale sticky mirror (replication stuck) is left when a healthy, current one exists.
+    const fresh = (m: Mirror) => m.healthy && !m.stale;
+    const anyFresh = this.mirrors.some(fresh);
+    if (cur && (anyHealthy ? cur.healthy && (!cur.stale || !anyFresh) && !this.#provisional.has(repo) : true)) return cur;
+    const ranked = this.ranked();
+    const next = ranked.find(fresh) ?? ranked[0]!;
     this.#sticky.set(repo, next);
     if (anyHealthy) this.#provisional.delete(repo);
     else this.#provisional.add(repo);
@@ -227,10 +264,28 @@ export class Mirrors {
   }
 
   /** Apply a probe result, logging a health change as one structured line. */
-  probed(m: Mirror, ok: boolean, rttMs: number | undefined, why?: string): void {
+  probed(m: Mirror, ok: boolean, rttMs: number | undefined, why?: string, manifest?: ManifestInfo): void {
     const was = m.healthy;
     m.recordProbe(ok, rttMs);
     if (m.healthy !== was) this.#logState(m, ok ? 'probe succeeded' : `probe failed: ${why ?? 'unknown'}`);
+    if (manifest) {
+      m.manifest = manifest;
+      this.#judgeLag(m.group, manifest.repo);
+    }
+  }
+
+  /** Mark the mirrors whose manifest of `repo` lags the group's newest by more than --mirror-max-lag. */
+  #judgeLag(g: MirrorGroup, repo: string): void {
+    const known = g.mirrors.filter((m) => m.manifest?.repo === repo);
+    const newest = Math.max(...known.map((m) => m.manifest!.publishedAtS));
+    for (const m of known) {
+      const lagS = newest - m.manifest!.publishedAtS;
+      const stale = lagS * 1000 > this.cfg.maxLagMs;
+      if (stale !== m.stale) {
+        m.stale = stale;
+        this.#log.warn({ ...m.snapshot(), lagS }, stale ? 'mirror stale: its manifest lags the newest in its group' : 'mirror caught up');
+      }
+    }
   }
 
   /** Apply the outcome of a real fetch. */
@@ -249,7 +304,7 @@ export class Mirrors {
   }
 }
 
-export type ProbeFn = (url: URL, timeoutMs: number, wantOk: boolean) => Promise<{ ok: boolean; rttMs: number; why?: string }>;
+export type ProbeFn = (url: URL, timeoutMs: number, wantOk: boolean) => Promise<{ ok: boolean; rttMs: number; why?: string; text?: string }>;
 
 /**
  * Active probes: each group is probed at a jittered interval (±20%), each mirror with a GET of the
@@ -278,8 +333,9 @@ export class Prober {
     const path = repo ? `/cvmfs/${repo}/.cvmfspublished` : '/cvmfs/info/v1/repositories.json';
     await Promise.all(
       g.mirrors.map(async (m) => {
-        const r = await this.#probe(new URL(path, m.origin), cfg.timeoutMs, Boolean(repo)).catch((err: Error) => ({ ok: false, rttMs: 0, why: err.message }));
-        if (!this.#stopped) this.#mirrors.probed(m, r.ok, r.ok ? r.rttMs : undefined, r.why);
+        const r: Awaited<ReturnType<ProbeFn>> = await this.#probe(new URL(path, m.origin), cfg.timeoutMs, Boolean(repo)).catch((err: Error) => ({ ok: false, rttMs: 0, why: err.message }));
+        const manifest = r.ok && r.text ? parseManifest(r.text) : undefined;
+        if (!this.#stopped) this.#mirrors.probed(m, r.ok, r.ok ? r.rttMs : undefined, r.why, manifest?.repo === repo ? manifest : undefined);
       }),
     );
     if (this.#stopped) return;

@@ -318,3 +318,27 @@ describe('mirrors: manifests are never crossed', () => {
     assert.equal(mirrors[1]!.count(path!), 1);
   });
 });
+
+describe('mirrors: a stale mirror', () => {
+  it('accelerator mode does not stick a repository to a mirror whose manifest lags by more than --mirror-max-lag', async () => {
+    const bodies = casBodies([1000]);
+    const mirrors = await startMirrors(bodies, [5, 40]);
+    mirrors[0]!.emu.revision = 5;
+    mirrors[0]!.emu.publishedAtS = Math.floor(Date.now() / 1000) - 7200;
+    mirrors[1]!.emu.revision = 9;
+    const p = await startProxy(mirrorOptions(mirrors, { 'accel-listen': '127.0.0.1:0', 'mirror-max-lag': '30m' }));
+    const accel = new Pool(`http://127.0.0.1:${p.proxy.addresses()[1]!.port}`, { connections: 1 });
+    try {
+      await waitFor('both probed', () => p.proxy.mirrors.snapshot().every((m) => m.healthy && m.revision !== null));
+      const snap = p.proxy.mirrors.snapshot();
+      assert.deepEqual(snap.map((m) => [m.revision, m.stale]), [[5, true], [9, false]]);
+      const r = await accel.request({ path: MANIFEST, method: 'GET' });
+      assert.match(await r.body.text(), /\nS9\n/, 'the current mirror, though farther');
+      assert.equal(mirrors[0]!.count(MANIFEST), 0, 'the stale mirror was not asked for the manifest');
+    } finally {
+      await accel.close();
+      await p.close();
+      for (const m of mirrors) await m.stop();
+    }
+  });
+});

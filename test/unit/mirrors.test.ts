@@ -5,9 +5,9 @@ import { pino } from 'pino';
 import { buildConfig } from '../../src/config.ts';
 import { casObject, HashCheck } from '../../src/content-hash.ts';
 import { FetchPlan } from '../../src/fetch-plan.ts';
-import { Mirrors, type ProbeConfig } from '../../src/mirrors.ts';
+import { Mirrors, parseManifest, type ProbeConfig } from '../../src/mirrors.ts';
 
-const PROBE: ProbeConfig = { intervalMs: 5000, timeoutMs: 2000, window: 8, threshold: 3, initial: 2, failThreshold: 3, answerTimeoutMs: 3000, repo: '' };
+const PROBE: ProbeConfig = { intervalMs: 5000, timeoutMs: 2000, window: 8, threshold: 3, initial: 2, failThreshold: 3, answerTimeoutMs: 3000, maxLagMs: 3_600_000, repo: '' };
 const A = 'http://s1a.example:8000';
 const B = 'http://s1b.example:8000';
 const C = 'http://s1c.example:8000';
@@ -77,6 +77,22 @@ describe('mirror health (Varnish window 8, threshold 3, initial 2)', () => {
     assert.equal(g.stickyFor('atlas').origin, B, 'a faster mirror does not move a sticky repository');
     g.unstick('atlas', g.mirrors[1]!);
     assert.equal(g.stickyFor('atlas').origin, A);
+  });
+
+  it('a mirror whose manifest lags the newest by more than --mirror-max-lag is stale, and accelerator mode moves off it', () => {
+    const { mirrors, g, events } = group();
+    const now = 1_800_000_000;
+    mirrors.probed(g.mirrors[0]!, true, 5, undefined, { repo: 'atlas', revision: 5, publishedAtS: now - 7200 });
+    mirrors.probed(g.mirrors[1]!, true, 30, undefined, { repo: 'atlas', revision: 9, publishedAtS: now });
+    assert.equal(g.mirrors[0]!.stale, true);
+    assert.ok(events.includes('mirror stale: its manifest lags the newest in its group'));
+    assert.equal(g.stickyFor('atlas').origin, B, 'the nearest mirror is stale: the current one is chosen');
+    assert.equal(g.ranked()[0]!.origin, A, 'content-addressed misses still go to the nearest (a missing object fails over)');
+    mirrors.probed(g.mirrors[0]!, true, 5, undefined, { repo: 'atlas', revision: 9, publishedAtS: now });
+    assert.equal(g.mirrors[0]!.stale, false);
+    assert.equal(g.stickyFor('atlas').origin, B, 'and the repository stays where it is');
+    assert.deepEqual(parseManifest('C0123\nNatlas\nS42\nT1700000000\n--\nsignature'), { repo: 'atlas', revision: 42, publishedAtS: 1_700_000_000 });
+    assert.equal(parseManifest('garbage'), undefined);
   });
 
   it('a sticky choice made before any probe answered is re-made once mirrors are known', () => {
