@@ -71,7 +71,7 @@ export class Coalescer {
   /** Memory shared by the windows of all fills in flight (--fill-memory). */
   readonly budget: FillBudget;
   readonly stats: CoalescerStats = { fillsStarted: 0, fillsCommitted: 0, fillsFailed: 0, fillsReleased: 0, waitersPerFill: [], failovers: 0, resumes: 0, hashMismatches: 0 };
-  readonly #mirrors: Mirrors;
+  #mirrors: Mirrors;
   /** Mirrors that recently served corrupt bytes for a key: asked last by the next fill. */
   readonly #corruptFrom = new LRUCache<string, Set<string>>({ max: 4096, ttl: 600_000 });
 
@@ -92,6 +92,11 @@ export class Coalescer {
 
   get inFlight(): number {
     return this.#fills.size;
+  }
+
+  /** New mirror groups (a reload); fills already running keep the plan they started with. */
+  useMirrors(m: Mirrors): void {
+    this.#mirrors = m;
   }
 
   /** The fills in flight with the most clients attached (the dashboard's "top waiters"). */

@@ -125,6 +125,23 @@ export class Mirror {
     if (this.consecutiveFailures >= this.#cfg.failThreshold) this.passiveDown = true;
   }
 
+  /** Take over the health, RTT and totals of the same mirror from before a reload. */
+  inherit(old: Mirror): void {
+    this.rttMs = old.rttMs;
+    this.consecutiveFailures = old.consecutiveFailures;
+    this.passiveDown = old.passiveDown;
+    this.fetches = old.fetches;
+    this.failures = old.failures;
+    this.bytes = old.bytes;
+    this.probes = old.probes;
+    this.probeFailures = old.probeFailures;
+    this.lastProbeOk = old.lastProbeOk;
+    this.manifest = old.manifest;
+    this.stale = old.stale;
+    const w = old.#window.slice(-this.#window.length);
+    this.#window.splice(this.#window.length - w.length, w.length, ...w);
+  }
+
   #sample(ms: number): void {
     this.rttMs = this.rttMs === undefined ? ms : this.rttMs + EWMA_ALPHA * (ms - this.rttMs);
   }
@@ -227,6 +244,15 @@ export class MirrorGroup {
     return next;
   }
 
+  /** After a reload: keep the repositories' sticky mirrors that are still in this group. */
+  inheritSticky(old: MirrorGroup): void {
+    this.lastRepo = old.lastRepo;
+    for (const [repo, m] of old.#sticky) {
+      const same = this.mirrors.find((x) => x.origin === m.origin);
+      if (same) this.#sticky.set(repo, same);
+    }
+  }
+
   /** The sticky mirror failed a fetch: move the repository on to the next mirror now. */
   unstick(repo: string, failed: Mirror): void {
     if (this.#sticky.get(repo) !== failed) return;
@@ -248,6 +274,18 @@ export class Mirrors {
     this.#log = log;
     this.groups = groups.map((g) => new MirrorGroup(g, probe, (event, fields) => log.info(fields, event)));
     for (const g of this.groups) for (const m of g.mirrors) this.#byHost.set(m.host, m);
+  }
+
+  /** After a reload: carry health, RTT, totals and sticky choices over from the previous groups. */
+  carryOver(prev: Mirrors): void {
+    for (const g of this.groups) {
+      for (const m of g.mirrors) {
+        const old = prev.byHost(m.host);
+        if (old) m.inherit(old);
+      }
+      const og = prev.groups.find((x) => x.name === g.name);
+      if (og) g.inheritSticky(og);
+    }
   }
 
   /** The mirror a request URL names, if it is one of ours. */

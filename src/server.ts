@@ -35,6 +35,7 @@ export interface Proxy {
   readonly disk: DiskTier;
   readonly coalescer: Coalescer;
   readonly log: Logger;
+  /** The mirror groups in force (replaced by a reload that changes them). */
   readonly mirrors: Mirrors;
   /** Bound addresses, in --listen order, then the --accel-listen one. */
   addresses(): AddressInfo[];
@@ -55,6 +56,8 @@ export async function createProxy(cfg: Config, opts: ProxyOptions = {}): Promise
   const log = opts.logger ?? createLogger(cfg.logLevel);
   const freshness = createFreshness(clock, cfg.negativeTtlMs);
   let acl: Acl = compileAcl(cfg);
+  /** What is in force: the start configuration, with what reloads changed live. */
+  let current: Config = cfg;
   const getAcl = () => acl;
   const coalescerRef: { c?: Coalescer } = {};
   const disk = new DiskTier({
@@ -75,8 +78,9 @@ export async function createProxy(cfg: Config, opts: ProxyOptions = {}): Promise
   const memory = new MemoryTier({ maxBytes: cfg.memoryCacheBytes, maxEntryBytes: cfg.maxMemoryObjectBytes });
   const store = new TieredStore(memory, disk, cfg.maxMemoryObjectBytes);
   const upstream = new Upstream(cfg, getAcl);
-  const mirrors = new Mirrors(cfg.mirrorGroups, cfg.probe, log);
-  const prober = new Prober(mirrors, (url, timeoutMs, wantOk) => upstream.probe(url, timeoutMs, wantOk));
+  let mirrors = new Mirrors(cfg.mirrorGroups, cfg.probe, log);
+  const probeFn = (url: URL, timeoutMs: number, wantOk: boolean) => upstream.probe(url, timeoutMs, wantOk);
+  let prober = new Prober(mirrors, probeFn);
   const coalescer = new Coalescer({ cfg, clock, store, upstream, freshness, log, mirrors });
   coalescerRef.c = coalescer;
   const counters = newCounters();
@@ -155,7 +159,9 @@ export async function createProxy(cfg: Config, opts: ProxyOptions = {}): Promise
     disk,
     coalescer,
     log,
-    mirrors,
+    get mirrors() {
+      return mirrors;
+    },
     addresses: () => servers.map((s) => s.address() as AddressInfo),
     async listen() {
       for (const [i, srv] of servers.entries()) {
@@ -229,11 +235,24 @@ export async function createProxy(cfg: Config, opts: ProxyOptions = {}): Promise
       await snmpAgent?.close();
     },
     reload(next) {
-      // What can change live: the access rules. The rest (listeners, tiers, sizes) needs a restart.
-      acl = compileAcl({ ...next, mirrorGroups: cfg.mirrorGroups }); // mirror groups change on restart
-      const live = new Set(['allowClient', 'allowDest', 'allowPorts', 'allowConnectPorts', 'allowPurge']);
-      const needRestart = (Object.keys(next) as (keyof Config)[]).filter((k) => !live.has(k) && JSON.stringify(next[k]) !== JSON.stringify(cfg[k]));
+      // What changes live: the access rules and the mirror groups (with their probe settings). The rest
+      // (listeners, tiers, sizes) needs a restart.
+      acl = compileAcl(next);
+      if (JSON.stringify(next.mirrorGroups) !== JSON.stringify(current.mirrorGroups) || JSON.stringify(next.probe) !== JSON.stringify(current.probe)) {
+        const fresh = new Mirrors(next.mirrorGroups, next.probe, log);
+        fresh.carryOver(mirrors); // a mirror that stays keeps its health, RTT and sticky repositories
+        prober.stop();
+        mirrors = fresh;
+        ctx.mirrors = fresh;
+        coalescer.useMirrors(fresh);
+        prober = new Prober(fresh, probeFn);
+        if (listening && !draining) prober.start();
+        log.info({ groups: next.mirrorGroups }, 'reload: mirror groups replaced');
+      }
+      const live = new Set(['allowClient', 'allowDest', 'allowPorts', 'allowConnectPorts', 'allowPurge', 'mirrorGroups', 'probe']);
+      const needRestart = (Object.keys(next) as (keyof Config)[]).filter((k) => !live.has(k) && JSON.stringify(next[k]) !== JSON.stringify(current[k]));
       if (needRestart.length) log.warn({ keys: needRestart }, 'reload: these settings take effect only after a restart');
+      current = { ...current, allowClient: next.allowClient, allowDest: next.allowDest, allowPorts: next.allowPorts, allowConnectPorts: next.allowConnectPorts, allowPurge: next.allowPurge, mirrorGroups: next.mirrorGroups, probe: next.probe };
       log.info('configuration reloaded');
     },
     reopenLogs() {

@@ -3,6 +3,7 @@
 import assert from 'node:assert/strict';
 import { after, before, describe, it } from 'node:test';
 import { Pool } from 'undici';
+import { buildConfig } from '../../src/config.ts';
 import { casObject } from '../../src/content-hash.ts';
 import { startOrigin } from '../helpers/origin.ts';
 import { get, proxyClient, startProxy, type TestProxy } from '../helpers/proxy.ts';
@@ -337,6 +338,37 @@ describe('mirrors: a stale mirror', () => {
       assert.equal(mirrors[0]!.count(MANIFEST), 0, 'the stale mirror was not asked for the manifest');
     } finally {
       await accel.close();
+      await p.close();
+      for (const m of mirrors) await m.stop();
+    }
+  });
+});
+
+describe('mirrors: reload', () => {
+  it('a reload adds a mirror live; one that stays keeps its health, RTT and totals', async () => {
+    const bodies = casBodies([1000, 2000, 3000]);
+    const [p1, p2, p3] = [...bodies.keys()];
+    const mirrors = await startMirrors(bodies, [5, 40]);
+    const base = { listen: ['127.0.0.1:0'], 'allow-dest': ['127.0.0.1'], 'access-log': 'none', 'visible-hostname': 'cuttle-test', 'admin-listen': '127.0.0.1:0' };
+    const p = await startProxy(mirrorOptions([mirrors[0]!]));
+    const pool = proxyClient(p.url, 2);
+    try {
+      await waitFor('first mirror healthy', () => healthy(p.proxy, mirrors[0]!.url));
+      assert.equal((await get(pool, `${mirrors[1]!.url}${p1}`)).status, 200);
+      assert.equal(mirrors[1]!.count(p1!), 1, 'not a mirror yet: fetched from the host named');
+      assert.equal((await get(pool, `${mirrors[0]!.url}${p2}`)).status, 200);
+      const before = p.proxy.mirrors.snapshot()[0]!;
+      p.proxy.reload(buildConfig({ ...base, 'cache-dir': p.cacheDir, ...mirrorOptions(mirrors) }));
+      const after = p.proxy.mirrors.snapshot();
+      assert.equal(after.length, 2);
+      assert.equal(after[0]!.healthy, true, 'the mirror that stayed is still healthy');
+      assert.equal(after[0]!.fetches, before.fetches);
+      await waitFor('the added mirror healthy', () => healthy(p.proxy, mirrors[1]!.url));
+      assert.equal((await get(pool, `${mirrors[1]!.url}${p3}`)).status, 200);
+      assert.equal(mirrors[0]!.count(p3!), 1, 'now one group: the nearest mirror serves it');
+      assert.equal(mirrors[1]!.count(p3!), 0);
+    } finally {
+      await pool.close();
       await p.close();
       for (const m of mirrors) await m.stop();
     }
