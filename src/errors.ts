@@ -60,7 +60,8 @@ export class ConfigError extends Error {
 export function upstreamError(err: unknown): ProxyError {
   if (err instanceof ProxyError) return err;
   const e = err as { code?: string; message?: string; cause?: { code?: string } };
-  const code = e?.code ?? e?.cause?.code ?? '';
+  // Not every error's code is a string (a DOMException's is a number).
+  const code = String(typeof e?.code === 'string' ? e.code : (e?.cause?.code ?? e?.code ?? ''));
   const msg = e?.message ?? String(err);
   switch (code) {
     case 'ENOTFOUND':

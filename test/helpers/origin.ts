@@ -62,7 +62,11 @@ export async function startOrigin(routes: Record<string, Route | ((req: SeenRequ
   };
   const server: Server = createServer(async (req, res) => {
     const chunks: Buffer[] = [];
-    for await (const c of req) chunks.push(c as Buffer);
+    try {
+      for await (const c of req) chunks.push(c as Buffer);
+    } catch {
+      return; // the client (the proxy) gave up on its request body
+    }
     const path = req.url ?? '/';
     const r0 = table.get(path.split('?')[0]!) ?? table.get(path);
     const seenReq = { method: req.method ?? '', path, headers: req.headers, body: Buffer.concat(chunks).toString() };
