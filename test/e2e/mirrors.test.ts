@@ -344,6 +344,20 @@ describe('mirrors: a stale mirror', () => {
   });
 });
 
+describe('mirrors: probe timeouts', () => {
+  it('a mirror whose manifest takes longer than --probe-timeout fails its probes and is never marked healthy', async () => {
+    const slow = await startOrigin({ [`/cvmfs/${REPO}/.cvmfspublished`]: { delayMs: 1500, headers: { 'cache-control': 'max-age=61' }, body: 'Ntest\n' } });
+    const p = await startProxy({ stratum1: [slow.url], 'probe-interval': '100ms', 'probe-timeout': '100ms', 'probe-repo': REPO });
+    try {
+      await waitFor('two probes timed out', () => p.proxy.mirrors.snapshot()[0]!.probeFailures >= 2);
+      assert.equal(healthy(p.proxy, slow.url), false);
+    } finally {
+      await p.close();
+      await slow.close();
+    }
+  });
+});
+
 describe('mirrors: reload', () => {
   it('a reload adds a mirror live; one that stays keeps its health, RTT and totals', async () => {
     const bodies = casBodies([1000, 2000, 3000]);
