@@ -93,13 +93,14 @@ export function handleConnect(ctx: Ctx, req: IncomingMessage, socket: Duplex, he
     upstream.pipe(socket);
     socket.pipe(upstream);
   });
-  upstream.once('error', (err) => {
-    if (established) return end();
+  // `on`, not `once`: a second 'error' without a listener would take the process down.
+  upstream.on('error', (err) => {
+    if (established || ended) return end();
     ended = true;
     ctx.counters.passesInFlight--;
     deny(err instanceof ProxyError ? err : upstreamError(err));
   });
   upstream.once('close', end);
-  socket.once('error', end);
+  socket.on('error', end);
   socket.once('close', end);
 }
