@@ -344,6 +344,29 @@ describe('mirrors: a stale mirror', () => {
   });
 });
 
+describe('mirrors: --accel on the main listener', () => {
+  it('takes origin-form and absolute-form requests on the same port', async () => {
+    const bodies = casBodies([1234]);
+    const [path] = [...bodies.keys()];
+    const mirrors = await startMirrors(bodies, [5]);
+    const p = await startProxy(mirrorOptions(mirrors, { accel: true }));
+    const pool = proxyClient(p.url, 1);
+    try {
+      await waitFor('mirror healthy', () => healthy(p.proxy, mirrors[0]!.url));
+      const origin = await get(pool, path!);
+      assert.equal(origin.status, 200);
+      assert.ok(origin.body.equals(bodies.get(path!)!));
+      const absolute = await get(pool, `${mirrors[0]!.url}${path}`);
+      assert.match(String(absolute.headers['x-cache']), /^HIT/, 'the same object, one key');
+      assert.equal(mirrors[0]!.count(path!), 1);
+    } finally {
+      await pool.close();
+      await p.close();
+      for (const m of mirrors) await m.stop();
+    }
+  });
+});
+
 describe('mirrors: probe timeouts', () => {
   it('a mirror whose manifest takes longer than --probe-timeout fails its probes and is never marked healthy', async () => {
     const slow = await startOrigin({ [`/cvmfs/${REPO}/.cvmfspublished`]: { delayMs: 1500, headers: { 'cache-control': 'max-age=61' }, body: 'Ntest\n' } });
