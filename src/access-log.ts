@@ -1,7 +1,10 @@
-// The access log, one line per transaction in Squid's native format, so existing Squid log tools parse it:
-//   time.ms elapsed client result/status bytes method URL ident hierarchy/peer mime
-// (squid logformat "squid": %ts.%03tu %6tr %>a %Ss/%03>Hs %<st %rm %ru %[un %Sh/%<a %mt)
+// The access log, one line per transaction, in one of two Squid formats that existing tools parse:
+//   squid    Squid's native format (logformat squid):
+//            %ts.%03tu %6tr %>a %Ss/%03>Hs %<st %rm %ru %[un %Sh/%<a %mt
+//   frontier frontier-squid's format, which WLCG's awstats and failover monitors parse:
+//            %>a %ui %un [%tl] "%rm %ru HTTP/%rv" %>Hs %<st %Ss:%Sh %tr "%{X-Frontier-Id}>h %{cvmfs-info}>h" "%{Referer}>h" "%{User-Agent}>h"
 // Written through SonicBoom (pino.destination) asynchronously, with reopen() for log rotation.
+import type { IncomingHttpHeaders } from 'node:http';
 import { pino } from 'pino';
 
 export type ResultTag =
@@ -25,18 +28,45 @@ export interface Transaction {
   peer: string;
   mime: string;
   coalesced: boolean;
+  /** The client's request headers and HTTP version (the frontier format logs a few of them). */
+  headers?: IncomingHttpHeaders;
+  httpVersion?: string;
+}
+
+export type AccessLogFormat = 'squid' | 'frontier';
+
+/** The result tag as Squid writes it: TCP_CF_* for collapsed requests, *_ABORTED for hang-ups. */
+function resultTag(tx: Transaction): string {
+  const tag = tx.coalesced && tx.result.startsWith('TCP_') ? `TCP_CF_${tx.result.slice(4)}` : tx.result;
+  return tx.aborted ? `${tag}_ABORTED` : tag;
 }
 
 export function formatSquid(tx: Transaction, nowMs: number): string {
   const secs = Math.floor(tx.startedAt / 1000);
   const ms = String(tx.startedAt % 1000).padStart(3, '0');
   const elapsed = String(Math.max(0, nowMs - tx.startedAt)).padStart(6, ' ');
-  // Squid marks collapsed-forwarding transactions TCP_CF_* and client aborts *_ABORTED.
-  const tag = tx.coalesced && tx.result.startsWith('TCP_') ? `TCP_CF_${tx.result.slice(4)}` : tx.result;
-  const result = tx.aborted ? `${tag}_ABORTED` : tag;
+  const result = resultTag(tx);
   const status = String(tx.status).padStart(3, '0');
   const url = tx.url.replace(/\s/g, '%20');
   return `${secs}.${ms} ${elapsed} ${tx.client} ${result}/${status} ${tx.bytesOut} ${tx.method} ${url} - ${tx.hierarchy}/${tx.peer || '-'} ${tx.mime || '-'}\n`;
+}
+
+const MONTHS = ['Jan', 'Feb', 'Mar', 'Apr', 'May', 'Jun', 'Jul', 'Aug', 'Sep', 'Oct', 'Nov', 'Dec'];
+const p2 = (n: number) => String(n).padStart(2, '0');
+
+/** A request header as the frontier format quotes it: '-' when absent, no quotes or line breaks inside. */
+function hdr(tx: Transaction, name: string): string {
+  const v = tx.headers?.[name];
+  const s = Array.isArray(v) ? v.join(', ') : v;
+  return s ? s.replace(/["\\\r\n]/g, (c) => (c === '"' ? '%22' : c === '\\' ? '%5C' : ' ')) : '-';
+}
+
+export function formatFrontier(tx: Transaction, nowMs: number): string {
+  const d = new Date(tx.startedAt);
+  const when = `${p2(d.getUTCDate())}/${MONTHS[d.getUTCMonth()]}/${d.getUTCFullYear()}:${p2(d.getUTCHours())}:${p2(d.getUTCMinutes())}:${p2(d.getUTCSeconds())}.${String(d.getUTCMilliseconds()).padStart(3, '0')} +0000`;
+  const url = tx.url.replace(/\s/g, '%20');
+  const elapsed = Math.max(0, nowMs - tx.startedAt);
+  return `${tx.client} - - [${when}] "${tx.method} ${url} HTTP/${tx.httpVersion ?? '1.1'}" ${tx.status} ${tx.bytesOut} ${resultTag(tx)}:${tx.hierarchy} ${elapsed} "${hdr(tx, 'x-frontier-id')} ${hdr(tx, 'cvmfs-info')}" "${hdr(tx, 'referer')}" "${hdr(tx, 'user-agent')}"\n`;
 }
 
 export interface AccessLog {
@@ -45,7 +75,8 @@ export interface AccessLog {
   flush(): Promise<void>;
 }
 
-export function openAccessLog(target: string): AccessLog {
+export function openAccessLog(target: string, format: AccessLogFormat = 'squid'): AccessLog {
+  const line = format === 'frontier' ? formatFrontier : formatSquid;
   if (target === 'none') return { write() {}, reopen() {}, flush: async () => {} };
   const dest = pino.destination({ dest: target === '-' ? 1 : target, sync: false, minLength: 4096, mkdir: true });
   // Lines are batched for throughput; a quiet proxy still gets its lines out within a second.
@@ -59,7 +90,7 @@ export function openAccessLog(target: string): AccessLog {
   timer.unref();
   return {
     write(tx, now) {
-      dest.write(formatSquid(tx, now));
+      dest.write(line(tx, now));
     },
     reopen() {
       if (target === '-') return;

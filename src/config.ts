@@ -27,6 +27,7 @@ export const DEFAULTS = {
   'negative-ttl': '60s',
   'uncacheable-ttl': '120s',
   'access-log': '-',
+  'access-log-format': 'squid',
   'log-level': 'info',
   'visible-hostname': hostname(),
   'connect-timeout': '10s',
@@ -75,6 +76,7 @@ const HELP: Record<OptionName, string> = {
   'negative-ttl': 'how long a 404/410 without explicit freshness is cached',
   'uncacheable-ttl': 'how long a key whose response was not storable bypasses coalescing',
   'access-log': 'Squid-format access log file, - for stdout, none to disable',
+  'access-log-format': 'squid (Squid native) or frontier (frontier-squid, as WLCG awstats and failover monitoring parse)',
   'log-level': 'operational log level (fatal,error,warn,info,debug,trace)',
   'visible-hostname': 'name used in Via and X-Cache',
   'connect-timeout': 'upstream connect timeout',
@@ -227,6 +229,7 @@ const schema = z
     'negative-ttl': duration,
     'uncacheable-ttl': duration,
     'access-log': z.string().min(1, 'expected a file path, - or none'),
+    'access-log-format': z.enum(['squid', 'frontier']),
     'log-level': z.enum(['fatal', 'error', 'warn', 'info', 'debug', 'trace', 'silent']),
     'visible-hostname': z.string().regex(/^[A-Za-z0-9._-]+$/, 'expected a host name'),
     'connect-timeout': duration,
@@ -292,6 +295,7 @@ export interface Config {
   readonly negativeTtlMs: number;
   readonly uncacheableTtlMs: number;
   readonly accessLog: string;
+  readonly accessLogFormat: 'squid' | 'frontier';
   readonly logLevel: string;
   readonly visibleHostname: string;
   readonly connectTimeoutMs: number;
@@ -331,6 +335,7 @@ function toConfig(p: Parsed): Config {
     negativeTtlMs: p['negative-ttl'],
     uncacheableTtlMs: p['uncacheable-ttl'],
     accessLog: p['access-log'],
+    accessLogFormat: p['access-log-format'],
     logLevel: p['log-level'],
     visibleHostname: p['visible-hostname'],
     connectTimeoutMs: p['connect-timeout'],

@@ -109,6 +109,8 @@ export async function handleRequest(ctx: Ctx, req: IncomingMessage, res: ServerR
     peer: '',
     mime: '',
     coalesced: false,
+    headers: req.headers,
+    httpVersion: req.httpVersion,
   };
   const s: State = { ctx, req, res, tx, accel };
   let step: StepName | undefined = 'recv';

@@ -32,6 +32,8 @@ export function handleConnect(ctx: Ctx, req: IncomingMessage, socket: Duplex, he
     peer: '',
     mime: '',
     coalesced: false,
+    headers: req.headers,
+    httpVersion: req.httpVersion,
   };
   ctx.counters.requests++;
   const name = ctx.cfg.visibleHostname;

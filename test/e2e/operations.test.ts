@@ -113,6 +113,23 @@ describe('operations', () => {
     await c.close();
   });
 
+  it('--access-log-format frontier writes the lines WLCG awstats and failover monitoring parse', async () => {
+    const dir = tmpDir();
+    const log = join(dir, 'access.log');
+    const proxy = await startChildProxy(['--listen', '127.0.0.1:0', '--cache-dir', join(dir, 'c'), '--allow-dest', '127.0.0.1', '--access-log', log, '--access-log-format', 'frontier']);
+    const c = proxyClient(proxy.url);
+    await get(c, `${origin.url}/m?frontier`, { 'user-agent': 'cvmfs Fuse 2.11.5', 'cvmfs-info': 'atlas.cern.ch:/software' });
+    await get(c, `${origin.url}/m?frontier`, { 'user-agent': 'cvmfs Fuse 2.11.5' });
+    await c.close();
+    assert.equal(await proxy.stop(), 0);
+    const lines = readFileSync(log, 'utf8').trim().split('\n');
+    assert.equal(lines.length, 2);
+    const date = '\\[\\d{2}/[A-Z][a-z]{2}/\\d{4}:\\d{2}:\\d{2}:\\d{2}\\.\\d{3} \\+0000\\]';
+    assert.match(lines[0]!, new RegExp(`^127\\.0\\.0\\.1 - - ${date} "GET ${origin.url.replace(/\./g, '\\.')}/m\\?frontier HTTP/1\\.1" 200 9 TCP_MISS:HIER_DIRECT \\d+ "- atlas\\.cern\\.ch:/software" "-" "cvmfs Fuse 2\\.11\\.5"$`));
+    assert.match(lines[1]!, / 200 9 TCP_MEM_HIT:HIER_NONE \d+ "- -" "-" "cvmfs Fuse 2\.11\.5"$/);
+    assert.equal(origin.count('/m?frontier'), 1);
+  });
+
   it('SIGUSR1 reopens the access log: after a rename, new lines go to the new file', async () => {
     const dir = tmpDir();
     const log = join(dir, 'access.log');

@@ -1,7 +1,7 @@
 import assert from 'node:assert/strict';
 import { describe, it } from 'node:test';
 import { normaliseUrl, primaryKey, variantKey, varyNames } from '../../src/cache-key.ts';
-import { formatSquid } from '../../src/access-log.ts';
+import { formatFrontier, formatSquid } from '../../src/access-log.ts';
 
 describe('cache key', () => {
   it('lower-cases scheme and host and drops the default port; path and query stay exact', () => {
@@ -23,5 +23,13 @@ describe('access log', () => {
     const tx = { startedAt: 1_700_000_000_123, client: '10.0.0.5', method: 'GET', url: 'http://s1:8000/cvmfs/a/data/ab/cd', status: 200, bytesOut: 4096, result: 'TCP_MISS' as const, aborted: false, hierarchy: 'HIER_DIRECT' as const, peer: 's1', mime: 'application/octet-stream', coalesced: true };
     assert.equal(formatSquid(tx, 1_700_000_000_168), '1700000000.123     45 10.0.0.5 TCP_CF_MISS/200 4096 GET http://s1:8000/cvmfs/a/data/ab/cd - HIER_DIRECT/s1 application/octet-stream\n');
     assert.match(formatSquid({ ...tx, coalesced: false, aborted: true, result: 'TCP_HIT', hierarchy: 'HIER_NONE', peer: '' }, 1_700_000_000_200), / TCP_HIT_ABORTED\/200 4096 GET .* HIER_NONE\/- /);
+  });
+
+  it('writes frontier-squid lines (the WLCG awstats format) with cvmfs-info and User-Agent', () => {
+    const tx = { startedAt: Date.UTC(2026, 10, 25, 9, 58, 9, 123), client: '10.0.0.5', method: 'GET', url: 'http://s1:8000/cvmfs/a/data/ab/cd', status: 200, bytesOut: 4096, result: 'TCP_MISS' as const, aborted: false, hierarchy: 'HIER_DIRECT' as const, peer: 's1', mime: '', coalesced: true, httpVersion: '1.1', headers: { 'user-agent': 'cvmfs Fuse 2.11.5', 'cvmfs-info': 'atlas.cern.ch:/sw/"x"' } };
+    assert.equal(
+      formatFrontier(tx, tx.startedAt + 45),
+      '10.0.0.5 - - [25/Nov/2026:09:58:09.123 +0000] "GET http://s1:8000/cvmfs/a/data/ab/cd HTTP/1.1" 200 4096 TCP_CF_MISS:HIER_DIRECT 45 "- atlas.cern.ch:/sw/%22x%22" "-" "cvmfs Fuse 2.11.5"\n',
+    );
   });
 });
