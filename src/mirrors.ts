@@ -9,6 +9,7 @@
 //
 // The state here is pure: results come in with their timings, and the prober (at the bottom) is the
 // only part that owns timers.
+import { LRUCache } from 'lru-cache';
 import type { Logger } from './log.ts';
 
 export interface MirrorGroupConfig {
@@ -192,9 +193,10 @@ export class MirrorGroup {
   /** The mirror misses go to first; changes only with hysteresis. */
   #first: Mirror | undefined;
   /** Accelerator mode: the mirror each repository sticks to. */
-  readonly #sticky = new Map<string, Mirror>();
+  // Repository names come from client paths: bounded, least recently used dropped (it is re-chosen).
+  readonly #sticky = new LRUCache<string, Mirror>({ max: 4096 });
   /** Sticky choices made before any mirror was known healthy (at startup): re-made once one is. */
-  readonly #provisional = new Set<string>();
+  readonly #provisional = new LRUCache<string, true>({ max: 4096 });
   /** The repository most recently requested through this group (what probes fetch by default). */
   lastRepo = '';
   readonly #onChange: (event: string, fields: Record<string, unknown>) => void;
@@ -239,7 +241,7 @@ export class MirrorGroup {
     const next = ranked.find(fresh) ?? ranked[0]!;
     this.#sticky.set(repo, next);
     if (anyHealthy) this.#provisional.delete(repo);
-    else this.#provisional.add(repo);
+    else this.#provisional.set(repo, true);
     if (cur !== next) this.#onChange('sticky mirror changed', { group: this.name, repo, mirror: next.origin, previous: cur?.origin });
     return next;
   }
@@ -247,7 +249,7 @@ export class MirrorGroup {
   /** After a reload: keep the repositories' sticky mirrors that are still in this group. */
   inheritSticky(old: MirrorGroup): void {
     this.lastRepo = old.lastRepo;
-    for (const [repo, m] of old.#sticky) {
+    for (const [repo, m] of old.#sticky.entries()) {
       const same = this.mirrors.find((x) => x.origin === m.origin);
       if (same) this.#sticky.set(repo, same);
     }
