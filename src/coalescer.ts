@@ -228,8 +228,9 @@ export class Coalescer {
     if (job.check) fill.holdBack = true;
 
     if (!storable && r.cas !== undefined && cl !== undefined && cl <= SHARED_ERROR_MAX_BYTES && !this.#superseded.has(fill)) {
-      // A content-addressed object's error answer (a 5xx, a 404 not every mirror gave) is not stored,
-      // but every waiter gets it: releasing a herd to fetch on its own would hammer the Stratum 1.
+      // A small content-addressed answer that is not stored (a 5xx, a 404 not every mirror gave, an
+      // object the Stratum 1 marks uncacheable) still goes to every waiter: releasing a herd to fetch
+      // on its own would hammer the Stratum 1 with identical requests.
       fill.setHead(head, undefined);
       this.#attach(fill, body, job);
       return;
