@@ -40,6 +40,8 @@ function render(s, rates) {
   $('fills').textContent = num(s.fills.inFlight);
   $('coalesced').textContent = num(c.coalesced) + ' coalesced';
   $('conns').textContent = num(s.clientConnections);
+  $('failovers').textContent = num(s.fills.failovers);
+  $('resumes').textContent = num(s.fills.resumes) + ' resumed · ' + num(s.fills.hashMismatches) + ' bad hashes';
   for (const t of ['memory', 'disk']) {
     const st = s.tiers[t];
     $('fill-' + t).style.width = Math.min(100, 100 * st.bytes / Math.max(1, st.maxBytes)).toFixed(1) + '%';
@@ -140,6 +142,7 @@ const HTML = (script: string) => `<!doctype html>
   <div class="card"><h2>Upstream in</h2><div class="big" id="upstream">–</div><div class="sub" id="fetches"></div></div>
   <div class="card"><h2>Fills in flight</h2><div class="big" id="fills">–</div><div class="sub" id="coalesced"></div></div>
   <div class="card"><h2>Client connections</h2><div class="big" id="conns">–</div></div>
+  <div class="card"><h2>Mirror failovers</h2><div class="big" id="failovers">–</div><div class="sub" id="resumes"></div></div>
 </div>
 <section><h2>Requests / s, last 3 minutes</h2><svg width="300" height="40" viewBox="0 0 300 40"><polyline id="spark" fill="none" stroke="#3b7ddd" stroke-width="1.5" points=""/></svg><span class="sub" id="sparkmax"></span></section>
 <section><h2>Cache fill</h2>
