@@ -2,7 +2,7 @@
 // The command line: parse, validate, start, and own the process (signals, exit codes).
 import { raiseOpenFilesLimit, WANTED_OPEN_FILES } from './process-setup.ts';
 import { ConfigError } from './errors.ts';
-import { helpText, loadConfig, parseCli, VERSION } from './config.ts';
+import { helpText, loadConfig, parseCli, VERSION, type Config } from './config.ts';
 import { createProxy } from './server.ts';
 
 async function main(argv: string[]): Promise<number> {
@@ -27,7 +27,7 @@ async function main(argv: string[]): Promise<number> {
     throw err;
   }
   if (cli.checkConfig) {
-    process.stdout.write('configuration OK\n');
+    process.stdout.write(`configuration OK\n${summary(cfg)}`);
     return 0;
   }
   let proxy;
@@ -81,3 +81,28 @@ main(process.argv.slice(2)).then(
     process.exit(1);
   },
 );
+
+function human(n: number): string {
+  const units = ['B', 'KiB', 'MiB', 'GiB', 'TiB'];
+  let i = 0;
+  while (n >= 1024 && i < units.length - 1) {
+    n /= 1024;
+    i++;
+  }
+  return `${Number.isInteger(n) ? n : n.toFixed(1)} ${units[i]}`;
+}
+
+/** What --check-config confirms, one line per concern, so an admin sees what the file means. */
+function summary(cfg: Config): string {
+  const addr = (a: { host: string; port: number } | 'none') => (a === 'none' ? 'off' : `${a.host}:${a.port}`);
+  const lines = [
+    `  proxy:     ${cfg.listen.map(addr).join(', ')}${cfg.accel ? ' (also accelerator mode)' : ''}`,
+    `  admin:     ${addr(cfg.adminListen)}`,
+    `  accel:     ${addr(cfg.accelListen)}`,
+    `  snmp:      ${addr(cfg.snmpListen)}`,
+    `  cache:     ${cfg.cacheDir}, disk ${human(cfg.diskCacheBytes)}, memory ${human(cfg.memoryCacheBytes)}`,
+    `  stratum1:  ${cfg.mirrorGroups.length ? cfg.mirrorGroups.map((g) => `${g.name} [${g.mirrors.join(' ')}]`).join('; ') : 'none (every miss goes to the host the client names)'}`,
+    `  clients:   ${cfg.allowClient.map((c) => `${c.address}/${c.prefix}`).join(' ')}`,
+  ];
+  return `${lines.join('\n')}\n`;
+}

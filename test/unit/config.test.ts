@@ -79,9 +79,11 @@ describe('config', () => {
     assert.match(r.stderr, /disk-cache: expected a size/);
     assert.match(r.stderr, /allow-client: expected an IP address or CIDR/);
     assert.match(r.stderr, /unknown key "frobnicate"/);
-    const ok = cuttle(['--check-config', '--memory-cache', '64MB']);
+    const ok = cuttle(['--check-config', '--memory-cache', '64MB', '--stratum1', 'http://s1a.example:8000', '--stratum1', 'http://s1b.example:8000/cvmfs/@fqrn@']);
     assert.equal(ok.status, 0);
     assert.match(ok.stdout, /configuration OK/);
+    assert.match(ok.stdout, /memory 64 MiB/);
+    assert.match(ok.stdout, /stratum1: +default \[http:\/\/s1a\.example:8000 http:\/\/s1b\.example:8000\]/);
   });
 
   it('an unknown command-line option is an error that names it', () => {
