@@ -6,6 +6,8 @@
 // 5xx, corrupt bytes) mark a mirror down after `failThreshold` in a row; only a good probe revives it.
 // The RTT is an EWMA of probe round trips and real time-to-first-byte. The ranking keeps the current
 // first choice until another healthy mirror is clearly faster (hysteresis), so near-equal mirrors don't flap.
+// Probes also read the manifest's revision and publish time: a mirror far behind its group is stale.
+// Accelerator mode sticks each repository to one mirror (MirrorGroup.stickyFor).
 //
 // The state here is pure: results come in with their timings, and the prober (at the bottom) is the
 // only part that owns timers.
