@@ -41,9 +41,14 @@ export function parseTarget(raw: string): Target | undefined {
   return t;
 }
 
+/** The key a URL is stored under before Vary when it names no mirror's content-addressed object. */
+export function urlKey(u: URL): string {
+  return `${u.protocol}//${u.host}${u.pathname}${u.search}`;
+}
+
 /** The key a URL is stored under before Vary: its content hash path, or the URL. */
 export function primaryKey(u: URL): string {
-  return casObject(u.pathname, u.search)?.key ?? `${u.protocol}//${u.host}${u.pathname}${u.search}`;
+  return casObject(u.pathname, u.search)?.key ?? urlKey(u);
 }
 
 /** The Vary header names of a response, lower-cased; '*' means never cacheable. */

@@ -100,7 +100,7 @@ const HELP: Record<OptionName, string> = {
   'probe-window': 'probe results remembered per mirror',
   'probe-threshold': 'good probes in the window for a mirror to be healthy',
   'probe-initial': 'probes counted as good at start (below the threshold: healthy after the first good probe)',
-  'probe-repo': 'repository whose .cvmfspublished is probed (default: the most recently requested one)',
+  'probe-repo': 'repository whose .cvmfspublished is probed (default: the one each mirror last served)',
   'mirror-fail-threshold': 'failed fetches in a row that mark a mirror down until its next good probe',
   'mirror-max-lag': 'a mirror whose probed manifest was published this much before the group\'s newest is stale (accelerator mode moves off it)',
   'mirror-timeout': 'time a mirror has to connect and answer with headers before the next mirror of the group is asked (clients give up after 5 s)',

@@ -19,6 +19,7 @@ export const ERRORS = {
   ERR_UPSTREAM_RESET: { status: 502, token: 'connection_terminated', squid: 'ERR_READ_ERROR 104', text: 'upstream closed the connection' },
   ERR_INVALID_RESPONSE: { status: 502, token: 'http_protocol_error', squid: 'ERR_INVALID_RESP 0', text: 'upstream sent an invalid response' },
   ERR_CONTENT_HASH: { status: 502, token: 'http_protocol_error', squid: 'ERR_INVALID_RESP 0', text: 'upstream bytes do not match the content hash the URL names' },
+  ERR_FILL_ABANDONED: { status: 503, token: 'proxy_internal_response', squid: 'ERR_READ_ERROR 0', text: 'the fill was given up: nobody was left to serve and its body could not be stored' },
   ERR_OVERLOADED: { status: 503, token: 'connection_limit_reached', squid: 'ERR_ONLY_IF_CACHED_MISS 0', text: 'proxy is overloaded, try another proxy' },
   ERR_INTERNAL: { status: 500, token: 'proxy_internal_error', squid: 'ERR_CANNOT_FORWARD 0', text: 'internal proxy error' },
 } as const;
@@ -89,8 +90,29 @@ export function upstreamError(err: unknown): ProxyError {
     case 'UND_ERR_RES_CONTENT_LENGTH_MISMATCH':
     case 'UND_ERR_RES_EXCEEDED_MAX_SIZE':
       return new ProxyError('ERR_INVALID_RESPONSE', msg, { cause: err });
+    case 'UND_ERR_HEADERS_OVERFLOW':
+      return new ProxyError('ERR_INVALID_RESPONSE', msg, { cause: err });
+    case 'UND_ERR_ABORTED':
+    case 'UND_ERR_ABORT':
+    case 'UND_ERR_DESTROYED':
+    case 'ABORT_ERR':
+    case '20': // DOMException AbortError
+    case 'ECONNABORTED':
+    case 'ENOTCONN':
+    case 'ERR_STREAM_PREMATURE_CLOSE':
+      return new ProxyError('ERR_UPSTREAM_RESET', msg || code, { cause: err });
     default:
       if (code.startsWith('HPE_')) return new ProxyError('ERR_INVALID_RESPONSE', msg, { cause: err });
-      return new ProxyError('ERR_UPSTREAM_RESET', msg || code, { cause: err });
+      // Other socket errors (errno codes) are the upstream's; anything else is a bug of ours, and is
+      // reported as one rather than blamed on the Stratum 1.
+      if (/^E[A-Z]+$/.test(code) || code.startsWith('UND_ERR')) return new ProxyError('ERR_UPSTREAM_RESET', msg || code, { cause: err });
+      if ((err as Error)?.name === 'AbortError') return new ProxyError('ERR_UPSTREAM_RESET', msg, { cause: err });
+      return new ProxyError('ERR_INTERNAL', msg, { cause: err });
   }
+}
+
+/** A failure that is cuttle's own bug: answered 500 ERR_INTERNAL, logged with `internal: true`. */
+export function internalError(err: unknown): ProxyError {
+  if (err instanceof ProxyError && err.code === 'ERR_INTERNAL') return err;
+  return new ProxyError('ERR_INTERNAL', (err as Error)?.message ?? String(err), { cause: err });
 }

@@ -2,7 +2,7 @@
 // DNS hook that applies the destination ACL to every resolved address before connecting.
 import { lookup as dnsLookup, type LookupAddress } from 'node:dns';
 import type { Readable } from 'node:stream';
-import { Agent } from 'undici';
+import { Agent, buildConnector } from 'undici';
 import type { Acl } from './acl.ts';
 import type { Config } from './config.ts';
 import { ProxyError, upstreamError } from './errors.ts';
@@ -43,14 +43,27 @@ export class Upstream {
 
   constructor(cfg: Config, acl: () => Acl) {
     this.#acl = acl;
-    const lookup = (hostname: string, options: { all?: boolean }, cb: LookupCb) => {
+    // The resolved-address check needs the port too (a mirror's exception is its exact host:port), and
+    // net's lookup hook doesn't get it: one connector per destination port, each with its own lookup.
+    const lookupFor = (port: number) => (hostname: string, options: { all?: boolean }, cb: LookupCb) => {
       dnsLookup(hostname, { ...options, all: true }, (err, addrs) => {
         if (err) return cb(err, []);
-        const ok = addrs.filter((a) => this.#acl().allowsResolved(hostname, a.address));
+        const ok = addrs.filter((a) => this.#acl().allowsResolved(hostname, a.address, port));
         if (ok.length === 0) return cb(new ProxyError('ERR_DEST_DENIED', `${hostname} resolves to a denied address`) as never, []);
         if (options.all) cb(null, ok);
         else cb(null, ok[0]!.address, ok[0]!.family);
       });
+    };
+    const connectors = new Map<number, buildConnector.connector>();
+    const connect: buildConnector.connector = (opts, cb) => {
+      const port = Number(opts.port) || (opts.protocol === 'https:' ? 443 : 80);
+      let c = connectors.get(port);
+      if (!c) {
+        if (connectors.size >= 4096) connectors.clear(); // bounded: ports an admin allows are few in practice
+        c = buildConnector({ timeout: cfg.connectTimeoutMs, lookup: lookupFor(port) as never });
+        connectors.set(port, c);
+      }
+      return c(opts, cb);
     };
     this.#agent = new Agent({
       connections: cfg.upstreamConnections,
@@ -58,7 +71,7 @@ export class Upstream {
       keepAliveTimeout: 30_000,
       headersTimeout: cfg.readTimeoutMs,
       bodyTimeout: cfg.readTimeoutMs,
-      connect: { timeout: cfg.connectTimeoutMs, lookup: lookup as never },
+      connect,
       maxOrigins: 4096,
     });
   }
@@ -108,5 +121,10 @@ export class Upstream {
 
   close(): Promise<void> {
     return this.#agent.close();
+  }
+
+  /** Close now: requests still running fail (shutdown after its timeout). */
+  destroy(): Promise<void> {
+    return this.#agent.destroy();
   }
 }

@@ -8,7 +8,7 @@
 // being stored, or a failed disk) the window can only drop what every reader has consumed, and the
 // upstream is paused while the window is full: that mode is only used for a single reader.
 import type { DiskWriter } from './store-disk.ts';
-import type { ProxyError } from './errors.ts';
+import { ProxyError } from './errors.ts';
 import type { Policy } from './freshness.ts';
 
 export type FillState = 'pending' | 'streaming' | 'done' | 'failed';
@@ -38,8 +38,28 @@ export interface UpstreamControl {
   abort(): void;
 }
 
+/** What the request path sees of a fill: it waits for the head, then reads at its own cursor. */
+export interface FillReader {
+  readonly key: string;
+  readonly state: FillState;
+  readonly head: FillHead | undefined;
+  readonly error: ProxyError | undefined;
+  readonly released: boolean;
+  readonly notModified: boolean;
+  readonly policy: Policy | undefined;
+  readonly peer: string;
+  readonly attached: number;
+  /** Headers only the client that started the fill may see (its own Set-Cookie). */
+  readonly privateHeaders: Record<string, string | string[]> | undefined;
+  addReader(): number;
+  removeReader(id: number): void;
+  changed(): Promise<void>;
+  peek(id: number, off: number): Peek;
+  readSpill(off: number, into: Buffer): Promise<Buffer>;
+}
 
-export class Fill {
+
+export class Fill implements FillReader {
   readonly key: string;
   readonly startedAt: number;
   state: FillState = 'pending';
@@ -59,6 +79,13 @@ export class Fill {
   holdBack = false;
   /** Host the body came from (the access log's hierarchy peer); changes on failover or resume. */
   peer = '';
+  privateHeaders: Record<string, string | string[]> | undefined;
+  /** The fetch means to store this body (set with the head; cleared when that becomes impossible). */
+  storing = false;
+  /** Why the fill was given up by cuttle itself (nobody left to serve, no progress): not the mirror's fault. */
+  abandoned: ProxyError | undefined;
+  /** performance.now() of the last byte received (or of the head): the no-progress watchdog reads it. */
+  lastProgressAt = performance.now();
 
   readonly #windowBytesMax: number;
   #chunks: Buffer[] = [];
@@ -111,28 +138,57 @@ export class Fill {
     n?.();
   }
 
-  setHead(head: FillHead, spill: DiskWriter | undefined): void {
+  setHead(head: FillHead, spill: DiskWriter | undefined, storing = false): void {
     this.head = head;
     this.state = 'streaming';
+    this.storing = storing;
+    this.lastProgressAt = performance.now();
     this.#spill = spill;
     if (spill) {
       // Readers that attached before the headers now hold the spill file open too.
       for (let i = 0; i < this.#readers.size; i++) spill.retain();
       spill.onFlush = () => {
+        // A spill that failed (disk full, object past --max-object-size) means the body can't be stored.
+        if (spill.failed) this.storing = false;
         this.#trim();
         this.#wake();
+        this.#checkWanted();
       };
     }
     this.#wake();
+  }
+
+  /**
+   * Give the fill up (cuttle's decision, not an upstream failure): readers are cut short, the upstream
+   * is aborted, and the fetch ends it without charging the mirror.
+   */
+  abandon(why: ProxyError): void {
+    if (this.state === 'done' || this.state === 'failed') return;
+    this.abandoned ??= why;
+    this.storing = false;
+    this.fail(why);
+    this.upstream?.abort();
+  }
+
+  /** A streaming fill that will not be stored and has no reader left is not worth finishing. */
+  #checkWanted(): void {
+    if (this.state !== 'streaming' || this.#readers.size > 0) return;
+    // Without a spill file, a window that has filled up with nobody reading can never drain. A released
+    // (not shared) response is read only by the client that started it.
+    const canStore = !this.released && this.storing && !this.#retired && (this.spilling || (!this.#spill && !this.#paused));
+    if (!canStore) this.abandon(new ProxyError('ERR_FILL_ABANDONED'));
   }
 
   /** The response will not be shared: wake every waiter so it fetches on its own. */
   release(): void {
     this.released = true;
     this.#wake();
+    this.#checkWanted();
   }
 
   push(chunk: Buffer): void {
+    if (this.state !== 'streaming') return;
+    this.lastProgressAt = performance.now();
     this.#starts.push(this.received);
     this.#chunks.push(chunk);
     this.received += chunk.length;
@@ -159,6 +215,7 @@ export class Fill {
   retire(): void {
     this.#retired = true;
     if (this.#readers.size === 0) this.#dropWindowIfIdle();
+    this.#checkWanted();
   }
 
   #retired = false;
@@ -186,8 +243,7 @@ export class Fill {
     this.#spill?.release();
     this.#trim();
     if (this.#readers.size === 0) this.#dropWindowIfIdle();
-    // A non-shared response with nobody left to read it is not worth finishing.
-    if (this.released && this.#readers.size === 0 && this.state === 'streaming') this.upstream?.abort();
+    this.#checkWanted();
   }
 
   /** What reader `id` finds at byte `off`. Without a spill, also records the reader's progress. */
@@ -265,6 +321,7 @@ export class Fill {
     if (full && !this.#paused && this.state === 'streaming') {
       this.#paused = true;
       this.upstream?.pause();
+      this.#checkWanted();
     } else if (!full && this.#paused) {
       this.#paused = false;
       this.upstream?.resume();

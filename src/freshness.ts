@@ -41,7 +41,7 @@ export function createFreshness(clock: Clock, negativeTtlMs: number): Freshness 
   const opts = { shared: true, cacheHeuristic: 0.1, immutableMinTimeToLive: 24 * 3600 * 1000 };
   return {
     policyFor(req, res) {
-      let headers = res.headers;
+      let headers: CachePolicy.Headers = policyHeaders(res.headers as Record<string, string | string[]>);
       // Negative caching: a 404/410 without explicit freshness lives for negative-ttl (Squid negative_ttl).
       if ((res.status === 404 || res.status === 410) && !hasExplicitFreshness(headers) && negativeTtlMs > 0) {
         const cc = headers['cache-control'];
@@ -70,5 +70,20 @@ export function hasValidators(h: Record<string, unknown>): boolean {
 
 /** The request as http-cache-semantics sees it. Host comes from the absolute URL, which is what the key holds. */
 export function policyRequest(url: URL, method: string, headers: Record<string, string | string[] | undefined>): CachePolicy.Request {
-  return { url: `${url.pathname}${url.search}`, method, headers: { ...headers, host: url.host } as CachePolicy.Headers };
+  return { url: `${url.pathname}${url.search}`, method, headers: { ...policyHeaders(headers), host: url.host } as CachePolicy.Headers };
+}
+
+/**
+ * Header fields as the policy library reads them: one string per field. undici gives a repeated field
+ * as an array (two Cache-Control lines), which the library would call .trim() on; RFC 9110 §5.3 lets
+ * list fields be joined with commas, and a repeated singleton (Expires, Date) becomes invalid, which is
+ * what it is.
+ */
+export function policyHeaders(h: Record<string, string | string[] | undefined>): Record<string, string> {
+  const out: Record<string, string> = {};
+  for (const [k, v] of Object.entries(h)) {
+    if (v === undefined) continue;
+    out[k] = Array.isArray(v) ? v.join(', ') : String(v);
+  }
+  return out;
 }

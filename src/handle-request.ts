@@ -17,13 +17,13 @@ import { plainAddress } from './acl.ts';
 import type { AccessLog, Transaction } from './access-log.ts';
 import type { BufferPool } from './buffer-pool.ts';
 import type { Metrics } from './metrics.ts';
-import { parseTarget, primaryKey, variantKey } from './cache-key.ts';
+import { parseTarget, urlKey, variantKey } from './cache-key.ts';
 import type { Clock } from './clock.ts';
 import type { Coalescer } from './coalescer.ts';
 import type { Config } from './config.ts';
-import { ProxyError, upstreamError } from './errors.ts';
+import { internalError, ProxyError, upstreamError } from './errors.ts';
 import { discard, type Upstream } from './fetch.ts';
-import type { Fill } from './fill.ts';
+import type { FillReader } from './fill.ts';
 import { clientWantsReload, hasValidators, policyRequest } from './freshness.ts';
 import { clientResponseHeaders, isLoop, sendError, upstreamRequestHeaders } from './forward.ts';
 import type { Logger } from './log.ts';
@@ -63,6 +63,8 @@ export interface Ctx {
   buffers: BufferPool;
   metrics: Metrics;
   mirrors: Mirrors;
+  /** Open CONNECT tunnels, each by the function that ends it (shutdown cuts them). */
+  tunnels: Set<() => void>;
 }
 
 type StepName = 'recv' | 'lookup' | 'hit' | 'stale' | 'busy' | 'miss' | 'pass' | 'purge' | 'deliverFill' | 'synth';
@@ -77,8 +79,8 @@ interface State {
   key?: string;
   vary?: string[];
   stored?: StoredObject;
-  fill?: Fill;
-  /** Reader id 0 owns a fill's response if it turns out not to be shared. */
+  fill?: FillReader;
+  /** Set when this request started the fill: its reader id (it keeps a response that is not shared). */
   readerId?: number;
   error?: ProxyError;
   reload?: boolean;
@@ -92,6 +94,7 @@ interface State {
 }
 
 const CACHEABLE = new Set(['GET', 'HEAD']);
+const CLIENT_CONDITIONS = ['if-none-match', 'if-modified-since', 'if-match', 'if-unmodified-since', 'if-range', 'range'];
 const SAFE = new Set(['GET', 'HEAD', 'OPTIONS', 'TRACE']);
 
 export async function handleRequest(ctx: Ctx, req: IncomingMessage, res: ServerResponse, accel = false): Promise<void> {
@@ -117,9 +120,9 @@ export async function handleRequest(ctx: Ctx, req: IncomingMessage, res: ServerR
   try {
     while (step) step = await STEPS[step](s);
   } catch (err) {
-    ctx.log.error({ err, url: tx.url }, 'request failed inside the proxy');
-    s.error = err instanceof ProxyError ? err : upstreamError(err);
-    await synth(s);
+    ctx.log.error({ err, url: tx.url, internal: true }, 'request failed inside the proxy');
+    s.error = err instanceof ProxyError ? err : internalError(err);
+    await synth(s).catch(() => s.res.destroy());
   }
   finish(s);
 }
@@ -161,11 +164,9 @@ async function recv(s: State): Promise<StepName | undefined> {
   s.url = url;
   s.cas = parsed.cas;
   tx.url = url.href;
-  const mirror = ctx.mirrors.byHost(url.host);
-  if (mirror) {
-    const repo = s.cas?.repo ?? repoOf(url.pathname);
-    if (repo) mirror.group.lastRepo = repo; // what the group's probes fetch by default
-  }
+  // Only the mirrors of a group feed, or are joined under, the host-independent key of a content-
+  // addressed object: through any other host it is that URL's own object (still hash-verified).
+  const primary = parsed.cas && !ctx.mirrors.byHost(url.host) ? urlKey(url) : parsed.primary;
   if (isLoop(req.headers, ctx.cfg.visibleHostname)) return fail(s, 'ERR_LOOP');
   const port = Number(url.port || 80);
   const verdict = ctx.acl().checkDestination(url.hostname, port);
@@ -184,13 +185,17 @@ async function recv(s: State): Promise<StepName | undefined> {
     if (Number.isInteger(mf) && mf > 0) req.headers['max-forwards'] = String(mf - 1);
   }
   if (!CACHEABLE.has(method)) return 'pass';
-  setKey(s, parsed.primary);
+  // A request with credentials gets its own answer: never from, nor into, the shared cache. (Passed,
+  // not marked: one client's headers never change what the others get.)
+  if (req.headers.authorization !== undefined) return 'pass';
+  setKey(s, primary);
   return 'lookup';
 }
 
 function setKey(s: State, primary: string): void {
   s.primary = primary;
-  s.vary = s.ctx.coalescer.varySpecs.get(primary) ?? [];
+  // Content-addressed bytes do not vary.
+  s.vary = primary.startsWith('cvmfs-cas:') ? [] : (s.ctx.coalescer.varySpecs.get(primary) ?? []);
   s.key = variantKey(primary, s.vary, s.req.headers);
 }
 
@@ -224,8 +229,7 @@ async function lookup(s: State): Promise<StepName> {
     return tx.method === 'GET' ? 'miss' : 'pass';
   }
   if (ctx.coalescer.isUncacheable(s.primary!)) return 'pass';
-  const fill = ctx.coalescer.joinable(key);
-  if (fill) return 'busy';
+  // A fresh stored copy first: nobody's fill (a reload, say) may hide it.
   let stored: StoredObject | undefined;
   try {
     stored = await ctx.store.get(key);
@@ -241,11 +245,26 @@ async function lookup(s: State): Promise<StepName> {
       s.stored = stored;
       return 'hit';
     }
+  }
+  if (ctx.coalescer.joinable(key)) {
+    closeStored(stored);
+    return 'busy';
+  }
+  // What this request alone wants (a range, or no storing) is fetched for it alone.
+  if (req.headers.range !== undefined || /(^|,)\s*no-store\b/i.test(String(req.headers['cache-control'] ?? ''))) {
+    closeStored(stored);
+    return 'pass';
+  }
+  if (stored) {
     s.stored = stored;
     return 'stale';
   }
   if (tx.method === 'HEAD') return 'pass';
   return 'miss';
+}
+
+function closeStored(st: StoredObject | undefined): void {
+  if (st?.body.kind === 'file') st.body.close();
 }
 
 async function hit(s: State): Promise<StepName | undefined> {
@@ -291,32 +310,39 @@ async function miss(s: State): Promise<StepName> {
   if (tx.result === 'NONE') tx.result = 'TCP_MISS';
   const stale = s.stored;
   s.stored = undefined;
-  s.fill = ctx.coalescer.start({
+  const upstreamHeaders = upstreamRequestHeaders(req.headers, s.url!, tx.client, ctx.cfg.visibleHostname);
+  // The fill is for everyone: it asks for the whole object, never this client's conditions.
+  for (const h of CLIENT_CONDITIONS) delete upstreamHeaders[h];
+  const started = ctx.coalescer.start({
     key: s.key!,
     primary: s.primary!,
     url: s.url!,
     vary: s.vary!,
     clientHeaders: req.headers,
-    upstreamHeaders: upstreamRequestHeaders(req.headers, s.url!, tx.client, ctx.cfg.visibleHostname),
+    upstreamHeaders,
     stale,
     cas: s.cas,
     accelRepo: s.accelRepo,
   });
-  if (stale?.body.kind === 'file') stale.body.close();
+  s.fill = started.fill;
+  s.readerId = started.readerId;
+  closeStored(stale);
   return 'deliverFill';
 }
 
 async function deliverFill(s: State): Promise<StepName | undefined> {
   const { ctx, res, tx } = s;
   const fill = s.fill!;
-  const id = fill.addReader();
+  const starter = s.readerId !== undefined;
+  const id = s.readerId ?? fill.addReader();
+  s.readerId = undefined;
   try {
     while (fill.state === 'pending' && !fill.released) await fill.changed();
     if (tx.result !== 'TCP_MEM_HIT') {
       tx.hierarchy = 'HIER_DIRECT';
       tx.peer = fill.peer || s.url!.hostname;
     }
-    if (fill.released && id !== 0) {
+    if (fill.released && !starter) {
       tx.coalesced = false;
       return 'pass'; // the response was not shareable: fetch on our own
     }
@@ -335,6 +361,8 @@ async function deliverFill(s: State): Promise<StepName | undefined> {
     const head = fill.head;
     const isHit = tx.result === 'TCP_MEM_HIT';
     const headers = clientResponseHeaders(head.headers, ctx.cfg.visibleHostname, isHit ? 'HIT' : 'MISS', isHit && fill.policy ? Math.floor(fill.policy.age()) : 0);
+    // The client whose request started the fill gets its own Set-Cookie; nobody else ever does.
+    if (starter && fill.privateHeaders) Object.assign(headers, fill.privateHeaders);
     tx.status = head.status;
     tx.mime = String(head.headers['content-type'] ?? '');
     if (res.destroyed) return undefined;
@@ -471,8 +499,9 @@ async function pass(s: State): Promise<StepName | undefined> {
     tx.peer = up.peer;
     tx.status = up.status;
     tx.mime = String(up.headers['content-type'] ?? '');
-    // RFC 9111 §4.4: a successful unsafe request invalidates the stored URL.
-    if (!SAFE.has(tx.method) && up.status < 400) for (const k of urlKeys(s)) await forget(ctx, k);
+    // RFC 9111 §4.4: a successful unsafe request invalidates the stored URL: that URL's own key, never
+    // the host-independent key of immutable content-addressed bytes (that would be an open PURGE).
+    if (!SAFE.has(tx.method) && up.status < 400) for (const k of urlKeys(s, urlKey(url))) await forget(ctx, k);
     if (res.destroyed) {
       discard(up.body);
       return undefined;
@@ -505,9 +534,8 @@ async function pass(s: State): Promise<StepName | undefined> {
   }
 }
 
-/** The keys a URL may be stored under: the bare URL (or content path) and the requester's Vary variant. */
-function urlKeys(s: State): Set<string> {
-  const primary = primaryKey(s.url!);
+/** The keys a URL may be stored under: its primary key and the requester's Vary variant. */
+function urlKeys(s: State, primary: string): Set<string> {
   const vary = s.ctx.coalescer.varySpecs.get(primary) ?? [];
   return new Set([primary, variantKey(primary, vary, s.req.headers)]);
 }
@@ -522,7 +550,9 @@ async function purge(s: State): Promise<StepName | undefined> {
   const { ctx, tx } = s;
   if (!ctx.acl().allowsPurge(tx.client)) return fail(s, 'ERR_PURGE_DENIED', tx.client);
   let found = false;
-  for (const k of urlKeys(s)) {
+  // PURGE is the admin's (--allow-purge): through a mirror it reaches the host-independent key too.
+  const primary = s.cas && s.ctx.mirrors.byHost(s.url!.host) ? s.cas.key : urlKey(s.url!);
+  for (const k of urlKeys(s, primary)) {
     const st = await ctx.store.get(k).catch(() => undefined);
     if (st) {
       found = true;

@@ -29,7 +29,7 @@ export interface ProbeConfig {
   failThreshold: number;
   /** A mirror with another behind it must connect and send headers within this, or the next is asked. */
   answerTimeoutMs: number;
-  /** Repository whose manifest is probed; '' means the group's most recently requested one. */
+  /** Repository whose manifest is probed; '' means the one each mirror last served. */
   repo: string;
   /** A mirror whose manifest was published this much earlier than the group's newest is stale. */
   maxLagMs: number;
@@ -81,6 +81,12 @@ export class Mirror {
   manifest: ManifestInfo | undefined;
   /** Its manifest is older than the group's newest by more than --mirror-max-lag. */
   stale = false;
+  /**
+   * The repository this mirror last answered a 200 for: what its probes fetch (unless --probe-repo).
+   * Only a served answer sets it, so a client asking for a repository that doesn't exist can't steer the
+   * probes to a 404 and mark the mirror down.
+   */
+  servedRepo = '';
   readonly #window: boolean[];
   readonly #cfg: ProbeConfig;
 
@@ -141,6 +147,7 @@ export class Mirror {
     this.lastProbeOk = old.lastProbeOk;
     this.manifest = old.manifest;
     this.stale = old.stale;
+    this.servedRepo = old.servedRepo;
     const w = old.#window.slice(-this.#window.length);
     this.#window.splice(this.#window.length - w.length, w.length, ...w);
   }
@@ -199,8 +206,6 @@ export class MirrorGroup {
   readonly #sticky = new LRUCache<string, Mirror>({ max: 4096 });
   /** Sticky choices made before any mirror was known healthy (at startup): re-made once one is. */
   readonly #provisional = new LRUCache<string, true>({ max: 4096 });
-  /** The repository most recently requested through this group (what probes fetch by default). */
-  lastRepo = '';
   readonly #onChange: (event: string, fields: Record<string, unknown>) => void;
 
   constructor(cfg: MirrorGroupConfig, probe: ProbeConfig, onChange: (event: string, fields: Record<string, unknown>) => void) {
@@ -250,7 +255,6 @@ export class MirrorGroup {
 
   /** After a reload: keep the repositories' sticky mirrors that are still in this group. */
   inheritSticky(old: MirrorGroup): void {
-    this.lastRepo = old.lastRepo;
     for (const [repo, m] of old.#sticky.entries()) {
       const same = this.mirrors.find((x) => x.origin === m.origin);
       if (same) this.#sticky.set(repo, same);
@@ -371,10 +375,10 @@ export class Prober {
   async #round(g: MirrorGroup): Promise<void> {
     if (this.#stopped) return;
     const cfg = this.#mirrors.cfg;
-    const repo = cfg.repo || g.lastRepo;
-    const path = repo ? `/cvmfs/${repo}/.cvmfspublished` : '/cvmfs/info/v1/repositories.json';
     await Promise.all(
       g.mirrors.map(async (m) => {
+        const repo = cfg.repo || m.servedRepo;
+        const path = repo ? `/cvmfs/${repo}/.cvmfspublished` : '/cvmfs/info/v1/repositories.json';
         const r: Awaited<ReturnType<ProbeFn>> = await this.#probe(new URL(path, m.origin), cfg.timeoutMs, Boolean(repo)).catch((err: Error) => ({ ok: false, rttMs: 0, why: err.message }));
         const manifest = r.ok && r.text ? parseManifest(r.text) : undefined;
         if (!this.#stopped) this.#mirrors.probed(m, r.ok, r.ok ? r.rttMs : undefined, r.why, manifest?.repo === repo ? manifest : undefined);

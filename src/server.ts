@@ -100,7 +100,7 @@ export async function createProxy(cfg: Config, opts: ProxyOptions = {}): Promise
     fillStats: () => coalescer.stats,
   });
   coalescer.onFillDone = (readers) => metrics.fillDone(readers);
-  const ctx: Ctx = { cfg, acl: getAcl, clock, store, coalescer, upstream, accessLog, log, counters, buffers: new BufferPool(2048), metrics, mirrors };
+  const ctx: Ctx = { cfg, acl: getAcl, clock, store, coalescer, upstream, accessLog, log, counters, buffers: new BufferPool(2048), metrics, mirrors, tunnels: new Set() };
   let draining = false;
   let snmpAgent: SnmpAgent | undefined;
   let listening = false;
@@ -141,7 +141,12 @@ export async function createProxy(cfg: Config, opts: ProxyOptions = {}): Promise
       connections++;
       sock.once('close', () => connections--);
     });
-    srv.on('request', (req, res) => void handleRequest(ctx, req, res, accel));
+    srv.on('request', (req, res) =>
+      handleRequest(ctx, req, res, accel).catch((err: unknown) => {
+        log.error({ err, internal: true }, 'request handler failed');
+        res.destroy();
+      }),
+    );
     srv.on('connect', (req, socket, head) => handleConnect(ctx, req, socket, head));
     srv.on('clientError', (err: NodeJS.ErrnoException, socket) => {
       if (socket.writable && err.code !== 'ECONNRESET') {
@@ -217,19 +222,33 @@ export async function createProxy(cfg: Config, opts: ProxyOptions = {}): Promise
       // Drain: stop accepting, report not ready, let in-flight responses finish, then close the rest.
       draining = true;
       prober.stop();
-      const drainStarted = clock.now();
+      const drainStarted = performance.now();
       const closing = servers.map((srv) => new Promise<void>((r) => (srv.listening ? srv.close(() => r()) : r())));
       // Keep-alive connections become idle as their last response ends: close them as they do.
       const sweep = setInterval(() => servers.forEach((srv) => srv.closeIdleConnections()), 100);
       for (const srv of servers) srv.closeIdleConnections();
-      const timer = setTimeout(() => servers.forEach((s) => s.closeAllConnections()), timeoutMs);
+      // Past the timeout, whatever is still open is cut: client connections, tunnels, then fills.
+      const cutAll = () => {
+        servers.forEach((s) => s.closeAllConnections());
+        for (const end of ctx.tunnels) end();
+      };
+      const timer = setTimeout(cutAll, timeoutMs);
       await Promise.all(closing);
       clearTimeout(timer);
       clearInterval(sweep);
+      cutAll(); // tunnels are not the servers' connections: close() does not wait for them
       // Fills still running or being written to disk: let them land, within what is left of the timeout.
-      const left = Math.max(1000, timeoutMs - (clock.now() - drainStarted));
-      await Promise.race([coalescer.settle(), new Promise((r) => setTimeout(r, left).unref())]);
-      await upstream.close().catch(() => {});
+      const left = Math.max(0, timeoutMs - (performance.now() - drainStarted));
+      let wait: NodeJS.Timeout | undefined;
+      const settled = await Promise.race([coalescer.settle().then(() => true), new Promise<boolean>((r) => (wait = setTimeout(() => r(false), left)))]);
+      clearTimeout(wait);
+      if (!settled) {
+        log.warn({ fills: coalescer.running }, 'shutdown timeout: giving up the fills still running');
+        coalescer.abortAll('shutting down');
+      }
+      coalescer.close();
+      // undici's close() would wait for every running request: after the timeout nothing waits.
+      await upstream.destroy().catch(() => {});
       await accessLog.flush();
       await new Promise<void>((r) => (admin?.listening ? admin.close(() => r()) : r()));
       await snmpAgent?.close();

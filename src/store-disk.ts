@@ -1,8 +1,10 @@
 // Disk tier: one self-describing record per object under <cache-dir>/v1/objects/<aa>/<sha256(key)>.
 //
 // Record layout (all integers big-endian):
-//   "CUTL" u16 version u16 flags u32 metaLen | meta JSON (full key, headers, policy) | body |
-//   u64 bodyLen u32 crc32(body) "LTUC"
+//   "CUTL" u16 version u16 flags u32 metaLen u32 crc32(meta) | meta JSON (full key, headers, policy) |
+//   body | u64 bodyLen u32 crc32(body) "LTUC"
+// The meta checksum is checked whenever a record is opened, the body's as a hit streams out. Version 1
+// records (no meta checksum) are dropped at start.
 // Lifecycle: a writer streams into v1/tmp/<hash>.<pid>.<n>, then writes the trailer and renames the file
 // into place. A crash at any moment leaves at worst a temp file (removed at start) or nothing, never a
 // record that would be served. At start the index is rebuilt by scanning the directory in the
@@ -21,8 +23,8 @@ import type { StoredMeta, StoredObject, Tier, TierStats, TierWriter } from './st
 
 const MAGIC = 0x4355544c; // "CUTL"
 const END_MAGIC = 0x4c545543; // "LTUC"
-const VERSION = 1;
-const PREFIX = 12;
+const VERSION = 2;
+const PREFIX = 16;
 const TRAILER = 16;
 const MAX_META = 1024 * 1024;
 
@@ -33,6 +35,7 @@ function encodeHeader(meta: StoredMeta): Buffer {
   b.writeUInt16BE(VERSION, 4);
   b.writeUInt16BE(0, 6);
   b.writeUInt32BE(json.length, 8);
+  b.writeUInt32BE(crc32(json) >>> 0, 12);
   json.copy(b, PREFIX);
   return b;
 }
@@ -64,6 +67,8 @@ async function readRecordInfo(fh: fsp.FileHandle): Promise<RecordInfo | undefine
   if (metaLen > MAX_META || PREFIX + metaLen + TRAILER > size) return undefined;
   const metaBuf = Buffer.allocUnsafe(metaLen);
   await fh.read(metaBuf, 0, metaLen, PREFIX);
+  // The stored headers are served as they are: a flipped byte there is as bad as one in the body.
+  if (crc32(metaBuf) >>> 0 !== pre.readUInt32BE(12)) return undefined;
   const tr = Buffer.allocUnsafe(TRAILER);
   await fh.read(tr, 0, TRAILER, size - TRAILER);
   if (tr.readUInt32BE(12) !== END_MAGIC) return undefined;
@@ -266,6 +271,7 @@ export class DiskTier implements Tier {
     if (!old || old.body.kind !== 'file') return;
     const w = this.openWriter(meta, policy, old.size);
     if (!w) return old.body.close();
+    let committed = false;
     try {
       for (let pos = 0; pos < old.size; ) {
         const b = await old.body.read(pos, 1 << 20);
@@ -274,12 +280,11 @@ export class DiskTier implements Tier {
         w.append(b);
         pos += b.length;
       }
-      if (old.body.verify() === 'ok') await w.commit();
-      else {
-        w.abort();
-        await this.delete(meta.key);
-      }
+      if (old.body.verify() === 'ok') committed = await w.commit();
+      else await this.delete(meta.key);
     } finally {
+      // A failed read must not leak the writer's temp file and descriptor, nor the old record's.
+      if (!committed) w.abort();
       old.body.close();
     }
   }

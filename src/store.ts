@@ -3,6 +3,7 @@
 // to memory only when they are seen a second time, so a herd of one-time objects can't flush hot catalogs.
 import { LRUCache } from 'lru-cache';
 import type { Policy } from './freshness.ts';
+import type { DiskWriter } from './store-disk.ts';
 
 export type StoredHeaders = Record<string, string | string[]>;
 
@@ -57,12 +58,12 @@ export interface Tier {
 
 export class TieredStore {
   readonly memory: Tier & { put(meta: StoredMeta, policy: Policy, body: Buffer): boolean };
-  readonly disk: Tier;
+  readonly disk: Tier & { openWriter(meta: StoredMeta, policy: Policy, expectedBytes: number | undefined): DiskWriter | undefined };
   readonly #maxMemoryObjectBytes: number;
   // Keys seen once on disk: a second disk hit promotes a small object. Bounded.
   readonly #seenOnDisk = new LRUCache<string, true>({ max: 65536 });
 
-  constructor(memory: TieredStore['memory'], disk: Tier, maxMemoryObjectBytes: number) {
+  constructor(memory: TieredStore['memory'], disk: TieredStore['disk'], maxMemoryObjectBytes: number) {
     this.memory = memory;
     this.disk = disk;
     this.#maxMemoryObjectBytes = maxMemoryObjectBytes;
@@ -85,16 +86,30 @@ export class TieredStore {
 
   async #promote(d: StoredObject): Promise<StoredObject> {
     if (d.body.kind !== 'file') return d;
-    const body = await d.body.read(0, d.size);
+    let body: Buffer;
+    try {
+      body = await d.body.read(0, d.size);
+    } finally {
+      d.body.close(); // also when the read fails: no leaked file handle
+    }
     d.body.feed(body);
     const ok = body.length === d.size && d.body.verify() === 'ok';
-    d.body.close();
     if (!ok) {
       await this.disk.delete(d.meta.key);
       throw new Error('corrupt disk record');
     }
     this.memory.put(d.meta, d.policy, body);
     return { ...d, tier: 'memory', body: { kind: 'buffer', data: body } };
+  }
+
+  /** Every store write goes through here: a spill-file writer for a fill's body (the disk record). */
+  openWriter(meta: StoredMeta, policy: Policy, expectedBytes: number | undefined): DiskWriter | undefined {
+    return this.disk.openWriter(meta, policy, expectedBytes) as DiskWriter | undefined;
+  }
+
+  /** Keep a whole small body in memory (so the next request is a hit before the disk commit lands). */
+  putMemory(meta: StoredMeta, policy: Policy, body: Buffer): boolean {
+    return this.memory.put(meta, policy, body);
   }
 
   async delete(key: string): Promise<void> {

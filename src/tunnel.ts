@@ -11,6 +11,8 @@ import { viaEntry } from './forward.ts';
 
 function rejectTunnel(socket: Duplex, err: ProxyError, name: string): void {
   const body = `${err.status} ${err.message}\n`;
+  // Closed both ways once the answer is out: a client that never closes its side can't hold the socket.
+  socket.once('finish', () => socket.destroy());
   socket.end(
     `HTTP/1.1 ${err.status} ${err.status === 403 ? 'Forbidden' : 'Bad Gateway'}\r\n` +
       `Proxy-Status: cuttle; error=${err.token}\r\nX-Squid-Error: ${err.squid}\r\nVia: ${viaEntry(name)}\r\n` +
@@ -36,6 +38,9 @@ export function handleConnect(ctx: Ctx, req: IncomingMessage, socket: Duplex, he
     httpVersion: req.httpVersion,
   };
   ctx.counters.requests++;
+  // Node removes its own 'error' listener before 'connect': without ours, a client reset during the
+  // 403 would take the process down.
+  socket.on('error', () => socket.destroy());
   const name = ctx.cfg.visibleHostname;
   const deny = (err: ProxyError) => {
     tx.status = err.status;
@@ -61,7 +66,7 @@ export function handleConnect(ctx: Ctx, req: IncomingMessage, socket: Duplex, he
         import('node:dns').then((dns) =>
           dns.lookup(hostname, { ...opts, all: false }, (err, address, family) => {
             if (err) return cb(err);
-            if (!ctx.acl().allowsResolved(hostname, address)) return cb(new ProxyError('ERR_DEST_DENIED', hostname));
+            if (!ctx.acl().allowsResolved(hostname, address, port)) return cb(new ProxyError('ERR_DEST_DENIED', hostname));
             cb(null, address, family);
           }),
         );
@@ -71,12 +76,14 @@ export function handleConnect(ctx: Ctx, req: IncomingMessage, socket: Duplex, he
   const end = () => {
     if (ended) return;
     ended = true;
+    ctx.tunnels.delete(end);
     ctx.counters.passesInFlight--;
     upstream.destroy();
     socket.destroy();
     ctx.accessLog.write(tx, ctx.clock.now());
     ctx.metrics.observe(tx, undefined, ctx.clock.now());
   };
+  ctx.tunnels.add(end);
   upstream.once('timeout', () => {
     if (!established) upstream.destroy(Object.assign(new Error('connect timeout'), { code: 'ETIMEDOUT' }));
     else end(); // idle
@@ -99,6 +106,7 @@ export function handleConnect(ctx: Ctx, req: IncomingMessage, socket: Duplex, he
   upstream.on('error', (err) => {
     if (established || ended) return end();
     ended = true;
+    ctx.tunnels.delete(end);
     ctx.counters.passesInFlight--;
     deny(err instanceof ProxyError ? err : upstreamError(err));
   });

@@ -20,15 +20,15 @@ describe('acl', () => {
     assert.equal(open.checkDestination('169.254.169.254', 80), 'deny-dest');
     assert.equal(open.checkDestination('[::1]', 8000), 'deny-dest');
     assert.equal(open.checkDestination('localhost', 8000), 'deny-dest');
-    assert.equal(open.allowsResolved('sneaky.example.org', '127.0.0.1'), false);
+    assert.equal(open.allowsResolved('sneaky.example.org', '127.0.0.1', 80), false);
     assert.equal(open.checkDestination('example.org', 25), 'deny-port');
     const named = compileAcl(buildConfig({ 'allow-dest': ['127.0.0.1', '.cern.ch'] }));
     assert.equal(named.checkDestination('127.0.0.1', 8000), 'allow');
     assert.equal(named.checkDestination('cvmfs-stratum-one.cern.ch', 8000), 'allow');
     assert.equal(named.checkDestination('cern.ch', 8000), 'allow');
-    assert.equal(named.allowsResolved('evilcern.ch', '192.0.2.10'), false);
+    assert.equal(named.allowsResolved('evilcern.ch', '192.0.2.10', 80), false);
     // A name outside the list may still resolve into an allowed CIDR: that is decided at connect time.
-    assert.equal(named.allowsResolved('example.org', '192.0.2.10'), false);
+    assert.equal(named.allowsResolved('example.org', '192.0.2.10', 80), false);
     assert.equal(compileAcl(buildConfig({ 'allow-dest': ['.cern.ch'] })).checkDestination('example.org', 8000), 'deny-dest');
   });
 

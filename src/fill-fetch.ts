@@ -1,0 +1,605 @@
+// The fetch path: one fill's upstream fetch as named steps over one state record (Varnish's
+// cache_fetch.c). Each step is a function that returns the next one:
+//
+//   mkbereq ─▶ startfetch ──no answer───────────────────────────────────────▶ error ─▶ done
+//                 │ 304 to a revalidation ─▶ condfetch ─unmodified─▶ done   (stored headers refreshed)
+//                 ▼                               └─modified─┐
+//               decide ◀─────────────────────────────────────┘
+//                 │  stored | shared, not stored (a small content-addressed error answer)
+//                 │  not shared: released, the first client keeps it, the rest fetch on their own
+//                 ▼
+//               fetchbody ──broke off──▶ resume (Range, next mirror) ──▶ fetchbody
+//                 │                         └─nothing left to ask──▶ fail ─▶ done
+//                 ▼
+//               fetchend ──hash mismatch──▶ fail
+//                 ▼
+//               commit ─▶ done
+//
+// An exception in any step fails the fill (every waiter gets a labelled 500 ERR_INTERNAL), is logged,
+// and never escapes: one odd response can't take the process down or leave waiters hanging.
+import type { Readable } from 'node:stream';
+import type { IncomingHttpHeaders } from 'node:http';
+import { Readable as ReadableStream } from 'node:stream';
+import { varyNames } from './cache-key.ts';
+import type { Config } from './config.ts';
+import { HashCheck, repoOf, type CasObject } from './content-hash.ts';
+import { internalError, ProxyError, upstreamError } from './errors.ts';
+import { discard, type Upstream, type UpstreamResponse } from './fetch.ts';
+import { FetchPlan, type Attempt } from './fetch-plan.ts';
+import type { Fill, FillHead } from './fill.ts';
+import { endToEnd, type Headers } from './forward.ts';
+import { policyHeaders, policyRequest, type Freshness, type Policy } from './freshness.ts';
+import type { Logger } from './log.ts';
+import type { Mirror, Mirrors } from './mirrors.ts';
+import type { StoredMeta, StoredObject, TieredStore } from './store.ts';
+import type { DiskWriter } from './store-disk.ts';
+import type { Clock } from './clock.ts';
+
+export interface FillRequest {
+  key: string;
+  primary: string;
+  url: URL;
+  /** Vary names the key was computed with. */
+  vary: string[];
+  /** Client request headers (for policy: Vary, request Cache-Control). */
+  clientHeaders: IncomingHttpHeaders;
+  /** Headers to send upstream. */
+  upstreamHeaders: Headers;
+  /** Stale stored copy to revalidate conditionally. */
+  stale?: StoredObject;
+  /** The content-addressed object the URL names: verified, and fetched from any mirror of its group. */
+  cas?: CasObject;
+  /** The key is host-independent (a content-addressed object named through a mirror of a group). */
+  shared?: boolean;
+  /** Accelerator mode: the repository whose sticky mirror `url` names. */
+  accelRepo?: string;
+}
+
+export interface FetchStats {
+  fillsStarted: number;
+  fillsCommitted: number;
+  fillsFailed: number;
+  fillsReleased: number;
+  waitersPerFill: number[]; // recent samples, bounded
+  /** Answers skipped for the next mirror (error, 5xx, or a 404 of a content-addressed object). */
+  failovers: number;
+  /** Bodies that broke off and were continued with Range from another mirror. */
+  resumes: number;
+  /** Content-addressed bodies whose bytes did not match their hash (never stored). */
+  hashMismatches: number;
+  /** Fills given up because nobody was left to serve and the body could not be stored, or no progress. */
+  fillsAbandoned: number;
+  /** Exceptions inside a fetch (bugs): the fill failed with ERR_INTERNAL. */
+  internalErrors: number;
+}
+
+/** What the fetch needs of the fill registry (the Coalescer). */
+export interface FetchHost {
+  readonly cfg: Config;
+  readonly clock: Clock;
+  readonly store: TieredStore;
+  readonly upstream: Upstream;
+  readonly freshness: Freshness;
+  readonly log: Logger;
+  readonly mirrors: Mirrors;
+  readonly stats: FetchStats;
+  /** A newer fill or an invalidation replaced this one: it must not be stored. */
+  superseded(fill: Fill): boolean;
+  /** Vary names last seen for a primary key. */
+  setVary(primary: string, names: string[] | undefined): void;
+  /** Remember a key whose responses are not storable (hit-for-miss). */
+  markUncacheable(primary: string): void;
+  /** Mirrors that recently served corrupt bytes for a key. */
+  corruptFrom(key: string): ReadonlySet<string> | undefined;
+  noteCorrupt(key: string, origin: string): void;
+  /** New requests no longer find this fill (it is stored, or not shareable). */
+  unmap(fill: Fill): void;
+  /** The fill's end, counted once. */
+  done(fill: Fill): void;
+}
+
+type Step = 'mkbereq' | 'startfetch' | 'condfetch' | 'decide' | 'fetchbody' | 'resume' | 'fetchend' | 'commit' | 'error' | 'fail' | 'done';
+
+/** The one state record of a fetch. */
+interface FetchState {
+  readonly host: FetchHost;
+  readonly fill: Fill;
+  readonly r: FillRequest;
+  plan?: FetchPlan;
+  headers: Headers;
+  /** The upstream response whose body is being read (the first answer, or a resume's). */
+  res?: UpstreamResponse;
+  ac: AbortController;
+  mirror?: Mirror;
+  /** Every mirror of the group was asked and each said 404. */
+  every404: boolean;
+  contentLength?: number;
+  check?: HashCheck;
+  /** Bytes to drop from the start of this body (a resume answered 200 instead of 206). */
+  skip: number;
+  store?: { spill: DiskWriter | undefined; meta: StoredMeta; policy: Policy };
+  /** How the last body read ended: undefined for a clean end. */
+  bodyError?: unknown;
+  error?: ProxyError;
+}
+
+const STEPS: Record<Step, (st: FetchState) => Promise<Step | undefined> | Step | undefined> = {
+  mkbereq,
+  startfetch,
+  condfetch,
+  decide,
+  fetchbody,
+  resume,
+  fetchend,
+  commit,
+  error,
+  fail,
+  done,
+};
+
+/** Run one fill's fetch to its end. Never rejects. */
+export async function runFetch(host: FetchHost, fill: Fill, r: FillRequest): Promise<void> {
+  const st: FetchState = { host, fill, r, headers: {}, ac: new AbortController(), every404: false, skip: 0 };
+  let step: Step | undefined = 'mkbereq';
+  while (step) {
+    try {
+      step = await STEPS[step](st);
+    } catch (err) {
+      host.stats.internalErrors++;
+      host.log.error({ err, key: fill.key, step, internal: true }, 'internal error in a fetch; the fill failed');
+      if (st.res) discard(st.res.body);
+      st.error = internalError(err);
+      // Every waiter gets the labelled error; the last resort if even that throws is to end the fill.
+      step = step === 'fail' || step === 'done' ? undefined : 'fail';
+      if (!step) {
+        fill.fail(st.error);
+        host.done(fill);
+      }
+    }
+  }
+}
+
+function mkbereq(st: FetchState): Step {
+  const { r, host } = st;
+  st.headers = { ...r.upstreamHeaders };
+  // A client reload must not be answered from a cache further up either.
+  if (r.stale?.policy) Object.assign(st.headers, r.stale.policy.revalidationHeaders(policyRequest(r.url, 'GET', r.clientHeaders)));
+  st.plan = new FetchPlan({ url: r.url, cas: r.cas, mirrors: host.mirrors, accelRepo: r.accelRepo, avoid: host.corruptFrom(r.key) });
+  return 'startfetch';
+}
+
+/**
+ * Ask the plan's mirrors in turn until one gives an answer worth passing on. Connect errors, timeouts
+ * and 5xx move on when the plan allows failover; so does a 404 of a content-addressed object, which is
+ * answered only when no mirror has it.
+ */
+async function startfetch(st: FetchState): Promise<Step> {
+  const { host, fill } = st;
+  const plan = st.plan!;
+  let lastError: ProxyError | undefined;
+  let other = false; // an attempt failed with something other than a 404
+  let held404: { res: UpstreamResponse; body: Buffer; attempt: Attempt } | undefined;
+  for (let attempt = plan.next(); attempt; attempt = plan.next()) {
+    if (fill.abandoned) break;
+    const ac = new AbortController();
+    const t0 = performance.now();
+    const m = attempt.mirror;
+    let res: UpstreamResponse;
+    const timer = answerTimer(st, ac);
+    try {
+      res = await host.upstream.request({ url: attempt.url, method: 'GET', headers: { ...st.headers, host: attempt.url.host }, signal: ac.signal });
+    } catch (err) {
+      lastError = upstreamError(ac.signal.aborted ? ac.signal.reason : err);
+      other = true;
+      if (m) mirrorFailed(st, m, lastError.token);
+      if (!plan.failover) break;
+      if (plan.hasMore) host.stats.failovers++;
+      continue;
+    } finally {
+      clearTimeout(timer);
+    }
+    const ttfb = performance.now() - t0;
+    if (res.status >= 500 && plan.failover && plan.hasMore) {
+      other = true;
+      discard(res.body);
+      if (m) mirrorFailed(st, m, `HTTP ${res.status}`);
+      host.stats.failovers++;
+      continue;
+    }
+    if (m) host.mirrors.fetched(m, res.status < 500, ttfb, `HTTP ${res.status}`);
+    if (res.status === 404 && plan.retry404 && plan.hasMore) {
+      // That mirror lacks the object (not yet replicated): ask the next one, keep this answer in case.
+      const b = await readCapped(res.body, 64 * 1024).catch(() => Buffer.alloc(0));
+      held404 ??= { res, body: b, attempt };
+      host.stats.failovers++;
+      continue;
+    }
+    if (lastError || held404) host.log.info({ url: attempt.url.href, status: res.status, tried: attempt.mirror?.origin }, 'answered by a failover mirror');
+    // Every mirror of the group was asked and each said 404: the object is missing group-wide.
+    st.every404 = res.status === 404 && plan.retry404 && !other;
+    return answered(st, res, attempt, ac);
+  }
+  if (held404) {
+    const { res, body, attempt } = held404;
+    return answered(st, { ...res, body: ReadableStream.from([body]) }, attempt, new AbortController());
+  }
+  st.error = fill.abandoned ?? lastError ?? new ProxyError('ERR_UPSTREAM_RESET', 'no mirror to ask');
+  return 'error';
+}
+
+function answered(st: FetchState, res: UpstreamResponse, attempt: Attempt, ac: AbortController): Step {
+  const { fill, r } = st;
+  st.res = res;
+  st.ac = ac;
+  st.mirror = attempt.mirror;
+  fill.peer = attempt.url.hostname;
+  // What this mirror's probes fetch: only a repository it has served (defect: a client could steer
+  // probes to a repository that doesn't exist and mark every mirror down).
+  if (attempt.mirror && res.status === 200) {
+    const repo = r.cas?.repo ?? repoOf(r.url.pathname);
+    if (repo) attempt.mirror.servedRepo = repo;
+  }
+  if (fill.abandoned) {
+    discard(res.body);
+    st.error = fill.abandoned;
+    return 'error';
+  }
+  if (r.stale && res.status === 304) return 'condfetch';
+  if (res.status === 206 || res.status === 304) {
+    // We sent neither Range nor (without a stored copy) a validator: such an answer is for somebody
+    // else's request and must not reach the clients waiting on this one.
+    discard(res.body);
+    st.error = new ProxyError('ERR_INVALID_RESPONSE', `HTTP ${res.status} to a request without ${res.status === 206 ? 'Range' : 'validators'}`);
+    return 'error';
+  }
+  return 'decide';
+}
+
+/** Revalidation answered 304: refresh the stored headers; waiters are served the stored body. */
+async function condfetch(st: FetchState): Promise<Step> {
+  const { host, fill, r } = st;
+  const res = st.res!;
+  res.body.on('error', () => {}); // a 304 has no body to lose
+  res.body.resume();
+  const { policy, modified } = r.stale!.policy.revalidatedPolicy(policyRequest(r.url, 'GET', r.clientHeaders), { status: res.status, headers: policyHeaders(res.headers) });
+  if (modified) return 'decide';
+  const meta: StoredMeta = { ...r.stale!.meta, headers: mergeHeaders(r.stale!.meta.headers, res.headers, r.cas !== undefined), policy: policy.toObject(), storedAt: host.clock.now() };
+  await host.store.updateMeta(meta, policy).catch((err: unknown) => host.log.warn({ err, key: r.key }, 'updating stored headers failed'));
+  fill.notModified = true;
+  fill.finish();
+  return 'done';
+}
+
+/** Store, share, or release the response. */
+function decide(st: FetchState): Step {
+  const { host, fill, r } = st;
+  const res = st.res!;
+  const resForPolicy = { status: res.status, headers: policyHeaders(res.headers) };
+  const policy = host.freshness.policyFor(policyRequest(r.url, 'GET', r.clientHeaders), resForPolicy);
+  // Content-addressed bytes do not vary: a Vary from a mirror is ignored, and never keys them.
+  const vary = r.cas ? [] : varyNames(res.headers.vary);
+  const varyChanged = vary.join() !== r.vary.join();
+  // A response without Vary clears an old spec (else one odd answer would key the URL forever).
+  if (!r.cas) host.setVary(r.primary, vary.length && !vary.includes('*') ? vary : undefined);
+  const cl = parseContentLength(res.headers['content-length']);
+  const { shared: headers, private: privateHeaders } = responseHeaders(res.headers, r.cas !== undefined);
+  const head: FillHead = { status: res.status, headers, contentLength: cl };
+  fill.privateHeaders = privateHeaders;
+  // A content-addressed object under its host-independent key is stored only as the object itself, or
+  // as a 404 that every mirror of the group gave (negatively cached): never one mirror's 404 or error.
+  const verified = r.cas !== undefined && res.status === 200;
+  const superseded = host.superseded(fill);
+  const storable =
+    !superseded &&
+    !varyChanged &&
+    (r.cas === undefined || verified || st.every404) &&
+    policy.storable() &&
+    policy.timeToLive() > 0 &&
+    (cl === undefined || cl <= host.cfg.maxObjectBytes);
+  st.contentLength = cl;
+  st.check = verified ? new HashCheck(r.cas!) : undefined;
+  if (st.check) fill.holdBack = true;
+
+  if (!storable && r.cas !== undefined && cl !== undefined && cl <= SHARED_ERROR_MAX_BYTES && !superseded) {
+    // A small content-addressed answer that is not stored (a 5xx, a 404 not every mirror gave, an
+    // object the Stratum 1 marks uncacheable) still goes to every waiter: releasing a herd to fetch
+    // on its own would hammer the Stratum 1 with identical requests.
+    fill.setHead(head, undefined, false);
+    return 'fetchbody';
+  }
+  if (!storable) {
+    // Not shared: the first client keeps it; the rest go upstream on their own. The key is remembered
+    // as uncacheable only when the response is not storable on its own account: a request's own
+    // headers never decide for everyone else.
+    if (!varyChanged && !superseded && r.cas === undefined && !storableOnItsOwn(host, r, resForPolicy, cl)) host.markUncacheable(r.primary);
+    host.stats.fillsReleased++;
+    host.done(fill);
+    fill.setHead(head, undefined, false);
+    fill.release();
+    return 'fetchbody';
+  }
+  const meta: StoredMeta = { key: r.key, url: r.url.href, status: res.status, headers, policy: policy.toObject(), vary, storedAt: host.clock.now() };
+  const spill = host.store.openWriter(meta, policy, cl);
+  fill.policy = policy;
+  st.store = { spill, meta, policy };
+  fill.setHead(head, spill, true);
+  return 'fetchbody';
+}
+
+/** Would this response be stored for a plain GET of the URL (no client headers)? */
+function storableOnItsOwn(host: FetchHost, r: FillRequest, res: { status: number; headers: Record<string, string> }, cl: number | undefined): boolean {
+  const p = host.freshness.policyFor(policyRequest(r.url, 'GET', {}), res);
+  return p.storable() && p.timeToLive() > 0 && (cl === undefined || cl <= host.cfg.maxObjectBytes);
+}
+
+/** Read the body into the fill; on a break, resume from another mirror if the plan allows. */
+async function fetchbody(st: FetchState): Promise<Step> {
+  const { fill } = st;
+  const body = st.res!.body;
+  if (fill.state !== 'streaming') {
+    discard(body);
+    st.bodyError = fill.abandoned ?? new ProxyError('ERR_UPSTREAM_RESET', 'fill ended before its body');
+    return 'fail';
+  }
+  st.bodyError = await pump(st, body);
+  if (st.bodyError === undefined) return 'fetchend';
+  if (fill.abandoned) return 'fail';
+  // A released fill is aborted on purpose once its one reader leaves: not an upstream failure.
+  if (fill.released && st.ac.signal.aborted) return 'fail';
+  const e = upstreamError(st.bodyError);
+  if (e.code === 'ERR_INTERNAL') throw st.bodyError;
+  if (st.mirror) mirrorFailed(st, st.mirror, `${e.token} after ${fill.received} bytes`);
+  return 'resume';
+}
+
+/** Stream one upstream body into the fill. Resolves with undefined at a clean end, else the error. */
+function pump(st: FetchState, body: Readable): Promise<unknown> {
+  const { host, fill } = st;
+  const ac = st.ac;
+  return new Promise((resolve) => {
+    let settled = false;
+    const settle = (v: unknown) => {
+      if (settled) return;
+      settled = true;
+      clearInterval(watch);
+      resolve(v);
+    };
+    fill.upstream = { pause: () => body.pause(), resume: () => body.resume(), abort: () => ac.abort(fill.abandoned) };
+    let skip = st.skip;
+    body.on('data', (c: Buffer) => {
+      try {
+        host.upstream.bytes += c.length;
+        if (st.mirror) st.mirror.bytes += c.length;
+        if (skip > 0) {
+          // A mirror that ignored our Range sends the whole object again: drop what we already have.
+          if (c.length <= skip) {
+            skip -= c.length;
+            return;
+          }
+          c = c.subarray(skip);
+          skip = 0;
+        }
+        st.check?.update(c);
+        fill.push(c);
+      } catch (err) {
+        body.destroy(internalError(err));
+      }
+    });
+    body.once('error', (err: unknown) => settle(err ?? new Error('upstream body failed')));
+    body.once('end', () => settle(undefined));
+    body.once('close', () => settle(new ProxyError('ERR_UPSTREAM_RESET', 'upstream body closed before its end')));
+    // A content-addressed body that stalls while another mirror could finish it is given up after
+    // --mirror-timeout without bytes (not counting time paused for our own backpressure), and resumed.
+    let watch: NodeJS.Timeout | undefined;
+    const plan = st.plan!;
+    if (plan.cas && plan.failover && plan.hasMore) {
+      const stallMs = host.mirrors.cfg.answerTimeoutMs;
+      let seen = fill.received;
+      let quietSince = performance.now();
+      watch = setInterval(() => {
+        const now = performance.now();
+        if (fill.received !== seen || fill.paused) {
+          seen = fill.received;
+          quietSince = now;
+        } else if (now - quietSince > stallMs) {
+          body.destroy(new ProxyError('ERR_READ_TIMEOUT', `mirror sent nothing for ${stallMs} ms mid-body`));
+        }
+      }, Math.max(50, Math.min(500, stallMs / 4)));
+      watch.unref();
+    }
+  });
+}
+
+/** Continue a content-addressed body of known length with `Range: bytes=N-` from the next mirror. */
+async function resume(st: FetchState): Promise<Step> {
+  const { host, fill } = st;
+  const plan = st.plan!;
+  const cl = st.contentLength;
+  if (!plan.cas || !plan.failover || cl === undefined || fill.received >= cl) return 'fail';
+  for (let attempt = plan.next(); attempt; attempt = plan.next()) {
+    if (fill.state !== 'streaming') return 'fail';
+    const from = fill.received;
+    const ac = new AbortController();
+    const t0 = performance.now();
+    const m = attempt.mirror;
+    let res: UpstreamResponse;
+    const timer = answerTimer(st, ac);
+    try {
+      res = await host.upstream.request({ url: attempt.url, method: 'GET', headers: { ...st.headers, host: attempt.url.host, range: `bytes=${from}-` }, signal: ac.signal });
+    } catch (err) {
+      if (m) mirrorFailed(st, m, upstreamError(ac.signal.aborted ? ac.signal.reason : err).token);
+      continue;
+    } finally {
+      clearTimeout(timer);
+    }
+    const range = /^bytes (\d+)-(\d+)\/(\d+)$/.exec(String(res.headers['content-range'] ?? ''));
+    let skip: number;
+    if (res.status === 206 && range && Number(range[1]) === from && Number(range[3]) === cl) skip = 0;
+    else if (res.status === 200 && parseContentLength(res.headers['content-length']) === cl) skip = from;
+    else {
+      discard(res.body);
+      if (m) mirrorFailed(st, m, `resume answered HTTP ${res.status}`);
+      continue;
+    }
+    if (m) host.mirrors.fetched(m, true, performance.now() - t0);
+    if (fill.state !== 'streaming') {
+      discard(res.body);
+      return 'fail';
+    }
+    host.stats.resumes++;
+    fill.peer = attempt.url.hostname;
+    host.log.info({ key: fill.key, from, of: cl, mirror: attempt.mirror?.origin, status: res.status }, 'resumed a broken fill from another mirror');
+    st.res = res;
+    st.ac = ac;
+    st.mirror = m;
+    st.skip = skip;
+    return 'fetchbody';
+  }
+  return 'fail';
+}
+
+function fetchend(st: FetchState): Step {
+  const { host, fill } = st;
+  if (fill.state !== 'streaming') return 'fail';
+  if (st.check && !st.check.matches()) {
+    // Corrupt: nobody gets the last bytes, nothing is stored, and the next fill asks another mirror.
+    host.stats.hashMismatches++;
+    st.bodyError = new ProxyError('ERR_CONTENT_HASH');
+    if (st.mirror) {
+      mirrorFailed(st, st.mirror, 'content hash mismatch');
+      host.noteCorrupt(fill.key, st.mirror.origin);
+    }
+    host.log.error({ key: fill.key, mirror: st.mirror?.origin, bytes: fill.received }, 'content hash mismatch; readers cut short, nothing stored');
+    return 'fail';
+  }
+  fill.finish();
+  return st.store ? 'commit' : 'done';
+}
+
+/** Hand a complete body to the tiers: small ones to memory at once, every one to its disk record. */
+async function commit(st: FetchState): Promise<Step> {
+  const { host, fill } = st;
+  const { spill, meta, policy } = st.store!;
+  const maxMem = host.cfg.maxMemoryObjectBytes;
+  if (host.superseded(fill)) {
+    spill?.abort();
+    return 'done';
+  }
+  if (!spill) {
+    // No disk writer (the disk tier refused or failed): keep a small object in memory at least.
+    const whole = fill.received <= maxMem ? fill.wholeBody() : undefined;
+    if (whole) host.store.putMemory(meta, policy, whole);
+    return 'done';
+  }
+  // A small body goes to memory at once, so the next request is a hit without waiting for the disk.
+  let inMemory = false;
+  if (fill.received <= maxMem) {
+    const whole = fill.wholeBody() ?? (spill.failed ? undefined : await spill.readAt(0, fill.received));
+    if (whole && whole.length === fill.received) inMemory = host.store.putMemory(meta, policy, whole);
+    if (inMemory) host.unmap(fill);
+  }
+  const ok = await spill.commit();
+  if (ok) host.stats.fillsCommitted++;
+  else if (spill.failed) host.log.warn({ key: fill.key, err: spill.failed.message }, 'disk write failed; object kept in memory only if small');
+  return 'done';
+}
+
+/** No answer at all: every waiter gets the same labelled error. */
+function error(st: FetchState): Step {
+  const { host, fill } = st;
+  if (fill.abandoned) host.stats.fillsAbandoned++;
+  else host.stats.fillsFailed++;
+  fill.fail(st.error ?? new ProxyError('ERR_UPSTREAM_RESET'));
+  return 'done';
+}
+
+/** The body broke off for good (or was corrupt, or was given up): readers are cut short, nothing stored. */
+function fail(st: FetchState): Step {
+  const { host, fill } = st;
+  st.store?.spill?.abort();
+  const quiet = fill.abandoned !== undefined || (fill.released && st.ac.signal.aborted);
+  const e = st.error ?? (st.bodyError instanceof ProxyError ? st.bodyError : upstreamError(st.bodyError));
+  fill.fail(e);
+  if (st.res) discard(st.res.body);
+  if (fill.abandoned) {
+    host.stats.fillsAbandoned++;
+    host.log.info({ key: fill.key, bytes: fill.received, why: fill.abandoned.message }, 'fill given up');
+  } else if (!quiet && !fill.released) {
+    host.stats.fillsFailed++;
+    if (e.code !== 'ERR_CONTENT_HASH') host.log.warn({ key: fill.key, bytes: fill.received, err: e.message }, 'upstream failed mid-body; readers truncated, nothing stored');
+  }
+  return 'done';
+}
+
+function done(st: FetchState): undefined {
+  st.host.done(st.fill);
+  return undefined;
+}
+
+/**
+ * With another mirror to fall back on, a mirror that has not connected and answered within
+ * --mirror-timeout is given up: waiting for --connect-timeout or --read-timeout would cost every
+ * waiting client its 5 s watchdog. The last mirror of a plan gets the full timeouts.
+ */
+function answerTimer(st: FetchState, ac: AbortController): NodeJS.Timeout | undefined {
+  const plan = st.plan!;
+  if (!plan.failover || !plan.hasMore) return undefined;
+  const ms = st.host.mirrors.cfg.answerTimeoutMs;
+  return setTimeout(() => ac.abort(new ProxyError('ERR_READ_TIMEOUT', `mirror did not answer within ${ms} ms; asking the next one`)), ms);
+}
+
+function mirrorFailed(st: FetchState, m: Mirror, why: string): void {
+  st.host.mirrors.fetched(m, false, undefined, why);
+  const plan = st.plan!;
+  if (plan.accelRepo !== undefined) plan.group?.unstick(plan.accelRepo, m);
+}
+
+/** Largest error body of a content-addressed object shared with every waiter (without a spill file). */
+const SHARED_ERROR_MAX_BYTES = 256 * 1024;
+
+/** Never stored, never sent to another client: one client's cookies (Squid strips them on hits too). */
+const PRIVATE = new Set(['set-cookie', 'set-cookie2']);
+
+/**
+ * A content-addressed object's bytes are verified, but its headers are whatever the mirror said: only
+ * these describe the object itself, so only these are kept and shared with every client.
+ */
+const CAS_HEADERS = new Set(['cache-control', 'content-type', 'content-length', 'date', 'etag', 'expires', 'last-modified', 'age', 'via']);
+
+function responseHeaders(h: Record<string, string | string[]>, cas: boolean): { shared: Headers; private: Headers | undefined } {
+  const all = endToEnd(h);
+  const shared: Headers = {};
+  let priv: Headers | undefined;
+  for (const [k, v] of Object.entries(all)) {
+    if (PRIVATE.has(k)) (priv ??= {})[k] = v;
+    else if (!cas || CAS_HEADERS.has(k)) shared[k] = v;
+  }
+  return { shared, private: priv };
+}
+
+async function readCapped(body: Readable, cap: number): Promise<Buffer> {
+  const parts: Buffer[] = [];
+  let n = 0;
+  body.on('error', () => {}); // the loop below sees errors; this only keeps a late one from being unhandled
+  for await (const c of body) {
+    n += (c as Buffer).length;
+    if (n > cap) {
+      discard(body);
+      break;
+    }
+    parts.push(c as Buffer);
+  }
+  return Buffer.concat(parts);
+}
+
+function parseContentLength(v: string | string[] | undefined): number | undefined {
+  const s = Array.isArray(v) ? v[0] : v;
+  return s !== undefined && /^\d+$/.test(s) ? Number(s) : undefined;
+}
+
+/** RFC 9111 §4.3.4: a 304 updates the stored header fields it carries (never a cookie). */
+function mergeHeaders(stored: Headers, fresh: Record<string, string | string[]>, cas: boolean): Headers {
+  const out = { ...stored };
+  for (const [k, v] of Object.entries(responseHeaders(fresh, cas).shared)) if (k !== 'content-length') out[k] = v;
+  return out;
+}
