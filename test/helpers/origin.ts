@@ -5,9 +5,28 @@ import { createServer, type IncomingHttpHeaders, type Server } from 'node:http';
 import type { AddressInfo, Socket } from 'node:net';
 import { setTimeout as sleep } from 'node:timers/promises';
 
+/** A barrier the test opens: an origin response waits behind it (tests wait for states, not time). */
+export interface Gate {
+  readonly opened: Promise<void>;
+  open(): void;
+  /** Requests waiting at the gate. */
+  waiting: number;
+}
+
+export function gate(): Gate {
+  let open!: () => void;
+  const opened = new Promise<void>((r) => (open = r));
+  return { opened, open, waiting: 0 };
+}
+
 export interface Route {
   status?: number;
-  headers?: Record<string, string>;
+  /** An array value is sent as repeated header lines. */
+  headers?: Record<string, string | string[]>;
+  /** Hold the response head until the gate opens. */
+  gate?: Gate;
+  /** Send the head and this many body bytes, then hold the rest until the gate opens. */
+  bodyGate?: { after: number; gate: Gate };
   body?: Buffer | string;
   /** Delay before the response head. */
   delayMs?: number;
@@ -74,15 +93,28 @@ export async function startOrigin(routes: Record<string, Route | ((req: SeenRequ
     hits.set(path, (hits.get(path) ?? 0) + 1);
     const r = typeof r0 === 'function' ? r0(seenReq) : (r0 ?? { status: 404, body: 'not found' });
     if (r.delayMs) await sleep(r.delayMs);
+    if (r.gate) {
+      r.gate.waiting++;
+      await r.gate.opened;
+      r.gate.waiting--;
+    }
     const body = typeof r.body === 'string' ? Buffer.from(r.body) : (r.body ?? Buffer.alloc(0));
-    const headers: Record<string, string> = { ...r.headers };
+    const headers: Record<string, string | string[]> = { ...r.headers };
     if (!r.chunked) headers['content-length'] = String(body.length);
     res.writeHead(r.status ?? 200, headers);
     if (req.method === 'HEAD') return res.end();
     const step = r.chunkBytes ?? body.length;
     let off = 0;
+    let held = false;
     while (off < body.length) {
-      const end = Math.min(body.length, off + Math.max(1, step));
+      if (r.bodyGate && !held && off >= r.bodyGate.after) {
+        held = true;
+        r.bodyGate.gate.waiting++;
+        await r.bodyGate.gate.opened;
+        r.bodyGate.gate.waiting--;
+        if (res.destroyed) return;
+      }
+      const end = Math.min(body.length, off + Math.max(1, step), r.bodyGate && !held ? Math.max(r.bodyGate.after, off + 1) : Infinity);
       if (r.resetAfter !== undefined && end > r.resetAfter) {
         if (r.resetAfter > off) res.write(body.subarray(off, r.resetAfter));
         await sleep(20);

@@ -11,6 +11,7 @@ import type { Clock } from '../../src/clock.ts';
 import { buildConfig } from '../../src/config.ts';
 import { createProxy, type Proxy } from '../../src/server.ts';
 import type { AccessLog, Transaction } from '../../src/access-log.ts';
+import type { Logger } from '../../src/log.ts';
 import { formatSquid } from '../../src/access-log.ts';
 
 export function tmpDir(prefix = 'cuttle-test-'): string {
@@ -23,7 +24,22 @@ export interface TestProxy {
   port: number;
   cacheDir: string;
   logLines: string[];
+  /** The proxy's own log at warn and above, parsed. */
+  logs: Record<string, unknown>[];
+  /** Closes the proxy, then fails if it logged an internal error (a bug) while the test ran. */
   close(): Promise<void>;
+}
+
+/** A pino logger kept in memory (warn and up): tests read it, and fail on internal errors. */
+export function memoryLogger(): { logger: Logger; logs: Record<string, unknown>[] } {
+  const logs: Record<string, unknown>[] = [];
+  const logger = pino({ level: 'warn' }, { write: (line: string) => void logs.push(JSON.parse(line) as Record<string, unknown>) });
+  return { logger, logs };
+}
+
+export function assertNoInternalErrors(logs: Record<string, unknown>[]): void {
+  const bad = logs.filter((l) => l.internal === true || (l.level as number) >= 60);
+  if (bad.length) throw new Error(`the proxy logged internal errors:\n${bad.map((l) => JSON.stringify(l)).join('\n')}`);
 }
 
 export async function startProxy(overrides: Record<string, unknown> = {}, opts: { clock?: Clock } = {}): Promise<TestProxy> {
@@ -35,10 +51,22 @@ export async function startProxy(overrides: Record<string, unknown> = {}, opts: 
     reopen() {},
     flush: async () => {},
   };
-  const proxy = await createProxy(cfg, { clock: opts.clock, logger: pino({ level: 'silent' }), accessLog });
+  const { logger, logs } = memoryLogger();
+  const proxy = await createProxy(cfg, { clock: opts.clock, logger, accessLog });
   await proxy.listen();
   const port = proxy.addresses()[0]!.port;
-  return { proxy, url: `http://127.0.0.1:${port}`, port, cacheDir, logLines, close: () => proxy.close(1000) };
+  return {
+    proxy,
+    url: `http://127.0.0.1:${port}`,
+    port,
+    cacheDir,
+    logLines,
+    logs,
+    close: async () => {
+      await proxy.close(1000);
+      assertNoInternalErrors(logs);
+    },
+  };
 }
 
 export interface ChildProxy {
