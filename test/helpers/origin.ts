@@ -3,7 +3,7 @@
 import { once } from 'node:events';
 import { createServer, type IncomingHttpHeaders, type Server } from 'node:http';
 import type { AddressInfo, Socket } from 'node:net';
-import { setTimeout as sleep } from 'node:timers/promises';
+import { setTimeout as sleepFor } from 'node:timers/promises';
 
 /** A barrier the test opens: an origin response waits behind it (tests wait for states, not time). */
 export interface Gate {
@@ -65,6 +65,9 @@ export async function startOrigin(routes: Record<string, Route | ((req: SeenRequ
   const hits = new Map<string, number>();
   const seen: SeenRequest[] = [];
   const sockets = new Set<Socket>();
+  // Pacing and delays end with the origin: a closed origin leaves no timer behind.
+  const closing = new AbortController();
+  const sleep = (ms: number) => sleepFor(ms, undefined, { signal: closing.signal }).then(() => !closing.signal.aborted, () => false);
   const origin: Origin = {
     url: '',
     host: '127.0.0.1',
@@ -75,6 +78,7 @@ export async function startOrigin(routes: Record<string, Route | ((req: SeenRequ
     count: (p) => hits.get(p) ?? 0,
     route: (p, r) => table.set(p, r),
     close: async () => {
+      closing.abort();
       for (const s of sockets) s.destroy();
       await new Promise<void>((r) => server.close(() => r()));
     },
@@ -92,7 +96,7 @@ export async function startOrigin(routes: Record<string, Route | ((req: SeenRequ
     seen.push(seenReq);
     hits.set(path, (hits.get(path) ?? 0) + 1);
     const r = typeof r0 === 'function' ? r0(seenReq) : (r0 ?? { status: 404, body: 'not found' });
-    if (r.delayMs) await sleep(r.delayMs);
+    if (r.delayMs && !(await sleep(r.delayMs))) return;
     if (r.gate) {
       r.gate.waiting++;
       await r.gate.opened;
@@ -123,7 +127,7 @@ export async function startOrigin(routes: Record<string, Route | ((req: SeenRequ
       }
       if (!res.write(body.subarray(off, end))) await once(res, 'drain');
       off = end;
-      if (r.chunkDelayMs && off < body.length) await sleep(r.chunkDelayMs);
+      if (r.chunkDelayMs && off < body.length && !(await sleep(r.chunkDelayMs))) return;
     }
     res.end(() => origin.onComplete?.(path));
   });
