@@ -4,7 +4,7 @@
 // Each target runs cold (fresh cache, fresh emulator) in A B A B order; the table shows medians and the
 // ratio cuttle/other. Results go to bench/results/ (JSON, Markdown, SVG).
 import { spawn, spawnSync } from 'node:child_process';
-import { mkdirSync, writeFileSync } from 'node:fs';
+import { mkdirSync, readFileSync, writeFileSync } from 'node:fs';
 import { createServer } from 'node:net';
 import { join } from 'node:path';
 import { parseArgs } from 'node:util';
@@ -16,7 +16,7 @@ import { externalTarget, hasTaskset, procStats, squidBinary, startCuttle, startS
 
 export interface Scenario {
   name: string;
-  kind: 'herd' | 'hot' | 'poll' | 'skip';
+  kind: 'herd' | 'hot' | 'poll' | 'memory' | 'skip';
   nodes: number;
   objects: number;
   order: 'same' | 'shuffle';
@@ -26,6 +26,9 @@ export interface Scenario {
   hotSeconds?: number;
   hotConnections?: number;
   poll?: { everyMs: number; forMs: number };
+  /** memory: distinct small objects filled through the proxy, and their body size. */
+  memoryObjects?: number;
+  memoryObjectBytes?: number;
   /** mirror-kill: latencies of three mirrors; the first (nearest, the one nodes name) dies mid-run. */
   mirrorLatenciesMs?: number[];
   /** Kill the nearest mirror once it has sent this fraction of the catalogue's bytes. */
@@ -40,6 +43,9 @@ export const SCENARIOS: Record<string, Scenario> = {
   'mirror-kill': { name: 'mirror-kill', kind: 'herd', nodes: 1000, objects: 100, order: 'same', latencyMs: 20, mirrorLatenciesMs: [20, 60, 100], chunkBytesPerSec: 8 * 2 ** 20, killAtFraction: 0.3 },
   'hot-small': { name: 'hot-small', kind: 'hot', nodes: 0, objects: 0, order: 'same', latencyMs: 0, hotObjectBytes: 4096, hotSeconds: 10, hotConnections: 200 },
   'hot-large': { name: 'hot-large', kind: 'hot', nodes: 0, objects: 0, order: 'same', latencyMs: 0, hotObjectBytes: 2 ** 20, hotSeconds: 10, hotConnections: 50 },
+  // Does --memory-cache bound memory? Many distinct small objects through a small memory tier; RSS is
+  // read before and after (the bench's --memory-cache sets cuttle's tier and Squid's cache_mem alike).
+  memory: { name: 'memory', kind: 'memory', nodes: 0, objects: 0, order: 'same', latencyMs: 0, memoryObjects: 100_000, memoryObjectBytes: 512 },
   'manifest-poll': { name: 'manifest-poll', kind: 'poll', nodes: 1000, objects: 0, order: 'same', latencyMs: 50, poll: { everyMs: 5000, forMs: 60_000 } },
 };
 
@@ -117,7 +123,13 @@ export async function runOnce(o: RunOptions): Promise<RunResult> {
   const cpu0 = procStats(target.pid).cpuS;
   const result: RunResult = { scenario: sc.name, target: target.name, round: o.round, startedAt, uniqueObjects: 0, upstreamFetches: 0, emulatorRequests: 0, fetchesPerObjectMean: NaN, fetchesPerObjectMax: NaN, objectsFetchedMoreThanOnce: 0, proxyCpuS: NaN, proxyPeakRssMiB: NaN, goodputMiBs: NaN, wallS: NaN };
   try {
-    if (sc.kind === 'hot') {
+    if (sc.kind === 'memory') {
+      const m = await fillMany(target.url, sc.memoryObjects!, sc.memoryObjectBytes!, target.pid);
+      result.rssBeforeMiB = m.rssBeforeMiB;
+      result.rssAfterMiB = m.rssAfterMiB;
+      result.hotErrors = m.errors;
+      result.wallS = (Date.now() - t0) / 1000;
+    } else if (sc.kind === 'hot') {
       const url = `${emu.url}${specs[0]!.path}`;
       // Warm the cache (twice: a disk hit is promoted to memory on its second sighting).
       for (let i = 0; i < 3; i++) await fetchVia(target.url, url);
@@ -166,6 +178,54 @@ export async function runOnce(o: RunOptions): Promise<RunResult> {
     for (const e of emus) await e.close().catch(() => {});
   }
   return result;
+}
+
+/** Current RSS of a process, MiB. */
+function rssMiB(pid: number | undefined): number {
+  try {
+    return Number(/VmRSS:\s+(\d+)/.exec(readFileSync(`/proc/${pid}/status`, 'utf8'))?.[1] ?? NaN) / 1024;
+  } catch {
+    return NaN;
+  }
+}
+
+/**
+ * The memory scenario: `n` distinct cacheable objects of `bytes` each, from a local origin, through the
+ * proxy with 32 connections. RSS is read after 1,000 warm-up objects and at the end.
+ */
+async function fillMany(proxy: string, n: number, bytes: number, pid: number | undefined): Promise<{ rssBeforeMiB: number; rssAfterMiB: number; errors: number }> {
+  const { createServer: createHttp } = await import('node:http');
+  const { Pool } = await import('undici');
+  const body = Buffer.alloc(bytes, 'x');
+  const origin = createHttp((req, res) => {
+    res.writeHead(200, { 'content-type': 'application/octet-stream', 'cache-control': 'max-age=3600', 'last-modified': 'Thu, 01 Jan 2026 00:00:00 GMT', etag: `"${req.url}"`, 'content-length': bytes });
+    res.end(body);
+  });
+  await new Promise<void>((r) => origin.listen(0, '127.0.0.1', () => r()));
+  const base = `http://127.0.0.1:${(origin.address() as { port: number }).port}`;
+  const pool = new Pool(proxy, { connections: 32 });
+  let next = 0;
+  let errors = 0;
+  const worker = async (until: number) => {
+    while (next < until) {
+      const i = next++;
+      try {
+        const r = await pool.request({ path: `${base}/cvmfs/${REPO}/memory/${i}`, method: 'GET' });
+        await r.body.dump();
+        if (r.statusCode !== 200) errors++;
+      } catch {
+        errors++;
+      }
+    }
+  };
+  const warm = Math.min(1000, n);
+  await Promise.all(Array.from({ length: 32 }, () => worker(warm)));
+  const rssBeforeMiB = rssMiB(pid);
+  await Promise.all(Array.from({ length: 32 }, () => worker(n)));
+  const rssAfterMiB = rssMiB(pid);
+  await pool.close();
+  await new Promise<void>((r) => origin.close(() => r()));
+  return { rssBeforeMiB, rssAfterMiB, errors };
 }
 
 async function fetchVia(proxy: string, url: string): Promise<void> {

@@ -24,6 +24,9 @@ export interface RunResult {
   reqPerSec?: number;
   mibPerSec?: number;
   hotErrors?: number;
+  /** memory: RSS after warm-up and after filling every object. */
+  rssBeforeMiB?: number;
+  rssAfterMiB?: number;
   /** mirror-kill: when the nearest mirror was killed. */
   mirrorKilledAtS?: number;
 }
@@ -50,6 +53,9 @@ export const FIGURES: { label: string; get: (r: RunResult) => number | undefined
   { label: 'wall time (s)', get: (r) => (r.nodes ? r.wallS : undefined), better: 'lower' },
   { label: 'hit throughput (req/s)', get: (r) => r.reqPerSec, better: 'higher' },
   { label: 'hit throughput (MiB/s)', get: (r) => r.mibPerSec, better: 'higher' },
+  { label: 'RSS after warm-up (MiB)', get: (r) => r.rssBeforeMiB, better: 'lower' },
+  { label: 'RSS after all objects (MiB)', get: (r) => r.rssAfterMiB, better: 'lower' },
+  { label: 'RSS growth (MiB)', get: (r) => (r.rssAfterMiB !== undefined && r.rssBeforeMiB !== undefined ? r.rssAfterMiB - r.rssBeforeMiB : undefined), better: 'lower' },
   { label: 'proxy CPU (s)', get: (r) => r.proxyCpuS, better: 'lower' },
   { label: 'proxy peak RSS (MiB)', get: (r) => r.proxyPeakRssMiB, better: 'lower' },
   { label: 'load generator CPU (s)', get: (r) => r.nodes?.generatorCpuS, better: 'lower' },

@@ -341,7 +341,10 @@ async function fetchbody(st: FetchState): Promise<Step> {
     st.bodyError = fill.abandoned ?? new ProxyError('ERR_UPSTREAM_RESET', 'fill ended before its body');
     return 'fail';
   }
-  st.bodyError = await pump(st, body);
+  // A 204 or 304 has no body, whatever Content-Length the origin sent with it (undici would report the
+  // missing bytes as a broken body).
+  const status = st.res!.status;
+  st.bodyError = status === 204 || status === 304 ? (discard(body), undefined) : await pump(st, body);
   if (st.bodyError === undefined) return 'fetchend';
   if (fill.abandoned) return 'fail';
   // A released fill is aborted on purpose once its one reader leaves: not an upstream failure.

@@ -53,8 +53,11 @@ export function upstreamRequestHeaders(h: IncomingHttpHeaders, url: URL, client:
 }
 
 /** Headers for the client, from an upstream or stored response. */
-export function clientResponseHeaders(h: Headers, name: string, cache: 'HIT' | 'MISS', ageS?: number): OutgoingHttpHeaders {
+export function clientResponseHeaders(status: number, h: Headers, name: string, cache: 'HIT' | 'MISS', ageS?: number): OutgoingHttpHeaders {
   const out: OutgoingHttpHeaders = endToEnd(h);
+  // RFC 9110 §8.6: no Content-Length on a 1xx or 204; on a 304 it would describe a body never sent,
+  // and an origin that sends one anyway must not make the client wait for it.
+  if (status === 204 || status === 304 || status < 200) delete out['content-length'];
   out.via = appendVia(h.via, name);
   out['x-cache'] = `${cache} from ${name}`;
   if (ageS !== undefined) out.age = String(ageS);

@@ -360,7 +360,7 @@ async function deliverFill(s: State): Promise<StepName | undefined> {
     }
     const head = fill.head;
     const isHit = tx.result === 'TCP_MEM_HIT';
-    const headers = clientResponseHeaders(head.headers, ctx.cfg.visibleHostname, isHit ? 'HIT' : 'MISS', isHit && fill.policy ? Math.floor(fill.policy.age()) : 0);
+    const headers = clientResponseHeaders(head.status, head.headers, ctx.cfg.visibleHostname, isHit ? 'HIT' : 'MISS', isHit && fill.policy ? Math.floor(fill.policy.age()) : 0);
     // The client whose request started the fill gets its own Set-Cookie; nobody else ever does.
     if (starter && fill.privateHeaders) Object.assign(headers, fill.privateHeaders);
     tx.status = head.status;
@@ -419,8 +419,8 @@ async function deliverFill(s: State): Promise<StepName | undefined> {
 async function deliverStored(s: State, st: StoredObject): Promise<void> {
   const { ctx, res, tx } = s;
   const age = Math.floor(st.policy.age());
-  const headers = clientResponseHeaders(st.meta.headers, ctx.cfg.visibleHostname, 'HIT', age);
-  headers['content-length'] = String(st.size);
+  const headers = clientResponseHeaders(st.meta.status, st.meta.headers, ctx.cfg.visibleHostname, 'HIT', age);
+  if (st.meta.status !== 204 && st.meta.status !== 304) headers['content-length'] = String(st.size);
   tx.status = st.meta.status;
   tx.mime = String(st.meta.headers['content-type'] ?? '');
   const body = st.body;
@@ -506,7 +506,13 @@ async function pass(s: State): Promise<StepName | undefined> {
       discard(up.body);
       return undefined;
     }
-    res.writeHead(up.status, clientResponseHeaders(up.headers, ctx.cfg.visibleHostname, 'MISS'));
+    res.writeHead(up.status, clientResponseHeaders(up.status, up.headers, ctx.cfg.visibleHostname, 'MISS'));
+    if (tx.method === 'HEAD' || up.status === 204 || up.status === 304) {
+      // No body, whatever Content-Length came with it.
+      discard(up.body);
+      res.end();
+      return undefined;
+    }
     const ok = await new Promise<boolean>((resolve) => {
       up.body.on('data', (c: Buffer) => {
         tx.bytesOut += c.length;

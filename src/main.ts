@@ -1,4 +1,6 @@
-#!/usr/bin/env node
+#!/usr/bin/env -S node --max-semi-space-size=16
+// --max-semi-space-size: V8 would otherwise grow its young generation to 128 MiB under a proxy's
+// allocation rate, memory that --memory-cache does not see (README "Memory").
 // The command line: parse, validate, start, and own the process (signals, exit codes).
 import { raiseOpenFilesLimit, WANTED_OPEN_FILES } from './process-setup.ts';
 import { ConfigError } from './errors.ts';

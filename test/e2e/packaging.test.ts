@@ -20,7 +20,7 @@ function checkConfig(args: string[]) {
 describe('packaging', () => {
   it('the Dockerfile ENTRYPOINT + CMD is a valid cuttle command line', () => {
     const entry = jsonArg('ENTRYPOINT');
-    assert.deepEqual(entry, ['node', 'src/main.ts']);
+    assert.deepEqual(entry, ['node', '--max-semi-space-size=16', 'src/main.ts']);
     const r = checkConfig(jsonArg('CMD'));
     assert.equal(r.status, 0, r.stderr);
     assert.match(dockerfile, /^USER node$/m);
