@@ -85,7 +85,7 @@ const HELP: Record<OptionName, string> = {
   'client-idle-timeout': 'idle keep-alive timeout of client connections',
   'max-fills': 'concurrent upstream cache fills; beyond it misses get 503',
   'max-passes': 'concurrent uncached (pass/tunnel) requests; beyond it 503',
-  'max-client-connections': 'open client connections; beyond it new ones are refused',
+  'max-client-connections': 'open client connections; beyond it a new one gets 503',
   'upstream-connections': 'connections per upstream host',
   'fill-window': 'memory each in-flight fill keeps when fill-memory is spent; older bytes are read back from disk',
   'fill-memory': 'memory shared by in-flight fills, so a herd streams from memory; beyond it, from disk',

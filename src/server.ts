@@ -20,6 +20,8 @@ import { TieredStore } from './store.ts';
 import { DiskTier } from './store-disk.ts';
 import { MemoryTier } from './store-memory.ts';
 import { handleConnect } from './tunnel.ts';
+import { ProxyError } from './errors.ts';
+import { viaEntry } from './forward.ts';
 
 export interface ProxyOptions {
   clock?: Clock;
@@ -49,6 +51,16 @@ export interface Proxy {
   adminAddress(): AddressInfo | undefined;
   /** The SNMP agent's UDP port, when --snmp-listen is set. */
   snmpPort(): number | undefined;
+}
+
+/** The raw answer to a connection past --max-client-connections (no request has been read yet). */
+function overloadedConnection(name: string): string {
+  const err = new ProxyError('ERR_OVERLOADED', 'too many client connections');
+  const body = `${err.status} ${err.message}\n`;
+  return (
+    `HTTP/1.1 503 Service Unavailable\r\nProxy-Status: cuttle; error=${err.token}; details="${err.detail}"\r\nX-Squid-Error: ${err.squid}\r\n` +
+    `Via: ${viaEntry(name)}\r\nCache-Control: no-store\r\nContent-Type: text/plain\r\nContent-Length: ${Buffer.byteLength(body)}\r\nConnection: close\r\n\r\n${body}`
+  );
 }
 
 export async function createProxy(cfg: Config, opts: ProxyOptions = {}): Promise<Proxy> {
@@ -136,10 +148,19 @@ export async function createProxy(cfg: Config, opts: ProxyOptions = {}): Promise
       requestTimeout: 0, // uploads may be long; idle sockets are bounded by keepAliveTimeout
       highWaterMark: 64 * 1024,
     });
-    srv.maxConnections = cfg.maxClientConnections;
+    // Past --max-client-connections a connection gets a labelled 503 (a CVMFS client then tries its
+    // next proxy at once), where net.Server's maxConnections would drop it without a word. A hard cap
+    // at twice the limit still drops, so a flood can't make us write answers without bound.
+    srv.maxConnections = cfg.maxClientConnections * 2;
     srv.on('connection', (sock) => {
       connections++;
       sock.once('close', () => connections--);
+      if (connections > cfg.maxClientConnections) {
+        counters.errors++;
+        sock.on('error', () => sock.destroy());
+        sock.once('finish', () => sock.destroy());
+        sock.end(overloadedConnection(cfg.visibleHostname));
+      }
     });
     srv.on('request', (req, res) =>
       handleRequest(ctx, req, res, accel).catch((err: unknown) => {

@@ -32,6 +32,25 @@ describe('acl', () => {
     assert.equal(compileAcl(buildConfig({ 'allow-dest': ['.cern.ch'] })).checkDestination('example.org', 8000), 'deny-dest');
   });
 
+  it('denies every IPv6 spelling of loopback and link-local: mapped, IPv4-compatible, SIIT', () => {
+    const open = compileAcl(buildConfig({}));
+    for (const a of ['[::ffff:127.0.0.1]', '[::ffff:7f00:1]', '[::7f00:1]', '[::127.0.0.1]', '[::ffff:0:7f00:1]', '[::ffff:0:127.0.0.1]', '[::ffff:a9fe:a9fe]', '[::a9fe:a9fe]', '[0:0:0:0:0:0:0:1]', '[::]'])
+      assert.equal(open.checkDestination(a, 8000), 'deny-dest', a);
+    assert.equal(open.allowsResolved('x.example.org', '::7f00:1', 80), false);
+    assert.equal(open.checkDestination('[2001:db8::1]', 8000), 'allow');
+    assert.equal(open.checkDestination('[::ffff:192.0.2.1]', 8000), 'allow', 'a mapped public address is still allowed');
+  });
+
+  it('a loopback Stratum 1 mirror opens exactly its own host and port', () => {
+    const acl = compileAcl({ ...buildConfig({}), mirrorGroups: [{ name: 'default', mirrors: ['http://127.0.0.1:8000', 'http://localhost:8001'] }] });
+    assert.equal(acl.checkDestination('127.0.0.1', 8000), 'allow');
+    assert.equal(acl.checkDestination('127.0.0.1', 3129), 'deny-dest');
+    assert.equal(acl.checkDestination('localhost', 8001), 'allow');
+    assert.equal(acl.checkDestination('localhost', 8000), 'deny-dest');
+    assert.equal(acl.allowsResolved('localhost', '127.0.0.1', 8001), true);
+    assert.equal(acl.allowsResolved('localhost', '127.0.0.1', 3129), false);
+  });
+
   it('CONNECT is denied unless its port is listed', () => {
     assert.equal(compileAcl(buildConfig({})).allowsConnect('example.org', 443), 'deny-port');
     assert.equal(compileAcl(buildConfig({ 'allow-connect-port': '443' })).allowsConnect('example.org', 443), 'allow');
