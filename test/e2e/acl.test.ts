@@ -6,15 +6,18 @@ import { Pool } from 'undici';
 import { startOrigin, type Origin } from '../helpers/origin.ts';
 import { get, proxyClient, startProxy, type TestProxy } from '../helpers/proxy.ts';
 
-function rawExchange(port: number, text: string, localAddress?: string, waitMs = 300): Promise<string> {
+/** Send `text` on a raw socket; resolve with what came back once the proxy closes or `until` holds. */
+function rawExchange(port: number, text: string, until: (out: string) => boolean = () => false): Promise<string> {
   return new Promise((resolve, reject) => {
-    const s = connect({ port, host: '127.0.0.1', localAddress });
+    const s = connect({ port, host: '127.0.0.1' });
     let out = '';
-    s.on('data', (c) => (out += c));
+    s.on('data', (c) => {
+      out += c;
+      if (until(out)) s.end();
+    });
     s.on('close', () => resolve(out));
     s.on('error', reject);
     s.write(text);
-    setTimeout(() => s.end(), waitMs);
   });
 }
 
@@ -87,7 +90,7 @@ describe('access control', () => {
     await new Promise<void>((r) => echo.listen(0, '127.0.0.1', () => r()));
     const ePort = (echo.address() as AddressInfo).port;
     const tp = await startProxy({ 'allow-connect-port': String(ePort) });
-    const out = await rawExchange(tp.port, `CONNECT 127.0.0.1:${ePort} HTTP/1.1\r\nHost: 127.0.0.1:${ePort}\r\n\r\nping`, undefined, 400);
+    const out = await rawExchange(tp.port, `CONNECT 127.0.0.1:${ePort} HTTP/1.1\r\nHost: 127.0.0.1:${ePort}\r\n\r\nping`, (out) => out.endsWith('ping'));
     assert.match(out, /^HTTP\/1\.1 200 Connection Established\r\n\r\nping/);
     assert.equal(tp.proxy.counters.requests, 1);
     await tp.close();

@@ -2,9 +2,9 @@ import assert from 'node:assert/strict';
 import { createHash, randomBytes } from 'node:crypto';
 import { connect } from 'node:net';
 import { after, before, describe, it } from 'node:test';
-import { setTimeout as sleep } from 'node:timers/promises';
+import { waitFor } from '../helpers/mirrors.ts';
 import { Pool } from 'undici';
-import { startOrigin, type Origin } from '../helpers/origin.ts';
+import { gate, startOrigin, type Origin } from '../helpers/origin.ts';
 import { get, proxyClient, startProxy, type TestProxy } from '../helpers/proxy.ts';
 
 const sha1 = (b: Buffer) => createHash('sha1').update(b).digest('hex');
@@ -52,7 +52,7 @@ describe('coalescing', () => {
     const r = await rawGet(p.port, `${origin.url}/big`, { abortAfterBytes: 100_000 });
     assert.equal(r.complete, false);
     // Wait for the fill to land in the store (no new client meanwhile).
-    for (let i = 0; i < 200 && p.proxy.coalescer.inFlight > 0; i++) await sleep(20);
+    await waitFor('the fill stored', () => p.proxy.coalescer.running === 0);
     const c = proxyClient(p.url);
     const again = await get(c, `${origin.url}/big`);
     assert.equal(sha1(again.body), sha1(body));
@@ -101,9 +101,13 @@ describe('coalescing', () => {
   });
 
   it('failure before headers: every waiter gets the same labelled error', async () => {
-    origin.route('/hangup', { delayMs: 200, resetAfter: 0, body: 'x'.repeat(100) });
+    const g = gate();
+    origin.route('/hangup', { gate: g, resetAfter: 0, body: 'x'.repeat(100) });
     const c = new Pool(p.url, { connections: 10 });
-    const rs = await Promise.all(Array.from({ length: 10 }, () => get(c, `${origin.url}/hangup`)));
+    const all = Promise.all(Array.from({ length: 10 }, () => get(c, `${origin.url}/hangup`)));
+    await waitFor('ten waiters on one fill', () => g.waiting === 1 && p.proxy.coalescer.topFills(1, 0)[0]?.readers === 10);
+    g.open();
+    const rs = await all;
     // The origin sends headers then resets before any body: readers are cut short, or (before headers) labelled.
     assert.equal(origin.count('/hangup'), 1);
     for (const r of rs) assert.ok(r.status === 200 || r.status === 502);

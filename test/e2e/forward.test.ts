@@ -1,34 +1,36 @@
 import assert from 'node:assert/strict';
 import { after, before, describe, it } from 'node:test';
 import { connect } from 'node:net';
-import { startOrigin, type Origin } from '../helpers/origin.ts';
+import { gate, startOrigin, type Origin } from '../helpers/origin.ts';
+import { waitFor } from '../helpers/mirrors.ts';
 import { get, proxyClient, startProxy, type TestProxy } from '../helpers/proxy.ts';
 
-function raw(port: number, text: string, bindAddress?: string): Promise<string> {
+/** Send a request that says `Connection: close` on a raw socket; resolve with all that came back. */
+function raw(port: number, text: string): Promise<string> {
   return new Promise((resolve, reject) => {
-    const s = connect({ port, host: '127.0.0.1', localAddress: bindAddress });
+    const s = connect({ port, host: '127.0.0.1' });
     let out = '';
     s.on('data', (c) => (out += c));
     s.on('end', () => resolve(out));
     s.on('error', reject);
     s.write(text);
-    setTimeout(() => s.end(), 300);
   });
 }
 
 describe('forwarding: hang-ups', () => {
   it('a client that hangs up before the upstream answers does not take the proxy down', async () => {
-    const origin = await startOrigin({ '/slow-post': { delayMs: 300, body: 'late answer' } });
+    const g = gate();
+    const origin = await startOrigin({ '/slow-post': { gate: g, body: 'late answer' } });
     const p = await startProxy();
     try {
       const s = connect({ port: p.port, host: '127.0.0.1' });
       s.on('error', () => {});
       s.write(`POST ${origin.url}/slow-post HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 2\r\n\r\nhi`);
-      while (origin.count('/slow-post') === 0) await new Promise((r) => setTimeout(r, 10));
+      await waitFor('the origin holding the POST', () => g.waiting === 1);
       s.destroy();
       // The pass notices the hang-up and lets go of its upstream request.
-      while (p.proxy.counters.passesInFlight > 0) await new Promise((r) => setTimeout(r, 10));
-      await new Promise((r) => setTimeout(r, 400)); // past the moment the origin answers the abandoned request
+      await waitFor('the pass ended', () => p.proxy.counters.passesInFlight === 0);
+      g.open(); // the origin answers the abandoned request
       const c = proxyClient(p.url, 1);
       assert.equal((await get(c, `${origin.url}/slow-post`)).status, 200, 'still serving');
       await c.close();
@@ -170,9 +172,11 @@ describe('forwarding', () => {
 
   it('times out a silent upstream with a labelled 504', async () => {
     const slow = await startProxy({ 'read-timeout': '300ms' });
-    origin.route('/silent', { delayMs: 2000, body: 'late' });
+    const never = gate(); // opened only after the proxy has given up
+    origin.route('/silent', { gate: never, body: 'late' });
     const c = proxyClient(slow.url);
     const r = await get(c, `${origin.url}/silent`);
+    never.open();
     assert.equal(r.status, 504);
     assert.match(String(r.headers['proxy-status']), /error=http_response_timeout/);
     assert.equal(origin.count('/silent'), 1);

@@ -4,9 +4,9 @@ import { randomBytes } from 'node:crypto';
 import { existsSync, readFileSync, renameSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { after, before, describe, it } from 'node:test';
-import { setTimeout as sleep } from 'node:timers/promises';
+import { waitFor } from '../helpers/mirrors.ts';
 import { Pool } from 'undici';
-import { startOrigin, type Origin } from '../helpers/origin.ts';
+import { gate, startOrigin, type Origin } from '../helpers/origin.ts';
 import { get, proxyClient, startChildProxy, startProxy, tmpDir } from '../helpers/proxy.ts';
 
 function metric(text: string, name: string, labels = ''): number {
@@ -81,12 +81,11 @@ describe('operations', () => {
     assert.equal((await get(c, `${origin.url}/m`)).status, 200);
     writeFileSync(file, `listen: 127.0.0.1:0\ncache-dir: ${join(dir, 'cache')}\nallow-dest: [127.0.0.1]\nallow-client: [10.0.0.0/8]\n`);
     proxy.child.kill('SIGHUP');
-    await sleep(300);
+    await waitFor('the reload applied', () => /configuration reloaded/.test(proxy.stderr()));
     assert.equal((await get(c, `${origin.url}/m`)).status, 403, 'the new ACL is live');
     writeFileSync(file, 'allow-client: [not-a-cidr]\n');
     proxy.child.kill('SIGHUP');
-    await sleep(300);
-    assert.match(proxy.stderr(), /reload rejected/);
+    await waitFor('the reload rejected', () => /reload rejected/.test(proxy.stderr()));
     assert.equal((await get(c, `${origin.url}/m`)).status, 403, 'the running ACL stays');
     await c.close();
     assert.equal(await proxy.stop(), 0);
@@ -94,16 +93,17 @@ describe('operations', () => {
 
   it('SIGTERM during a large transfer: the transfer completes, readyz says draining, and the exit code is 0', async () => {
     const body = randomBytes(8 * 1024 * 1024);
-    origin.route('/large', { headers: { 'cache-control': 'max-age=60' }, body, chunkBytes: 256 * 1024, chunkDelayMs: 40 });
+    const g = gate();
+    origin.route('/large', { headers: { 'cache-control': 'max-age=60' }, body, bodyGate: { after: 2 * 1024 * 1024, gate: g } });
     const proxy = await startChildProxy(['--listen', '127.0.0.1:0', '--cache-dir', join(tmpDir(), 'c'), '--allow-dest', '127.0.0.1']);
     const adminPort = Number(/"admin":\{"address":"127\.0\.0\.1","family":"IPv4","port":(\d+)\}/.exec(proxy.stderr())![1]);
     const c = proxyClient(proxy.url);
     const transfer = get(c, `${origin.url}/large`);
-    while (origin.count('/large') === 0) await sleep(10);
-    await sleep(200);
+    await waitFor('the transfer mid-body', () => g.waiting === 1);
     proxy.child.kill('SIGTERM');
-    await sleep(100);
+    await waitFor('draining', () => /draining, then shutting down/.test(proxy.stderr()));
     assert.equal((await adminGet(adminPort, '/readyz')).status, 503);
+    g.open();
     const r = await transfer;
     assert.equal(r.status, 200);
     assert.ok(r.body.equals(body), 'the whole body arrived');
@@ -136,10 +136,10 @@ describe('operations', () => {
     const proxy = await startChildProxy(['--listen', '127.0.0.1:0', '--cache-dir', join(dir, 'c'), '--allow-dest', '127.0.0.1', '--access-log', log]);
     const c = proxyClient(proxy.url);
     await get(c, `${origin.url}/m?one`);
-    await sleep(200);
+    await waitFor('the first line written', () => existsSync(log) && /\?one/.test(readFileSync(log, 'utf8')));
     renameSync(log, `${log}.1`);
     proxy.child.kill('SIGUSR1');
-    await sleep(200);
+    await waitFor('the log reopened', () => /access log reopened/.test(proxy.stderr()));
     await get(c, `${origin.url}/m?two`);
     await c.close();
     assert.equal(await proxy.stop(), 0);

@@ -4,8 +4,8 @@ import { createHash, randomBytes } from 'node:crypto';
 import { readdirSync, statSync, truncateSync } from 'node:fs';
 import { join } from 'node:path';
 import { after, before, describe, it } from 'node:test';
-import { setTimeout as sleep } from 'node:timers/promises';
-import { startOrigin, type Origin } from '../helpers/origin.ts';
+import { waitFor } from '../helpers/mirrors.ts';
+import { gate, startOrigin, type Origin } from '../helpers/origin.ts';
 import { get, proxyClient, startChildProxy, tmpDir } from '../helpers/proxy.ts';
 
 const sha1 = (b: Buffer) => createHash('sha1').update(b).digest('hex');
@@ -55,7 +55,8 @@ describe('restart and crash safety', () => {
     const cacheDir = join(tmpDir(), 'cache');
     const args = ['--listen', '127.0.0.1:0', '--cache-dir', cacheDir, '--allow-dest', '127.0.0.1'];
     const big = randomBytes(8 * 1024 * 1024);
-    origin.route('/slow', { headers: { 'cache-control': 'max-age=259200' }, body: big, chunkBytes: 128 * 1024, chunkDelayMs: 20 });
+    const g = gate();
+    origin.route('/slow', { headers: { 'cache-control': 'max-age=259200' }, body: big, bodyGate: { after: 4 * 1024 * 1024, gate: g } });
     const small = randomBytes(10_000);
     origin.route('/small', { headers: { 'cache-control': 'max-age=259200' }, body: small });
 
@@ -63,12 +64,13 @@ describe('restart and crash safety', () => {
     const c = proxyClient(first.url);
     await get(c, `${origin.url}/small`);
     const pending = c.request({ path: `${origin.url}/slow`, method: 'GET' }).then((r) => r.body.arrayBuffer()).catch(() => undefined);
-    while (origin.count('/slow') === 0) await sleep(10);
-    await sleep(300); // mid-transfer: the temp record is half written
+    // Mid-transfer: the temp record is half written.
+    await waitFor('the temp record half written', () => g.waiting === 1 && readdirSync(join(cacheDir, 'v1', 'tmp')).length === 1);
     const tmp = readdirSync(join(cacheDir, 'v1', 'tmp'));
     assert.equal(tmp.length, 1, 'a temp record is being written');
     await first.stop('SIGKILL');
     await pending;
+    g.open();
     await c.close();
     // Damage the one complete record too: a torn write must be detected, not served.
     const recs = records(cacheDir);

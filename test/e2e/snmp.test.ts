@@ -2,6 +2,7 @@
 import assert from 'node:assert/strict';
 import { execFile } from 'node:child_process';
 import { after, before, describe, it } from 'node:test';
+import { waitFor } from '../helpers/mirrors.ts';
 import { startOrigin, type Origin } from '../helpers/origin.ts';
 import { get, proxyClient, startProxy, type TestProxy } from '../helpers/proxy.ts';
 import { requireTool } from '../helpers/tools.ts';
@@ -45,6 +46,8 @@ describe('snmp agent (Squid MIB)', () => {
     const target = `127.0.0.1:${p.proxy.snmpPort()}`;
     const c = proxyClient(p.url, 1);
     await get(c, `${origin.url}/obj`);
+    // The disk commit lands after the response: wait for it, or the walk may read the size mid-commit.
+    await waitFor('the object committed', () => p.proxy.coalescer.running === 0);
     const w1 = await snmp(walk, ['-v2c', '-c', 'wlcg', target, SQUID]);
     assert.equal(w1.code, 0, w1.out);
     assert.equal(w1.values.get(REQUESTS), '1');
