@@ -181,24 +181,17 @@ async function startfetch(st: FetchState): Promise<Step> {
   let held404: { res: UpstreamResponse; body: Buffer; attempt: Attempt } | undefined;
   for (let attempt = plan.next(); attempt; attempt = plan.next()) {
     if (fill.abandoned) break;
-    const ac = new AbortController();
-    const t0 = performance.now();
     const m = attempt.mirror;
-    let res: UpstreamResponse;
-    const timer = answerTimer(st, ac);
-    try {
-      res = await host.upstream.request({ url: attempt.url, method: 'GET', headers: { ...st.headers, host: attempt.url.host }, signal: ac.signal });
-    } catch (err) {
-      lastError = upstreamError(ac.signal.aborted ? ac.signal.reason : err);
+    const got = await ask(st, attempt, {});
+    if ('error' in got) {
+      lastError = got.error;
       other = true;
       if (m) mirrorFailed(st, m, lastError.token);
       if (!plan.failover) break;
       if (plan.hasMore) host.stats.failovers++;
       continue;
-    } finally {
-      clearTimeout(timer);
     }
-    const ttfb = performance.now() - t0;
+    const { res, ac, ttfb } = got;
     if (res.status >= 500 && plan.failover && plan.hasMore) {
       other = true;
       discard(res.body);
@@ -422,19 +415,13 @@ async function resume(st: FetchState): Promise<Step> {
   for (let attempt = plan.next(); attempt; attempt = plan.next()) {
     if (fill.state !== 'streaming') return 'fail';
     const from = fill.received;
-    const ac = new AbortController();
-    const t0 = performance.now();
     const m = attempt.mirror;
-    let res: UpstreamResponse;
-    const timer = answerTimer(st, ac);
-    try {
-      res = await host.upstream.request({ url: attempt.url, method: 'GET', headers: { ...st.headers, host: attempt.url.host, range: `bytes=${from}-` }, signal: ac.signal });
-    } catch (err) {
-      if (m) mirrorFailed(st, m, upstreamError(ac.signal.aborted ? ac.signal.reason : err).token);
+    const got = await ask(st, attempt, { range: `bytes=${from}-` });
+    if ('error' in got) {
+      if (m) mirrorFailed(st, m, got.error.token);
       continue;
-    } finally {
-      clearTimeout(timer);
     }
+    const { res, ac, ttfb } = got;
     const range = /^bytes (\d+)-(\d+)\/(\d+)$/.exec(String(res.headers['content-range'] ?? ''));
     let skip: number;
     if (res.status === 206 && range && Number(range[1]) === from && Number(range[3]) === cl) skip = 0;
@@ -444,7 +431,7 @@ async function resume(st: FetchState): Promise<Step> {
       if (m) mirrorFailed(st, m, `resume answered HTTP ${res.status}`);
       continue;
     }
-    if (m) host.mirrors.fetched(m, true, performance.now() - t0);
+    if (m) host.mirrors.fetched(m, true, ttfb);
     if (fill.state !== 'streaming') {
       discard(res.body);
       return 'fail';
@@ -537,6 +524,21 @@ function fail(st: FetchState): Step {
 function done(st: FetchState): undefined {
   st.host.done(st.fill);
   return undefined;
+}
+
+/** One upstream request of the plan, under --mirror-timeout while another mirror is left to ask. */
+async function ask(st: FetchState, attempt: Attempt, extra: Headers): Promise<{ res: UpstreamResponse; ac: AbortController; ttfb: number } | { error: ProxyError }> {
+  const ac = new AbortController();
+  const t0 = performance.now();
+  const timer = answerTimer(st, ac);
+  try {
+    const res = await st.host.upstream.request({ url: attempt.url, method: 'GET', headers: { ...st.headers, host: attempt.url.host, ...extra }, signal: ac.signal });
+    return { res, ac, ttfb: performance.now() - t0 };
+  } catch (err) {
+    return { error: upstreamError(ac.signal.aborted ? ac.signal.reason : err) };
+  } finally {
+    clearTimeout(timer);
+  }
 }
 
 /**

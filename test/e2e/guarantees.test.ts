@@ -10,7 +10,7 @@ import { join } from 'node:path';
 import { describe, it } from 'node:test';
 import { Pool } from 'undici';
 import { gate, startOrigin } from '../helpers/origin.ts';
-import { get, proxyClient, startProxy } from '../helpers/proxy.ts';
+import { get, proxyClient, startProxy, withProxy } from '../helpers/proxy.ts';
 import { waitFor } from '../helpers/mirrors.ts';
 
 /** A raw client that sends one request and never reads the answer. */
@@ -24,109 +24,81 @@ function stalledClient(port: number, url: string): Socket {
 
 describe('guarantees', () => {
   it('an exception inside a fill fails only that fill: every waiter gets 500 ERR_INTERNAL, the process serves on', async () => {
-    const origin = await startOrigin();
-    const p = await startProxy();
-    const pool = proxyClient(p.url, 8);
-    try {
-      const g = gate();
-      origin.route('/boom', { gate: g, body: 'x', headers: { 'cache-control': 'max-age=60' } });
-      origin.route('/fine', { body: 'fine', headers: { 'cache-control': 'max-age=60' } });
-      // A bug, injected where every stored response passes: opening its disk record.
-      const openWriter = p.proxy.store.openWriter.bind(p.proxy.store);
-      p.proxy.store.openWriter = () => {
-        throw new TypeError('injected bug');
-      };
-      const all = Array.from({ length: 4 }, () => get(pool, `${origin.url}/boom`));
-      await waitFor('four waiters on one fill', () => g.waiting === 1 && p.proxy.coalescer.topFills(1, 0)[0]?.readers === 4);
-      g.open();
-      for (const r of await Promise.all(all)) {
-        assert.equal(r.status, 500);
-        assert.match(String(r.headers['proxy-status']), /error=proxy_internal_error/);
-        assert.match(String(r.headers['x-squid-error']), /ERR_CANNOT_FORWARD/);
-      }
-      assert.equal(p.proxy.coalescer.stats.internalErrors, 1);
-      assert.equal(origin.count('/boom'), 1);
-      assert.equal(p.logs.filter((l) => l.internal === true).length, 1, 'logged once, as internal');
-      p.logs.length = 0; // expected here: don't fail the close
-      p.proxy.store.openWriter = openWriter;
-      assert.equal((await get(pool, `${origin.url}/fine`)).status, 200);
-      await waitFor('nothing left running', () => p.proxy.coalescer.running === 0);
-    } finally {
-      await pool.close();
-      await p.close();
-      await origin.close();
+    await withProxy({}, async ({ origin, p, pool }) => {
+    const g = gate();
+    origin.route('/boom', { gate: g, body: 'x', headers: { 'cache-control': 'max-age=60' } });
+    origin.route('/fine', { body: 'fine', headers: { 'cache-control': 'max-age=60' } });
+    // A bug, injected where every stored response passes: opening its disk record.
+    const openWriter = p.proxy.store.openWriter.bind(p.proxy.store);
+    p.proxy.store.openWriter = () => {
+      throw new TypeError('injected bug');
+    };
+    const all = Array.from({ length: 4 }, () => get(pool, `${origin.url}/boom`));
+    await waitFor('four waiters on one fill', () => g.waiting === 1 && p.proxy.coalescer.topFills(1, 0)[0]?.readers === 4);
+    g.open();
+    for (const r of await Promise.all(all)) {
+      assert.equal(r.status, 500);
+      assert.match(String(r.headers['proxy-status']), /error=proxy_internal_error/);
+      assert.match(String(r.headers['x-squid-error']), /ERR_CANNOT_FORWARD/);
     }
+    assert.equal(p.proxy.coalescer.stats.internalErrors, 1);
+    assert.equal(origin.count('/boom'), 1);
+    assert.equal(p.logs.filter((l) => l.internal === true).length, 1, 'logged once, as internal');
+    p.logs.length = 0; // expected here: don't fail the close
+    p.proxy.store.openWriter = openWriter;
+    assert.equal((await get(pool, `${origin.url}/fine`)).status, 200);
+    await waitFor('nothing left running', () => p.proxy.coalescer.running === 0);
+    }, 8);
   });
 
   it('once --fill-memory is spent, a late reader replays the start from the spill file', async () => {
-    const origin = await startOrigin();
-    const p = await startProxy({ 'fill-memory': '1MB', 'fill-window': '256KB' });
-    const pool = proxyClient(p.url, 4);
-    try {
-      const body = randomBytes(6 * 2 ** 20);
-      const g = gate();
-      origin.route('/spill', { body, bodyGate: { after: 4 * 2 ** 20, gate: g }, headers: { 'cache-control': 'max-age=60' } });
-      const first = get(pool, `${origin.url}/spill`);
-      await waitFor('4 MiB received, the window past its start', () => g.waiting === 1 && (p.proxy.coalescer.topFills(1, 0)[0]?.bytes ?? 0) >= 4 * 2 ** 20 && p.proxy.coalescer.budget.usedBytes < 4 * 2 ** 20);
-      const late = get(pool, `${origin.url}/spill`);
-      await waitFor('the late reader joined', () => p.proxy.coalescer.topFills(1, 0)[0]?.readers === 2);
-      g.open();
-      const [a, b] = await Promise.all([first, late]);
-      assert.ok(a.body.equals(body));
-      assert.ok(b.body.equals(body), 'the late reader got every byte, the first 3+ MiB from disk');
-      assert.equal(origin.count('/spill'), 1);
-    } finally {
-      await pool.close();
-      await p.close();
-      await origin.close();
-    }
+    await withProxy({ 'fill-memory': '1MB', 'fill-window': '256KB' }, async ({ origin, p, pool }) => {
+    const body = randomBytes(6 * 2 ** 20);
+    const g = gate();
+    origin.route('/spill', { body, bodyGate: { after: 4 * 2 ** 20, gate: g }, headers: { 'cache-control': 'max-age=60' } });
+    const first = get(pool, `${origin.url}/spill`);
+    await waitFor('4 MiB received, the window past its start', () => g.waiting === 1 && (p.proxy.coalescer.topFills(1, 0)[0]?.bytes ?? 0) >= 4 * 2 ** 20 && p.proxy.coalescer.budget.usedBytes < 4 * 2 ** 20);
+    const late = get(pool, `${origin.url}/spill`);
+    await waitFor('the late reader joined', () => p.proxy.coalescer.topFills(1, 0)[0]?.readers === 2);
+    g.open();
+    const [a, b] = await Promise.all([first, late]);
+    assert.ok(a.body.equals(body));
+    assert.ok(b.body.equals(body), 'the late reader got every byte, the first 3+ MiB from disk');
+    assert.equal(origin.count('/spill'), 1);
+    }, 4);
   });
 
   it('a reader that stops reading never holds back a fast one', async () => {
-    const origin = await startOrigin();
-    const p = await startProxy();
-    const pool = proxyClient(p.url, 2);
-    try {
-      const body = randomBytes(8 * 2 ** 20);
-      const g = gate();
-      origin.route('/two', { body, gate: g, headers: { 'cache-control': 'max-age=60' } });
-      const slow = stalledClient(p.port, `${origin.url}/two`);
-      await waitFor('the fill waiting', () => g.waiting === 1);
-      const fast = get(pool, `${origin.url}/two`);
-      await waitFor('both attached', () => p.proxy.coalescer.topFills(1, 0)[0]?.readers === 2);
-      g.open();
-      const r = await fast; // would never finish if the stalled reader held the fill back
-      assert.ok(r.body.equals(body));
-      assert.equal(origin.count('/two'), 1);
-      slow.destroy();
-    } finally {
-      await pool.close();
-      await p.close();
-      await origin.close();
-    }
+    await withProxy({}, async ({ origin, p, pool }) => {
+    const body = randomBytes(8 * 2 ** 20);
+    const g = gate();
+    origin.route('/two', { body, gate: g, headers: { 'cache-control': 'max-age=60' } });
+    const slow = stalledClient(p.port, `${origin.url}/two`);
+    await waitFor('the fill waiting', () => g.waiting === 1);
+    const fast = get(pool, `${origin.url}/two`);
+    await waitFor('both attached', () => p.proxy.coalescer.topFills(1, 0)[0]?.readers === 2);
+    g.open();
+    const r = await fast; // would never finish if the stalled reader held the fill back
+    assert.ok(r.body.equals(body));
+    assert.equal(origin.count('/two'), 1);
+    slow.destroy();
+    }, 2);
   });
 
   it('a response that is not shared releases its waiters: each gets its own answer', async () => {
-    const origin = await startOrigin();
-    const p = await startProxy();
-    const pool = proxyClient(p.url, 8);
-    try {
-      const g = gate();
-      let n = 0;
-      origin.route('/private', () => ({ gate: n++ === 0 ? g : undefined, body: `answer ${n}`, headers: { 'cache-control': 'private' } }));
-      const all = Array.from({ length: 5 }, () => get(pool, `${origin.url}/private`));
-      await waitFor('five waiters on the first fill', () => g.waiting === 1 && p.proxy.coalescer.topFills(1, 0)[0]?.readers === 5);
-      g.open();
-      const bodies = (await Promise.all(all)).map((r) => r.body.toString());
-      assert.equal(new Set(bodies).size, 5, 'every client its own answer');
-      assert.equal(origin.count('/private'), 5);
-      assert.equal(p.proxy.coalescer.stats.fillsReleased, 1);
-      assert.equal(p.proxy.coalescer.running, 0);
-    } finally {
-      await pool.close();
-      await p.close();
-      await origin.close();
-    }
+    await withProxy({}, async ({ origin, p, pool }) => {
+    const g = gate();
+    let n = 0;
+    origin.route('/private', () => ({ gate: n++ === 0 ? g : undefined, body: `answer ${n}`, headers: { 'cache-control': 'private' } }));
+    const all = Array.from({ length: 5 }, () => get(pool, `${origin.url}/private`));
+    await waitFor('five waiters on the first fill', () => g.waiting === 1 && p.proxy.coalescer.topFills(1, 0)[0]?.readers === 5);
+    g.open();
+    const bodies = (await Promise.all(all)).map((r) => r.body.toString());
+    assert.equal(new Set(bodies).size, 5, 'every client its own answer');
+    assert.equal(origin.count('/private'), 5);
+    assert.equal(p.proxy.coalescer.stats.fillsReleased, 1);
+    assert.equal(p.proxy.coalescer.running, 0);
+    }, 8);
   });
 
   it('--max-fills, --max-passes and --max-client-connections answer 503 with Proxy-Status, and recover', async () => {
@@ -170,30 +142,23 @@ describe('guarantees', () => {
   });
 
   it('a disk hit whose body fails its checksum is cut short, dropped, and refetched', async () => {
-    const origin = await startOrigin();
-    const p = await startProxy({ 'max-memory-object-size': '1KB' });
-    const pool = proxyClient(p.url, 2);
-    try {
-      const body = randomBytes(256 * 1024);
-      origin.route('/crc', { body, headers: { 'cache-control': 'max-age=600' } });
-      assert.ok((await get(pool, `${origin.url}/crc`)).body.equals(body));
-      await waitFor('committed', () => p.proxy.coalescer.running === 0);
-      const root = join(p.cacheDir, 'v1', 'objects');
-      const file = readdirSync(root).flatMap((d) => readdirSync(join(root, d)).map((f) => join(root, d, f))).find((f) => statSync(f).size > body.length)!;
-      const buf = readFileSync(file);
-      const at = buf.length - 1000; // a body byte near the end
-      buf[at] = buf[at]! ^ 0xff;
-      writeFileSync(file, buf);
-      await assert.rejects(get(pool, `${origin.url}/crc`), 'the client sees a truncation, never a complete corrupt body');
-      assert.equal(p.proxy.counters.corruptRecords, 1);
-      const again = await get(pool, `${origin.url}/crc`);
-      assert.ok(again.body.equals(body));
-      assert.equal(origin.count('/crc'), 2);
-    } finally {
-      await pool.close();
-      await p.close();
-      await origin.close();
-    }
+    await withProxy({ 'max-memory-object-size': '1KB' }, async ({ origin, p, pool }) => {
+    const body = randomBytes(256 * 1024);
+    origin.route('/crc', { body, headers: { 'cache-control': 'max-age=600' } });
+    assert.ok((await get(pool, `${origin.url}/crc`)).body.equals(body));
+    await waitFor('committed', () => p.proxy.coalescer.running === 0);
+    const root = join(p.cacheDir, 'v1', 'objects');
+    const file = readdirSync(root).flatMap((d) => readdirSync(join(root, d)).map((f) => join(root, d, f))).find((f) => statSync(f).size > body.length)!;
+    const buf = readFileSync(file);
+    const at = buf.length - 1000; // a body byte near the end
+    buf[at] = buf[at]! ^ 0xff;
+    writeFileSync(file, buf);
+    await assert.rejects(get(pool, `${origin.url}/crc`), 'the client sees a truncation, never a complete corrupt body');
+    assert.equal(p.proxy.counters.corruptRecords, 1);
+    const again = await get(pool, `${origin.url}/crc`);
+    assert.ok(again.body.equals(body));
+    assert.equal(origin.count('/crc'), 2);
+    }, 2);
   });
 
   it('shutdown past --shutdown-timeout cuts a running fill and an open tunnel, and returns', async () => {

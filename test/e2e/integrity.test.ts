@@ -10,7 +10,7 @@ import { after, before, describe, it } from 'node:test';
 import { once } from 'node:events';
 import { Pool } from 'undici';
 import { gate, startOrigin, type Origin, type Route } from '../helpers/origin.ts';
-import { get, proxyClient, startProxy, type TestProxy } from '../helpers/proxy.ts';
+import { get, proxyClient, startProxy, useProxy, withProxy, type TestProxy } from '../helpers/proxy.ts';
 import { waitFor } from '../helpers/mirrors.ts';
 
 const REPO = 'integrity.cern.ch';
@@ -29,77 +29,58 @@ async function mirrorAndStranger(extra: Record<string, unknown> = {}): Promise<{
 }
 
 describe('integrity: one response can never crash the proxy', () => {
-  let origin: Origin;
-  let p: TestProxy;
-  let pool: Pool;
-  before(async () => {
-    origin = await startOrigin();
-    p = await startProxy();
-    pool = proxyClient(p.url, 4);
-  });
-  after(async () => {
-    await pool.close();
-    await p.close();
-    await origin.close();
-  });
+  const rig = useProxy({}, 4);
 
   it('two Cache-Control lines (and other repeated caching headers) are joined, stored and served', async () => {
-    origin.route('/dup', { headers: { 'cache-control': ['max-age=60', 'public'], expires: ['Thu, 01 Jan 2037 00:00:00 GMT', 'garbage'], etag: ['"a"', '"b"'] }, body: 'dup' });
-    const a = await get(pool, `${origin.url}/dup`);
+    rig.origin.route('/dup', { headers: { 'cache-control': ['max-age=60', 'public'], expires: ['Thu, 01 Jan 2037 00:00:00 GMT', 'garbage'], etag: ['"a"', '"b"'] }, body: 'dup' });
+    const a = await get(rig.pool, `${rig.origin.url}/dup`);
     assert.equal(a.status, 200);
     assert.equal(a.body.toString(), 'dup');
-    const b = await get(pool, `${origin.url}/dup`);
+    const b = await get(rig.pool, `${rig.origin.url}/dup`);
     assert.equal(b.status, 200);
-    assert.equal(origin.count('/dup'), 1, 'stored and served from the cache');
+    assert.equal(rig.origin.count('/dup'), 1, 'stored and served from the cache');
     assert.match(String(b.headers['x-cache']), /HIT/);
   });
 
   it('a 304 with repeated headers to a revalidation is merged without a crash', async () => {
-    origin.route('/reval', (req) =>
+    rig.origin.route('/reval', (req) =>
       req.headers['if-none-match'] ? { status: 304, headers: { etag: '"v1"', 'cache-control': ['max-age=0', 'must-revalidate'] } } : { headers: { etag: '"v1"', 'cache-control': 'max-age=0' }, body: 'v1' },
     );
-    assert.equal((await get(pool, `${origin.url}/reval`)).body.toString(), 'v1');
-    const r = await get(pool, `${origin.url}/reval`);
+    assert.equal((await get(rig.pool, `${rig.origin.url}/reval`)).body.toString(), 'v1');
+    const r = await get(rig.pool, `${rig.origin.url}/reval`);
     assert.equal(r.status, 200);
     assert.equal(r.body.toString(), 'v1');
-    assert.equal(origin.count('/reval'), 2);
+    assert.equal(rig.origin.count('/reval'), 2);
   });
 
   it('a 206 to a request without Range is an invalid response, not shared', async () => {
-    origin.route('/odd206', { status: 206, headers: { 'content-range': 'bytes 0-1/10', 'cache-control': 'max-age=60' }, body: 'ab' });
-    const r = await get(pool, `${origin.url}/odd206`);
+    rig.origin.route('/odd206', { status: 206, headers: { 'content-range': 'bytes 0-1/10', 'cache-control': 'max-age=60' }, body: 'ab' });
+    const r = await get(rig.pool, `${rig.origin.url}/odd206`);
     assert.equal(r.status, 502);
     assert.match(String(r.headers['proxy-status']), /http_protocol_error/);
-    assert.equal(origin.count('/odd206'), 1);
+    assert.equal(rig.origin.count('/odd206'), 1);
   });
 });
 
 describe('integrity: stuck fills end and release their slot', () => {
   it('a chunked body past --max-object-size whose only client left ends, and the next miss is served', async () => {
-    const origin = await startOrigin();
-    const p = await startProxy({ 'max-object-size': '64KB', 'max-fills': 1, 'fill-window': '16KB' });
-    const pool = proxyClient(p.url, 2);
-    try {
-      const g = gate();
-      origin.route('/grow', { chunked: true, body: randomBytes(512 * 1024), chunkBytes: 8192, headers: { 'cache-control': 'max-age=60' }, bodyGate: { after: 8192, gate: g } });
-      origin.route('/next', { body: 'next', headers: { 'cache-control': 'max-age=60' } });
-      // The only client reads the head and the first bytes, then leaves.
-      const res = await pool.request({ path: `${origin.url}/grow`, method: 'GET' });
-      for await (const _c of res.body) break;
-      res.body.destroy();
-      g.open(); // the rest of the body grows past --max-object-size, with nobody to read it
-      await waitFor('the fill ended', () => p.proxy.coalescer.running === 0 && p.proxy.coalescer.inFlight === 0);
-      assert.equal(p.proxy.coalescer.budget.usedBytes, 0, 'its memory is released');
-      assert.equal(p.proxy.coalescer.stats.fillsAbandoned, 1);
-      const n = await get(pool, `${origin.url}/next`);
-      assert.equal(n.status, 200, 'the --max-fills slot is free again');
-      assert.equal(origin.count('/grow'), 1);
-      assert.equal(origin.count('/next'), 1);
-    } finally {
-      await pool.close();
-      await p.close();
-      await origin.close();
-    }
+    await withProxy({ 'max-object-size': '64KB', 'max-fills': 1, 'fill-window': '16KB' }, async ({ origin, p, pool }) => {
+    const g = gate();
+    origin.route('/grow', { chunked: true, body: randomBytes(512 * 1024), chunkBytes: 8192, headers: { 'cache-control': 'max-age=60' }, bodyGate: { after: 8192, gate: g } });
+    origin.route('/next', { body: 'next', headers: { 'cache-control': 'max-age=60' } });
+    // The only client reads the head and the first bytes, then leaves.
+    const res = await pool.request({ path: `${origin.url}/grow`, method: 'GET' });
+    for await (const _c of res.body) break;
+    res.body.destroy();
+    g.open(); // the rest of the body grows past --max-object-size, with nobody to read it
+    await waitFor('the fill ended', () => p.proxy.coalescer.running === 0 && p.proxy.coalescer.inFlight === 0);
+    assert.equal(p.proxy.coalescer.budget.usedBytes, 0, 'its memory is released');
+    assert.equal(p.proxy.coalescer.stats.fillsAbandoned, 1);
+    const n = await get(pool, `${origin.url}/next`);
+    assert.equal(n.status, 200, 'the --max-fills slot is free again');
+    assert.equal(origin.count('/grow'), 1);
+    assert.equal(origin.count('/next'), 1);
+    }, 2);
   });
 
   it('a fill with nothing received for --read-timeout is given up by the watchdog (a reader that stopped reading)', async () => {
@@ -217,19 +198,7 @@ describe('integrity: content-addressed objects are fed and joined only through m
 });
 
 describe('integrity: one request never makes a URL uncacheable for everyone', () => {
-  let origin: Origin;
-  let p: TestProxy;
-  let pool: Pool;
-  before(async () => {
-    origin = await startOrigin();
-    p = await startProxy();
-    pool = proxyClient(p.url, 4);
-  });
-  after(async () => {
-    await pool.close();
-    await p.close();
-    await origin.close();
-  });
+  const rig = useProxy({}, 4);
 
   for (const [name, headers] of [
     ['Range', { range: 'bytes=0-3' }],
@@ -239,97 +208,85 @@ describe('integrity: one request never makes a URL uncacheable for everyone', ()
   ] as const) {
     it(`a request with ${name} leaves plain polls coalesced and cached`, async () => {
       const path = `/manifest-${name.replace(/\W/g, '')}`;
-      origin.route(path, (req): Route =>
+      rig.origin.route(path, (req): Route =>
         req.headers['if-none-match'] === '"m1"'
           ? { status: 304, headers: { etag: '"m1"' } }
           : req.headers.range
             ? { status: 206, headers: { 'content-range': 'bytes 0-3/8' }, body: 'mani' }
             : { headers: { etag: '"m1"', 'cache-control': 'max-age=60' }, body: 'manifest' },
       );
-      const special = await get(pool, `${origin.url}${path}`, headers);
+      const special = await get(rig.pool, `${rig.origin.url}${path}`, headers);
       assert.ok([200, 206, 304].includes(special.status));
-      const before = origin.count(path);
-      for (let i = 0; i < 6; i++) assert.equal((await get(pool, `${origin.url}${path}`)).body.toString(), 'manifest');
-      assert.ok(origin.count(path) - before <= 1, `plain polls went upstream ${origin.count(path) - before} times`);
-      assert.equal(p.proxy.coalescer.isUncacheable(`${origin.url}${path}`), false);
+      const before = rig.origin.count(path);
+      for (let i = 0; i < 6; i++) assert.equal((await get(rig.pool, `${rig.origin.url}${path}`)).body.toString(), 'manifest');
+      assert.ok(rig.origin.count(path) - before <= 1, `plain polls went upstream ${rig.origin.count(path) - before} times`);
+      assert.equal(rig.p.proxy.coalescer.isUncacheable(`${rig.origin.url}${path}`), false);
     });
   }
 
   it('a response without Vary clears an old Vary spec', async () => {
     let vary = true;
-    origin.route('/vary', () => ({ headers: { 'cache-control': 'max-age=60', ...(vary ? { vary: 'X-A' } : {}) }, body: 'v' }));
-    await get(pool, `${origin.url}/vary`, { 'x-a': '1' });
-    assert.deepEqual(p.proxy.coalescer.varySpecs.get(`${origin.url}/vary`), ['x-a']);
+    rig.origin.route('/vary', () => ({ headers: { 'cache-control': 'max-age=60', ...(vary ? { vary: 'X-A' } : {}) }, body: 'v' }));
+    await get(rig.pool, `${rig.origin.url}/vary`, { 'x-a': '1' });
+    assert.deepEqual(rig.p.proxy.coalescer.varySpecs.get(`${rig.origin.url}/vary`), ['x-a']);
     vary = false;
-    await get(pool, `${origin.url}/vary`, { 'x-a': '1', 'cache-control': 'no-cache' });
-    assert.equal(p.proxy.coalescer.varySpecs.get(`${origin.url}/vary`), undefined);
-    assert.equal(origin.count('/vary'), 2);
+    await get(rig.pool, `${rig.origin.url}/vary`, { 'x-a': '1', 'cache-control': 'no-cache' });
+    assert.equal(rig.p.proxy.coalescer.varySpecs.get(`${rig.origin.url}/vary`), undefined);
+    assert.equal(rig.origin.count('/vary'), 2);
   });
 });
 
 describe('integrity: cookies, stored headers and destinations', () => {
-  let origin: Origin;
-  let p: TestProxy;
-  let pool: Pool;
-  before(async () => {
-    origin = await startOrigin();
-    p = await startProxy({ 'max-memory-object-size': '1KB' });
-    pool = proxyClient(p.url, 4);
-  });
-  after(async () => {
-    await pool.close();
-    await p.close();
-    await origin.close();
-  });
+  const rig = useProxy({ 'max-memory-object-size': '1KB' }, 4);
 
   it('Set-Cookie goes to the client that caused the fetch, never to a joiner or a hit', async () => {
     const g = gate();
     // With `public` (without it, a response with a cookie is not stored at all: each client gets its own).
-    origin.route('/cookie', { gate: g, headers: { 'set-cookie': 'session=alice', 'cache-control': 'public, max-age=60' }, body: 'c' });
-    const first = get(pool, `${origin.url}/cookie`);
+    rig.origin.route('/cookie', { gate: g, headers: { 'set-cookie': 'session=alice', 'cache-control': 'public, max-age=60' }, body: 'c' });
+    const first = get(rig.pool, `${rig.origin.url}/cookie`);
     await waitFor('the fill waiting', () => g.waiting === 1);
-    const joiner = get(pool, `${origin.url}/cookie`);
-    await waitFor('the joiner attached', () => p.proxy.coalescer.topFills(1, 0)[0]?.readers === 2);
+    const joiner = get(rig.pool, `${rig.origin.url}/cookie`);
+    await waitFor('the joiner attached', () => rig.p.proxy.coalescer.topFills(1, 0)[0]?.readers === 2);
     g.open();
     assert.deepEqual((await first).headers['set-cookie'], 'session=alice');
     assert.equal((await joiner).headers['set-cookie'], undefined);
-    const hit = await get(pool, `${origin.url}/cookie`);
+    const hit = await get(rig.pool, `${rig.origin.url}/cookie`);
     assert.match(String(hit.headers['x-cache']), /HIT/);
     assert.equal(hit.headers['set-cookie'], undefined);
-    assert.equal(origin.count('/cookie'), 1);
+    assert.equal(rig.origin.count('/cookie'), 1);
   });
 
   it('a flipped byte in a stored header fails the record checksum: dropped and refetched', async () => {
     const body = randomBytes(8192);
-    origin.route('/flip', { headers: { 'cache-control': 'max-age=600', 'x-note': 'aaaaaaaa' }, body });
-    assert.equal((await get(pool, `${origin.url}/flip`)).status, 200);
-    await waitFor('the record committed to disk', () => p.proxy.coalescer.running === 0);
-    const file = findRecord(p.cacheDir, 'aaaaaaaa');
+    rig.origin.route('/flip', { headers: { 'cache-control': 'max-age=600', 'x-note': 'aaaaaaaa' }, body });
+    assert.equal((await get(rig.pool, `${rig.origin.url}/flip`)).status, 200);
+    await waitFor('the record committed to disk', () => rig.p.proxy.coalescer.running === 0);
+    const file = findRecord(rig.p.cacheDir, 'aaaaaaaa');
     const buf = readFileSync(file);
     const at = buf.indexOf('aaaaaaaa');
     buf[at] = 'b'.charCodeAt(0);
     writeFileSync(file, buf);
-    const r = await get(pool, `${origin.url}/flip`);
+    const r = await get(rig.pool, `${rig.origin.url}/flip`);
     assert.equal(r.status, 200);
     assert.equal(r.headers['x-note'], 'aaaaaaaa', 'the refetched headers, not the flipped ones');
     assert.ok(r.body.equals(body));
-    assert.equal(origin.count('/flip'), 2);
+    assert.equal(rig.origin.count('/flip'), 2);
   });
 
   it('a CONNECT reset by its client during the 403 does not take the process down; a failed one is closed', async () => {
     for (let i = 0; i < 20; i++) {
-      const s = connect(p.port, '127.0.0.1');
+      const s = connect(rig.p.port, '127.0.0.1');
       s.on('error', () => {});
       s.write('CONNECT 127.0.0.1:22 HTTP/1.1\r\nHost: x\r\n\r\n');
       s.resetAndDestroy();
     }
-    const s = connect(p.port, '127.0.0.1');
+    const s = connect(rig.p.port, '127.0.0.1');
     s.write('CONNECT 127.0.0.1:22 HTTP/1.1\r\nHost: x\r\n\r\n');
     let text = '';
     s.on('data', (c) => (text += c));
     await once(s, 'close'); // the proxy closes it: not left half-open
     assert.match(text, /^HTTP\/1.1 403/);
-    assert.equal((await get(pool, `${origin.url}/cookie`)).status, 200, 'still serving');
+    assert.equal((await get(rig.pool, `${rig.origin.url}/cookie`)).status, 200, 'still serving');
   });
 });
 

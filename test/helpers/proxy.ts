@@ -5,6 +5,8 @@ import { mkdtempSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { once } from 'node:events';
+import { after, before } from 'node:test';
+import { startOrigin, type Origin } from './origin.ts';
 import { Pool, type Dispatcher } from 'undici';
 import { pino } from 'pino';
 import type { Clock } from '../../src/clock.ts';
@@ -118,4 +120,40 @@ export async function get(pool: Dispatcher, url: string, headers: Record<string,
   const res = await pool.request({ path: url, method: method as 'GET', headers, body });
   const buf = Buffer.from(await res.body.arrayBuffer());
   return { status: res.statusCode, headers: res.headers, body: buf };
+}
+
+export interface Rig {
+  origin: Origin;
+  p: TestProxy;
+  pool: Pool;
+}
+
+/** Run `body` against a fresh scripted origin, in-process proxy and client pool; close all after. */
+export async function withProxy(overrides: Record<string, unknown>, body: (rig: Rig) => Promise<void>, connections = 4): Promise<void> {
+  const origin = await startOrigin();
+  const p = await startProxy(overrides);
+  const pool = proxyClient(p.url, connections);
+  try {
+    await body({ origin, p, pool });
+  } finally {
+    await pool.close();
+    await p.close();
+    await origin.close();
+  }
+}
+
+/** The same rig for a whole describe block: set up in before(), closed in after(). */
+export function useProxy(overrides: Record<string, unknown> = {}, connections = 4): Rig {
+  const rig = {} as Rig;
+  before(async () => {
+    rig.origin = await startOrigin();
+    rig.p = await startProxy(overrides);
+    rig.pool = proxyClient(rig.p.url, connections);
+  });
+  after(async () => {
+    await rig.pool?.close();
+    await rig.p?.close();
+    await rig.origin?.close();
+  });
+  return rig;
 }
