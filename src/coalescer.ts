@@ -18,7 +18,7 @@ import { ProxyError } from './errors.ts';
 import type { Upstream } from './fetch.ts';
 import { runFetch, type FetchHost, type FetchStats, type FillRequest } from './fill-fetch.ts';
 import { Fill, type FillBudget, type FillReader } from './fill.ts';
-import type { Freshness } from './freshness.ts';
+import { isFresh, type Freshness } from './freshness.ts';
 import type { Logger } from './log.ts';
 import type { Mirrors } from './mirrors.ts';
 import type { TieredStore } from './store.ts';
@@ -48,6 +48,8 @@ export class Coalescer implements FetchHost {
   /** Every fetch still running (including released fills and commits to disk). */
   readonly #running = new Map<Fill, Promise<void>>();
   #idle: (() => void)[] = [];
+  /** Keys whose refresh just failed (upstream down): stale copies are served without asking again. */
+  readonly #refreshFailed: LRUCache<string, true>;
   #watchdog: NodeJS.Timeout | undefined;
 
   /** Called once per fill with the number of clients it served. */
@@ -63,6 +65,7 @@ export class Coalescer implements FetchHost {
     this.log = o.log;
     this.budget = { limitBytes: o.cfg.fillMemoryBytes, usedBytes: 0 };
     this.#uncacheable = new LRUCache<string, true>({ max: 65536, ttl: Math.max(1, o.cfg.uncacheableTtlMs), ttlAutopurge: false, perf: o.clock });
+    this.#refreshFailed = new LRUCache<string, true>({ max: 65536, ttl: Math.max(1, o.cfg.staleRetryMs), ttlAutopurge: false, perf: o.clock });
   }
 
   get mirrors(): Mirrors {
@@ -98,12 +101,20 @@ export class Coalescer implements FetchHost {
     const f = this.#fills.get(key);
     if (!f?.joinable) return undefined;
     // A completed fill still being committed is as good as a stored copy only while it is fresh.
-    if (f.state === 'done' && f.policy && !(f.policy.timeToLive() > 0)) return undefined;
+    if (f.state === 'done' && f.policy && !isFresh(f.policy)) return undefined;
     return f;
   }
 
   isUncacheable(primary: string): boolean {
     return this.#uncacheable.has(primary);
+  }
+
+  refreshFailedRecently(key: string): boolean {
+    return this.#refreshFailed.has(key);
+  }
+
+  noteRefreshFailed(key: string): void {
+    if (this.cfg.staleRetryMs > 0) this.#refreshFailed.set(key, true);
   }
 
   markUncacheable(primary: string): void {

@@ -26,6 +26,8 @@ export const DEFAULTS = {
   'allow-connect-port': '',
   'negative-ttl': '60s',
   'uncacheable-ttl': '120s',
+  'max-stale': '7d',
+  'stale-retry': '10s',
   'access-log': '-',
   'access-log-format': 'squid',
   'log-level': 'info',
@@ -75,6 +77,8 @@ const HELP: Record<OptionName, string> = {
   'allow-connect-port': 'ports CONNECT may tunnel to (default: none, CONNECT denied)',
   'negative-ttl': 'how long a 404/410 without explicit freshness is cached',
   'uncacheable-ttl': 'how long a key whose response was not storable bypasses coalescing',
+  'max-stale': 'how stale a stored copy may be and still be served when the upstream is down (0 = never)',
+  'stale-retry': 'after a failed refresh, how long stale copies are served before the upstream is asked again',
   'access-log': 'Squid-format access log file, - for stdout, none to disable',
   'access-log-format': 'squid (Squid native) or frontier (frontier-squid, as WLCG awstats and failover monitoring parse)',
   'log-level': 'operational log level (fatal,error,warn,info,debug,trace)',
@@ -228,6 +232,8 @@ const schema = z
     }),
     'negative-ttl': duration,
     'uncacheable-ttl': duration,
+    'max-stale': duration,
+    'stale-retry': duration,
     'access-log': z.string().min(1, 'expected a file path, - or none'),
     'access-log-format': z.enum(['squid', 'frontier']),
     'log-level': z.enum(['fatal', 'error', 'warn', 'info', 'debug', 'trace', 'silent']),
@@ -294,6 +300,8 @@ export interface Config {
   readonly allowConnectPorts: readonly PortRange[];
   readonly negativeTtlMs: number;
   readonly uncacheableTtlMs: number;
+  readonly maxStaleMs: number;
+  readonly staleRetryMs: number;
   readonly accessLog: string;
   readonly accessLogFormat: 'squid' | 'frontier';
   readonly logLevel: string;
@@ -334,6 +342,8 @@ function toConfig(p: Parsed): Config {
     allowConnectPorts: p['allow-connect-port'],
     negativeTtlMs: p['negative-ttl'],
     uncacheableTtlMs: p['uncacheable-ttl'],
+    maxStaleMs: p['max-stale'],
+    staleRetryMs: p['stale-retry'],
     accessLog: p['access-log'],
     accessLogFormat: p['access-log-format'],
     logLevel: p['log-level'],

@@ -41,6 +41,7 @@ function render(s, rates) {
   $('coalesced').textContent = num(c.coalesced) + ' coalesced';
   $('conns').textContent = num(s.clientConnections);
   $('failovers').textContent = num(s.fills.failovers);
+  $('stale').textContent = num(c.staleServed);
   $('resumes').textContent = num(s.fills.resumes) + ' resumed · ' + num(s.fills.hashMismatches) + ' bad hashes';
   for (const t of ['memory', 'disk']) {
     const st = s.tiers[t];
@@ -143,6 +144,7 @@ const HTML = (script: string) => `<!doctype html>
   <div class="card"><h2>Fills in flight</h2><div class="big" id="fills">–</div><div class="sub" id="coalesced"></div></div>
   <div class="card"><h2>Client connections</h2><div class="big" id="conns">–</div></div>
   <div class="card"><h2>Mirror failovers</h2><div class="big" id="failovers">–</div><div class="sub" id="resumes"></div></div>
+  <div class="card"><h2>Stale served</h2><div class="big" id="stale">–</div><div class="sub">upstream down: stored copies served (TCP_REFRESH_FAIL_OLD)</div></div>
 </div>
 <section><h2>Requests / s, last 3 minutes</h2><svg width="300" height="40" viewBox="0 0 300 40"><polyline id="spark" fill="none" stroke="#3b7ddd" stroke-width="1.5" points=""/></svg><span class="sub" id="sparkmax"></span></section>
 <section><h2>Cache fill</h2>

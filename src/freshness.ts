@@ -87,3 +87,12 @@ export function policyHeaders(h: Record<string, string | string[] | undefined>):
   }
   return out;
 }
+
+/**
+ * Is the stored response still fresh (RFC 9111 §4.2)? Not the library's timeToLive(), which also counts
+ * the stale-if-error and stale-while-revalidate windows: those allow a stale response in their own
+ * cases (an unreachable origin; a background refresh), not a hit as if fresh.
+ */
+export function isFresh(p: Policy): boolean {
+  return p.maxAge() > p.age();
+}

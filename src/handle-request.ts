@@ -24,7 +24,7 @@ import type { Config } from './config.ts';
 import { internalError, ProxyError, upstreamError } from './errors.ts';
 import { discard, type Upstream } from './fetch.ts';
 import type { FillReader } from './fill.ts';
-import { clientWantsReload, hasValidators, policyRequest } from './freshness.ts';
+import { clientWantsReload, hasValidators, isFresh, policyRequest } from './freshness.ts';
 import { clientResponseHeaders, isLoop, sendError, upstreamRequestHeaders } from './forward.ts';
 import type { Logger } from './log.ts';
 import type { Mirrors } from './mirrors.ts';
@@ -44,10 +44,12 @@ export interface Counters {
   bytesOut: number;
   passesInFlight: number;
   corruptRecords: number;
+  /** Stale copies served because the upstream could not be reached (TCP_REFRESH_FAIL_OLD). */
+  staleServed: number;
 }
 
 export function newCounters(): Counters {
-  return { requests: 0, hits: 0, memHits: 0, misses: 0, coalesced: 0, passes: 0, denied: 0, errors: 0, truncated: 0, bytesOut: 0, passesInFlight: 0, corruptRecords: 0 };
+  return { requests: 0, hits: 0, memHits: 0, misses: 0, coalesced: 0, passes: 0, denied: 0, errors: 0, truncated: 0, bytesOut: 0, passesInFlight: 0, corruptRecords: 0, staleServed: 0 };
 }
 
 export interface Ctx {
@@ -67,7 +69,7 @@ export interface Ctx {
   tunnels: Set<() => void>;
 }
 
-type StepName = 'recv' | 'lookup' | 'hit' | 'stale' | 'busy' | 'miss' | 'pass' | 'purge' | 'deliverFill' | 'synth';
+type StepName = 'recv' | 'lookup' | 'hit' | 'stale' | 'busy' | 'miss' | 'pass' | 'purge' | 'deliverFill' | 'serveStale' | 'synth';
 
 interface State {
   ctx: Ctx;
@@ -91,6 +93,8 @@ interface State {
   accelRepo?: string;
   /** Accelerator mode: mirrors moved on to after the sticky one failed. */
   accelRetries?: number;
+  /** A stored copy exists but is not fresh: served if the upstream turns out to be down. */
+  staleAvailable?: boolean;
 }
 
 const CACHEABLE = new Set(['GET', 'HEAD']);
@@ -137,6 +141,7 @@ const STEPS: Record<StepName, (s: State) => Promise<StepName | undefined>> = {
   pass,
   purge,
   deliverFill,
+  serveStale,
   synth,
 };
 
@@ -222,6 +227,7 @@ function retryOnNextMirror(s: State): boolean {
 async function lookup(s: State): Promise<StepName> {
   const { ctx, req, tx } = s;
   const key = s.key!;
+  s.staleAvailable = false;
   s.reload = clientWantsReload(req.headers);
   if (s.reload) {
     // Never satisfied by, nor joined to, a copy or fill that began before this request arrived.
@@ -241,9 +247,16 @@ async function lookup(s: State): Promise<StepName> {
     // Without request directives, freshness is the stored timeline alone (the key already pins URL,
     // host and Vary); with them, the full RFC 9111 check.
     const plain = !req.headers['cache-control'] && !req.headers.pragma; // CVMFS sends an empty Pragma
-    if (plain ? stored.policy.timeToLive() > 0 : stored.policy.satisfiesWithoutRevalidation(policyRequest(s.url!, 'GET', req.headers))) {
+    if (plain ? isFresh(stored.policy) : stored.policy.satisfiesWithoutRevalidation(policyRequest(s.url!, 'GET', req.headers))) {
       s.stored = stored;
       return 'hit';
+    }
+    s.staleAvailable = true;
+    // The upstream failed a refresh of this key moments ago: serve the stale copy without asking
+    // again, so a herd polling an expired manifest costs one attempt per --stale-retry, not one each.
+    if (ctx.coalescer.refreshFailedRecently(key) && mayServeStale(stored, req.headers, ctx.cfg.maxStaleMs)) {
+      s.stored = stored;
+      return 'serveStale';
     }
   }
   if (ctx.coalescer.joinable(key)) {
@@ -342,6 +355,11 @@ async function deliverFill(s: State): Promise<StepName | undefined> {
       tx.hierarchy = 'HIER_DIRECT';
       tx.peer = fill.peer || s.url!.hostname;
     }
+    // Accelerator mode: a sticky mirror that failed is replaced before anything else is decided.
+    if (!fill.head && fill.state === 'failed' && retryOnNextMirror(s)) return 'lookup';
+    // The upstream is down (no answer, or a 5xx) and a stale copy is here: RFC 9111 §4.2.4.
+    const down = fill.head ? fill.head.status >= 500 : fill.state === 'failed';
+    if (s.staleAvailable && down && (await findStale(s))) return 'serveStale';
     if (fill.released && !starter) {
       tx.coalesced = false;
       return 'pass'; // the response was not shareable: fetch on our own
@@ -466,6 +484,59 @@ async function deliverStored(s: State, st: StoredObject): Promise<void> {
   } finally {
     if (body.kind === 'file') body.close();
   }
+}
+
+/**
+ * May a stale stored copy be served because the upstream can't be reached (RFC 9111 §4.2.4)? Not when
+ * the response forbids it (must-revalidate, proxy-revalidate, s-maxage, no-cache), and no staler than
+ * the least of --max-stale, the response's stale-if-error, and the client's max-stale or stale-if-error.
+ */
+export function mayServeStale(st: StoredObject, reqHeaders: IncomingMessage['headers'], maxStaleMs: number): boolean {
+  const res = directives(st.meta.headers['cache-control']);
+  if (res.has('must-revalidate') || res.has('proxy-revalidate') || res.has('s-maxage') || res.has('no-cache') || res.has('no-store')) return false;
+  const req = directives(reqHeaders['cache-control']);
+  let limitS = maxStaleMs / 1000;
+  for (const v of [res.get('stale-if-error'), req.get('max-stale'), req.get('stale-if-error')]) {
+    if (v === undefined || v === '') continue; // `max-stale` without a value: any staleness
+    const n = Number(v);
+    limitS = Math.min(limitS, Number.isFinite(n) && n >= 0 ? n : 0);
+  }
+  const staleS = st.policy.age() - st.policy.maxAge();
+  return staleS <= limitS;
+}
+
+/** Cache-Control directives by lower-cased name (values unquoted). */
+function directives(v: string | string[] | undefined): Map<string, string> {
+  const out = new Map<string, string>();
+  for (const part of (Array.isArray(v) ? v.join(',') : (v ?? '')).split(',')) {
+    const [k, val] = part.split('=', 2);
+    const name = k!.trim().toLowerCase();
+    if (name) out.set(name, (val ?? '').trim().replace(/^"|"$/g, ''));
+  }
+  return out;
+}
+
+/** Look the stale copy up again after a failed refresh; keep it in s.stored if it may be served. */
+async function findStale(s: State): Promise<boolean> {
+  const st = await s.ctx.store.get(s.key!).catch(() => undefined);
+  if (!st) return false;
+  if (!mayServeStale(st, s.req.headers, s.ctx.cfg.maxStaleMs)) {
+    closeStored(st);
+    return false;
+  }
+  s.ctx.coalescer.noteRefreshFailed(s.key!);
+  s.stored = st;
+  return true;
+}
+
+async function serveStale(s: State): Promise<undefined> {
+  const { ctx, tx } = s;
+  tx.result = 'TCP_REFRESH_FAIL_OLD';
+  tx.coalesced = false;
+  ctx.counters.staleServed++;
+  ctx.counters.hits++;
+  await deliverStored(s, s.stored!);
+  return undefined;
 }
 
 async function pass(s: State): Promise<StepName | undefined> {

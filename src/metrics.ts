@@ -26,6 +26,8 @@ const RESULT_GROUP: Record<string, string> = {
   TCP_SWAPFAIL_MISS: 'MISS',
   TCP_REFRESH_MODIFIED: 'REFRESH_MODIFIED',
   TCP_REFRESH_UNMODIFIED: 'REFRESH_UNMODIFIED',
+  // A stale copy served because the upstream could not be reached (RFC 9111 §4.2.4).
+  TCP_REFRESH_FAIL_OLD: 'STALE',
   TCP_DENIED: 'DENIED',
   TCP_TUNNEL: 'TUNNEL',
   NONE: 'ERROR',
@@ -42,7 +44,7 @@ export class Metrics {
   constructor(src: MetricsSources) {
     const r = this.registry;
     collectDefaultMetrics({ register: r, prefix: 'cuttle_process_', eventLoopMonitoringPrecision: 20 });
-    this.#requests = new Counter({ name: 'cuttle_requests_total', help: 'Client requests by result group (HIT, MEM_HIT, MISS, REFRESH_*, DENIED, TUNNEL, ERROR) and method', labelNames: ['result', 'method'], registers: [r] });
+    this.#requests = new Counter({ name: 'cuttle_requests_total', help: 'Client requests by result group (HIT, MEM_HIT, MISS, REFRESH_*, STALE, DENIED, TUNNEL, ERROR) and method', labelNames: ['result', 'method'], registers: [r] });
     this.#bytes = new Counter({ name: 'cuttle_served_bytes_total', help: 'Body bytes sent to clients, by where they came from (memory, disk, upstream)', labelNames: ['tier'], registers: [r] });
     this.#errors = new Counter({ name: 'cuttle_errors_total', help: "cuttle's own failures by Proxy-Status error token", labelNames: ['error'], registers: [r] });
     this.#waiters = new Histogram({ name: 'cuttle_fill_readers', help: 'Clients served by one upstream fill (1 = no coalescing)', buckets: [1, 2, 5, 10, 50, 100, 500, 1000, 5000], registers: [r] });
@@ -92,7 +94,7 @@ export class Metrics {
   observe(tx: Transaction, errorToken: string | undefined, nowMs: number): void {
     const group = errorToken && tx.result !== 'TCP_DENIED' ? 'ERROR' : (RESULT_GROUP[tx.result] ?? 'ERROR');
     this.#requests.inc({ result: group, method: tx.method });
-    const tier = tx.result === 'TCP_MEM_HIT' ? 'memory' : tx.result === 'TCP_HIT' || tx.result === 'TCP_REFRESH_UNMODIFIED' ? 'disk' : 'upstream';
+    const tier = tx.result === 'TCP_MEM_HIT' ? 'memory' : tx.result === 'TCP_HIT' || tx.result === 'TCP_REFRESH_UNMODIFIED' || tx.result === 'TCP_REFRESH_FAIL_OLD' ? 'disk' : 'upstream';
     this.results[group] = (this.results[group] ?? 0) + 1;
     if (tx.bytesOut > 0 && !errorToken) {
       this.#bytes.inc({ tier }, tx.bytesOut);
