@@ -64,8 +64,8 @@ export class Coalescer implements FetchHost {
     this.freshness = o.freshness;
     this.log = o.log;
     this.budget = { limitBytes: o.cfg.fillMemoryBytes, usedBytes: 0 };
-    this.#uncacheable = new LRUCache<string, true>({ max: 65536, ttl: Math.max(1, o.cfg.uncacheableTtlMs), ttlAutopurge: false, perf: o.clock });
-    this.#refreshFailed = new LRUCache<string, true>({ max: 65536, ttl: Math.max(1, o.cfg.staleRetryMs), ttlAutopurge: false, perf: o.clock });
+    this.#uncacheable = new LRUCache<string, true>({ max: 65536, ttl: Math.max(1, o.cfg.uncacheableTtlMs), ttlAutopurge: false, ttlResolution: 0, perf: o.clock });
+    this.#refreshFailed = new LRUCache<string, true>({ max: 65536, ttl: Math.max(1, o.cfg.staleRetryMs), ttlAutopurge: false, ttlResolution: 0, perf: o.clock });
   }
 
   get mirrors(): Mirrors {
@@ -171,7 +171,13 @@ export class Coalescer implements FetchHost {
 
   unmap(fill: Fill): void {
     if (this.#fills.get(fill.key) === fill) this.#fills.delete(fill.key);
+    const alias = fill.variant?.key;
+    if (alias !== undefined && this.#fills.get(alias) === fill) this.#fills.delete(alias);
     fill.retire();
+  }
+
+  alias(fill: Fill, key: string): void {
+    if (!this.#fills.has(key)) this.#fills.set(key, fill);
   }
 
   /** A fill's end, counted once however it ends (a released fill ends at its head, then its body). */

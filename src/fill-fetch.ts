@@ -20,7 +20,7 @@
 import type { Readable } from 'node:stream';
 import type { IncomingHttpHeaders } from 'node:http';
 import { Readable as ReadableStream } from 'node:stream';
-import { varyNames } from './cache-key.ts';
+import { variantKey, varyNames } from './cache-key.ts';
 import type { Config } from './config.ts';
 import { HashCheck, repoOf, type CasObject } from './content-hash.ts';
 import { internalError, ProxyError, upstreamError } from './errors.ts';
@@ -94,6 +94,8 @@ export interface FetchHost {
   noteCorrupt(key: string, origin: string): void;
   /** New requests no longer find this fill (it is stored, or not shareable). */
   unmap(fill: Fill): void;
+  /** New requests under `key` (the response's own Vary variant) join this fill too. */
+  alias(fill: Fill, key: string): void;
   /** The fill's end, counted once. */
   done(fill: Fill): void;
 }
@@ -271,7 +273,14 @@ function decide(st: FetchState): Step {
   const policy = host.freshness.policyFor(policyRequest(r.url, 'GET', r.clientHeaders), resForPolicy);
   // Content-addressed bytes do not vary: a Vary from a mirror is ignored, and never keys them.
   const vary = r.cas ? [] : varyNames(res.headers.vary);
-  const varyChanged = vary.join() !== r.vary.join();
+  const varyAll = vary.includes('*');
+  // The response says which request headers select it: it is stored under that variant of the key,
+  // from the first response on, whatever spec the request was keyed with.
+  const storeKey = vary.length && !varyAll ? variantKey(r.primary, vary, r.clientHeaders) : r.primary;
+  if (storeKey !== r.key) {
+    fill.variant = { names: vary, key: storeKey };
+    host.alias(fill, storeKey); // later requests, keyed with the new spec, join this fill too
+  }
   // A response without Vary clears an old spec (else one odd answer would key the URL forever).
   if (!r.cas) host.setVary(r.primary, vary.length && !vary.includes('*') ? vary : undefined);
   const cl = parseContentLength(res.headers['content-length']);
@@ -284,7 +293,7 @@ function decide(st: FetchState): Step {
   const superseded = host.superseded(fill);
   const storable =
     !superseded &&
-    !varyChanged &&
+    !varyAll &&
     (r.cas === undefined || verified || st.every404) &&
     policy.storable() &&
     policy.timeToLive() > 0 &&
@@ -304,14 +313,14 @@ function decide(st: FetchState): Step {
     // Not shared: the first client keeps it; the rest go upstream on their own. The key is remembered
     // as uncacheable only when the response is not storable on its own account: a request's own
     // headers never decide for everyone else.
-    if (!varyChanged && !superseded && r.cas === undefined && !storableOnItsOwn(host, r, resForPolicy, cl)) host.markUncacheable(r.primary);
+    if (!varyAll && !superseded && r.cas === undefined && !storableOnItsOwn(host, r, resForPolicy, cl)) host.markUncacheable(r.primary);
     host.stats.fillsReleased++;
     host.done(fill);
     fill.setHead(head, undefined, false);
     fill.release();
     return 'fetchbody';
   }
-  const meta: StoredMeta = { key: r.key, url: r.url.href, status: res.status, headers, policy: policy.toObject(), vary, storedAt: host.clock.now() };
+  const meta: StoredMeta = { key: storeKey, url: r.url.href, status: res.status, headers, policy: policy.toObject(), vary, storedAt: host.clock.now() };
   const spill = host.store.openWriter(meta, policy, cl);
   fill.policy = policy;
   st.store = { spill, meta, policy };

@@ -51,6 +51,8 @@ export interface FillReader {
   readonly attached: number;
   /** Headers only the client that started the fill may see (its own Set-Cookie). */
   readonly privateHeaders: Record<string, string | string[]> | undefined;
+  /** The response varies: only a request of this variant may take it. */
+  readonly variant: { names: string[]; key: string } | undefined;
   addReader(): number;
   removeReader(id: number): void;
   changed(): Promise<void>;
@@ -80,6 +82,8 @@ export class Fill implements FillReader {
   /** Host the body came from (the access log's hierarchy peer); changes on failover or resume. */
   peer = '';
   privateHeaders: Record<string, string | string[]> | undefined;
+  /** The response's Vary names and the variant key it is stored under (when it differs from `key`). */
+  variant: { names: string[]; key: string } | undefined;
   /** The fetch means to store this body (set with the head; cleared when that becomes impossible). */
   storing = false;
   /** Why the fill was given up by cuttle itself (nobody left to serve, no progress): not the mirror's fault. */

@@ -84,3 +84,31 @@ export function sendError(res: ServerResponse, err: ProxyError, name: string): n
   res.end(body);
   return Buffer.byteLength(body);
 }
+
+/**
+ * RFC 9110 §13.1.2 and §13.1.3: a GET or HEAD whose If-None-Match (weak comparison) or, without one,
+ * If-Modified-Since matches the 200 response it would get, is answered 304 instead.
+ */
+export function conditionMatches(req: IncomingHttpHeaders, status: number, h: Headers): boolean {
+  if (status !== 200) return false;
+  const inm = req['if-none-match'];
+  if (inm !== undefined) {
+    const etag = join(h.etag).trim();
+    const tags = join(inm).split(',').map((t) => t.trim());
+    if (tags.includes('*')) return true;
+    const opaque = (t: string) => t.replace(/^W\//, '');
+    return etag !== '' && tags.some((t) => opaque(t) === opaque(etag));
+  }
+  const ims = req['if-modified-since'];
+  if (ims === undefined) return false;
+  const since = Date.parse(join(ims));
+  const modified = Date.parse(join(h['last-modified']));
+  return !Number.isNaN(since) && !Number.isNaN(modified) && modified <= since;
+}
+
+/** A 304's headers: the stored ones without the fields that describe a body (RFC 9110 §15.4.5). */
+export function notModifiedHeaders(h: OutgoingHttpHeaders): OutgoingHttpHeaders {
+  const out = { ...h };
+  for (const k of ['content-length', 'content-type', 'content-encoding', 'content-language', 'content-range', 'transfer-encoding']) delete out[k];
+  return out;
+}

@@ -25,7 +25,7 @@ import { internalError, ProxyError, upstreamError } from './errors.ts';
 import { discard, type Upstream } from './fetch.ts';
 import type { FillReader } from './fill.ts';
 import { clientWantsReload, hasValidators, isFresh, policyRequest } from './freshness.ts';
-import { clientResponseHeaders, isLoop, sendError, upstreamRequestHeaders } from './forward.ts';
+import { clientResponseHeaders, conditionMatches, isLoop, notModifiedHeaders, sendError, upstreamRequestHeaders } from './forward.ts';
 import type { Logger } from './log.ts';
 import type { Mirrors } from './mirrors.ts';
 import { repoOf, type CasObject } from './content-hash.ts';
@@ -364,6 +364,14 @@ async function deliverFill(s: State): Promise<StepName | undefined> {
       tx.coalesced = false;
       return 'pass'; // the response was not shareable: fetch on our own
     }
+    // A response that varies goes only to requests of its own variant; another looks up again (now
+    // keyed with the response's Vary) and gets its own.
+    if (fill.variant && variantKey(s.primary!, fill.variant.names, s.req.headers) !== fill.variant.key) {
+      s.fill = undefined;
+      setKey(s, s.primary!);
+      tx.coalesced = false;
+      return 'lookup';
+    }
     if (fill.notModified) {
       const st = await ctx.store.get(s.key!);
       if (!st) return 'miss';
@@ -378,12 +386,19 @@ async function deliverFill(s: State): Promise<StepName | undefined> {
     }
     const head = fill.head;
     const isHit = tx.result === 'TCP_MEM_HIT';
-    const headers = clientResponseHeaders(head.status, head.headers, ctx.cfg.visibleHostname, isHit ? 'HIT' : 'MISS', isHit && fill.policy ? Math.floor(fill.policy.age()) : 0);
+    // Age: the stored response's current age (the upstream's Age included); else the upstream's own.
+    const headers = clientResponseHeaders(head.status, head.headers, ctx.cfg.visibleHostname, isHit ? 'HIT' : 'MISS', fill.policy ? Math.floor(fill.policy.age()) : undefined);
     // The client whose request started the fill gets its own Set-Cookie; nobody else ever does.
     if (starter && fill.privateHeaders) Object.assign(headers, fill.privateHeaders);
     tx.status = head.status;
     tx.mime = String(head.headers['content-type'] ?? '');
     if (res.destroyed) return undefined;
+    if (conditionMatches(s.req.headers, head.status, head.headers)) {
+      tx.status = 304;
+      res.writeHead(304, notModifiedHeaders(headers));
+      res.end();
+      return undefined;
+    }
     res.writeHead(head.status, headers);
     if (tx.method === 'HEAD' || head.status === 204 || head.status === 304) {
       res.end();
@@ -437,13 +452,21 @@ async function deliverFill(s: State): Promise<StepName | undefined> {
 async function deliverStored(s: State, st: StoredObject): Promise<void> {
   const { ctx, res, tx } = s;
   const age = Math.floor(st.policy.age());
-  const headers = clientResponseHeaders(st.meta.status, st.meta.headers, ctx.cfg.visibleHostname, 'HIT', age);
+  let headers = clientResponseHeaders(st.meta.status, st.meta.headers, ctx.cfg.visibleHostname, 'HIT', age);
   if (st.meta.status !== 204 && st.meta.status !== 304) headers['content-length'] = String(st.size);
   tx.status = st.meta.status;
   tx.mime = String(st.meta.headers['content-type'] ?? '');
   const body = st.body;
   try {
     if (res.destroyed) return;
+    // The client's own validators match what it would get: 304, no body.
+    if (conditionMatches(s.req.headers, st.meta.status, st.meta.headers)) {
+      tx.status = 304;
+      headers = notModifiedHeaders(headers);
+      res.writeHead(304, headers);
+      res.end();
+      return;
+    }
     res.writeHead(st.meta.status, headers);
     if (tx.method === 'HEAD' || st.meta.status === 204 || st.meta.status === 304) {
       res.end();

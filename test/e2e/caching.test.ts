@@ -141,7 +141,7 @@ describe('caching policy (RFC 9111, injected clock)', () => {
     assert.equal(en.body.toString(), 'lang=en');
     assert.equal(de.body.toString(), 'lang=de');
     assert.match(String(de.headers['x-cache']), /^HIT/);
-    assert.equal(origin.count('/vary'), 3);
+    assert.equal(origin.count('/vary'), 2, 'each variant fetched once: the first response is stored under its own variant');
     await get(c, `${origin.url}/vary-star`);
     await get(c, `${origin.url}/vary-star`);
     assert.equal(origin.count('/vary-star'), 2);
