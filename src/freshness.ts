@@ -25,13 +25,14 @@ export function createFreshness(clock: Clock, negativeTtlMs: number): Freshness 
     now(): number {
       return clock.now();
     }
-    // The library stores only the status codes it "understands"; a shared cache may also store a 5xx
-    // that carries explicit freshness (RFC 9111 §3), and only then (frontier-squid bug 5051 lesson).
+    // The library stores only the status codes it "understands"; RFC 9111 §3 lets a shared cache store
+    // any final status (299, 400, 499, 5xx...) that carries explicit freshness, and only then (so a
+    // 5xx without it is never sticky: the frontier-squid bug 5051 lesson).
     storable(): boolean {
       if (super.storable()) return true;
       const p = this as unknown as { _status: number; _method: string; _rescc: Record<string, string>; _reqcc: Record<string, string>; _resHeaders: Record<string, string> };
       return (
-        p._status >= 500 && p._status <= 599 &&
+        p._status >= 200 && p._status <= 599 && p._status !== 206 && p._status !== 304 &&
         (p._method === 'GET' || p._method === 'HEAD') &&
         !p._reqcc['no-store'] && !p._rescc['no-store'] && !p._rescc.private &&
         Boolean(p._rescc['max-age'] || p._rescc['s-maxage'] || p._resHeaders.expires)
@@ -85,7 +86,35 @@ export function policyHeaders(h: Record<string, string | string[] | undefined>):
     if (v === undefined) continue;
     out[k] = Array.isArray(v) ? v.join(', ') : String(v);
   }
+  // Directive names are case-insensitive (RFC 9111 §5.2); the library compares them as written.
+  if (out['cache-control'] !== undefined) out['cache-control'] = out['cache-control'].replace(/(^|,)\s*([^=,]+)/g, (_m, sep: string, name: string) => `${sep}${name.trim().toLowerCase()}`);
+  if (out.expires !== undefined) out.expires = httpDate(out.expires) ?? EXPIRED;
   return out;
+}
+
+const EXPIRED = 'Thu, 01 Jan 1970 00:00:00 GMT';
+const MONTHS = ['Jan', 'Feb', 'Mar', 'Apr', 'May', 'Jun', 'Jul', 'Aug', 'Sep', 'Oct', 'Nov', 'Dec'];
+const IMF = /^(?:Mon|Tue|Wed|Thu|Fri|Sat|Sun), (\d{2}) (Jan|Feb|Mar|Apr|May|Jun|Jul|Aug|Sep|Oct|Nov|Dec) (\d{4}) (\d{2}):(\d{2}):(\d{2}) GMT$/;
+const RFC850 = /^(?:Monday|Tuesday|Wednesday|Thursday|Friday|Saturday|Sunday), (\d{2})-(Jan|Feb|Mar|Apr|May|Jun|Jul|Aug|Sep|Oct|Nov|Dec)-(\d{2}) (\d{2}):(\d{2}):(\d{2}) GMT$/;
+const ASCTIME = /^(?:Mon|Tue|Wed|Thu|Fri|Sat|Sun) (Jan|Feb|Mar|Apr|May|Jun|Jul|Aug|Sep|Oct|Nov|Dec) ( \d|\d{2}) (\d{2}):(\d{2}):(\d{2}) (\d{4})$/;
+
+/**
+ * An HTTP-date in one of the three formats RFC 9110 §5.6.7 makes recipients accept, as IMF-fixdate; else
+ * undefined. (Date.parse is far more lenient: an invalid Expires must count as already expired.)
+ */
+export function httpDate(v: string): string | undefined {
+  let d: number;
+  let m = IMF.exec(v);
+  if (m) d = Date.UTC(Number(m[3]), MONTHS.indexOf(m[2]!), Number(m[1]), Number(m[4]), Number(m[5]), Number(m[6]));
+  else if ((m = RFC850.exec(v))) {
+    // A two-digit year more than 50 years in the future is in the past (RFC 9110 §5.6.7).
+    const now = new Date().getUTCFullYear();
+    let y = Math.floor(now / 100) * 100 + Number(m[3]);
+    if (y > now + 50) y -= 100;
+    d = Date.UTC(y, MONTHS.indexOf(m[2]!), Number(m[1]), Number(m[4]), Number(m[5]), Number(m[6]));
+  } else if ((m = ASCTIME.exec(v))) d = Date.UTC(Number(m[6]), MONTHS.indexOf(m[1]!), Number(m[2]!.trim()), Number(m[3]), Number(m[4]), Number(m[5]));
+  else return undefined;
+  return Number.isNaN(d) ? undefined : new Date(d).toUTCString();
 }
 
 /**
