@@ -89,7 +89,40 @@ export function policyHeaders(h: Record<string, string | string[] | undefined>):
   // Directive names are case-insensitive (RFC 9111 §5.2); the library compares them as written.
   if (out['cache-control'] !== undefined) out['cache-control'] = out['cache-control'].replace(/(^|,)\s*([^=,]+)/g, (_m, sep: string, name: string) => `${sep}${name.trim().toLowerCase()}`);
   if (out.expires !== undefined) out.expires = httpDate(out.expires) ?? EXPIRED;
+  // Age is a non-negative integer (RFC 9111 §5.1); anything else is ignored.
+  if (out.age !== undefined && !/^\s*\d+\s*$/.test(out.age)) delete out.age;
+  // RFC 9213: a valid CDN-Cache-Control replaces Cache-Control and Expires for a cache that honours it.
+  const cdn = out['cdn-cache-control'] !== undefined ? cdnDirectives(out['cdn-cache-control']) : undefined;
+  if (cdn !== undefined) {
+    out['cache-control'] = cdn;
+    delete out.expires;
+  }
   return out;
+}
+
+const SF_KEY = /^[a-z*][a-z0-9_.*-]*$/;
+const SF_BARE = /^(?:-?\d{1,15}(?:\.\d{1,3})?|"(?:[^"\\]|\\.)*"|[A-Za-z*][\w:/!#$%&'*+.^`|~-]*|:[A-Za-z0-9+/=]*:|\?[01])$/;
+const INTEGER_DIRECTIVES = new Set(['max-age', 's-maxage', 'stale-while-revalidate', 'stale-if-error']);
+
+/**
+ * CDN-Cache-Control (RFC 9213) is a Structured Field dictionary: the Cache-Control directives it
+ * holds, or undefined when it does not parse (then it is ignored as a whole, as is one whose
+ * freshness directives are not integers).
+ */
+function cdnDirectives(v: string): string | undefined {
+  const out: string[] = [];
+  for (const raw of v.split(',')) {
+    const member = raw.trim().split(';')[0]!.trim();
+    if (!member) return undefined;
+    const eq = member.indexOf('=');
+    const key = eq < 0 ? member : member.slice(0, eq);
+    const val = eq < 0 ? undefined : member.slice(eq + 1);
+    if (!SF_KEY.test(key) || (val !== undefined && !SF_BARE.test(val))) return undefined;
+    if (INTEGER_DIRECTIVES.has(key) && (val === undefined || !/^\d{1,15}$/.test(val))) return undefined;
+    if (val === undefined || val === '?1') out.push(key);
+    else if (val !== '?0') out.push(`${key}=${val}`);
+  }
+  return out.join(', ');
 }
 
 const EXPIRED = 'Thu, 01 Jan 1970 00:00:00 GMT';
@@ -124,4 +157,15 @@ export function httpDate(v: string): string | undefined {
  */
 export function isFresh(p: Policy): boolean {
   return p.maxAge() > p.age();
+}
+
+/** Cache-Control directives by lower-cased name (values unquoted; '' for a directive without one). */
+export function directives(v: string | string[] | undefined): Map<string, string> {
+  const out = new Map<string, string>();
+  for (const part of (Array.isArray(v) ? v.join(',') : (v ?? '')).split(',')) {
+    const [k, val] = part.split('=', 2);
+    const name = k!.trim().toLowerCase();
+    if (name) out.set(name, (val ?? '').trim().replace(/^"|"$/g, ''));
+  }
+  return out;
 }

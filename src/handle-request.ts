@@ -24,7 +24,7 @@ import type { Config } from './config.ts';
 import { internalError, ProxyError, upstreamError } from './errors.ts';
 import { discard, type Upstream } from './fetch.ts';
 import type { FillReader } from './fill.ts';
-import { clientWantsReload, hasValidators, isFresh, policyRequest } from './freshness.ts';
+import { clientWantsReload, directives, hasValidators, isFresh } from './freshness.ts';
 import { clientResponseHeaders, conditionMatches, isLoop, notModifiedHeaders, sendError, upstreamRequestHeaders } from './forward.ts';
 import type { Logger } from './log.ts';
 import type { Mirrors } from './mirrors.ts';
@@ -247,7 +247,7 @@ async function lookup(s: State): Promise<StepName> {
     // Without request directives, freshness is the stored timeline alone (the key already pins URL,
     // host and Vary); with them, the full RFC 9111 check.
     const plain = !req.headers['cache-control'] && !req.headers.pragma; // CVMFS sends an empty Pragma
-    if (plain ? isFresh(stored.policy) : stored.policy.satisfiesWithoutRevalidation(policyRequest(s.url!, 'GET', req.headers))) {
+    if (plain ? isFresh(stored.policy) : satisfies(stored, req.headers)) {
       s.stored = stored;
       return 'hit';
     }
@@ -528,15 +528,23 @@ export function mayServeStale(st: StoredObject, reqHeaders: IncomingMessage['hea
   return staleS <= limitS;
 }
 
-/** Cache-Control directives by lower-cased name (values unquoted). */
-function directives(v: string | string[] | undefined): Map<string, string> {
-  const out = new Map<string, string>();
-  for (const part of (Array.isArray(v) ? v.join(',') : (v ?? '')).split(',')) {
-    const [k, val] = part.split('=', 2);
-    const name = k!.trim().toLowerCase();
-    if (name) out.set(name, (val ?? '').trim().replace(/^"|"$/g, ''));
-  }
-  return out;
+/**
+ * May a stored response answer this request without revalidation, given the request's own
+ * directives (RFC 9111 §4.2, §5.2.1)? The key already pins URL, host and Vary. (The library's own check
+ * refuses every must-revalidate response, fresh or not.)
+ */
+function satisfies(st: StoredObject, reqHeaders: IncomingMessage['headers']): boolean {
+  const req = directives(reqHeaders['cache-control']);
+  const age = st.policy.age();
+  const freshFor = st.policy.maxAge() - age;
+  const num = (k: string) => Number(req.get(k));
+  if (req.has('max-age') && !(age <= num('max-age'))) return false;
+  if (req.has('min-fresh') && !(freshFor >= num('min-fresh'))) return false;
+  if (freshFor > 0) return true;
+  if (!req.has('max-stale')) return false;
+  const res = directives(st.meta.headers['cache-control']);
+  if (res.has('must-revalidate') || res.has('proxy-revalidate') || res.has('s-maxage') || res.has('no-cache')) return false;
+  return req.get('max-stale') === '' || -freshFor <= num('max-stale');
 }
 
 /** Look the stale copy up again after a failed refresh; keep it in s.stored if it may be served. */
