@@ -315,6 +315,13 @@ async function busy(s: State): Promise<StepName> {
 
 async function miss(s: State): Promise<StepName> {
   const { ctx, req, tx } = s;
+  // Another request may have started this key's fill while this one looked in the store: join it.
+  // (From here to start() nothing awaits, so a herd can't start two fills for one key.)
+  if (!s.reload && ctx.coalescer.joinable(s.key!)) {
+    closeStored(s.stored);
+    s.stored = undefined;
+    return 'busy';
+  }
   if (ctx.coalescer.inFlight >= ctx.cfg.maxFills) {
     if (s.stored?.body.kind === 'file') s.stored.body.close();
     return fail(s, 'ERR_OVERLOADED', 'too many fills in flight');

@@ -1,0 +1,72 @@
+// RFC 9111 behaviours that the conformance suite scores, each checked here over real sockets with an
+// upstream fetch count: 304 to a conditional client, Age carried through, Vary stored and coalesced from
+// the first response, invalid Expires, case-insensitive directives, a fresh must-revalidate reused.
+import assert from 'node:assert/strict';
+import { describe, it } from 'node:test';
+import { gate } from '../helpers/origin.ts';
+import { get, useProxy } from '../helpers/proxy.ts';
+import { waitFor } from '../helpers/mirrors.ts';
+
+describe('RFC 9111 through cuttle', () => {
+  const rig = useProxy({}, 24);
+
+  it('a client whose If-None-Match or If-Modified-Since matches gets 304 from the cache', async () => {
+    const { origin, pool } = rig;
+    origin.route('/cond', { headers: { 'cache-control': 'max-age=600', etag: '"v7"', 'last-modified': 'Thu, 01 Jan 2026 00:00:00 GMT', 'content-type': 'text/plain' }, body: 'seven' });
+    assert.equal((await get(pool, `${origin.url}/cond`)).status, 200);
+    const inm = await get(pool, `${origin.url}/cond`, { 'if-none-match': 'W/"v7"' });
+    assert.equal(inm.status, 304);
+    assert.equal(inm.body.length, 0);
+    assert.equal(inm.headers.etag, '"v7"');
+    assert.equal(inm.headers['content-type'], undefined);
+    assert.equal((await get(pool, `${origin.url}/cond`, { 'if-none-match': '"other"' })).status, 200);
+    assert.equal((await get(pool, `${origin.url}/cond`, { 'if-modified-since': 'Fri, 02 Jan 2026 00:00:00 GMT' })).status, 304);
+    assert.equal((await get(pool, `${origin.url}/cond`, { 'if-modified-since': 'Wed, 31 Dec 2025 00:00:00 GMT' })).status, 200);
+    assert.equal(origin.count('/cond'), 1);
+  });
+
+  it("the upstream's Age is carried through on a miss and counted on a hit", async () => {
+    const { origin, pool } = rig;
+    origin.route('/aged', { headers: { 'cache-control': 'max-age=3600', age: '1000' }, body: 'old news' });
+    const miss = await get(pool, `${origin.url}/aged`);
+    assert.ok(Number(miss.headers.age) >= 1000, `Age ${miss.headers.age}`);
+    const hit = await get(pool, `${origin.url}/aged`);
+    assert.ok(Number(hit.headers.age) >= 1000, `Age ${hit.headers.age}`);
+    assert.equal(origin.count('/aged'), 1);
+  });
+
+  it('a response with Vary is stored from the first response: 20 concurrent clients cost one fetch per variant', async () => {
+    const { origin, pool, p } = rig;
+    const g = gate();
+    origin.route('/varied', (req) => ({ gate: req.headers['accept-language'] === 'en' ? g : undefined, headers: { 'cache-control': 'max-age=600', vary: 'Accept-Language' }, body: `lang=${req.headers['accept-language']}` }));
+    const en = Array.from({ length: 15 }, () => get(pool, `${origin.url}/varied`, { 'accept-language': 'en' }));
+    await waitFor('the English fill with 15 waiters', () => g.waiting === 1 && p.proxy.coalescer.topFills(1, 0)[0]?.readers === 15);
+    const de = Array.from({ length: 5 }, () => get(pool, `${origin.url}/varied`, { 'accept-language': 'de' }));
+    await waitFor('the German clients joined', () => p.proxy.coalescer.topFills(1, 0)[0]?.readers === 20);
+    g.open();
+    for (const r of await Promise.all(en)) assert.equal(r.body.toString(), 'lang=en');
+    for (const r of await Promise.all(de)) assert.equal(r.body.toString(), 'lang=de', 'a joiner of another variant gets its own');
+    assert.equal(origin.count('/varied'), 2, 'one fetch per variant');
+    assert.match(String((await get(pool, `${origin.url}/varied`, { 'accept-language': 'de' })).headers['x-cache']), /HIT/);
+    assert.equal(origin.count('/varied'), 2);
+  });
+
+  it('an invalid Expires counts as expired; directive names are case-insensitive', async () => {
+    const { origin, pool } = rig;
+    origin.route('/bad-expires', { headers: { expires: 'Thu, 01 Jan 2037 00:00:00 UTC' }, body: 'x' }); // "UTC" is no HTTP-date
+    origin.route('/shouty', { headers: { 'cache-control': 'MaX-AgE=600' }, body: 'y' });
+    origin.route('/shouty-no', { headers: { 'cache-control': 'max-age=600, No-Store' }, body: 'z' });
+    for (let i = 0; i < 2; i++) for (const path of ['/bad-expires', '/shouty', '/shouty-no']) await get(pool, `${origin.url}${path}`);
+    assert.equal(origin.count('/bad-expires'), 2);
+    assert.equal(origin.count('/shouty'), 1);
+    assert.equal(origin.count('/shouty-no'), 2);
+  });
+
+  it('a fresh must-revalidate response is reused, also for a request with its own directives', async () => {
+    const { origin, pool } = rig;
+    origin.route('/mr', { headers: { 'cache-control': 'max-age=600, must-revalidate' }, body: 'm' });
+    await get(pool, `${origin.url}/mr`);
+    assert.match(String((await get(pool, `${origin.url}/mr`, { 'cache-control': 'max-stale=10' })).headers['x-cache']), /HIT/);
+    assert.equal(origin.count('/mr'), 1);
+  });
+});
