@@ -45,6 +45,9 @@ export function appendVia(existing: string | string[] | undefined, name: string)
 /** Headers for the upstream request. */
 export function upstreamRequestHeaders(h: IncomingHttpHeaders, url: URL, client: string, name: string): Headers {
   const out = endToEnd(h);
+  // Expect: 100-continue is answered by cuttle itself (Node's server sends the 100 before the request
+  // is handled): the upstream request carries the body at once, as undici requires.
+  delete out.expect;
   out.host = url.host;
   out.via = appendVia(h.via, name);
   const xff = join(h['x-forwarded-for']);

@@ -2,6 +2,8 @@
 // upstream fetch count: 304 to a conditional client, Age carried through, Vary stored and coalesced from
 // the first response, invalid Expires, case-insensitive directives, a fresh must-revalidate reused.
 import assert from 'node:assert/strict';
+import { once } from 'node:events';
+import { connect } from 'node:net';
 import { describe, it } from 'node:test';
 import { gate } from '../helpers/origin.ts';
 import { get, useProxy } from '../helpers/proxy.ts';
@@ -68,5 +70,65 @@ describe('RFC 9111 through cuttle', () => {
     await get(pool, `${origin.url}/mr`);
     assert.match(String((await get(pool, `${origin.url}/mr`, { 'cache-control': 'max-stale=10' })).headers['x-cache']), /HIT/);
     assert.equal(origin.count('/mr'), 1);
+  });
+});
+
+describe('Expect: 100-continue', () => {
+  const rig = useProxy({}, 2);
+
+  it('is answered by the proxy: the client gets 100, then the origin answer (GET and POST)', async () => {
+    const { origin, p } = rig;
+    origin.route('/upload', (req) => ({ body: `got ${req.body.length} bytes by ${req.method}` }));
+    for (const method of ['POST', 'GET']) {
+      const body = 'x'.repeat(2048);
+      const s = connect(p.port, '127.0.0.1');
+      s.write(`${method} ${origin.url}/upload HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\nContent-Length: ${body.length}\r\nConnection: close\r\n\r\n`);
+      let text = '';
+      let sent = false;
+      s.on('data', (c) => {
+        text += c;
+        if (!sent && text.startsWith('HTTP/1.1 100 Continue\r\n\r\n')) {
+          sent = true;
+          s.write(body);
+        }
+      });
+      await once(s, 'close');
+      assert.ok(sent, text);
+      // A GET's body has no meaning (RFC 9110 §9.3.1): it is not forwarded into a shared fill.
+      assert.match(text, new RegExp(`HTTP/1.1 200 [^]*got ${method === 'POST' ? 2048 : 0} bytes by ${method}$`));
+    }
+    assert.equal(origin.count('/upload'), 2);
+    assert.equal(origin.seen.filter((r) => r.headers.expect !== undefined).length, 0);
+  });
+});
+
+describe('Range served from the cache', () => {
+  const rig = useProxy({ 'max-memory-object-size': '4KB' }, 2);
+
+  it('a single range of a stored object is answered 206, from memory and from disk; others get the full 200', async () => {
+    const { origin, pool } = rig;
+    const small = Buffer.from('0123456789abcdef');
+    const big = Buffer.alloc(64 * 1024, 7);
+    big.write('HEAD', 0);
+    big.write('TAIL', big.length - 4);
+    origin.route('/small', { headers: { 'cache-control': 'max-age=600', etag: '"s1"' }, body: small });
+    origin.route('/big', { headers: { 'cache-control': 'max-age=600', etag: '"b1"' }, body: big });
+    for (const [path, body] of [['/small', small], ['/big', big]] as const) {
+      assert.equal((await get(pool, `${origin.url}${path}`)).status, 200);
+      await waitFor('stored', () => rig.p.proxy.coalescer.running === 0); // not a fill being committed
+      const first = await get(pool, `${origin.url}${path}`, { range: 'bytes=0-3' });
+      assert.equal(first.status, 206);
+      assert.equal(first.headers['content-range'], `bytes 0-3/${body.length}`);
+      assert.ok(first.body.equals(body.subarray(0, 4)));
+      const suffix = await get(pool, `${origin.url}${path}`, { range: 'bytes=-4' });
+      assert.equal(suffix.status, 206);
+      assert.ok(suffix.body.equals(body.subarray(body.length - 4)));
+      const open = await get(pool, `${origin.url}${path}`, { range: `bytes=${body.length - 2}-` });
+      assert.ok(open.body.equals(body.subarray(body.length - 2)));
+      assert.equal((await get(pool, `${origin.url}${path}`, { range: `bytes=${body.length}-` })).status, 416);
+      assert.equal((await get(pool, `${origin.url}${path}`, { range: 'bytes=0-1,4-5' })).status, 200, 'several ranges: the full 200');
+      assert.equal((await get(pool, `${origin.url}${path}`, { range: 'bytes=0-3', 'if-range': '"other"' })).status, 200, 'If-Range that does not match: the full 200');
+      assert.equal(origin.count(path), 1);
+    }
   });
 });
