@@ -89,8 +89,13 @@ export function policyHeaders(h: Record<string, string | string[] | undefined>):
   // Directive names are case-insensitive (RFC 9111 §5.2); the library compares them as written.
   if (out['cache-control'] !== undefined) out['cache-control'] = out['cache-control'].replace(/(^|,)\s*([^=,]+)/g, (_m, sep: string, name: string) => `${sep}${name.trim().toLowerCase()}`);
   if (out.expires !== undefined) out.expires = httpDate(out.expires) ?? EXPIRED;
-  // Age is a non-negative integer (RFC 9111 §5.1); anything else is ignored.
-  if (out.age !== undefined && !/^\s*\d+\s*$/.test(out.age)) delete out.age;
+  // Age is a non-negative integer (RFC 9111 §5.1): of a list (repeated lines) the first member counts;
+  // anything that is not an integer is ignored.
+  if (out.age !== undefined) {
+    const first = out.age.split(',')[0]!.split(';')[0]!.trim();
+    if (/^\d+$/.test(first)) out.age = first;
+    else delete out.age;
+  }
   // RFC 9213: a valid CDN-Cache-Control replaces Cache-Control and Expires for a cache that honours it.
   const cdn = out['cdn-cache-control'] !== undefined ? cdnDirectives(out['cdn-cache-control']) : undefined;
   if (cdn !== undefined) {
