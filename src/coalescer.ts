@@ -143,10 +143,9 @@ export class Coalescer implements FetchHost {
   /** Forget in-flight state of a key (unsafe method succeeded, PURGE): its fill is not stored. */
   invalidate(key: string): void {
     const f = this.#fills.get(key);
-    if (f) {
-      this.#superseded.add(f);
-      this.unmap(f);
-    }
+    if (f) this.unmap(f);
+    // Also a fill that new requests no longer find but whose disk commit is still landing.
+    for (const r of this.#running.keys()) if (r.key === key || r.variant?.key === key) this.#superseded.add(r);
   }
 
   /** Start a fill; the starting client is its reader 0. A newer fill for the key supersedes the older. */

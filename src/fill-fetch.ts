@@ -499,7 +499,9 @@ async function commit(st: FetchState): Promise<Step> {
     if (inMemory) host.unmap(fill);
   }
   const ok = await spill.commit();
-  if (ok) host.stats.fillsCommitted++;
+  // Invalidated (an unsafe method, a PURGE) while the record was being written: it must not stay.
+  if (ok && host.superseded(fill)) await host.store.delete(meta.key);
+  else if (ok) host.stats.fillsCommitted++;
   else if (spill.failed) host.log.warn({ key: fill.key, err: spill.failed.message }, 'disk write failed; object kept in memory only if small');
   return 'done';
 }
