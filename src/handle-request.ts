@@ -69,7 +69,7 @@ export interface Ctx {
   tunnels: Set<() => void>;
 }
 
-type StepName = 'recv' | 'lookup' | 'hit' | 'stale' | 'busy' | 'miss' | 'pass' | 'purge' | 'deliverFill' | 'serveStale' | 'synth';
+type StepName = 'recv' | 'lookup' | 'hit' | 'stale' | 'busy' | 'miss' | 'pass' | 'purge' | 'deliverFill' | 'serveStale' | 'revalidateInBackground' | 'synth';
 
 interface State {
   ctx: Ctx;
@@ -142,6 +142,7 @@ const STEPS: Record<StepName, (s: State) => Promise<StepName | undefined>> = {
   purge,
   deliverFill,
   serveStale,
+  revalidateInBackground,
   synth,
 };
 
@@ -258,6 +259,10 @@ async function lookup(s: State): Promise<StepName> {
       s.stored = stored;
       return 'serveStale';
     }
+    if (tx.method === 'GET' && withinRevalidateWindow(stored, req.headers)) {
+      s.stored = stored;
+      return 'revalidateInBackground';
+    }
   }
   if (ctx.coalescer.joinable(key)) {
     closeStored(stored);
@@ -330,24 +335,56 @@ async function miss(s: State): Promise<StepName> {
   if (tx.result === 'NONE') tx.result = 'TCP_MISS';
   const stale = s.stored;
   s.stored = undefined;
+  const started = startFill(s, stale);
+  s.fill = started.fill;
+  s.readerId = started.readerId;
+  closeStored(stale);
+  return 'deliverFill';
+}
+
+/** Start this request's key's fill (revalidating `stale` if it has validators). */
+function startFill(s: State, stale: StoredObject | undefined): ReturnType<Coalescer['start']> {
+  const { ctx, req, tx } = s;
   const upstreamHeaders = upstreamRequestHeaders(req.headers, s.url!, tx.client, ctx.cfg.visibleHostname);
   // The fill is for everyone: it asks for the whole object, never this client's conditions.
   for (const h of CLIENT_CONDITIONS) delete upstreamHeaders[h];
-  const started = ctx.coalescer.start({
+  return ctx.coalescer.start({
     key: s.key!,
     primary: s.primary!,
     url: s.url!,
     vary: s.vary!,
     clientHeaders: req.headers,
     upstreamHeaders,
-    stale,
+    stale: stale && hasValidators(stale.meta.headers) ? stale : undefined,
     cas: s.cas,
     accelRepo: s.accelRepo,
   });
-  s.fill = started.fill;
-  s.readerId = started.readerId;
-  closeStored(stale);
-  return 'deliverFill';
+}
+
+/**
+ * stale-while-revalidate (RFC 5861): within the response's window, the stale copy is served at once
+ * and one background fill refreshes it (joined by nobody; it stores what it gets).
+ */
+function withinRevalidateWindow(st: StoredObject, reqHeaders: IncomingMessage['headers']): boolean {
+  const res = directives(st.meta.headers['cache-control']);
+  const swr = res.get('stale-while-revalidate');
+  if (swr === undefined || res.has('must-revalidate') || res.has('proxy-revalidate') || res.has('no-cache')) return false;
+  const req = directives(reqHeaders['cache-control']);
+  if (req.has('max-age') || req.has('min-fresh')) return false; // the client asked for fresher than that
+  const staleS = st.policy.age() - st.policy.maxAge();
+  return staleS > 0 && staleS <= Number(swr);
+}
+
+async function revalidateInBackground(s: State): Promise<undefined> {
+  const { ctx, tx } = s;
+  if (!ctx.coalescer.joinable(s.key!) && ctx.coalescer.inFlight < ctx.cfg.maxFills) {
+    const bg = startFill(s, s.stored);
+    bg.fill.removeReader(bg.readerId); // nobody waits on it
+  }
+  tx.result = 'TCP_STALE_HIT';
+  ctx.counters.hits++;
+  await deliverStored(s, s.stored!);
+  return undefined;
 }
 
 async function deliverFill(s: State): Promise<StepName | undefined> {

@@ -21,6 +21,8 @@ const RESULT_GROUP: Record<string, string> = {
   TCP_HIT: 'HIT',
   TCP_MEM_HIT: 'MEM_HIT',
   TCP_NEGATIVE_HIT: 'HIT',
+  // A stale copy served within stale-while-revalidate while a background fill refreshes it.
+  TCP_STALE_HIT: 'HIT',
   TCP_MISS: 'MISS',
   TCP_CLIENT_REFRESH_MISS: 'MISS',
   TCP_SWAPFAIL_MISS: 'MISS',
@@ -94,7 +96,7 @@ export class Metrics {
   observe(tx: Transaction, errorToken: string | undefined, nowMs: number): void {
     const group = errorToken && tx.result !== 'TCP_DENIED' ? 'ERROR' : (RESULT_GROUP[tx.result] ?? 'ERROR');
     this.#requests.inc({ result: group, method: tx.method });
-    const tier = tx.result === 'TCP_MEM_HIT' ? 'memory' : tx.result === 'TCP_HIT' || tx.result === 'TCP_REFRESH_UNMODIFIED' || tx.result === 'TCP_REFRESH_FAIL_OLD' ? 'disk' : 'upstream';
+    const tier = tx.result === 'TCP_MEM_HIT' ? 'memory' : tx.result === 'TCP_HIT' || tx.result === 'TCP_REFRESH_UNMODIFIED' || tx.result === 'TCP_REFRESH_FAIL_OLD' || tx.result === 'TCP_STALE_HIT' ? 'disk' : 'upstream';
     this.results[group] = (this.results[group] ?? 0) + 1;
     if (tx.bytesOut > 0 && !errorToken) {
       this.#bytes.inc({ tier }, tx.bytesOut);

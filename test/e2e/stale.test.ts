@@ -4,7 +4,8 @@
 import assert from 'node:assert/strict';
 import { describe, it } from 'node:test';
 import { ManualClock } from '../../src/clock.ts';
-import { startOrigin, type Origin, type Route } from '../helpers/origin.ts';
+import { gate, startOrigin, type Origin, type Route } from '../helpers/origin.ts';
+import { waitFor } from '../helpers/mirrors.ts';
 import { get, proxyClient, startProxy } from '../helpers/proxy.ts';
 
 const MANIFEST = '/cvmfs/stale.cern.ch/.cvmfspublished';
@@ -125,6 +126,34 @@ describe('stale when every mirror is down', () => {
     } finally {
       await pool.close();
       await p.close();
+    }
+  });
+});
+
+describe('stale-while-revalidate', () => {
+  it('within the window the stale copy is served at once, and one background fill refreshes it', async () => {
+    const clock = new ManualClock();
+    const origin = await startOrigin();
+    const g = gate();
+    let n = 0;
+    origin.route('/swr', (): Route => ({ gate: ++n > 1 ? g : undefined, headers: { 'cache-control': 'max-age=60, stale-while-revalidate=600' }, body: `v${n}` }));
+    const p = await startProxy({}, { clock });
+    const pool = proxyClient(p.url, 4);
+    try {
+      assert.equal((await get(pool, `${origin.url}/swr`)).body.toString(), 'v1');
+      clock.advance(120_000);
+      // The refresh is held at the origin: the clients do not wait for it.
+      for (let i = 0; i < 3; i++) assert.equal((await get(pool, `${origin.url}/swr`)).body.toString(), 'v1');
+      await waitFor('one background refresh at the origin', () => g.waiting === 1);
+      assert.equal(p.logLines.filter((l) => l.includes('TCP_STALE_HIT/200')).length, 3);
+      g.open();
+      await waitFor('the refresh stored', () => p.proxy.coalescer.running === 0);
+      assert.equal((await get(pool, `${origin.url}/swr`)).body.toString(), 'v2');
+      assert.equal(origin.count('/swr'), 2);
+    } finally {
+      await pool.close();
+      await p.close();
+      await origin.close();
     }
   });
 });
