@@ -20,6 +20,9 @@ function hasExplicitFreshness(h: CachePolicy.Headers): boolean {
   return /(^|,)\s*(s-maxage|max-age)\s*=/i.test(cc) || h.expires !== undefined;
 }
 
+/** Policies the library would not store but RFC 9111 §3 lets a shared cache store (see storable()). */
+const explicitlyStorable = new WeakMap<object, boolean>();
+
 export function createFreshness(clock: Clock, negativeTtlMs: number): Freshness {
   class ClockedPolicy extends CachePolicy {
     now(): number {
@@ -30,13 +33,18 @@ export function createFreshness(clock: Clock, negativeTtlMs: number): Freshness 
     // 5xx without it is never sticky: the frontier-squid bug 5051 lesson).
     storable(): boolean {
       if (super.storable()) return true;
-      const p = this as unknown as { _status: number; _method: string; _rescc: Record<string, string>; _reqcc: Record<string, string>; _resHeaders: Record<string, string> };
-      return (
-        p._status >= 200 && p._status <= 599 && p._status !== 206 && p._status !== 304 &&
-        (p._method === 'GET' || p._method === 'HEAD') &&
-        !p._reqcc['no-store'] && !p._rescc['no-store'] && !p._rescc.private &&
-        Boolean(p._rescc['max-age'] || p._rescc['s-maxage'] || p._resHeaders.expires)
-      );
+      let v = explicitlyStorable.get(this);
+      if (v === undefined) {
+        // Read through the library's public serialisation, not its fields; computed once per policy.
+        const o = this.toObject() as unknown as { st: number; m: string; rescc: Record<string, string>; reqcc: Record<string, string>; resh: Record<string, string> };
+        v =
+          o.st >= 200 && o.st <= 599 && o.st !== 206 && o.st !== 304 &&
+          (o.m === 'GET' || o.m === 'HEAD') &&
+          !o.reqcc['no-store'] && !o.rescc['no-store'] && !o.rescc.private &&
+          Boolean(o.rescc['max-age'] || o.rescc['s-maxage'] || o.resh.expires);
+        explicitlyStorable.set(this, v);
+      }
+      return v;
     }
   }
   const opts = { shared: true, cacheHeuristic: 0.1, immutableMinTimeToLive: 24 * 3600 * 1000 };
