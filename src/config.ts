@@ -27,6 +27,7 @@ export const DEFAULTS = {
   'negative-ttl': '60s',
   'uncacheable-ttl': '120s',
   'max-stale': '7d',
+  'range-offset-limit': '16MB',
   'stale-retry': '10s',
   'access-log': '-',
   'access-log-format': 'squid',
@@ -77,6 +78,7 @@ const HELP: Record<OptionName, string> = {
   'allow-connect-port': 'ports CONNECT may tunnel to (default: none, CONNECT denied)',
   'negative-ttl': 'how long a 404/410 without explicit freshness is cached',
   'uncacheable-ttl': 'how long a key whose response was not storable bypasses coalescing',
+  'range-offset-limit': 'a Range request that misses and starts within this many bytes fills the whole object (then 206 from it); beyond, it is passed (Squid range_offset_limit)',
   'max-stale': 'how stale a stored copy may be and still be served when the upstream is down (0 = never)',
   'stale-retry': 'after a failed refresh, how long stale copies are served before the upstream is asked again',
   'access-log': 'Squid-format access log file, - for stdout, none to disable',
@@ -233,6 +235,7 @@ const schema = z
     'negative-ttl': duration,
     'uncacheable-ttl': duration,
     'max-stale': duration,
+    'range-offset-limit': size,
     'stale-retry': duration,
     'access-log': z.string().min(1, 'expected a file path, - or none'),
     'access-log-format': z.enum(['squid', 'frontier']),
@@ -301,6 +304,7 @@ export interface Config {
   readonly negativeTtlMs: number;
   readonly uncacheableTtlMs: number;
   readonly maxStaleMs: number;
+  readonly rangeOffsetLimitBytes: number;
   readonly staleRetryMs: number;
   readonly accessLog: string;
   readonly accessLogFormat: 'squid' | 'frontier';
@@ -343,6 +347,7 @@ function toConfig(p: Parsed): Config {
     negativeTtlMs: p['negative-ttl'],
     uncacheableTtlMs: p['uncacheable-ttl'],
     maxStaleMs: p['max-stale'],
+    rangeOffsetLimitBytes: p['range-offset-limit'],
     staleRetryMs: p['stale-retry'],
     accessLog: p['access-log'],
     accessLogFormat: p['access-log-format'],

@@ -268,8 +268,12 @@ async function lookup(s: State): Promise<StepName> {
     closeStored(stored);
     return 'busy';
   }
-  // What this request alone wants (a range, or no storing) is fetched for it alone.
-  if (req.headers.range !== undefined || /(^|,)\s*no-store\b/i.test(String(req.headers['cache-control'] ?? ''))) {
+  // What this request alone wants (no storing, a range far into the object) is fetched for it alone.
+  // A range that starts within --range-offset-limit fills the whole object (Squid's
+  // range_offset_limit), so the next request is a hit; the range is answered from the fill.
+  const rangeStart = /^\s*bytes\s*=\s*(\d+)\s*-\s*\d*\s*$/i.exec(String(req.headers.range ?? ''))?.[1];
+  const fillForRange = rangeStart !== undefined && Number(rangeStart) <= ctx.cfg.rangeOffsetLimitBytes && !stored;
+  if ((req.headers.range !== undefined && !fillForRange) || /(^|,)\s*no-store\b/i.test(String(req.headers['cache-control'] ?? ''))) {
     closeStored(stored);
     return 'pass';
   }
@@ -443,15 +447,27 @@ async function deliverFill(s: State): Promise<StepName | undefined> {
       res.end();
       return undefined;
     }
-    res.writeHead(head.status, headers);
+    // A single range of a complete 200 is answered 206 from the fill (never for a content-addressed
+    // object: its bytes are verified only as a whole).
+    const range = head.status === 200 && tx.method === 'GET' && head.contentLength !== undefined && !s.cas ? fillRange(s.req.headers, head.contentLength) : undefined;
+    let off = 0;
+    let stop = Infinity;
+    if (range) {
+      tx.status = 206;
+      headers['content-range'] = `bytes ${range.start}-${range.end}/${head.contentLength}`;
+      headers['content-length'] = String(range.end - range.start + 1);
+      off = range.start;
+      stop = range.end + 1;
+      res.writeHead(206, headers);
+    } else res.writeHead(head.status, headers);
     if (tx.method === 'HEAD' || head.status === 204 || head.status === 304) {
       res.end();
       return undefined;
     }
     res.flushHeaders(); // the client's watchdog counts the first byte: send the head now
-    let off = 0;
     let burst = 0;
     for (;;) {
+      if (off >= stop) break;
       // Fairness: bytes already in memory can be written without ever awaiting, so one reader could
       // hold the event loop for megabytes while new requests and the upstream wait. Yield regularly.
       if (burst >= BURST_BYTES) {
@@ -475,7 +491,8 @@ async function deliverFill(s: State): Promise<StepName | undefined> {
         continue;
       }
       const pooled = p === 'spill' ? ctx.buffers.acquire() : undefined;
-      const buf = pooled ? await fill.readSpill(off, pooled) : (p as Buffer);
+      let buf = pooled ? await fill.readSpill(off, pooled) : (p as Buffer);
+      if (off + buf.length > stop) buf = buf.subarray(0, stop - off);
       if (buf.length === 0) {
         if (pooled) ctx.buffers.release(pooled);
         await fill.changed();
@@ -491,6 +508,16 @@ async function deliverFill(s: State): Promise<StepName | undefined> {
   } finally {
     fill.removeReader(id);
   }
+}
+
+/** The one satisfiable `bytes=a-b` / `bytes=a-` range of a response of `size` bytes, if the request asks for it. */
+function fillRange(h: IncomingMessage['headers'], size: number): { start: number; end: number } | undefined {
+  if (h['if-range'] !== undefined) return undefined; // a fill's validators are the upstream's: keep it simple, send all
+  const m = /^\s*bytes\s*=\s*(\d+)\s*-\s*(\d*)\s*$/i.exec(String(h.range ?? ''));
+  if (!m) return undefined;
+  const start = Number(m[1]);
+  const end = m[2] === '' ? size - 1 : Math.min(Number(m[2]), size - 1);
+  return start < size && end >= start ? { start, end } : undefined;
 }
 
 /** Largest disk record read whole to answer a Range request with 206 (larger ones get the full 200). */

@@ -5,7 +5,7 @@ import assert from 'node:assert/strict';
 import { once } from 'node:events';
 import { connect } from 'node:net';
 import { describe, it } from 'node:test';
-import { gate } from '../helpers/origin.ts';
+import { gate, type Route } from '../helpers/origin.ts';
 import { get, useProxy } from '../helpers/proxy.ts';
 import { waitFor } from '../helpers/mirrors.ts';
 
@@ -103,7 +103,7 @@ describe('Expect: 100-continue', () => {
 });
 
 describe('Range served from the cache', () => {
-  const rig = useProxy({ 'max-memory-object-size': '4KB' }, 2);
+  const rig = useProxy({ 'max-memory-object-size': '4KB', 'range-offset-limit': '32KB' }, 2);
 
   it('a single range of a stored object is answered 206, from memory and from disk; others get the full 200', async () => {
     const { origin, pool } = rig;
@@ -130,5 +130,36 @@ describe('Range served from the cache', () => {
       assert.equal((await get(pool, `${origin.url}${path}`, { range: 'bytes=0-3', 'if-range': '"other"' })).status, 200, 'If-Range that does not match: the full 200');
       assert.equal(origin.count(path), 1);
     }
+  });
+});
+
+describe('Range that misses', () => {
+  const rig = useProxy({ 'range-offset-limit': '32KB' }, 2);
+
+  it('within --range-offset-limit fills the whole object and answers the range from the fill; the next request is a hit', async () => {
+    const { origin, pool } = rig;
+    const body = Buffer.alloc(100_000, 1);
+    body.write('RANGE', 10);
+    origin.route('/rng', { headers: { 'cache-control': 'max-age=600' }, body });
+    const r = await get(pool, `${origin.url}/rng`, { range: 'bytes=10-14' });
+    assert.equal(r.status, 206);
+    assert.equal(r.body.toString(), 'RANGE');
+    assert.equal(r.headers['content-range'], 'bytes 10-14/100000');
+    assert.equal(origin.seen.at(-1)!.headers.range, undefined, 'the fill asked for the whole object');
+    await waitFor('stored', () => rig.p.proxy.coalescer.running === 0);
+    const all = await get(pool, `${origin.url}/rng`);
+    assert.ok(all.body.equals(body));
+    assert.match(String(all.headers['x-cache']), /HIT/);
+    assert.equal(origin.count('/rng'), 1);
+  });
+
+  it('beyond --range-offset-limit is passed with its Range, and nothing is stored', async () => {
+    const { origin, pool } = rig;
+    origin.route('/far', (req): Route => (req.headers.range ? { status: 206, headers: { 'content-range': 'bytes 50000-50001/100000' }, body: 'xy' } : { body: 'whole' }));
+    const r = await get(pool, `${origin.url}/far`, { range: 'bytes=50000-50001' });
+    assert.equal(r.status, 206);
+    assert.equal(r.body.toString(), 'xy');
+    assert.equal(origin.seen.at(-1)!.headers.range, 'bytes=50000-50001');
+    assert.equal(origin.count('/far'), 1);
   });
 });
