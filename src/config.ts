@@ -117,11 +117,15 @@ const HELP: Record<OptionName, string> = {
 
 const MULTIPLE = new Set<OptionName>(['listen', 'allow-client', 'allow-dest', 'allow-purge', 'stratum1', 'allow-snmp']);
 
-const UNITS: Record<string, number> = { '': 1, B: 1, K: 1024, KB: 1024, KIB: 1024, M: 1024 ** 2, MB: 1024 ** 2, MIB: 1024 ** 2, G: 1024 ** 3, GB: 1024 ** 3, GIB: 1024 ** 3, T: 1024 ** 4, TB: 1024 ** 4, TIB: 1024 ** 4 };
+const UNITS: Record<string, number> = { B: 1, K: 1024, KB: 1024, KIB: 1024, M: 1024 ** 2, MB: 1024 ** 2, MIB: 1024 ** 2, G: 1024 ** 3, GB: 1024 ** 3, GIB: 1024 ** 3, T: 1024 ** 4, TB: 1024 ** 4, TIB: 1024 ** 4 };
 const DURATIONS: Record<string, number> = { ms: 1, '': 1000, s: 1000, m: 60_000, min: 60_000, h: 3_600_000, d: 86_400_000 };
 
+/**
+ * A size needs its unit: a bare number would be bytes here but MB in Squid's `cache_dir`, so an admin
+ * coming from Squid would get a cache a millionth of the size meant. Units are 1024-based.
+ */
 export function parseSize(v: string | number): number | undefined {
-  if (typeof v === 'number') return Number.isSafeInteger(v) && v >= 0 ? v : undefined;
+  if (typeof v === 'number') return undefined;
   const m = /^\s*(\d+(?:\.\d+)?)\s*([a-z]*)\s*$/i.exec(v);
   const unit = m && UNITS[m[2]!.toUpperCase()];
   return m && unit ? Math.floor(Number(m[1]) * unit) : undefined;
@@ -209,7 +213,7 @@ const conv = <T>(fn: (v: never) => T | undefined, expected: string) =>
     return out;
   });
 const list = <T extends z.ZodType>(item: T) => z.preprocess((v) => (Array.isArray(v) ? v : [v]), z.array(item));
-const size = conv(parseSize, 'a size such as 512KB, 256MB or 10GB');
+const size = conv(parseSize, 'a size with its unit (B, KB, MB, GB or TB, 1024-based), such as 512KB, 256MB or 10GB; a bare number is refused, since Squid reads one as MB');
 const duration = conv(parseDurationMs, 'a duration such as 500ms, 60s, 5m or 1h');
 const count = z.number({ error: 'expected a positive integer' }).int('expected a positive integer').positive('expected a positive integer');
 

@@ -37,7 +37,10 @@ async function main(argv: string[]): Promise<number> {
     proxy = await createProxy(cfg);
     await proxy.listen();
   } catch (err) {
+    // Any listener that can't be bound (the admin or SNMP port, a second --listen) is fatal: close
+    // what was opened and exit non-zero, so systemd and the admin see the failure.
     process.stderr.write(`cuttle: ${(err as Error).message}\n`);
+    await proxy?.close(0).catch(() => {});
     return 1;
   }
   const p = proxy;
@@ -76,7 +79,8 @@ async function main(argv: string[]): Promise<number> {
 
 main(process.argv.slice(2)).then(
   (code) => {
-    if (code >= 0) process.exitCode = code;
+    if (code > 0) process.exit(code);
+    if (code === 0) process.exitCode = 0;
   },
   (err) => {
     process.stderr.write(`cuttle: fatal: ${(err as Error).stack ?? err}\n`);

@@ -1,6 +1,9 @@
 // Operating cuttle: metrics move with traffic, readiness, SIGHUP reload, SIGTERM drain, log reopen.
 import assert from 'node:assert/strict';
 import { randomBytes } from 'node:crypto';
+import { spawn } from 'node:child_process';
+import { once } from 'node:events';
+import { createServer, type AddressInfo } from 'node:net';
 import { existsSync, readFileSync, renameSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { after, before, describe, it } from 'node:test';
@@ -148,5 +151,35 @@ describe('operations', () => {
     const fresh = readFileSync(log, 'utf8');
     assert.match(fresh, /\?two/);
     assert.doesNotMatch(fresh, /\?one/);
+  });
+});
+
+describe('start-up failures', () => {
+  it('a listener that cannot be bound after the first (admin, a second --listen) exits non-zero, closing what it opened', async () => {
+    const busy = createServer();
+    await new Promise<void>((r) => busy.listen(0, '127.0.0.1', () => r()));
+    const port = (busy.address() as AddressInfo).port;
+    try {
+      for (const extra of [['--admin-listen', `127.0.0.1:${port}`], ['--listen', `127.0.0.1:${port}`, '--admin-listen', 'none']]) {
+        const child = spawn(process.execPath, ['src/main.ts', '--listen', '127.0.0.1:0', '--cache-dir', join(tmpDir(), 'c'), '--access-log', 'none', ...extra], { stdio: ['ignore', 'ignore', 'pipe'] });
+        let err = '';
+        child.stderr!.on('data', (c) => (err += c));
+        const [code] = await once(child, 'exit');
+        assert.equal(code, 1, err);
+        assert.match(err, /cannot listen on .*EADDRINUSE/);
+      }
+    } finally {
+      busy.close();
+    }
+  });
+
+  it('a size without a unit is refused, naming its key and the units', async () => {
+    const child = spawn(process.execPath, ['src/main.ts', '--check-config', '--disk-cache', '200000'], { stdio: ['ignore', 'ignore', 'pipe'] });
+    let err = '';
+    child.stderr!.on('data', (c) => (err += c));
+    const [code] = await once(child, 'exit');
+    assert.equal(code, 2);
+    assert.match(err, /disk-cache: expected a size with its unit \(B, KB, MB, GB or TB/);
+    assert.doesNotMatch(err, /max-object-size/);
   });
 });

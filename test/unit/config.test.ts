@@ -42,6 +42,8 @@ describe('config', () => {
     assert.equal(parseSize('512KB'), 512 * 1024);
     assert.equal(parseSize('1.5GB'), 1.5 * 1024 ** 3);
     assert.equal(parseSize('12 parsecs'), undefined);
+    assert.equal(parseSize('4096'), undefined);
+    assert.equal(parseSize('4096B'), 4096);
     assert.equal(parseDurationMs('61s'), 61_000);
     assert.equal(parseDurationMs('5m'), 300_000);
     assert.equal(parseDurationMs('250ms'), 250);
@@ -49,7 +51,10 @@ describe('config', () => {
 
   it('names the key of an unknown option, a bad size and a bad CIDR', () => {
     assert.match(problems({ 'cache-sise': '1GB' }).join('\n'), /unknown key "cache-sise"/);
-    assert.match(problems({ 'disk-cache': 'lots' }).join('\n'), /^disk-cache: expected a size such as 512KB, 256MB or 10GB, got "lots"/m);
+    assert.match(problems({ 'disk-cache': 'lots' }).join('\n'), /^disk-cache: expected a size with its unit \(B, KB, MB, GB or TB, 1024-based\).*got "lots"/m);
+    // A bare number is not bytes: Squid's cache_dir reads it as MB. It is refused, under its own key.
+    assert.match(problems({ 'disk-cache': '200000' }).join('\n'), /^disk-cache: expected a size with its unit/m);
+    assert.match(problems({ 'memory-cache': 1024 }).join('\n'), /^memory-cache: expected a size with its unit/m);
     assert.match(problems({ 'allow-client': ['10.0.0.0/33'] }).join('\n'), /^allow-client: expected an IP address or CIDR/m);
     assert.match(problems({ 'allow-port': '80,http' }).join('\n'), /^allow-port: expected ports/m);
     assert.match(problems({ listen: 'nowhere' }).join('\n'), /^listen: expected \[HOST:\]PORT/m);
