@@ -271,6 +271,7 @@ export async function createProxy(cfg: Config, opts: ProxyOptions = {}): Promise
       // undici's close() would wait for every running request: after the timeout nothing waits.
       await upstream.destroy().catch(() => {});
       await accessLog.flush();
+      await disk.unlock();
       await new Promise<void>((r) => (admin?.listening ? admin.close(() => r()) : r()));
       await snmpAgent?.close();
     },

@@ -134,6 +134,8 @@ export class DiskTier implements Tier {
     const probe = join(this.#tmp, `.probe.${process.pid}`);
     await fsp.writeFile(probe, 'ok');
     await fsp.unlink(probe);
+    // One cuttle per cache directory: a second would delete the first one's temp records below.
+    await this.#lock();
     // Anything left in tmp is from a crash: it was never complete.
     for (const f of await fsp.readdir(this.#tmp)) await fsp.rm(join(this.#tmp, f), { force: true });
     this.loaded = this.#scan().then(
@@ -145,6 +147,42 @@ export class DiskTier implements Tier {
         this.#o.onError?.('disk index scan failed', err);
       },
     );
+  }
+
+  #lockPath(): string {
+    return join(this.#o.dir, 'v1', 'cuttle.lock');
+  }
+
+  /**
+   * Take the directory's lock for this process's life: a file holding our pid, created exclusively.
+   * A lock whose pid is no longer alive is stale (kill -9, a crash) and is taken over.
+   */
+  async #lock(): Promise<void> {
+    const path = this.#lockPath();
+    for (let attempt = 0; attempt < 3; attempt++) {
+      try {
+        await fsp.writeFile(path, `${process.pid}\n`, { flag: 'wx' });
+        this.#locked = true;
+        return;
+      } catch (err) {
+        if ((err as NodeJS.ErrnoException).code !== 'EEXIST') throw err;
+      }
+      const pid = Number((await fsp.readFile(path, 'utf8').catch(() => '')).trim());
+      if (Number.isInteger(pid) && pid > 0 && alive(pid)) {
+        throw new Error(`it is in use by another cuttle (pid ${pid}, ${path}); each cuttle needs its own --cache-dir`);
+      }
+      await fsp.rm(path, { force: true }); // stale: its process is gone
+    }
+    throw new Error(`could not take the lock ${path}`);
+  }
+
+  #locked = false;
+
+  /** Give the directory's lock back (the proxy is closing). */
+  async unlock(): Promise<void> {
+    if (!this.#locked) return;
+    this.#locked = false;
+    await fsp.rm(this.#lockPath(), { force: true });
   }
 
   #pathOf(hash: string): string {
@@ -460,5 +498,15 @@ export class DiskWriter implements TierWriter {
         fs.close(fd, () => {});
       }
     });
+  }
+}
+
+/** Is a process with this pid running (ours included)? EPERM means it exists under another user. */
+function alive(pid: number): boolean {
+  try {
+    process.kill(pid, 0);
+    return true;
+  } catch (err) {
+    return (err as NodeJS.ErrnoException).code === 'EPERM';
   }
 }

@@ -173,6 +173,20 @@ describe('start-up failures', () => {
     }
   });
 
+  it('a second cuttle on the same --cache-dir is refused; a lock left by a killed one is taken over', async () => {
+    const cacheDir = join(tmpDir(), 'c');
+    const first = await startChildProxy(['--listen', '127.0.0.1:0', '--cache-dir', cacheDir]);
+    const second = spawn(process.execPath, ['src/main.ts', '--listen', '127.0.0.1:0', '--admin-listen', 'none', '--cache-dir', cacheDir, '--access-log', 'none'], { stdio: ['ignore', 'ignore', 'pipe'] });
+    let err = '';
+    second.stderr!.on('data', (c) => (err += c));
+    const [code] = await once(second, 'exit');
+    assert.equal(code, 1, err);
+    assert.match(err, new RegExp(`in use by another cuttle \\(pid ${first.child.pid}`));
+    await first.stop('SIGKILL');
+    const third = await startChildProxy(['--listen', '127.0.0.1:0', '--cache-dir', cacheDir]);
+    assert.equal(await third.stop(), 0, 'the stale lock was taken over');
+  });
+
   it('a size without a unit is refused, naming its key and the units', async () => {
     const child = spawn(process.execPath, ['src/main.ts', '--check-config', '--disk-cache', '200000'], { stdio: ['ignore', 'ignore', 'pipe'] });
     let err = '';
