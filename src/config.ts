@@ -14,7 +14,7 @@ export const VERSION = '0.1.0';
 
 /** Every option: CLI flag and YAML key share the name. `multiple` options are lists. */
 export const DEFAULTS = {
-  listen: ['0.0.0.0:3128'],
+  listen: ['3128'],
   'cache-dir': './var/cache',
   'disk-cache': '10GB',
   'memory-cache': '256MB',
@@ -164,7 +164,8 @@ function parseListen(v: string | number): ListenAddr | undefined {
   if (!m) return undefined;
   const port = Number(m[3]);
   if (port > 65535) return undefined;
-  return { host: m[1] || m[2] || '0.0.0.0', port };
+  // A bare port listens on every address, IPv6 and IPv4 alike (Squid's `http_port 3128`).
+  return { host: m[1] || m[2] || '::', port };
 }
 
 /** "a.b.c.d/n", "::/n" or a bare address (a /32 or /128). Matching itself is net.BlockList's job. */

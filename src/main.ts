@@ -100,7 +100,7 @@ function human(n: number): string {
 
 /** What --check-config confirms, one line per concern, so an admin sees what the file means. */
 function summary(cfg: Config): string {
-  const addr = (a: { host: string; port: number } | 'none') => (a === 'none' ? 'off' : `${a.host}:${a.port}`);
+  const addr = (a: { host: string; port: number } | 'none') => (a === 'none' ? 'off' : `${a.host.includes(':') ? `[${a.host}]` : a.host}:${a.port}`);
   const lines = [
     `  proxy:     ${cfg.listen.map(addr).join(', ')}${cfg.accel ? ' (also accelerator mode)' : ''}`,
     `  admin:     ${addr(cfg.adminListen)}`,

@@ -53,6 +53,17 @@ export interface Proxy {
   snmpPort(): number | undefined;
 }
 
+function listenOn(srv: Server, host: string, port: number): Promise<void> {
+  return new Promise<void>((resolve, reject) => {
+    const onErr = (err: Error) => reject(new Error(`cannot listen on ${host.includes(':') ? `[${host}]` : host}:${port}: ${err.message}`, { cause: err }));
+    srv.once('error', onErr);
+    srv.listen({ host, port, backlog: 4096 }, () => {
+      srv.off('error', onErr);
+      resolve();
+    });
+  });
+}
+
 /** The raw answer to a connection past --max-client-connections (no request has been read yet). */
 function overloadedConnection(name: string): string {
   const err = new ProxyError('ERR_OVERLOADED', 'too many client connections');
@@ -192,14 +203,15 @@ export async function createProxy(cfg: Config, opts: ProxyOptions = {}): Promise
     async listen() {
       for (const [i, srv] of servers.entries()) {
         const { host, port } = listeners[i]!.addr;
-        await new Promise<void>((resolve, reject) => {
-          const onErr = (err: Error) => reject(new Error(`cannot listen on ${host}:${port}: ${err.message}`, { cause: err }));
-          srv.once('error', onErr);
-          srv.listen({ host, port, backlog: 4096 }, () => {
-            srv.off('error', onErr);
-            resolve();
-          });
-        });
+        try {
+          await listenOn(srv, host, port);
+        } catch (err) {
+          // A host without IPv6 can't bind '::': every IPv4 address is the next best thing.
+          const code = (err as { cause?: NodeJS.ErrnoException }).cause?.code;
+          if (host !== '::' || (code !== 'EAFNOSUPPORT' && code !== 'EADDRNOTAVAIL')) throw err;
+          log.warn({ port }, 'no IPv6 on this host: listening on IPv4 only');
+          await listenOn(srv, '0.0.0.0', port);
+        }
       }
       if (admin && cfg.adminListen !== 'none') {
         const { host, port } = cfg.adminListen;

@@ -97,3 +97,25 @@ describe('access control', () => {
     echo.close();
   });
 });
+
+describe('listening', () => {
+  it('a bare --listen port serves IPv6 and IPv4 clients alike (dual-stack, like Squid)', async () => {
+    const origin = await startOrigin({ '/dual': { headers: { 'cache-control': 'max-age=60' }, body: 'both' } });
+    const p = await startProxy({ listen: ['0'] });
+    try {
+      const port = p.proxy.addresses()[0]!.port;
+      for (const host of ['127.0.0.1', '[::1]']) {
+        const c = new Pool(`http://${host}:${port}`);
+        const r = await get(c, `${origin.url}/dual`);
+        assert.equal(r.status, 200, host);
+        assert.equal(r.body.toString(), 'both');
+        await c.close();
+      }
+      assert.equal(origin.count('/dual'), 1);
+      assert.equal(p.proxy.counters.hits, 1);
+    } finally {
+      await p.close();
+      await origin.close();
+    }
+  });
+});

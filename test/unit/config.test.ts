@@ -26,7 +26,7 @@ function cuttle(args: string[]) {
 describe('config', () => {
   it('has working defaults (Squid port, NET_LOCAL clients, CVMFS ports)', () => {
     const c = buildConfig({});
-    assert.deepEqual(c.listen, [{ host: '0.0.0.0', port: 3128 }]);
+    assert.deepEqual(c.listen, [{ host: '::', port: 3128 }], 'a bare port is dual-stack');
     assert.equal(c.diskCacheBytes, 10 * 1024 ** 3);
     assert.equal(c.memoryCacheBytes, 256 * 1024 ** 2);
     assert.equal(c.maxObjectBytes, 1024 ** 3);
