@@ -1,6 +1,7 @@
 // HTTP/1.1 forwarding rules (RFC 9110 §7.6): hop-by-hop headers go, Via is added, X-Forwarded-For is
 // appended, Max-Forwards is honoured for TRACE/OPTIONS, and our own Via entry means a loop.
-import type { IncomingHttpHeaders, OutgoingHttpHeaders, ServerResponse } from 'node:http';
+import { STATUS_CODES, type IncomingHttpHeaders, type OutgoingHttpHeaders, type ServerResponse } from 'node:http';
+import type { Duplex } from 'node:stream';
 import { VERSION } from './config.ts';
 import type { ProxyError } from './errors.ts';
 
@@ -67,25 +68,45 @@ export function clientResponseHeaders(status: number, h: Headers, name: string, 
   return out;
 }
 
-/** RFC 9209 Proxy-Status plus Squid's X-Squid-Error, on cuttle's own failures only. */
+/** The head fields of an answer to one of cuttle's own failures: RFC 9209 Proxy-Status and Squid's X-Squid-Error. */
+function errorHead(err: ProxyError, name: string, body: string): Record<string, string> {
+  const details = err.detail ? `; details=${JSON.stringify(err.detail.replace(/[^\x20-\x7e]/g, '?').slice(0, 200))}` : '';
+  return {
+    'content-type': 'text/plain; charset=utf-8',
+    'content-length': String(Buffer.byteLength(body)),
+    'proxy-status': `cuttle; error=${err.token}${details}`,
+    'x-squid-error': err.squid,
+    'x-cache': `MISS from ${name}`,
+    via: viaEntry(name),
+    'cache-control': 'no-store',
+  };
+}
+
+/** Answer one of cuttle's own failures (never an upstream's) on a response. Returns the body bytes. */
 export function sendError(res: ServerResponse, err: ProxyError, name: string): number {
   if (res.headersSent) {
     res.destroy();
     return 0;
   }
   const body = `${err.status} ${err.message}\n`;
-  const details = err.detail ? `; details=${JSON.stringify(err.detail.replace(/[^\x20-\x7e]/g, '?').slice(0, 200))}` : '';
-  res.writeHead(err.status, {
-    'content-type': 'text/plain; charset=utf-8',
-    'content-length': Buffer.byteLength(body),
-    'proxy-status': `cuttle; error=${err.token}${details}`,
-    'x-squid-error': err.squid,
-    'x-cache': `MISS from ${name}`,
-    via: viaEntry(name),
-    'cache-control': 'no-store',
-  });
+  res.writeHead(err.status, errorHead(err, name, body));
   res.end(body);
   return Buffer.byteLength(body);
+}
+
+/**
+ * The same answer written raw on a socket that no HTTP response object owns (a refused CONNECT, a
+ * connection past --max-client-connections), then closed both ways once it is out: a client that
+ * never closes its side can't hold the socket.
+ */
+export function endWithError(socket: Duplex, err: ProxyError, name: string): void {
+  const body = `${err.status} ${err.message}\n`;
+  // Written by hand, so in the usual capitalisation (Proxy-Status, X-Squid-Error) that tools grep for.
+  const title = (k: string) => k.replace(/(^|-)([a-z])/g, (_m, sep: string, c: string) => sep + c.toUpperCase());
+  const fields = Object.entries({ ...errorHead(err, name, body), connection: 'close' }).map(([k, v]) => `${title(k)}: ${v}\r\n`);
+  socket.on('error', () => socket.destroy());
+  socket.once('finish', () => socket.destroy());
+  socket.end(`HTTP/1.1 ${err.status} ${STATUS_CODES[err.status] ?? 'Error'}\r\n${fields.join('')}\r\n${body}`);
 }
 
 /**

@@ -21,7 +21,7 @@ import { DiskTier } from './store-disk.ts';
 import { MemoryTier } from './store-memory.ts';
 import { handleConnect } from './tunnel.ts';
 import { ProxyError } from './errors.ts';
-import { viaEntry } from './forward.ts';
+import { endWithError } from './forward.ts';
 
 export interface ProxyOptions {
   clock?: Clock;
@@ -62,16 +62,6 @@ function listenOn(srv: Server, host: string, port: number): Promise<void> {
       resolve();
     });
   });
-}
-
-/** The raw answer to a connection past --max-client-connections (no request has been read yet). */
-function overloadedConnection(name: string): string {
-  const err = new ProxyError('ERR_OVERLOADED', 'too many client connections');
-  const body = `${err.status} ${err.message}\n`;
-  return (
-    `HTTP/1.1 503 Service Unavailable\r\nProxy-Status: cuttle; error=${err.token}; details="${err.detail}"\r\nX-Squid-Error: ${err.squid}\r\n` +
-    `Via: ${viaEntry(name)}\r\nCache-Control: no-store\r\nContent-Type: text/plain\r\nContent-Length: ${Buffer.byteLength(body)}\r\nConnection: close\r\n\r\n${body}`
-  );
 }
 
 export async function createProxy(cfg: Config, opts: ProxyOptions = {}): Promise<Proxy> {
@@ -168,9 +158,7 @@ export async function createProxy(cfg: Config, opts: ProxyOptions = {}): Promise
       sock.once('close', () => connections--);
       if (connections > cfg.maxClientConnections) {
         counters.errors++;
-        sock.on('error', () => sock.destroy());
-        sock.once('finish', () => sock.destroy());
-        sock.end(overloadedConnection(cfg.visibleHostname));
+        endWithError(sock, new ProxyError('ERR_OVERLOADED', 'too many client connections'), cfg.visibleHostname);
       }
     });
     srv.on('request', (req, res) =>

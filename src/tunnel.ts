@@ -7,18 +7,7 @@ import { plainAddress } from './acl.ts';
 import type { Transaction } from './access-log.ts';
 import { ProxyError, upstreamError } from './errors.ts';
 import type { Ctx } from './handle-request.ts';
-import { viaEntry } from './forward.ts';
-
-function rejectTunnel(socket: Duplex, err: ProxyError, name: string): void {
-  const body = `${err.status} ${err.message}\n`;
-  // Closed both ways once the answer is out: a client that never closes its side can't hold the socket.
-  socket.once('finish', () => socket.destroy());
-  socket.end(
-    `HTTP/1.1 ${err.status} ${err.status === 403 ? 'Forbidden' : 'Bad Gateway'}\r\n` +
-      `Proxy-Status: cuttle; error=${err.token}\r\nX-Squid-Error: ${err.squid}\r\nVia: ${viaEntry(name)}\r\n` +
-      `Content-Type: text/plain\r\nContent-Length: ${Buffer.byteLength(body)}\r\nConnection: close\r\n\r\n${body}`,
-  );
-}
+import { endWithError } from './forward.ts';
 
 export function handleConnect(ctx: Ctx, req: IncomingMessage, socket: Duplex, head: Buffer): void {
   const tx: Transaction = {
@@ -47,7 +36,7 @@ export function handleConnect(ctx: Ctx, req: IncomingMessage, socket: Duplex, he
     tx.result = err.status === 403 ? 'TCP_DENIED' : 'TCP_TUNNEL';
     if (err.status === 403) ctx.counters.denied++;
     else ctx.counters.errors++;
-    rejectTunnel(socket, err, name);
+    endWithError(socket, err, name);
     ctx.accessLog.write(tx, ctx.clock.now());
     ctx.metrics.observe(tx, err.token, ctx.clock.now());
   };
