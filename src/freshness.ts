@@ -172,6 +172,19 @@ export function isFresh(p: Policy): boolean {
   return p.maxAge() > p.age();
 }
 
+/** Seconds past the freshness lifetime (negative while fresh). */
+export function staleness(p: Policy): number {
+  return p.age() - p.maxAge();
+}
+
+/**
+ * Response directives under which a shared cache never answers with a stale copy on its own account
+ * (RFC 9111 §5.2.2.2, §5.2.2.8, §5.2.2.10: s-maxage implies proxy-revalidate; §5.2.2.4 no-cache).
+ */
+export function forbidsStale(res: Map<string, string>): boolean {
+  return res.has('must-revalidate') || res.has('proxy-revalidate') || res.has('s-maxage') || res.has('no-cache');
+}
+
 /** Cache-Control directives by lower-cased name (values unquoted; '' for a directive without one). */
 export function directives(v: string | string[] | undefined): Map<string, string> {
   const out = new Map<string, string>();

@@ -24,7 +24,7 @@ import type { Config } from './config.ts';
 import { internalError, ProxyError, upstreamError } from './errors.ts';
 import { discard, type Upstream } from './fetch.ts';
 import type { FillReader } from './fill.ts';
-import { clientWantsReload, directives, hasValidators, isFresh } from './freshness.ts';
+import { clientWantsReload, directives, forbidsStale, hasValidators, isFresh, staleness } from './freshness.ts';
 import { clientResponseHeaders, conditionMatches, isLoop, notModifiedHeaders, sendError, upstreamRequestHeaders } from './forward.ts';
 import type { Logger } from './log.ts';
 import type { Mirrors } from './mirrors.ts';
@@ -271,8 +271,9 @@ async function lookup(s: State): Promise<StepName> {
   // What this request alone wants (no storing, a range far into the object) is fetched for it alone.
   // A range that starts within --range-offset-limit fills the whole object (Squid's
   // range_offset_limit), so the next request is a hit; the range is answered from the fill.
-  const rangeStart = /^\s*bytes\s*=\s*(\d+)\s*-\s*\d*\s*$/i.exec(String(req.headers.range ?? ''))?.[1];
-  const fillForRange = rangeStart !== undefined && Number(rangeStart) <= ctx.cfg.rangeOffsetLimitBytes && !stored;
+  const spec = rangeSpec(req.headers);
+  const rangeFirst = spec && 'first' in spec ? spec.first : undefined;
+  const fillForRange = rangeFirst !== undefined && rangeFirst <= ctx.cfg.rangeOffsetLimitBytes && !stored;
   if ((req.headers.range !== undefined && !fillForRange) || /(^|,)\s*no-store\b/i.test(String(req.headers['cache-control'] ?? ''))) {
     closeStored(stored);
     return 'pass';
@@ -299,12 +300,13 @@ async function hit(s: State): Promise<StepName | undefined> {
 }
 
 async function stale(s: State): Promise<StepName> {
-  const st = s.stored!;
-  if (st.body.kind === 'file' && (!hasValidators(st.meta.headers) || s.tx.method === 'HEAD')) st.body.close();
   s.tx.result = 'TCP_REFRESH_MODIFIED';
-  if (s.tx.method === 'HEAD') return 'pass';
-  if (!hasValidators(st.meta.headers)) s.stored = undefined; // no validators: a plain refetch
-  return 'miss';
+  if (s.tx.method === 'HEAD') {
+    closeStored(s.stored);
+    s.stored = undefined;
+    return 'pass';
+  }
+  return 'miss'; // a conditional refetch when the copy has validators (startFill), else a plain one
 }
 
 async function busy(s: State): Promise<StepName> {
@@ -332,7 +334,7 @@ async function miss(s: State): Promise<StepName> {
     return 'busy';
   }
   if (ctx.coalescer.inFlight >= ctx.cfg.maxFills) {
-    if (s.stored?.body.kind === 'file') s.stored.body.close();
+    closeStored(s.stored);
     return fail(s, 'ERR_OVERLOADED', 'too many fills in flight');
   }
   ctx.counters.misses++;
@@ -372,10 +374,11 @@ function startFill(s: State, stale: StoredObject | undefined): ReturnType<Coales
 function withinRevalidateWindow(st: StoredObject, reqHeaders: IncomingMessage['headers']): boolean {
   const res = directives(st.meta.headers['cache-control']);
   const swr = res.get('stale-while-revalidate');
+  // The window is the origin's own permission to serve stale, so s-maxage alone does not forbid it.
   if (swr === undefined || res.has('must-revalidate') || res.has('proxy-revalidate') || res.has('no-cache')) return false;
   const req = directives(reqHeaders['cache-control']);
   if (req.has('max-age') || req.has('min-fresh')) return false; // the client asked for fresher than that
-  const staleS = st.policy.age() - st.policy.maxAge();
+  const staleS = staleness(st.policy);
   return staleS > 0 && staleS <= Number(swr);
 }
 
@@ -510,14 +513,32 @@ async function deliverFill(s: State): Promise<StepName | undefined> {
   }
 }
 
-/** The one satisfiable `bytes=a-b` / `bytes=a-` range of a response of `size` bytes, if the request asks for it. */
+/**
+ * The one byte range a Range header asks for (`bytes=a-b`, `bytes=a-` or `bytes=-n`), before the size is
+ * known; undefined for anything else (several ranges, another unit, garbage): the full 200 answers those.
+ */
+function rangeSpec(h: IncomingMessage['headers']): { first: number; last: number | undefined } | { suffix: number } | undefined {
+  const m = /^\s*bytes\s*=\s*(\d*)\s*-\s*(\d*)\s*$/i.exec(String(h.range ?? ''));
+  if (!m || (m[1] === '' && m[2] === '')) return undefined;
+  if (m[1] === '') return { suffix: Number(m[2]) };
+  return { first: Number(m[1]), last: m[2] === '' ? undefined : Number(m[2]) };
+}
+
+/** That range within a body of `size` bytes: 'unsatisfiable' when it lies past the end. */
+function resolveRange(spec: NonNullable<ReturnType<typeof rangeSpec>>, size: number): { start: number; end: number } | 'unsatisfiable' | undefined {
+  if ('suffix' in spec) return spec.suffix === 0 ? 'unsatisfiable' : { start: Math.max(0, size - spec.suffix), end: size - 1 };
+  const end = spec.last === undefined ? size - 1 : Math.min(spec.last, size - 1);
+  if (spec.first >= size) return 'unsatisfiable';
+  return end < spec.first ? undefined : { start: spec.first, end };
+}
+
+/** The `bytes=a-b` / `bytes=a-` range to answer from a fill of `size` bytes, if the request asks for one. */
 function fillRange(h: IncomingMessage['headers'], size: number): { start: number; end: number } | undefined {
   if (h['if-range'] !== undefined) return undefined; // a fill's validators are the upstream's: keep it simple, send all
-  const m = /^\s*bytes\s*=\s*(\d+)\s*-\s*(\d*)\s*$/i.exec(String(h.range ?? ''));
-  if (!m) return undefined;
-  const start = Number(m[1]);
-  const end = m[2] === '' ? size - 1 : Math.min(Number(m[2]), size - 1);
-  return start < size && end >= start ? { start, end } : undefined;
+  const spec = rangeSpec(h);
+  if (!spec || 'suffix' in spec) return undefined;
+  const r = resolveRange(spec, size);
+  return r === 'unsatisfiable' ? undefined : r;
 }
 
 /** Largest disk record read whole to answer a Range request with 206 (larger ones get the full 200). */
@@ -529,8 +550,8 @@ const RANGE_FROM_DISK_MAX = 16 * 1024 * 1024;
  * ranges, another unit, garbage) is ignored: the full 200 is a valid answer.
  */
 function byteRange(h: IncomingMessage['headers'], st: StoredObject): { start: number; end: number } | 'unsatisfiable' | undefined {
-  const m = /^\s*bytes\s*=\s*(\d*)\s*-\s*(\d*)\s*$/i.exec(String(h.range ?? ''));
-  if (!m || (m[1] === '' && m[2] === '')) return undefined;
+  const spec = rangeSpec(h);
+  if (!spec) return undefined;
   const ifRange = h['if-range'] === undefined ? undefined : String(h['if-range']);
   if (ifRange !== undefined) {
     const etag = String(st.meta.headers.etag ?? '');
@@ -538,17 +559,7 @@ function byteRange(h: IncomingMessage['headers'], st: StoredObject): { start: nu
     // A strong ETag or an exact Last-Modified date must match (RFC 9110 §13.1.5).
     if (ifRange.startsWith('W/') || (ifRange !== etag && ifRange !== lm) || (ifRange === etag && etag.startsWith('W/'))) return undefined;
   }
-  const size = st.size;
-  if (m[1] === '') {
-    const n = Number(m[2]);
-    if (n === 0) return 'unsatisfiable';
-    return { start: Math.max(0, size - n), end: size - 1 };
-  }
-  const start = Number(m[1]);
-  const end = m[2] === '' ? size - 1 : Math.min(Number(m[2]), size - 1);
-  if (start >= size) return 'unsatisfiable';
-  if (end < start) return undefined;
-  return { start, end };
+  return resolveRange(spec, st.size);
 }
 
 /** A disk body read whole and checked against its CRC; undefined when it fails. */
@@ -633,8 +644,7 @@ async function deliverStored(s: State, st: StoredObject): Promise<void> {
       if (!res.write(b, () => ctx.buffers.release(pooled))) await drained(res);
     }
     if (body.verify() !== 'ok') {
-      await corruptRecord(s, st);
-      res.destroy();
+      await corruptRecord(s, st); // the client is cut short
       return;
     }
     res.end();
@@ -650,7 +660,7 @@ async function deliverStored(s: State, st: StoredObject): Promise<void> {
  */
 export function mayServeStale(st: StoredObject, reqHeaders: IncomingMessage['headers'], maxStaleMs: number): boolean {
   const res = directives(st.meta.headers['cache-control']);
-  if (res.has('must-revalidate') || res.has('proxy-revalidate') || res.has('s-maxage') || res.has('no-cache') || res.has('no-store')) return false;
+  if (forbidsStale(res) || res.has('no-store')) return false;
   const req = directives(reqHeaders['cache-control']);
   let limitS = maxStaleMs / 1000;
   for (const v of [res.get('stale-if-error'), req.get('max-stale'), req.get('stale-if-error')]) {
@@ -658,8 +668,7 @@ export function mayServeStale(st: StoredObject, reqHeaders: IncomingMessage['hea
     const n = Number(v);
     limitS = Math.min(limitS, Number.isFinite(n) && n >= 0 ? n : 0);
   }
-  const staleS = st.policy.age() - st.policy.maxAge();
-  return staleS <= limitS;
+  return staleness(st.policy) <= limitS;
 }
 
 /**
@@ -670,14 +679,13 @@ export function mayServeStale(st: StoredObject, reqHeaders: IncomingMessage['hea
 function satisfies(st: StoredObject, reqHeaders: IncomingMessage['headers']): boolean {
   const req = directives(reqHeaders['cache-control']);
   const age = st.policy.age();
-  const freshFor = st.policy.maxAge() - age;
+  const freshFor = -staleness(st.policy);
   const num = (k: string) => Number(req.get(k));
   if (req.has('max-age') && !(age <= num('max-age'))) return false;
   if (req.has('min-fresh') && !(freshFor >= num('min-fresh'))) return false;
   if (freshFor > 0) return true;
   if (!req.has('max-stale')) return false;
-  const res = directives(st.meta.headers['cache-control']);
-  if (res.has('must-revalidate') || res.has('proxy-revalidate') || res.has('s-maxage') || res.has('no-cache')) return false;
+  if (forbidsStale(directives(st.meta.headers['cache-control']))) return false;
   return req.get('max-stale') === '' || -freshFor <= num('max-stale');
 }
 
@@ -798,7 +806,7 @@ async function purge(s: State): Promise<StepName | undefined> {
     const st = await ctx.store.get(k).catch(() => undefined);
     if (st) {
       found = true;
-      if (st.body.kind === 'file') st.body.close();
+      closeStored(st);
     }
     await forget(ctx, k);
   }
