@@ -46,7 +46,7 @@ export class Coalescer implements FetchHost {
   readonly #superseded = new WeakSet<Fill>();
   readonly #finished = new WeakSet<Fill>();
   /** Every fetch still running (including released fills and commits to disk). */
-  readonly #running = new Map<Fill, Promise<void>>();
+  readonly #running = new Set<Fill>();
   #idle: (() => void)[] = [];
   /** Keys whose refresh just failed (upstream down): stale copies are served without asking again. */
   readonly #refreshFailed: LRUCache<string, true>;
@@ -145,7 +145,7 @@ export class Coalescer implements FetchHost {
     const f = this.#fills.get(key);
     if (f) this.unmap(f);
     // Also a fill that new requests no longer find but whose disk commit is still landing.
-    for (const r of this.#running.keys()) if (r.key === key || r.variant?.key === key) this.#superseded.add(r);
+    for (const r of this.#running) if (r.key === key || r.variant?.key === key) this.#superseded.add(r);
   }
 
   /** Start a fill; the starting client is its reader 0. A newer fill for the key supersedes the older. */
@@ -159,11 +159,12 @@ export class Coalescer implements FetchHost {
     }
     this.#fills.set(r.key, fill);
     this.stats.fillsStarted++;
-    const run = runFetch(this, fill, r).finally(() => {
+    this.#running.add(fill);
+    // runFetch never rejects: its own steps turn every failure into the fill's end.
+    void runFetch(this, fill, r).finally(() => {
       this.#running.delete(fill);
       if (this.#running.size === 0) for (const f of this.#idle.splice(0)) f();
     });
-    this.#running.set(fill, run);
     this.#watch();
     return { fill, readerId };
   }
@@ -198,7 +199,7 @@ export class Coalescer implements FetchHost {
 
   /** Shutdown past its timeout: give every running fill up now (readers are cut short). */
   abortAll(why: string): void {
-    for (const fill of this.#running.keys()) fill.abandon(new ProxyError('ERR_FILL_ABANDONED', why));
+    for (const fill of this.#running) fill.abandon(new ProxyError('ERR_FILL_ABANDONED', why));
   }
 
   /**
@@ -216,7 +217,7 @@ export class Coalescer implements FetchHost {
         return;
       }
       const now = performance.now();
-      for (const fill of this.#running.keys()) {
+      for (const fill of this.#running) {
         if (fill.state === 'streaming' && now - fill.lastProgressAt > limit) fill.abandon(new ProxyError('ERR_READ_TIMEOUT', `no progress for ${limit} ms`));
       }
     }, Math.max(100, Math.min(1000, limit / 4)));

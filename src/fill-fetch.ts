@@ -519,14 +519,14 @@ function error(st: FetchState): Step {
 function fail(st: FetchState): Step {
   const { host, fill } = st;
   st.store?.spill?.abort();
-  const quiet = fill.abandoned !== undefined || (fill.released && st.ac.signal.aborted);
   const e = st.error ?? (st.bodyError instanceof ProxyError ? st.bodyError : upstreamError(st.bodyError));
   fill.fail(e);
   if (st.res) discard(st.res.body);
   if (fill.abandoned) {
     host.stats.fillsAbandoned++;
     host.log.info({ key: fill.key, bytes: fill.received, why: fill.abandoned.message }, 'fill given up');
-  } else if (!quiet && !fill.released) {
+  } else if (!fill.released) {
+    // (A released fill's body is read for its one client only: its end is that client's business.)
     host.stats.fillsFailed++;
     if (e.code !== 'ERR_CONTENT_HASH') host.log.warn({ key: fill.key, bytes: fill.received, err: e.message }, 'upstream failed mid-body; readers truncated, nothing stored');
   }
