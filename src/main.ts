@@ -61,6 +61,14 @@ async function main(argv: string[]): Promise<number> {
     });
   };
   process.on('SIGTERM', () => stop('SIGTERM'));
+  // npm (npm start, npx) signals only its own child; a shell between npm and node dies on SIGTERM and
+  // leaves cuttle re-parented, still listening. So under npm, the parent's exit stops cuttle too.
+  if (process.env.npm_command) {
+    const parent = process.ppid;
+    setInterval(() => {
+      if (process.ppid !== parent) stop('parent exited');
+    }, 1000).unref();
+  }
   process.on('SIGINT', () => stop('SIGINT'));
   // SIGHUP: reload; a bad file is rejected with its problems and the old configuration stays.
   process.on('SIGHUP', () => {

@@ -1,12 +1,61 @@
 // There is no Docker engine here, so check what can be checked: the image's and the compose file's
 // commands are valid cuttle command lines, and the HEALTHCHECK command works against a real proxy.
 import assert from 'node:assert/strict';
-import { spawnSync } from 'node:child_process';
+import { spawn, spawnSync, type ChildProcess } from 'node:child_process';
 import { readFileSync } from 'node:fs';
-import { join } from 'node:path';
+import { dirname, join } from 'node:path';
+import { once } from 'node:events';
 import { describe, it } from 'node:test';
 import { parse } from 'yaml';
+import { waitFor } from '../helpers/mirrors.ts';
 import { startChildProxy, tmpDir } from '../helpers/proxy.ts';
+
+/** Alive and not a zombie (a re-parented child may wait unreaped under a container's init). */
+function running(pid: number): boolean {
+  try {
+    return !/^\d+ \(.*\) Z/.test(readFileSync(`/proc/${pid}/stat`, 'utf8'));
+  } catch {
+    return false;
+  }
+}
+
+/** The pid of the cuttle (node src/main.ts) that `pid` runs, itself or a descendant. */
+function cuttleUnder(pid: number): number | undefined {
+  try {
+    if (readFileSync(`/proc/${pid}/cmdline`, 'utf8').split('\0').includes('src/main.ts')) return pid;
+    const kids = readFileSync(`/proc/${pid}/task/${pid}/children`, 'utf8').trim().split(' ').filter(Boolean).map(Number);
+    for (const k of kids) {
+      const found = cuttleUnder(k);
+      if (found) return found;
+    }
+  } catch {
+    // gone meanwhile
+  }
+  return undefined;
+}
+
+/** Run `fn` with `cmd` started and its cuttle listening; the cuttle is killed if `fn` fails. */
+async function launched(cmd: string, args: string[], env: NodeJS.ProcessEnv, fn: (launcher: ChildProcess, cuttle: number) => Promise<void>) {
+  const child = spawn(cmd, args, { env: { ...process.env, PATH: `${dirname(process.execPath)}:${process.env.PATH}`, ...env }, stdio: ['ignore', 'pipe', 'pipe'] });
+  let out = '';
+  child.stdout!.on('data', (c) => (out += c));
+  child.stderr!.on('data', (c) => (out += c));
+  let pid: number | undefined;
+  try {
+    await waitFor('cuttle listening', () => /"msg":"cuttle listening"/.test(out) || child.exitCode !== null);
+    pid = cuttleUnder(child.pid!);
+    assert.ok(pid && pid !== child.pid, out);
+    await fn(child, pid);
+  } finally {
+    if (pid && running(pid)) process.kill(pid, 'SIGKILL');
+    if (child.exitCode === null && child.signalCode === null) {
+      child.kill('SIGKILL');
+      await once(child, 'exit');
+    }
+  }
+}
+
+const ARGS = ['--listen', '127.0.0.1:0', '--admin-listen', 'none', '--access-log', 'none'];
 
 const dockerfile = readFileSync('docker/Dockerfile', 'utf8');
 const jsonArg = (directive: string) => JSON.parse(new RegExp(`^${directive} (\\[.*\\])$`, 'm').exec(dockerfile)![1]!) as string[];
@@ -45,5 +94,25 @@ describe('packaging', () => {
     assert.equal(probe(), 0);
     assert.equal(await proxy.stop(), 0);
     assert.equal(probe(), 1);
+  });
+
+  it('SIGTERM to `npm start` stops the proxy, not only npm', async () => {
+    await launched('npm', ['start', '--', ...ARGS, '--cache-dir', join(tmpDir(), 'c')], {}, async (npm, pid) => {
+      const exited = once(npm, 'exit');
+      npm.kill('SIGTERM');
+      await waitFor('cuttle stopped', () => !running(pid));
+      await exited;
+    });
+  });
+
+  it('under npm, a shell between npm and cuttle that dies takes cuttle with it (npx)', async () => {
+    // `; true` keeps the shell from exec-ing node, as npm exec's shell does.
+    const cmd = `"${process.execPath}" src/main.ts ${[...ARGS, '--cache-dir', join(tmpDir(), 'c')].join(' ')}; true`;
+    await launched('sh', ['-c', cmd], { npm_command: 'exec' }, async (sh, pid) => {
+      const exited = once(sh, 'exit');
+      sh.kill('SIGKILL');
+      await exited;
+      await waitFor('cuttle stopped', () => !running(pid));
+    });
   });
 });
