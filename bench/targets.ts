@@ -51,7 +51,7 @@ async function stopChild(child: ChildProcess): Promise<void> {
 
 export async function startCuttle(port: number, opts: { memoryCache: string; extra?: string[]; core?: number }): Promise<Target> {
   const dir = mkdtempSync(join(tmpdir(), 'cuttle-bench-'));
-  const args = ['--max-semi-space-size=16', 'src/main.ts', '--listen', `127.0.0.1:${port}`, '--cache-dir', join(dir, 'cache'), '--allow-dest', '127.0.0.1', '--access-log', join(dir, 'access.log'), '--memory-cache', opts.memoryCache, '--log-level', 'warn', '--admin-listen', 'none', ...(opts.extra ?? [])];
+  const args = ['--max-semi-space-size=16', 'src/main.ts', '--listen', `127.0.0.1:${port}`, '--cache-dir', join(dir, 'cache'), '--allow-local-dest', '127.0.0.1', '--access-log', join(dir, 'access.log'), '--memory-cache', opts.memoryCache, '--log-level', 'warn', '--admin-listen', 'none', ...(opts.extra ?? [])];
   const child = launch(process.execPath, args, opts.core ?? 0);
   let err = '';
   child.stderr!.on('data', (c) => (err += c));

@@ -1,9 +1,10 @@
 // Access control, compiled once from the frozen config: which clients may use the proxy, and which
 // destinations and ports it may reach. CIDR matching is net.BlockList's; this file only composes rules.
-// Loopback and link-local destinations are denied (Squid's to_localhost / to_linklocal) unless an
-// allow-dest entry names them explicitly.
+// Loopback and link-local destinations are denied (Squid's to_localhost / to_linklocal) unless
+// allow-local-dest names them: that option only ever opens, and allow-dest (which, when given, narrows
+// the public destinations to a list) never opens them, however wide its CIDR.
 import { BlockList, isIP } from 'node:net';
-import type { Cidr, Config, DestRule, PortRange } from './config.ts';
+import type { Cidr, Config, DestRule, LocalDestRule, PortRange } from './config.ts';
 
 function blockList(cidrs: readonly Cidr[]): BlockList {
   const bl = new BlockList();
@@ -11,7 +12,8 @@ function blockList(cidrs: readonly Cidr[]): BlockList {
   return bl;
 }
 
-const SPECIAL = blockList([
+/** Destinations denied unless allow-local-dest names them (a CIDR must lie inside one of these). */
+export const LOCAL_RANGES: readonly Cidr[] = [
   { address: '127.0.0.0', prefix: 8, family: 'ipv4' },
   { address: '::1', prefix: 128, family: 'ipv6' },
   { address: '169.254.0.0', prefix: 16, family: 'ipv4' },
@@ -22,7 +24,13 @@ const SPECIAL = blockList([
   // matched against the IPv4 rules above by BlockList itself.
   { address: '::', prefix: 96, family: 'ipv6' },
   { address: '::ffff:0:0:0', prefix: 96, family: 'ipv6' },
-]);
+];
+const SPECIAL = blockList(LOCAL_RANGES);
+
+/** Does `c` lie inside one local range (so that naming it opens only local addresses)? */
+export function insideLocalRange(c: Cidr): boolean {
+  return LOCAL_RANGES.some((r) => r.family === c.family && c.prefix >= r.prefix && blockList([r]).check(c.address, c.family));
+}
 
 /** Strip the IPv4-mapped prefix so that ::ffff:10.1.2.3 matches 10.0.0.0/8. */
 export function plainAddress(addr: string): string {
@@ -33,11 +41,26 @@ function family(addr: string): 'ipv4' | 'ipv6' {
   return isIP(addr) === 6 ? 'ipv6' : 'ipv4';
 }
 
+/** Client-address membership, with IPv4-mapped IPv6 addresses matched against IPv4 rules. */
+function member(list: BlockList): (addr: string) => boolean {
+  return (addr) => {
+    const a = plainAddress(addr);
+    return list.check(a, family(a));
+  };
+}
+
 function inPorts(ranges: readonly PortRange[], port: number): boolean {
   return ranges.some((r) => port >= r.from && port <= r.to);
 }
 
-export type DestVerdict = 'allow' | 'deny-dest' | 'deny-port';
+/** deny-local: a loopback or link-local destination that allow-local-dest does not name. */
+/** The 403 detail for a local destination: how to open exactly it (README "Access control"). */
+export function localHint(host: string, port: number): string {
+  const h = isIP(host) === 6 ? `[${host}]` : host;
+  return `${h}:${port} is a loopback or link-local destination; to allow a local origin, start cuttle with --allow-local-dest ${h}:${port}`;
+}
+
+export type DestVerdict = 'allow' | 'deny-dest' | 'deny-local' | 'deny-port';
 
 export interface Acl {
   allowsClient(addr: string): boolean;
@@ -45,13 +68,17 @@ export interface Acl {
   checkDestination(host: string, port: number): DestVerdict;
   /** Check an address that `host` resolved to, just before connecting to `port` (no DNS rebinding window). */
   allowsResolved(host: string, ip: string, port: number): boolean;
+  /** Is this (resolved) address a loopback or link-local one, for the hint in a 403? */
+  isLocal(ip: string): boolean;
   allowsConnect(host: string, port: number): DestVerdict;
   allowsPurge(addr: string): boolean;
+  allowsAdmin(addr: string): boolean;
 }
 
-export function compileAcl(cfg: Pick<Config, 'allowClient' | 'allowDest' | 'allowPorts' | 'allowConnectPorts' | 'allowPurge'> & Partial<Pick<Config, 'mirrorGroups'>>): Acl {
+export function compileAcl(cfg: Pick<Config, 'allowClient' | 'allowDest' | 'allowPorts' | 'allowConnectPorts' | 'allowPurge'> & Partial<Pick<Config, 'mirrorGroups' | 'allowLocalDest' | 'allowAdmin'>>): Acl {
   const clients = blockList(cfg.allowClient);
   const purge = blockList(cfg.allowPurge);
+  const admin = blockList(cfg.allowAdmin ?? []);
   const destCidrs = blockList(cfg.allowDest.filter((r): r is Extract<DestRule, { kind: 'cidr' }> => r.kind === 'cidr').map((r) => r.cidr));
   const hosts = new Set(cfg.allowDest.flatMap((r) => (r.kind === 'host' ? [r.host] : [])));
   // Configured Stratum 1 mirrors are named by the admin: a failover fetch to one is always allowed.
@@ -66,6 +93,12 @@ export function compileAcl(cfg: Pick<Config, 'allowClient' | 'allowDest' | 'allo
     ),
   );
   const isMirror = (host: string, port: number) => mirrorEnds.has(`${host}:${port}`);
+  const locals = (cfg.allowLocalDest ?? []).map((r) => ({ ...r, list: r.kind === 'cidr' ? blockList([r.cidr]) : undefined }));
+  const portOk = (r: LocalDestRule, port: number) => r.port === undefined || r.port === port;
+  // A local destination is open when allow-local-dest names its address or its exact host name.
+  const localNamed = (host: string, ip: string | undefined, port: number) =>
+    isMirror(host, port) ||
+    locals.some((r) => portOk(r, port) && (r.kind === 'host' ? r.host === host : ip !== undefined && r.list!.check(ip, family(ip))));
   const suffixes = cfg.allowDest.flatMap((r) => (r.kind === 'domain' ? [r.suffix] : []));
   const restricted = cfg.allowDest.length > 0;
 
@@ -73,34 +106,35 @@ export function compileAcl(cfg: Pick<Config, 'allowClient' | 'allowDest' | 'allo
   const ipAllowed = (host: string, ip: string, port: number) => {
     const a = plainAddress(ip);
     const fam = family(a);
-    const explicitIp = destCidrs.check(a, fam);
-    // A special address passes only when named explicitly: by IP/CIDR, or by exact host name.
-    if (SPECIAL.check(a, fam)) return explicitIp || hosts.has(host) || isMirror(host, port);
+    if (SPECIAL.check(a, fam)) return localNamed(host, a, port);
     if (!restricted || isMirror(host, port)) return true;
-    return explicitIp || nameMatches(host);
+    return destCidrs.check(a, fam) || nameMatches(host);
   };
 
   const check = (host: string, port: number, ports: readonly PortRange[]): DestVerdict => {
     const h = host.toLowerCase().replace(/^\[|\]$/g, '');
     if (!inPorts(ports, port)) return 'deny-port';
-    if (isIP(h)) return ipAllowed(h, h, port) ? 'allow' : 'deny-dest';
-    if (h === 'localhost' || h.endsWith('.localhost')) return hosts.has(h) || isMirror(h, port) ? 'allow' : 'deny-dest';
-    if (isMirror(h, port)) return 'allow';
+    if (isIP(h)) {
+      if (ipAllowed(h, h, port)) return 'allow';
+      const a = plainAddress(h);
+      return SPECIAL.check(a, family(a)) ? 'deny-local' : 'deny-dest';
+    }
+    if (h === 'localhost' || h.endsWith('.localhost')) return localNamed(h, undefined, port) ? 'allow' : 'deny-local';
+    if (isMirror(h, port) || localNamed(h, undefined, port)) return 'allow';
     if (restricted && !nameMatches(h) && destCidrs.rules.length === 0) return 'deny-dest';
     return 'allow';
   };
 
   return {
-    allowsClient: (addr) => {
-      const a = plainAddress(addr);
-      return clients.check(a, family(a));
-    },
+    allowsClient: member(clients),
     checkDestination: (host, port) => check(host, port, cfg.allowPorts),
     allowsResolved: (host, ip, port) => ipAllowed(host.toLowerCase().replace(/^\[|\]$/g, ''), ip, port),
-    allowsConnect: (host, port) => check(host, port, cfg.allowConnectPorts),
-    allowsPurge: (addr) => {
-      const a = plainAddress(addr);
-      return purge.check(a, family(a));
+    isLocal: (ip) => {
+      const a = plainAddress(ip);
+      return SPECIAL.check(a, family(a));
     },
+    allowsConnect: (host, port) => check(host, port, cfg.allowConnectPorts),
+    allowsPurge: member(purge),
+    allowsAdmin: member(admin),
   };
 }

@@ -1,4 +1,4 @@
-// The admin listener (--admin-listen, loopback by default; never the proxy port): the live dashboard at /,
+// The admin listener (--admin-listen, loopback by default; never the proxy port; clients in --allow-admin): the live dashboard at /,
 // Prometheus /metrics,
 // /healthz (liveness), /readyz (listening, disk index loaded, not draining) and /status (the same
 // figures as JSON, for scripts without Prometheus).
@@ -7,6 +7,8 @@ import { DASHBOARD_CSP, DASHBOARD_HTML } from './dashboard.ts';
 import type { Metrics } from './metrics.ts';
 
 export interface AdminState {
+  /** --allow-admin: may this client address use the admin listener? */
+  allows(addr: string): boolean;
   ready(): { ready: boolean; why: string };
   status(): Record<string, unknown>;
 }
@@ -14,6 +16,11 @@ export interface AdminState {
 export function createAdminServer(metrics: Metrics, state: AdminState): Server {
   return createServer(async (req, res) => {
     const path = (req.url ?? '/').split('?')[0];
+    const from = req.socket.remoteAddress ?? '';
+    if (!state.allows(from)) {
+      res.writeHead(403, { 'content-type': 'text/plain', connection: 'close' }).end(`403 the admin listener is not open to ${from}: see --allow-admin\n`);
+      return;
+    }
     if (req.method !== 'GET' && req.method !== 'HEAD') {
       res.writeHead(405, { allow: 'GET, HEAD' }).end();
       return;

@@ -9,6 +9,7 @@ import { parse as parseYaml } from 'yaml';
 import { z } from 'zod';
 import { ConfigError } from './errors.ts';
 import type { MirrorGroupConfig, ProbeConfig } from './mirrors.ts';
+import { insideLocalRange } from './acl.ts';
 
 export const VERSION = '0.1.0';
 
@@ -22,6 +23,7 @@ export const DEFAULTS = {
   'max-memory-object-size': '1MB',
   'allow-client': ['127.0.0.0/8', '::1/128', '10.0.0.0/8', '172.16.0.0/12', '192.168.0.0/16', 'fc00::/7', 'fe80::/10'],
   'allow-dest': [] as string[],
+  'allow-local-dest': [] as string[],
   'allow-port': '80,8000,8080,1025-65535',
   'allow-connect-port': '',
   'negative-ttl': '60s',
@@ -45,6 +47,7 @@ export const DEFAULTS = {
   'fill-memory': '128MB',
   'allow-purge': ['127.0.0.0/8', '::1/128'],
   'admin-listen': '127.0.0.1:3129',
+  'allow-admin': ['127.0.0.0/8', '::1/128'],
   'shutdown-timeout': '30s',
   stratum1: [] as string[],
   accel: false,
@@ -73,7 +76,8 @@ const HELP: Record<OptionName, string> = {
   'max-object-size': 'largest object kept on disk',
   'max-memory-object-size': 'largest object kept in memory',
   'allow-client': 'client CIDR allowed to use the proxy (repeatable)',
-  'allow-dest': 'destination host (.domain for subdomains), IP or CIDR (repeatable); when given, only these',
+  'allow-dest': 'public destination host (.domain for subdomains), IP or CIDR (repeatable); when given, only these',
+  'allow-local-dest': 'loopback or link-local destination to allow, such as a local test origin: IP[:PORT], [IPv6][:PORT], CIDR inside those ranges, or HOST[:PORT] (repeatable); never narrows the public destinations',
   'allow-port': 'destination ports allowed, e.g. 80,8000,1025-65535',
   'allow-connect-port': 'ports CONNECT may tunnel to (default: none, CONNECT denied)',
   'negative-ttl': 'how long a 404/410 without explicit freshness is cached',
@@ -97,6 +101,7 @@ const HELP: Record<OptionName, string> = {
   'fill-memory': 'memory shared by in-flight fills, so a herd streams from memory; beyond it, from disk',
   'allow-purge': 'client CIDR allowed to PURGE cached objects (repeatable)',
   'admin-listen': '[HOST:]PORT of the admin listener (/metrics, /healthz, /readyz, /status), or none',
+  'allow-admin': 'client CIDR allowed to use the admin listener (repeatable), e.g. your Prometheus host',
   'shutdown-timeout': 'how long SIGTERM waits for in-flight responses before closing them',
   stratum1: 'base URL of a Stratum 1 mirror (repeatable; one group). In YAML also a map of group name: [URLs]',
   accel: 'accelerator mode: --listen ports also take origin-form GET /cvmfs/<repo>/... and serve it from the first mirror group',
@@ -115,7 +120,7 @@ const HELP: Record<OptionName, string> = {
   'snmp-community': 'SNMP v1/v2c community string',
 };
 
-const MULTIPLE = new Set<OptionName>(['listen', 'allow-client', 'allow-dest', 'allow-purge', 'stratum1', 'allow-snmp']);
+const MULTIPLE = new Set<OptionName>(['listen', 'allow-client', 'allow-dest', 'allow-local-dest', 'allow-purge', 'allow-admin', 'stratum1', 'allow-snmp']);
 
 const UNITS: Record<string, number> = { B: 1, K: 1024, KB: 1024, KIB: 1024, M: 1024 ** 2, MB: 1024 ** 2, MIB: 1024 ** 2, G: 1024 ** 3, GB: 1024 ** 3, GIB: 1024 ** 3, T: 1024 ** 4, TB: 1024 ** 4, TIB: 1024 ** 4 };
 const DURATIONS: Record<string, number> = { ms: 1, '': 1000, s: 1000, m: 60_000, min: 60_000, h: 3_600_000, d: 86_400_000 };
@@ -192,6 +197,22 @@ function parseDest(v: string): DestRule | undefined {
   return s.startsWith('.') ? { kind: 'domain', suffix: s } : { kind: 'host', host: s };
 }
 
+/** allow-local-dest: an address range (a CIDR inside the loopback or link-local ranges) or a host name, optionally with a port. */
+export type LocalDestRule = ({ kind: 'cidr'; cidr: Cidr } | { kind: 'host'; host: string }) & { port?: number };
+
+function parseLocalDest(v: string | number): LocalDestRule | string {
+  const s = String(v).trim().toLowerCase();
+  const bracket = /^\[([^\]]+)\](?::(\d+))?$/.exec(s);
+  const hostPort = /^([^:]+):(\d+)$/.exec(s);
+  const [addr, portText] = bracket ? [bracket[1]!, bracket[2]] : hostPort ? [hostPort[1]!, hostPort[2]] : [s, undefined];
+  const port = portText === undefined ? undefined : Number(portText);
+  if (port !== undefined && !(port >= 1 && port <= 65535)) return 'a port from 1 to 65535';
+  const cidr = parseCidr(addr);
+  if (cidr) return insideLocalRange(cidr) ? { kind: 'cidr', cidr, port } : `an address or CIDR inside the loopback or link-local ranges (127.0.0.0/8, ::1, 169.254.0.0/16, fe80::/10); ${addr} is not: public destinations need no option, or list them in allow-dest`;
+  if (!/^[a-z0-9]([a-z0-9-]*[a-z0-9])?(\.[a-z0-9]([a-z0-9-]*[a-z0-9])?)*$/.test(addr)) return 'IP[:PORT], [IPv6][:PORT], a CIDR or HOST[:PORT]';
+  return { kind: 'host', host: addr, port };
+}
+
 /** A Stratum 1 base URL; only its origin matters (a /cvmfs/@fqrn@ path as clients write it is dropped). */
 function parseMirror(v: string): string | undefined {
   let u: URL;
@@ -213,6 +234,16 @@ const conv = <T>(fn: (v: never) => T | undefined, expected: string) =>
     }
     return out;
   });
+// Like conv, for parsers that explain what was wrong instead of returning undefined.
+const explained = <T extends object>(fn: (v: string | number) => T | string) =>
+  z.union([z.string(), z.number()]).transform((v, ctx) => {
+    const out = fn(v);
+    if (typeof out === 'string') {
+      ctx.addIssue({ code: 'custom', message: `expected ${out}, got ${JSON.stringify(v)}` });
+      return z.NEVER;
+    }
+    return out;
+  });
 const list = <T extends z.ZodType>(item: T) => z.preprocess((v) => (Array.isArray(v) ? v : [v]), z.array(item));
 const size = conv(parseSize, 'a size with its unit (B, KB, MB, GB or TB, 1024-based), such as 512KB, 256MB or 10GB; a bare number is refused, since Squid reads one as MB');
 const duration = conv(parseDurationMs, 'a duration such as 500ms, 60s, 5m or 1h');
@@ -227,7 +258,15 @@ const schema = z
     'max-object-size': size,
     'max-memory-object-size': size,
     'allow-client': list(conv(parseCidr, 'an IP address or CIDR such as 10.0.0.0/8')),
-    'allow-dest': list(conv(parseDest, 'a host name, .domain, IP or CIDR')),
+    'allow-dest': list(
+      explained((v) => {
+        const r = parseDest(String(v));
+        if (!r) return 'a host name, .domain, IP or CIDR';
+        const local = r.kind === 'cidr' ? insideLocalRange(r.cidr) : r.kind === 'host' && (r.host === 'localhost' || r.host.endsWith('.localhost'));
+        return local ? 'a public destination: loopback and link-local ones go in allow-local-dest (which never narrows the public default)' : r;
+      }),
+    ),
+    'allow-local-dest': list(explained(parseLocalDest)),
     'allow-port': conv(parsePorts, 'ports such as 80,8000,1025-65535'),
     'allow-connect-port': z.union([z.array(z.union([z.string(), z.number()])), z.string(), z.number()]).transform((v, ctx) => {
       const out = parsePorts(v);
@@ -258,6 +297,7 @@ const schema = z
     'fill-memory': size,
     'allow-purge': list(conv(parseCidr, 'an IP address or CIDR such as 127.0.0.0/8')),
     'admin-listen': conv((v: string | number) => (v === 'none' ? ('none' as const) : parseListen(v)), '[HOST:]PORT or none'),
+    'allow-admin': list(conv(parseCidr, 'an IP address or CIDR such as 127.0.0.0/8')),
     'shutdown-timeout': duration,
     stratum1: z.unknown().transform((v, ctx) => {
       // A list is one group named "default"; a mapping names several groups.
@@ -304,6 +344,7 @@ export interface Config {
   readonly maxMemoryObjectBytes: number;
   readonly allowClient: readonly Cidr[];
   readonly allowDest: readonly DestRule[];
+  readonly allowLocalDest: readonly LocalDestRule[];
   readonly allowPorts: readonly PortRange[];
   readonly allowConnectPorts: readonly PortRange[];
   readonly negativeTtlMs: number;
@@ -327,6 +368,7 @@ export interface Config {
   readonly fillMemoryBytes: number;
   readonly allowPurge: readonly Cidr[];
   readonly adminListen: ListenAddr | 'none';
+  readonly allowAdmin: readonly Cidr[];
   readonly shutdownTimeoutMs: number;
   readonly mirrorGroups: readonly MirrorGroupConfig[];
   readonly accel: boolean;
@@ -347,6 +389,7 @@ function toConfig(p: Parsed): Config {
     maxMemoryObjectBytes: p['max-memory-object-size'],
     allowClient: p['allow-client'],
     allowDest: p['allow-dest'],
+    allowLocalDest: p['allow-local-dest'],
     allowPorts: p['allow-port'],
     allowConnectPorts: p['allow-connect-port'],
     negativeTtlMs: p['negative-ttl'],
@@ -370,6 +413,7 @@ function toConfig(p: Parsed): Config {
     fillMemoryBytes: p['fill-memory'],
     allowPurge: p['allow-purge'],
     adminListen: p['admin-listen'],
+    allowAdmin: p['allow-admin'],
     shutdownTimeoutMs: p['shutdown-timeout'],
     mirrorGroups: p.stratum1,
     snmpListen: p['snmp-listen'],

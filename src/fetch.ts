@@ -3,7 +3,7 @@
 import { lookup as dnsLookup, type LookupAddress } from 'node:dns';
 import type { Readable } from 'node:stream';
 import { Agent, buildConnector } from 'undici';
-import type { Acl } from './acl.ts';
+import { localHint, type Acl } from './acl.ts';
 import type { Config } from './config.ts';
 import { ProxyError, upstreamError } from './errors.ts';
 
@@ -49,7 +49,10 @@ export class Upstream {
       dnsLookup(hostname, { ...options, all: true }, (err, addrs) => {
         if (err) return cb(err, []);
         const ok = addrs.filter((a) => this.#acl().allowsResolved(hostname, a.address, port));
-        if (ok.length === 0) return cb(new ProxyError('ERR_DEST_DENIED', `${hostname} resolves to a denied address`) as never, []);
+        if (ok.length === 0) {
+          const local = addrs.every((a) => this.#acl().isLocal(a.address));
+          return cb(new ProxyError('ERR_DEST_DENIED', local ? localHint(hostname, port) : `${hostname} resolves to a denied address`) as never, []);
+        }
         if (options.all) cb(null, ok);
         else cb(null, ok[0]!.address, ok[0]!.family);
       });

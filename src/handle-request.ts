@@ -13,7 +13,7 @@
 // Each step is a named function returning the next step.
 import type { IncomingMessage, ServerResponse } from 'node:http';
 import type { Acl } from './acl.ts';
-import { plainAddress } from './acl.ts';
+import { localHint, plainAddress } from './acl.ts';
 import type { AccessLog, Transaction } from './access-log.ts';
 import type { BufferPool } from './buffer-pool.ts';
 import type { Metrics } from './metrics.ts';
@@ -178,6 +178,7 @@ async function recv(s: State): Promise<StepName | undefined> {
   const verdict = ctx.acl().checkDestination(url.hostname, port);
   if (verdict === 'deny-port') return fail(s, 'ERR_PORT_DENIED', String(port));
   if (verdict === 'deny-dest') return fail(s, 'ERR_DEST_DENIED', url.hostname);
+  if (verdict === 'deny-local') return fail(s, 'ERR_DEST_DENIED', localHint(url.hostname.replace(/^\[|\]$/g, ''), port));
   const method = tx.method;
   if (method === 'PURGE') return 'purge';
   // RFC 9110 §7.6.2: Max-Forwards 0 on TRACE/OPTIONS is answered here.

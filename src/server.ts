@@ -122,6 +122,7 @@ export async function createProxy(cfg: Config, opts: ProxyOptions = {}): Promise
     cfg.adminListen === 'none'
       ? undefined
       : createAdminServer(metrics, {
+          allows: (addr) => getAcl().allowsAdmin(addr),
           ready: () =>
             draining ? { ready: false, why: 'draining' } : !listening ? { ready: false, why: 'not listening yet' } : !disk.isLoaded ? { ready: false, why: 'loading the disk index' } : { ready: true, why: 'ready' },
           status: () => ({
@@ -290,10 +291,10 @@ export async function createProxy(cfg: Config, opts: ProxyOptions = {}): Promise
         if (listening && !draining) prober.start();
         log.info({ groups: next.mirrorGroups }, 'reload: mirror groups replaced');
       }
-      const live = new Set(['allowClient', 'allowDest', 'allowPorts', 'allowConnectPorts', 'allowPurge', 'mirrorGroups', 'probe']);
+      const live = new Set(['allowClient', 'allowDest', 'allowLocalDest', 'allowAdmin', 'allowPorts', 'allowConnectPorts', 'allowPurge', 'mirrorGroups', 'probe']);
       const needRestart = (Object.keys(next) as (keyof Config)[]).filter((k) => !live.has(k) && JSON.stringify(next[k]) !== JSON.stringify(current[k]));
       if (needRestart.length) log.warn({ keys: needRestart }, 'reload: these settings take effect only after a restart');
-      current = { ...current, allowClient: next.allowClient, allowDest: next.allowDest, allowPorts: next.allowPorts, allowConnectPorts: next.allowConnectPorts, allowPurge: next.allowPurge, mirrorGroups: next.mirrorGroups, probe: next.probe };
+      current = { ...current, allowClient: next.allowClient, allowDest: next.allowDest, allowLocalDest: next.allowLocalDest, allowAdmin: next.allowAdmin, allowPorts: next.allowPorts, allowConnectPorts: next.allowConnectPorts, allowPurge: next.allowPurge, mirrorGroups: next.mirrorGroups, probe: next.probe };
       log.info('configuration reloaded');
     },
     reopenLogs() {

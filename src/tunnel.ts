@@ -3,7 +3,7 @@
 import type { IncomingMessage } from 'node:http';
 import { connect, isIP, type Socket } from 'node:net';
 import type { Duplex } from 'node:stream';
-import { plainAddress } from './acl.ts';
+import { localHint, plainAddress } from './acl.ts';
 import type { Transaction } from './access-log.ts';
 import { ProxyError, upstreamError } from './errors.ts';
 import type { Ctx } from './handle-request.ts';
@@ -46,7 +46,7 @@ export function handleConnect(ctx: Ctx, req: IncomingMessage, socket: Duplex, he
   const host = m[1]!;
   const port = Number(m[2]);
   const verdict = ctx.acl().allowsConnect(host, port);
-  if (verdict !== 'allow') return deny(new ProxyError(verdict === 'deny-port' ? 'ERR_CONNECT_DENIED' : 'ERR_DEST_DENIED', `${host}:${port}`));
+  if (verdict !== 'allow') return deny(new ProxyError(verdict === 'deny-port' ? 'ERR_CONNECT_DENIED' : 'ERR_DEST_DENIED', verdict === 'deny-local' ? localHint(host, port) : `${host}:${port}`));
   if (ctx.counters.passesInFlight >= ctx.cfg.maxPasses) return deny(new ProxyError('ERR_OVERLOADED'));
   ctx.counters.passesInFlight++;
   const lookup = isIP(host)
@@ -55,7 +55,7 @@ export function handleConnect(ctx: Ctx, req: IncomingMessage, socket: Duplex, he
         import('node:dns').then((dns) =>
           dns.lookup(hostname, { ...opts, all: false }, (err, address, family) => {
             if (err) return cb(err);
-            if (!ctx.acl().allowsResolved(hostname, address, port)) return cb(new ProxyError('ERR_DEST_DENIED', hostname));
+            if (!ctx.acl().allowsResolved(hostname, address, port)) return cb(new ProxyError('ERR_DEST_DENIED', ctx.acl().isLocal(address) ? localHint(hostname, port) : hostname));
             cb(null, address, family);
           }),
         );

@@ -34,7 +34,7 @@ describe('abuse', () => {
     });
     mirror = await new TestMirror({ repo: REPO, bodies, latencyMs: 5, responseBytesPerSec: 4 * 1024 * 1024 }).start();
     proxy = await startChildProxy([
-      '--listen', '127.0.0.1:0', '--cache-dir', join(tmpDir(), 'cache'), '--allow-dest', '127.0.0.1',
+      '--listen', '127.0.0.1:0', '--cache-dir', join(tmpDir(), 'cache'), '--allow-local-dest', '127.0.0.1',
       '--allow-connect-port', String(origin.port), '--stratum1', mirror.url, '--probe-repo', REPO, '--probe-interval', '200ms',
     ]);
     adminPort = /"admin":\{"address":"127\.0\.0\.1","family":"IPv4","port":(\d+)\}/.exec(proxy.stderr())![1]!;

@@ -4,7 +4,7 @@ import type { AddressInfo } from 'node:net';
 import { after, before, describe, it } from 'node:test';
 import { Pool } from 'undici';
 import { startOrigin, type Origin } from '../helpers/origin.ts';
-import { get, proxyClient, startProxy, type TestProxy } from '../helpers/proxy.ts';
+import { get, proxyClient, startProxy, withProxy, type TestProxy } from '../helpers/proxy.ts';
 
 /** Send `text` on a raw socket; resolve with what came back once the proxy closes or `until` holds. */
 function rawExchange(port: number, text: string, until: (out: string) => boolean = () => false): Promise<string> {
@@ -53,12 +53,13 @@ describe('access control', () => {
     await c.close();
   });
 
-  it('denies loopback destinations unless --allow-dest names them', async () => {
-    const strict = await startProxy({ 'allow-dest': [] });
+  it('denies loopback destinations unless --allow-local-dest names them, and the 403 says how', async () => {
+    const strict = await startProxy({ 'allow-local-dest': [] });
     const c = proxyClient(strict.url);
     const r = await get(c, `${origin.url}/ok`);
     assert.equal(r.status, 403);
     assert.match(String(r.headers['proxy-status']), /error=destination_ip_prohibited/);
+    assert.match(r.body.toString(), new RegExp(`start cuttle with --allow-local-dest 127\\.0\\.0\\.1:${origin.port}`));
     const byName = await get(c, `http://localhost:${origin.port}/ok`);
     assert.equal(byName.status, 403);
     assert.equal(origin.count('/ok'), 1, 'no new upstream fetch');
@@ -68,13 +69,16 @@ describe('access control', () => {
   });
 
   it('denies destinations outside the allow-dest list, and ports outside allow-port', async () => {
+    await withProxy({ 'allow-dest': ['.cern.ch'] }, async ({ origin: o, p: listed, pool }) => {
+      const r = await get(pool, 'http://192.0.2.1/x');
+      assert.equal(r.status, 403);
+      assert.equal((await get(pool, `${o.url}/ok`)).status, 404, 'the origin answered: allow-dest does not close what allow-local-dest opens');
+      assert.equal(listed.proxy.upstream.fetches, 1);
+    });
     const c = proxyClient(p.url);
-    const r = await get(c, 'http://192.0.2.1/x');
-    assert.equal(r.status, 403);
     const port = await get(c, `http://127.0.0.1:25/x`);
     assert.equal(port.status, 403);
     assert.match(port.body.toString(), /port/);
-    assert.equal(p.proxy.upstream.fetches, 1);
     await c.close();
   });
 

@@ -29,7 +29,7 @@ describe('herd', () => {
       bodies.set(`/data/s${i}`, b);
       origin.route(`/data/s${i}`, { headers: { 'cache-control': 'max-age=259200' }, body: b, delayMs: 20 });
     }
-    proxy = await startChildProxy(['--listen', '127.0.0.1:0', '--cache-dir', join(tmpDir(), 'cache'), '--allow-dest', '127.0.0.1']);
+    proxy = await startChildProxy(['--listen', '127.0.0.1:0', '--cache-dir', join(tmpDir(), 'cache'), '--allow-local-dest', '127.0.0.1']);
   });
   after(async () => {
     await proxy?.stop();

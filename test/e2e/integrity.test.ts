@@ -293,7 +293,7 @@ describe('integrity: cookies, stored headers and destinations', () => {
 describe('integrity: a loopback mirror opens exactly its own port', () => {
   it('the admin listener and other ports of that host stay denied', async () => {
     const mirror = await startOrigin({ '/hello': { body: 'hi' } });
-    const p = await startProxy({ stratum1: [mirror.url], 'allow-dest': [], 'probe-interval': '60s' });
+    const p = await startProxy({ stratum1: [mirror.url], 'allow-local-dest': [], 'probe-interval': '60s' });
     const pool = proxyClient(p.url, 2);
     try {
       assert.equal((await get(pool, `${mirror.url}/hello`)).status, 200);

@@ -386,7 +386,7 @@ describe('mirrors: reload', () => {
     const bodies = casBodies([1000, 2000, 3000]);
     const [p1, p2, p3] = [...bodies.keys()];
     const mirrors = await startMirrors(bodies, [5, 40]);
-    const base = { listen: ['127.0.0.1:0'], 'allow-dest': ['127.0.0.1'], 'access-log': 'none', 'visible-hostname': 'cuttle-test', 'admin-listen': '127.0.0.1:0' };
+    const base = { listen: ['127.0.0.1:0'], 'allow-local-dest': ['127.0.0.1'], 'access-log': 'none', 'visible-hostname': 'cuttle-test', 'admin-listen': '127.0.0.1:0' };
     const p = await startProxy(mirrorOptions([mirrors[0]!]));
     const pool = proxyClient(p.url, 2);
     try {

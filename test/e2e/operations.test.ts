@@ -11,6 +11,7 @@ import { waitFor } from '../helpers/mirrors.ts';
 import { Pool } from 'undici';
 import { gate, startOrigin, type Origin } from '../helpers/origin.ts';
 import { get, proxyClient, startChildProxy, startProxy, tmpDir } from '../helpers/proxy.ts';
+import { buildConfig } from '../../src/config.ts';
 
 function metric(text: string, name: string, labels = ''): number {
   const line = text.split('\n').find((l) => l.startsWith(`${name}${labels ? `{${labels}}` : ''} `));
@@ -56,6 +57,23 @@ describe('operations', () => {
     await p.close();
   });
 
+  it('the admin listener answers only --allow-admin clients, and a reload changes the list', async () => {
+    const p = await startProxy({ 'allow-admin': ['127.0.0.1/32'] });
+    const url = `http://127.0.0.1:${p.proxy.adminAddress()!.port}`;
+    const outsider = new Pool(url, { localAddress: '127.0.0.2' });
+    const denied = await outsider.request({ path: '/status', method: 'GET' });
+    assert.equal(denied.statusCode, 403);
+    assert.match(await denied.body.text(), /not open to 127\.0\.0\.2: see --allow-admin/);
+    assert.equal((await adminGet(p.proxy.adminAddress()!.port, '/metrics')).status, 200);
+    p.proxy.reload({ ...p.proxy.config, allowAdmin: buildConfig({ 'allow-admin': ['127.0.0.0/8'] }).allowAdmin });
+    const allowed = await outsider.request({ path: '/metrics', method: 'GET' });
+    assert.equal(allowed.statusCode, 200);
+    await allowed.body.dump();
+    assert.equal(p.proxy.counters.requests, 0, 'admin requests are not proxy requests');
+    await outsider.close();
+    await p.close();
+  });
+
   it('PURGE removes a stored object for an allowed client and is denied to others', async () => {
     const p = await startProxy({ 'allow-purge': ['127.0.0.1/32'] });
     const c = proxyClient(p.url);
@@ -78,11 +96,11 @@ describe('operations', () => {
   it('SIGHUP applies a valid config live (ACL) and keeps the old one when the new file is bad', async () => {
     const dir = tmpDir();
     const file = join(dir, 'cuttle.yaml');
-    writeFileSync(file, `listen: 127.0.0.1:0\ncache-dir: ${join(dir, 'cache')}\nallow-dest: [127.0.0.1]\n`);
+    writeFileSync(file, `listen: 127.0.0.1:0\ncache-dir: ${join(dir, 'cache')}\nallow-local-dest: [127.0.0.1]\n`);
     const proxy = await startChildProxy(['--config', file]);
     const c = proxyClient(proxy.url);
     assert.equal((await get(c, `${origin.url}/m`)).status, 200);
-    writeFileSync(file, `listen: 127.0.0.1:0\ncache-dir: ${join(dir, 'cache')}\nallow-dest: [127.0.0.1]\nallow-client: [10.0.0.0/8]\n`);
+    writeFileSync(file, `listen: 127.0.0.1:0\ncache-dir: ${join(dir, 'cache')}\nallow-local-dest: [127.0.0.1]\nallow-client: [10.0.0.0/8]\n`);
     proxy.child.kill('SIGHUP');
     await waitFor('the reload applied', () => /configuration reloaded/.test(proxy.stderr()));
     assert.equal((await get(c, `${origin.url}/m`)).status, 403, 'the new ACL is live');
@@ -98,7 +116,7 @@ describe('operations', () => {
     const body = randomBytes(8 * 1024 * 1024);
     const g = gate();
     origin.route('/large', { headers: { 'cache-control': 'max-age=60' }, body, bodyGate: { after: 2 * 1024 * 1024, gate: g } });
-    const proxy = await startChildProxy(['--listen', '127.0.0.1:0', '--cache-dir', join(tmpDir(), 'c'), '--allow-dest', '127.0.0.1']);
+    const proxy = await startChildProxy(['--listen', '127.0.0.1:0', '--cache-dir', join(tmpDir(), 'c'), '--allow-local-dest', '127.0.0.1']);
     const adminPort = Number(/"admin":\{"address":"127\.0\.0\.1","family":"IPv4","port":(\d+)\}/.exec(proxy.stderr())![1]);
     const c = proxyClient(proxy.url);
     const transfer = get(c, `${origin.url}/large`);
@@ -119,7 +137,7 @@ describe('operations', () => {
   it('--access-log-format frontier writes the lines WLCG awstats and failover monitoring parse', async () => {
     const dir = tmpDir();
     const log = join(dir, 'access.log');
-    const proxy = await startChildProxy(['--listen', '127.0.0.1:0', '--cache-dir', join(dir, 'c'), '--allow-dest', '127.0.0.1', '--access-log', log, '--access-log-format', 'frontier']);
+    const proxy = await startChildProxy(['--listen', '127.0.0.1:0', '--cache-dir', join(dir, 'c'), '--allow-local-dest', '127.0.0.1', '--access-log', log, '--access-log-format', 'frontier']);
     const c = proxyClient(proxy.url);
     await get(c, `${origin.url}/m?frontier`, { 'user-agent': 'cvmfs Fuse 2.11.5', 'cvmfs-info': 'atlas.cern.ch:/software' });
     await get(c, `${origin.url}/m?frontier`, { 'user-agent': 'cvmfs Fuse 2.11.5' });
@@ -136,7 +154,7 @@ describe('operations', () => {
   it('SIGUSR1 reopens the access log: after a rename, new lines go to the new file', async () => {
     const dir = tmpDir();
     const log = join(dir, 'access.log');
-    const proxy = await startChildProxy(['--listen', '127.0.0.1:0', '--cache-dir', join(dir, 'c'), '--allow-dest', '127.0.0.1', '--access-log', log]);
+    const proxy = await startChildProxy(['--listen', '127.0.0.1:0', '--cache-dir', join(dir, 'c'), '--allow-local-dest', '127.0.0.1', '--access-log', log]);
     const c = proxyClient(proxy.url);
     await get(c, `${origin.url}/m?one`);
     await waitFor('the first line written', () => existsSync(log) && /\?one/.test(readFileSync(log, 'utf8')));

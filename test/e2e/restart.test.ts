@@ -30,7 +30,7 @@ describe('restart and crash safety', () => {
 
   it('a restart keeps the disk tier: every object is a HIT with zero origin fetches', async () => {
     const cacheDir = join(tmpDir(), 'cache');
-    const args = ['--listen', '127.0.0.1:0', '--cache-dir', cacheDir, '--allow-dest', '127.0.0.1'];
+    const args = ['--listen', '127.0.0.1:0', '--cache-dir', cacheDir, '--allow-local-dest', '127.0.0.1'];
     const first = await startChildProxy(args);
     let c = proxyClient(first.url);
     for (const path of bodies.keys()) assert.equal((await get(c, `${origin.url}${path}`)).status, 200);
@@ -53,7 +53,7 @@ describe('restart and crash safety', () => {
 
   it('kill -9 during a write leaves nothing that is served; damaged records are removed at start', async () => {
     const cacheDir = join(tmpDir(), 'cache');
-    const args = ['--listen', '127.0.0.1:0', '--cache-dir', cacheDir, '--allow-dest', '127.0.0.1'];
+    const args = ['--listen', '127.0.0.1:0', '--cache-dir', cacheDir, '--allow-local-dest', '127.0.0.1'];
     const big = randomBytes(8 * 1024 * 1024);
     const g = gate();
     origin.route('/slow', { headers: { 'cache-control': 'max-age=259200' }, body: big, bodyGate: { after: 4 * 1024 * 1024, gate: g } });

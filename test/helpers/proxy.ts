@@ -46,7 +46,7 @@ export function assertNoInternalErrors(logs: Record<string, unknown>[]): void {
 
 export async function startProxy(overrides: Record<string, unknown> = {}, opts: { clock?: Clock } = {}): Promise<TestProxy> {
   const cacheDir = (overrides['cache-dir'] as string) ?? join(tmpDir(), 'cache');
-  const cfg = buildConfig({ listen: ['127.0.0.1:0'], 'cache-dir': cacheDir, 'allow-dest': ['127.0.0.1'], 'access-log': 'none', 'visible-hostname': 'cuttle-test', 'admin-listen': '127.0.0.1:0', ...overrides });
+  const cfg = buildConfig({ listen: ['127.0.0.1:0'], 'cache-dir': cacheDir, 'allow-local-dest': ['127.0.0.1'], 'access-log': 'none', 'visible-hostname': 'cuttle-test', 'admin-listen': '127.0.0.1:0', ...overrides });
   const logLines: string[] = [];
   const accessLog: AccessLog = {
     write: (tx: Transaction, now: number) => void logLines.push(formatSquid(tx, now)),
