@@ -2,11 +2,13 @@
 // commands are valid cuttle command lines, and the HEALTHCHECK command works against a real proxy.
 import assert from 'node:assert/strict';
 import { spawn, spawnSync, type ChildProcess } from 'node:child_process';
-import { readFileSync } from 'node:fs';
+import { cpSync, existsSync, readFileSync, writeFileSync } from 'node:fs';
 import { dirname, join } from 'node:path';
 import { once } from 'node:events';
 import { describe, it } from 'node:test';
 import { parse } from 'yaml';
+import { compileAcl } from '../../src/acl.ts';
+import { buildConfig, DEFAULTS } from '../../src/config.ts';
 import { waitFor } from '../helpers/mirrors.ts';
 import { startChildProxy, tmpDir } from '../helpers/proxy.ts';
 
@@ -66,23 +68,87 @@ function checkConfig(args: string[]) {
   return spawnSync(process.execPath, ['src/main.ts', ...fixed, '--check-config'], { encoding: 'utf8' });
 }
 
+/** A minimal config file standing in for one mounted into the image. */
+function writeConfig(): string {
+  const file = join(tmpDir(), 'cuttle.yaml');
+  writeFileSync(file, 'allow-client: [10.0.0.0/8]\n');
+  return file;
+}
+
+/** `--key value` pairs as the raw options object buildConfig takes (repeated keys become lists). */
+function cliOptions(args: string[]): Record<string, unknown> {
+  const out: Record<string, unknown> = {};
+  for (let i = 0; i < args.length; i += 2) {
+    const k = args[i]!.slice(2);
+    const v = args[i + 1];
+    out[k] = k in out ? [out[k], v].flat() : (DEFAULTS as Record<string, unknown>)[k] instanceof Array ? [v] : v;
+  }
+  return out;
+}
+
 describe('packaging', () => {
-  it('the Dockerfile ENTRYPOINT + CMD is a valid cuttle command line', () => {
+  it('the Dockerfile: its own docker run examples are valid, and the cache is the volume whatever the arguments', () => {
     const entry = jsonArg('ENTRYPOINT');
     assert.deepEqual(entry, ['node', '--max-semi-space-size=16', 'src/main.ts']);
-    const r = checkConfig(jsonArg('CMD'));
-    assert.equal(r.status, 0, r.stderr);
+    assert.doesNotMatch(dockerfile, /^CMD /m, 'arguments after the image name must not replace a part of the command line that matters');
+    // `docker run ... cuttle ARGS`: the ARGS alone must make a working proxy.
+    const examples = [...dockerfile.matchAll(/^#\s+docker run .* cuttle (--.*)$/gm)].map((m) => m[1]!.split(/\s+/));
+    assert.ok(examples.length >= 2);
+    for (const args of examples) {
+      const r = checkConfig(args.map((a) => (a.startsWith('/etc/') ? writeConfig() : a)));
+      assert.equal(r.status, 0, `${args.join(' ')}: ${r.stderr}`);
+    }
+    // The default cache dir (./var/cache under WORKDIR /app) is a link to the volume, writable by the image's user.
+    assert.equal(DEFAULTS['cache-dir'], './var/cache');
+    assert.match(dockerfile, /^WORKDIR \/app$/m);
+    assert.match(dockerfile, /ln -s \/var\/cache\/cuttle \/app\/var\/cache/);
+    assert.match(dockerfile, /chown -R node:node \/var\/cache\/cuttle/);
     assert.match(dockerfile, /^USER node$/m);
     assert.match(dockerfile, /^VOLUME \["\/var\/cache\/cuttle", "\/var\/log\/cuttle"\]$/m);
+    // Only ports that lead somewhere with the image's defaults (the admin listener is on its loopback).
+    assert.deepEqual(/^EXPOSE (.*)$/m.exec(dockerfile)![1]!.split(' '), ['3128']);
+    assert.equal(DEFAULTS['admin-listen'], '127.0.0.1:3129');
   });
 
-  it('each compose service command is valid', () => {
-    const compose = parse(readFileSync('docker/compose.yaml', 'utf8')) as { services: Record<string, { command?: string[]; entrypoint?: string[] }> };
+  it('compose: valid commands, no open proxy, ports published on loopback, Prometheus allowed to scrape', () => {
+    const compose = parse(readFileSync('docker/compose.yaml', 'utf8')) as { services: Record<string, { command?: string[]; entrypoint?: string[]; ports?: string[] }> };
+    const prom = parse(readFileSync('docker/prometheus.yml', 'utf8')) as { scrape_configs: { static_configs: { targets: string[] }[] }[] };
+    const targets = prom.scrape_configs.flatMap((c) => c.static_configs.flatMap((s) => s.targets));
     for (const name of ['cuttle-a', 'cuttle-b']) {
-      const r = checkConfig(compose.services[name]!.command!);
+      const svc = compose.services[name]!;
+      const r = checkConfig(svc.command!);
       assert.equal(r.status, 0, `${name}: ${r.stderr}`);
+      const cfg = buildConfig(cliOptions(svc.command!));
+      const acl = compileAcl(cfg);
+      for (const outsider of ['8.8.8.8', '2001:4860::8888']) assert.equal(acl.allowsClient(outsider), false, `${name}: an open proxy to ${outsider}`);
+      assert.ok(cfg.adminListen !== 'none' && targets.includes(`${name}:${cfg.adminListen.port}`), `${name}: Prometheus scrapes its admin port`);
+      assert.ok(acl.allowsAdmin('172.18.0.5'), `${name}: the compose network may scrape`);
+      for (const p of svc.ports ?? []) assert.match(p, /^127\.0\.0\.1:/, `${name}: ${p} must be published on loopback only`);
     }
     for (const name of ['stratum1a', 'stratum1b']) assert.deepEqual(compose.services[name]!.entrypoint, ['node', 'bench/emulator.ts']);
+  });
+
+  it('production install: npm ci --omit=dev, then start (no dev dependency, no build step)', async () => {
+    const dir = tmpDir('cuttle-prod-');
+    for (const f of ['package.json', 'package-lock.json']) cpSync(f, join(dir, f));
+    cpSync('src', join(dir, 'src'), { recursive: true });
+    const env = { ...process.env, PATH: `${dirname(process.execPath)}:${process.env.PATH}` };
+    const npm = spawnSync('npm', ['ci', '--omit=dev', '--prefer-offline', '--no-audit', '--no-fund'], { cwd: dir, env, encoding: 'utf8' });
+    assert.equal(npm.status, 0, npm.stderr);
+    assert.equal(existsSync(join(dir, 'node_modules/typescript')), false);
+    assert.equal(existsSync(join(dir, 'node_modules/node')), false, 'the dev-only Node is not installed');
+    const proxy = await startChildProxy(['--listen', '127.0.0.1:0', '--cache-dir', join(dir, 'cache')], dir);
+    assert.equal((await fetch(`http://127.0.0.1:${/"admin":\{[^}]*"port":(\d+)/.exec(proxy.stderr())![1]}/healthz`)).status, 200);
+    assert.equal(await proxy.stop(), 0);
+    // The systemd unit runs the system's Node on that install, never the dev-only one.
+    const unit = readFileSync('docker/cuttle.service', 'utf8');
+    const exec = /^ExecStart=(.*)$/m.exec(unit)![1]!.split(' ');
+    assert.equal(exec[0], '/usr/bin/node');
+    assert.doesNotMatch(unit, /node_modules/);
+    assert.match(unit, /npm ci --omit=dev/);
+    const pkg = JSON.parse(readFileSync('package.json', 'utf8')) as { scripts: Record<string, string>; bin: Record<string, string> };
+    assert.equal(pkg.scripts.prepare, undefined, 'no install-time build (it needs dev dependencies)');
+    assert.equal(pkg.bin.cuttle, 'src/main.ts');
   });
 
   it('the HEALTHCHECK command reports a running proxy healthy, and a stopped one unhealthy', async () => {
