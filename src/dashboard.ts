@@ -66,6 +66,7 @@ function render(s, rates) {
     cell(tr, m.group);
     cell(tr, m.mirror, 'url');
     cell(tr, m.healthy ? (m.stale ? 'stale' : 'healthy') : 'down', m.healthy && !m.stale ? 'good' : 'bad');
+    cell(tr, m.lastProbeError === null ? '–' : (m.lastProbeOk ? 'before: ' : '') + m.lastProbeError, m.lastProbeOk === false ? 'bad' : 'muted');
     cell(tr, m.revision === null ? '–' : m.repo + ' r' + m.revision, 'n');
     cell(tr, m.rttMs === null ? '–' : num(m.rttMs, 1) + ' ms', 'n');
     cell(tr, num(m.fetches), 'n');
@@ -73,7 +74,7 @@ function render(s, rates) {
     cell(tr, bytes(m.bytes), 'n');
     mt.appendChild(tr);
   }
-  if (!s.mirrors.length) { const tr = document.createElement('tr'); cell(tr, 'no mirror groups configured (--stratum1)', 'muted').colSpan = 8; mt.appendChild(tr); }
+  if (!s.mirrors.length) { const tr = document.createElement('tr'); cell(tr, 'no mirror groups configured (--stratum1)', 'muted').colSpan = 9; mt.appendChild(tr); }
   $('updated').textContent = 'updated ' + new Date().toLocaleTimeString();
 }
 async function tick() {
@@ -154,7 +155,7 @@ const HTML = (script: string) => `<!doctype html>
 <section><h2>Top waiters: fills in flight by clients attached</h2>
 <table><thead><tr><th>object</th><th class="n">clients</th><th class="n">received</th><th class="n">age</th></tr></thead><tbody id="top"></tbody></table></section>
 <section><h2>Stratum 1 mirrors</h2>
-<table><thead><tr><th>group</th><th>mirror</th><th>health</th><th class="n">manifest</th><th class="n">RTT</th><th class="n">fetches</th><th class="n">failures</th><th class="n">bytes</th></tr></thead><tbody id="mirrors"></tbody></table></section>
+<table><thead><tr><th>group</th><th>mirror</th><th>health</th><th>last probe error</th><th class="n">manifest</th><th class="n">RTT</th><th class="n">fetches</th><th class="n">failures</th><th class="n">bytes</th></tr></thead><tbody id="mirrors"></tbody></table></section>
 </main>
 <script>${script}</script>
 </body></html>

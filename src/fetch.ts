@@ -118,7 +118,10 @@ export class Upstream {
       const ok = wantOk ? res.statusCode === 200 : res.statusCode < 500;
       return { ok, rttMs, why: ok ? undefined : `HTTP ${res.statusCode}`, text };
     } catch (err) {
-      return { ok: false, rttMs: performance.now() - t0, why: upstreamError(err).token };
+      // What an admin needs to fix it: the kind (RFC 9209 token: dns_error, connection_refused, ...) and the detail.
+      if ((err as Error)?.name === 'TimeoutError') return { ok: false, rttMs: performance.now() - t0, why: `timeout: no answer in ${timeoutMs} ms` };
+      const pe = upstreamError(err);
+      return { ok: false, rttMs: performance.now() - t0, why: `${pe.token}: ${pe.detail ?? pe.message}` };
     }
   }
 

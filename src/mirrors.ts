@@ -77,6 +77,10 @@ export class Mirror {
   probes = 0;
   probeFailures = 0;
   lastProbeOk: boolean | undefined;
+  /** Why the latest failed probe failed (kept after recovery, so an admin sees what happened last). */
+  lastProbeError: string | undefined;
+  /** The reason last logged for this mirror being down; a new reason is logged again, a repeat is not. */
+  loggedDown: string | undefined;
   /** The last manifest a probe read from this mirror. */
   manifest: ManifestInfo | undefined;
   /** Its manifest is older than the group's newest by more than --mirror-max-lag. */
@@ -110,9 +114,10 @@ export class Mirror {
     return !this.passiveDown && this.goodProbes >= this.#cfg.threshold;
   }
 
-  recordProbe(ok: boolean, rttMs: number | undefined): void {
+  recordProbe(ok: boolean, rttMs: number | undefined, why?: string): void {
     this.probes++;
     this.lastProbeOk = ok;
+    if (!ok) this.lastProbeError = why ?? 'unknown';
     this.#window.shift();
     this.#window.push(ok);
     if (ok) {
@@ -145,6 +150,8 @@ export class Mirror {
     this.probes = old.probes;
     this.probeFailures = old.probeFailures;
     this.lastProbeOk = old.lastProbeOk;
+    this.lastProbeError = old.lastProbeError;
+    this.loggedDown = old.loggedDown;
     this.manifest = old.manifest;
     this.stale = old.stale;
     this.servedRepo = old.servedRepo;
@@ -172,6 +179,8 @@ export class Mirror {
       bytes: this.bytes,
       probes: this.probes,
       probeFailures: this.probeFailures,
+      lastProbeOk: this.lastProbeOk ?? null,
+      lastProbeError: this.lastProbeError ?? null,
     };
   }
 }
@@ -192,6 +201,9 @@ export interface MirrorSnapshot {
   bytes: number;
   probes: number;
   probeFailures: number;
+  lastProbeOk: boolean | null;
+  /** e.g. "dns_error: getaddrinfo ENOTFOUND s1.example", "connection_refused: …", "timeout: …", "HTTP 503". */
+  lastProbeError: string | null;
 }
 
 const byRtt = (a: Mirror, b: Mirror) => (a.rttMs ?? Infinity) - (b.rttMs ?? Infinity) || a.index - b.index;
@@ -312,8 +324,8 @@ export class Mirrors {
   /** Apply a probe result, logging a health change as one structured line. */
   probed(m: Mirror, ok: boolean, rttMs: number | undefined, why?: string, manifest?: ManifestInfo): void {
     const was = m.healthy;
-    m.recordProbe(ok, rttMs);
-    if (m.healthy !== was) this.#logState(m, ok ? 'probe succeeded' : `probe failed: ${why ?? 'unknown'}`);
+    m.recordProbe(ok, rttMs, why);
+    this.#logState(m, was, ok, ok ? 'probe succeeded' : `probe failed: ${why ?? 'unknown'}`);
     if (manifest) {
       m.manifest = manifest;
       this.#judgeLag(m.group, manifest.repo);
@@ -338,11 +350,23 @@ export class Mirrors {
   fetched(m: Mirror, ok: boolean, ttfbMs?: number, why?: string): void {
     const was = m.healthy;
     m.recordFetch(ok, ttfbMs);
-    if (m.healthy !== was) this.#logState(m, ok ? 'fetch succeeded' : `fetch failed: ${why ?? 'unknown'}`);
+    this.#logState(m, was, ok, ok ? 'fetch succeeded' : `fetch failed: ${why ?? 'unknown'}`);
   }
 
-  #logState(m: Mirror, reason: string): void {
-    this.#log.info({ ...m.snapshot(), reason }, m.healthy ? 'mirror up' : 'mirror down');
+  /**
+   * A mirror that is down is a warning with its reason: when it goes down, when it never came up (a
+   * mistyped or unreachable --stratum1 at start), and again whenever the reason changes; the same
+   * reason every probe interval is not repeated. Coming back is logged once, at info.
+   */
+  #logState(m: Mirror, was: boolean, ok: boolean, reason: string): void {
+    if (m.healthy) {
+      if (!was || m.loggedDown !== undefined) this.#log.info({ ...m.snapshot(), reason, downWas: m.loggedDown ?? null }, 'mirror up');
+      m.loggedDown = undefined;
+      return;
+    }
+    if (ok || (!was && m.loggedDown === reason)) return;
+    m.loggedDown = reason;
+    this.#log.warn({ ...m.snapshot(), reason }, 'mirror down');
   }
 
   snapshot(): MirrorSnapshot[] {

@@ -1,6 +1,7 @@
 // Stratum 1 awareness: nearest healthy mirror, failover, Range resume, hash verification, host-independent
 // keys for content-addressed objects, and manifests that never cross mirrors. Real loopback mirrors.
 import assert from 'node:assert/strict';
+import { createServer, type AddressInfo } from 'node:net';
 import { after, before, describe, it } from 'node:test';
 import { Pool } from 'undici';
 import { buildConfig } from '../../src/config.ts';
@@ -409,5 +410,26 @@ describe('mirrors: reload', () => {
       await p.close();
       for (const m of mirrors) await m.stop();
     }
+  });
+});
+
+describe('mirrors: one that never comes up is not silent', () => {
+  it('logs a warning with the reason once (again only if the reason changes), and /status shows the last probe error', async () => {
+    const closed = createServer();
+    await new Promise<void>((r) => closed.listen(0, '127.0.0.1', () => r()));
+    const port = (closed.address() as AddressInfo).port;
+    await new Promise<void>((r) => closed.close(() => r()));
+    const p = await startProxy({ stratum1: [`http://127.0.0.1:${port}`], 'probe-interval': '50ms' });
+    const status = async () => (await (await fetch(`http://127.0.0.1:${p.proxy.adminAddress()!.port}/status`)).json()) as { mirrors: { lastProbeError: string | null; lastProbeOk: boolean | null; probes: number }[] };
+    const downs = () => p.logs.filter((l) => l.msg === 'mirror down');
+    await waitFor('a mirror-down warning', () => downs().length > 0);
+    assert.equal(downs()[0]!.level, 40, 'a warning');
+    assert.match(String(downs()[0]!.reason), /^probe failed: connection_refused: .*ECONNREFUSED/);
+    await waitFor('three more probes', () => p.proxy.mirrors.snapshot()[0]!.probes >= 4);
+    const s = await status();
+    assert.equal(downs().length, 1, 'the same reason is not repeated every probe');
+    assert.equal(s.mirrors[0]!.lastProbeOk, false);
+    assert.match(String(s.mirrors[0]!.lastProbeError), /^connection_refused: /);
+    await p.close();
   });
 });

@@ -36,6 +36,25 @@ describe('mirror health (Varnish window 8, threshold 3, initial 2)', () => {
     assert.equal(events.at(-1), 'mirror down');
   });
 
+  it('a mirror that never comes up warns with its reason; a repeat is quiet, a new reason is not; recovery is logged', () => {
+    const lines: { level: number; msg: string; reason?: string; downWas?: string }[] = [];
+    const mirrors = new Mirrors([{ name: 'g', mirrors: [A] }], PROBE, pino({ level: 'info' }, { write: (l: string) => void lines.push(JSON.parse(l)) }));
+    const a = mirrors.groups[0]!.mirrors[0]!;
+    mirrors.probed(a, false, undefined, 'dns_error: getaddrinfo ENOTFOUND s1a.example');
+    mirrors.probed(a, false, undefined, 'dns_error: getaddrinfo ENOTFOUND s1a.example');
+    mirrors.probed(a, false, undefined, 'connection_refused: connect ECONNREFUSED 192.0.2.1:8000');
+    assert.deepEqual(lines.map((l) => [l.level, l.msg, l.reason]), [
+      [40, 'mirror down', 'probe failed: dns_error: getaddrinfo ENOTFOUND s1a.example'],
+      [40, 'mirror down', 'probe failed: connection_refused: connect ECONNREFUSED 192.0.2.1:8000'],
+    ]);
+    assert.equal(a.snapshot().lastProbeError, 'connection_refused: connect ECONNREFUSED 192.0.2.1:8000');
+    for (let i = 0; i < 3; i++) mirrors.probed(a, true, 10);
+    assert.equal(lines.length, 3);
+    assert.equal(lines[2]!.msg, 'mirror up');
+    assert.equal(lines[2]!.downWas, 'probe failed: connection_refused: connect ECONNREFUSED 192.0.2.1:8000');
+    assert.equal(a.snapshot().lastProbeOk, true);
+  });
+
   it('passive failures in a row mark it down; only a good probe brings it back', () => {
     const { mirrors, g } = group();
     const a = g.mirrors[0]!;
