@@ -33,6 +33,7 @@ export const DEFAULTS = {
   'stale-retry': '10s',
   'access-log': '-',
   'access-log-format': 'squid',
+  'pid-file': 'none',
   'log-level': 'info',
   'visible-hostname': hostname(),
   'connect-timeout': '10s',
@@ -68,6 +69,13 @@ export const DEFAULTS = {
 
 export type OptionName = keyof typeof DEFAULTS;
 
+/** Options a reload (SIGHUP) applies to the running proxy; the others need a restart. */
+export const LIVE_OPTIONS: ReadonlySet<OptionName> = new Set<OptionName>([
+  'allow-client', 'allow-dest', 'allow-local-dest', 'allow-admin', 'allow-port', 'allow-connect-port', 'allow-purge',
+  'stratum1', 'probe-interval', 'probe-timeout', 'probe-window', 'probe-threshold', 'probe-initial', 'probe-repo',
+  'mirror-fail-threshold', 'mirror-timeout', 'mirror-max-lag',
+]);
+
 const HELP: Record<OptionName, string> = {
   listen: '[HOST:]PORT to accept proxy requests on (repeatable)',
   'cache-dir': 'directory of the disk tier',
@@ -87,6 +95,7 @@ const HELP: Record<OptionName, string> = {
   'stale-retry': 'after a failed refresh, how long stale copies are served before the upstream is asked again',
   'access-log': 'Squid-format access log file, - for stdout, none to disable',
   'access-log-format': 'squid (Squid native) or frontier (frontier-squid, as WLCG awstats and failover monitoring parse)',
+  'pid-file': 'file that holds the process id while cuttle runs (Squid pid_filename), or none',
   'log-level': 'operational log level (fatal,error,warn,info,debug,trace)',
   'visible-hostname': 'name used in Via and X-Cache',
   'connect-timeout': 'upstream connect timeout',
@@ -283,6 +292,7 @@ const schema = z
     'stale-retry': duration,
     'access-log': z.string().min(1, 'expected a file path, - or none'),
     'access-log-format': z.enum(['squid', 'frontier']),
+    'pid-file': z.string().min(1, 'expected a file path or none'),
     'log-level': z.enum(['fatal', 'error', 'warn', 'info', 'debug', 'trace', 'silent']),
     'visible-hostname': z.string().regex(/^[A-Za-z0-9._-]+$/, 'expected a host name'),
     'connect-timeout': duration,
@@ -336,6 +346,8 @@ type Parsed = z.output<typeof schema>;
 
 /** The validated, frozen configuration every module reads. Units are in the names. */
 export interface Config {
+  /** The same values by option name, as the admin wrote the keys (for messages such as reload's). */
+  readonly options: Readonly<Record<OptionName, unknown>>;
   readonly listen: readonly ListenAddr[];
   readonly cacheDir: string;
   readonly diskCacheBytes: number;
@@ -354,6 +366,7 @@ export interface Config {
   readonly staleRetryMs: number;
   readonly accessLog: string;
   readonly accessLogFormat: 'squid' | 'frontier';
+  readonly pidFile: string;
   readonly logLevel: string;
   readonly visibleHostname: string;
   readonly connectTimeoutMs: number;
@@ -381,6 +394,7 @@ export interface Config {
 
 function toConfig(p: Parsed): Config {
   return {
+    options: p,
     listen: p.listen,
     cacheDir: p['cache-dir'],
     diskCacheBytes: p['disk-cache'],
@@ -399,6 +413,7 @@ function toConfig(p: Parsed): Config {
     staleRetryMs: p['stale-retry'],
     accessLog: p['access-log'],
     accessLogFormat: p['access-log-format'],
+    pidFile: p['pid-file'],
     logLevel: p['log-level'],
     visibleHostname: p['visible-hostname'],
     connectTimeoutMs: p['connect-timeout'],

@@ -6,6 +6,8 @@ import { raiseOpenFilesLimit, WANTED_OPEN_FILES } from './process-setup.ts';
 import { ConfigError } from './errors.ts';
 import { helpText, loadConfig, parseCli, VERSION, type Config } from './config.ts';
 import { createProxy } from './server.ts';
+import { checkHost } from './preflight.ts';
+import { rmSync, writeFileSync } from 'node:fs';
 
 async function main(argv: string[]): Promise<number> {
   let cli;
@@ -29,7 +31,12 @@ async function main(argv: string[]): Promise<number> {
     throw err;
   }
   if (cli.checkConfig) {
-    process.stdout.write(`configuration OK\n${summary(cfg)}`);
+    const host = await checkHost(cfg);
+    if (host.problems.length) {
+      process.stderr.write(`cuttle: the configuration is valid, but this host can't run it:\n  ${host.problems.join('\n  ')}\n`);
+      return 1;
+    }
+    process.stdout.write(`configuration OK\n${summary(cfg)}${host.notes.map((n) => `  note:      ${n}\n`).join('')}`);
     return 0;
   }
   let proxy;
@@ -45,6 +52,16 @@ async function main(argv: string[]): Promise<number> {
   }
   const p = proxy;
   const c = cli;
+  const pidFile = cfg.pidFile === 'none' ? undefined : cfg.pidFile;
+  if (pidFile) {
+    try {
+      writeFileSync(pidFile, `${process.pid}\n`);
+    } catch (err) {
+      process.stderr.write(`cuttle: cannot write pid-file ${pidFile}: ${(err as Error).message}\n`);
+      await p.close(0).catch(() => {});
+      return 1;
+    }
+  }
   const nofile = raiseOpenFilesLimit();
   if (nofile !== undefined && nofile < WANTED_OPEN_FILES) {
     p.log.warn({ openFiles: nofile, wanted: WANTED_OPEN_FILES }, 'open-files limit is low for a site proxy: raise LimitNOFILE (systemd) or ulimit -n');
@@ -55,6 +72,7 @@ async function main(argv: string[]): Promise<number> {
     stopping = true;
     p.log.info({ signal: sig, timeoutMs: p.config.shutdownTimeoutMs }, 'draining, then shutting down');
     void p.close().then(() => {
+      if (pidFile) rmSync(pidFile, { force: true });
       p.log.info('stopped');
       p.log.flush?.();
       process.exit(0);

@@ -7,7 +7,7 @@ import { BufferPool } from './buffer-pool.ts';
 import { primaryKey } from './cache-key.ts';
 import { systemClock, type Clock } from './clock.ts';
 import { Coalescer } from './coalescer.ts';
-import { VERSION, type Config } from './config.ts';
+import { LIVE_OPTIONS, VERSION, type Config, type OptionName } from './config.ts';
 import { createAdminServer } from './admin.ts';
 import { Metrics } from './metrics.ts';
 import { Upstream } from './fetch.ts';
@@ -291,10 +291,12 @@ export async function createProxy(cfg: Config, opts: ProxyOptions = {}): Promise
         if (listening && !draining) prober.start();
         log.info({ groups: next.mirrorGroups }, 'reload: mirror groups replaced');
       }
-      const live = new Set(['allowClient', 'allowDest', 'allowLocalDest', 'allowAdmin', 'allowPorts', 'allowConnectPorts', 'allowPurge', 'mirrorGroups', 'probe']);
-      const needRestart = (Object.keys(next) as (keyof Config)[]).filter((k) => !live.has(k) && JSON.stringify(next[k]) !== JSON.stringify(current[k]));
-      if (needRestart.length) log.warn({ keys: needRestart }, 'reload: these settings take effect only after a restart');
-      current = { ...current, allowClient: next.allowClient, allowDest: next.allowDest, allowLocalDest: next.allowLocalDest, allowAdmin: next.allowAdmin, allowPorts: next.allowPorts, allowConnectPorts: next.allowConnectPorts, allowPurge: next.allowPurge, mirrorGroups: next.mirrorGroups, probe: next.probe };
+      const names = Object.keys(next.options) as OptionName[];
+      const needRestart = names.filter((k) => !LIVE_OPTIONS.has(k) && JSON.stringify(next.options[k]) !== JSON.stringify(current.options[k]));
+      if (needRestart.length) log.warn({ options: needRestart }, `reload: ${needRestart.join(', ')} take${needRestart.length === 1 ? 's' : ''} effect only after a restart`);
+      const options = { ...current.options };
+      for (const k of names) if (LIVE_OPTIONS.has(k)) options[k] = next.options[k];
+      current = { ...current, options, allowClient: next.allowClient, allowDest: next.allowDest, allowLocalDest: next.allowLocalDest, allowAdmin: next.allowAdmin, allowPorts: next.allowPorts, allowConnectPorts: next.allowConnectPorts, allowPurge: next.allowPurge, mirrorGroups: next.mirrorGroups, probe: next.probe };
       log.info('configuration reloaded');
     },
     reopenLogs() {

@@ -1,7 +1,9 @@
 // Operating cuttle: metrics move with traffic, readiness, SIGHUP reload, SIGTERM drain, log reopen.
 import assert from 'node:assert/strict';
 import { randomBytes } from 'node:crypto';
-import { spawn } from 'node:child_process';
+import { spawn, spawnSync } from 'node:child_process';
+import { userInfo } from 'node:os';
+import { requireTool } from '../helpers/tools.ts';
 import { once } from 'node:events';
 import { createServer, type AddressInfo } from 'node:net';
 import { existsSync, readFileSync, renameSync, writeFileSync } from 'node:fs';
@@ -74,6 +76,14 @@ describe('operations', () => {
     await p.close();
   });
 
+  it('--pid-file holds the pid while cuttle runs and is removed when it stops', async () => {
+    const pidFile = join(tmpDir(), 'cuttle.pid');
+    const proxy = await startChildProxy(['--listen', '127.0.0.1:0', '--cache-dir', join(tmpDir(), 'c'), '--pid-file', pidFile]);
+    assert.equal(readFileSync(pidFile, 'utf8'), `${proxy.child.pid}\n`);
+    assert.equal(await proxy.stop(), 0);
+    assert.equal(existsSync(pidFile), false);
+  });
+
   it('PURGE removes a stored object for an allowed client and is denied to others', async () => {
     const p = await startProxy({ 'allow-purge': ['127.0.0.1/32'] });
     const c = proxyClient(p.url);
@@ -100,10 +110,12 @@ describe('operations', () => {
     const proxy = await startChildProxy(['--config', file]);
     const c = proxyClient(proxy.url);
     assert.equal((await get(c, `${origin.url}/m`)).status, 200);
-    writeFileSync(file, `listen: 127.0.0.1:0\ncache-dir: ${join(dir, 'cache')}\nallow-local-dest: [127.0.0.1]\nallow-client: [10.0.0.0/8]\n`);
+    writeFileSync(file, `listen: 127.0.0.1:0\ncache-dir: ${join(dir, 'cache')}\nallow-local-dest: [127.0.0.1]\nallow-client: [10.0.0.0/8]\nmemory-cache: 64MB\n`);
     proxy.child.kill('SIGHUP');
     await waitFor('the reload applied', () => /configuration reloaded/.test(proxy.stderr()));
     assert.equal((await get(c, `${origin.url}/m`)).status, 403, 'the new ACL is live');
+    // Options that need a restart are named as the admin wrote them.
+    assert.match(proxy.stderr(), /"options":\["memory-cache"\],"msg":"reload: memory-cache takes effect only after a restart"/);
     writeFileSync(file, 'allow-client: [not-a-cidr]\n');
     proxy.child.kill('SIGHUP');
     await waitFor('the reload rejected', () => /reload rejected/.test(proxy.stderr()));
@@ -169,6 +181,30 @@ describe('operations', () => {
     const fresh = readFileSync(log, 'utf8');
     assert.match(fresh, /\?two/);
     assert.doesNotMatch(fresh, /\?one/);
+  });
+
+  it('the shipped logrotate snippet rotates the access log under a running cuttle (rename, then SIGUSR1 by pid file)', async (t) => {
+    const logrotate = requireTool(t, ['logrotate', '/usr/sbin/logrotate'], 'logrotate');
+    if (!logrotate) return;
+    const dir = tmpDir();
+    const log = join(dir, 'access.log');
+    const pidFile = join(dir, 'cuttle.pid');
+    const conf = join(dir, 'logrotate.conf');
+    const user = userInfo().username;
+    writeFileSync(conf, readFileSync('docker/cuttle.logrotate', 'utf8').replaceAll('/var/log/cuttle/access.log', log).replaceAll('/run/cuttle/cuttle.pid', pidFile).replace('su cuttle cuttle', `su ${user} ${user}`));
+    const proxy = await startChildProxy(['--listen', '127.0.0.1:0', '--cache-dir', join(dir, 'c'), '--allow-local-dest', '127.0.0.1', '--access-log', log, '--pid-file', pidFile]);
+    const c = proxyClient(proxy.url);
+    await get(c, `${origin.url}/m?before`);
+    await waitFor('the first line written', () => existsSync(log) && /\?before/.test(readFileSync(log, 'utf8')));
+    const r = spawnSync(logrotate, ['-f', '-s', join(dir, 'state'), conf], { encoding: 'utf8' });
+    assert.equal(r.status, 0, r.stderr);
+    await waitFor('the log reopened', () => /access log reopened/.test(proxy.stderr()));
+    await get(c, `${origin.url}/m?after`);
+    await c.close();
+    assert.equal(await proxy.stop(), 0);
+    assert.match(readFileSync(`${log}.1`, 'utf8'), /\?before/);
+    assert.doesNotMatch(readFileSync(`${log}.1`, 'utf8'), /\?after/);
+    assert.match(readFileSync(log, 'utf8'), /\?after/);
   });
 });
 

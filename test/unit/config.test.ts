@@ -1,6 +1,6 @@
 import assert from 'node:assert/strict';
 import { spawnSync } from 'node:child_process';
-import { writeFileSync } from 'node:fs';
+import { existsSync, writeFileSync } from 'node:fs';
 import { createServer } from 'node:net';
 import type { AddressInfo } from 'node:net';
 import { join } from 'node:path';
@@ -89,6 +89,25 @@ describe('config', () => {
     assert.match(ok.stdout, /configuration OK/);
     assert.match(ok.stdout, /memory 64 MiB/);
     assert.match(ok.stdout, /stratum1: +default \[http:\/\/s1a\.example:8000 http:\/\/s1b\.example:8000\]/);
+  });
+
+  it('--check-config also checks this host: cache and log paths usable, listen addresses local; it changes nothing', () => {
+    const dir = tmpDir();
+    const file = join(dir, 'a-file');
+    writeFileSync(file, '');
+    const r = cuttle(['--check-config', '--cache-dir', join(file, 'cache'), '--access-log', join(file, 'access.log'), '--pid-file', join(file, 'cuttle.pid'), '--listen', '203.0.113.77:3128', '--admin-listen', '127.0.0.1:3129']);
+    assert.equal(r.status, 1, r.stderr);
+    assert.match(r.stderr, /the configuration is valid, but this host can't run it/);
+    assert.match(r.stderr, /cache-dir: .* can't be used: .*a-file is not a directory/);
+    assert.match(r.stderr, /access-log: .* can't be written: .*a-file is not a directory/);
+    assert.match(r.stderr, /pid-file: .* can't be written/);
+    assert.match(r.stderr, /listen: 203\.0\.113\.77 is not an address of this host/);
+    assert.doesNotMatch(r.stderr, /admin-listen/);
+    const fresh = join(dir, 'new', 'cache');
+    const ok = cuttle(['--check-config', '--cache-dir', fresh, '--access-log', join(dir, 'logs', 'access.log'), '--listen', '127.0.0.1:3128', '--listen', '[::]:3128']);
+    assert.equal(ok.status, 0, ok.stderr);
+    assert.equal(existsSync(join(dir, 'new')), false, 'nothing created');
+    assert.equal(existsSync(join(dir, 'logs')), false, 'nothing created');
   });
 
   it('an unknown command-line option is an error that names it', () => {
