@@ -7,9 +7,25 @@ import { ConfigError } from './errors.ts';
 import { helpText, loadConfig, parseCli, VERSION, type Config } from './config.ts';
 import { createProxy } from './server.ts';
 import { checkHost } from './preflight.ts';
-import { rmSync, writeFileSync } from 'node:fs';
+import { readFileSync, rmSync, writeFileSync } from 'node:fs';
+import { importSquidText } from './import-squid.ts';
 
 async function main(argv: string[]): Promise<number> {
+  if (argv[0] === 'import-squid') {
+    if (argv.length !== 2) {
+      process.stderr.write('usage: cuttle import-squid /etc/squid/squid.conf > cuttle.yaml\n');
+      return 2;
+    }
+    let text;
+    try {
+      text = readFileSync(argv[1]!, 'utf8');
+    } catch (err) {
+      process.stderr.write(`cuttle: ${(err as Error).message}\n`);
+      return 2;
+    }
+    process.stdout.write(importSquidText(text, argv[1]!));
+    return 0;
+  }
   let cli;
   let cfg;
   try {
