@@ -73,6 +73,8 @@ type StepName = 'recv' | 'lookup' | 'hit' | 'stale' | 'busy' | 'miss' | 'pass' |
 
 interface State {
   ctx: Ctx;
+  /** How the request was answered if not from the cache (counted in finish, by its final result). */
+  served?: 'miss' | 'coalesced' | 'pass';
   req: IncomingMessage;
   res: ServerResponse;
   tx: Transaction;
@@ -294,8 +296,6 @@ function closeStored(st: StoredObject | undefined): void {
 async function hit(s: State): Promise<StepName | undefined> {
   const st = s.stored!;
   s.tx.result = st.tier === 'memory' ? 'TCP_MEM_HIT' : 'TCP_HIT';
-  if (st.tier === 'memory') s.ctx.counters.memHits++;
-  s.ctx.counters.hits++;
   await deliverStored(s, st);
   return undefined;
 }
@@ -315,12 +315,10 @@ async function busy(s: State): Promise<StepName> {
   if (s.fill.state === 'done') {
     // The whole response is already here, only not yet handed to the tiers: a hit in all but name.
     s.tx.result = 'TCP_MEM_HIT';
-    s.ctx.counters.hits++;
-    s.ctx.counters.memHits++;
     return 'deliverFill';
   }
   s.tx.coalesced = true;
-  s.ctx.counters.coalesced++;
+  s.served = 'coalesced';
   if (s.tx.result === 'NONE') s.tx.result = 'TCP_MISS';
   return 'deliverFill';
 }
@@ -338,7 +336,7 @@ async function miss(s: State): Promise<StepName> {
     closeStored(s.stored);
     return fail(s, 'ERR_OVERLOADED', 'too many fills in flight');
   }
-  ctx.counters.misses++;
+  s.served = 'miss';
   if (tx.result === 'NONE') tx.result = 'TCP_MISS';
   const stale = s.stored;
   s.stored = undefined;
@@ -390,7 +388,6 @@ async function revalidateInBackground(s: State): Promise<undefined> {
     bg.fill.removeReader(bg.readerId); // nobody waits on it
   }
   tx.result = 'TCP_STALE_HIT';
-  ctx.counters.hits++;
   await deliverStored(s, s.stored!);
   return undefined;
 }
@@ -708,7 +705,6 @@ async function serveStale(s: State): Promise<undefined> {
   tx.result = 'TCP_REFRESH_FAIL_OLD';
   tx.coalesced = false;
   ctx.counters.staleServed++;
-  ctx.counters.hits++;
   await deliverStored(s, s.stored!);
   return undefined;
 }
@@ -716,7 +712,7 @@ async function serveStale(s: State): Promise<undefined> {
 async function pass(s: State): Promise<StepName | undefined> {
   const { ctx, req, res, tx } = s;
   if (ctx.counters.passesInFlight >= ctx.cfg.maxPasses) return fail(s, 'ERR_OVERLOADED', 'too many uncached requests in flight');
-  ctx.counters.passes++;
+  s.served = 'pass';
   ctx.counters.passesInFlight++;
   if (tx.result === 'NONE') tx.result = 'TCP_MISS';
   const url = s.url!;
@@ -860,8 +856,26 @@ function drained(res: ServerResponse): Promise<void> {
   });
 }
 
+/**
+ * The result codes counted as hits, Squid's LogTags::isTcpHit(): SNMP cacheHttpHits, /status, the
+ * dashboard and Prometheus all read the one count made here (a revalidated 304 is a hit, as in Squid).
+ */
+const HIT_RESULTS: ReadonlySet<string> = new Set(['TCP_HIT', 'TCP_MEM_HIT', 'TCP_IMS_HIT', 'TCP_INM_HIT', 'TCP_REFRESH_UNMODIFIED', 'TCP_REFRESH_FAIL_OLD', 'TCP_NEGATIVE_HIT', 'TCP_OFFLINE_HIT', 'TCP_STALE_HIT']);
+
+/** Count a finished request once, by its final result: a hit, else how it was served. */
+function tally(s: State): void {
+  const c = s.ctx.counters;
+  if (HIT_RESULTS.has(s.tx.result)) {
+    c.hits++;
+    if (s.tx.result === 'TCP_MEM_HIT') c.memHits++;
+  } else if (s.served === 'miss') c.misses++;
+  else if (s.served === 'coalesced') c.coalesced++;
+  else if (s.served === 'pass') c.passes++;
+}
+
 function finish(s: State): void {
   const { ctx, tx } = s;
+  tally(s);
   ctx.counters.bytesOut += tx.bytesOut;
   const record = () => {
     const now = ctx.clock.now();

@@ -117,7 +117,11 @@ describe('caching policy (RFC 9111, injected clock)', () => {
     const u = `${origin.url}/etag`;
     await get(c, u);
     clock.advance(11_000);
+    const before = { ...p.proxy.counters };
     const r = await get(c, u);
+    // Counted as Squid counts it (isTcpHit): a hit, not a miss, in /status, SNMP and the dashboard alike.
+    assert.equal(p.proxy.counters.hits, before.hits + 1);
+    assert.equal(p.proxy.counters.misses, before.misses);
     assert.equal(r.status, 200);
     assert.equal(r.body.toString(), 'validated body');
     assert.equal(r.headers['x-refreshed'], 'yes');
