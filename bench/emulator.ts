@@ -48,8 +48,9 @@ export interface CatalogOptions {
 /** The object list, and the bytes behind it. ~55 MiB for 200 objects with the default mix. */
 export function makeCatalog(o: CatalogOptions): { specs: ObjectSpec[]; bodies: Map<string, Buffer> } {
   const rnd = prng(o.seed);
-  const nChunks = o.chunks ?? Math.max(o.objects >= 50 ? 2 : 0, Math.round(o.objects * 0.01));
-  const nCatalogs = o.catalogs ?? Math.round(o.objects * 0.04);
+  // At least one chunk and one catalog from 2 objects on, so a small --objects still has big objects.
+  const nChunks = o.chunks ?? (o.objects >= 50 ? Math.max(2, Math.round(o.objects * 0.01)) : o.objects >= 2 ? 1 : 0);
+  const nCatalogs = o.catalogs ?? (o.objects >= 3 ? Math.max(1, Math.round(o.objects * 0.04)) : 0);
   const specs: ObjectSpec[] = [];
   const bodies = new Map<string, Buffer>();
   for (let i = 0; i < o.objects; i++) {

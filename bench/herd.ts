@@ -244,24 +244,34 @@ function parseSizeMB(s: string): number {
 }
 
 async function main(): Promise<void> {
-  const { values } = parseArgs({
-    options: {
-      scenario: { type: 'string', multiple: true },
-      target: { type: 'string', default: 'cuttle' },
-      compare: { type: 'string' },
-      rounds: { type: 'string', default: '3' },
-      nodes: { type: 'string' },
-      objects: { type: 'string' },
-      connections: { type: 'string', default: '1' },
-      'latency-ms': { type: 'string' },
-      'memory-cache': { type: 'string', default: '256MB' },
-      seed: { type: 'string', default: '1' },
-      out: { type: 'string', default: 'bench/results' },
-      help: { type: 'boolean' },
-    },
-  });
+  // One table: the parser's options, and --help with each default.
+  const OPTS = {
+    scenario: { type: 'string', multiple: true, help: `scenario to run (repeatable): ${Object.keys(SCENARIOS).join(', ')}`, shown: 'herd' },
+    target: { type: 'string', default: 'cuttle', help: 'cuttle (started here), squid (Debian package, started here) or http://HOST:PORT of a running proxy' },
+    compare: { type: 'string', help: 'a second target, run in the same rounds (the order alternates: A B, then B A)' },
+    rounds: { type: 'string', default: '3', help: 'rounds per target; the table shows medians' },
+    nodes: { type: 'string', help: 'emulated client nodes (herd scenarios)', shown: "the scenario's (herd: 1000)" },
+    objects: { type: 'string', help: 'objects per mount; every mount has at least one 16-24 MiB chunk and one catalog from 2 objects on', shown: "the scenario's (herd: 200)" },
+    connections: { type: 'string', default: '1', help: 'connections per node' },
+    'latency-ms': { type: 'string', help: "Stratum 1 emulator latency", shown: "the scenario's (herd: 50)" },
+    'memory-cache': { type: 'string', default: '256MB', help: "cuttle's --memory-cache and Squid's cache_mem alike" },
+    seed: { type: 'string', default: '1', help: 'seed of the object sizes and node order' },
+    out: { type: 'string', default: 'bench/results', help: 'where the JSON, Markdown and SVG results go' },
+    help: { type: 'boolean', help: 'this text' },
+  } as const;
+  const parserOptions = Object.fromEntries(
+    Object.entries(OPTS).map(([k, o]) => {
+      const { help: _help, shown: _shown, ...rest } = o as { help: string; shown?: string };
+      return [k, rest];
+    }),
+  ) as { [K in keyof typeof OPTS]: Omit<(typeof OPTS)[K], 'help' | 'shown'> };
+  const { values } = parseArgs({ options: parserOptions });
   if (values.help) {
-    process.stdout.write(`usage: npm run bench -- [--scenario NAME]... [--target cuttle|http://HOST:PORT] [--compare squid|http://HOST:PORT] [--rounds N] [--nodes N] [--objects N] [--connections N] [--latency-ms N]\nscenarios: ${Object.keys(SCENARIOS).join(', ')}\n`);
+    const rows = Object.entries(OPTS).map(([k, o]) => {
+      const def = 'default' in o ? o.default : 'shown' in o ? o.shown : undefined;
+      return `  --${k.padEnd(14)} ${o.help}${def !== undefined ? ` (default: ${def})` : ''}`;
+    });
+    process.stdout.write(`usage: npm run bench -- [options]\n${rows.join('\n')}\n`);
     return;
   }
   // Keep the orchestrator (emulator + autocannon) off the proxy's core.
@@ -281,7 +291,8 @@ async function main(): Promise<void> {
     const sc: Scenario = { ...base, nodes: Number(values.nodes ?? base.nodes), objects: Number(values.objects ?? base.objects), latencyMs: Number(values['latency-ms'] ?? base.latencyMs) };
     const runs: RunResult[] = [];
     for (let round = 1; round <= Number(values.rounds); round++) {
-      for (const t of targets) {
+      // Alternate the order (A B, then B A): whatever the machine does over time falls on both targets.
+      for (const t of round % 2 === 1 ? targets : [...targets].reverse()) {
         process.stderr.write(`${name} round ${round}: ${t} …\n`);
         const r = await runOnce({ scenario: sc, target: t, round, seed: Number(values.seed), memoryCache: values['memory-cache']!, connectionsPerNode: Number(values.connections) });
         runs.push(r);

@@ -94,38 +94,69 @@ const COLORS = ['#1f77b4', '#d62728', '#2ca02c', '#9467bd'];
 
 /** Latency CDF per target (log x axis) and upstream fetches per object, as one self-contained SVG. */
 export function svgChart(scenario: string, runs: RunResult[], targets: string[]): string {
-  const W = 760;
-  const H = 300;
-  const pad = 50;
-  const cdfW = 460;
-  const parts: string[] = [`<svg xmlns="http://www.w3.org/2000/svg" width="${W}" height="${H}" font-family="sans-serif" font-size="11">`, `<rect width="${W}" height="${H}" fill="white"/>`, `<text x="${pad}" y="18" font-size="13">${scenario}: latency CDF (ms, log) and upstream fetches per object</text>`];
-  const all = runs.flatMap((r) => r.nodes?.latencyMs.cdf.map(([v]) => v) ?? []).filter((v) => v > 0);
-  const lo = Math.max(0.1, Math.min(...all, 1));
-  const hi = Math.max(...all, 10);
-  const x = (v: number) => pad + ((Math.log10(Math.max(v, lo)) - Math.log10(lo)) / (Math.log10(hi) - Math.log10(lo) || 1)) * (cdfW - pad);
-  const y = (q: number) => H - pad - (q / 100) * (H - 2 * pad);
-  parts.push(`<line x1="${pad}" y1="${H - pad}" x2="${cdfW}" y2="${H - pad}" stroke="#333"/><line x1="${pad}" y1="${pad}" x2="${pad}" y2="${H - pad}" stroke="#333"/>`);
-  for (const q of [0, 50, 90, 99, 100]) parts.push(`<text x="${pad - 30}" y="${y(q) + 4}">${q}%</text>`);
-  for (let e = Math.ceil(Math.log10(lo)); e <= Math.log10(hi); e++) parts.push(`<text x="${x(10 ** e) - 8}" y="${H - pad + 14}">${10 ** e}</text>`);
+  const W = 900;
+  const H = 380;
+  const top = 70;
+  const bottom = 60;
+  const left = 70;
+  const cdfR = 520; // right edge of the CDF plot
+  const plotH = H - top - bottom;
+  const esc = (t: string) => t.replace(/&/g, '&amp;').replace(/</g, '&lt;');
+  const color = (i: number) => COLORS[i % COLORS.length];
+  const med = (t: string, f: (r: RunResult) => number | undefined) => {
+    const v = runs.filter((r) => r.target === t).map(f).filter((x): x is number => x !== undefined);
+    return v.length ? median(v) : undefined;
+  };
+  const parts: string[] = [
+    `<svg xmlns="http://www.w3.org/2000/svg" width="${W}" height="${H}" font-family="sans-serif" font-size="12">`,
+    `<rect width="${W}" height="${H}" fill="white"/>`,
+    `<text x="${left}" y="22" font-size="15" font-weight="bold">${esc(scenario)}: ${esc(targets.join(' vs '))} (medians of ${Math.max(...targets.map((t) => runs.filter((r) => r.target === t).length))} rounds)</text>`,
+  ];
+  // Legend, with the figures that matter for each target written beside its colour.
   targets.forEach((t, i) => {
-    const r = runs.find((run) => run.target === t && run.nodes);
-    if (!r?.nodes) return;
-    const pts = r.nodes.latencyMs.cdf.map(([v, q]) => `${x(v).toFixed(1)},${y(q).toFixed(1)}`).join(' ');
-    parts.push(`<polyline fill="none" stroke="${COLORS[i % 4]}" stroke-width="2" points="${pts}"/>`, `<text x="${pad + 10}" y="${pad + 14 * i}" fill="${COLORS[i % 4]}">${t}</text>`);
+    const p50 = med(t, (r) => r.nodes?.latencyMs.p50);
+    const p99 = med(t, (r) => r.nodes?.latencyMs.p99);
+    const figs = [p50 !== undefined ? `p50 ${fmt(p50)} ms` : '', p99 !== undefined ? `p99 ${fmt(p99)} ms` : '', `proxy CPU ${fmt(med(t, (r) => r.proxyCpuS) ?? 0)} s`, `peak RSS ${fmt(med(t, (r) => r.proxyPeakRssMiB) ?? 0)} MiB`, med(t, (r) => r.reqPerSec) !== undefined ? `${fmt(med(t, (r) => r.reqPerSec)!)} req/s` : '']
+      .filter(Boolean)
+      .join(' · ');
+    const y = 42 + 16 * i;
+    parts.push(`<rect x="${left}" y="${y - 10}" width="14" height="10" fill="${color(i)}"/>`, `<text x="${left + 20}" y="${y}"><tspan font-weight="bold" fill="${color(i)}">${esc(t)}</tspan>  ${esc(figs)}</text>`);
   });
-  const bx = cdfW + 60;
-  const maxF = Math.max(2, ...runs.map((r) => r.fetchesPerObjectMax));
-  const bh = (v: number) => (v / maxF) * (H - 2 * pad);
-  parts.push(`<line x1="${bx}" y1="${H - pad}" x2="${W - 20}" y2="${H - pad}" stroke="#333"/>`);
+  // Left: latency CDF, log-scale x.
+  const all = runs.flatMap((r) => r.nodes?.latencyMs.cdf.map(([v]) => v) ?? []).filter((v) => v > 0);
+  const y = (q: number) => top + plotH - (q / 100) * plotH;
+  parts.push(`<line x1="${left}" y1="${top + plotH}" x2="${cdfR}" y2="${top + plotH}" stroke="#333"/><line x1="${left}" y1="${top}" x2="${left}" y2="${top + plotH}" stroke="#333"/>`);
+  parts.push(`<text x="${(left + cdfR) / 2}" y="${H - 18}" text-anchor="middle">request latency, ms (log scale)</text>`, `<text transform="translate(18 ${top + plotH / 2}) rotate(-90)" text-anchor="middle">requests done within (%)</text>`);
+  for (const q of [0, 25, 50, 75, 90, 100]) parts.push(`<text x="${left - 6}" y="${y(q) + 4}" text-anchor="end">${q}</text><line x1="${left}" y1="${y(q)}" x2="${cdfR}" y2="${y(q)}" stroke="#eee"/>`);
+  if (all.length) {
+    const lo = Math.max(0.1, Math.min(...all, 1));
+    const hi = Math.max(...all, 10);
+    const x = (v: number) => left + ((Math.log10(Math.max(v, lo)) - Math.log10(lo)) / (Math.log10(hi) - Math.log10(lo) || 1)) * (cdfR - left);
+    for (let e = Math.ceil(Math.log10(lo)); e <= Math.log10(hi); e++) parts.push(`<text x="${x(10 ** e)}" y="${top + plotH + 16}" text-anchor="middle">${10 ** e}</text>`);
+    targets.forEach((t, i) => {
+      const r = runs.find((run) => run.target === t && run.nodes);
+      if (!r?.nodes) return;
+      const pts = r.nodes.latencyMs.cdf.map(([v, q]) => `${x(v).toFixed(1)},${y(q).toFixed(1)}`).join(' ');
+      parts.push(`<polyline fill="none" stroke="${color(i)}" stroke-width="2.5" points="${pts}"/>`);
+    });
+  } else parts.push(`<text x="${(left + cdfR) / 2}" y="${top + plotH / 2}" text-anchor="middle" fill="#888">no per-request latencies in this scenario</text>`);
+  // Right: upstream fetches per object (1 is ideal: one fetch however many clients).
+  const bx = cdfR + 80;
+  const maxF = Math.max(2, ...runs.map((r) => r.fetchesPerObjectMax).filter(Number.isFinite));
+  const bh = (v: number) => (Number.isFinite(v) ? (v / maxF) * plotH : 0);
+  parts.push(`<line x1="${bx}" y1="${top + plotH}" x2="${W - 20}" y2="${top + plotH}" stroke="#333"/><line x1="${bx}" y1="${top}" x2="${bx}" y2="${top + plotH}" stroke="#333"/>`);
+  parts.push(`<text transform="translate(${bx - 40} ${top + plotH / 2}) rotate(-90)" text-anchor="middle">upstream fetches per object</text>`, `<text x="${(bx + W - 20) / 2}" y="${H - 18}" text-anchor="middle">mean (solid) and max (light); 1 is ideal</text>`);
+  for (const v of [0, 1, maxF]) parts.push(`<text x="${bx - 6}" y="${top + plotH - bh(v) + 4}" text-anchor="end">${fmt(v)}</text>`);
   targets.forEach((t, i) => {
-    const mean = median(runs.filter((r) => r.target === t).map((r) => r.fetchesPerObjectMean));
-    const max = median(runs.filter((r) => r.target === t).map((r) => r.fetchesPerObjectMax));
-    const x0 = bx + 10 + i * 110;
+    const mean = med(t, (r) => r.fetchesPerObjectMean) ?? NaN;
+    const max = med(t, (r) => r.fetchesPerObjectMax) ?? NaN;
+    const x0 = bx + 12 + i * 100;
     parts.push(
-      `<rect x="${x0}" y="${H - pad - bh(mean)}" width="40" height="${bh(mean)}" fill="${COLORS[i % 4]}"/>`,
-      `<rect x="${x0 + 45}" y="${H - pad - bh(max)}" width="40" height="${bh(max)}" fill="${COLORS[i % 4]}" opacity="0.5"/>`,
-      `<text x="${x0}" y="${H - pad + 14}">mean ${fmt(mean)}</text><text x="${x0 + 45}" y="${H - pad + 26}">max ${fmt(max)}</text>`,
-      `<text x="${x0}" y="${H - pad - bh(max) - 6}" fill="${COLORS[i % 4]}">${t}</text>`,
+      `<rect x="${x0}" y="${top + plotH - bh(mean)}" width="40" height="${bh(mean)}" fill="${color(i)}"/>`,
+      `<rect x="${x0 + 42}" y="${top + plotH - bh(max)}" width="40" height="${bh(max)}" fill="${color(i)}" opacity="0.45"/>`,
+      `<text x="${x0 + 20}" y="${top + plotH - bh(mean) - 4}" text-anchor="middle">${Number.isFinite(mean) ? fmt(mean) : '–'}</text>`,
+      `<text x="${x0 + 62}" y="${top + plotH - bh(max) - 4}" text-anchor="middle">${Number.isFinite(max) ? fmt(max) : '–'}</text>`,
+      `<text x="${x0 + 41}" y="${top + plotH + 16}" text-anchor="middle" fill="${color(i)}" font-weight="bold">${esc(t)}</text>`,
     );
   });
   parts.push('</svg>');
