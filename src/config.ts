@@ -1,6 +1,8 @@
-// Configuration: one DEFAULTS table, the YAML file and the command line merged (the command line wins),
-// validated once by a zod schema that reports every problem with its key, then deep-frozen.
-// Runtime code only ever sees the frozen `Config`; nothing on the hot path re-checks it.
+// Configuration: one OPTIONS table (each option's default, help text, validation and whether it
+// repeats, declared once; the defaults, --help and the zod schema derive from it), the YAML file and the
+// command line merged (the command line wins), validated once with every problem named by its key,
+// then deep-frozen. Runtime code only ever sees the frozen `Config` (typed values with units in the
+// names); nothing on the hot path re-checks it.
 import { readFileSync } from 'node:fs';
 import { isIP } from 'node:net';
 import { hostname } from 'node:os';
@@ -13,123 +15,12 @@ import { insideLocalRange } from './acl.ts';
 
 export const VERSION = '0.1.0';
 
-/** Every option: CLI flag and YAML key share the name. `multiple` options are lists. */
-export const DEFAULTS = {
-  listen: ['3128'],
-  'cache-dir': './var/cache',
-  'disk-cache': '10GB',
-  'memory-cache': '256MB',
-  'max-object-size': '1GB',
-  'max-memory-object-size': '1MB',
-  'allow-client': ['127.0.0.0/8', '::1/128', '10.0.0.0/8', '172.16.0.0/12', '192.168.0.0/16', 'fc00::/7', 'fe80::/10'],
-  'allow-dest': [] as string[],
-  'allow-local-dest': [] as string[],
-  'allow-port': '80,8000,8080,1025-65535',
-  'allow-connect-port': '',
-  'negative-ttl': '60s',
-  'uncacheable-ttl': '120s',
-  'max-stale': '7d',
-  'range-offset-limit': '16MB',
-  'stale-retry': '10s',
-  'access-log': '-',
-  'access-log-format': 'squid',
-  'pid-file': 'none',
-  'log-level': 'info',
-  'visible-hostname': hostname(),
-  'connect-timeout': '10s',
-  'read-timeout': '60s',
-  'tunnel-idle-timeout': '300s',
-  'client-idle-timeout': '120s',
-  'max-fills': 1024,
-  'max-passes': 1024,
-  'max-client-connections': 65536,
-  'upstream-connections': 64,
-  'fill-window': '2MB',
-  'fill-memory': '128MB',
-  'allow-purge': ['127.0.0.0/8', '::1/128'],
-  'admin-listen': '127.0.0.1:3129',
-  'allow-admin': ['127.0.0.0/8', '::1/128'],
-  'shutdown-timeout': '30s',
-  stratum1: [] as string[],
-  accel: false,
-  'accel-listen': 'none',
-  'probe-interval': '5s',
-  'probe-timeout': '2s',
-  'probe-window': 8,
-  'probe-threshold': 3,
-  'probe-initial': 2,
-  'probe-repo': '',
-  'mirror-fail-threshold': 3,
-  'mirror-timeout': '3s',
-  'mirror-max-lag': '1h',
-  'snmp-listen': 'none',
-  'allow-snmp': ['127.0.0.0/8', '::1/128'],
-  'snmp-community': 'public',
-} as const;
-
-export type OptionName = keyof typeof DEFAULTS;
-
 /** Options a reload (SIGHUP) applies to the running proxy; the others need a restart. */
 export const LIVE_OPTIONS: ReadonlySet<OptionName> = new Set<OptionName>([
   'allow-client', 'allow-dest', 'allow-local-dest', 'allow-admin', 'allow-port', 'allow-connect-port', 'allow-purge',
   'stratum1', 'probe-interval', 'probe-timeout', 'probe-window', 'probe-threshold', 'probe-initial', 'probe-repo',
   'mirror-fail-threshold', 'mirror-timeout', 'mirror-max-lag',
 ]);
-
-const HELP: Record<OptionName, string> = {
-  listen: '[HOST:]PORT to accept proxy requests on (repeatable)',
-  'cache-dir': 'directory of the disk tier',
-  'disk-cache': 'disk tier size bound (KB/MB/GB)',
-  'memory-cache': 'memory tier size bound',
-  'max-object-size': 'largest object kept on disk',
-  'max-memory-object-size': 'largest object kept in memory',
-  'allow-client': 'client CIDR allowed to use the proxy (repeatable)',
-  'allow-dest': 'public destination host (.domain for subdomains), IP or CIDR (repeatable); when given, only these',
-  'allow-local-dest': 'loopback or link-local destination to allow, such as a local test origin: IP[:PORT], [IPv6][:PORT], CIDR inside those ranges, or HOST[:PORT] (repeatable); never narrows the public destinations',
-  'allow-port': 'destination ports allowed, e.g. 80,8000,1025-65535',
-  'allow-connect-port': 'ports CONNECT may tunnel to (default: none, CONNECT denied)',
-  'negative-ttl': 'how long a 404/410 without explicit freshness is cached',
-  'uncacheable-ttl': 'how long a key whose response was not storable bypasses coalescing',
-  'range-offset-limit': 'a Range request that misses and starts within this many bytes fills the whole object (then 206 from it); beyond, it is passed (Squid range_offset_limit)',
-  'max-stale': 'how stale a stored copy may be and still be served when the upstream is down (0 = never)',
-  'stale-retry': 'after a failed refresh, how long stale copies are served before the upstream is asked again',
-  'access-log': 'Squid-format access log file, - for stdout, none to disable',
-  'access-log-format': 'squid (Squid native) or frontier (frontier-squid, as WLCG awstats and failover monitoring parse)',
-  'pid-file': 'file that holds the process id while cuttle runs (Squid pid_filename), or none',
-  'log-level': 'operational log level (fatal,error,warn,info,debug,trace)',
-  'visible-hostname': 'name used in Via and X-Cache',
-  'connect-timeout': 'upstream connect timeout',
-  'read-timeout': 'upstream timeout for headers and between body bytes',
-  'tunnel-idle-timeout': 'idle timeout of CONNECT tunnels',
-  'client-idle-timeout': 'idle keep-alive timeout of client connections',
-  'max-fills': 'concurrent upstream cache fills; beyond it misses get 503',
-  'max-passes': 'concurrent uncached (pass/tunnel) requests; beyond it 503',
-  'max-client-connections': 'open client connections; beyond it a new one gets 503',
-  'upstream-connections': 'connections per upstream host',
-  'fill-window': 'memory each in-flight fill keeps when fill-memory is spent; older bytes are read back from disk',
-  'fill-memory': 'memory shared by in-flight fills, so a herd streams from memory; beyond it, from disk',
-  'allow-purge': 'client CIDR allowed to PURGE cached objects (repeatable)',
-  'admin-listen': '[HOST:]PORT of the admin listener (/metrics, /healthz, /readyz, /status), or none',
-  'allow-admin': 'client CIDR allowed to use the admin listener (repeatable), e.g. your Prometheus host',
-  'shutdown-timeout': 'how long SIGTERM waits for in-flight responses before closing them',
-  stratum1: 'base URL of a Stratum 1 mirror (repeatable; one group). In YAML also a map of group name: [URLs]',
-  accel: 'accelerator mode: --listen ports also take origin-form GET /cvmfs/<repo>/... and serve it from the first mirror group',
-  'accel-listen': '[HOST:]PORT of an extra accelerator-mode listener, or none',
-  'probe-interval': 'mirror health probe interval (jittered by ±20%)',
-  'probe-timeout': 'mirror health probe timeout',
-  'probe-window': 'probe results remembered per mirror',
-  'probe-threshold': 'good probes in the window for a mirror to be healthy',
-  'probe-initial': 'probes counted as good at start (below the threshold: healthy after the first good probe)',
-  'probe-repo': 'repository whose .cvmfspublished is probed (default: the one each mirror last served)',
-  'mirror-fail-threshold': 'failed fetches in a row that mark a mirror down until its next good probe',
-  'mirror-max-lag': 'a mirror whose probed manifest was published this much before the group\'s newest is stale (accelerator mode moves off it)',
-  'mirror-timeout': 'time a mirror has to connect and answer with headers before the next mirror of the group is asked (clients give up after 5 s)',
-  'snmp-listen': '[HOST:]PORT (UDP) of the SNMP agent with the Squid MIB, usually 3401, or none',
-  'allow-snmp': 'CIDR allowed to query the SNMP agent (repeatable)',
-  'snmp-community': 'SNMP v1/v2c community string',
-};
-
-const MULTIPLE = new Set<OptionName>(['listen', 'allow-client', 'allow-dest', 'allow-local-dest', 'allow-purge', 'allow-admin', 'stratum1', 'allow-snmp']);
 
 const UNITS: Record<string, number> = { B: 1, K: 1024, KB: 1024, KIB: 1024, M: 1024 ** 2, MB: 1024 ** 2, MIB: 1024 ** 2, G: 1024 ** 3, GB: 1024 ** 3, GIB: 1024 ** 3, T: 1024 ** 4, TB: 1024 ** 4, TIB: 1024 ** 4 };
 const DURATIONS: Record<string, number> = { ms: 1, '': 1000, s: 1000, m: 60_000, min: 60_000, h: 3_600_000, d: 86_400_000 };
@@ -258,16 +149,56 @@ const size = conv(parseSize, 'a size with its unit (B, KB, MB, GB or TB, 1024-ba
 const duration = conv(parseDurationMs, 'a duration such as 500ms, 60s, 5m or 1h');
 const count = z.number({ error: 'expected a positive integer' }).int('expected a positive integer').positive('expected a positive integer');
 
-const schema = z
-  .object({
-    listen: list(conv(parseListen, '[HOST:]PORT')).refine((l) => l.length > 0, 'expected at least one [HOST:]PORT'),
-    'cache-dir': z.string().min(1, 'expected a directory path'),
-    'disk-cache': size,
-    'memory-cache': size,
-    'max-object-size': size,
-    'max-memory-object-size': size,
-    'allow-client': list(conv(parseCidr, 'an IP address or CIDR such as 10.0.0.0/8')),
-    'allow-dest': list(
+/** One option: CLI flag and YAML key share its name; a `multiple` option is a list (repeatable flag). */
+interface OptionSpec {
+  readonly default: unknown;
+  readonly help: string;
+  readonly schema: z.ZodType;
+  readonly multiple?: true;
+}
+
+export const OPTIONS = {
+  listen: {
+    default: ['3128'],
+    help: '[HOST:]PORT to accept proxy requests on (repeatable)',
+    schema: list(conv(parseListen, '[HOST:]PORT')).refine((l) => l.length > 0, 'expected at least one [HOST:]PORT'),
+    multiple: true,
+  },
+  'cache-dir': {
+    default: './var/cache',
+    help: 'directory of the disk tier',
+    schema: z.string().min(1, 'expected a directory path'),
+  },
+  'disk-cache': {
+    default: '10GB',
+    help: 'disk tier size bound (KB/MB/GB)',
+    schema: size,
+  },
+  'memory-cache': {
+    default: '256MB',
+    help: 'memory tier size bound',
+    schema: size,
+  },
+  'max-object-size': {
+    default: '1GB',
+    help: 'largest object kept on disk',
+    schema: size,
+  },
+  'max-memory-object-size': {
+    default: '1MB',
+    help: 'largest object kept in memory',
+    schema: size,
+  },
+  'allow-client': {
+    default: ['127.0.0.0/8', '::1/128', '10.0.0.0/8', '172.16.0.0/12', '192.168.0.0/16', 'fc00::/7', 'fe80::/10'],
+    help: 'client CIDR allowed to use the proxy (repeatable)',
+    schema: list(conv(parseCidr, 'an IP address or CIDR such as 10.0.0.0/8')),
+    multiple: true,
+  },
+  'allow-dest': {
+    default: [] as string[],
+    help: 'public destination host (.domain for subdomains), IP or CIDR (repeatable); when given, only these',
+    schema: list(
       explained((v) => {
         const r = parseDest(String(v));
         if (!r) return 'a host name, .domain, IP or CIDR';
@@ -275,9 +206,23 @@ const schema = z
         return local ? 'a public destination: loopback and link-local ones go in allow-local-dest (which never narrows the public default)' : r;
       }),
     ),
-    'allow-local-dest': list(explained(parseLocalDest)),
-    'allow-port': conv(parsePorts, 'ports such as 80,8000,1025-65535'),
-    'allow-connect-port': z.union([z.array(z.union([z.string(), z.number()])), z.string(), z.number()]).transform((v, ctx) => {
+    multiple: true,
+  },
+  'allow-local-dest': {
+    default: [] as string[],
+    help: 'loopback or link-local destination to allow, such as a local test origin: IP[:PORT], [IPv6][:PORT], CIDR inside those ranges, or HOST[:PORT] (repeatable); never narrows the public destinations',
+    schema: list(explained(parseLocalDest)),
+    multiple: true,
+  },
+  'allow-port': {
+    default: '80,8000,8080,1025-65535',
+    help: 'destination ports allowed, e.g. 80,8000,1025-65535',
+    schema: conv(parsePorts, 'ports such as 80,8000,1025-65535'),
+  },
+  'allow-connect-port': {
+    default: '',
+    help: 'ports CONNECT may tunnel to (default: none, CONNECT denied)',
+    schema: z.union([z.array(z.union([z.string(), z.number()])), z.string(), z.number()]).transform((v, ctx) => {
       const out = parsePorts(v);
       if (!out) {
         ctx.addIssue({ code: 'custom', message: `expected ports such as 443,8443, got ${JSON.stringify(v)}` });
@@ -285,31 +230,133 @@ const schema = z
       }
       return out;
     }),
-    'negative-ttl': duration,
-    'uncacheable-ttl': duration,
-    'max-stale': duration,
-    'range-offset-limit': size,
-    'stale-retry': duration,
-    'access-log': z.string().min(1, 'expected a file path, - or none'),
-    'access-log-format': z.enum(['squid', 'frontier']),
-    'pid-file': z.string().min(1, 'expected a file path or none'),
-    'log-level': z.enum(['fatal', 'error', 'warn', 'info', 'debug', 'trace', 'silent']),
-    'visible-hostname': z.string().regex(/^[A-Za-z0-9._-]+$/, 'expected a host name'),
-    'connect-timeout': duration,
-    'read-timeout': duration,
-    'tunnel-idle-timeout': duration,
-    'client-idle-timeout': duration,
-    'max-fills': count,
-    'max-passes': count,
-    'max-client-connections': count,
-    'upstream-connections': count,
-    'fill-window': size,
-    'fill-memory': size,
-    'allow-purge': list(conv(parseCidr, 'an IP address or CIDR such as 127.0.0.0/8')),
-    'admin-listen': conv((v: string | number) => (v === 'none' ? ('none' as const) : parseListen(v)), '[HOST:]PORT or none'),
-    'allow-admin': list(conv(parseCidr, 'an IP address or CIDR such as 127.0.0.0/8')),
-    'shutdown-timeout': duration,
-    stratum1: z.unknown().transform((v, ctx) => {
+  },
+  'negative-ttl': {
+    default: '60s',
+    help: 'how long a 404/410 without explicit freshness is cached',
+    schema: duration,
+  },
+  'uncacheable-ttl': {
+    default: '120s',
+    help: 'how long a key whose response was not storable bypasses coalescing',
+    schema: duration,
+  },
+  'max-stale': {
+    default: '7d',
+    help: 'how stale a stored copy may be and still be served when the upstream is down (0 = never)',
+    schema: duration,
+  },
+  'range-offset-limit': {
+    default: '16MB',
+    help: 'a Range request that misses and starts within this many bytes fills the whole object (then 206 from it); beyond, it is passed (Squid range_offset_limit)',
+    schema: size,
+  },
+  'stale-retry': {
+    default: '10s',
+    help: 'after a failed refresh, how long stale copies are served before the upstream is asked again',
+    schema: duration,
+  },
+  'access-log': {
+    default: '-',
+    help: 'Squid-format access log file, - for stdout, none to disable',
+    schema: z.string().min(1, 'expected a file path, - or none'),
+  },
+  'access-log-format': {
+    default: 'squid',
+    help: 'squid (Squid native) or frontier (frontier-squid, as WLCG awstats and failover monitoring parse)',
+    schema: z.enum(['squid', 'frontier']),
+  },
+  'pid-file': {
+    default: 'none',
+    help: 'file that holds the process id while cuttle runs (Squid pid_filename), or none',
+    schema: z.string().min(1, 'expected a file path or none'),
+  },
+  'log-level': {
+    default: 'info',
+    help: 'operational log level (fatal,error,warn,info,debug,trace)',
+    schema: z.enum(['fatal', 'error', 'warn', 'info', 'debug', 'trace', 'silent']),
+  },
+  'visible-hostname': {
+    default: hostname(),
+    help: 'name used in Via and X-Cache',
+    schema: z.string().regex(/^[A-Za-z0-9._-]+$/, 'expected a host name'),
+  },
+  'connect-timeout': {
+    default: '10s',
+    help: 'upstream connect timeout',
+    schema: duration,
+  },
+  'read-timeout': {
+    default: '60s',
+    help: 'upstream timeout for headers and between body bytes',
+    schema: duration,
+  },
+  'tunnel-idle-timeout': {
+    default: '300s',
+    help: 'idle timeout of CONNECT tunnels',
+    schema: duration,
+  },
+  'client-idle-timeout': {
+    default: '120s',
+    help: 'idle keep-alive timeout of client connections',
+    schema: duration,
+  },
+  'max-fills': {
+    default: 1024,
+    help: 'concurrent upstream cache fills; beyond it misses get 503',
+    schema: count,
+  },
+  'max-passes': {
+    default: 1024,
+    help: 'concurrent uncached (pass/tunnel) requests; beyond it 503',
+    schema: count,
+  },
+  'max-client-connections': {
+    default: 65536,
+    help: 'open client connections; beyond it a new one gets 503',
+    schema: count,
+  },
+  'upstream-connections': {
+    default: 64,
+    help: 'connections per upstream host',
+    schema: count,
+  },
+  'fill-window': {
+    default: '2MB',
+    help: 'memory each in-flight fill keeps when fill-memory is spent; older bytes are read back from disk',
+    schema: size,
+  },
+  'fill-memory': {
+    default: '128MB',
+    help: 'memory shared by in-flight fills, so a herd streams from memory; beyond it, from disk',
+    schema: size,
+  },
+  'allow-purge': {
+    default: ['127.0.0.0/8', '::1/128'],
+    help: 'client CIDR allowed to PURGE cached objects (repeatable)',
+    schema: list(conv(parseCidr, 'an IP address or CIDR such as 127.0.0.0/8')),
+    multiple: true,
+  },
+  'admin-listen': {
+    default: '127.0.0.1:3129',
+    help: '[HOST:]PORT of the admin listener (/metrics, /healthz, /readyz, /status), or none',
+    schema: conv((v: string | number) => (v === 'none' ? ('none' as const) : parseListen(v)), '[HOST:]PORT or none'),
+  },
+  'allow-admin': {
+    default: ['127.0.0.0/8', '::1/128'],
+    help: 'client CIDR allowed to use the admin listener (repeatable), e.g. your Prometheus host',
+    schema: list(conv(parseCidr, 'an IP address or CIDR such as 127.0.0.0/8')),
+    multiple: true,
+  },
+  'shutdown-timeout': {
+    default: '30s',
+    help: 'how long SIGTERM waits for in-flight responses before closing them',
+    schema: duration,
+  },
+  stratum1: {
+    default: [] as string[],
+    help: 'base URL of a Stratum 1 mirror (repeatable; one group). In YAML also a map of group name: [URLs]',
+    schema: z.unknown().transform((v, ctx) => {
       // A list is one group named "default"; a mapping names several groups.
       const named = v !== null && typeof v === 'object' && !Array.isArray(v);
       const out: MirrorGroupConfig[] = [];
@@ -325,21 +372,88 @@ const schema = z
       }
       return out;
     }),
-    accel: z.union([z.boolean(), z.enum(['true', 'false']).transform((v) => v === 'true')]),
-    'accel-listen': conv((v: string | number) => (v === 'none' ? ('none' as const) : parseListen(v)), '[HOST:]PORT or none'),
-    'probe-interval': duration,
-    'probe-timeout': duration,
-    'probe-window': count.max(64, 'expected at most 64'),
-    'probe-threshold': count,
-    'probe-initial': z.number({ error: 'expected an integer' }).int().min(0),
-    'probe-repo': z.string().regex(/^[A-Za-z0-9._-]*$/, 'expected a repository name such as atlas.cern.ch'),
-    'mirror-fail-threshold': count,
-    'mirror-timeout': duration,
-    'mirror-max-lag': duration,
-    'snmp-listen': conv((v: string | number) => (v === 'none' ? ('none' as const) : parseListen(v)), '[HOST:]PORT or none'),
-    'allow-snmp': list(conv(parseCidr, 'an IP address or CIDR such as 127.0.0.0/8')),
-    'snmp-community': z.string().min(1, 'expected a community string').regex(/^[\x21-\x7e]+$/, 'expected printable characters without spaces'),
-  })
+    multiple: true,
+  },
+  accel: {
+    default: false,
+    help: 'accelerator mode: --listen ports also take origin-form GET /cvmfs/<repo>/... and serve it from the first mirror group',
+    schema: z.union([z.boolean(), z.enum(['true', 'false']).transform((v) => v === 'true')]),
+  },
+  'accel-listen': {
+    default: 'none',
+    help: '[HOST:]PORT of an extra accelerator-mode listener, or none',
+    schema: conv((v: string | number) => (v === 'none' ? ('none' as const) : parseListen(v)), '[HOST:]PORT or none'),
+  },
+  'probe-interval': {
+    default: '5s',
+    help: 'mirror health probe interval (jittered by ±20%)',
+    schema: duration,
+  },
+  'probe-timeout': {
+    default: '2s',
+    help: 'mirror health probe timeout',
+    schema: duration,
+  },
+  'probe-window': {
+    default: 8,
+    help: 'probe results remembered per mirror',
+    schema: count.max(64, 'expected at most 64'),
+  },
+  'probe-threshold': {
+    default: 3,
+    help: 'good probes in the window for a mirror to be healthy',
+    schema: count,
+  },
+  'probe-initial': {
+    default: 2,
+    help: 'probes counted as good at start (below the threshold: healthy after the first good probe)',
+    schema: z.number({ error: 'expected an integer' }).int().min(0),
+  },
+  'probe-repo': {
+    default: '',
+    help: 'repository whose .cvmfspublished is probed (default: the one each mirror last served)',
+    schema: z.string().regex(/^[A-Za-z0-9._-]*$/, 'expected a repository name such as atlas.cern.ch'),
+  },
+  'mirror-fail-threshold': {
+    default: 3,
+    help: 'failed fetches in a row that mark a mirror down until its next good probe',
+    schema: count,
+  },
+  'mirror-timeout': {
+    default: '3s',
+    help: 'time a mirror has to connect and answer with headers before the next mirror of the group is asked (clients give up after 5 s)',
+    schema: duration,
+  },
+  'mirror-max-lag': {
+    default: '1h',
+    help: 'a mirror whose probed manifest was published this much before the group\'s newest is stale (accelerator mode moves off it)',
+    schema: duration,
+  },
+  'snmp-listen': {
+    default: 'none',
+    help: '[HOST:]PORT (UDP) of the SNMP agent with the Squid MIB, usually 3401, or none',
+    schema: conv((v: string | number) => (v === 'none' ? ('none' as const) : parseListen(v)), '[HOST:]PORT or none'),
+  },
+  'allow-snmp': {
+    default: ['127.0.0.0/8', '::1/128'],
+    help: 'CIDR allowed to query the SNMP agent (repeatable)',
+    schema: list(conv(parseCidr, 'an IP address or CIDR such as 127.0.0.0/8')),
+    multiple: true,
+  },
+  'snmp-community': {
+    default: 'public',
+    help: 'SNMP v1/v2c community string',
+    schema: z.string().min(1, 'expected a community string').regex(/^[\x21-\x7e]+$/, 'expected printable characters without spaces'),
+  },
+} as const satisfies Record<string, OptionSpec>;
+
+export type OptionName = keyof typeof OPTIONS;
+
+/** Every option's default, by name (the YAML key and the CLI flag). */
+export const DEFAULTS = Object.fromEntries(Object.entries(OPTIONS).map(([k, o]) => [k, o.default])) as { [K in OptionName]: (typeof OPTIONS)[K]['default'] };
+
+const schema = z
+  .object(Object.fromEntries(Object.entries(OPTIONS).map(([k, o]) => [k, o.schema])) as { [K in OptionName]: (typeof OPTIONS)[K]['schema'] })
   .strict();
 
 type Parsed = z.output<typeof schema>;
@@ -524,7 +638,7 @@ export function parseCli(argv: string[]): Cli {
     version: { type: 'boolean' },
     help: { type: 'boolean' },
   };
-  for (const name of Object.keys(DEFAULTS) as OptionName[]) options[name] = typeof DEFAULTS[name] === 'boolean' ? { type: 'boolean' } : { type: 'string', multiple: MULTIPLE.has(name) };
+  for (const name of Object.keys(DEFAULTS) as OptionName[]) options[name] = typeof DEFAULTS[name] === 'boolean' ? { type: 'boolean' } : { type: 'string', multiple: 'multiple' in OPTIONS[name] };
   let parsed;
   try {
     parsed = parseArgs({ args: argv, options, strict: true, allowPositionals: false });
@@ -559,7 +673,7 @@ export function helpText(): string {
   for (const name of Object.keys(DEFAULTS) as OptionName[]) {
     const d = DEFAULTS[name];
     const shown = Array.isArray(d) ? d.join(' ') : String(d);
-    lines.push(`  --${name.padEnd(24)} ${HELP[name]}${shown ? ` (default: ${shown})` : ''}`);
+    lines.push(`  --${name.padEnd(24)} ${OPTIONS[name].help}${shown ? ` (default: ${shown})` : ''}`);
   }
   lines.push('  --config FILE              YAML config file', '  --check-config             validate the configuration and exit', '  --version', '  --help');
   return lines.join('\n');

@@ -1,11 +1,11 @@
 import assert from 'node:assert/strict';
 import { spawnSync } from 'node:child_process';
-import { existsSync, writeFileSync } from 'node:fs';
+import { existsSync, readFileSync, writeFileSync } from 'node:fs';
 import { createServer } from 'node:net';
 import type { AddressInfo } from 'node:net';
 import { join } from 'node:path';
 import { describe, it } from 'node:test';
-import { buildConfig, parseCli, parseDurationMs, parseSize, loadConfig } from '../../src/config.ts';
+import { buildConfig, OPTIONS, parseCli, parseDurationMs, parseSize, loadConfig } from '../../src/config.ts';
 import { ConfigError } from '../../src/errors.ts';
 import { tmpDir } from '../helpers/proxy.ts';
 
@@ -108,6 +108,13 @@ describe('config', () => {
     assert.equal(ok.status, 0, ok.stderr);
     assert.equal(existsSync(join(dir, 'new')), false, 'nothing created');
     assert.equal(existsSync(join(dir, 'logs')), false, 'nothing created');
+  });
+
+  it('the README documents every option of the table, and only those', () => {
+    const readme = readFileSync('README.md', 'utf8');
+    const documented = new Set([...readme.matchAll(/^\| `--([a-z0-9-]+)/gm)].map((m) => m[1]!));
+    for (const k of Object.keys(OPTIONS)) assert.ok(documented.has(k), `README lacks --${k}`);
+    for (const k of documented) assert.ok(k in OPTIONS || k === 'check-config', `README documents --${k}, which does not exist`);
   });
 
   it('an unknown command-line option is an error that names it', () => {
