@@ -28,6 +28,8 @@ export interface Transaction {
   peer: string;
   mime: string;
   coalesced: boolean;
+  /** How it was answered when not from the cache: its own fill, a joined fill, or passed uncached. */
+  served?: 'miss' | 'coalesced' | 'pass';
   /** The client's request headers and HTTP version (the frontier format logs a few of them). */
   headers?: IncomingHttpHeaders;
   httpVersion?: string;

@@ -30,27 +30,7 @@ import type { Logger } from './log.ts';
 import type { Mirrors } from './mirrors.ts';
 import { repoOf, type CasObject } from './content-hash.ts';
 import type { StoredObject, TieredStore } from './store.ts';
-
-export interface Counters {
-  requests: number;
-  hits: number;
-  memHits: number;
-  misses: number;
-  coalesced: number;
-  passes: number;
-  denied: number;
-  errors: number;
-  truncated: number;
-  bytesOut: number;
-  passesInFlight: number;
-  corruptRecords: number;
-  /** Stale copies served because the upstream could not be reached (TCP_REFRESH_FAIL_OLD). */
-  staleServed: number;
-}
-
-export function newCounters(): Counters {
-  return { requests: 0, hits: 0, memHits: 0, misses: 0, coalesced: 0, passes: 0, denied: 0, errors: 0, truncated: 0, bytesOut: 0, passesInFlight: 0, corruptRecords: 0, staleServed: 0 };
-}
+import type { Counters } from './counters.ts';
 
 export interface Ctx {
   cfg: Config;
@@ -73,8 +53,6 @@ type StepName = 'recv' | 'lookup' | 'hit' | 'stale' | 'busy' | 'miss' | 'pass' |
 
 interface State {
   ctx: Ctx;
-  /** How the request was answered if not from the cache (counted in finish, by its final result). */
-  served?: 'miss' | 'coalesced' | 'pass';
   req: IncomingMessage;
   res: ServerResponse;
   tx: Transaction;
@@ -104,7 +82,6 @@ const CLIENT_CONDITIONS = ['if-none-match', 'if-modified-since', 'if-match', 'if
 const SAFE = new Set(['GET', 'HEAD', 'OPTIONS', 'TRACE']);
 
 export async function handleRequest(ctx: Ctx, req: IncomingMessage, res: ServerResponse, accel = false): Promise<void> {
-  ctx.counters.requests++;
   const tx: Transaction = {
     startedAt: ctx.clock.now(),
     client: plainAddress(req.socket.remoteAddress ?? '-'),
@@ -318,7 +295,7 @@ async function busy(s: State): Promise<StepName> {
     return 'deliverFill';
   }
   s.tx.coalesced = true;
-  s.served = 'coalesced';
+  s.tx.served = 'coalesced';
   if (s.tx.result === 'NONE') s.tx.result = 'TCP_MISS';
   return 'deliverFill';
 }
@@ -336,7 +313,7 @@ async function miss(s: State): Promise<StepName> {
     closeStored(s.stored);
     return fail(s, 'ERR_OVERLOADED', 'too many fills in flight');
   }
-  s.served = 'miss';
+  s.tx.served = 'miss';
   if (tx.result === 'NONE') tx.result = 'TCP_MISS';
   const stale = s.stored;
   s.stored = undefined;
@@ -712,7 +689,7 @@ async function serveStale(s: State): Promise<undefined> {
 async function pass(s: State): Promise<StepName | undefined> {
   const { ctx, req, res, tx } = s;
   if (ctx.counters.passesInFlight >= ctx.cfg.maxPasses) return fail(s, 'ERR_OVERLOADED', 'too many uncached requests in flight');
-  s.served = 'pass';
+  tx.served = 'pass';
   ctx.counters.passesInFlight++;
   if (tx.result === 'NONE') tx.result = 'TCP_MISS';
   const url = s.url!;
@@ -817,9 +794,7 @@ async function synth(s: State): Promise<undefined> {
   tx.status = err.status;
   if (err.status === 403) {
     tx.result = 'TCP_DENIED';
-    ctx.counters.denied++;
   } else {
-    ctx.counters.errors++;
     if (tx.result === 'NONE') tx.result = 'TCP_MISS';
   }
   tx.mime = 'text/plain';
@@ -856,27 +831,8 @@ function drained(res: ServerResponse): Promise<void> {
   });
 }
 
-/**
- * The result codes counted as hits, Squid's LogTags::isTcpHit(): SNMP cacheHttpHits, /status, the
- * dashboard and Prometheus all read the one count made here (a revalidated 304 is a hit, as in Squid).
- */
-const HIT_RESULTS: ReadonlySet<string> = new Set(['TCP_HIT', 'TCP_MEM_HIT', 'TCP_IMS_HIT', 'TCP_INM_HIT', 'TCP_REFRESH_UNMODIFIED', 'TCP_REFRESH_FAIL_OLD', 'TCP_NEGATIVE_HIT', 'TCP_OFFLINE_HIT', 'TCP_STALE_HIT']);
-
-/** Count a finished request once, by its final result: a hit, else how it was served. */
-function tally(s: State): void {
-  const c = s.ctx.counters;
-  if (HIT_RESULTS.has(s.tx.result)) {
-    c.hits++;
-    if (s.tx.result === 'TCP_MEM_HIT') c.memHits++;
-  } else if (s.served === 'miss') c.misses++;
-  else if (s.served === 'coalesced') c.coalesced++;
-  else if (s.served === 'pass') c.passes++;
-}
-
 function finish(s: State): void {
   const { ctx, tx } = s;
-  tally(s);
-  ctx.counters.bytesOut += tx.bytesOut;
   const record = () => {
     const now = ctx.clock.now();
     ctx.accessLog.write(tx, now);

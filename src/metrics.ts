@@ -5,6 +5,7 @@ import { Counter, Gauge, Histogram, Registry, collectDefaultMetrics } from 'prom
 import type { Transaction } from './access-log.ts';
 import type { CoalescerStats } from './coalescer.ts';
 import type { MirrorSnapshot } from './mirrors.ts';
+import { countRequest, REQUEST_COUNTERS, type Counters, type RequestCounter } from './counters.ts';
 
 export interface MetricsSources {
   fillsInFlight: () => number;
@@ -43,7 +44,10 @@ export class Metrics {
   readonly #waiters: Histogram;
   readonly #duration: Histogram<'result'>;
 
-  constructor(src: MetricsSources) {
+  readonly #counters: Counters;
+
+  constructor(src: MetricsSources, counters: Counters) {
+    this.#counters = counters;
     const r = this.registry;
     collectDefaultMetrics({ register: r, prefix: 'cuttle_process_', eventLoopMonitoringPrecision: 20 });
     this.#requests = new Counter({ name: 'cuttle_requests_total', help: 'Client requests by result group (HIT, MEM_HIT, MISS, REFRESH_*, STALE, DENIED, TUNNEL, ERROR) and method', labelNames: ['result', 'method'], registers: [r] });
@@ -89,11 +93,23 @@ export class Metrics {
     fillCounter('cuttle_mirror_failovers_total', 'Upstream answers skipped for the next mirror (error, 5xx, or 404 of a content-addressed object)', (s) => s.failovers);
     fillCounter('cuttle_fill_resumes_total', 'Broken bodies continued with Range from another mirror', (s) => s.resumes);
     fillCounter('cuttle_hash_mismatches_total', 'Content-addressed bodies that failed their hash (cut short, never stored)', (s) => s.hashMismatches);
+    // The request counters of /status and SNMP, from the same table and the same counts.
+    new Counter({
+      name: 'cuttle_requests_counted_total',
+      help: `The request counters that /status and SNMP show, by name: ${Object.entries(REQUEST_COUNTERS).map(([k, v]) => `${k} = ${v.help}`).join('; ')}`,
+      labelNames: ['counter'],
+      registers: [r],
+      collect() {
+        this.reset();
+        for (const k of Object.keys(REQUEST_COUNTERS) as RequestCounter[]) this.inc({ counter: k }, counters[k]);
+      },
+    });
     tierGauge('cuttle_cache_evictions', 'Objects evicted since start, by tier (a gauge of a monotonic count)', (t) => t.evictions);
   }
 
   /** One finished transaction. */
   observe(tx: Transaction, errorToken: string | undefined, nowMs: number): void {
+    countRequest(this.#counters, tx, errorToken);
     const group = errorToken && tx.result !== 'TCP_DENIED' ? 'ERROR' : (RESULT_GROUP[tx.result] ?? 'ERROR');
     this.#requests.inc({ result: group, method: tx.method });
     const tier = tx.result === 'TCP_MEM_HIT' ? 'memory' : tx.result === 'TCP_HIT' || tx.result === 'TCP_REFRESH_UNMODIFIED' || tx.result === 'TCP_REFRESH_FAIL_OLD' || tx.result === 'TCP_STALE_HIT' ? 'disk' : 'upstream';

@@ -1,8 +1,8 @@
 // Composition root: wires config, tiers, coalescer, upstream, logs and listeners into one proxy.
 import { createServer, type Server } from 'node:http';
 import type { AddressInfo } from 'node:net';
-import { openAccessLog, type AccessLog } from './access-log.ts';
-import { compileAcl, type Acl } from './acl.ts';
+import { openAccessLog, type AccessLog, type Transaction } from './access-log.ts';
+import { compileAcl, plainAddress, type Acl } from './acl.ts';
 import { BufferPool } from './buffer-pool.ts';
 import { primaryKey } from './cache-key.ts';
 import { systemClock, type Clock } from './clock.ts';
@@ -12,7 +12,8 @@ import { createAdminServer } from './admin.ts';
 import { Metrics } from './metrics.ts';
 import { Upstream } from './fetch.ts';
 import { createFreshness } from './freshness.ts';
-import { handleRequest, newCounters, type Counters, type Ctx } from './handle-request.ts';
+import { handleRequest, type Ctx } from './handle-request.ts';
+import { newCounters, type Counters } from './counters.ts';
 import { createLogger, type Logger } from './log.ts';
 import { Mirrors, Prober } from './mirrors.ts';
 import { startSnmpAgent, type SnmpAgent } from './snmp.ts';
@@ -111,7 +112,7 @@ export async function createProxy(cfg: Config, opts: ProxyOptions = {}): Promise
     clientConnections: () => connections,
     mirrors: () => mirrors.snapshot(),
     fillStats: () => coalescer.stats,
-  });
+  }, counters);
   coalescer.onFillDone = (readers) => metrics.fillDone(readers);
   const ctx: Ctx = { cfg, acl: getAcl, clock, store, coalescer, upstream, accessLog, log, counters, buffers: new BufferPool(2048), metrics, mirrors, tunnels: new Set() };
   let draining = false;
@@ -158,8 +159,13 @@ export async function createProxy(cfg: Config, opts: ProxyOptions = {}): Promise
       connections++;
       sock.once('close', () => connections--);
       if (connections > cfg.maxClientConnections) {
-        counters.errors++;
-        endWithError(sock, new ProxyError('ERR_OVERLOADED', 'too many client connections'), cfg.visibleHostname);
+        // Answered before any request is read: counted (and logged) as a request-less NONE/503.
+        const err = new ProxyError('ERR_OVERLOADED', 'too many client connections');
+        const now = clock.now();
+        const tx: Transaction = { startedAt: now, client: plainAddress(sock.remoteAddress ?? '-'), method: 'NONE', url: '-', status: err.status, bytesOut: 0, result: 'NONE', aborted: false, hierarchy: 'HIER_NONE', peer: '-', mime: '-', coalesced: false };
+        endWithError(sock, err, cfg.visibleHostname);
+        accessLog.write(tx, now);
+        metrics.observe(tx, err.token, now);
       }
     });
     srv.on('request', (req, res) =>

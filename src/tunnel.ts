@@ -26,7 +26,6 @@ export function handleConnect(ctx: Ctx, req: IncomingMessage, socket: Duplex, he
     headers: req.headers,
     httpVersion: req.httpVersion,
   };
-  ctx.counters.requests++;
   // Node removes its own 'error' listener before 'connect': without ours, a client reset during the
   // 403 would take the process down.
   socket.on('error', () => socket.destroy());
@@ -34,8 +33,6 @@ export function handleConnect(ctx: Ctx, req: IncomingMessage, socket: Duplex, he
   const deny = (err: ProxyError) => {
     tx.status = err.status;
     tx.result = err.status === 403 ? 'TCP_DENIED' : 'TCP_TUNNEL';
-    if (err.status === 403) ctx.counters.denied++;
-    else ctx.counters.errors++;
     endWithError(socket, err, name);
     ctx.accessLog.write(tx, ctx.clock.now());
     ctx.metrics.observe(tx, err.token, ctx.clock.now());

@@ -54,6 +54,9 @@ describe('operations', () => {
     assert.equal((await adminGet(admin, '/readyz')).status, 200);
     const status = JSON.parse((await adminGet(admin, '/status')).text);
     assert.equal(status.counters.requests, 3);
+    // One counter table: Prometheus shows the very numbers /status (and SNMP) show.
+    for (const k of ['requests', 'hits', 'memHits', 'misses', 'denied', 'errors']) assert.equal(metric(m, 'cuttle_requests_counted_total', `counter="${k}"`), status.counters[k], k);
+    assert.deepEqual([status.counters.hits, status.counters.misses, status.counters.denied], [1, 1, 1]);
     await c.close();
     await denied.close();
     await p.close();
