@@ -1,8 +1,8 @@
-// Configuration: one OPTIONS table (each option's default, help text, validation and whether it
-// repeats, declared once; the defaults, --help and the zod schema derive from it), the YAML file and the
-// command line merged (the command line wins), validated once with every problem named by its key,
-// then deep-frozen. Runtime code only ever sees the frozen `Config` (typed values with units in the
-// names); nothing on the hot path re-checks it.
+// Configuration: one OPTIONS table (each option's default, help text, validation, repeatability and
+// runtime field name, declared once; the defaults, --help, the zod schema, the Config type and
+// toConfig all derive from it), the YAML file and the command line merged (the command line wins),
+// validated once with every problem named by its key, then deep-frozen. Runtime code only ever sees the
+// frozen `Config` (typed values with units in the names); nothing on the hot path re-checks it.
 import { readFileSync } from 'node:fs';
 import { isIP } from 'node:net';
 import { hostname } from 'node:os';
@@ -152,6 +152,9 @@ const count = z.number({ error: 'expected a positive integer' }).int('expected a
 /** One option: CLI flag and YAML key share its name; a `multiple` option is a list (repeatable flag). */
 interface OptionSpec {
   readonly default: unknown;
+  /** Its name in the runtime Config (units in the name), or its place in Config.probe. */
+  readonly field?: string;
+  readonly probe?: keyof ProbeConfig;
   readonly help: string;
   readonly schema: z.ZodType;
   readonly multiple?: true;
@@ -160,43 +163,51 @@ interface OptionSpec {
 export const OPTIONS = {
   listen: {
     default: ['3128'],
+    field: 'listen',
     help: '[HOST:]PORT to accept proxy requests on (repeatable)',
     schema: list(conv(parseListen, '[HOST:]PORT')).refine((l) => l.length > 0, 'expected at least one [HOST:]PORT'),
     multiple: true,
   },
   'cache-dir': {
     default: './var/cache',
+    field: 'cacheDir',
     help: 'directory of the disk tier',
     schema: z.string().min(1, 'expected a directory path'),
   },
   'disk-cache': {
     default: '10GB',
+    field: 'diskCacheBytes',
     help: 'disk tier size bound (KB/MB/GB)',
     schema: size,
   },
   'memory-cache': {
     default: '256MB',
+    field: 'memoryCacheBytes',
     help: 'memory tier size bound',
     schema: size,
   },
   'max-object-size': {
     default: '1GB',
+    field: 'maxObjectBytes',
     help: 'largest object kept on disk',
     schema: size,
   },
   'max-memory-object-size': {
     default: '1MB',
+    field: 'maxMemoryObjectBytes',
     help: 'largest object kept in memory',
     schema: size,
   },
   'allow-client': {
     default: ['127.0.0.0/8', '::1/128', '10.0.0.0/8', '172.16.0.0/12', '192.168.0.0/16', 'fc00::/7', 'fe80::/10'],
+    field: 'allowClient',
     help: 'client CIDR allowed to use the proxy (repeatable)',
     schema: list(conv(parseCidr, 'an IP address or CIDR such as 10.0.0.0/8')),
     multiple: true,
   },
   'allow-dest': {
     default: [] as string[],
+    field: 'allowDest',
     help: 'public destination host (.domain for subdomains), IP or CIDR (repeatable); when given, only these',
     schema: list(
       explained((v) => {
@@ -210,17 +221,20 @@ export const OPTIONS = {
   },
   'allow-local-dest': {
     default: [] as string[],
+    field: 'allowLocalDest',
     help: 'loopback or link-local destination to allow, such as a local test origin: IP[:PORT], [IPv6][:PORT], CIDR inside those ranges, or HOST[:PORT] (repeatable); never narrows the public destinations',
     schema: list(explained(parseLocalDest)),
     multiple: true,
   },
   'allow-port': {
     default: '80,8000,8080,1025-65535',
+    field: 'allowPorts',
     help: 'destination ports allowed, e.g. 80,8000,1025-65535',
     schema: conv(parsePorts, 'ports such as 80,8000,1025-65535'),
   },
   'allow-connect-port': {
     default: '',
+    field: 'allowConnectPorts',
     help: 'ports CONNECT may tunnel to (default: none, CONNECT denied)',
     schema: z.union([z.array(z.union([z.string(), z.number()])), z.string(), z.number()]).transform((v, ctx) => {
       const out = parsePorts(v);
@@ -233,128 +247,153 @@ export const OPTIONS = {
   },
   'negative-ttl': {
     default: '60s',
+    field: 'negativeTtlMs',
     help: 'how long a 404/410 without explicit freshness is cached',
     schema: duration,
   },
   'uncacheable-ttl': {
     default: '120s',
+    field: 'uncacheableTtlMs',
     help: 'how long a key whose response was not storable bypasses coalescing',
     schema: duration,
   },
   'max-stale': {
     default: '7d',
+    field: 'maxStaleMs',
     help: 'how stale a stored copy may be and still be served when the upstream is down (0 = never)',
     schema: duration,
   },
   'range-offset-limit': {
     default: '16MB',
+    field: 'rangeOffsetLimitBytes',
     help: 'a Range request that misses and starts within this many bytes fills the whole object (then 206 from it); beyond, it is passed (Squid range_offset_limit)',
     schema: size,
   },
   'stale-retry': {
     default: '10s',
+    field: 'staleRetryMs',
     help: 'after a failed refresh, how long stale copies are served before the upstream is asked again',
     schema: duration,
   },
   'access-log': {
     default: '-',
+    field: 'accessLog',
     help: 'Squid-format access log file, - for stdout, none to disable',
     schema: z.string().min(1, 'expected a file path, - or none'),
   },
   'access-log-format': {
     default: 'squid',
+    field: 'accessLogFormat',
     help: 'squid (Squid native) or frontier (frontier-squid, as WLCG awstats and failover monitoring parse)',
     schema: z.enum(['squid', 'frontier']),
   },
   'pid-file': {
     default: 'none',
+    field: 'pidFile',
     help: 'file that holds the process id while cuttle runs (Squid pid_filename), or none',
     schema: z.string().min(1, 'expected a file path or none'),
   },
   'log-level': {
     default: 'info',
+    field: 'logLevel',
     help: 'operational log level (fatal,error,warn,info,debug,trace)',
     schema: z.enum(['fatal', 'error', 'warn', 'info', 'debug', 'trace', 'silent']),
   },
   'visible-hostname': {
     default: hostname(),
+    field: 'visibleHostname',
     help: 'name used in Via and X-Cache',
     schema: z.string().regex(/^[A-Za-z0-9._-]+$/, 'expected a host name'),
   },
   'connect-timeout': {
     default: '10s',
+    field: 'connectTimeoutMs',
     help: 'upstream connect timeout',
     schema: duration,
   },
   'read-timeout': {
     default: '60s',
+    field: 'readTimeoutMs',
     help: 'upstream timeout for headers and between body bytes',
     schema: duration,
   },
   'tunnel-idle-timeout': {
     default: '300s',
+    field: 'tunnelIdleTimeoutMs',
     help: 'idle timeout of CONNECT tunnels',
     schema: duration,
   },
   'client-idle-timeout': {
     default: '120s',
+    field: 'clientIdleTimeoutMs',
     help: 'idle keep-alive timeout of client connections',
     schema: duration,
   },
   'max-fills': {
     default: 1024,
+    field: 'maxFills',
     help: 'concurrent upstream cache fills; beyond it misses get 503',
     schema: count,
   },
   'max-passes': {
     default: 1024,
+    field: 'maxPasses',
     help: 'concurrent uncached (pass/tunnel) requests; beyond it 503',
     schema: count,
   },
   'max-client-connections': {
     default: 65536,
+    field: 'maxClientConnections',
     help: 'open client connections; beyond it a new one gets 503',
     schema: count,
   },
   'upstream-connections': {
     default: 64,
+    field: 'upstreamConnections',
     help: 'connections per upstream host',
     schema: count,
   },
   'fill-window': {
     default: '2MB',
+    field: 'fillWindowBytes',
     help: 'memory each in-flight fill keeps when fill-memory is spent; older bytes are read back from disk',
     schema: size,
   },
   'fill-memory': {
     default: '128MB',
+    field: 'fillMemoryBytes',
     help: 'memory shared by in-flight fills, so a herd streams from memory; beyond it, from disk',
     schema: size,
   },
   'allow-purge': {
     default: ['127.0.0.0/8', '::1/128'],
+    field: 'allowPurge',
     help: 'client CIDR allowed to PURGE cached objects (repeatable)',
     schema: list(conv(parseCidr, 'an IP address or CIDR such as 127.0.0.0/8')),
     multiple: true,
   },
   'admin-listen': {
     default: '127.0.0.1:3129',
+    field: 'adminListen',
     help: '[HOST:]PORT of the admin listener (/metrics, /healthz, /readyz, /status), or none',
     schema: conv((v: string | number) => (v === 'none' ? ('none' as const) : parseListen(v)), '[HOST:]PORT or none'),
   },
   'allow-admin': {
     default: ['127.0.0.0/8', '::1/128'],
+    field: 'allowAdmin',
     help: 'client CIDR allowed to use the admin listener (repeatable), e.g. your Prometheus host',
     schema: list(conv(parseCidr, 'an IP address or CIDR such as 127.0.0.0/8')),
     multiple: true,
   },
   'shutdown-timeout': {
     default: '30s',
+    field: 'shutdownTimeoutMs',
     help: 'how long SIGTERM waits for in-flight responses before closing them',
     schema: duration,
   },
   stratum1: {
     default: [] as string[],
+    field: 'mirrorGroups',
     help: 'base URL of a Stratum 1 mirror (repeatable; one group). In YAML also a map of group name: [URLs]',
     schema: z.unknown().transform((v, ctx) => {
       // A list is one group named "default"; a mapping names several groups.
@@ -376,72 +415,86 @@ export const OPTIONS = {
   },
   accel: {
     default: false,
+    field: 'accel',
     help: 'accelerator mode: --listen ports also take origin-form GET /cvmfs/<repo>/... and serve it from the first mirror group',
     schema: z.union([z.boolean(), z.enum(['true', 'false']).transform((v) => v === 'true')]),
   },
   'accel-listen': {
     default: 'none',
+    field: 'accelListen',
     help: '[HOST:]PORT of an extra accelerator-mode listener, or none',
     schema: conv((v: string | number) => (v === 'none' ? ('none' as const) : parseListen(v)), '[HOST:]PORT or none'),
   },
   'probe-interval': {
     default: '5s',
+    probe: 'intervalMs',
     help: 'mirror health probe interval (jittered by ±20%)',
     schema: duration,
   },
   'probe-timeout': {
     default: '2s',
+    probe: 'timeoutMs',
     help: 'mirror health probe timeout',
     schema: duration,
   },
   'probe-window': {
     default: 8,
+    probe: 'window',
     help: 'probe results remembered per mirror',
     schema: count.max(64, 'expected at most 64'),
   },
   'probe-threshold': {
     default: 3,
+    probe: 'threshold',
     help: 'good probes in the window for a mirror to be healthy',
     schema: count,
   },
   'probe-initial': {
     default: 2,
+    probe: 'initial',
     help: 'probes counted as good at start (below the threshold: healthy after the first good probe)',
     schema: z.number({ error: 'expected an integer' }).int().min(0),
   },
   'probe-repo': {
     default: '',
+    probe: 'repo',
     help: 'repository whose .cvmfspublished is probed (default: the one each mirror last served)',
     schema: z.string().regex(/^[A-Za-z0-9._-]*$/, 'expected a repository name such as atlas.cern.ch'),
   },
   'mirror-fail-threshold': {
     default: 3,
+    probe: 'failThreshold',
     help: 'failed fetches in a row that mark a mirror down until its next good probe',
     schema: count,
   },
   'mirror-timeout': {
     default: '3s',
+    probe: 'answerTimeoutMs',
     help: 'time a mirror has to connect and answer with headers before the next mirror of the group is asked (clients give up after 5 s)',
     schema: duration,
   },
   'mirror-max-lag': {
     default: '1h',
+    probe: 'maxLagMs',
     help: 'a mirror whose probed manifest was published this much before the group\'s newest is stale (accelerator mode moves off it)',
     schema: duration,
   },
   'snmp-listen': {
     default: 'none',
+    field: 'snmpListen',
     help: '[HOST:]PORT (UDP) of the SNMP agent with the Squid MIB, usually 3401, or none',
     schema: conv((v: string | number) => (v === 'none' ? ('none' as const) : parseListen(v)), '[HOST:]PORT or none'),
   },
   'allow-snmp': {
     default: ['127.0.0.0/8', '::1/128'],
+    field: 'allowSnmp',
     help: 'CIDR allowed to query the SNMP agent (repeatable)',
     schema: list(conv(parseCidr, 'an IP address or CIDR such as 127.0.0.0/8')),
     multiple: true,
   },
   'snmp-community': {
     default: 'public',
+    field: 'snmpCommunity',
     help: 'SNMP v1/v2c community string',
     schema: z.string().min(1, 'expected a community string').regex(/^[\x21-\x7e]+$/, 'expected printable characters without spaces'),
   },
@@ -458,110 +511,29 @@ const schema = z
 
 type Parsed = z.output<typeof schema>;
 
-/** The validated, frozen configuration every module reads. Units are in the names. */
-export interface Config {
+type FieldOf<K extends OptionName> = (typeof OPTIONS)[K] extends { field: infer F extends string } ? F : never;
+
+/**
+ * The validated, frozen configuration every module reads, derived from OPTIONS: each option under its
+ * `field` name (units in the names), the probe options grouped as `probe`, and the raw values by
+ * option name in `options`.
+ */
+export type Config = { readonly [K in OptionName as FieldOf<K>]: Readonly<z.output<(typeof OPTIONS)[K]['schema']>> } & {
   /** The same values by option name, as the admin wrote the keys (for messages such as reload's). */
   readonly options: Readonly<Record<OptionName, unknown>>;
-  readonly listen: readonly ListenAddr[];
-  readonly cacheDir: string;
-  readonly diskCacheBytes: number;
-  readonly memoryCacheBytes: number;
-  readonly maxObjectBytes: number;
-  readonly maxMemoryObjectBytes: number;
-  readonly allowClient: readonly Cidr[];
-  readonly allowDest: readonly DestRule[];
-  readonly allowLocalDest: readonly LocalDestRule[];
-  readonly allowPorts: readonly PortRange[];
-  readonly allowConnectPorts: readonly PortRange[];
-  readonly negativeTtlMs: number;
-  readonly uncacheableTtlMs: number;
-  readonly maxStaleMs: number;
-  readonly rangeOffsetLimitBytes: number;
-  readonly staleRetryMs: number;
-  readonly accessLog: string;
-  readonly accessLogFormat: 'squid' | 'frontier';
-  readonly pidFile: string;
-  readonly logLevel: string;
-  readonly visibleHostname: string;
-  readonly connectTimeoutMs: number;
-  readonly readTimeoutMs: number;
-  readonly tunnelIdleTimeoutMs: number;
-  readonly clientIdleTimeoutMs: number;
-  readonly maxFills: number;
-  readonly maxPasses: number;
-  readonly maxClientConnections: number;
-  readonly upstreamConnections: number;
-  readonly fillWindowBytes: number;
-  readonly fillMemoryBytes: number;
-  readonly allowPurge: readonly Cidr[];
-  readonly adminListen: ListenAddr | 'none';
-  readonly allowAdmin: readonly Cidr[];
-  readonly shutdownTimeoutMs: number;
-  readonly mirrorGroups: readonly MirrorGroupConfig[];
-  readonly accel: boolean;
-  readonly accelListen: ListenAddr | 'none';
   readonly probe: ProbeConfig;
-  readonly snmpListen: ListenAddr | 'none';
-  readonly allowSnmp: readonly Cidr[];
-  readonly snmpCommunity: string;
-}
+};
 
 function toConfig(p: Parsed): Config {
-  return {
-    options: p,
-    listen: p.listen,
-    cacheDir: p['cache-dir'],
-    diskCacheBytes: p['disk-cache'],
-    memoryCacheBytes: p['memory-cache'],
-    maxObjectBytes: p['max-object-size'],
-    maxMemoryObjectBytes: p['max-memory-object-size'],
-    allowClient: p['allow-client'],
-    allowDest: p['allow-dest'],
-    allowLocalDest: p['allow-local-dest'],
-    allowPorts: p['allow-port'],
-    allowConnectPorts: p['allow-connect-port'],
-    negativeTtlMs: p['negative-ttl'],
-    uncacheableTtlMs: p['uncacheable-ttl'],
-    maxStaleMs: p['max-stale'],
-    rangeOffsetLimitBytes: p['range-offset-limit'],
-    staleRetryMs: p['stale-retry'],
-    accessLog: p['access-log'],
-    accessLogFormat: p['access-log-format'],
-    pidFile: p['pid-file'],
-    logLevel: p['log-level'],
-    visibleHostname: p['visible-hostname'],
-    connectTimeoutMs: p['connect-timeout'],
-    readTimeoutMs: p['read-timeout'],
-    tunnelIdleTimeoutMs: p['tunnel-idle-timeout'],
-    clientIdleTimeoutMs: p['client-idle-timeout'],
-    maxFills: p['max-fills'],
-    maxPasses: p['max-passes'],
-    maxClientConnections: p['max-client-connections'],
-    upstreamConnections: p['upstream-connections'],
-    fillWindowBytes: p['fill-window'],
-    fillMemoryBytes: p['fill-memory'],
-    allowPurge: p['allow-purge'],
-    adminListen: p['admin-listen'],
-    allowAdmin: p['allow-admin'],
-    shutdownTimeoutMs: p['shutdown-timeout'],
-    mirrorGroups: p.stratum1,
-    snmpListen: p['snmp-listen'],
-    allowSnmp: p['allow-snmp'],
-    snmpCommunity: p['snmp-community'],
-    accel: p.accel,
-    accelListen: p['accel-listen'],
-    probe: {
-      intervalMs: p['probe-interval'],
-      timeoutMs: p['probe-timeout'],
-      window: p['probe-window'],
-      threshold: p['probe-threshold'],
-      initial: p['probe-initial'],
-      failThreshold: p['mirror-fail-threshold'],
-      answerTimeoutMs: p['mirror-timeout'],
-      maxLagMs: p['mirror-max-lag'],
-      repo: p['probe-repo'],
-    },
-  };
+  const out: Record<string, unknown> = { options: p };
+  const probe: Record<string, unknown> = {};
+  for (const k of Object.keys(OPTIONS) as OptionName[]) {
+    const o: OptionSpec = OPTIONS[k];
+    if (o.field) out[o.field] = p[k];
+    else probe[o.probe!] = p[k];
+  }
+  out.probe = probe;
+  return out as Config;
 }
 
 function deepFreeze<T>(o: T): T {
