@@ -49,17 +49,20 @@ function member(list: BlockList): (addr: string) => boolean {
   };
 }
 
+/** A loopback or link-local address, in any of its spellings. */
+const isLocal = member(SPECIAL);
+
 function inPorts(ranges: readonly PortRange[], port: number): boolean {
   return ranges.some((r) => port >= r.from && port <= r.to);
 }
 
-/** deny-local: a loopback or link-local destination that allow-local-dest does not name. */
 /** The 403 detail for a local destination: how to open exactly it (README "Access control"). */
 export function localHint(host: string, port: number): string {
   const h = isIP(host) === 6 ? `[${host}]` : host;
   return `${h}:${port} is a loopback or link-local destination; to allow a local origin, start cuttle with --allow-local-dest ${h}:${port}`;
 }
 
+/** deny-local: a loopback or link-local destination that allow-local-dest does not name. */
 export type DestVerdict = 'allow' | 'deny-dest' | 'deny-local' | 'deny-port';
 
 export interface Acl {
@@ -114,11 +117,7 @@ export function compileAcl(cfg: Pick<Config, 'allowClient' | 'allowDest' | 'allo
   const check = (host: string, port: number, ports: readonly PortRange[]): DestVerdict => {
     const h = host.toLowerCase().replace(/^\[|\]$/g, '');
     if (!inPorts(ports, port)) return 'deny-port';
-    if (isIP(h)) {
-      if (ipAllowed(h, h, port)) return 'allow';
-      const a = plainAddress(h);
-      return SPECIAL.check(a, family(a)) ? 'deny-local' : 'deny-dest';
-    }
+    if (isIP(h)) return ipAllowed(h, h, port) ? 'allow' : isLocal(h) ? 'deny-local' : 'deny-dest';
     if (h === 'localhost' || h.endsWith('.localhost')) return localNamed(h, undefined, port) ? 'allow' : 'deny-local';
     if (isMirror(h, port) || localNamed(h, undefined, port)) return 'allow';
     if (restricted && !nameMatches(h) && destCidrs.rules.length === 0) return 'deny-dest';
@@ -129,10 +128,7 @@ export function compileAcl(cfg: Pick<Config, 'allowClient' | 'allowDest' | 'allo
     allowsClient: member(clients),
     checkDestination: (host, port) => check(host, port, cfg.allowPorts),
     allowsResolved: (host, ip, port) => ipAllowed(host.toLowerCase().replace(/^\[|\]$/g, ''), ip, port),
-    isLocal: (ip) => {
-      const a = plainAddress(ip);
-      return SPECIAL.check(a, family(a));
-    },
+    isLocal,
     allowsConnect: (host, port) => check(host, port, cfg.allowConnectPorts),
     allowsPurge: member(purge),
     allowsAdmin: member(admin),
