@@ -35,6 +35,11 @@ export interface Transaction {
   httpVersion?: string;
 }
 
+/** A transaction as it starts: what is known on arrival; the request path fills in the rest. */
+export function newTransaction(known: Pick<Transaction, 'startedAt' | 'client' | 'method' | 'url'> & Partial<Transaction>): Transaction {
+  return { status: 0, bytesOut: 0, result: 'NONE', aborted: false, hierarchy: 'HIER_NONE', peer: '', mime: '', coalesced: false, ...known };
+}
+
 export type AccessLogFormat = 'squid' | 'frontier';
 
 /** The result tag as Squid writes it: TCP_CF_* for collapsed requests, *_ABORTED for hang-ups. */

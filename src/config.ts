@@ -147,6 +147,8 @@ const explained = <T extends object>(fn: (v: string | number) => T | string) =>
 const list = <T extends z.ZodType>(item: T) => z.preprocess((v) => (Array.isArray(v) ? v : [v]), z.array(item));
 const size = conv(parseSize, 'a size with its unit (B, KB, MB, GB or TB, 1024-based), such as 512KB, 256MB or 10GB; a bare number is refused, since Squid reads one as MB');
 const duration = conv(parseDurationMs, 'a duration such as 500ms, 60s, 5m or 1h');
+const listenOrNone = conv((v: string | number) => (v === 'none' ? ('none' as const) : parseListen(v)), '[HOST:]PORT or none');
+const cidrs = (example: string) => list(conv(parseCidr, `an IP address or CIDR such as ${example}`));
 const count = z.number({ error: 'expected a positive integer' }).int('expected a positive integer').positive('expected a positive integer');
 
 /** One option: CLI flag and YAML key share its name; a `multiple` option is a list (repeatable flag). */
@@ -202,7 +204,7 @@ export const OPTIONS = {
     default: ['127.0.0.0/8', '::1/128', '10.0.0.0/8', '172.16.0.0/12', '192.168.0.0/16', 'fc00::/7', 'fe80::/10'],
     field: 'allowClient',
     help: 'client CIDR allowed to use the proxy (repeatable)',
-    schema: list(conv(parseCidr, 'an IP address or CIDR such as 10.0.0.0/8')),
+    schema: cidrs('10.0.0.0/8'),
     multiple: true,
   },
   'allow-dest': {
@@ -369,20 +371,20 @@ export const OPTIONS = {
     default: ['127.0.0.0/8', '::1/128'],
     field: 'allowPurge',
     help: 'client CIDR allowed to PURGE cached objects (repeatable)',
-    schema: list(conv(parseCidr, 'an IP address or CIDR such as 127.0.0.0/8')),
+    schema: cidrs('127.0.0.0/8'),
     multiple: true,
   },
   'admin-listen': {
     default: '127.0.0.1:3129',
     field: 'adminListen',
     help: '[HOST:]PORT of the admin listener (/metrics, /healthz, /readyz, /status), or none',
-    schema: conv((v: string | number) => (v === 'none' ? ('none' as const) : parseListen(v)), '[HOST:]PORT or none'),
+    schema: listenOrNone,
   },
   'allow-admin': {
     default: ['127.0.0.0/8', '::1/128'],
     field: 'allowAdmin',
     help: 'client CIDR allowed to use the admin listener (repeatable), e.g. your Prometheus host',
-    schema: list(conv(parseCidr, 'an IP address or CIDR such as 127.0.0.0/8')),
+    schema: cidrs('127.0.0.0/8'),
     multiple: true,
   },
   'shutdown-timeout': {
@@ -423,7 +425,7 @@ export const OPTIONS = {
     default: 'none',
     field: 'accelListen',
     help: '[HOST:]PORT of an extra accelerator-mode listener, or none',
-    schema: conv((v: string | number) => (v === 'none' ? ('none' as const) : parseListen(v)), '[HOST:]PORT or none'),
+    schema: listenOrNone,
   },
   'probe-interval': {
     default: '5s',
@@ -483,13 +485,13 @@ export const OPTIONS = {
     default: 'none',
     field: 'snmpListen',
     help: '[HOST:]PORT (UDP) of the SNMP agent with the Squid MIB, usually 3401, or none',
-    schema: conv((v: string | number) => (v === 'none' ? ('none' as const) : parseListen(v)), '[HOST:]PORT or none'),
+    schema: listenOrNone,
   },
   'allow-snmp': {
     default: ['127.0.0.0/8', '::1/128'],
     field: 'allowSnmp',
     help: 'CIDR allowed to query the SNMP agent (repeatable)',
-    schema: list(conv(parseCidr, 'an IP address or CIDR such as 127.0.0.0/8')),
+    schema: cidrs('127.0.0.0/8'),
     multiple: true,
   },
   'snmp-community': {
@@ -542,6 +544,19 @@ function deepFreeze<T>(o: T): T {
     for (const v of Object.values(o)) deepFreeze(v);
   }
   return o;
+}
+
+/**
+ * A reload: the running configuration with the live options (LIVE_OPTIONS) taken from `next`, and
+ * the changed options that need a restart, by name. The result is derived from the options like any
+ * Config, so no field list is kept twice.
+ */
+export function reloaded(current: Config, next: Config): { config: Config; needRestart: OptionName[] } {
+  const names = Object.keys(next.options) as OptionName[];
+  const needRestart = names.filter((k) => !LIVE_OPTIONS.has(k) && JSON.stringify(next.options[k]) !== JSON.stringify(current.options[k]));
+  const options = { ...current.options } as Record<OptionName, unknown>;
+  for (const k of names) if (LIVE_OPTIONS.has(k)) options[k] = next.options[k];
+  return { config: deepFreeze(toConfig(options as Parsed)), needRestart };
 }
 
 /** Validate a raw options object (YAML keys). Throws ConfigError listing every problem. */

@@ -14,7 +14,7 @@
 import type { IncomingMessage, ServerResponse } from 'node:http';
 import type { Acl } from './acl.ts';
 import { localHint, plainAddress } from './acl.ts';
-import type { AccessLog, Transaction } from './access-log.ts';
+import { newTransaction, type AccessLog, type Transaction } from './access-log.ts';
 import type { BufferPool } from './buffer-pool.ts';
 import type { Metrics } from './metrics.ts';
 import { parseTarget, urlKey, variantKey } from './cache-key.ts';
@@ -82,22 +82,7 @@ const CLIENT_CONDITIONS = ['if-none-match', 'if-modified-since', 'if-match', 'if
 const SAFE = new Set(['GET', 'HEAD', 'OPTIONS', 'TRACE']);
 
 export async function handleRequest(ctx: Ctx, req: IncomingMessage, res: ServerResponse, accel = false): Promise<void> {
-  const tx: Transaction = {
-    startedAt: ctx.clock.now(),
-    client: plainAddress(req.socket.remoteAddress ?? '-'),
-    method: req.method ?? '-',
-    url: req.url ?? '-',
-    status: 0,
-    bytesOut: 0,
-    result: 'NONE',
-    aborted: false,
-    hierarchy: 'HIER_NONE',
-    peer: '',
-    mime: '',
-    coalesced: false,
-    headers: req.headers,
-    httpVersion: req.httpVersion,
-  };
+  const tx = newTransaction({ startedAt: ctx.clock.now(), client: plainAddress(req.socket.remoteAddress ?? '-'), method: req.method ?? '-', url: req.url ?? '-', headers: req.headers, httpVersion: req.httpVersion });
   const s: State = { ctx, req, res, tx, accel };
   let step: StepName | undefined = 'recv';
   try {
@@ -831,13 +816,16 @@ function drained(res: ServerResponse): Promise<void> {
   });
 }
 
+/** A finished transaction goes to the access log and to the counters and metrics, at one instant. */
+export function recordTransaction(ctx: Pick<Ctx, 'accessLog' | 'metrics' | 'clock'>, tx: Transaction, errorToken: string | undefined): void {
+  const now = ctx.clock.now();
+  ctx.accessLog.write(tx, now);
+  ctx.metrics.observe(tx, errorToken, now);
+}
+
 function finish(s: State): void {
   const { ctx, tx } = s;
-  const record = () => {
-    const now = ctx.clock.now();
-    ctx.accessLog.write(tx, now);
-    ctx.metrics.observe(tx, s.error?.token, now);
-  };
+  const record = () => recordTransaction(ctx, tx, s.error?.token);
   if (!s.res.writableFinished && !s.res.destroyed) {
     // Response still streaming out of the socket buffers: log when it ends.
     s.res.once('close', () => {

@@ -1,18 +1,18 @@
 // Composition root: wires config, tiers, coalescer, upstream, logs and listeners into one proxy.
 import { createServer, type Server } from 'node:http';
 import type { AddressInfo } from 'node:net';
-import { openAccessLog, type AccessLog, type Transaction } from './access-log.ts';
+import { newTransaction, openAccessLog, type AccessLog } from './access-log.ts';
 import { compileAcl, plainAddress, type Acl } from './acl.ts';
 import { BufferPool } from './buffer-pool.ts';
 import { primaryKey } from './cache-key.ts';
 import { systemClock, type Clock } from './clock.ts';
 import { Coalescer } from './coalescer.ts';
-import { LIVE_OPTIONS, VERSION, type Config, type OptionName } from './config.ts';
+import { reloaded, VERSION, type Config } from './config.ts';
 import { createAdminServer } from './admin.ts';
 import { Metrics } from './metrics.ts';
 import { Upstream } from './fetch.ts';
 import { createFreshness } from './freshness.ts';
-import { handleRequest, type Ctx } from './handle-request.ts';
+import { handleRequest, recordTransaction, type Ctx } from './handle-request.ts';
 import { newCounters, type Counters } from './counters.ts';
 import { createLogger, type Logger } from './log.ts';
 import { Mirrors, Prober } from './mirrors.ts';
@@ -161,11 +161,8 @@ export async function createProxy(cfg: Config, opts: ProxyOptions = {}): Promise
       if (connections > cfg.maxClientConnections) {
         // Answered before any request is read: counted (and logged) as a request-less NONE/503.
         const err = new ProxyError('ERR_OVERLOADED', 'too many client connections');
-        const now = clock.now();
-        const tx: Transaction = { startedAt: now, client: plainAddress(sock.remoteAddress ?? '-'), method: 'NONE', url: '-', status: err.status, bytesOut: 0, result: 'NONE', aborted: false, hierarchy: 'HIER_NONE', peer: '-', mime: '-', coalesced: false };
         endWithError(sock, err, cfg.visibleHostname);
-        accessLog.write(tx, now);
-        metrics.observe(tx, err.token, now);
+        recordTransaction(ctx, newTransaction({ startedAt: clock.now(), client: plainAddress(sock.remoteAddress ?? '-'), method: 'NONE', url: '-', status: err.status }), err.token);
       }
     });
     srv.on('request', (req, res) =>
@@ -297,12 +294,9 @@ export async function createProxy(cfg: Config, opts: ProxyOptions = {}): Promise
         if (listening && !draining) prober.start();
         log.info({ groups: next.mirrorGroups }, 'reload: mirror groups replaced');
       }
-      const names = Object.keys(next.options) as OptionName[];
-      const needRestart = names.filter((k) => !LIVE_OPTIONS.has(k) && JSON.stringify(next.options[k]) !== JSON.stringify(current.options[k]));
-      if (needRestart.length) log.warn({ options: needRestart }, `reload: ${needRestart.join(', ')} take${needRestart.length === 1 ? 's' : ''} effect only after a restart`);
-      const options = { ...current.options };
-      for (const k of names) if (LIVE_OPTIONS.has(k)) options[k] = next.options[k];
-      current = { ...current, options, allowClient: next.allowClient, allowDest: next.allowDest, allowLocalDest: next.allowLocalDest, allowAdmin: next.allowAdmin, allowPorts: next.allowPorts, allowConnectPorts: next.allowConnectPorts, allowPurge: next.allowPurge, mirrorGroups: next.mirrorGroups, probe: next.probe };
+      const r = reloaded(current, next);
+      if (r.needRestart.length) log.warn({ options: r.needRestart }, `reload: ${r.needRestart.join(', ')} take${r.needRestart.length === 1 ? 's' : ''} effect only after a restart`);
+      current = r.config;
       log.info('configuration reloaded');
     },
     reopenLogs() {

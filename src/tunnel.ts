@@ -4,28 +4,13 @@ import type { IncomingMessage } from 'node:http';
 import { connect, isIP, type Socket } from 'node:net';
 import type { Duplex } from 'node:stream';
 import { localHint, plainAddress } from './acl.ts';
-import type { Transaction } from './access-log.ts';
+import { newTransaction } from './access-log.ts';
 import { ProxyError, upstreamError } from './errors.ts';
-import type { Ctx } from './handle-request.ts';
+import { recordTransaction, type Ctx } from './handle-request.ts';
 import { endWithError } from './forward.ts';
 
 export function handleConnect(ctx: Ctx, req: IncomingMessage, socket: Duplex, head: Buffer): void {
-  const tx: Transaction = {
-    startedAt: ctx.clock.now(),
-    client: plainAddress(req.socket.remoteAddress ?? '-'),
-    method: 'CONNECT',
-    url: req.url ?? '-',
-    status: 0,
-    bytesOut: 0,
-    result: 'TCP_TUNNEL',
-    aborted: false,
-    hierarchy: 'HIER_NONE',
-    peer: '',
-    mime: '',
-    coalesced: false,
-    headers: req.headers,
-    httpVersion: req.httpVersion,
-  };
+  const tx = newTransaction({ startedAt: ctx.clock.now(), client: plainAddress(req.socket.remoteAddress ?? '-'), method: 'CONNECT', url: req.url ?? '-', result: 'TCP_TUNNEL', headers: req.headers, httpVersion: req.httpVersion });
   // Node removes its own 'error' listener before 'connect': without ours, a client reset during the
   // 403 would take the process down.
   socket.on('error', () => socket.destroy());
@@ -34,8 +19,7 @@ export function handleConnect(ctx: Ctx, req: IncomingMessage, socket: Duplex, he
     tx.status = err.status;
     tx.result = err.status === 403 ? 'TCP_DENIED' : 'TCP_TUNNEL';
     endWithError(socket, err, name);
-    ctx.accessLog.write(tx, ctx.clock.now());
-    ctx.metrics.observe(tx, err.token, ctx.clock.now());
+    recordTransaction(ctx, tx, err.token);
   };
   if (!ctx.acl().allowsClient(tx.client)) return deny(new ProxyError('ERR_CLIENT_DENIED', tx.client));
   const m = /^\[?([^\]]+?)\]?:(\d+)$/.exec(req.url ?? '');
@@ -66,8 +50,7 @@ export function handleConnect(ctx: Ctx, req: IncomingMessage, socket: Duplex, he
     ctx.counters.passesInFlight--;
     upstream.destroy();
     socket.destroy();
-    ctx.accessLog.write(tx, ctx.clock.now());
-    ctx.metrics.observe(tx, undefined, ctx.clock.now());
+    recordTransaction(ctx, tx, undefined);
   };
   ctx.tunnels.add(end);
   upstream.once('timeout', () => {
