@@ -1,12 +1,13 @@
 // What --check-config checks on this host beyond the file itself, without changing anything: that the
 // directories cuttle would create or write are usable, and that every listen address exists here. A
 // config that passes here fails at start only for what can't be known beforehand (a port in use).
-import { accessSync, constants, readFileSync, statSync } from 'node:fs';
+import { accessSync, constants, statSync } from 'node:fs';
 import { lookup } from 'node:dns/promises';
 import { isIP } from 'node:net';
 import { networkInterfaces } from 'node:os';
-import { dirname, join, resolve } from 'node:path';
+import { dirname, resolve } from 'node:path';
 import type { Config, ListenAddr } from './config.ts';
+import { lockHolder } from './store-disk.ts';
 
 /** Would `mkdir -p path` and writing inside it work? Names the first obstacle. */
 function dirProblem(path: string): string | undefined {
@@ -64,16 +65,9 @@ export async function checkHost(cfg: Config): Promise<{ problems: string[]; note
   const notes: string[] = [];
   const dir = dirProblem(cfg.cacheDir);
   if (dir) problems.push(`cache-dir: ${cfg.cacheDir} can't be used: ${dir}`);
-  const lock = join(cfg.cacheDir, 'v1', 'cuttle.lock');
-  try {
-    const pid = Number(readFileSync(lock, 'utf8').trim());
-    if (pid > 0 && pid !== process.pid) {
-      process.kill(pid, 0);
-      notes.push(`cache-dir: in use by the running cuttle pid ${pid} (fine before a reload; a second instance on it would be refused)`);
-    }
-  } catch {
-    // no lock, or its process is gone (a stale lock is taken over at start)
-  }
+  // A stale lock (its process gone) is taken over at start, so only a live holder is worth a note.
+  const holder = lockHolder(cfg.cacheDir);
+  if (holder !== undefined && holder !== process.pid) notes.push(`cache-dir: in use by the running cuttle pid ${holder} (fine before a reload; a second instance on it would be refused)`);
   for (const [key, path] of [['access-log', cfg.accessLog], ['pid-file', cfg.pidFile]] as const) {
     if (path === '-' || path === 'none') continue;
     const f = fileProblem(path);

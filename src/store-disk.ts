@@ -149,16 +149,12 @@ export class DiskTier implements Tier {
     );
   }
 
-  #lockPath(): string {
-    return join(this.#o.dir, 'v1', 'cuttle.lock');
-  }
-
   /**
    * Take the directory's lock for this process's life: a file holding our pid, created exclusively.
    * A lock whose pid is no longer alive is stale (kill -9, a crash) and is taken over.
    */
   async #lock(): Promise<void> {
-    const path = this.#lockPath();
+    const path = lockPath(this.#o.dir);
     for (let attempt = 0; attempt < 3; attempt++) {
       try {
         await fsp.writeFile(path, `${process.pid}\n`, { flag: 'wx' });
@@ -167,8 +163,8 @@ export class DiskTier implements Tier {
       } catch (err) {
         if ((err as NodeJS.ErrnoException).code !== 'EEXIST') throw err;
       }
-      const pid = Number((await fsp.readFile(path, 'utf8').catch(() => '')).trim());
-      if (Number.isInteger(pid) && pid > 0 && alive(pid)) {
+      const pid = lockHolder(this.#o.dir);
+      if (pid !== undefined) {
         throw new Error(`it is in use by another cuttle (pid ${pid}, ${path}); each cuttle needs its own --cache-dir`);
       }
       await fsp.rm(path, { force: true }); // stale: its process is gone
@@ -182,7 +178,7 @@ export class DiskTier implements Tier {
   async unlock(): Promise<void> {
     if (!this.#locked) return;
     this.#locked = false;
-    await fsp.rm(this.#lockPath(), { force: true });
+    await fsp.rm(lockPath(this.#o.dir), { force: true });
   }
 
   #pathOf(hash: string): string {
@@ -502,6 +498,22 @@ export class DiskWriter implements TierWriter {
 }
 
 /** Is a process with this pid running (ours included)? EPERM means it exists under another user. */
+/** The lock file of a cache directory: one cuttle per directory. */
+export function lockPath(dir: string): string {
+  return join(dir, 'v1', 'cuttle.lock');
+}
+
+/** The pid of the live process holding `dir`'s lock, if any; a lock whose process is gone is stale. */
+export function lockHolder(dir: string): number | undefined {
+  let pid: number;
+  try {
+    pid = Number(fs.readFileSync(lockPath(dir), 'utf8').trim());
+  } catch {
+    return undefined;
+  }
+  return Number.isInteger(pid) && pid > 0 && alive(pid) ? pid : undefined;
+}
+
 function alive(pid: number): boolean {
   try {
     process.kill(pid, 0);
