@@ -120,7 +120,7 @@ export function importSquid(text: string): SquidImport {
         else {
           if (accel) options['accel-listen'] = addr;
           else list('listen', addr);
-          if (other.length) unmapped.push({ line: d.line, text: d.text, why: `options ${other.join(' ')} have no cuttle equivalent (the port itself is mapped)` });
+          if (other.length) skip(d, `options ${other.join(' ')} have no cuttle equivalent (the port itself is mapped)`);
         }
         break;
       }
@@ -157,7 +157,7 @@ export function importSquid(text: string): SquidImport {
           if (c) {
             list('allow-client', ...c);
             used.add(names[0]!);
-            if (c.some((x) => x.endsWith('/0'))) unmapped.push({ line: d.line, text: d.text, why: 'WARNING: this allows every address: an open proxy (mapped as written)' });
+            if (c.some((x) => x.endsWith('/0'))) skip(d, 'WARNING: this allows every address: an open proxy (mapped as written)');
           } else skip(d, 'an address form cuttle does not take (use CIDRs)');
         } else if (action === 'deny' && names.length === 1 && names[0]!.startsWith('!') && acls.get(names[0]!.slice(1))?.type === 'dstdomain') {
           list('allow-dest', ...acls.get(names[0]!.slice(1))!.values);
