@@ -68,6 +68,17 @@ describe('access control', () => {
     await strict.close();
   });
 
+  it('a wide --allow-dest CIDR does not open loopback: only --allow-local-dest does', async () => {
+    await withProxy({ 'allow-dest': ['0.0.0.0/0', '::/0'], 'allow-local-dest': [] }, async ({ origin: o, p: wide, pool }) => {
+      o.route('/secret', { body: 'admin only' });
+      const r = await get(pool, `${o.url}/secret`);
+      assert.equal(r.status, 403);
+      assert.match(r.body.toString(), /--allow-local-dest 127\.0\.0\.1:/);
+      assert.equal(o.count('/secret'), 0, 'nothing reached the loopback origin');
+      assert.equal(wide.proxy.upstream.fetches, 0);
+    });
+  });
+
   it('denies destinations outside the allow-dest list, and ports outside allow-port', async () => {
     await withProxy({ 'allow-dest': ['.cern.ch'] }, async ({ origin: o, p: listed, pool }) => {
       const r = await get(pool, 'http://192.0.2.1/x');
