@@ -8,11 +8,11 @@ import { mkdirSync, readFileSync, writeFileSync } from 'node:fs';
 import { createServer } from 'node:net';
 import { join } from 'node:path';
 import { parseArgs } from 'node:util';
-import autocannon from 'autocannon';
 import { makeCatalog, startEmulator, type EmulatorOptions } from './emulator.ts';
 import type { NodesPlan, NodesReport } from './nodes.ts';
-import { markdownTable, svgChart, type RunResult } from './report.ts';
+import { HOT_CONNECTIONS, markdownTable, svgChart, type RunResult } from './report.ts';
 import { externalTarget, hasTaskset, procStats, squidBinary, startCuttle, startSquid, type Target } from './targets.ts';
+import { runWrk, wrkBinary } from './wrk.ts';
 
 export interface Scenario {
   name: string;
@@ -24,7 +24,9 @@ export interface Scenario {
   chunkBytesPerSec?: number;
   hotObjectBytes?: number;
   hotSeconds?: number;
-  hotConnections?: number;
+  /** hot: each count is measured in turn (wrk, one thread), after a warm-up at the first. */
+  hotConnections?: readonly number[];
+  hotWarmupSeconds?: number;
   poll?: { everyMs: number; forMs: number };
   /** memory: distinct small objects filled through the proxy, and their body size. */
   memoryObjects?: number;
@@ -41,8 +43,8 @@ export const SCENARIOS: Record<string, Scenario> = {
   'herd-shuffle': { name: 'herd-shuffle', kind: 'herd', nodes: 1000, objects: 200, order: 'shuffle', latencyMs: 50 },
   'herd-slow': { name: 'herd-slow', kind: 'herd', nodes: 1000, objects: 200, order: 'same', latencyMs: 200, chunkBytesPerSec: 2 * 2 ** 20 },
   'mirror-kill': { name: 'mirror-kill', kind: 'herd', nodes: 1000, objects: 100, order: 'same', latencyMs: 20, mirrorLatenciesMs: [20, 60, 100], chunkBytesPerSec: 8 * 2 ** 20, killAtFraction: 0.3 },
-  'hot-small': { name: 'hot-small', kind: 'hot', nodes: 0, objects: 0, order: 'same', latencyMs: 0, hotObjectBytes: 4096, hotSeconds: 10, hotConnections: 200 },
-  'hot-large': { name: 'hot-large', kind: 'hot', nodes: 0, objects: 0, order: 'same', latencyMs: 0, hotObjectBytes: 2 ** 20, hotSeconds: 10, hotConnections: 50 },
+  'hot-small': { name: 'hot-small', kind: 'hot', nodes: 0, objects: 0, order: 'same', latencyMs: 0, hotObjectBytes: 4096, hotSeconds: 10, hotWarmupSeconds: 3, hotConnections: HOT_CONNECTIONS },
+  'hot-large': { name: 'hot-large', kind: 'hot', nodes: 0, objects: 0, order: 'same', latencyMs: 0, hotObjectBytes: 2 ** 20, hotSeconds: 10, hotWarmupSeconds: 3, hotConnections: HOT_CONNECTIONS },
   // Does --memory-cache bound memory? Many distinct small objects through a small memory tier; RSS is
   // read before and after (the bench's --memory-cache sets cuttle's tier and Squid's cache_mem alike).
   memory: { name: 'memory', kind: 'memory', nodes: 0, objects: 0, order: 'same', latencyMs: 0, memoryObjects: 100_000, memoryObjectBytes: 512 },
@@ -131,12 +133,17 @@ export async function runOnce(o: RunOptions): Promise<RunResult> {
       result.wallS = (Date.now() - t0) / 1000;
     } else if (sc.kind === 'hot') {
       const url = `${emu.url}${specs[0]!.path}`;
-      // Warm the cache (twice: a disk hit is promoted to memory on its second sighting).
+      // Warm the cache (twice: a disk hit is promoted to memory on its second sighting), then the JIT.
       for (let i = 0; i < 3; i++) await fetchVia(target.url, url);
-      const r = await autocannon({ url: target.url, connections: sc.hotConnections!, duration: sc.hotSeconds!, requests: [{ method: 'GET', path: url }] });
-      result.reqPerSec = r.requests.average;
-      result.mibPerSec = r.throughput.average / 2 ** 20;
-      result.hotErrors = r.errors + r.non2xx + r.timeouts;
+      await runWrk({ proxy: target.url, url, connections: sc.hotConnections![0]!, seconds: sc.hotWarmupSeconds!, core: 1 });
+      result.hot = [];
+      for (const connections of sc.hotConnections!) {
+        const c0 = procStats(target.pid).cpuS;
+        const w = await runWrk({ proxy: target.url, url, connections, seconds: sc.hotSeconds!, core: 1 });
+        result.hot.push({ ...w, proxyShare: (procStats(target.pid).cpuS - c0) / sc.hotSeconds! });
+        process.stderr.write(`  ${connections} connections: ${w.reqPerSec.toFixed(0)} req/s, generator at ${(100 * w.generatorShare).toFixed(0)}% of a core\n`);
+      }
+      result.hotErrors = result.hot.reduce((a, h) => a + h.errors, 0);
       result.wallS = (Date.now() - t0) / 1000;
     } else {
       const paths = sc.kind === 'poll' ? [`/cvmfs/${REPO}/.cvmfspublished`] : [`/cvmfs/${REPO}/.cvmfspublished`, ...specs.map((s) => s.path)];
@@ -274,7 +281,7 @@ async function main(): Promise<void> {
     process.stdout.write(`usage: npm run bench -- [options]\n${rows.join('\n')}\n`);
     return;
   }
-  // Keep the orchestrator (emulator + autocannon) off the proxy's core.
+  // Keep the orchestrator (emulator, nodes, wrk) off the proxy's core.
   if (hasTaskset) spawnSync('taskset', ['-a', '-p', '-c', '1', String(process.pid)], { stdio: 'ignore' });
   const targets = [values.target!, ...(values.compare ? [values.compare] : [])];
   if (targets.includes('squid') && !squidBinary) throw new Error('--compare squid needs Debian squid: apt-get install squid');
@@ -284,6 +291,7 @@ async function main(): Promise<void> {
   for (const name of values.scenario ?? ['herd']) {
     const base = SCENARIOS[name];
     if (!base) throw new Error(`unknown scenario ${name}; known: ${Object.keys(SCENARIOS).join(', ')}`);
+    if (base.kind === 'hot' && !wrkBinary) throw new Error(`${name} needs wrk: apt-get install wrk`);
     if (base.kind === 'skip') {
       process.stderr.write(`${name}: ${base.why}\n`);
       continue;

@@ -1,5 +1,9 @@
 // Turning runs into a table of medians (with cuttle/Squid ratios), JSON, Markdown and an SVG chart.
 import type { NodesReport } from './nodes.ts';
+import { GENERATOR_SATURATED, type WrkResult } from './wrk.ts';
+
+/** Hit scenarios are measured at both: a lean client with few connections, and a crowd. */
+export const HOT_CONNECTIONS = [64, 256] as const;
 
 export interface RunResult {
   scenario: string;
@@ -20,9 +24,8 @@ export interface RunResult {
   proxyPeakRssMiB: number;
   goodputMiBs: number;
   wallS: number;
-  /** hot-* scenarios */
-  reqPerSec?: number;
-  mibPerSec?: number;
+  /** hot-* scenarios: one wrk run per connection count, with the proxy's share of its core. */
+  hot?: (WrkResult & { proxyShare: number })[];
   hotErrors?: number;
   /** memory: RSS after warm-up and after filling every object. */
   rssBeforeMiB?: number;
@@ -31,8 +34,29 @@ export interface RunResult {
   mirrorKilledAtS?: number;
 }
 
+interface Figure {
+  label: string;
+  get: (r: RunResult) => number | undefined;
+  better: 'lower' | 'higher';
+  /** A run where this figure may be the load generator's limit rather than the proxy's: no ratio. */
+  generatorBound?: (r: RunResult) => boolean;
+}
+
+const at = (r: RunResult, c: number) => r.hot?.find((h) => h.connections === c);
+const hotFigures = (c: number): Figure[] => {
+  const generatorBound = (r: RunResult) => (at(r, c)?.generatorShare ?? 0) >= GENERATOR_SATURATED;
+  return [
+    { label: `hits, ${c} connections (req/s)`, get: (r) => at(r, c)?.reqPerSec, better: 'higher', generatorBound },
+    { label: `hits, ${c} connections (MiB/s)`, get: (r) => at(r, c)?.mibPerSec, better: 'higher', generatorBound },
+    { label: `hits, ${c} connections: proxy CPU per request (µs)`, get: (r) => { const h = at(r, c); return h ? (h.proxyShare * 1e6) / h.reqPerSec : undefined; }, better: 'lower' },
+    { label: `hits, ${c} connections: latency p99 (ms)`, get: (r) => at(r, c)?.latencyP99Ms, better: 'lower', generatorBound },
+    { label: `hits, ${c} connections: proxy share of its core`, get: (r) => at(r, c)?.proxyShare, better: 'lower' },
+    { label: `hits, ${c} connections: wrk share of its core`, get: (r) => at(r, c)?.generatorShare, better: 'lower' },
+  ];
+};
+
 /** Rows of the summary: label, how to read it from a run, and which direction is better. */
-export const FIGURES: { label: string; get: (r: RunResult) => number | undefined; better: 'lower' | 'higher' }[] = [
+export const FIGURES: Figure[] = [
   { label: 'manifest fetches (expires every 61 s)', get: (r) => r.manifestFetches, better: 'lower' },
   { label: 'upstream fetches / object (mean)', get: (r) => r.fetchesPerObjectMean, better: 'lower' },
   { label: 'upstream fetches / object (max)', get: (r) => r.fetchesPerObjectMax, better: 'lower' },
@@ -51,8 +75,7 @@ export const FIGURES: { label: string; get: (r: RunResult) => number | undefined
   { label: 'chunk waiters that arrived during the first fill', get: (r) => r.nodes?.waitersDuringFirstFill, better: 'higher' },
   { label: 'goodput (MiB/s)', get: (r) => (r.nodes ? r.goodputMiBs : undefined), better: 'higher' },
   { label: 'wall time (s)', get: (r) => (r.nodes ? r.wallS : undefined), better: 'lower' },
-  { label: 'hit throughput (req/s)', get: (r) => r.reqPerSec, better: 'higher' },
-  { label: 'hit throughput (MiB/s)', get: (r) => r.mibPerSec, better: 'higher' },
+  ...HOT_CONNECTIONS.flatMap(hotFigures),
   { label: 'RSS after warm-up (MiB)', get: (r) => r.rssBeforeMiB, better: 'lower' },
   { label: 'RSS after all objects (MiB)', get: (r) => r.rssAfterMiB, better: 'lower' },
   { label: 'RSS growth (MiB)', get: (r) => (r.rssAfterMiB !== undefined && r.rssBeforeMiB !== undefined ? r.rssAfterMiB - r.rssBeforeMiB : undefined), better: 'lower' },
@@ -84,7 +107,8 @@ export function markdownTable(scenario: string, runs: RunResult[], targets: stri
   for (const f of FIGURES) {
     const meds = targets.map((t) => median(runs.filter((r) => r.target === t).map((r) => f.get(r) ?? NaN)));
     if (meds.every((m) => !Number.isFinite(m))) continue;
-    const ratio = meds.length === 2 && Number.isFinite(meds[0]!) && Number.isFinite(meds[1]!) && meds[1] !== 0 ? `${(meds[0]! / meds[1]!).toFixed(2)}×` : meds.length === 2 ? '–' : '';
+    const bound = f.generatorBound && runs.some(f.generatorBound);
+    const ratio = bound ? `no ratio: wrk saturated (≥ ${GENERATOR_SATURATED * 100}% of its core)` : meds.length === 2 && Number.isFinite(meds[0]!) && Number.isFinite(meds[1]!) && meds[1] !== 0 ? `${(meds[0]! / meds[1]!).toFixed(2)}×` : meds.length === 2 ? '–' : '';
     rows.push(`| ${f.label} | ${meds.map(fmt).join(' | ')}${targets.length === 2 ? ` | ${ratio} |` : ' |'}`);
   }
   return [head, sep, ...rows].join('\n');
@@ -116,7 +140,7 @@ export function svgChart(scenario: string, runs: RunResult[], targets: string[])
   targets.forEach((t, i) => {
     const p50 = med(t, (r) => r.nodes?.latencyMs.p50);
     const p99 = med(t, (r) => r.nodes?.latencyMs.p99);
-    const figs = [p50 !== undefined ? `p50 ${fmt(p50)} ms` : '', p99 !== undefined ? `p99 ${fmt(p99)} ms` : '', `proxy CPU ${fmt(med(t, (r) => r.proxyCpuS) ?? 0)} s`, `peak RSS ${fmt(med(t, (r) => r.proxyPeakRssMiB) ?? 0)} MiB`, med(t, (r) => r.reqPerSec) !== undefined ? `${fmt(med(t, (r) => r.reqPerSec)!)} req/s` : '']
+    const figs = [p50 !== undefined ? `p50 ${fmt(p50)} ms` : '', p99 !== undefined ? `p99 ${fmt(p99)} ms` : '', `proxy CPU ${fmt(med(t, (r) => r.proxyCpuS) ?? 0)} s`, `peak RSS ${fmt(med(t, (r) => r.proxyPeakRssMiB) ?? 0)} MiB`, med(t, (r) => r.hot?.[0]?.reqPerSec) !== undefined ? `${fmt(med(t, (r) => r.hot?.[0]?.reqPerSec)!)} req/s at ${HOT_CONNECTIONS[0]} conns` : '']
       .filter(Boolean)
       .join(' · ');
     const y = 42 + 16 * i;

@@ -4,6 +4,7 @@ import assert from 'node:assert/strict';
 import { describe, it } from 'node:test';
 import { runOnce, SCENARIOS } from '../../bench/herd.ts';
 import { markdownTable, svgChart } from '../../bench/report.ts';
+import { requireTool } from '../helpers/tools.ts';
 
 describe('bench harness (smoke)', () => {
   it('runs herd with 20 nodes and 10 objects, and its numbers are consistent', async () => {
@@ -25,5 +26,20 @@ describe('bench harness (smoke)', () => {
     const table = markdownTable('herd', [r], ['cuttle']);
     assert.match(table, /\| upstream fetches \/ object \(mean\) \| 1 \|/);
     assert.match(svgChart('herd', [r], ['cuttle']), /^<svg /);
+  });
+
+  it('runs hot-small through wrk at two connection counts and reports the generator beside the proxy', async (t) => {
+    if (!requireTool(t, ['wrk'], 'wrk')) return;
+    // A bounded run: one second per count; what is checked is the report, not the speed.
+    const scenario = { ...SCENARIOS['hot-small']!, hotSeconds: 1, hotWarmupSeconds: 1, hotConnections: [2, 4] };
+    const r = await runOnce({ scenario, target: 'cuttle', round: 1, seed: 3, memoryCache: '64MB', connectionsPerNode: 1 });
+    assert.equal(r.upstreamFetches, 1, 'one fill, every other request a hit');
+    assert.deepEqual(r.hot!.map((h) => h.connections), [2, 4]);
+    for (const h of r.hot!) {
+      assert.equal(h.errors, 0);
+      assert.ok(h.reqPerSec > 0 && h.mibPerSec > 0);
+      assert.ok(h.generatorShare > 0 && h.proxyShare > 0, 'both CPU shares are read');
+    }
+    assert.equal(r.hotErrors, 0);
   });
 });
