@@ -49,6 +49,25 @@ function member(list: BlockList): (addr: string) => boolean {
   };
 }
 
+/**
+ * A pure per-request decision, remembered per input: a site proxy sees a few thousand client addresses
+ * and a handful of destinations, and every request asked the BlockList again. Bounded (cleared when
+ * full), and per compiled Acl, so a reload starts afresh.
+ */
+function remembered<A extends unknown[], T>(max: number, key: (...a: A) => string, decide: (...a: A) => T): (...a: A) => T {
+  const known = new Map<string, T>();
+  return (...a) => {
+    const k = key(...a);
+    let v = known.get(k);
+    if (v === undefined) {
+      if (known.size >= max) known.clear();
+      v = decide(...a);
+      known.set(k, v);
+    }
+    return v;
+  };
+}
+
 /** A loopback or link-local address, in any of its spellings. */
 const isLocal = member(SPECIAL);
 
@@ -125,8 +144,8 @@ export function compileAcl(cfg: Pick<Config, 'allowClient' | 'allowDest' | 'allo
   };
 
   return {
-    allowsClient: member(clients),
-    checkDestination: (host, port) => check(host, port, cfg.allowPorts),
+    allowsClient: remembered(65_536, (addr: string) => addr, member(clients)),
+    checkDestination: remembered(4096, (host: string, port: number) => `${port} ${host}`, (host: string, port: number) => check(host, port, cfg.allowPorts)),
     allowsResolved: (host, ip, port) => ipAllowed(host.toLowerCase().replace(/^\[|\]$/g, ''), ip, port),
     isLocal,
     allowsConnect: (host, port) => check(host, port, cfg.allowConnectPorts),
