@@ -25,8 +25,14 @@ const explicitlyStorable = new WeakMap<object, boolean>();
 
 export function createFreshness(clock: Clock, negativeTtlMs: number): Freshness {
   class ClockedPolicy extends CachePolicy {
+    #maxAge: number | undefined;
     now(): number {
       return clock.now();
+    }
+    // A pure function of the stored response (its directives, Date, Expires, Last-Modified), asked on
+    // every hit: the library re-derives it each time, parsing dates. A revalidation makes a new policy.
+    maxAge(): number {
+      return (this.#maxAge ??= super.maxAge());
     }
     // The library stores only the status codes it "understands"; RFC 9111 §3 lets a shared cache store
     // any final status (299, 400, 499, 5xx...) that carries explicit freshness, and only then (so a

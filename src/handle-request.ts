@@ -11,7 +11,7 @@
 //   finish ─▶ one Transaction: access log line and counters
 //
 // Each step is a named function returning the next step.
-import type { IncomingMessage, ServerResponse } from 'node:http';
+import type { IncomingMessage, OutgoingHttpHeaders, ServerResponse } from 'node:http';
 import type { Acl } from './acl.ts';
 import { localHint, plainAddress } from './acl.ts';
 import { newTransaction, type AccessLog, type Transaction } from './access-log.ts';
@@ -29,7 +29,7 @@ import { clientResponseHeaders, conditionMatches, isLoop, notModifiedHeaders, se
 import type { Logger } from './log.ts';
 import type { Mirrors } from './mirrors.ts';
 import { repoOf, type CasObject } from './content-hash.ts';
-import type { StoredObject, TieredStore } from './store.ts';
+import type { StoredMeta, StoredObject, TieredStore } from './store.ts';
 import type { Counters } from './counters.ts';
 
 export interface Ctx {
@@ -538,10 +538,23 @@ async function corruptRecord(s: State, st: StoredObject): Promise<void> {
   s.res.destroy();
 }
 
+/**
+ * The head fields of a hit on this stored response, less Age and Content-Length: built once per stored
+ * meta (a memory hit shares its meta) and per visible hostname, not per hit.
+ */
+const hitHeads = new WeakMap<StoredMeta, { name: string; head: OutgoingHttpHeaders }>();
+function hitHead(meta: StoredMeta, name: string): OutgoingHttpHeaders {
+  let h = hitHeads.get(meta);
+  if (h?.name !== name) {
+    h = { name, head: clientResponseHeaders(meta.status, meta.headers, name, 'HIT') };
+    hitHeads.set(meta, h);
+  }
+  return h.head;
+}
+
 async function deliverStored(s: State, st: StoredObject): Promise<void> {
   const { ctx, res, tx } = s;
-  const age = Math.floor(st.policy.age());
-  let headers = clientResponseHeaders(st.meta.status, st.meta.headers, ctx.cfg.visibleHostname, 'HIT', age);
+  let headers: OutgoingHttpHeaders = { ...hitHead(st.meta, ctx.cfg.visibleHostname), age: String(Math.floor(st.policy.age())) };
   if (st.meta.status !== 204 && st.meta.status !== 304) headers['content-length'] = String(st.size);
   tx.status = st.meta.status;
   tx.mime = String(st.meta.headers['content-type'] ?? '');
