@@ -1,6 +1,7 @@
 // Prometheus metrics, declared in one table (Varnish VSC style) and served on the admin listener.
-// Counters that the request path already keeps (Counters, tier stats, coalescer stats) are read at
-// scrape time, so the hot path pays for nothing but a few integer increments.
+// Counters that the request path keeps (Counters, tier stats, coalescer stats, and the per-label counts
+// below) are read at scrape time, so the hot path pays for a few integer increments, not a prom-client
+// label lookup per counter; only the duration histogram is observed per request.
 import { Counter, Gauge, Histogram, Registry, collectDefaultMetrics } from 'prom-client';
 import type { Transaction } from './access-log.ts';
 import type { CoalescerStats } from './coalescer.ts';
@@ -36,11 +37,13 @@ const RESULT_GROUP: Record<string, string> = {
   NONE: 'ERROR',
 };
 
+const KNOWN_METHODS = new Set(['GET', 'HEAD', 'POST', 'PUT', 'DELETE', 'OPTIONS', 'TRACE', 'PATCH', 'CONNECT', 'PURGE', 'NONE']);
+
 export class Metrics {
   readonly registry = new Registry();
-  readonly #requests: Counter<'result' | 'method'>;
-  readonly #bytes: Counter<'tier'>;
-  readonly #errors: Counter<'error'>;
+  // Per-label counts kept as plain numbers and handed to prom-client when scraped.
+  readonly #requests = new Map<string, { labels: { result: string; method: string }; n: number }>();
+  readonly #errors = new Map<string, number>();
   readonly #waiters: Histogram;
   readonly #duration: Histogram<'result'>;
 
@@ -50,9 +53,12 @@ export class Metrics {
     this.#counters = counters;
     const r = this.registry;
     collectDefaultMetrics({ register: r, prefix: 'cuttle_process_', eventLoopMonitoringPrecision: 20 });
-    this.#requests = new Counter({ name: 'cuttle_requests_total', help: 'Client requests by result group (HIT, MEM_HIT, MISS, REFRESH_*, STALE, DENIED, TUNNEL, ERROR) and method', labelNames: ['result', 'method'], registers: [r] });
-    this.#bytes = new Counter({ name: 'cuttle_served_bytes_total', help: 'Body bytes sent to clients, by where they came from (memory, disk, upstream)', labelNames: ['tier'], registers: [r] });
-    this.#errors = new Counter({ name: 'cuttle_errors_total', help: "cuttle's own failures by Proxy-Status error token", labelNames: ['error'], registers: [r] });
+    const requests = this.#requests;
+    const errors = this.#errors;
+    const served = this.served;
+    new Counter({ name: 'cuttle_requests_total', help: 'Client requests by result group (HIT, MEM_HIT, MISS, REFRESH_*, STALE, DENIED, TUNNEL, ERROR) and method', labelNames: ['result', 'method'], registers: [r], collect() { this.reset(); for (const { labels, n } of requests.values()) this.inc(labels, n); } });
+    new Counter({ name: 'cuttle_served_bytes_total', help: 'Body bytes sent to clients, by where they came from (memory, disk, upstream)', labelNames: ['tier'], registers: [r], collect() { this.reset(); for (const [tier, n] of Object.entries(served)) if (n > 0) this.inc({ tier }, n); } });
+    new Counter({ name: 'cuttle_errors_total', help: "cuttle's own failures by Proxy-Status error token", labelNames: ['error'], registers: [r], collect() { this.reset(); for (const [error, n] of errors) this.inc({ error }, n); } });
     this.#waiters = new Histogram({ name: 'cuttle_fill_readers', help: 'Clients served by one upstream fill (1 = no coalescing)', buckets: [1, 2, 5, 10, 50, 100, 500, 1000, 5000], registers: [r] });
     this.#duration = new Histogram({ name: 'cuttle_request_duration_seconds', help: 'Time from request to the last byte handed to the socket', labelNames: ['result'], buckets: [0.001, 0.005, 0.02, 0.1, 0.5, 1, 5, 30], registers: [r] });
     const gauge = (name: string, help: string, read: () => number) =>
@@ -111,14 +117,16 @@ export class Metrics {
   observe(tx: Transaction, errorToken: string | undefined, nowMs: number): void {
     countRequest(this.#counters, tx, errorToken);
     const group = errorToken && tx.result !== 'TCP_DENIED' ? 'ERROR' : (RESULT_GROUP[tx.result] ?? 'ERROR');
-    this.#requests.inc({ result: group, method: tx.method });
+    // Methods are whatever clients send: an unknown one is counted as OTHER, so they can't grow the map.
+    const method = KNOWN_METHODS.has(tx.method) ? tx.method : 'OTHER';
+    const rk = `${group} ${method}`;
+    const rc = this.#requests.get(rk);
+    if (rc) rc.n++;
+    else this.#requests.set(rk, { labels: { result: group, method }, n: 1 });
     const tier = tx.result === 'TCP_MEM_HIT' ? 'memory' : tx.result === 'TCP_HIT' || tx.result === 'TCP_REFRESH_UNMODIFIED' || tx.result === 'TCP_REFRESH_FAIL_OLD' || tx.result === 'TCP_STALE_HIT' ? 'disk' : 'upstream';
     this.results[group] = (this.results[group] ?? 0) + 1;
-    if (tx.bytesOut > 0 && !errorToken) {
-      this.#bytes.inc({ tier }, tx.bytesOut);
-      this.served[tier] += tx.bytesOut;
-    }
-    if (errorToken) this.#errors.inc({ error: errorToken });
+    if (tx.bytesOut > 0 && !errorToken) this.served[tier] += tx.bytesOut;
+    if (errorToken) this.#errors.set(errorToken, (this.#errors.get(errorToken) ?? 0) + 1);
     this.#duration.observe({ result: group }, Math.max(0, nowMs - tx.startedAt) / 1000);
   }
 
