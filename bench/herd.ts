@@ -11,7 +11,7 @@ import { parseArgs } from 'node:util';
 import { makeCatalog, startEmulator, type EmulatorOptions } from './emulator.ts';
 import type { NodesPlan, NodesReport } from './nodes.ts';
 import { HOT_CONNECTIONS, markdownTable, svgChart, type RunResult } from './report.ts';
-import { externalTarget, hasTaskset, procStats, squidBinary, startCuttle, startSquid, type Target } from './targets.ts';
+import { externalTarget, hasTaskset, nginxBinary, procStats, squidBinary, startCuttle, startNginx, startSquid, type Target } from './targets.ts';
 import { runWrk, wrkBinary } from './wrk.ts';
 
 export interface Scenario {
@@ -119,7 +119,10 @@ export async function runOnce(o: RunOptions): Promise<RunResult> {
   const mirrorArgs = others.length ? emus.flatMap((e) => ['--stratum1', e.url, '--probe-repo', REPO]) : [];
   if (o.target === 'cuttle') target = await startCuttle(port, { memoryCache: o.memoryCache, extra: mirrorArgs });
   else if (o.target === 'squid') target = await startSquid(port, { memoryCacheMB: Math.round(parseSizeMB(o.memoryCache)) });
-  else target = externalTarget(o.target);
+  else if (o.target === 'nginx') {
+    if (others.length) throw new Error(`${sc.name} has several mirrors; nginx proxies one origin`);
+    target = await startNginx(port, { origin: emu.url });
+  } else target = externalTarget(o.target);
   const startedAt = new Date().toISOString();
   const t0 = Date.now();
   const cpu0 = procStats(target.pid).cpuS;
@@ -254,8 +257,8 @@ async function main(): Promise<void> {
   // One table: the parser's options, and --help with each default.
   const OPTS = {
     scenario: { type: 'string', multiple: true, help: `scenario to run (repeatable): ${Object.keys(SCENARIOS).join(', ')}`, shown: 'herd' },
-    target: { type: 'string', default: 'cuttle', help: 'cuttle (started here), squid (Debian package, started here) or http://HOST:PORT of a running proxy' },
-    compare: { type: 'string', help: 'a second target, run in the same rounds (the order alternates: A B, then B A)' },
+    target: { type: 'string', default: 'cuttle', help: 'cuttle (started here), squid or nginx (Debian packages, started here), or http://HOST:PORT of a running proxy' },
+    compare: { type: 'string', multiple: true, help: 'another target (repeatable), run in the same rounds; the order alternates (A B C, then C B A)' },
     rounds: { type: 'string', default: '3', help: 'rounds per target; the table shows medians' },
     nodes: { type: 'string', help: 'emulated client nodes (herd scenarios)', shown: "the scenario's (herd: 1000)" },
     objects: { type: 'string', help: 'objects per mount; every mount has at least one 16-24 MiB chunk and one catalog from 2 objects on', shown: "the scenario's (herd: 200)" },
@@ -283,8 +286,9 @@ async function main(): Promise<void> {
   }
   // Keep the orchestrator (emulator, nodes, wrk) off the proxy's core.
   if (hasTaskset) spawnSync('taskset', ['-a', '-p', '-c', '1', String(process.pid)], { stdio: 'ignore' });
-  const targets = [values.target!, ...(values.compare ? [values.compare] : [])];
+  const targets = [values.target!, ...(values.compare ?? [])];
   if (targets.includes('squid') && !squidBinary) throw new Error('--compare squid needs Debian squid: apt-get install squid');
+  if (targets.includes('nginx') && !nginxBinary) throw new Error('--compare nginx needs Debian nginx: apt-get install nginx-light');
   mkdirSync(values.out!, { recursive: true });
   const commit = spawnSync('git', ['rev-parse', '--short', 'HEAD'], { encoding: 'utf8' }).stdout.trim() || 'unknown';
   const tables: string[] = [];

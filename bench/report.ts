@@ -99,17 +99,18 @@ function fmt(x: number): string {
   return Math.abs(x) >= 100 ? x.toFixed(0) : Math.abs(x) >= 10 ? x.toFixed(1) : x.toFixed(2);
 }
 
-/** Markdown table of medians per target, with the first target / second target ratio. */
+/** Markdown table of medians per target, with the ratio of the first target to each other one. */
 export function markdownTable(scenario: string, runs: RunResult[], targets: string[]): string {
-  const head = `| ${scenario} | ${targets.map((t) => `${t} (median)`).join(' | ')}${targets.length === 2 ? ` | ${targets[0]}/${targets[1]} |` : ' |'}`;
-  const sep = `|---|${targets.map(() => '---:').join('|')}|${targets.length === 2 ? '---:|' : ''}`;
+  const others = targets.slice(1);
+  const head = `| ${scenario} | ${targets.map((t) => `${t} (median)`).join(' | ')} |${others.map((o) => ` ${targets[0]}/${o} |`).join('')}`;
+  const sep = `|---|${targets.map(() => '---:').join('|')}|${others.map(() => '---:|').join('')}`;
   const rows: string[] = [];
   for (const f of FIGURES) {
     const meds = targets.map((t) => median(runs.filter((r) => r.target === t).map((r) => f.get(r) ?? NaN)));
     if (meds.every((m) => !Number.isFinite(m))) continue;
     const bound = f.generatorBound && runs.some(f.generatorBound);
-    const ratio = bound ? `no ratio: wrk saturated (≥ ${GENERATOR_SATURATED * 100}% of its core)` : meds.length === 2 && Number.isFinite(meds[0]!) && Number.isFinite(meds[1]!) && meds[1] !== 0 ? `${(meds[0]! / meds[1]!).toFixed(2)}×` : meds.length === 2 ? '–' : '';
-    rows.push(`| ${f.label} | ${meds.map(fmt).join(' | ')}${targets.length === 2 ? ` | ${ratio} |` : ' |'}`);
+    const ratios = meds.slice(1).map((m) => (bound ? `no ratio: wrk saturated (≥ ${GENERATOR_SATURATED * 100}% of its core)` : Number.isFinite(meds[0]!) && Number.isFinite(m) && m !== 0 ? `${(meds[0]! / m).toFixed(2)}×` : '–'));
+    rows.push(`| ${f.label} | ${meds.map(fmt).join(' | ')} |${ratios.map((r) => ` ${r} |`).join('')}`);
   }
   return [head, sep, ...rows].join('\n');
 }

@@ -17,6 +17,7 @@ export interface Target {
 
 export const hasTaskset = spawnSync('taskset', ['-V']).status === 0;
 export const squidBinary = ['/usr/sbin/squid', '/usr/local/sbin/squid'].find((p) => existsSync(p));
+export const nginxBinary = ['/usr/sbin/nginx', '/usr/local/sbin/nginx'].find((p) => existsSync(p));
 
 /** Run `cmd args` with a raised open-files limit, pinned to `core` if possible. */
 function launch(cmd: string, args: string[], core: number | undefined, env: NodeJS.ProcessEnv = process.env): ChildProcess {
@@ -112,6 +113,61 @@ export async function startSquid(port: number, opts: { memoryCacheMB: number; co
   child.stderr!.on('data', (c) => (err += c));
   await waitForPort(port, child, () => err + readSafe(join(dir, 'cache.log')));
   return { name: 'squid', url: `http://127.0.0.1:${port}`, pid: child.pid, stop: () => stopChild(child) };
+}
+
+/**
+ * nginx as a caching proxy in front of one origin: the reference for per-core efficiency (issue 13).
+ * One process (no master), so its CPU and RSS are one pid's. proxy_cache_lock is nginx's coalescing;
+ * the access log is on, as cuttle's and Squid's are. nginx is a reverse proxy: it takes the absolute-
+ * form request line and serves the path from `origin`, so it fits scenarios with a single origin.
+ */
+export function nginxConfig(port: number, dir: string, origin: string): string {
+  const up = new URL(origin).host;
+  return `daemon off;
+master_process off;
+worker_processes 1;
+pid ${join(dir, 'nginx.pid')};
+error_log ${join(dir, 'error.log')} warn;
+worker_rlimit_nofile 65536;
+events { worker_connections 65536; }
+http {
+  access_log ${join(dir, 'access.log')};
+  client_body_temp_path ${join(dir, 'body')};
+  proxy_temp_path ${join(dir, 'proxy')};
+  fastcgi_temp_path ${join(dir, 'fastcgi')};
+  uwsgi_temp_path ${join(dir, 'uwsgi')};
+  scgi_temp_path ${join(dir, 'scgi')};
+  proxy_cache_path ${join(dir, 'cache')} levels=1:2 keys_zone=cuttle_bench:64m max_size=10g inactive=1d use_temp_path=off;
+  upstream origin { server ${up}; keepalive 64; }
+  server {
+    listen 127.0.0.1:${port} backlog=65535;
+    keepalive_requests 1000000;
+    location / {
+      proxy_pass http://origin;
+      proxy_http_version 1.1;
+      proxy_set_header Connection "";
+      proxy_cache cuttle_bench;
+      proxy_cache_key $uri$is_args$args;
+      proxy_cache_lock on;
+      proxy_cache_lock_timeout 600s;
+      proxy_cache_lock_age 600s;
+      proxy_max_temp_file_size 0;
+    }
+  }
+}
+`;
+}
+
+export async function startNginx(port: number, opts: { origin: string; core?: number }): Promise<Target> {
+  if (!nginxBinary) throw new Error('nginx is not installed (apt-get install nginx-light)');
+  const dir = mkdtempSync(join(tmpdir(), 'nginx-bench-'));
+  const conf = join(dir, 'nginx.conf');
+  writeFileSync(conf, nginxConfig(port, dir, opts.origin));
+  const child = launch(nginxBinary, ['-c', conf, '-p', dir, '-e', join(dir, 'error.log')], opts.core ?? 0);
+  let err = '';
+  child.stderr!.on('data', (c) => (err += c));
+  await waitForPort(port, child, () => err + readSafe(join(dir, 'error.log')));
+  return { name: 'nginx', url: `http://127.0.0.1:${port}`, pid: child.pid, stop: () => stopChild(child) };
 }
 
 function readSafe(p: string): string {
