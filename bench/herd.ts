@@ -95,6 +95,8 @@ export interface RunOptions {
   seed: number;
   memoryCache: string;
   connectionsPerNode: number;
+  /** More command-line arguments for cuttle (try a setting against the defaults). */
+  cuttleArgs?: string[];
 }
 
 /** One cold run of one scenario against one target. */
@@ -117,7 +119,7 @@ export async function runOnce(o: RunOptions): Promise<RunResult> {
   const port = await freePort();
   let target: Target;
   const mirrorArgs = others.length ? emus.flatMap((e) => ['--stratum1', e.url, '--probe-repo', REPO]) : [];
-  if (o.target === 'cuttle') target = await startCuttle(port, { memoryCache: o.memoryCache, extra: mirrorArgs });
+  if (o.target === 'cuttle') target = await startCuttle(port, { memoryCache: o.memoryCache, extra: [...mirrorArgs, ...(o.cuttleArgs ?? [])] });
   else if (o.target === 'squid') target = await startSquid(port, { memoryCacheMB: Math.round(parseSizeMB(o.memoryCache)) });
   else if (o.target === 'nginx') {
     if (others.length) throw new Error(`${sc.name} has several mirrors; nginx proxies one origin`);
@@ -265,6 +267,7 @@ async function main(): Promise<void> {
     connections: { type: 'string', default: '1', help: 'connections per node' },
     'latency-ms': { type: 'string', help: "Stratum 1 emulator latency", shown: "the scenario's (herd: 50)" },
     'memory-cache': { type: 'string', default: '256MB', help: "cuttle's --memory-cache and Squid's cache_mem alike" },
+    'cuttle-args': { type: 'string', help: "more arguments for cuttle, e.g. '--fill-memory 64MB'", shown: 'none' },
     seed: { type: 'string', default: '1', help: 'seed of the object sizes and node order' },
     out: { type: 'string', default: 'bench/results', help: 'where the JSON, Markdown and SVG results go' },
     help: { type: 'boolean', help: 'this text' },
@@ -306,7 +309,7 @@ async function main(): Promise<void> {
       // Alternate the order (A B, then B A): whatever the machine does over time falls on both targets.
       for (const t of round % 2 === 1 ? targets : [...targets].reverse()) {
         process.stderr.write(`${name} round ${round}: ${t} …\n`);
-        const r = await runOnce({ scenario: sc, target: t, round, seed: Number(values.seed), memoryCache: values['memory-cache']!, connectionsPerNode: Number(values.connections) });
+        const r = await runOnce({ scenario: sc, target: t, round, seed: Number(values.seed), memoryCache: values['memory-cache']!, connectionsPerNode: Number(values.connections), cuttleArgs: values['cuttle-args']?.split(/\s+/).filter(Boolean) });
         runs.push(r);
         process.stderr.write(`  done: wall ${r.wallS.toFixed(1)} s, fetches/object ${r.fetchesPerObjectMean.toFixed(2)}, proxy CPU ${r.proxyCpuS.toFixed(1)} s\n`);
       }
