@@ -85,9 +85,13 @@ describe('integrity: stuck fills end and release their slot', () => {
 
   it('a fill with nothing received for --read-timeout is given up by the watchdog (a reader that stopped reading)', async () => {
     const origin = await startOrigin();
-    const p = await startProxy({ 'read-timeout': '1s', 'fill-window': '16KB', 'max-object-size': '64KB' });
+    // fill-memory as small as the window: with the default 128 MB, a window keeps the whole body, and
+    // a fast origin could finish the fill before it ever paused.
+    const p = await startProxy({ 'read-timeout': '1s', 'fill-window': '16KB', 'fill-memory': '16KB', 'max-object-size': '64KB' });
     try {
-      origin.route('/big', { chunked: true, body: randomBytes(4 * 1024 * 1024), headers: { 'cache-control': 'max-age=60' } });
+      // Far more than the socket buffers between the proxy and a client that never reads can absorb
+      // (the kernel grows a loopback send buffer to tcp_wmem's 4 MiB): the fill must pause.
+      origin.route('/big', { chunked: true, body: randomBytes(24 * 1024 * 1024), headers: { 'cache-control': 'max-age=60' } });
       // A raw client that asks, then never reads: the not-stored fill's window fills and it pauses.
       const sock = connect(p.port, '127.0.0.1');
       sock.pause();
