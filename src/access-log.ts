@@ -82,24 +82,39 @@ export interface AccessLog {
   flush(): Promise<void>;
 }
 
-export function openAccessLog(target: string, format: AccessLogFormat = 'squid'): AccessLog {
+/** Lines are handed to the file in batches of about this many characters. */
+const BATCH_CHARS = 16 * 1024;
+/** Bytes the file may fall behind by (a stalled disk) before lines are dropped, and counted. */
+const MAX_BEHIND_BYTES = 16 * 2 ** 20;
+
+export function openAccessLog(target: string, format: AccessLogFormat = 'squid', onDrop?: (lines: number) => void): AccessLog {
   const line = format === 'frontier' ? formatFrontier : formatSquid;
   if (target === 'none') return { write() {}, reopen() {}, flush: async () => {} };
-  const dest = pino.destination({ dest: target === '-' ? 1 : target, sync: false, minLength: 4096, mkdir: true });
-  // Lines are batched for throughput; a quiet proxy still gets its lines out within a second.
-  const timer = setInterval(() => {
-    try {
-      dest.flush();
-    } catch {
-      /* a write is in flight; the next tick flushes */
-    }
-  }, 1000);
+  const dest = pino.destination({ dest: target === '-' ? 1 : target, sync: false, minLength: 0, maxLength: MAX_BEHIND_BYTES, mkdir: true });
+  // Lines are joined here and written a batch at a time. Handing sonic-boom one line per request cost
+  // ~12% of small-hit throughput: it measures its growing buffer string on every write.
+  let batch: string[] = [];
+  let chars = 0;
+  const hand = () => {
+    if (batch.length === 0) return;
+    const lines = batch;
+    batch = [];
+    chars = 0;
+    dest.write(lines.join(''));
+  };
+  dest.on('drop', (data: string) => onDrop?.(data.split('\n').length - 1));
+  // A quiet proxy still gets its lines out within a second.
+  const timer = setInterval(hand, 1000);
   timer.unref();
   return {
     write(tx, now) {
-      dest.write(line(tx, now));
+      const l = line(tx, now);
+      batch.push(l);
+      chars += l.length;
+      if (chars >= BATCH_CHARS) hand();
     },
     reopen() {
+      hand();
       if (target === '-') return;
       // What is buffered belongs to the old (renamed) file: flush it there, then reopen by name.
       try {
@@ -109,6 +124,7 @@ export function openAccessLog(target: string, format: AccessLogFormat = 'squid')
       }
     },
     flush() {
+      hand();
       return new Promise((resolve) => {
         try {
           dest.flush((_err?: Error) => resolve());

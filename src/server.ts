@@ -98,7 +98,17 @@ export async function createProxy(cfg: Config, opts: ProxyOptions = {}): Promise
   const coalescer = new Coalescer({ cfg, clock, store, upstream, freshness, log, mirrors });
   coalescerRef.c = coalescer;
   const counters = newCounters();
-  const accessLog = opts.accessLog ?? openAccessLog(cfg.accessLog, cfg.accessLogFormat);
+  // A disk that stalls for long makes the log drop lines rather than grow memory: say so, at most once a minute.
+  let dropped = 0;
+  let droppedSaidAt = -Infinity;
+  const accessLog =
+    opts.accessLog ??
+    openAccessLog(cfg.accessLog, cfg.accessLogFormat, (lines) => {
+      dropped += lines;
+      if (clock.now() - droppedSaidAt < 60_000) return;
+      droppedSaidAt = clock.now();
+      log.warn({ droppedLines: dropped, file: cfg.accessLog }, 'access log is more than 16 MiB behind its file: lines dropped');
+    });
   let connections = 0;
   const metrics = new Metrics({
     fillsInFlight: () => coalescer.inFlight,
