@@ -90,7 +90,8 @@ const MAX_BEHIND_BYTES = 16 * 2 ** 20;
 export function openAccessLog(target: string, format: AccessLogFormat = 'squid', onDrop?: (lines: number) => void): AccessLog {
   const line = format === 'frontier' ? formatFrontier : formatSquid;
   if (target === 'none') return { write() {}, reopen() {}, flush: async () => {} };
-  const dest = pino.destination({ dest: target === '-' ? 1 : target, sync: false, minLength: 0, maxLength: MAX_BEHIND_BYTES, mkdir: true });
+  const dest = pino.destination({ dest: target === '-' ? 1 : target, sync: false, minLength: 1, maxLength: MAX_BEHIND_BYTES, mkdir: true });
+  // (minLength 1, not 0: with 0, sonic-boom's flush() returns before what it holds is written.)
   // Lines are joined here and written a batch at a time. Handing sonic-boom one line per request cost
   // ~12% of small-hit throughput: it measures its growing buffer string on every write.
   let batch: string[] = [];
@@ -103,6 +104,8 @@ export function openAccessLog(target: string, format: AccessLogFormat = 'squid',
     dest.write(lines.join(''));
   };
   dest.on('drop', (data: string) => onDrop?.(data.split('\n').length - 1));
+  // The file opens asynchronously; a flush before then must wait for it, not return at once.
+  const opened = new Promise<void>((resolve) => dest.once('ready', () => resolve()));
   // A quiet proxy still gets its lines out within a second.
   const timer = setInterval(hand, 1000);
   timer.unref();
@@ -123,8 +126,9 @@ export function openAccessLog(target: string, format: AccessLogFormat = 'squid',
         dest.reopen();
       }
     },
-    flush() {
+    async flush() {
       hand();
+      await opened;
       return new Promise((resolve) => {
         try {
           dest.flush((_err?: Error) => resolve());
