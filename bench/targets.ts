@@ -16,6 +16,8 @@ export interface Target {
 }
 
 export const hasTaskset = spawnSync('taskset', ['-V']).status === 0;
+/** Clock ticks per second of /proc's CPU times. */
+export const CLK_TCK = Number(spawnSync('getconf', ['CLK_TCK'], { encoding: 'utf8' }).stdout.trim()) || 100;
 export const squidBinary = ['/usr/sbin/squid', '/usr/local/sbin/squid'].find((p) => existsSync(p));
 export const nginxBinary = ['/usr/sbin/nginx', '/usr/local/sbin/nginx'].find((p) => existsSync(p));
 
@@ -42,6 +44,14 @@ async function waitForPort(port: number, child: ChildProcess, stderr: () => stri
   throw new Error(`proxy did not listen on ${port}: ${stderr().slice(-2000)}`);
 }
 
+/** A launched proxy once it listens: its stderr (and `log`, if given) explain a failed start. */
+async function running(name: string, port: number, child: ChildProcess, log?: string): Promise<Target> {
+  let err = '';
+  child.stderr!.on('data', (c) => (err += c));
+  await waitForPort(port, child, () => err + (log ? readSafe(log) : ''));
+  return { name, url: `http://127.0.0.1:${port}`, pid: child.pid, stop: () => stopChild(child) };
+}
+
 async function stopChild(child: ChildProcess): Promise<void> {
   if (child.exitCode !== null || child.signalCode) return;
   child.kill('SIGTERM');
@@ -53,11 +63,7 @@ async function stopChild(child: ChildProcess): Promise<void> {
 export async function startCuttle(port: number, opts: { memoryCache: string; extra?: string[]; core?: number }): Promise<Target> {
   const dir = mkdtempSync(join(tmpdir(), 'cuttle-bench-'));
   const args = ['--max-semi-space-size=16', 'src/main.ts', '--listen', `127.0.0.1:${port}`, '--cache-dir', join(dir, 'cache'), '--allow-local-dest', '127.0.0.1', '--access-log', join(dir, 'access.log'), '--memory-cache', opts.memoryCache, '--log-level', 'warn', '--admin-listen', 'none', ...(opts.extra ?? [])];
-  const child = launch(process.execPath, args, opts.core ?? 0);
-  let err = '';
-  child.stderr!.on('data', (c) => (err += c));
-  await waitForPort(port, child, () => err);
-  return { name: 'cuttle', url: `http://127.0.0.1:${port}`, pid: child.pid, stop: () => stopChild(child) };
+  return running('cuttle', port, launch(process.execPath, args, opts.core ?? 0));
 }
 
 /** frontier-squid-like settings (cpt-squid.rst): collapsed forwarding, no minimum expiry, 1 GB objects. */
@@ -108,11 +114,7 @@ export async function startSquid(port: number, opts: { memoryCacheMB: number; co
   }
   const z = spawnSync(squidBinary, ['-N', '-z', '-f', conf], { encoding: 'utf8' });
   if (z.status !== 0) throw new Error(`squid -z failed: ${z.stderr}${readSafe(join(dir, 'cache.log'))}`);
-  const child = launch(squidBinary, ['-N', '-f', conf], opts.core ?? 0);
-  let err = '';
-  child.stderr!.on('data', (c) => (err += c));
-  await waitForPort(port, child, () => err + readSafe(join(dir, 'cache.log')));
-  return { name: 'squid', url: `http://127.0.0.1:${port}`, pid: child.pid, stop: () => stopChild(child) };
+  return running('squid', port, launch(squidBinary, ['-N', '-f', conf], opts.core ?? 0), join(dir, 'cache.log'));
 }
 
 /**
@@ -163,11 +165,7 @@ export async function startNginx(port: number, opts: { origin: string; core?: nu
   const dir = mkdtempSync(join(tmpdir(), 'nginx-bench-'));
   const conf = join(dir, 'nginx.conf');
   writeFileSync(conf, nginxConfig(port, dir, opts.origin));
-  const child = launch(nginxBinary, ['-c', conf, '-p', dir, '-e', join(dir, 'error.log')], opts.core ?? 0);
-  let err = '';
-  child.stderr!.on('data', (c) => (err += c));
-  await waitForPort(port, child, () => err + readSafe(join(dir, 'error.log')));
-  return { name: 'nginx', url: `http://127.0.0.1:${port}`, pid: child.pid, stop: () => stopChild(child) };
+  return running('nginx', port, launch(nginxBinary, ['-c', conf, '-p', dir, '-e', join(dir, 'error.log')], opts.core ?? 0), join(dir, 'error.log'));
 }
 
 function readSafe(p: string): string {
@@ -198,7 +196,7 @@ export function procStats(pid: number | undefined): { cpuS: number; peakRssMiB: 
     const ticks = Number(fields[11]) + Number(fields[12]); // utime + stime
     const status = readFileSync(`/proc/${pid}/status`, 'utf8');
     const hwm = Number(/VmHWM:\s+(\d+)/.exec(status)?.[1] ?? NaN);
-    return { cpuS: ticks / 100, peakRssMiB: hwm / 1024 };
+    return { cpuS: ticks / CLK_TCK, peakRssMiB: hwm / 1024 };
   } catch {
     return { cpuS: NaN, peakRssMiB: NaN };
   }

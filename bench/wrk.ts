@@ -7,7 +7,7 @@ import { spawn, spawnSync } from 'node:child_process';
 import { mkdtempSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
-import { hasTaskset } from './targets.ts';
+import { CLK_TCK, hasTaskset } from './targets.ts';
 
 export const wrkBinary = spawnSync('sh', ['-c', 'command -v wrk'], { encoding: 'utf8' }).stdout.trim() || undefined;
 
@@ -24,8 +24,6 @@ export interface WrkResult {
   /** Generator CPU time over wall time: 1 is a full core. */
   generatorShare: number;
 }
-
-const CLK_TCK = Number(spawnSync('getconf', ['CLK_TCK'], { encoding: 'utf8' }).stdout.trim()) || 100;
 
 function script(url: string): string {
   const u = new URL(url);
