@@ -85,7 +85,7 @@ export interface AccessLog {
 /** Lines are handed to the file in batches of about this many characters. */
 const BATCH_CHARS = 16 * 1024;
 /** Bytes the file may fall behind by (a stalled disk) before lines are dropped, and counted. */
-const MAX_BEHIND_BYTES = 16 * 2 ** 20;
+export const MAX_BEHIND_BYTES = 16 * 2 ** 20;
 
 export function openAccessLog(target: string, format: AccessLogFormat = 'squid', onDrop?: (lines: number) => void): AccessLog {
   const line = format === 'frontier' ? formatFrontier : formatSquid;

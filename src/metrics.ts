@@ -124,15 +124,19 @@ export class Metrics {
     if (rc) rc.n++;
     else this.#requests.set(rk, { labels: { result: group, method }, n: 1 });
     const tier = tx.result === 'TCP_MEM_HIT' ? 'memory' : tx.result === 'TCP_HIT' || tx.result === 'TCP_REFRESH_UNMODIFIED' || tx.result === 'TCP_REFRESH_FAIL_OLD' || tx.result === 'TCP_STALE_HIT' ? 'disk' : 'upstream';
-    this.results[group] = (this.results[group] ?? 0) + 1;
     if (tx.bytesOut > 0 && !errorToken) this.served[tier] += tx.bytesOut;
     if (errorToken) this.#errors.set(errorToken, (this.#errors.get(errorToken) ?? 0) + 1);
     this.#duration.observe({ result: group }, Math.max(0, nowMs - tx.startedAt) / 1000);
   }
 
-  /** Body bytes served by tier, and requests by result group, as plain numbers (for /status and the dashboard). */
+  /** Body bytes served by tier, as plain numbers (for /status, the dashboard and Prometheus). */
   readonly served = { memory: 0, disk: 0, upstream: 0 };
-  readonly results: Record<string, number> = {};
+  /** Requests by result group: the per-method counts, summed when asked (for /status). */
+  get results(): Record<string, number> {
+    const by: Record<string, number> = {};
+    for (const { labels, n } of this.#requests.values()) by[labels.result] = (by[labels.result] ?? 0) + n;
+    return by;
+  }
 
   fillDone(readers: number): void {
     this.#waiters.observe(readers);

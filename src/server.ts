@@ -1,7 +1,7 @@
 // Composition root: wires config, tiers, coalescer, upstream, logs and listeners into one proxy.
 import { createServer, type Server } from 'node:http';
 import type { AddressInfo } from 'node:net';
-import { newTransaction, openAccessLog, type AccessLog } from './access-log.ts';
+import { MAX_BEHIND_BYTES, newTransaction, openAccessLog, type AccessLog } from './access-log.ts';
 import { compileAcl, plainAddress, type Acl } from './acl.ts';
 import { BufferPool } from './buffer-pool.ts';
 import { primaryKey } from './cache-key.ts';
@@ -107,7 +107,7 @@ export async function createProxy(cfg: Config, opts: ProxyOptions = {}): Promise
       dropped += lines;
       if (clock.now() - droppedSaidAt < 60_000) return;
       droppedSaidAt = clock.now();
-      log.warn({ droppedLines: dropped, file: cfg.accessLog }, 'access log is more than 16 MiB behind its file: lines dropped');
+      log.warn({ droppedLines: dropped, file: cfg.accessLog }, `access log is more than ${MAX_BEHIND_BYTES / 2 ** 20} MiB behind its file: lines dropped`);
     });
   let connections = 0;
   const metrics = new Metrics({
