@@ -58,12 +58,8 @@ async function main(argv: string[]): Promise<number> {
   let proxy;
   try {
     proxy = await createProxy(cfg);
-    await proxy.listen();
   } catch (err) {
-    // Any listener that can't be bound (the admin or SNMP port, a second --listen) is fatal: close
-    // what was opened and exit non-zero, so systemd and the admin see the failure.
     process.stderr.write(`cuttle: ${(err as Error).message}\n`);
-    await proxy?.close(0).catch(() => {});
     return 1;
   }
   const p = proxy;
@@ -116,6 +112,18 @@ async function main(argv: string[]): Promise<number> {
     p.reopenLogs();
     p.log.info('access log reopened');
   });
+  // Listening comes last: once a client (or a supervisor reading the log) can see cuttle, its pid file
+  // is written and its signals are handled.
+  try {
+    await p.listen();
+  } catch (err) {
+    // Any listener that can't be bound (the admin or SNMP port, a second --listen) is fatal: close
+    // what was opened and exit non-zero, so systemd and the admin see the failure.
+    process.stderr.write(`cuttle: ${(err as Error).message}\n`);
+    await p.close(0).catch(() => {});
+    if (pidFile) rmSync(pidFile, { force: true });
+    return 1;
+  }
   return -1; // keep running
 }
 
