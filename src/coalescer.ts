@@ -12,6 +12,7 @@
 // A fill that can't be stored and has nobody left to serve ends at once; one with no progress for
 // --read-timeout is given up by a watchdog. Neither holds a --max-fills slot or memory beyond that.
 import { LRUCache } from 'lru-cache';
+import { upTo } from './lru-bounds.ts';
 import type { Clock } from './clock.ts';
 import type { Config } from './config.ts';
 import { ProxyError } from './errors.ts';
@@ -30,7 +31,7 @@ export class Coalescer implements FetchHost {
   readonly #fills = new Map<string, Fill>();
   readonly #uncacheable: LRUCache<string, true>;
   /** Vary header names last seen for a primary key. */
-  readonly varySpecs = new LRUCache<string, string[]>({ max: 65536 });
+  readonly varySpecs = new LRUCache<string, string[]>(upTo(65536));
   readonly cfg: Config;
   readonly clock: Clock;
   readonly store: TieredStore;
@@ -64,8 +65,8 @@ export class Coalescer implements FetchHost {
     this.freshness = o.freshness;
     this.log = o.log;
     this.budget = { limitBytes: o.cfg.fillMemoryBytes, usedBytes: 0 };
-    this.#uncacheable = new LRUCache<string, true>({ max: 65536, ttl: Math.max(1, o.cfg.uncacheableTtlMs), ttlAutopurge: false, ttlResolution: 0, perf: o.clock });
-    this.#refreshFailed = new LRUCache<string, true>({ max: 65536, ttl: Math.max(1, o.cfg.staleRetryMs), ttlAutopurge: false, ttlResolution: 0, perf: o.clock });
+    this.#uncacheable = new LRUCache<string, true>({ ...upTo(65536), ttl: Math.max(1, o.cfg.uncacheableTtlMs), ttlAutopurge: false, ttlResolution: 0, perf: o.clock });
+    this.#refreshFailed = new LRUCache<string, true>({ ...upTo(65536), ttl: Math.max(1, o.cfg.staleRetryMs), ttlAutopurge: false, ttlResolution: 0, perf: o.clock });
   }
 
   get mirrors(): Mirrors {

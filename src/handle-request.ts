@@ -86,7 +86,11 @@ export async function handleRequest(ctx: Ctx, req: IncomingMessage, res: ServerR
   const s: State = { ctx, req, res, tx, accel };
   let step: StepName | undefined = 'recv';
   try {
-    while (step) step = await STEPS[step](s);
+    while (step) {
+      // Steps that finish at once return the next step itself: a memory hit runs without a promise.
+      const next = STEPS[step](s);
+      step = next instanceof Promise ? await next : next;
+    }
   } catch (err) {
     ctx.log.error({ err, url: tx.url, internal: true }, 'request failed inside the proxy');
     s.error = err instanceof ProxyError ? err : internalError(err);
@@ -95,7 +99,9 @@ export async function handleRequest(ctx: Ctx, req: IncomingMessage, res: ServerR
   finish(s);
 }
 
-const STEPS: Record<StepName, (s: State) => Promise<StepName | undefined>> = {
+type Next = StepName | undefined;
+
+const STEPS: Record<StepName, (s: State) => Next | Promise<Next>> = {
   recv,
   lookup,
   hit,
@@ -115,7 +121,7 @@ function fail(s: State, code: ProxyError['code'], detail?: string): StepName {
   return 'synth';
 }
 
-async function recv(s: State): Promise<StepName | undefined> {
+function recv(s: State): Next {
   const { ctx, req, tx } = s;
   if (!ctx.acl().allowsClient(tx.client)) return fail(s, 'ERR_CLIENT_DENIED', tx.client);
   let target = req.url ?? '';
@@ -190,7 +196,7 @@ function retryOnNextMirror(s: State): boolean {
   return true;
 }
 
-async function lookup(s: State): Promise<StepName> {
+function lookup(s: State): StepName | Promise<StepName> {
   const { ctx, req, tx } = s;
   const key = s.key!;
   s.staleAvailable = false;
@@ -201,14 +207,23 @@ async function lookup(s: State): Promise<StepName> {
     return tx.method === 'GET' ? 'miss' : 'pass';
   }
   if (ctx.coalescer.isUncacheable(s.primary!)) return 'pass';
-  // A fresh stored copy first: nobody's fill (a reload, say) may hide it.
-  let stored: StoredObject | undefined;
-  try {
-    stored = await ctx.store.get(key);
-  } catch (err) {
-    ctx.counters.corruptRecords++;
-    ctx.log.warn({ err, key }, 'stored object unreadable; refetching');
-  }
+  // A fresh stored copy first: nobody's fill (a reload, say) may hide it. The memory tier answers at once.
+  const inMemory = ctx.store.memory.getNow(key);
+  if (inMemory) return lookedUp(s, inMemory);
+  return ctx.store.get(key).then(
+    (stored) => lookedUp(s, stored),
+    (err: unknown) => {
+      ctx.counters.corruptRecords++;
+      ctx.log.warn({ err, key }, 'stored object unreadable; refetching');
+      return lookedUp(s, undefined);
+    },
+  );
+}
+
+/** What the lookup found decides the next step. */
+function lookedUp(s: State, stored: StoredObject | undefined): StepName {
+  const { ctx, req, tx } = s;
+  const key = s.key!;
   if (stored) {
     // Without request directives, freshness is the stored timeline alone (the key already pins URL,
     // host and Vary); with them, the full RFC 9111 check.
@@ -255,11 +270,10 @@ function closeStored(st: StoredObject | undefined): void {
   if (st?.body.kind === 'file') st.body.close();
 }
 
-async function hit(s: State): Promise<StepName | undefined> {
+function hit(s: State): undefined | Promise<undefined> {
   const st = s.stored!;
   s.tx.result = st.tier === 'memory' ? 'TCP_MEM_HIT' : 'TCP_HIT';
-  await deliverStored(s, st);
-  return undefined;
+  return deliverStored(s, st)?.then(() => undefined);
 }
 
 async function stale(s: State): Promise<StepName> {
@@ -427,7 +441,14 @@ async function deliverFill(s: State): Promise<StepName | undefined> {
       res.end();
       return undefined;
     }
-    res.flushHeaders(); // the client's watchdog counts the first byte: send the head now
+    // The client's watchdog counts the first byte: the head goes out before any wait, else with the
+    // first piece of body (one write, not two).
+    // (headersSent is no help: it is true from writeHead on, before anything is written.)
+    let headOut = false;
+    const flushHead = () => {
+      if (!headOut) res.flushHeaders();
+      headOut = true;
+    };
     let burst = 0;
     for (;;) {
       if (off >= stop) break;
@@ -450,20 +471,24 @@ async function deliverFill(s: State): Promise<StepName | undefined> {
         return undefined;
       }
       if (p === 'wait') {
+        flushHead();
         await fill.changed();
         continue;
       }
+      if (p === 'spill') flushHead();
       const pooled = p === 'spill' ? ctx.buffers.acquire() : undefined;
       let buf = pooled ? await fill.readSpill(off, pooled) : (p as Buffer);
       if (off + buf.length > stop) buf = buf.subarray(0, stop - off);
       if (buf.length === 0) {
         if (pooled) ctx.buffers.release(pooled);
+        flushHead();
         await fill.changed();
         continue;
       }
       off += buf.length;
       burst += buf.length;
       tx.bytesOut += buf.length;
+      headOut = true;
       if (!res.write(buf, pooled && (() => ctx.buffers.release(pooled)))) await drained(res);
     }
     res.end();
@@ -552,50 +577,41 @@ function hitHead(meta: StoredMeta, name: string): OutgoingHttpHeaders {
   return h.head;
 }
 
-async function deliverStored(s: State, st: StoredObject): Promise<void> {
-  const { ctx, res, tx } = s;
-  let headers: OutgoingHttpHeaders = { ...hitHead(st.meta, ctx.cfg.visibleHostname), age: String(Math.floor(st.policy.age())) };
-  if (st.meta.status !== 204 && st.meta.status !== 304) headers['content-length'] = String(st.size);
-  tx.status = st.meta.status;
-  tx.mime = String(st.meta.headers['content-type'] ?? '');
+/**
+ * Serve a stored response. A memory body is answered without a promise (most hits); a disk record is
+ * streamed, and verified against its checksum before its last byte goes out.
+ */
+function deliverStored(s: State, st: StoredObject): void | Promise<void> {
   const body = st.body;
+  if (body.kind === 'file') return deliverRecord(s, st, body);
+  const a = storedAnswer(s, st);
+  if (!a) return;
+  if (a.range) return sendPart(s, st, a.headers, a.range, body.data);
+  s.res.writeHead(st.meta.status, a.headers);
+  if (!hasBody(s, st)) {
+    s.res.end();
+    return;
+  }
+  s.tx.bytesOut += body.data.length;
+  s.res.end(body.data);
+}
+
+async function deliverRecord(s: State, st: StoredObject, body: Extract<StoredObject['body'], { kind: 'file' }>): Promise<void> {
+  const { ctx, res, tx } = s;
   try {
-    if (res.destroyed) return;
-    // The client's own validators match what it would get: 304, no body.
-    if (conditionMatches(s.req.headers, st.meta.status, st.meta.headers)) {
-      tx.status = 304;
-      headers = notModifiedHeaders(headers);
-      res.writeHead(304, headers);
-      res.end();
-      return;
-    }
-    // A single byte range of a complete 200 is answered 206 from the cache (RFC 9110 §14). A disk
-    // record is read whole first, so its checksum is verified before any byte goes out.
-    const range = st.meta.status === 200 && tx.method === 'GET' ? byteRange(s.req.headers, st) : undefined;
-    if (range === 'unsatisfiable') {
-      tx.status = 416;
-      res.writeHead(416, { ...notModifiedHeaders(headers), 'content-range': `bytes */${st.size}`, 'content-length': '0' });
-      res.end();
-      return;
-    }
-    if (range && (body.kind === 'buffer' || st.size <= RANGE_FROM_DISK_MAX)) {
-      const whole = body.kind === 'buffer' ? body.data : await readVerified(body, st.size);
+    const a = storedAnswer(s, st);
+    if (!a) return;
+    // A range is answered from a record read whole first, so its checksum is verified before any byte
+    // goes out; past RANGE_FROM_DISK_MAX the whole 200 answers it.
+    if (a.range && st.size <= RANGE_FROM_DISK_MAX) {
+      const whole = await readVerified(body, st.size);
       if (!whole) return corruptRecord(s, st);
-      const part = whole.subarray(range.start, range.end + 1);
-      tx.status = 206;
-      tx.bytesOut += part.length;
-      res.writeHead(206, { ...headers, 'content-range': `bytes ${range.start}-${range.end}/${st.size}`, 'content-length': String(part.length) });
-      res.end(part);
+      sendPart(s, st, a.headers, a.range, whole);
       return;
     }
-    res.writeHead(st.meta.status, headers);
-    if (tx.method === 'HEAD' || st.meta.status === 204 || st.meta.status === 304) {
+    res.writeHead(st.meta.status, a.headers);
+    if (!hasBody(s, st)) {
       res.end();
-      return;
-    }
-    if (body.kind === 'buffer') {
-      tx.bytesOut += body.data.length;
-      res.end(body.data);
       return;
     }
     for (let pos = 0; pos < st.size; ) {
@@ -622,8 +638,48 @@ async function deliverStored(s: State, st: StoredObject): Promise<void> {
     }
     res.end();
   } finally {
-    if (body.kind === 'file') body.close();
+    body.close();
   }
+}
+
+/**
+ * The head of a stored response for this request, or undefined when answered here already: 304 (the
+ * client's own validators match) or 416. A single byte range of a complete 200 comes back as `range`
+ * (RFC 9110 §14).
+ */
+function storedAnswer(s: State, st: StoredObject): { headers: OutgoingHttpHeaders; range: { start: number; end: number } | undefined } | undefined {
+  const { ctx, res, tx } = s;
+  const headers: OutgoingHttpHeaders = { ...hitHead(st.meta, ctx.cfg.visibleHostname), age: String(Math.floor(st.policy.age())) };
+  if (st.meta.status !== 204 && st.meta.status !== 304) headers['content-length'] = String(st.size);
+  tx.status = st.meta.status;
+  tx.mime = String(st.meta.headers['content-type'] ?? '');
+  if (res.destroyed) return undefined;
+  if (conditionMatches(s.req.headers, st.meta.status, st.meta.headers)) {
+    tx.status = 304;
+    res.writeHead(304, notModifiedHeaders(headers));
+    res.end();
+    return undefined;
+  }
+  const range = st.meta.status === 200 && tx.method === 'GET' ? byteRange(s.req.headers, st) : undefined;
+  if (range === 'unsatisfiable') {
+    tx.status = 416;
+    res.writeHead(416, { ...notModifiedHeaders(headers), 'content-range': `bytes */${st.size}`, 'content-length': '0' });
+    res.end();
+    return undefined;
+  }
+  return { headers, range };
+}
+
+function hasBody(s: State, st: StoredObject): boolean {
+  return s.tx.method !== 'HEAD' && st.meta.status !== 204 && st.meta.status !== 304;
+}
+
+function sendPart(s: State, st: StoredObject, headers: OutgoingHttpHeaders, range: { start: number; end: number }, whole: Buffer): void {
+  const part = whole.subarray(range.start, range.end + 1);
+  s.tx.status = 206;
+  s.tx.bytesOut += part.length;
+  s.res.writeHead(206, { ...headers, 'content-range': `bytes ${range.start}-${range.end}/${st.size}`, 'content-length': String(part.length) });
+  s.res.end(part);
 }
 
 /**
@@ -839,7 +895,10 @@ export function recordTransaction(ctx: Pick<Ctx, 'accessLog' | 'metrics' | 'cloc
 function finish(s: State): void {
   const { ctx, tx } = s;
   const record = () => recordTransaction(ctx, tx, s.error?.token);
-  if (!s.res.writableFinished && !s.res.destroyed) {
+  // Ended and all handed to the kernel is finished: 'finish' itself comes a tick later, and waiting for
+  // it cost a listener per hit.
+  const handedOver = s.res.writableFinished || (s.res.writableEnded && s.res.writableLength === 0);
+  if (!handedOver && !s.res.destroyed) {
     // Response still streaming out of the socket buffers: log when it ends.
     s.res.once('close', () => {
       if (!s.res.writableFinished) tx.aborted = true;

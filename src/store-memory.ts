@@ -66,6 +66,11 @@ export class MemoryTier implements Tier {
   }
 
   async get(key: string): Promise<StoredObject | undefined> {
+    return this.getNow(key);
+  }
+
+  /** The same as get(), without a promise: memory answers at once (the hit path). */
+  getNow(key: string): StoredObject | undefined {
     const e = this.#lru.get(key);
     if (!e) return undefined;
     return { meta: e.meta, policy: e.policy, size: e.body.length, tier: 'memory', body: { kind: 'buffer', data: e.body } };

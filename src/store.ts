@@ -2,6 +2,7 @@
 // test/store-conformance.ts). TieredStore looks in memory, then on disk, and promotes small disk hits
 // to memory only when they are seen a second time, so a herd of one-time objects can't flush hot catalogs.
 import { LRUCache } from 'lru-cache';
+import { upTo } from './lru-bounds.ts';
 import type { Policy } from './freshness.ts';
 import type { DiskWriter } from './store-disk.ts';
 
@@ -57,11 +58,11 @@ export interface Tier {
 }
 
 export class TieredStore {
-  readonly memory: Tier & { put(meta: StoredMeta, policy: Policy, body: Buffer): boolean };
+  readonly memory: Tier & { put(meta: StoredMeta, policy: Policy, body: Buffer): boolean; getNow(key: string): StoredObject | undefined };
   readonly disk: Tier & { openWriter(meta: StoredMeta, policy: Policy, expectedBytes: number | undefined): DiskWriter | undefined };
   readonly #maxMemoryObjectBytes: number;
   // Keys seen once on disk: a second disk hit promotes a small object. Bounded.
-  readonly #seenOnDisk = new LRUCache<string, true>({ max: 65536 });
+  readonly #seenOnDisk = new LRUCache<string, true>(upTo(65536));
 
   constructor(memory: TieredStore['memory'], disk: TieredStore['disk'], maxMemoryObjectBytes: number) {
     this.memory = memory;
