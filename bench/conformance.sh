@@ -11,7 +11,7 @@ if [ ! -x "$SUITE/run.sh" ]; then
   echo "conformance: no suite at $SUITE (set CACHE_TESTS)" >&2
   exit 1
 fi
-out=$("$SUITE/run.sh" --start "node --max-semi-space-size=16 src/main.ts --listen 127.0.0.1:{PORT} --admin-listen none --cache-dir {CACHE} --allow-local-dest 127.0.0.1 --access-log none" "$@")
+out=$("$SUITE/run.sh" --start "node --max-semi-space-size=8 src/main.ts --listen 127.0.0.1:{PORT} --admin-listen none --cache-dir {CACHE} --allow-local-dest 127.0.0.1 --access-log none" "$@")
 echo "$out" | tail -32
 score=$(echo "$out" | sed -n 's|^SCORE: PASS \([0-9]*\)/.*|\1|p')
 required=$(echo "$out" | sed -n 's|^SCORE: .*required \([0-9]*\)/.*|\1|p')

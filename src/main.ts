@@ -1,6 +1,7 @@
-#!/usr/bin/env -S node --max-semi-space-size=16
+#!/usr/bin/env -S node --max-semi-space-size=8
 // --max-semi-space-size: V8 would otherwise grow its young generation to 128 MiB under a proxy's
-// allocation rate, memory that --memory-cache does not see (README "Memory").
+// allocation rate, memory that --memory-cache does not see (README "Memory"). 8 (16 MiB young) cost
+// no CPU against 16 in the herd or in hits, and saved 5-45 MiB of peak RSS.
 // The command line: parse, validate, start, and own the process (signals, exit codes).
 import { raiseOpenFilesLimit, WANTED_OPEN_FILES } from './process-setup.ts';
 import { ConfigError } from './errors.ts';

@@ -2,7 +2,7 @@
 // commands are valid cuttle command lines, and the HEALTHCHECK command works against a real proxy.
 import assert from 'node:assert/strict';
 import { spawn, spawnSync, type ChildProcess } from 'node:child_process';
-import { cpSync, existsSync, readFileSync, writeFileSync } from 'node:fs';
+import { cpSync, existsSync, readdirSync, readFileSync, writeFileSync } from 'node:fs';
 import { dirname, join } from 'node:path';
 import { once } from 'node:events';
 import { describe, it } from 'node:test';
@@ -89,7 +89,7 @@ function cliOptions(args: string[]): Record<string, unknown> {
 describe('packaging', () => {
   it('the Dockerfile: its own docker run examples are valid, and the cache is the volume whatever the arguments', () => {
     const entry = jsonArg('ENTRYPOINT');
-    assert.deepEqual(entry, ['node', '--max-semi-space-size=16', 'src/main.ts']);
+    assert.deepEqual(entry, ['node', '--max-semi-space-size=8', 'src/main.ts']);
     assert.doesNotMatch(dockerfile, /^CMD /m, 'arguments after the image name must not replace a part of the command line that matters');
     // `docker run ... cuttle ARGS`: the ARGS alone must make a working proxy.
     const examples = [...dockerfile.matchAll(/^#\s+docker run .* cuttle (--.*)$/gm)].map((m) => m[1]!.split(/\s+/));
@@ -144,6 +144,17 @@ describe('packaging', () => {
     const unit = readFileSync('docker/cuttle.service', 'utf8');
     const exec = /^ExecStart=(.*)$/m.exec(unit)![1]!.split(' ');
     assert.equal(exec[0], '/usr/bin/node');
+    // Node's compile cache is warmed before the start (the proxy never loads the type stripper): the
+    // same Node and sources, and the warming run fills the cache.
+    const cacheDir = /^Environment=NODE_COMPILE_CACHE=(\S+)$/m.exec(unit)?.[1];
+    assert.ok(cacheDir, 'the unit sets NODE_COMPILE_CACHE');
+    const warm = /^ExecStartPre=(.*)$/m.exec(unit)![1]!.split(' ');
+    assert.deepEqual(warm, [exec[0], exec.find((a) => a.endsWith('/src/main.ts')), '--version']);
+    const cache = join(dir, 'compile-cache');
+    const warmed = spawnSync(process.execPath, ['src/main.ts', '--version'], { cwd: dir, env: { ...env, NODE_COMPILE_CACHE: cache }, encoding: 'utf8' });
+    assert.equal(warmed.status, 0, warmed.stderr);
+    assert.ok(readdirSync(cache, { recursive: true }).length > 0, 'the warming run filled the compile cache');
+    assert.match(dockerfile, /^ENV NODE_COMPILE_CACHE=\S+\nRUN node src\/main.ts --version$/m);
     assert.doesNotMatch(unit, /node_modules/);
     assert.match(unit, /npm ci --omit=dev/);
     const pkg = JSON.parse(readFileSync('package.json', 'utf8')) as { scripts: Record<string, string>; bin: Record<string, string> };

@@ -82,7 +82,7 @@ export interface ChildProxy {
 /** Run `node src/main.ts` (in `cwd`, the repository by default) with the given arguments; resolves once it listens. */
 export async function startChildProxy(args: string[], cwd?: string): Promise<ChildProxy> {
   const withAdmin = args.includes('--admin-listen') ? args : ['--admin-listen', '127.0.0.1:0', ...args];
-  const child = spawn(process.execPath, ['--max-semi-space-size=16', 'src/main.ts', '--access-log', 'none', ...withAdmin], { stdio: ['ignore', 'pipe', 'pipe'], cwd });
+  const child = spawn(process.execPath, ['--max-semi-space-size=8', 'src/main.ts', '--access-log', 'none', ...withAdmin], { stdio: ['ignore', 'pipe', 'pipe'], cwd });
   let err = '';
   child.stderr!.on('data', (c) => (err += c));
   child.stdout!.resume();
