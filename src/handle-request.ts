@@ -23,7 +23,7 @@ import type { Coalescer } from './coalescer.ts';
 import type { Config } from './config.ts';
 import { internalError, ProxyError, upstreamError } from './errors.ts';
 import { discard, type Upstream } from './fetch.ts';
-import type { FillReader } from './fill.ts';
+import type { FillHead, FillReader } from './fill.ts';
 import { clientWantsReload, directives, forbidsStale, hasValidators, isFresh, staleness } from './freshness.ts';
 import { clientResponseHeaders, conditionMatches, isLoop, notModifiedHeaders, sendError, upstreamRequestHeaders } from './forward.ts';
 import type { Logger } from './log.ts';
@@ -412,7 +412,8 @@ async function deliverFill(s: State): Promise<StepName | undefined> {
     const head = fill.head;
     const isHit = tx.result === 'TCP_MEM_HIT';
     // Age: the stored response's current age (the upstream's Age included); else the upstream's own.
-    const headers = clientResponseHeaders(head.status, head.headers, ctx.cfg.visibleHostname, isHit ? 'HIT' : 'MISS', fill.policy ? Math.floor(fill.policy.age()) : undefined);
+    const headers: OutgoingHttpHeaders = { ...sharedHead(head, ctx.cfg.visibleHostname, isHit ? 'HIT' : 'MISS') };
+    if (fill.policy) headers.age = String(Math.floor(fill.policy.age()));
     // The client whose request started the fill gets its own Set-Cookie; nobody else ever does.
     if (starter && fill.privateHeaders) Object.assign(headers, fill.privateHeaders);
     tx.status = head.status;
@@ -564,17 +565,18 @@ async function corruptRecord(s: State, st: StoredObject): Promise<void> {
 }
 
 /**
- * The head fields of a hit on this stored response, less Age and Content-Length: built once per stored
- * meta (a memory hit shares its meta) and per visible hostname, not per hit.
+ * The head fields of a response for the client, less Age: built once per stored meta or fill head (the
+ * hits on one memory object share its meta; a fill's readers share its head), per HIT or MISS and per
+ * visible hostname, not once per request. Callers copy it before adding their own fields.
  */
-const hitHeads = new WeakMap<StoredMeta, { name: string; head: OutgoingHttpHeaders }>();
-function hitHead(meta: StoredMeta, name: string): OutgoingHttpHeaders {
-  let h = hitHeads.get(meta);
+const sharedHeads = new WeakMap<StoredMeta | FillHead, { name: string; HIT?: OutgoingHttpHeaders; MISS?: OutgoingHttpHeaders }>();
+function sharedHead(of: StoredMeta | FillHead, name: string, cache: 'HIT' | 'MISS'): OutgoingHttpHeaders {
+  let h = sharedHeads.get(of);
   if (h?.name !== name) {
-    h = { name, head: clientResponseHeaders(meta.status, meta.headers, name, 'HIT') };
-    hitHeads.set(meta, h);
+    h = { name };
+    sharedHeads.set(of, h);
   }
-  return h.head;
+  return (h[cache] ??= clientResponseHeaders(of.status, of.headers, name, cache));
 }
 
 /**
@@ -649,7 +651,7 @@ async function deliverRecord(s: State, st: StoredObject, body: Extract<StoredObj
  */
 function storedAnswer(s: State, st: StoredObject): { headers: OutgoingHttpHeaders; range: { start: number; end: number } | undefined } | undefined {
   const { ctx, res, tx } = s;
-  const headers: OutgoingHttpHeaders = { ...hitHead(st.meta, ctx.cfg.visibleHostname), age: String(Math.floor(st.policy.age())) };
+  const headers: OutgoingHttpHeaders = { ...sharedHead(st.meta, ctx.cfg.visibleHostname, 'HIT'), age: String(Math.floor(st.policy.age())) };
   if (st.meta.status !== 204 && st.meta.status !== 304) headers['content-length'] = String(st.size);
   tx.status = st.meta.status;
   tx.mime = String(st.meta.headers['content-type'] ?? '');
