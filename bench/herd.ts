@@ -11,7 +11,7 @@ import { parseArgs } from 'node:util';
 import { makeCatalog, startEmulator, type EmulatorOptions } from './emulator.ts';
 import type { NodesPlan, NodesReport } from './nodes.ts';
 import { HOT_CONNECTIONS, markdownTable, svgChart, type RunResult } from './report.ts';
-import { externalTarget, hasTaskset, nginxBinary, procStats, squidBinary, startCuttle, startNginx, startSquid, type Target } from './targets.ts';
+import { externalTarget, hasTaskset, nginxBinary, procStats, squidBinary, startCuttle, startNginx, startNodeHttp, startSquid, type Target } from './targets.ts';
 import { runWrk, wrkBinary } from './wrk.ts';
 
 export interface Scenario {
@@ -124,6 +124,9 @@ export async function runOnce(o: RunOptions): Promise<RunResult> {
   else if (o.target === 'nginx') {
     if (others.length) throw new Error(`${sc.name} has several mirrors; nginx proxies one origin`);
     target = await startNginx(port, { origin: emu.url });
+  } else if (o.target === 'node-http') {
+    if (sc.kind !== 'hot') throw new Error(`node-http is a reference for the hot scenarios only, not ${sc.name}`);
+    target = await startNodeHttp(port, { bodyBytes: sc.hotObjectBytes! });
   } else target = externalTarget(o.target);
   const startedAt = new Date().toISOString();
   const t0 = Date.now();
@@ -259,7 +262,7 @@ async function main(): Promise<void> {
   // One table: the parser's options, and --help with each default.
   const OPTS = {
     scenario: { type: 'string', multiple: true, help: `scenario to run (repeatable): ${Object.keys(SCENARIOS).join(', ')}`, shown: 'herd' },
-    target: { type: 'string', default: 'cuttle', help: 'cuttle (started here), squid or nginx (Debian packages, started here), or http://HOST:PORT of a running proxy' },
+    target: { type: 'string', default: 'cuttle', help: 'cuttle (started here), squid or nginx (Debian packages, started here), node-http (hot scenarios: a bare node:http server, the ceiling of a hit in Node), or http://HOST:PORT of a running proxy' },
     compare: { type: 'string', multiple: true, help: 'another target (repeatable), run in the same rounds; the order alternates (A B C, then C B A)' },
     rounds: { type: 'string', default: '3', help: 'rounds per target; the table shows medians' },
     nodes: { type: 'string', help: 'emulated client nodes (herd scenarios)', shown: "the scenario's (herd: 1000)" },

@@ -78,6 +78,22 @@ export async function startCuttle(port: number, opts: { memoryCache: string; ext
   return running('cuttle', port, launch(process.execPath, args, opts.core ?? 0, env));
 }
 
+/**
+ * The ceiling of a hit in Node: a bare node:http server on the same Node as cuttle, answering every
+ * request with the hot object from memory and a hit's head fields. It caches, checks and logs nothing:
+ * cuttle's distance from it is cuttle's own work per request, the rest is Node's. Hot scenarios only.
+ */
+export async function startNodeHttp(port: number, opts: { bodyBytes: number; core?: number }): Promise<Target> {
+  const script = `const b = Buffer.alloc(${opts.bodyBytes}, 7);
+require('node:http').createServer({ keepAliveTimeout: 60000 }, (req, res) => {
+  req.resume();
+  res.writeHead(200, { 'content-type': 'application/octet-stream', 'cache-control': 'max-age=3600', 'content-length': String(b.length), via: '1.1 bench (cuttle/0.1.0)', 'x-cache': 'HIT from bench', age: '1' });
+  res.end(b);
+}).listen(${port}, '127.0.0.1');
+process.on('SIGTERM', () => process.exit(0));`;
+  return running('node-http', port, launch(process.execPath, ['-e', script], opts.core ?? 0));
+}
+
 /** frontier-squid-like settings (cpt-squid.rst): collapsed forwarding, no minimum expiry, 1 GB objects. */
 export function squidConfig(port: number, dir: string, memoryCacheMB: number): string {
   return [

@@ -41,5 +41,9 @@ describe('bench harness (smoke)', () => {
       assert.ok(h.generatorShare > 0 && h.proxyShare > 0, 'both CPU shares are read');
     }
     assert.equal(r.hotErrors, 0);
+    // The reference: a bare node:http server, the ceiling of a hit in Node, measured the same way.
+    const ref = await runOnce({ scenario, target: 'node-http', round: 1, seed: 3, memoryCache: '64MB', connectionsPerNode: 1 });
+    assert.equal(ref.upstreamFetches, 0, 'it answers from memory, never upstream');
+    assert.ok(ref.hot!.every((h) => h.errors === 0 && h.reqPerSec > 0 && h.proxyShare > 0));
   });
 });
