@@ -53,6 +53,8 @@ export interface FillReader {
   readonly privateHeaders: Record<string, string | string[]> | undefined;
   /** The response varies: only a request of this variant may take it. */
   readonly variant: { names: string[]; key: string } | undefined;
+  /** The last byte is withheld until the body's content hash is checked. */
+  readonly holdBack: boolean;
   addReader(): number;
   removeReader(id: number): void;
   changed(): Promise<void>;

@@ -444,7 +444,10 @@ async function deliverFill(s: State): Promise<StepName | undefined> {
     }
     // The client's watchdog counts the first byte: the head goes out before any wait, else with the
     // first piece of body (one write, not two).
-    // (headersSent is no help: it is true from writeHead on, before anything is written.)
+    // (headersSent is no help: it is true from writeHead on, before anything is written.) An empty body
+    // whose hash is checked has no last byte to hold back: its head alone would be a complete answer,
+    // so it waits for the check too.
+    const headWaits = fill.holdBack && head.contentLength === 0;
     let headOut = false;
     const flushHead = () => {
       if (!headOut) res.flushHeaders();
@@ -472,7 +475,7 @@ async function deliverFill(s: State): Promise<StepName | undefined> {
         return undefined;
       }
       if (p === 'wait') {
-        flushHead();
+        if (!headWaits) flushHead();
         await fill.changed();
         continue;
       }

@@ -105,13 +105,21 @@ describe('fuzz: odd responses and requests never crash, wedge or corrupt the pro
         const body = Buffer.from(rc.body);
         // Half the cases name a content-addressed object (hash checks, host-independent keys, the
         // safe header set); its bytes may or may not match the hash.
-        const hash = createHash('sha1').update(rc.cas && id % 2 ? body : Buffer.from(String(id))).digest('hex');
+        const corrupt = rc.cas && id % 2 === 0; // the bytes fail their hash
+        const hash = createHash('sha1').update(corrupt ? Buffer.from(String(id)) : body).digest('hex');
         const path = rc.cas ? `/cvmfs/${REPO}/data/${hash.slice(0, 2)}/${hash.slice(2)}` : `/fuzz/${id}`;
         origin.route(path, (): Route => ({ status: rc.status, headers: rc.headers as Record<string, string | string[]>, body, chunked: rc.chunked }));
         const revalidate = { ...reqs[2]!, 'cache-control': 'max-age=0' };
         const before = origin.count(path); // shrinking may reuse a path (the same body, the same hash)
         for (const headers of [reqs[0]!, reqs[1]!, revalidate]) {
-          const res = await pool.request({ path: `${origin.url}${path}`, method: method as 'GET', headers: headers as Record<string, string> });
+          let res;
+          try {
+            res = await pool.request({ path: `${origin.url}${path}`, method: method as 'GET', headers: headers as Record<string, string> });
+          } catch (err) {
+            // A corrupt object is cut short; when its body is empty, before its head (never a complete 200).
+            if (corrupt && (err as { code?: string }).code === 'UND_ERR_SOCKET') continue;
+            throw err;
+          }
           await res.body.dump({ limit: 1 << 20 });
           assert.ok(res.statusCode >= 100 && res.statusCode <= 599, `status ${res.statusCode}`);
         }

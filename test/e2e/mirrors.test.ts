@@ -217,6 +217,27 @@ describe('mirrors: 404 failover, corrupt bytes, Range resume', () => {
     }
   });
 
+  it('an empty 200 for a content-addressed object fails its hash: never answered as a complete response, nothing stored', async () => {
+    const [path] = [...casBodies([1000]).keys()];
+    const broken = await startOrigin({
+      [`/cvmfs/${REPO}/.cvmfspublished`]: { headers: { 'cache-control': 'max-age=61' }, body: 'Ntest\n' },
+      [path!]: { headers: { 'cache-control': 'max-age=259200' }, body: '' },
+    });
+    p = await startProxy({ stratum1: [broken.url], 'probe-interval': '60s', 'probe-repo': REPO });
+    pool = proxyClient(p.url, 2);
+    try {
+      // Content-Length: 0 has no last byte to withhold: the head itself must wait for the hash.
+      await assert.rejects(get(pool, `${broken.url}${path}`), 'no complete empty 200 for a corrupt object');
+      assert.equal(p.proxy.coalescer.stats.hashMismatches, 1);
+      assert.equal(broken.count(path!), 1);
+      await p.proxy.coalescer.settle();
+      assert.equal(await p.proxy.store.get(casObject(path!)!.key), undefined, 'nothing stored');
+    } finally {
+      await stop();
+      await broken.close();
+    }
+  });
+
   it('a corrupt mirror: nothing stored, the client is cut short, the retry gets a good copy elsewhere', async () => {
     const bodies = casBodies([300_000]);
     const [path] = [...bodies.keys()];
