@@ -207,10 +207,11 @@ function lookup(s: State): StepName | Promise<StepName> {
     return tx.method === 'GET' ? 'miss' : 'pass';
   }
   if (ctx.coalescer.isUncacheable(s.primary!)) return 'pass';
-  // A fresh stored copy first: nobody's fill (a reload, say) may hide it. The memory tier answers at once.
-  const inMemory = ctx.store.memory.getNow(key);
+  // A fresh stored copy first: nobody's fill (a reload, say) may hide it. The memory tier answers at
+  // once; only a miss there waits for the disk (asked once, not memory again).
+  const inMemory = ctx.store.getFromMemory(key);
   if (inMemory) return lookedUp(s, inMemory);
-  return ctx.store.get(key).then(
+  return ctx.store.getFromDisk(key).then(
     (stored) => lookedUp(s, stored),
     (err: unknown) => {
       ctx.counters.corruptRecords++;
@@ -443,10 +444,9 @@ async function deliverFill(s: State): Promise<StepName | undefined> {
       return undefined;
     }
     // The client's watchdog counts the first byte: the head goes out before any wait, else with the
-    // first piece of body (one write, not two).
-    // (headersSent is no help: it is true from writeHead on, before anything is written.) An empty body
-    // whose hash is checked has no last byte to hold back: its head alone would be a complete answer,
-    // so it waits for the check too.
+    // first piece of body (one write, not two). `headOut` tracks it: res.headersSent is true from
+    // writeHead on, before anything is written. An empty body whose hash is checked has no last byte
+    // to hold back, so its head alone would be a complete answer: that head waits for the check too.
     const headWaits = fill.holdBack && head.contentLength === 0;
     let headOut = false;
     const flushHead = () => {

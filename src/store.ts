@@ -71,8 +71,16 @@ export class TieredStore {
   }
 
   async get(key: string): Promise<StoredObject | undefined> {
-    const m = await this.memory.get(key);
-    if (m) return m;
+    return this.getFromMemory(key) ?? this.getFromDisk(key);
+  }
+
+  /** The memory tier's copy, without a promise (the hit path). */
+  getFromMemory(key: string): StoredObject | undefined {
+    return this.memory.getNow(key);
+  }
+
+  /** The disk tier's copy; a small object seen twice on disk is promoted to memory. */
+  async getFromDisk(key: string): Promise<StoredObject | undefined> {
     const d = await this.disk.get(key);
     if (!d) return undefined;
     if (d.size <= this.#maxMemoryObjectBytes) {
