@@ -46,6 +46,12 @@ export class Coalescer implements FetchHost {
   readonly #corruptFrom = new LRUCache<string, Set<string>>({ max: 4096, ttl: 600_000 });
   readonly #superseded = new WeakSet<Fill>();
   readonly #finished = new WeakSet<Fill>();
+  /**
+   * Stored fills whose whole body is still in memory because clients are still reading it: a request
+   * that finds the disk record reads this copy instead (a herd on a large object reads the disk once).
+   * An entry goes when the fill's last reader leaves and its memory is dropped.
+   */
+  readonly #held = new Map<string, Fill>();
   /** Every fetch still running (including released fills and commits to disk). */
   readonly #running = new Set<Fill>();
   #idle: (() => void)[] = [];
@@ -106,6 +112,25 @@ export class Coalescer implements FetchHost {
     return f;
   }
 
+  /**
+   * The body of the stored copy of `key`, still in memory in the finished fill that stored it (served
+   * as a memory hit: same response, same freshness), if clients are still reading that fill.
+   */
+  heldBody(key: string): FillReader | undefined {
+    const f = this.#held.get(key);
+    return f && f.readers > 0 && f.wholeInMemory ? f : undefined;
+  }
+
+  /** The fill's body was stored on disk only: while its readers last, new requests may read it here. */
+  hold(fill: Fill): void {
+    // Only a plain shared response: a variant or a released one is not every request's answer.
+    if (fill.variant || fill.released || fill.readers === 0 || !fill.wholeInMemory) return;
+    this.#held.set(fill.key, fill);
+    fill.onDropped = () => {
+      if (this.#held.get(fill.key) === fill) this.#held.delete(fill.key);
+    };
+  }
+
   isUncacheable(primary: string): boolean {
     return this.#uncacheable.has(primary);
   }
@@ -145,6 +170,7 @@ export class Coalescer implements FetchHost {
   invalidate(key: string): void {
     const f = this.#fills.get(key);
     if (f) this.unmap(f);
+    this.#held.delete(key);
     // Also a fill that new requests no longer find but whose disk commit is still landing.
     for (const r of this.#running) if (r.key === key || r.variant?.key === key) this.#superseded.add(r);
   }
@@ -153,6 +179,7 @@ export class Coalescer implements FetchHost {
   start(r: FillRequest): { fill: FillReader; readerId: number } {
     const fill = new Fill(r.key, this.clock.now(), this.cfg.fillWindowBytes, this.budget);
     const readerId = fill.addReader();
+    this.#held.delete(r.key); // a refetch or revalidation: the old body is no longer the stored one
     const prev = this.#fills.get(r.key);
     if (prev) {
       this.#superseded.add(prev);

@@ -98,6 +98,8 @@ export interface FetchHost {
   alias(fill: Fill, key: string): void;
   /** The fill's end, counted once. */
   done(fill: Fill): void;
+  /** The fill's body is stored on disk only: new requests may read it from memory while it lasts. */
+  hold(fill: Fill): void;
 }
 
 type Step = 'mkbereq' | 'startfetch' | 'condfetch' | 'decide' | 'fetchbody' | 'resume' | 'fetchend' | 'commit' | 'error' | 'fail' | 'done';
@@ -501,7 +503,10 @@ async function commit(st: FetchState): Promise<Step> {
   const ok = await spill.commit();
   // Invalidated (an unsafe method, a PURGE) while the record was being written: it must not stay.
   if (ok && host.superseded(fill)) await host.store.delete(meta.key);
-  else if (ok) host.stats.fillsCommitted++;
+  else if (ok) {
+    host.stats.fillsCommitted++;
+    if (!inMemory && meta.key === fill.key) host.hold(fill);
+  }
   else if (spill.failed) host.log.warn({ key: fill.key, err: spill.failed.message }, 'disk write failed; object kept in memory only if small');
   return 'done';
 }

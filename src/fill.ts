@@ -105,6 +105,8 @@ export class Fill implements FillReader {
   #notify: (() => void) | undefined;
 
   readonly #budget: FillBudget;
+  /** Called once when the window is dropped (the last reader of a finished fill left). */
+  onDropped: (() => void) | undefined;
 
   constructor(key: string, startedAt: number, windowBytesMax: number, budget: FillBudget) {
     this.key = key;
@@ -124,6 +126,16 @@ export class Fill implements FillReader {
 
   get spilling(): boolean {
     return this.#spill !== undefined && !this.#spill.failed;
+  }
+
+  /** Readers attached now (`attached` counts every reader it ever had). */
+  get readers(): number {
+    return this.#readers.size;
+  }
+
+  /** Complete, and every byte still in memory: a new reader needs no disk read. */
+  get wholeInMemory(): boolean {
+    return this.state === 'done' && this.#windowStart === 0 && this.#chunks.length > 0;
   }
 
   /** A late reader can join only if it can replay from byte 0. */
@@ -228,11 +240,16 @@ export class Fill implements FillReader {
 
   #dropWindowIfIdle(): void {
     const finished = this.state === 'failed' || (this.state === 'done' && (this.#retired || this.released));
-    if (!finished || this.#chunks.length === 0) return;
-    this.#budget.usedBytes -= this.windowBytes;
-    this.#chunks = [];
-    this.#starts = [];
-    this.#windowStart = this.received;
+    if (!finished) return;
+    if (this.#chunks.length > 0) {
+      this.#budget.usedBytes -= this.windowBytes;
+      this.#chunks = [];
+      this.#starts = [];
+      this.#windowStart = this.received;
+    }
+    const d = this.onDropped;
+    this.onDropped = undefined;
+    d?.();
   }
 
   /** Register a reader; returns its id. A reader holds the spill file open until it leaves. */

@@ -230,6 +230,15 @@ function lookedUp(s: State, stored: StoredObject | undefined): StepName {
     // host and Vary); with them, the full RFC 9111 check.
     const plain = !req.headers['cache-control'] && !req.headers.pragma; // CVMFS sends an empty Pragma
     if (plain ? isFresh(stored.policy) : satisfies(stored, req.headers)) {
+      // A disk record whose fill still holds the whole body for clients reading it: read that copy,
+      // not the disk (a herd on a large object). A range is left to the disk path, which answers 206.
+      const held = stored.tier === 'disk' && req.headers.range === undefined ? ctx.coalescer.heldBody(key) : undefined;
+      if (held) {
+        closeStored(stored);
+        s.fill = held;
+        tx.result = 'TCP_MEM_HIT';
+        return 'deliverFill';
+      }
       s.stored = stored;
       return 'hit';
     }

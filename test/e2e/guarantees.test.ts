@@ -85,6 +85,32 @@ describe('guarantees', () => {
     }, 2);
   });
 
+  it('a large stored object still being read from its fill is served from that memory, not the disk', async () => {
+    await withProxy({ 'max-memory-object-size': '64KB' }, async ({ origin, p, pool }) => {
+    const body = randomBytes(8 * 2 ** 20);
+    origin.route('/held', { body, headers: { 'cache-control': 'max-age=60' } });
+    // The first reader stops reading: it keeps the finished fill's body in memory after the commit.
+    const slow = stalledClient(p.port, `${origin.url}/held`);
+    await waitFor('the fill stored on disk', () => p.proxy.coalescer.stats.fillsCommitted === 1 && p.proxy.coalescer.running === 0);
+    const held = await get(pool, `${origin.url}/held`);
+    assert.ok(held.body.equals(body));
+    assert.match(String(held.headers['x-cache']), /^HIT/);
+    assert.match(p.logLines.at(-1)!, / TCP_MEM_HIT\/200 8388608 GET /);
+    // A range is answered from the disk record (206), as before.
+    const part = await get(pool, `${origin.url}/held`, { range: 'bytes=10-19' });
+    assert.equal(part.status, 206);
+    assert.ok(part.body.equals(body.subarray(10, 20)));
+    assert.match(p.logLines.at(-1)!, / TCP_HIT\/206 10 GET /);
+    // Once its last reader is gone, the memory goes, and the disk serves.
+    slow.destroy();
+    await waitFor('the fill memory dropped', () => p.proxy.coalescer.budget.usedBytes === 0);
+    const later = await get(pool, `${origin.url}/held`);
+    assert.ok(later.body.equals(body));
+    assert.match(p.logLines.at(-1)!, / TCP_HIT\/200 8388608 GET /);
+    assert.equal(origin.count('/held'), 1);
+    }, 2);
+  });
+
   it('a response that is not shared releases its waiters: each gets its own answer', async () => {
     await withProxy({}, async ({ origin, p, pool }) => {
     const g = gate();
