@@ -19,10 +19,11 @@ import { ProxyError } from './errors.ts';
 import type { Upstream } from './fetch.ts';
 import { runFetch, type FetchHost, type FetchStats, type FillRequest } from './fill-fetch.ts';
 import { Fill, type FillBudget, type FillReader } from './fill.ts';
+import { pumpRecord, RecordSpill } from './record-fill.ts';
 import { isFresh, type Freshness } from './freshness.ts';
 import type { Logger } from './log.ts';
 import type { Mirrors } from './mirrors.ts';
-import type { TieredStore } from './store.ts';
+import type { StoredObject, TieredStore } from './store.ts';
 
 export type { FillRequest } from './fill-fetch.ts';
 export type CoalescerStats = FetchStats;
@@ -113,22 +114,47 @@ export class Coalescer implements FetchHost {
   }
 
   /**
-   * The body of the stored copy of `key`, still in memory in the finished fill that stored it (served
-   * as a memory hit: same response, same freshness), if clients are still reading that fill.
+   * The stored copy of `key` as a fill clients are reading now, if any: the finished fill that stored it
+   * (its body still in memory), or a shared read of its disk record. Same response, same freshness.
    */
   heldBody(key: string): FillReader | undefined {
     const f = this.#held.get(key);
-    return f && f.readers > 0 && f.wholeInMemory ? f : undefined;
+    return f && f.readers > 0 && f.joinable ? f : undefined;
   }
 
   /** The fill's body was stored on disk only: while its readers last, new requests may read it here. */
   hold(fill: Fill): void {
     // Only a plain shared response: a variant or a released one is not every request's answer.
     if (fill.variant || fill.released || fill.readers === 0 || !fill.wholeInMemory) return;
+    this.#keep(fill);
+  }
+
+  #keep(fill: Fill): void {
     this.#held.set(fill.key, fill);
     fill.onDropped = () => {
       if (this.#held.get(fill.key) === fill) this.#held.delete(fill.key);
     };
+  }
+
+  /**
+   * Serve a stored disk record through one shared read: the caller becomes its first reader, and
+   * requests for the key that arrive while it is read join it (heldBody). `corrupt` drops a record
+   * that fails its checksum, before every reader is cut short.
+   */
+  shareRecord(key: string, st: StoredObject, corrupt: () => Promise<void>): { fill: FillReader; readerId: number } {
+    const body = st.body;
+    if (body.kind !== 'file') throw new TypeError('shareRecord needs a disk record');
+    const fill = new Fill(key, this.clock.now(), this.cfg.fillWindowBytes, this.budget);
+    const spill = new RecordSpill(body, st.size);
+    fill.setHead({ status: st.meta.status, headers: { ...st.meta.headers, 'content-length': String(st.size) }, contentLength: st.size }, spill);
+    fill.policy = st.policy;
+    fill.holdBack = true; // the last byte waits for the record's checksum
+    fill.upstream = { pause() {}, resume() {}, abort() {} }; // the pump stops when the fill has ended
+    const readerId = fill.addReader();
+    fill.retire(); // never in the fill registry: with its last reader, it ends and its memory goes
+    this.#keep(fill);
+    void pumpRecord(fill, body, spill, st.size, corrupt);
+    return { fill, readerId };
   }
 
   isUncacheable(primary: string): boolean {

@@ -7,7 +7,6 @@
 // slow reader never holds back a fast one or the upstream. Without a spill (a response that is not
 // being stored, or a failed disk) the window can only drop what every reader has consumed, and the
 // upstream is paused while the window is full: that mode is only used for a single reader.
-import type { DiskWriter } from './store-disk.ts';
 import { ProxyError } from './errors.ts';
 import type { Policy } from './freshness.ts';
 
@@ -27,6 +26,22 @@ export type Peek = Buffer | 'wait' | 'end' | 'failed' | 'spill';
 export interface FillBudget {
   limitBytes: number;
   usedBytes: number;
+}
+
+/**
+ * The file behind a fill's window: the disk record being written (a DiskWriter), or the stored record a
+ * shared disk read comes from. Readers that fall behind the window read it back with readAt().
+ */
+export interface SpillFile {
+  /** Body bytes on disk, readable with readAt. */
+  readonly flushed: number;
+  readonly failed: Error | undefined;
+  onFlush: (() => void) | undefined;
+  append(chunk: Buffer): void;
+  /** Each reader holds the file open until it leaves. */
+  retain(): void;
+  release(): void;
+  readAt(pos: number, len: number, into?: Buffer): Promise<Buffer>;
 }
 
 /** Unflushed bytes a fill may hold before its upstream is paused for the disk to catch up. */
@@ -97,7 +112,7 @@ export class Fill implements FillReader {
   #chunks: Buffer[] = [];
   #starts: number[] = [];
   #windowStart = 0;
-  #spill: DiskWriter | undefined;
+  #spill: SpillFile | undefined;
   #readers = new Map<number, number>(); // reader id -> cursor (used only without a spill)
   #nextReader = 0;
   #paused = false;
@@ -156,7 +171,7 @@ export class Fill implements FillReader {
     n?.();
   }
 
-  setHead(head: FillHead, spill: DiskWriter | undefined, storing = false): void {
+  setHead(head: FillHead, spill: SpillFile | undefined, storing = false): void {
     this.head = head;
     this.state = 'streaming';
     this.storing = storing;

@@ -230,17 +230,8 @@ function lookedUp(s: State, stored: StoredObject | undefined): StepName {
     // host and Vary); with them, the full RFC 9111 check.
     const plain = !req.headers['cache-control'] && !req.headers.pragma; // CVMFS sends an empty Pragma
     if (plain ? isFresh(stored.policy) : satisfies(stored, req.headers)) {
-      // A disk record whose fill still holds the whole body for clients reading it: read that copy,
-      // not the disk (a herd on a large object). A range is left to the disk path, which answers 206.
-      const held = stored.tier === 'disk' && req.headers.range === undefined ? ctx.coalescer.heldBody(key) : undefined;
-      if (held) {
-        closeStored(stored);
-        s.fill = held;
-        tx.result = 'TCP_MEM_HIT';
-        return 'deliverFill';
-      }
       s.stored = stored;
-      return 'hit';
+      return stored.tier === 'disk' && CLIENT_CONDITIONS.every((h) => req.headers[h] === undefined) ? sharedDiskHit(s, stored) : 'hit';
     }
     s.staleAvailable = true;
     // The upstream failed a refresh of this key moments ago: serve the stale copy without asking
@@ -274,6 +265,30 @@ function lookedUp(s: State, stored: StoredObject | undefined): StepName {
   }
   if (tx.method === 'HEAD') return 'pass';
   return 'miss';
+}
+
+/**
+ * A plain request for a disk record (no range, no condition) that other clients are reading now reads
+ * the same bytes they do: the fill that stored it, if it still holds them, or a shared read of the
+ * record. A large record starts such a shared read; a small one is read on its own.
+ */
+function sharedDiskHit(s: State, st: StoredObject): StepName {
+  const { ctx, tx } = s;
+  const held = ctx.coalescer.heldBody(s.key!);
+  if (held) {
+    closeStored(st);
+    s.stored = undefined;
+    s.fill = held;
+    tx.result = 'TCP_MEM_HIT';
+    return 'deliverFill';
+  }
+  if (tx.method !== 'GET' || st.size <= ctx.cfg.maxMemoryObjectBytes) return 'hit';
+  const shared = ctx.coalescer.shareRecord(s.key!, st, () => dropCorrupt(ctx, st.meta.key));
+  s.stored = undefined;
+  s.fill = shared.fill;
+  s.readerId = shared.readerId;
+  tx.result = 'TCP_HIT';
+  return 'deliverFill';
 }
 
 function closeStored(st: StoredObject | undefined): void {
@@ -386,7 +401,9 @@ async function deliverFill(s: State): Promise<StepName | undefined> {
   s.readerId = undefined;
   try {
     while (fill.state === 'pending' && !fill.released) await fill.changed();
-    if (tx.result !== 'TCP_MEM_HIT') {
+    // A stored object served through a fill (a finished one, or a shared read of its disk record).
+    const isHit = tx.result === 'TCP_MEM_HIT' || tx.result === 'TCP_HIT';
+    if (!isHit) {
       tx.hierarchy = 'HIER_DIRECT';
       tx.peer = fill.peer || s.url!.hostname;
     }
@@ -420,7 +437,6 @@ async function deliverFill(s: State): Promise<StepName | undefined> {
       return 'synth';
     }
     const head = fill.head;
-    const isHit = tx.result === 'TCP_MEM_HIT';
     // Age: the stored response's current age (the upstream's Age included); else the upstream's own.
     const headers: OutgoingHttpHeaders = { ...sharedHead(head, ctx.cfg.visibleHostname, isHit ? 'HIT' : 'MISS') };
     if (fill.policy) headers.age = String(Math.floor(fill.policy.age()));
@@ -569,11 +585,15 @@ async function readVerified(body: Extract<StoredObject['body'], { kind: 'file' }
 
 /** A disk record that failed its checksum while being served: dropped, the client cut short. */
 async function corruptRecord(s: State, st: StoredObject): Promise<void> {
-  s.ctx.counters.corruptRecords++;
-  s.ctx.log.error({ key: st.meta.key }, 'disk record failed its checksum; dropped, client cut short');
-  await s.ctx.store.delete(st.meta.key);
+  await dropCorrupt(s.ctx, st.meta.key);
   s.tx.aborted = true;
   s.res.destroy();
+}
+
+function dropCorrupt(ctx: Ctx, key: string): Promise<void> {
+  ctx.counters.corruptRecords++;
+  ctx.log.error({ key }, 'disk record failed its checksum; dropped, clients cut short');
+  return ctx.store.delete(key);
 }
 
 /**

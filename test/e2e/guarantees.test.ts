@@ -22,6 +22,11 @@ function stalledClient(port: number, url: string): Socket {
   return s;
 }
 
+/** Wait for the access log line a transaction writes once its response is all in the kernel. */
+function logged(p: { logLines: string[] }, line: RegExp): Promise<void> {
+  return waitFor(`an access log line ${line}`, () => p.logLines.some((l) => line.test(l)));
+}
+
 describe('guarantees', () => {
   it('an exception inside a fill fails only that fill: every waiter gets 500 ERR_INTERNAL, the process serves on', async () => {
     await withProxy({}, async ({ origin, p, pool }) => {
@@ -95,19 +100,41 @@ describe('guarantees', () => {
     const held = await get(pool, `${origin.url}/held`);
     assert.ok(held.body.equals(body));
     assert.match(String(held.headers['x-cache']), /^HIT/);
-    assert.match(p.logLines.at(-1)!, / TCP_MEM_HIT\/200 8388608 GET /);
+    await logged(p, / TCP_MEM_HIT\/200 8388608 GET /);
     // A range is answered from the disk record (206), as before.
     const part = await get(pool, `${origin.url}/held`, { range: 'bytes=10-19' });
     assert.equal(part.status, 206);
     assert.ok(part.body.equals(body.subarray(10, 20)));
-    assert.match(p.logLines.at(-1)!, / TCP_HIT\/206 10 GET /);
+    await logged(p, / TCP_HIT\/206 10 GET /);
     // Once its last reader is gone, the memory goes, and the disk serves.
     slow.destroy();
     await waitFor('the fill memory dropped', () => p.proxy.coalescer.budget.usedBytes === 0);
     const later = await get(pool, `${origin.url}/held`);
     assert.ok(later.body.equals(body));
-    assert.match(p.logLines.at(-1)!, / TCP_HIT\/200 8388608 GET /);
+    await logged(p, / TCP_HIT\/200 8388608 GET /);
     assert.equal(origin.count('/held'), 1);
+    }, 2);
+  });
+
+  it('clients asking for a large disk record at the same time share one read of it', async () => {
+    await withProxy({ 'max-memory-object-size': '64KB' }, async ({ origin, p, pool }) => {
+    const body = randomBytes(8 * 2 ** 20);
+    const url = `${origin.url}/shared`;
+    origin.route('/shared', { body, headers: { 'cache-control': 'max-age=60' } });
+    assert.ok((await get(pool, url)).body.equals(body));
+    await waitFor('stored on disk, its fill gone', () => p.proxy.coalescer.stats.fillsCommitted === 1 && p.proxy.coalescer.running === 0 && p.proxy.coalescer.budget.usedBytes === 0);
+    // A reader that stops reading keeps the shared read of the record open.
+    const slow = stalledClient(p.port, url);
+    await waitFor('a shared read of the record', () => p.proxy.coalescer.heldBody(url) !== undefined);
+    const r = await get(pool, url);
+    assert.ok(r.body.equals(body));
+    assert.match(String(r.headers['x-cache']), /^HIT/);
+    await logged(p, / TCP_MEM_HIT\/200 8388608 GET /);
+    slow.destroy();
+    await waitFor('the shared read gone with its readers', () => p.proxy.coalescer.heldBody(url) === undefined && p.proxy.coalescer.budget.usedBytes === 0);
+    await logged(p, / TCP_HIT(_ABORTED)?\/200 \d+ GET /);
+    assert.equal(origin.count('/shared'), 1);
+    assert.equal(p.proxy.counters.corruptRecords, 0);
     }, 2);
   });
 
