@@ -119,7 +119,9 @@ export class Coalescer implements FetchHost {
    */
   heldBody(key: string): FillReader | undefined {
     const f = this.#held.get(key);
-    return f && f.readers > 0 && f.joinable ? f : undefined;
+    // A new reader never reads a file back unchecked: it joins a body wholly in memory, or a shared
+    // read still checking the record as it reads.
+    return f && f.readers > 0 && (f.wholeInMemory || (f.state === 'streaming' && f.joinable)) ? f : undefined;
   }
 
   /** The fill's body was stored on disk only: while its readers last, new requests may read it here. */
