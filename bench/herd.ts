@@ -11,7 +11,7 @@ import { parseArgs } from 'node:util';
 import { makeCatalog, startEmulator, type EmulatorOptions } from './emulator.ts';
 import type { NodesPlan, NodesReport } from './nodes.ts';
 import { HOT_CONNECTIONS, markdownTable, svgChart, type RunResult } from './report.ts';
-import { externalTarget, hasTaskset, nginxBinary, procStats, squidBinary, startCuttle, startNginx, startNodeHttp, startSquid, type Target } from './targets.ts';
+import { externalTarget, hasTaskset, nginxBinary, procStats, squidBinary, startCuttle, startNginx, startNodeHttp, startSquid, startAts, startVarnish, atsBinary, varnishBinary, type Target } from './targets.ts';
 import { runWrk, wrkBinary } from './wrk.ts';
 
 export interface Scenario {
@@ -124,13 +124,17 @@ export async function runOnce(o: RunOptions): Promise<RunResult> {
   else if (o.target === 'nginx') {
     if (others.length) throw new Error(`${sc.name} has several mirrors; nginx proxies one origin`);
     target = await startNginx(port, { origin: emu.url });
-  } else if (o.target === 'node-http') {
+  } else if (o.target === 'varnish') {
+    if (others.length) throw new Error(`${sc.name} has several mirrors; varnish proxies one origin here`);
+    target = await startVarnish(port, { origin: emu.url, memoryCacheMB: Math.round(parseSizeMB(o.memoryCache)) });
+  } else if (o.target === 'ats') target = await startAts(port, { memoryCacheMB: Math.round(parseSizeMB(o.memoryCache)) });
+  else if (o.target === 'node-http') {
     if (sc.kind !== 'hot') throw new Error(`node-http is a reference for the hot scenarios only, not ${sc.name}`);
     target = await startNodeHttp(port, { bodyBytes: sc.hotObjectBytes! });
   } else target = externalTarget(o.target);
   const startedAt = new Date().toISOString();
   const t0 = Date.now();
-  const cpu0 = procStats(target.pid).cpuS;
+  const cpu0 = procStats(target).cpuS;
   const result: RunResult = { scenario: sc.name, target: target.name, round: o.round, startedAt, uniqueObjects: 0, upstreamFetches: 0, emulatorRequests: 0, fetchesPerObjectMean: NaN, fetchesPerObjectMax: NaN, objectsFetchedMoreThanOnce: 0, proxyCpuS: NaN, proxyPeakRssMiB: NaN, goodputMiBs: NaN, wallS: NaN };
   try {
     if (sc.kind === 'memory') {
@@ -146,9 +150,9 @@ export async function runOnce(o: RunOptions): Promise<RunResult> {
       await runWrk({ proxy: target.url, url, connections: sc.hotConnections![0]!, seconds: sc.hotWarmupSeconds!, core: 1 });
       result.hot = [];
       for (const connections of sc.hotConnections!) {
-        const c0 = procStats(target.pid).cpuS;
+        const c0 = procStats(target).cpuS;
         const w = await runWrk({ proxy: target.url, url, connections, seconds: sc.hotSeconds!, core: 1 });
-        result.hot.push({ ...w, proxyShare: (procStats(target.pid).cpuS - c0) / sc.hotSeconds! });
+        result.hot.push({ ...w, proxyShare: (procStats(target).cpuS - c0) / sc.hotSeconds! });
         process.stderr.write(`  ${connections} connections: ${w.reqPerSec.toFixed(0)} req/s, generator at ${(100 * w.generatorShare).toFixed(0)}% of a core\n`);
       }
       result.hotErrors = result.hot.reduce((a, h) => a + h.errors, 0);
@@ -185,7 +189,7 @@ export async function runOnce(o: RunOptions): Promise<RunResult> {
     result.fetchesPerObjectMean = counts.length ? counts.reduce((a, b) => a + b, 0) / counts.length : NaN;
     result.fetchesPerObjectMax = counts.length ? Math.max(...counts) : NaN;
     result.objectsFetchedMoreThanOnce = counts.filter((c) => c > 1).length;
-    const ps = procStats(target.pid);
+    const ps = procStats(target);
     result.proxyCpuS = ps.cpuS - cpu0;
     result.proxyPeakRssMiB = ps.peakRssMiB;
   } finally {
@@ -262,7 +266,7 @@ async function main(): Promise<void> {
   // One table: the parser's options, and --help with each default.
   const OPTS = {
     scenario: { type: 'string', multiple: true, help: `scenario to run (repeatable): ${Object.keys(SCENARIOS).join(', ')}`, shown: 'herd' },
-    target: { type: 'string', default: 'cuttle', help: 'cuttle (started here), squid or nginx (Debian packages, started here), node-http (hot scenarios: a bare node:http server, the ceiling of a hit in Node), or http://HOST:PORT of a running proxy' },
+    target: { type: 'string', default: 'cuttle', help: 'cuttle (started here), squid, nginx, varnish or ats (Debian packages, started here), node-http (hot scenarios: a bare node:http server, the ceiling of a hit in Node), or http://HOST:PORT of a running proxy' },
     compare: { type: 'string', multiple: true, help: 'another target (repeatable), run in the same rounds; the order alternates (A B C, then C B A)' },
     rounds: { type: 'string', default: '3', help: 'rounds per target; the table shows medians' },
     nodes: { type: 'string', help: 'emulated client nodes (herd scenarios)', shown: "the scenario's (herd: 1000)" },
@@ -295,6 +299,8 @@ async function main(): Promise<void> {
   const targets = [values.target!, ...(values.compare ?? [])];
   if (targets.includes('squid') && !squidBinary) throw new Error('--compare squid needs Debian squid: apt-get install squid');
   if (targets.includes('nginx') && !nginxBinary) throw new Error('--compare nginx needs Debian nginx: apt-get install nginx-light');
+  if (targets.includes('varnish') && !varnishBinary) throw new Error('--compare varnish needs Debian varnish: apt-get install varnish');
+  if (targets.includes('ats') && !atsBinary) throw new Error('--compare ats needs Debian trafficserver: apt-get install trafficserver');
   mkdirSync(values.out!, { recursive: true });
   const commit = spawnSync('git', ['rev-parse', '--short', 'HEAD'], { encoding: 'utf8' }).stdout.trim() || 'unknown';
   const tables: string[] = [];

@@ -2,7 +2,7 @@
 // (started here), or any running forward proxy given by URL. Each proxy is pinned to core 0 where
 // `taskset` exists, and its CPU time and peak RSS are read from /proc.
 import { spawn, spawnSync, type ChildProcess } from 'node:child_process';
-import { chownSync, existsSync, mkdirSync, mkdtempSync, readFileSync, writeFileSync } from 'node:fs';
+import { chownSync, cpSync, existsSync, mkdirSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { connect } from 'node:net';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
@@ -12,6 +12,8 @@ export interface Target {
   name: string;
   url: string;
   pid: number | undefined;
+  /** Processes outside `pid`'s tree whose work is the proxy's too (Varnish's log writer). */
+  extraPids?: () => number[];
   stop(): Promise<void>;
 }
 
@@ -20,6 +22,10 @@ export const hasTaskset = spawnSync('taskset', ['-V']).status === 0;
 export const CLK_TCK = Number(spawnSync('getconf', ['CLK_TCK'], { encoding: 'utf8' }).stdout.trim()) || 100;
 export const squidBinary = ['/usr/sbin/squid', '/usr/local/sbin/squid'].find((p) => existsSync(p));
 export const nginxBinary = ['/usr/sbin/nginx', '/usr/local/sbin/nginx'].find((p) => existsSync(p));
+export const varnishBinary = ['/usr/sbin/varnishd', '/usr/local/sbin/varnishd'].find((p) => existsSync(p));
+export const atsBinary = ['/usr/bin/traffic_server', '/usr/local/bin/traffic_server'].find((p) => existsSync(p));
+const atsConfigDir = '/etc/trafficserver';
+const varnishncsaBinary = ['/usr/bin/varnishncsa', '/usr/local/bin/varnishncsa'].find((p) => existsSync(p));
 
 /** Run `cmd args` with a raised open-files limit, pinned to `core` if possible. */
 function launch(cmd: string, args: string[], core: number | undefined, env: NodeJS.ProcessEnv = process.env): ChildProcess {
@@ -44,12 +50,24 @@ async function waitForPort(port: number, child: ChildProcess, stderr: () => stri
   throw new Error(`proxy did not listen on ${port}: ${stderr().slice(-2000)}`);
 }
 
-/** A launched proxy once it listens: its stderr (and `log`, if given) explain a failed start. */
-async function running(name: string, port: number, child: ChildProcess, log?: string): Promise<Target> {
+/**
+ * A launched proxy once it listens: its stderr (and `log`, if given) explain a failed start. Stopping it
+ * (or a failed start) removes its temporary directory `dir`: a cache, a log and a config per run.
+ */
+async function running(name: string, port: number, child: ChildProcess, log?: string, dir?: string): Promise<Target> {
   let err = '';
   child.stderr!.on('data', (c) => (err += c));
-  await waitForPort(port, child, () => err + (log ? readSafe(log) : ''));
-  return { name, url: `http://127.0.0.1:${port}`, pid: child.pid, stop: () => stopChild(child) };
+  const stop = async () => {
+    await stopChild(child);
+    if (dir) rmSync(dir, { recursive: true, force: true });
+  };
+  try {
+    await waitForPort(port, child, () => err + (log ? readSafe(log) : ''));
+  } catch (e) {
+    await stop();
+    throw e;
+  }
+  return { name, url: `http://127.0.0.1:${port}`, pid: child.pid, stop };
 }
 
 async function stopChild(child: ChildProcess): Promise<void> {
@@ -75,7 +93,7 @@ export async function startCuttle(port: number, opts: { memoryCache: string; ext
   const dir = mkdtempSync(join(tmpdir(), 'cuttle-bench-'));
   const env = warmCompileCache();
   const args = ['--max-semi-space-size=8', 'src/main.ts', '--listen', `127.0.0.1:${port}`, '--cache-dir', join(dir, 'cache'), '--allow-local-dest', '127.0.0.1', '--access-log', join(dir, 'access.log'), '--memory-cache', opts.memoryCache, '--log-level', 'warn', '--admin-listen', 'none', ...(opts.extra ?? [])];
-  return running('cuttle', port, launch(process.execPath, args, opts.core ?? 0, env));
+  return running('cuttle', port, launch(process.execPath, args, opts.core ?? 0, env), undefined, dir);
 }
 
 /**
@@ -142,7 +160,7 @@ export async function startSquid(port: number, opts: { memoryCacheMB: number; co
   }
   const z = spawnSync(squidBinary, ['-N', '-z', '-f', conf], { encoding: 'utf8' });
   if (z.status !== 0) throw new Error(`squid -z failed: ${z.stderr}${readSafe(join(dir, 'cache.log'))}`);
-  return running('squid', port, launch(squidBinary, ['-N', '-f', conf], opts.core ?? 0), join(dir, 'cache.log'));
+  return running('squid', port, launch(squidBinary, ['-N', '-f', conf], opts.core ?? 0), join(dir, 'cache.log'), dir);
 }
 
 /**
@@ -193,7 +211,73 @@ export async function startNginx(port: number, opts: { origin: string; core?: nu
   const dir = mkdtempSync(join(tmpdir(), 'nginx-bench-'));
   const conf = join(dir, 'nginx.conf');
   writeFileSync(conf, nginxConfig(port, dir, opts.origin));
-  return running('nginx', port, launch(nginxBinary, ['-c', conf, '-p', dir, '-e', join(dir, 'error.log')], opts.core ?? 0), join(dir, 'error.log'));
+  return running('nginx', port, launch(nginxBinary, ['-c', conf, '-p', dir, '-e', join(dir, 'error.log')], opts.core ?? 0), join(dir, 'error.log'), dir);
+}
+
+/**
+ * Varnish as a caching proxy in front of one origin, like nginx: the absolute-form request line is cut
+ * to its path. Its VCL is the builtin one otherwise (it honours Cache-Control, and it coalesces a miss
+ * into one fetch by itself). Varnish keeps its log in shared memory; varnishncsa writes it to a file as
+ * the others write theirs, and its CPU is counted with Varnish's.
+ */
+export function varnishVcl(origin: string): string {
+  const u = new URL(origin);
+  return `vcl 4.1;
+backend origin { .host = "${u.hostname}"; .port = "${u.port}"; }
+sub vcl_recv {
+  set req.url = regsub(req.url, "^[a-zA-Z]+://[^/]+", "");
+  set req.http.host = "${u.host}";
+}
+`;
+}
+
+export async function startVarnish(port: number, opts: { origin: string; memoryCacheMB: number; core?: number }): Promise<Target> {
+  if (!varnishBinary || !varnishncsaBinary) throw new Error('varnish is not installed (apt-get install varnish)');
+  const dir = mkdtempSync(join(tmpdir(), 'varnish-bench-'));
+  const vcl = join(dir, 'bench.vcl');
+  writeFileSync(vcl, varnishVcl(opts.origin));
+  const work = join(dir, 'work');
+  // -j none: no privilege separation, so it runs from a temporary directory as whoever runs the bench.
+  const child = launch(varnishBinary, ['-F', '-j', 'none', '-a', `127.0.0.1:${port}`, '-f', vcl, '-n', work, '-s', `malloc,${opts.memoryCacheMB}m`], opts.core ?? 0);
+  const t = await running('varnish', port, child, undefined, dir);
+  const ncsa = launch(varnishncsaBinary, ['-n', work, '-w', join(dir, 'access.log')], opts.core ?? 0);
+  return { ...t, extraPids: () => (ncsa.pid ? [ncsa.pid] : []), stop: async () => { await stopChild(ncsa); await t.stop(); } };
+}
+
+/** The records.config lines that make Debian's Apache Traffic Server a one-core forward proxy on `port`. */
+export function atsRecords(port: number, memoryCacheMB: number): Record<string, string> {
+  return {
+    'proxy.config.http.server_ports': `STRING ${port}:ip-in=127.0.0.1`,
+    'proxy.config.url_remap.remap_required': 'INT 0', // a forward proxy: absolute-form URLs, no remap rules
+    'proxy.config.exec_thread.autoconfig': 'INT 0',
+    'proxy.config.exec_thread.limit': 'INT 1', // one event thread for the one core it is pinned to
+    'proxy.config.accept_threads': 'INT 0',
+    'proxy.config.task_threads': 'INT 1',
+    'proxy.config.cache.ram_cache.size': `INT ${memoryCacheMB * 1024 * 1024}`,
+    'proxy.config.admin.user_id': 'STRING #-1', // stay whoever runs the bench
+  };
+}
+
+/**
+ * Apache Traffic Server from Debian as a forward proxy, with Debian's configuration but one event thread,
+ * a RAM cache the size of the others' memory cache and a 512 MB cache file, all in a temporary runroot. Its
+ * squid-format access log is written as text, as the others write theirs.
+ */
+export async function startAts(port: number, opts: { memoryCacheMB: number; core?: number }): Promise<Target> {
+  if (!atsBinary || !existsSync(atsConfigDir)) throw new Error('trafficserver is not installed (apt-get install trafficserver)');
+  const dir = mkdtempSync(join(tmpdir(), 'ats-bench-'));
+  const etc = join(dir, 'etc');
+  for (const d of [etc, 'cache', 'run', 'log', 'var']) mkdirSync(join(dir, d), { recursive: true });
+  cpSync(atsConfigDir, etc, { recursive: true });
+  const records = atsRecords(port, opts.memoryCacheMB);
+  const kept = readFileSync(join(atsConfigDir, 'records.config'), 'utf8').split('\n').filter((l) => !Object.keys(records).some((k) => l.includes(` ${k} `)));
+  writeFileSync(join(etc, 'records.config'), [...kept, ...Object.entries(records).map(([k, v]) => `CONFIG ${k} ${v}`), ''].join('\n'));
+  writeFileSync(join(etc, 'storage.config'), `${join(dir, 'cache')} 512M\n`);
+  writeFileSync(join(etc, 'logging.yaml'), readFileSync(join(atsConfigDir, 'logging.yaml'), 'utf8').replace('mode: binary', 'mode: ascii'));
+  const root = { prefix: '/usr', exec_prefix: '/usr', bindir: '/usr/bin', sbindir: '/usr/sbin', sysconfdir: etc, datadir: join(dir, 'cache'), includedir: '/usr/include', libdir: '/usr/lib/trafficserver', libexecdir: '/usr/lib/trafficserver/modules', localstatedir: join(dir, 'var'), runtimedir: join(dir, 'run'), logdir: join(dir, 'log'), cachedir: join(dir, 'cache') };
+  const runroot = join(dir, 'runroot.yaml');
+  writeFileSync(runroot, Object.entries(root).map(([k, v]) => `${k}: ${v}`).join('\n') + '\n');
+  return running('ats', port, launch(atsBinary, [`--run-root=${runroot}`], opts.core ?? 0), join(dir, 'log', 'diags.log'), dir);
 }
 
 function readSafe(p: string): string {
@@ -215,17 +299,29 @@ export function externalTarget(url: string): Target {
   return { name: url, url, pid: undefined, stop: async () => {} };
 }
 
-/** The real process behind a launcher shell (bash execs, so it is the same pid). */
-export function procStats(pid: number | undefined): { cpuS: number; peakRssMiB: number } {
-  if (!pid) return { cpuS: NaN, peakRssMiB: NaN };
-  try {
-    const stat = readFileSync(`/proc/${pid}/stat`, 'utf8');
-    const fields = stat.slice(stat.lastIndexOf(')') + 2).split(' ');
-    const ticks = Number(fields[11]) + Number(fields[12]); // utime + stime
-    const status = readFileSync(`/proc/${pid}/status`, 'utf8');
-    const hwm = Number(/VmHWM:\s+(\d+)/.exec(status)?.[1] ?? NaN);
-    return { cpuS: ticks / CLK_TCK, peakRssMiB: hwm / 1024 };
-  } catch {
-    return { cpuS: NaN, peakRssMiB: NaN };
+/**
+ * CPU seconds and peak RSS of a proxy: its process (bash execs, so the launcher's pid is the proxy's),
+ * every process under it (Varnish's worker, Squid's helpers) and its extra ones, summed.
+ */
+export function procStats(t: Pick<Target, 'pid' | 'extraPids'>): { cpuS: number; peakRssMiB: number } {
+  if (!t.pid) return { cpuS: NaN, peakRssMiB: NaN };
+  const seen = new Set<number>();
+  const todo = [t.pid, ...(t.extraPids?.() ?? [])];
+  let ticks = 0;
+  let hwmKiB = 0;
+  while (todo.length) {
+    const pid = todo.pop()!;
+    if (seen.has(pid)) continue;
+    seen.add(pid);
+    try {
+      const stat = readFileSync(`/proc/${pid}/stat`, 'utf8');
+      const fields = stat.slice(stat.lastIndexOf(')') + 2).split(' ');
+      ticks += Number(fields[11]) + Number(fields[12]); // utime + stime
+      hwmKiB += Number(/VmHWM:\s+(\d+)/.exec(readFileSync(`/proc/${pid}/status`, 'utf8'))?.[1] ?? 0);
+      for (const c of readFileSync(`/proc/${pid}/task/${pid}/children`, 'utf8').split(' ')) if (c.trim()) todo.push(Number(c));
+    } catch {
+      if (pid === t.pid) return { cpuS: NaN, peakRssMiB: NaN };
+    }
   }
+  return { cpuS: ticks / CLK_TCK, peakRssMiB: hwmKiB / 1024 };
 }

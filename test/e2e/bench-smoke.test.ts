@@ -46,4 +46,24 @@ describe('bench harness (smoke)', () => {
     assert.equal(ref.upstreamFetches, 0, 'it answers from memory, never upstream');
     assert.ok(ref.hot!.every((h) => h.errors === 0 && h.reqPerSec > 0 && h.proxyShare > 0));
   });
+
+  // The references for large hits (issue 13's goal names them): Debian's Varnish and Traffic Server,
+  // started by the harness, cache the hot object from one fetch, and their CPU is read like cuttle's.
+  for (const [target, tools, apt] of [
+    ['varnish', ['varnishd', '/usr/sbin/varnishd'], 'varnish'],
+    ['ats', ['traffic_server', '/usr/bin/traffic_server'], 'trafficserver'],
+  ] as const) {
+    it(`runs hot-large against ${target}, which serves wrk's requests from its cache`, async (t) => {
+      if (!requireTool(t, ['wrk'], 'wrk') || !requireTool(t, [...tools], apt)) return;
+      const scenario = { ...SCENARIOS['hot-large']!, hotSeconds: 1, hotWarmupSeconds: 1, hotConnections: [2] };
+      const r = await runOnce({ scenario, target, round: 1, seed: 3, memoryCache: '64MB', connectionsPerNode: 1 });
+      assert.equal(r.target, target);
+      // The warm-up's three requests run one after another, and a proxy may still be writing the first
+      // copy when the second asks (Traffic Server once fetched twice); wrk's requests are all hits.
+      assert.ok(r.upstreamFetches >= 1 && r.upstreamFetches <= 3, `${target}: ${r.upstreamFetches} upstream fetches`);
+      assert.equal(r.hotErrors, 0);
+      assert.ok(r.hot!.every((h) => h.errors === 0 && h.reqPerSec > 0 && h.proxyShare > 0), JSON.stringify(r.hot));
+      assert.ok(r.proxyCpuS > 0 && r.proxyPeakRssMiB > 0);
+    });
+  }
 });

@@ -79,7 +79,7 @@ describe('herd', () => {
       }),
     );
     assert.deepEqual(failures.slice(0, 5), [], proxy.stderr().slice(-3000));
-    const rssMiB = procStats(proxy.child.pid).peakRssMiB;
+    const rssMiB = procStats({ pid: proxy.child.pid }).peakRssMiB;
     await pool.close();
     for (const path of bodies.keys()) assert.equal(origin.count(path), 1, `origin fetches of ${path}`);
     assert.equal(errors, 0);
