@@ -267,7 +267,7 @@ export async function startAts(port: number, opts: { memoryCacheMB: number; core
   if (!atsBinary || !existsSync(atsConfigDir)) throw new Error('trafficserver is not installed (apt-get install trafficserver)');
   const dir = mkdtempSync(join(tmpdir(), 'ats-bench-'));
   const etc = join(dir, 'etc');
-  for (const d of [etc, 'cache', 'run', 'log', 'var']) mkdirSync(join(dir, d), { recursive: true });
+  for (const d of ['etc', 'cache', 'run', 'log', 'var']) mkdirSync(join(dir, d));
   cpSync(atsConfigDir, etc, { recursive: true });
   const records = atsRecords(port, opts.memoryCacheMB);
   const kept = readFileSync(join(atsConfigDir, 'records.config'), 'utf8').split('\n').filter((l) => !Object.keys(records).some((k) => l.includes(` ${k} `)));
