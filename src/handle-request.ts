@@ -486,7 +486,7 @@ async function deliverFill(s: State): Promise<StepName | undefined> {
       // hold the event loop for megabytes while new requests and the upstream wait. Yield regularly.
       if (burst >= BURST_BYTES) {
         burst = 0;
-        await yieldToLoop();
+        await nextTurn();
       }
       if (res.destroyed) {
         tx.aborted = true;
@@ -911,10 +911,6 @@ function reply(s: State, status: number, headers: Record<string, string>, body: 
 }
 
 const BURST_BYTES = 1024 * 1024;
-
-function yieldToLoop(): Promise<void> {
-  return new Promise((resolve) => setImmediate(resolve));
-}
 
 /** The next turn of the event loop, one promise shared by everyone waiting for it. */
 let turn: Promise<void> | undefined;
