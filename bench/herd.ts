@@ -11,6 +11,7 @@ import { parseArgs } from 'node:util';
 import { makeCatalog, startEmulator, type EmulatorOptions } from './emulator.ts';
 import type { NodesPlan, NodesReport } from './nodes.ts';
 import { HOT_CONNECTIONS, markdownTable, svgChart, type RunResult } from './report.ts';
+import { kernelTcpWarning, watchKernelTcp } from './kernel-tcp.ts';
 import { externalTarget, hasTaskset, nginxBinary, procStats, squidBinary, startCuttle, startNginx, startNodeHttp, startSquid, startAts, startVarnish, atsBinary, varnishBinary, type Target } from './targets.ts';
 import { runWrk, wrkBinary } from './wrk.ts';
 
@@ -135,6 +136,7 @@ export async function runOnce(o: RunOptions): Promise<RunResult> {
   const startedAt = new Date().toISOString();
   const t0 = Date.now();
   const cpu0 = procStats(target).cpuS;
+  const kernel = watchKernelTcp();
   const result: RunResult = { scenario: sc.name, target: target.name, round: o.round, startedAt, uniqueObjects: 0, upstreamFetches: 0, emulatorRequests: 0, fetchesPerObjectMean: NaN, fetchesPerObjectMax: NaN, objectsFetchedMoreThanOnce: 0, proxyCpuS: NaN, proxyPeakRssMiB: NaN, goodputMiBs: NaN, wallS: NaN };
   try {
     if (sc.kind === 'memory') {
@@ -189,10 +191,14 @@ export async function runOnce(o: RunOptions): Promise<RunResult> {
     result.fetchesPerObjectMean = counts.length ? counts.reduce((a, b) => a + b, 0) / counts.length : NaN;
     result.fetchesPerObjectMax = counts.length ? Math.max(...counts) : NaN;
     result.objectsFetchedMoreThanOnce = counts.filter((c) => c > 1).length;
+    result.kernelTcp = kernel.stop();
+    const warning = kernelTcpWarning(result.kernelTcp);
+    if (warning) process.stderr.write(warning);
     const ps = procStats(target);
     result.proxyCpuS = ps.cpuS - cpu0;
     result.proxyPeakRssMiB = ps.peakRssMiB;
   } finally {
+    kernel.stop(); // a run that threw: stop sampling
     await target.stop();
     for (const e of emus) await e.close().catch(() => {});
   }

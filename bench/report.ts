@@ -1,4 +1,5 @@
 // Turning runs into a table of medians (with cuttle/Squid ratios), JSON, Markdown and an SVG chart.
+import type { KernelTcp } from './kernel-tcp.ts';
 import type { NodesReport } from './nodes.ts';
 import { GENERATOR_SATURATED, type WrkResult } from './wrk.ts';
 
@@ -32,6 +33,8 @@ export interface RunResult {
   rssAfterMiB?: number;
   /** mirror-kill: when the nearest mirror was killed. */
   mirrorKilledAtS?: number;
+  /** The host's TCP memory and losses during the run (Linux). */
+  kernelTcp?: KernelTcp;
 }
 
 interface Figure {
@@ -84,6 +87,10 @@ export const FIGURES: Figure[] = [
   { label: 'load generator CPU (s)', get: (r) => r.nodes?.generatorCpuS, better: 'lower' },
   { label: 'load generator loop lag p99 (ms)', get: (r) => r.nodes?.generatorLoopLagMs.p99, better: 'lower' },
   { label: 'load generator stalls excluded from the watchdog (s)', get: (r) => r.nodes?.generatorStallS, better: 'lower' },
+  { label: "host's TCP memory peak (MiB)", get: (r) => r.kernelTcp?.peakMemMiB, better: 'lower' },
+  { label: 'host TCP memory-pressure episodes', get: (r) => r.kernelTcp?.memoryPressures, better: 'lower' },
+  { label: 'segments dropped by receivers (host)', get: (r) => r.kernelTcp?.receiveDrops, better: 'lower' },
+  { label: 'retransmission timeouts (host)', get: (r) => r.kernelTcp?.timeouts, better: 'lower' },
 ];
 
 export function median(xs: number[]): number {

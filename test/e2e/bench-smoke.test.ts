@@ -23,8 +23,14 @@ describe('bench harness (smoke)', () => {
     assert.equal(r.fetchesPerObjectMean, 1);
     assert.equal(r.objectsFetchedMoreThanOnce, 0);
     assert.ok(n.bytes > 0 && r.proxyPeakRssMiB > 0);
+    // The host's TCP memory and losses are read (Linux): a herd that drove the kernel into dropping
+    // segments must say so, its wall time and latency are partly loss recovery.
+    const k = r.kernelTcp!;
+    assert.ok(Number.isFinite(k.peakMemMiB) && k.peakMemMiB >= 0, 'the TCP memory in use is read');
+    for (const v of [k.memoryPressures, k.receiveDrops, k.timeouts]) assert.ok(Number.isInteger(v) && v >= 0);
     const table = markdownTable('herd', [r], ['cuttle']);
     assert.match(table, /\| upstream fetches \/ object \(mean\) \| 1 \|/);
+    assert.match(table, /\| host TCP memory-pressure episodes \| \d+ \|/);
     assert.match(svgChart('herd', [r], ['cuttle']), /^<svg /);
   });
 
