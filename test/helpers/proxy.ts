@@ -1,7 +1,7 @@
 // Start a real cuttle on 127.0.0.1:0 with a fresh cache dir, in this process (for injected clocks and
 // counters) or as a child process (for restarts, kill -9 and peak RSS).
 import { spawn, type ChildProcess } from 'node:child_process';
-import { mkdtempSync } from 'node:fs';
+import { mkdtempSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { once } from 'node:events';
@@ -16,8 +16,17 @@ import type { AccessLog, Transaction } from '../../src/access-log.ts';
 import type { Logger } from '../../src/log.ts';
 import { formatSquid } from '../../src/access-log.ts';
 
+// Every temporary directory of a test file lives under one root, removed when the file's process exits:
+// a full run used to leave ~190 directories (caches, logs, browser profiles) in /tmp each time.
+let root: string | undefined;
+
 export function tmpDir(prefix = 'cuttle-test-'): string {
-  return mkdtempSync(join(tmpdir(), prefix));
+  if (!root) {
+    const r = mkdtempSync(join(tmpdir(), 'cuttle-run-'));
+    process.on('exit', () => rmSync(r, { recursive: true, force: true }));
+    root = r;
+  }
+  return mkdtempSync(join(root, prefix));
 }
 
 export interface TestProxy {
