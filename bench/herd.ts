@@ -191,14 +191,14 @@ export async function runOnce(o: RunOptions): Promise<RunResult> {
     result.fetchesPerObjectMean = counts.length ? counts.reduce((a, b) => a + b, 0) / counts.length : NaN;
     result.fetchesPerObjectMax = counts.length ? Math.max(...counts) : NaN;
     result.objectsFetchedMoreThanOnce = counts.filter((c) => c > 1).length;
-    result.kernelTcp = kernel.stop();
-    const warning = kernelTcpWarning(result.kernelTcp);
-    if (warning) process.stderr.write(warning);
     const ps = procStats(target);
     result.proxyCpuS = ps.cpuS - cpu0;
     result.proxyPeakRssMiB = ps.peakRssMiB;
   } finally {
-    kernel.stop(); // a run that threw: stop sampling
+    // Read once the load is over (a run that threw stops sampling here too).
+    result.kernelTcp = kernel.stop();
+    const warning = kernelTcpWarning(result.kernelTcp);
+    if (warning) process.stderr.write(warning);
     await target.stop();
     for (const e of emus) await e.close().catch(() => {});
   }
