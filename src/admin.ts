@@ -31,7 +31,7 @@ export function createAdminServer(metrics: Metrics, state: AdminState): Server {
           res.writeHead(200, { 'content-type': 'text/html; charset=utf-8', 'content-security-policy': DASHBOARD_CSP, 'cache-control': 'no-store' }).end(DASHBOARD_HTML);
           return;
         case '/metrics': {
-          const text = await metrics.registry.metrics();
+          const text = await metrics.text();
           res.writeHead(200, { 'content-type': metrics.registry.contentType }).end(text);
           return;
         }

@@ -81,21 +81,42 @@ const CACHEABLE = new Set(['GET', 'HEAD']);
 const CLIENT_CONDITIONS = ['if-none-match', 'if-modified-since', 'if-match', 'if-unmodified-since', 'if-range', 'range'];
 const SAFE = new Set(['GET', 'HEAD', 'OPTIONS', 'TRACE']);
 
-export async function handleRequest(ctx: Ctx, req: IncomingMessage, res: ServerResponse, accel = false): Promise<void> {
+export function handleRequest(ctx: Ctx, req: IncomingMessage, res: ServerResponse, accel = false): void | Promise<void> {
   const tx = newTransaction({ startedAt: ctx.clock.now(), client: plainAddress(req.socket.remoteAddress ?? '-'), method: req.method ?? '-', url: req.url ?? '-', headers: req.headers, httpVersion: req.httpVersion });
   const s: State = { ctx, req, res, tx, accel };
-  let step: StepName | undefined = 'recv';
+  let step: Next = 'recv';
   try {
+    // Steps that finish at once return the next step itself: a memory hit runs from request to response
+    // without a promise, and goes async only at the first step that must wait.
     while (step) {
-      // Steps that finish at once return the next step itself: a memory hit runs without a promise.
+      const next = STEPS[step](s);
+      if (next instanceof Promise) return runAsync(s, next);
+      step = next;
+    }
+  } catch (err) {
+    return failedInside(s, err);
+  }
+  finish(s);
+}
+
+async function runAsync(s: State, pending: Promise<Next>): Promise<void> {
+  try {
+    let step = await pending;
+    while (step) {
       const next = STEPS[step](s);
       step = next instanceof Promise ? await next : next;
     }
   } catch (err) {
-    ctx.log.error({ err, url: tx.url, internal: true }, 'request failed inside the proxy');
-    s.error = err instanceof ProxyError ? err : internalError(err);
-    await synth(s).catch(() => s.res.destroy());
+    return failedInside(s, err);
   }
+  finish(s);
+}
+
+/** A step threw: cuttle's own failure, answered with a labelled error (or the socket cut). */
+async function failedInside(s: State, err: unknown): Promise<void> {
+  s.ctx.log.error({ err, url: s.tx.url, internal: true }, 'request failed inside the proxy');
+  s.error = err instanceof ProxyError ? err : internalError(err);
+  await synth(s).catch(() => s.res.destroy());
   finish(s);
 }
 

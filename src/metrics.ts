@@ -1,7 +1,8 @@
 // Prometheus metrics, declared in one table (Varnish VSC style) and served on the admin listener.
 // Counters that the request path keeps (Counters, tier stats, coalescer stats, and the per-label counts
 // below) are read at scrape time, so the hot path pays for a few integer increments, not a prom-client
-// label lookup per counter; only the duration histogram is observed per request.
+// label lookup per counter. The per-request duration histogram is counted here too and written after
+// the registry's text: prom-client's observe() builds and hashes a label object on every call.
 import { Counter, Gauge, Histogram, Registry, collectDefaultMetrics } from 'prom-client';
 import type { Transaction } from './access-log.ts';
 import type { CoalescerStats } from './coalescer.ts';
@@ -45,7 +46,7 @@ export class Metrics {
   readonly #requests = new Map<string, { labels: { result: string; method: string }; n: number }>();
   readonly #errors = new Map<string, number>();
   readonly #waiters: Histogram;
-  readonly #duration: Histogram<'result'>;
+  readonly #duration = new DurationHistogram('cuttle_request_duration_seconds', 'Time from request to the last byte handed to the socket', [0.001, 0.005, 0.02, 0.1, 0.5, 1, 5, 30]);
 
   readonly #counters: Counters;
 
@@ -60,7 +61,6 @@ export class Metrics {
     new Counter({ name: 'cuttle_served_bytes_total', help: 'Body bytes sent to clients, by where they came from (memory, disk, upstream)', labelNames: ['tier'], registers: [r], collect() { this.reset(); for (const [tier, n] of Object.entries(served)) if (n > 0) this.inc({ tier }, n); } });
     new Counter({ name: 'cuttle_errors_total', help: "cuttle's own failures by Proxy-Status error token", labelNames: ['error'], registers: [r], collect() { this.reset(); for (const [error, n] of errors) this.inc({ error }, n); } });
     this.#waiters = new Histogram({ name: 'cuttle_fill_readers', help: 'Clients served by one upstream fill (1 = no coalescing)', buckets: [1, 2, 5, 10, 50, 100, 500, 1000, 5000], registers: [r] });
-    this.#duration = new Histogram({ name: 'cuttle_request_duration_seconds', help: 'Time from request to the last byte handed to the socket', labelNames: ['result'], buckets: [0.001, 0.005, 0.02, 0.1, 0.5, 1, 5, 30], registers: [r] });
     const gauge = (name: string, help: string, read: () => number) =>
       new Gauge({ name, help, registers: [r], collect() { this.set(read()); } });
     gauge('cuttle_fills_in_flight', 'Upstream fills running now', src.fillsInFlight);
@@ -126,7 +126,12 @@ export class Metrics {
     const tier = tx.result === 'TCP_MEM_HIT' ? 'memory' : tx.result === 'TCP_HIT' || tx.result === 'TCP_REFRESH_UNMODIFIED' || tx.result === 'TCP_REFRESH_FAIL_OLD' || tx.result === 'TCP_STALE_HIT' ? 'disk' : 'upstream';
     if (tx.bytesOut > 0 && !errorToken) this.served[tier] += tx.bytesOut;
     if (errorToken) this.#errors.set(errorToken, (this.#errors.get(errorToken) ?? 0) + 1);
-    this.#duration.observe({ result: group }, Math.max(0, nowMs - tx.startedAt) / 1000);
+    this.#duration.observe(group, Math.max(0, nowMs - tx.startedAt) / 1000);
+  }
+
+  /** The Prometheus text of every metric (GET /metrics), in the registry's content type. */
+  async text(): Promise<string> {
+    return (await this.registry.metrics()) + this.#duration.text();
   }
 
   /** Body bytes served by tier, as plain numbers (for /status, the dashboard and Prometheus). */
@@ -140,5 +145,45 @@ export class Metrics {
 
   fillDone(readers: number): void {
     this.#waiters.observe(readers);
+  }
+}
+
+/**
+ * A histogram labelled by result group, kept as plain numbers per group and written in Prometheus' text
+ * format (exposition 0.0.4, as the registry's) when scraped.
+ */
+export class DurationHistogram {
+  readonly #name: string;
+  readonly #help: string;
+  readonly #bounds: number[];
+  readonly #groups = new Map<string, { counts: number[]; sum: number }>();
+
+  constructor(name: string, help: string, bounds: number[]) {
+    this.#name = name;
+    this.#help = help;
+    this.#bounds = bounds;
+  }
+
+  observe(group: string, value: number): void {
+    let g = this.#groups.get(group);
+    if (!g) this.#groups.set(group, (g = { counts: new Array<number>(this.#bounds.length + 1).fill(0), sum: 0 }));
+    let i = 0;
+    while (i < this.#bounds.length && value > this.#bounds[i]!) i++;
+    g.counts[i]!++;
+    g.sum += value;
+  }
+
+  text(): string {
+    const n = this.#name;
+    let out = `# HELP ${n} ${this.#help}\n# TYPE ${n} histogram\n`;
+    for (const [group, g] of this.#groups) {
+      let cumulative = 0;
+      for (let i = 0; i <= this.#bounds.length; i++) {
+        cumulative += g.counts[i]!;
+        out += `${n}_bucket{le="${i < this.#bounds.length ? this.#bounds[i] : '+Inf'}",result="${group}"} ${cumulative}\n`;
+      }
+      out += `${n}_sum{result="${group}"} ${g.sum}\n${n}_count{result="${group}"} ${cumulative}\n`;
+    }
+    return out;
   }
 }

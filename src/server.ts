@@ -1,5 +1,5 @@
 // Composition root: wires config, tiers, coalescer, upstream, logs and listeners into one proxy.
-import { createServer, type Server } from 'node:http';
+import { createServer, type Server, type ServerResponse } from 'node:http';
 import type { AddressInfo } from 'node:net';
 import { MAX_BEHIND_BYTES, newTransaction, openAccessLog, type AccessLog } from './access-log.ts';
 import { compileAcl, plainAddress, type Acl } from './acl.ts';
@@ -175,12 +175,18 @@ export async function createProxy(cfg: Config, opts: ProxyOptions = {}): Promise
         recordTransaction(ctx, newTransaction({ startedAt: clock.now(), client: plainAddress(sock.remoteAddress ?? '-'), method: 'NONE', url: '-', status: err.status }), err.token);
       }
     });
-    srv.on('request', (req, res) =>
-      handleRequest(ctx, req, res, accel).catch((err: unknown) => {
-        log.error({ err, internal: true }, 'request handler failed');
-        res.destroy();
-      }),
-    );
+    const handlerFailed = (res: ServerResponse) => (err: unknown) => {
+      log.error({ err, internal: true }, 'request handler failed');
+      res.destroy();
+    };
+    srv.on('request', (req, res) => {
+      // A memory hit is answered synchronously (no promise); anything that waits returns one.
+      try {
+        handleRequest(ctx, req, res, accel)?.catch(handlerFailed(res));
+      } catch (err) {
+        handlerFailed(res)(err);
+      }
+    });
     srv.on('connect', (req, socket, head) => handleConnect(ctx, req, socket, head));
     srv.on('clientError', (err: NodeJS.ErrnoException, socket) => {
       if (socket.writable && err.code !== 'ECONNRESET') {

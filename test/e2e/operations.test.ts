@@ -49,6 +49,12 @@ describe('operations', () => {
     assert.equal(metric(m, 'cuttle_served_bytes_total', 'tier="memory"'), 9);
     assert.equal(metric(m, 'cuttle_cache_objects', 'tier="memory"'), 1);
     assert.match(m, /cuttle_process_nodejs_eventloop_lag_seconds/);
+    // The duration histogram: one observation per request, by result group, every one under +Inf.
+    assert.match(m, /^# TYPE cuttle_request_duration_seconds histogram$/m);
+    for (const group of ['MISS', 'MEM_HIT', 'DENIED']) {
+      assert.equal(metric(m, 'cuttle_request_duration_seconds_count', `result="${group}"`), 1, group);
+      assert.equal(metric(m, 'cuttle_request_duration_seconds_bucket', `le="+Inf",result="${group}"`), 1, group);
+    }
     assert.equal((await adminGet(admin, '/healthz')).status, 200);
     await p.proxy.disk.loaded;
     assert.equal((await adminGet(admin, '/readyz')).status, 200);
