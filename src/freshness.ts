@@ -72,6 +72,7 @@ export function createFreshness(clock: Clock, negativeTtlMs: number): Freshness 
 
 /** Does the client demand an end-to-end reload (RFC 9111 §5.2.1.4, §5.4)? */
 export function clientWantsReload(h: { 'cache-control'?: string | string[] | undefined; pragma?: string | string[] | undefined }): boolean {
+  if (!h['cache-control'] && !h.pragma) return false; // most requests: no directives at all
   const cc = String(h['cache-control'] ?? '').toLowerCase();
   if (/(^|,)\s*no-cache\b/.test(cc) || /(^|,)\s*max-age\s*=\s*0\b/.test(cc)) return true;
   // Pragma: no-cache only counts without Cache-Control (RFC 9111 §5.4), but CVMFS sends both; Squid honours either.
