@@ -548,7 +548,9 @@ async function deliverFill(s: State): Promise<StepName | undefined> {
       burst += buf.length;
       tx.bytesOut += buf.length;
       headOut = true;
-      if (!res.write(buf, pooled && (() => ctx.buffers.release(pooled)))) await drained(res);
+      // Bytes from the fill's memory may queue up to QUEUE_BYTES for the socket before waiting for
+      // `drain`: one write then carries several chunks (pooled disk reads still wait, the pool is bounded).
+      if (!res.write(buf, pooled && (() => ctx.buffers.release(pooled))) && (pooled || res.writableLength >= QUEUE_BYTES)) await drained(res);
     }
     res.end();
     return undefined;
@@ -932,6 +934,8 @@ function reply(s: State, status: number, headers: Record<string, string>, body: 
 }
 
 const BURST_BYTES = 1024 * 1024;
+/** What a fill's reader may queue for its socket beyond the kernel's buffer before it waits for `drain`. */
+const QUEUE_BYTES = 128 * 1024;
 
 /** The next turn of the event loop, one promise shared by everyone waiting for it. */
 let turn: Promise<void> | undefined;
