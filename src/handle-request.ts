@@ -83,28 +83,20 @@ const SAFE = new Set(['GET', 'HEAD', 'OPTIONS', 'TRACE']);
 
 export function handleRequest(ctx: Ctx, req: IncomingMessage, res: ServerResponse, accel = false): void | Promise<void> {
   const tx = newTransaction({ startedAt: ctx.clock.now(), client: plainAddress(req.socket.remoteAddress ?? '-'), method: req.method ?? '-', url: req.url ?? '-', headers: req.headers, httpVersion: req.httpVersion });
-  const s: State = { ctx, req, res, tx, accel };
-  let step: Next = 'recv';
-  try {
-    // Steps that finish at once return the next step itself: a memory hit runs from request to response
-    // without a promise, and goes async only at the first step that must wait.
-    while (step) {
-      const next = STEPS[step](s);
-      if (next instanceof Promise) return runAsync(s, next);
-      step = next;
-    }
-  } catch (err) {
-    return failedInside(s, err);
-  }
-  finish(s);
+  return run({ ctx, req, res, tx, accel }, 'recv');
 }
 
-async function runAsync(s: State, pending: Promise<Next>): Promise<void> {
+/**
+ * Run the steps from `step`. Steps that finish at once return the next step itself, so a memory hit
+ * runs from request to response without a promise; the first step that must wait continues from here
+ * when it settles.
+ */
+function run(s: State, step: Next): void | Promise<void> {
   try {
-    let step = await pending;
     while (step) {
       const next = STEPS[step](s);
-      step = next instanceof Promise ? await next : next;
+      if (next instanceof Promise) return next.then((n) => run(s, n), (err: unknown) => failedInside(s, err));
+      step = next;
     }
   } catch (err) {
     return failedInside(s, err);
