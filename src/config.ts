@@ -331,6 +331,12 @@ export const OPTIONS = {
     help: 'idle keep-alive timeout of client connections',
     schema: duration,
   },
+  'hit-lane': {
+    default: true,
+    field: 'hitLane',
+    help: 'answer plain requests for fresh memory hits without node:http (the fast path for small hits); off: every request goes through node:http',
+    schema: z.union([z.boolean(), z.enum(['true', 'false']).transform((v) => v === 'true')]),
+  },
   'max-fills': {
     default: 1024,
     field: 'maxFills',
@@ -628,7 +634,7 @@ export function parseCli(argv: string[]): Cli {
   for (const name of Object.keys(DEFAULTS) as OptionName[]) options[name] = typeof DEFAULTS[name] === 'boolean' ? { type: 'boolean' } : { type: 'string', multiple: 'multiple' in OPTIONS[name] };
   let parsed;
   try {
-    parsed = parseArgs({ args: argv, options, strict: true, allowPositionals: false });
+    parsed = parseArgs({ args: argv, options, strict: true, allowPositionals: false, allowNegative: true }); // --no-hit-lane
   } catch (err) {
     throw new ConfigError([(err as Error).message.split('\n')[0]!]);
   }

@@ -16,6 +16,7 @@ export const REQUEST_COUNTERS = {
   requests: { help: 'client requests (SNMP cacheProtoClientHttpRequests)', counts: () => true },
   hits: { help: "requests answered from the cache, by Squid's isTcpHit (SNMP cacheHttpHits)", counts: (tx: Transaction) => isHit(tx) },
   memHits: { help: 'hits from the memory tier', counts: (tx: Transaction) => tx.result === 'TCP_MEM_HIT' },
+  laneHits: { help: 'memory hits answered by the hit lane, without node:http (--hit-lane)', counts: (tx: Transaction) => tx.lane === true },
   misses: { help: 'requests that started an upstream fill of their own', counts: (tx: Transaction) => !isHit(tx) && tx.served === 'miss' },
   coalesced: { help: 'requests that joined a running fill', counts: (tx: Transaction) => !isHit(tx) && tx.served === 'coalesced' },
   passes: { help: 'requests forwarded uncached (not GET/HEAD, credentials, no-store)', counts: (tx: Transaction) => tx.served === 'pass' },

@@ -11,7 +11,7 @@
 //   finish ─▶ one Transaction: access log line and counters
 //
 // Each step is a named function returning the next step.
-import type { IncomingMessage, OutgoingHttpHeaders, ServerResponse } from 'node:http';
+import type { IncomingHttpHeaders, IncomingMessage, OutgoingHttpHeaders, ServerResponse } from 'node:http';
 import type { Acl } from './acl.ts';
 import { localHint, plainAddress } from './acl.ts';
 import { newTransaction, type AccessLog, type Transaction } from './access-log.ts';
@@ -187,6 +187,31 @@ function setKey(s: State, primary: string): void {
   // Content-addressed bytes do not vary.
   s.vary = primary.startsWith('cvmfs-cas:') ? [] : (s.ctx.coalescer.varySpecs.get(primary) ?? []);
   s.key = variantKey(primary, s.vary, s.req.headers);
+}
+
+/**
+ * The hit lane's question (hit-lane.ts): is this forward GET or HEAD, with no request directive,
+ * condition, range, credentials or Vary, a fresh memory hit? Then its transaction, stored object and
+ * response head; else undefined, and the full path answers it (denials and errors included). The checks
+ * are recv's and lookup's, for the only case they let through to a plain memory hit.
+ */
+export function plainMemoryHit(ctx: Ctx, method: string, target: string, headers: IncomingHttpHeaders, client: string): { tx: Transaction; st: StoredObject; headers: OutgoingHttpHeaders } | undefined {
+  if ((method !== 'GET' && method !== 'HEAD') || headers.authorization !== undefined || headers['cache-control'] || headers.pragma) return undefined;
+  for (const h of CLIENT_CONDITIONS) if (headers[h] !== undefined) return undefined;
+  if (!ctx.acl().allowsClient(client)) return undefined;
+  const parsed = parseTarget(target);
+  if (!parsed) return undefined;
+  const url = parsed.url;
+  const primary = parsed.cas && !ctx.mirrors.byHost(url.host) ? urlKey(url) : parsed.primary;
+  if (isLoop(headers, ctx.cfg.visibleHostname) || ctx.acl().checkDestination(url.hostname, Number(url.port || 80)) !== 'allow') return undefined;
+  if (!primary.startsWith('cvmfs-cas:') && ctx.coalescer.varySpecs.get(primary)?.length) return undefined;
+  if (clientWantsReload(headers) || ctx.coalescer.isUncacheable(primary)) return undefined;
+  const st = ctx.store.getFromMemory(primary);
+  if (!st || !isFresh(st.policy)) return undefined;
+  const tx = newTransaction({ startedAt: ctx.clock.now(), client, method, url: url.href, headers, httpVersion: '1.1' });
+  tx.result = 'TCP_MEM_HIT';
+  tx.lane = true;
+  return { tx, st, headers: hitHeaders(ctx, tx, st) };
 }
 
 /**
@@ -706,11 +731,8 @@ async function deliverRecord(s: State, st: StoredObject, body: Extract<StoredObj
  * (RFC 9110 §14).
  */
 function storedAnswer(s: State, st: StoredObject): { headers: OutgoingHttpHeaders; range: { start: number; end: number } | undefined } | undefined {
-  const { ctx, res, tx } = s;
-  const headers: OutgoingHttpHeaders = { ...sharedHead(st.meta, ctx.cfg.visibleHostname, 'HIT'), age: String(Math.floor(st.policy.age())) };
-  if (st.meta.status !== 204 && st.meta.status !== 304) headers['content-length'] = String(st.size);
-  tx.status = st.meta.status;
-  tx.mime = String(st.meta.headers['content-type'] ?? '');
+  const { res, tx } = s;
+  const headers = hitHeaders(s.ctx, tx, st);
   if (res.destroyed) return undefined;
   if (conditionMatches(s.req.headers, st.meta.status, st.meta.headers)) {
     tx.status = 304;
@@ -726,6 +748,15 @@ function storedAnswer(s: State, st: StoredObject): { headers: OutgoingHttpHeader
     return undefined;
   }
   return { headers, range };
+}
+
+/** A stored response's head as a hit sends it, its status and type noted in the transaction. */
+function hitHeaders(ctx: Ctx, tx: Transaction, st: StoredObject): OutgoingHttpHeaders {
+  const headers: OutgoingHttpHeaders = { ...sharedHead(st.meta, ctx.cfg.visibleHostname, 'HIT'), age: String(Math.floor(st.policy.age())) };
+  if (st.meta.status !== 204 && st.meta.status !== 304) headers['content-length'] = String(st.size);
+  tx.status = st.meta.status;
+  tx.mime = String(st.meta.headers['content-type'] ?? '');
+  return headers;
 }
 
 function hasBody(s: State, st: StoredObject): boolean {

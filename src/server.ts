@@ -1,6 +1,6 @@
 // Composition root: wires config, tiers, coalescer, upstream, logs and listeners into one proxy.
 import { createServer, type Server, type ServerResponse } from 'node:http';
-import type { AddressInfo } from 'node:net';
+import type { AddressInfo, Socket } from 'node:net';
 import { MAX_BEHIND_BYTES, newTransaction, openAccessLog, type AccessLog } from './access-log.ts';
 import { compileAcl, plainAddress, type Acl } from './acl.ts';
 import { BufferPool } from './buffer-pool.ts';
@@ -12,7 +12,8 @@ import { createAdminServer } from './admin.ts';
 import { Metrics } from './metrics.ts';
 import { Upstream } from './fetch.ts';
 import { createFreshness } from './freshness.ts';
-import { handleRequest, recordTransaction, type Ctx } from './handle-request.ts';
+import { handleRequest, plainMemoryHit, recordTransaction, type Ctx } from './handle-request.ts';
+import { HitLane } from './hit-lane.ts';
 import { newCounters, type Counters } from './counters.ts';
 import { createLogger, type Logger } from './log.ts';
 import { Mirrors, Prober } from './mirrors.ts';
@@ -125,6 +126,14 @@ export async function createProxy(cfg: Config, opts: ProxyOptions = {}): Promise
   }, counters);
   coalescer.onFillDone = (readers) => metrics.fillDone(readers);
   const ctx: Ctx = { cfg, acl: getAcl, clock, store, coalescer, upstream, accessLog, log, counters, buffers: new BufferPool(2048), metrics, mirrors, tunnels: new Set() };
+  const lane = cfg.hitLane
+    ? new HitLane({
+        hit: (method, target, headers, client) => plainMemoryHit(ctx, method, target, headers, client),
+        record: (tx) => recordTransaction(ctx, tx, undefined),
+        failed: (err) => log.error({ err, internal: true }, 'hit lane failed'),
+        idleTimeoutMs: cfg.clientIdleTimeoutMs,
+      })
+    : undefined;
   let draining = false;
   let snmpAgent: SnmpAgent | undefined;
   let listening = false;
@@ -165,15 +174,25 @@ export async function createProxy(cfg: Config, opts: ProxyOptions = {}): Promise
     // next proxy at once), where net.Server's maxConnections would drop it without a word. A hard cap
     // at twice the limit still drops, so a flood can't make us write answers without bound.
     srv.maxConnections = cfg.maxClientConnections * 2;
-    srv.on('connection', (sock) => {
+    // node:http reads a connection through the one 'connection' listener it registers itself. Here it is
+    // taken out and called for a connection only when the hit lane hands one over (or the lane is off).
+    const [nodeConnection, ...others] = srv.listeners('connection') as ((sock: Socket) => void)[];
+    if (!nodeConnection || others.length) throw new Error('node:http no longer has exactly one connection listener: run with --hit-lane false');
+    srv.off('connection', nodeConnection);
+    const toNode = (sock: Socket) => nodeConnection.call(srv, sock);
+    srv.on('connection', (sock: Socket) => {
       connections++;
       sock.once('close', () => connections--);
+      const client = plainAddress(sock.remoteAddress ?? '-');
       if (connections > cfg.maxClientConnections) {
         // Answered before any request is read: counted (and logged) as a request-less NONE/503.
         const err = new ProxyError('ERR_OVERLOADED', 'too many client connections');
         endWithError(sock, err, cfg.visibleHostname);
-        recordTransaction(ctx, newTransaction({ startedAt: clock.now(), client: plainAddress(sock.remoteAddress ?? '-'), method: 'NONE', url: '-', status: err.status }), err.token);
+        recordTransaction(ctx, newTransaction({ startedAt: clock.now(), client, method: 'NONE', url: '-', status: err.status }), err.token);
+        return toNode(sock);
       }
+      if (lane) lane.attach(sock, client, toNode);
+      else toNode(sock);
     });
     const handlerFailed = (res: ServerResponse) => (err: unknown) => {
       log.error({ err, internal: true }, 'request handler failed');
@@ -266,11 +285,17 @@ export async function createProxy(cfg: Config, opts: ProxyOptions = {}): Promise
       const drainStarted = performance.now();
       const closing = servers.map((srv) => new Promise<void>((r) => (srv.listening ? srv.close(() => r()) : r())));
       // Keep-alive connections become idle as their last response ends: close them as they do.
-      const sweep = setInterval(() => servers.forEach((srv) => srv.closeIdleConnections()), 100);
-      for (const srv of servers) srv.closeIdleConnections();
+      // (A connection in the hit lane is idle whenever its answers have left.)
+      const closeIdle = () => {
+        servers.forEach((srv) => srv.closeIdleConnections());
+        for (const sock of lane?.sockets ?? []) if (sock.writableLength === 0) sock.destroy();
+      };
+      const sweep = setInterval(closeIdle, 100);
+      closeIdle();
       // Past the timeout, whatever is still open is cut: client connections, tunnels, then fills.
       const cutAll = () => {
         servers.forEach((s) => s.closeAllConnections());
+        for (const sock of lane?.sockets ?? []) sock.destroy();
         for (const end of ctx.tunnels) end();
       };
       const timer = setTimeout(cutAll, timeoutMs);

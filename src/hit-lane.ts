@@ -1,0 +1,171 @@
+// The hit lane: a client connection's plain requests for fresh memory hits are answered here, without
+// node:http's per-request IncomingMessage and ServerResponse (most of a small hit's CPU). The lane reads
+// only a strict subset of HTTP/1.1: the first request that is anything else, or a read that ends inside
+// a request, hands the connection and its unread bytes to node:http for the rest of its life. So node's
+// parser judges every request the lane does not fully understand, and the full request path answers it.
+import { STATUS_CODES, type IncomingHttpHeaders, type OutgoingHttpHeaders } from 'node:http';
+import type { Socket } from 'node:net';
+import type { Transaction } from './access-log.ts';
+import type { StoredObject } from './store.ts';
+
+export interface LaneHit {
+  tx: Transaction;
+  st: StoredObject;
+  headers: OutgoingHttpHeaders;
+}
+
+export interface HitLaneOptions {
+  /** The answer to a plain GET or HEAD if it is a fresh memory hit, else undefined (handed off). */
+  hit: (method: string, target: string, headers: IncomingHttpHeaders, client: string) => LaneHit | undefined;
+  /** The transaction is finished (handed to the kernel, or the client went away). */
+  record: (tx: Transaction) => void;
+  /** The lane itself threw (a bug): logged as an internal error; the connection is cut. */
+  failed: (err: unknown) => void;
+  idleTimeoutMs: number;
+}
+
+/**
+ * Request headers the lane reads itself: what CVMFS clients, curl and load generators send on a plain
+ * GET. Any other field (conditions, ranges, directives, bodies, Expect, Upgrade...) goes to node:http.
+ */
+const PLAIN = new Set(['host', 'user-agent', 'accept', 'accept-language', 'accept-encoding', 'connection', 'proxy-connection', 'pragma', 'referer', 'cvmfs-info', 'x-frontier-id', 'x-cvmfs-pid', 'x-cvmfs-gid', 'x-cvmfs-uid']);
+const REQUEST_LINE = /^(GET|HEAD) ([\x21-\x7e]+) HTTP\/1\.1$/;
+// A token name, then a value of visible ASCII, spaces and tabs (no obs-fold, no obs-text, no CR or LF).
+const FIELD = /^([!#$%&'*+.^_`|~0-9A-Za-z-]+):[ \t]*([\t\x20-\x7e]*?)[ \t]*$/;
+const END = Buffer.from('\r\n\r\n');
+const EMPTY = Buffer.alloc(0);
+/** A head longer than this is not a plain request. */
+const MAX_HEAD = 8192;
+
+/** Parse a request head (without its final CRLFCRLF) of the plain kind, or undefined. */
+export function parsePlain(head: string): { method: string; target: string; headers: IncomingHttpHeaders } | undefined {
+  const lines = head.split('\r\n');
+  const rl = REQUEST_LINE.exec(lines[0]!);
+  if (!rl) return undefined;
+  const headers: IncomingHttpHeaders = {};
+  for (let i = 1; i < lines.length; i++) {
+    const f = FIELD.exec(lines[i]!);
+    if (!f) return undefined;
+    const name = f[1]!.toLowerCase();
+    if (!PLAIN.has(name) || headers[name] !== undefined) return undefined;
+    headers[name] = f[2]!;
+  }
+  const conn = headers.connection;
+  if (conn !== undefined && conn.toLowerCase() !== 'keep-alive') return undefined;
+  return { method: rl[1]!, target: rl[2]!, headers };
+}
+
+/** The response head as node:http writes it for the same headers on a keep-alive connection. */
+export function serializeHead(status: number, headers: OutgoingHttpHeaders, keepAliveS: number, date: string): string {
+  let out = `HTTP/1.1 ${status} ${STATUS_CODES[status] ?? 'unknown'}\r\n`;
+  let hasDate = false;
+  for (const name in headers) {
+    const v = headers[name];
+    if (v === undefined) continue;
+    if (name === 'date') hasDate = true;
+    if (Array.isArray(v)) for (const x of v) out += `${name}: ${x}\r\n`;
+    else out += `${name}: ${v}\r\n`;
+  }
+  if (!hasDate) out += `Date: ${date}\r\n`;
+  return `${out}Connection: keep-alive\r\nKeep-Alive: timeout=${keepAliveS}\r\n\r\n`;
+}
+
+/** The HTTP date, made at most once a second. */
+let dateSecond = -1;
+let dateText = '';
+function httpDate(nowMs: number): string {
+  const sec = Math.floor(nowMs / 1000);
+  if (sec !== dateSecond) {
+    dateSecond = sec;
+    dateText = new Date(sec * 1000).toUTCString();
+  }
+  return dateText;
+}
+
+export class HitLane {
+  /** Connections in the lane now: between requests they are idle (the lane never waits mid-request). */
+  readonly sockets = new Set<Socket>();
+  readonly #o: HitLaneOptions;
+
+  constructor(o: HitLaneOptions) {
+    this.#o = o;
+  }
+
+  /** Serve `sock`'s requests here until one is not a plain memory hit; then `handOff(sock)`. */
+  attach(sock: Socket, client: string, handOff: (sock: Socket) => void): void {
+    const o = this.#o;
+    const keepAliveS = Math.floor(o.idleTimeoutMs / 1000);
+    const onError = () => {};
+    const onTimeout = () => sock.destroy();
+    const onClose = () => this.sockets.delete(sock);
+    const onEnd = () => sock.end(); // the client is done: every answer of the lane is already queued
+    const leave = (rest: Buffer) => {
+      sock.pause(); // before unshift: a flowing stream would emit the bytes to nobody
+      sock.off('data', onData);
+      sock.off('error', onError);
+      sock.off('timeout', onTimeout);
+      sock.off('close', onClose);
+      sock.off('end', onEnd);
+      sock.setTimeout(0);
+      this.sockets.delete(sock);
+      if (rest.length) sock.unshift(rest);
+      handOff(sock);
+      sock.resume();
+    };
+    const onData = (chunk: Buffer) => {
+      let pos = 0;
+      let rest: Buffer | undefined;
+      const answered: Transaction[] = [];
+      sock.cork(); // the answers to one read leave in one write
+      try {
+        while (pos < chunk.length) {
+          const end = chunk.indexOf(END, pos);
+          const req = end >= 0 && end - pos <= MAX_HEAD ? parsePlain(chunk.toString('latin1', pos, end)) : undefined;
+          const hit = req && o.hit(req.method, req.target, req.headers, client);
+          if (!hit) {
+            rest = chunk.subarray(pos);
+            break;
+          }
+          pos = end + 4;
+          const { tx, st } = hit;
+          sock.write(serializeHead(st.meta.status, hit.headers, keepAliveS, httpDate(tx.startedAt)), 'latin1');
+          if (st.body.kind === 'buffer' && tx.method === 'GET' && st.meta.status !== 204 && st.meta.status !== 304) {
+            tx.bytesOut = st.body.data.length;
+            sock.write(st.body.data);
+          }
+          answered.push(tx);
+        }
+      } catch (err) {
+        o.failed(err);
+        sock.destroy();
+        return;
+      } finally {
+        sock.uncork();
+      }
+      if (answered.length) {
+        // All in the kernel is finished (as node:http's finish counts it); else when the rest has left.
+        if (sock.writableLength === 0) for (const tx of answered) o.record(tx);
+        else
+          sock.write(EMPTY, (err) => {
+            for (const tx of answered) {
+              if (err) tx.aborted = true;
+              o.record(tx);
+            }
+          });
+      }
+      if (rest) return leave(rest);
+      // A client that sends faster than it reads waits here, as node:http makes it wait.
+      if (sock.writableNeedDrain) {
+        sock.pause();
+        sock.once('drain', () => sock.resume());
+      }
+    };
+    this.sockets.add(sock);
+    sock.on('data', onData);
+    sock.on('error', onError);
+    sock.on('close', onClose);
+    sock.on('end', onEnd);
+    sock.setTimeout(o.idleTimeoutMs);
+    sock.on('timeout', onTimeout);
+  }
+}
