@@ -115,8 +115,9 @@ export function markdownTable(scenario: string, runs: RunResult[], targets: stri
   for (const f of FIGURES) {
     const meds = targets.map((t) => median(runs.filter((r) => r.target === t).map((r) => f.get(r) ?? NaN)));
     if (meds.every((m) => !Number.isFinite(m))) continue;
-    const bound = f.generatorBound && runs.some(f.generatorBound);
-    const ratios = meds.slice(1).map((m) => (bound ? `no ratio: wrk saturated (≥ ${GENERATOR_SATURATED * 100}% of its core)` : Number.isFinite(meds[0]!) && Number.isFinite(m) && m !== 0 ? `${(meds[0]! / m).toFixed(2)}×` : '–'));
+    // A ratio is withheld when the generator limited either of its two targets, not a third one.
+    const bound = (other: string) => f.generatorBound !== undefined && runs.some((r) => (r.target === targets[0] || r.target === other) && f.generatorBound!(r));
+    const ratios = meds.slice(1).map((m, i) => (bound(others[i]!) ? `no ratio: wrk saturated (≥ ${GENERATOR_SATURATED * 100}% of its core)` : Number.isFinite(meds[0]!) && Number.isFinite(m) && m !== 0 ? `${(meds[0]! / m).toFixed(2)}×` : '–'));
     rows.push(`| ${f.label} | ${meds.map(fmt).join(' | ')} |${ratios.map((r) => ` ${r} |`).join('')}`);
   }
   return [head, sep, ...rows].join('\n');
