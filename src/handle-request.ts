@@ -195,7 +195,7 @@ function setKey(s: State, primary: string): void {
  * response head; else undefined, and the full path answers it (denials and errors included). The checks
  * are recv's and lookup's, for the only case they let through to a plain memory hit.
  */
-export function plainMemoryHit(ctx: Ctx, method: string, target: string, headers: IncomingHttpHeaders, client: string): { tx: Transaction; st: StoredObject; headers: OutgoingHttpHeaders } | undefined {
+export function plainMemoryHit(ctx: Ctx, method: string, target: string, headers: IncomingHttpHeaders, client: string): { tx: Transaction; st: StoredObject } | undefined {
   if ((method !== 'GET' && method !== 'HEAD') || headers.authorization !== undefined || headers['cache-control'] || headers.pragma) return undefined;
   for (const h of CLIENT_CONDITIONS) if (headers[h] !== undefined) return undefined;
   if (!ctx.acl().allowsClient(client)) return undefined;
@@ -211,7 +211,9 @@ export function plainMemoryHit(ctx: Ctx, method: string, target: string, headers
   const tx = newTransaction({ startedAt: ctx.clock.now(), client, method, url: url.href, headers, httpVersion: '1.1' });
   tx.result = 'TCP_MEM_HIT';
   tx.lane = true;
-  return { tx, st, headers: hitHeaders(ctx, tx, st) };
+  tx.status = st.meta.status;
+  tx.mime = String(st.meta.headers['content-type'] ?? '');
+  return { tx, st };
 }
 
 /**
@@ -752,10 +754,20 @@ function storedAnswer(s: State, st: StoredObject): { headers: OutgoingHttpHeader
 
 /** A stored response's head as a hit sends it, its status and type noted in the transaction. */
 function hitHeaders(ctx: Ctx, tx: Transaction, st: StoredObject): OutgoingHttpHeaders {
-  const headers: OutgoingHttpHeaders = { ...sharedHead(st.meta, ctx.cfg.visibleHostname, 'HIT'), age: String(Math.floor(st.policy.age())) };
-  if (st.meta.status !== 204 && st.meta.status !== 304) headers['content-length'] = String(st.size);
   tx.status = st.meta.status;
   tx.mime = String(st.meta.headers['content-type'] ?? '');
+  return storedHitHead(ctx, st, hitAge(st));
+}
+
+/** A stored response's current Age, as a hit's head says it. */
+export function hitAge(st: StoredObject): string {
+  return String(Math.floor(st.policy.age()));
+}
+
+/** The head fields a hit on `st` sends (node:http adds Date, when the response has none, and Connection). */
+export function storedHitHead(ctx: Pick<Ctx, 'cfg'>, st: StoredObject, age: string): OutgoingHttpHeaders {
+  const headers: OutgoingHttpHeaders = { ...sharedHead(st.meta, ctx.cfg.visibleHostname, 'HIT'), age };
+  if (st.meta.status !== 204 && st.meta.status !== 304) headers['content-length'] = String(st.size);
   return headers;
 }
 

@@ -6,23 +6,38 @@
 import { STATUS_CODES, type IncomingHttpHeaders, type OutgoingHttpHeaders } from 'node:http';
 import type { Socket } from 'node:net';
 import type { Transaction } from './access-log.ts';
-import type { StoredObject } from './store.ts';
+import type { StoredMeta, StoredObject } from './store.ts';
+import { LRUCache } from 'lru-cache';
 
 export interface LaneHit {
   tx: Transaction;
   st: StoredObject;
-  headers: OutgoingHttpHeaders;
 }
 
 export interface HitLaneOptions {
   /** The answer to a plain GET or HEAD if it is a fresh memory hit, else undefined (handed off). */
   hit: (method: string, target: string, headers: IncomingHttpHeaders, client: string) => LaneHit | undefined;
+  /** The stored response's current Age, and its head fields with that Age. */
+  age: (st: StoredObject) => string;
+  head: (st: StoredObject, age: string) => OutgoingHttpHeaders;
   /** The transaction is finished (handed to the kernel, or the client went away). */
   record: (tx: Transaction) => void;
   /** The lane itself threw (a bug): logged as an internal error; the connection is cut. */
   failed: (err: unknown) => void;
   idleTimeoutMs: number;
 }
+
+/** A small object's whole response, head and body in one buffer, for as long as its Age and Date hold. */
+interface Built {
+  age: string;
+  date: string;
+  headBytes: number;
+  bytes: Buffer;
+}
+/** Bodies up to this size are answered from a built response; larger ones write head and body. */
+const BUILT_MAX_BODY = 64 * 1024;
+/** The built responses' bound: the hot small objects of the moment, rebuilt at most once a second. */
+const BUILT_BYTES = 8 * 2 ** 20;
 
 /**
  * Request headers the lane reads itself: what CVMFS clients, curl and load generators send on a plain
@@ -86,15 +101,49 @@ export class HitLane {
   /** Connections in the lane now: between requests they are idle (the lane never waits mid-request). */
   readonly sockets = new Set<Socket>();
   readonly #o: HitLaneOptions;
+  readonly #keepAliveS: number;
+  readonly #built = new LRUCache<StoredMeta, Built>({ maxSize: BUILT_BYTES, sizeCalculation: (b) => b.bytes.length });
 
   constructor(o: HitLaneOptions) {
     this.#o = o;
+    this.#keepAliveS = Math.floor(o.idleTimeoutMs / 1000);
+  }
+
+  #head(st: StoredObject, age: string, date: string): string {
+    return serializeHead(st.meta.status, this.#o.head(st, age), this.#keepAliveS, date);
+  }
+
+  /** The built response of a small stored object, made again when its Age or the Date has moved on. */
+  #built1(st: StoredObject & { body: { kind: 'buffer' } }, age: string, date: string): Built {
+    const had = this.#built.get(st.meta);
+    if (had && had.age === age && had.date === date) return had;
+    const head = Buffer.from(this.#head(st, age, date), 'latin1');
+    const b = { age, date, headBytes: head.length, bytes: Buffer.concat([head, st.body.data]) };
+    this.#built.set(st.meta, b);
+    return b;
+  }
+
+  /** Queue the answer to one lane request on `sock` (corked by the caller when it writes twice). */
+  #answer(sock: Socket, tx: Transaction, st: StoredObject): void {
+    const withBody = tx.method === 'GET' && st.meta.status !== 204 && st.meta.status !== 304;
+    const age = this.#o.age(st);
+    const date = httpDate(tx.startedAt);
+    if (st.body.kind === 'buffer' && st.body.data.length <= BUILT_MAX_BODY) {
+      const b = this.#built1(st as StoredObject & { body: { kind: 'buffer' } }, age, date);
+      if (withBody) tx.bytesOut = st.body.data.length;
+      sock.write(withBody ? b.bytes : b.bytes.subarray(0, b.headBytes));
+      return;
+    }
+    sock.write(this.#head(st, age, date), 'latin1');
+    if (withBody && st.body.kind === 'buffer') {
+      tx.bytesOut = st.body.data.length;
+      sock.write(st.body.data);
+    }
   }
 
   /** Serve `sock`'s requests here until one is not a plain memory hit; then `handOff(sock)`. */
   attach(sock: Socket, client: string, handOff: (sock: Socket) => void): void {
     const o = this.#o;
-    const keepAliveS = Math.floor(o.idleTimeoutMs / 1000);
     const onError = () => {};
     const onTimeout = () => sock.destroy();
     const onClose = () => this.sockets.delete(sock);
@@ -116,7 +165,7 @@ export class HitLane {
       let pos = 0;
       let rest: Buffer | undefined;
       const answered: Transaction[] = [];
-      sock.cork(); // the answers to one read leave in one write
+      let corked = false;
       try {
         while (pos < chunk.length) {
           const end = chunk.indexOf(END, pos);
@@ -127,20 +176,20 @@ export class HitLane {
             break;
           }
           pos = end + 4;
-          const { tx, st } = hit;
-          sock.write(serializeHead(st.meta.status, hit.headers, keepAliveS, httpDate(tx.startedAt)), 'latin1');
-          if (st.body.kind === 'buffer' && tx.method === 'GET' && st.meta.status !== 204 && st.meta.status !== 304) {
-            tx.bytesOut = st.body.data.length;
-            sock.write(st.body.data);
+          // One answer is one write; several (pipelined, or a large body's head and body) leave in one writev.
+          if (!corked && (answered.length > 0 || hit.st.size > BUILT_MAX_BODY)) {
+            sock.cork();
+            corked = true;
           }
-          answered.push(tx);
+          this.#answer(sock, hit.tx, hit.st);
+          answered.push(hit.tx);
         }
       } catch (err) {
         o.failed(err);
         sock.destroy();
         return;
       } finally {
-        sock.uncork();
+        if (corked) sock.uncork();
       }
       if (answered.length) {
         // All in the kernel is finished (as node:http's finish counts it); else when the rest has left.

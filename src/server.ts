@@ -12,7 +12,7 @@ import { createAdminServer } from './admin.ts';
 import { Metrics } from './metrics.ts';
 import { Upstream } from './fetch.ts';
 import { createFreshness } from './freshness.ts';
-import { handleRequest, plainMemoryHit, recordTransaction, type Ctx } from './handle-request.ts';
+import { handleRequest, hitAge, plainMemoryHit, recordTransaction, storedHitHead, type Ctx } from './handle-request.ts';
 import { HitLane } from './hit-lane.ts';
 import { newCounters, type Counters } from './counters.ts';
 import { createLogger, type Logger } from './log.ts';
@@ -129,6 +129,8 @@ export async function createProxy(cfg: Config, opts: ProxyOptions = {}): Promise
   const lane = cfg.hitLane
     ? new HitLane({
         hit: (method, target, headers, client) => plainMemoryHit(ctx, method, target, headers, client),
+        age: hitAge,
+        head: (st, age) => storedHitHead(ctx, st, age),
         record: (tx) => recordTransaction(ctx, tx, undefined),
         failed: (err) => log.error({ err, internal: true }, 'hit lane failed'),
         idleTimeoutMs: cfg.clientIdleTimeoutMs,
