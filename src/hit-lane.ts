@@ -25,6 +25,8 @@ export interface HitLaneOptions {
   /** The lane itself threw (a bug): logged as an internal error; the connection is cut. */
   failed: (err: unknown) => void;
   idleTimeoutMs: number;
+  /** How long a new connection may take to send its first request (node:http's headersTimeout). */
+  firstRequestTimeoutMs: number;
 }
 
 /** A small object's whole response, head and body in one buffer, for as long as its Age and Date hold. */
@@ -44,7 +46,8 @@ const BUILT_BYTES = 8 * 2 ** 20;
  * GET. Any other field (conditions, ranges, directives, bodies, Expect, Upgrade...) goes to node:http.
  */
 const PLAIN = new Set(['host', 'user-agent', 'accept', 'accept-language', 'accept-encoding', 'connection', 'proxy-connection', 'pragma', 'referer', 'cvmfs-info', 'x-frontier-id', 'x-cvmfs-pid', 'x-cvmfs-gid', 'x-cvmfs-uid']);
-const REQUEST_LINE = /^(GET|HEAD) ([\x21-\x7e]+) HTTP\/1\.1$/;
+// The target: only the characters RFC 3986 allows in an absolute URI (no fragment); node's parser judges the rest.
+const REQUEST_LINE = /^(GET|HEAD) (http:\/\/[A-Za-z0-9\-._~%!$&'()*+,;=:@/?[\]]+) HTTP\/1\.1$/;
 // A token name, then a value of visible ASCII, spaces and tabs (no obs-fold, no obs-text, no CR or LF).
 const FIELD = /^([!#$%&'*+.^_`|~0-9A-Za-z-]+):[ \t]*([\t\x20-\x7e]*?)[ \t]*$/;
 const END = Buffer.from('\r\n\r\n');
@@ -161,6 +164,7 @@ export class HitLane {
       handOff(sock);
       sock.resume();
     };
+    let first = true;
     const onData = (chunk: Buffer) => {
       let pos = 0;
       let rest: Buffer | undefined;
@@ -192,6 +196,10 @@ export class HitLane {
         if (corked) sock.uncork();
       }
       if (answered.length) {
+        if (first) {
+          first = false;
+          sock.setTimeout(o.idleTimeoutMs); // from now on, the keep-alive timeout between requests
+        }
         // All in the kernel is finished (as node:http's finish counts it); else when the rest has left.
         if (sock.writableLength === 0) for (const tx of answered) o.record(tx);
         else
@@ -214,7 +222,7 @@ export class HitLane {
     sock.on('error', onError);
     sock.on('close', onClose);
     sock.on('end', onEnd);
-    sock.setTimeout(o.idleTimeoutMs);
+    sock.setTimeout(Math.min(o.firstRequestTimeoutMs, o.idleTimeoutMs));
     sock.on('timeout', onTimeout);
   }
 }

@@ -55,6 +55,9 @@ export interface Proxy {
   snmpPort(): number | undefined;
 }
 
+/** How long a client may take to send a request's head. */
+const HEADERS_TIMEOUT_MS = 60_000;
+
 function listenOn(srv: Server, host: string, port: number): Promise<void> {
   return new Promise<void>((resolve, reject) => {
     const onErr = (err: Error) => reject(new Error(`cannot listen on ${host.includes(':') ? `[${host}]` : host}:${port}: ${err.message}`, { cause: err }));
@@ -134,6 +137,7 @@ export async function createProxy(cfg: Config, opts: ProxyOptions = {}): Promise
         record: (tx) => recordTransaction(ctx, tx, undefined),
         failed: (err) => log.error({ err, internal: true }, 'hit lane failed'),
         idleTimeoutMs: cfg.clientIdleTimeoutMs,
+        firstRequestTimeoutMs: HEADERS_TIMEOUT_MS,
       })
     : undefined;
   let draining = false;
@@ -168,7 +172,7 @@ export async function createProxy(cfg: Config, opts: ProxyOptions = {}): Promise
     const srv = createServer({
       requireHostHeader: false,
       keepAliveTimeout: cfg.clientIdleTimeoutMs,
-      headersTimeout: 60_000,
+      headersTimeout: HEADERS_TIMEOUT_MS,
       requestTimeout: 0, // uploads may be long; idle sockets are bounded by keepAliveTimeout
       highWaterMark: 64 * 1024,
     });
