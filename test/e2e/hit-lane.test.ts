@@ -1,11 +1,16 @@
 // The hit lane (src/hit-lane.ts) answers plain memory hits without node:http, and hands a connection to
 // node:http at the first request it does not fully understand. These tests hold it to node:http's own
 // answers: the same bytes on the wire, the same access log line, the same framing on a shared
-// connection, and a clean hand-over with pipelined and split requests.
+// connection, a clean hand-over with pipelined and split requests, and a differential fuzz against
+// node's own parser.
 import assert from 'node:assert/strict';
 import { once } from 'node:events';
 import { connect } from 'node:net';
+import { createServer, type IncomingHttpHeaders } from 'node:http';
+import type { AddressInfo } from 'node:net';
 import { describe, it } from 'node:test';
+import fc from 'fast-check';
+import { parsePlain } from '../../src/hit-lane.ts';
 import { ManualClock } from '../../src/clock.ts';
 import { startOrigin, type Origin } from '../helpers/origin.ts';
 import { get, proxyClient, startProxy, type TestProxy } from '../helpers/proxy.ts';
@@ -40,7 +45,80 @@ async function rig(origin: Origin, overrides: Record<string, unknown>, clock: Ma
   return p;
 }
 
+const RUNS = Number(process.env.FUZZ_RUNS ?? 40) * 10;
+
+/** What node:http's parser (cuttle's settings) makes of one raw request head, or 'rejected'. */
+async function nodeReads(port: number, head: string, seen: { last?: { method: string; url: string; headers: IncomingHttpHeaders } }): Promise<'rejected' | { method: string; url: string; headers: IncomingHttpHeaders }> {
+  seen.last = undefined;
+  const s = connect(port, '127.0.0.1');
+  let got = '';
+  s.setEncoding('latin1');
+  s.on('data', (d: string) => (got += d));
+  s.on('error', () => {});
+  s.end(`${head}\r\n\r\n`, 'latin1');
+  await once(s, 'close');
+  return got.startsWith('HTTP/1.1 204') && seen.last ? seen.last : 'rejected';
+}
+
+// Pieces of request heads, tricky ones included: other methods and versions, odd whitespace, bytes
+// outside visible ASCII, bare LF, obs-fold, duplicate and unknown fields.
+const odd = ['\t', ' ', '\x00', '\x7f', '\x80', '\xff', '\n', '\r', '"', '{', '}', '<', '>', '\\', '^', '`', '|', '#', '%', '%zz', ':', ';', ','];
+const textChar = fc.oneof(fc.constantFrom(...'abcXYZ019-._~/?=&@!$()*+'.split('')), fc.constantFrom(...odd));
+const text = fc.string({ unit: textChar, maxLength: 12 });
+const fieldName = fc.oneof(fc.constantFrom('Host', 'User-Agent', 'Accept', 'Connection', 'Proxy-Connection', 'Pragma', 'cvmfs-info', 'X-Frontier-Id', 'Content-Length', 'Transfer-Encoding', 'X-Other', 'Host ', ' Host', 'Ho\tst', ''), text);
+const fieldValue = fc.oneof(fc.constantFrom('keep-alive', 'Keep-Alive', 'close', '', ' ', '0', '1', 'chunked'), text);
+const requestHead = fc
+  .record({
+    method: fc.constantFrom('GET', 'HEAD', 'get', 'POST', 'GET ', 'OPTIONS'),
+    target: fc.oneof(text.map((t) => `http://origin.example/${t}`), fc.constantFrom('/x', 'http://origin.example', 'HTTP://origin.example/x', 'http://[::1]:8000/x', '*')),
+    version: fc.constantFrom('HTTP/1.1', 'HTTP/1.1', 'HTTP/1.0', 'http/1.1', 'HTTP/1.1 ', 'HTTP/2.0'),
+    fields: fc.array(fc.tuple(fieldName, fc.constantFrom(':', ': ', ':\t', ' :'), fieldValue, fc.constantFrom('\r\n', '\r\n', '\r\n', '\n', '\r\n ')), { maxLength: 5 }),
+  })
+  .map(({ method, target, version, fields }) => `${method} ${target} ${version}\r\n${fields.map(([n, c, v, eol]) => `${n}${c}${v}${eol}`).join('')}`.replace(/(\r\n|\n| )+$/, ''))
+  .filter((h) => !h.includes('\r\n\r\n'));
+// Heads close to a plain request, so that many are read by the lane and compared.
+const plainChar = fc.oneof({ weight: 9, arbitrary: fc.constantFrom(...'abcXYZ019-._~/?=&@!$()*+,;:% \t'.split('')) }, { weight: 1, arbitrary: fc.constantFrom(...odd) });
+const plainText = fc.string({ unit: plainChar, maxLength: 16 });
+const nearPlainHead = fc
+  .record({
+    method: fc.constantFrom('GET', 'HEAD'),
+    path: plainText,
+    fields: fc.uniqueArray(fc.tuple(fc.constantFrom('Host', 'host', 'USER-AGENT', 'Accept', 'Connection', 'Proxy-Connection', 'Pragma', 'cvmfs-info', 'X-Frontier-Id', 'x-cvmfs-pid', 'Referer'), fc.constantFrom(':', ': ', ':\t', ':  '), fc.oneof(plainText, fc.constantFrom('keep-alive', 'Keep-Alive', ''))), { maxLength: 5, selector: ([n]) => n.toLowerCase() }),
+  })
+  .map(({ method, path, fields }) => `${method} http://origin.example/${path} HTTP/1.1\r\n${fields.map(([n, c, v]) => `${n}${c}${v}\r\n`).join('')}`.replace(/\r\n$/, ''))
+  .filter((h) => !h.includes('\r\n\r\n'));
+
 describe('hit lane', () => {
+  it('reads only what node:http reads, and reads it the same way (differential fuzz against node\'s parser)', async () => {
+    const seen: { last?: { method: string; url: string; headers: IncomingHttpHeaders } } = {};
+    const srv = createServer({ requireHostHeader: false }, (req, res) => {
+      seen.last = { method: req.method!, url: req.url!, headers: req.headers };
+      res.writeHead(204, { connection: 'close' }).end();
+    });
+    srv.listen(0, '127.0.0.1');
+    await once(srv, 'listening');
+    const port = (srv.address() as AddressInfo).port;
+    let accepted = 0;
+    try {
+      await fc.assert(
+        fc.asyncProperty(fc.oneof(requestHead, nearPlainHead), async (head) => {
+          const lane = parsePlain(head);
+          if (!lane) return; // node:http's to judge
+          accepted++;
+          const node = await nodeReads(port, head, seen);
+          if (node === 'rejected') assert.fail(`node:http rejects a request the lane would answer: ${JSON.stringify(head)}`);
+          assert.deepEqual({ method: lane.method, url: lane.target, headers: { ...lane.headers } }, { method: node.method, url: node.url, headers: { ...node.headers } });
+        }),
+        { numRuns: RUNS },
+      );
+      // The plain request every CVMFS client sends is read, as are a share of the generated ones.
+      assert.ok(parsePlain(`GET http://s1.example:8000/cvmfs/a.cern.ch/data/00/ab HTTP/1.1\r\n${CVMFS_HEADERS.slice(0, -2)}`));
+      assert.ok(accepted > 0, 'some generated heads are plain ones');
+    } finally {
+      srv.close();
+    }
+  });
+
   it('answers a plain hit with the bytes and the log line node:http gives, and counts it', async () => {
     const origin = await startOrigin({ '/obj': { headers: { 'cache-control': 'max-age=600', 'content-type': 'application/x-cvmfs', etag: '"v1"' }, body: Buffer.alloc(5000, 3) } });
     const clock = new ManualClock();
