@@ -272,7 +272,7 @@ async function main(): Promise<void> {
   // One table: the parser's options, and --help with each default.
   const OPTS = {
     scenario: { type: 'string', multiple: true, help: `scenario to run (repeatable): ${Object.keys(SCENARIOS).join(', ')}`, shown: 'herd' },
-    target: { type: 'string', default: 'cuttle', help: 'cuttle (started here), squid, nginx, varnish or ats (Debian packages, started here), node-http (hot scenarios: a bare node:http server, the ceiling of a hit in Node), or http://HOST:PORT of a running proxy' },
+    target: { type: 'string', default: 'cuttle', help: 'cuttle (started here), squid, nginx, varnish or ats (Debian packages, started here), node-http (hot scenarios: a bare node:http server, the ceiling of a hit through node:http), or http://HOST:PORT of a running proxy' },
     compare: { type: 'string', multiple: true, help: 'another target (repeatable), run in the same rounds; the order alternates (A B C, then C B A)' },
     rounds: { type: 'string', default: '3', help: 'rounds per target; the table shows medians' },
     nodes: { type: 'string', help: 'emulated client nodes (herd scenarios)', shown: "the scenario's (herd: 1000)" },

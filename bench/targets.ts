@@ -97,9 +97,9 @@ export async function startCuttle(port: number, opts: { memoryCache: string; ext
 }
 
 /**
- * The ceiling of a hit in Node: a bare node:http server on the same Node as cuttle, answering every
- * request with the hot object from memory and a hit's head fields. It caches, checks and logs nothing:
- * cuttle's distance from it is cuttle's own work per request, the rest is Node's. Hot scenarios only.
+ * The ceiling of a hit through node:http: a bare node:http server on the same Node as cuttle, answering
+ * every request with the hot object from memory and a hit's head fields. It caches, checks and logs
+ * nothing. (cuttle's hit lane skips node:http's per-request objects, so it can reach or pass it.)
  */
 export async function startNodeHttp(port: number, opts: { bodyBytes: number; core?: number }): Promise<Target> {
   const script = `const b = Buffer.alloc(${opts.bodyBytes}, 7);
