@@ -341,7 +341,7 @@ function hit(s: State): undefined | Promise<undefined> {
   return deliverStored(s, st)?.then(() => undefined);
 }
 
-async function stale(s: State): Promise<StepName> {
+function stale(s: State): StepName {
   s.tx.result = 'TCP_REFRESH_MODIFIED';
   if (s.tx.method === 'HEAD') {
     closeStored(s.stored);
@@ -351,7 +351,7 @@ async function stale(s: State): Promise<StepName> {
   return 'miss'; // a conditional refetch when the copy has validators (startFill), else a plain one
 }
 
-async function busy(s: State): Promise<StepName> {
+function busy(s: State): StepName {
   s.fill = s.ctx.coalescer.joinable(s.key!)!;
   if (s.fill.state === 'done') {
     // The whole response is already here, only not yet handed to the tiers: a hit in all but name.
@@ -364,7 +364,7 @@ async function busy(s: State): Promise<StepName> {
   return 'deliverFill';
 }
 
-async function miss(s: State): Promise<StepName> {
+function miss(s: State): StepName {
   const { ctx, req, tx } = s;
   // Another request may have started this key's fill while this one looked in the store: join it.
   // (From here to start() nothing awaits, so a herd can't start two fills for one key.)
