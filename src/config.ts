@@ -334,7 +334,7 @@ export const OPTIONS = {
   'hit-lane': {
     default: true,
     field: 'hitLane',
-    help: 'answer plain requests for fresh memory hits without node:http (the fast path for small hits); off: every request goes through node:http',
+    help: 'answer plain requests for fresh memory hits without node:http (the fast path for small hits); --no-hit-lane sends every request through node:http',
     schema: z.union([z.boolean(), z.enum(['true', 'false']).transform((v) => v === 'true')]),
   },
   'max-fills': {
