@@ -10,7 +10,8 @@
 //    │    └──▶ pass ─▶ upstream, not stored ──────▶ (TCP_MISS)
 //   finish ─▶ one Transaction: access log line and counters
 //
-// Each step is a named function returning the next step.
+// Each step is a named function returning the next step. (A plain fresh memory hit on a connection
+// still in the hit lane is answered before any of this: hit-lane.ts, with plainMemoryHit below.)
 import type { IncomingHttpHeaders, IncomingMessage, OutgoingHttpHeaders, ServerResponse } from 'node:http';
 import type { Acl } from './acl.ts';
 import { localHint, plainAddress } from './acl.ts';
@@ -191,9 +192,9 @@ function setKey(s: State, primary: string): void {
 
 /**
  * The hit lane's question (hit-lane.ts): is this forward GET or HEAD, with no request directive,
- * condition, range, credentials or Vary, a fresh memory hit? Then its transaction, stored object and
- * response head; else undefined, and the full path answers it (denials and errors included). The checks
- * are recv's and lookup's, for the only case they let through to a plain memory hit.
+ * condition, range, credentials or Vary, a fresh memory hit? Then its transaction and stored object
+ * (storedHitHead gives the head); else undefined, and the full path answers it (denials and errors
+ * included). The checks are recv's and lookup's, for the only case they let through to a plain memory hit.
  */
 export function plainMemoryHit(ctx: Ctx, method: string, target: string, headers: IncomingHttpHeaders, client: string): { tx: Transaction; st: StoredObject } | undefined {
   if ((method !== 'GET' && method !== 'HEAD') || headers.authorization !== undefined || headers['cache-control'] || headers.pragma) return undefined;
@@ -211,8 +212,7 @@ export function plainMemoryHit(ctx: Ctx, method: string, target: string, headers
   const tx = newTransaction({ startedAt: ctx.clock.now(), client, method, url: url.href, headers, httpVersion: '1.1' });
   tx.result = 'TCP_MEM_HIT';
   tx.lane = true;
-  tx.status = st.meta.status;
-  tx.mime = String(st.meta.headers['content-type'] ?? '');
+  noteStored(tx, st);
   return { tx, st };
 }
 
@@ -754,9 +754,13 @@ function storedAnswer(s: State, st: StoredObject): { headers: OutgoingHttpHeader
 
 /** A stored response's head as a hit sends it, its status and type noted in the transaction. */
 function hitHeaders(ctx: Ctx, tx: Transaction, st: StoredObject): OutgoingHttpHeaders {
+  noteStored(tx, st);
+  return storedHitHead(ctx, st, hitAge(st));
+}
+
+function noteStored(tx: Transaction, st: StoredObject): void {
   tx.status = st.meta.status;
   tx.mime = String(st.meta.headers['content-type'] ?? '');
-  return storedHitHead(ctx, st, hitAge(st));
 }
 
 /** A stored response's current Age, as a hit's head says it. */
