@@ -37,6 +37,18 @@ const lastReq = (url: string) => `GET ${url} HTTP/1.1\r\nHost: origin\r\nConnect
 /** Status lines and X-Cache, in order: what answered each request. */
 const answers = (raw: string) => raw.match(/HTTP\/1\.1 \d{3} [^\r]*|x-cache: [^\r]*|content-range: [^\r]*/g) ?? [];
 
+/** An origin with `routes` and a proxy that has filled /obj, for the length of `body`. */
+async function withRig(routes: Parameters<typeof startOrigin>[0], body: (origin: Origin, p: TestProxy) => Promise<void>): Promise<void> {
+  const origin = await startOrigin(routes);
+  const p = await rig(origin, {}, new ManualClock());
+  try {
+    await body(origin, p);
+  } finally {
+    await p.close();
+    await origin.close();
+  }
+}
+
 async function rig(origin: Origin, overrides: Record<string, unknown>, clock: ManualClock): Promise<TestProxy> {
   const p = await startProxy(overrides, { clock });
   const pool = proxyClient(p.url, 1);
@@ -147,12 +159,11 @@ describe('hit lane', () => {
   });
 
   it('hands a connection to node:http at the first request it does not read, pipelined bytes and all', async () => {
-    const origin = await startOrigin({
+    const routes = {
       '/obj': { headers: { 'cache-control': 'max-age=600', etag: '"v1"' }, body: 'abcdefghij' },
       '/other': { headers: { 'cache-control': 'max-age=600' }, body: 'other' },
-    });
-    const p = await rig(origin, {}, new ManualClock());
-    try {
+    };
+    await withRig(routes, async (origin, p) => {
       const url = `${origin.url}/obj`;
       // One write: a lane hit, a range (node:http from here on), a conditional, a miss, then close.
       const raw = await exchange(p.port, [req(url) + req(url, 'Range: bytes=2-4\r\n') + req(url, 'If-None-Match: "v1"\r\n') + req(`${origin.url}/other`) + lastReq(url)]);
@@ -167,16 +178,11 @@ describe('hit lane', () => {
       assert.equal(p.proxy.counters.laneHits, 1);
       assert.equal(origin.count('/obj'), 1);
       assert.equal(origin.count('/other'), 1);
-    } finally {
-      await p.close();
-      await origin.close();
-    }
+    });
   });
 
   it('a request split across reads, and one the lane does not read (a body, a bare LF, obs-fold), get node:http answers', async () => {
-    const origin = await startOrigin({ '/obj': { headers: { 'cache-control': 'max-age=600' }, body: 'abcdefghij' } });
-    const p = await rig(origin, {}, new ManualClock());
-    try {
+    await withRig({ '/obj': { headers: { 'cache-control': 'max-age=600' }, body: 'abcdefghij' } }, async (origin, p) => {
       const url = `${origin.url}/obj`;
       const first = req(url);
       // Half a request after a whole one: the lane answers the first, and node:http reads the rest.
@@ -195,10 +201,7 @@ describe('hit lane', () => {
       assert.deepEqual(answers(odd).filter((l) => l.startsWith('HTTP')), ['HTTP/1.1 200 OK', 'HTTP/1.1 200 OK']);
       assert.equal(p.proxy.counters.laneHits, 1);
       assert.equal(p.proxy.counters.requests, 7); // the fill, 2 + 2 + 2 answered here; a 400 for a malformed request is not a request
-    } finally {
-      await p.close();
-      await origin.close();
-    }
+    });
   });
 
   it('closes a connection whose client is done, and idle lane connections at shutdown', async () => {
