@@ -52,6 +52,8 @@ const REQUEST_LINE = /^(GET|HEAD) (http:\/\/[A-Za-z0-9\-._~%!$&'()*+,;=:@/?[\]]+
 const FIELD = /^([!#$%&'*+.^_`|~0-9A-Za-z-]+):[ \t]*([\t\x20-\x7e]*?)[ \t]*$/;
 const END = Buffer.from('\r\n\r\n');
 const EMPTY = Buffer.alloc(0);
+/** Answers one read may queue for its socket; the rest of the read goes to node:http. */
+const QUEUE_BYTES = 256 * 1024;
 /** A head longer than this is not a plain request. */
 const MAX_HEAD = 8192;
 
@@ -174,7 +176,9 @@ export class HitLane {
         while (pos < chunk.length) {
           const end = chunk.indexOf(END, pos);
           const req = end >= 0 && end - pos <= MAX_HEAD ? parsePlain(chunk.toString('latin1', pos, end)) : undefined;
-          const hit = req && o.hit(req.method, req.target, req.headers, client);
+          // A client that pipelines faster than it reads: past QUEUE_BYTES of answers, node:http takes the
+          // rest, with its own backpressure (the lane's answers may be copies, the built responses).
+          const hit = req && (answered.length === 0 || sock.writableLength < QUEUE_BYTES) && o.hit(req.method, req.target, req.headers, client);
           if (!hit) {
             rest = chunk.subarray(pos);
             break;

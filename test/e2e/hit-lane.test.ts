@@ -204,6 +204,26 @@ describe('hit lane', () => {
     });
   });
 
+  it('a client that pipelines more than it reads gets the rest of its answers from node:http, in order', async () => {
+    const body = Buffer.alloc(10_000, 5);
+    await withRig({ '/obj': { headers: { 'cache-control': 'max-age=600' }, body } }, async (origin, p) => {
+      const url = `${origin.url}/obj`;
+      const n = 100; // 1 MB of answers to one 10 KB write
+      const raw = await exchange(p.port, [req(url).repeat(n - 1) + lastReq(url)]);
+      const heads = answers(raw).filter((l) => l.startsWith('HTTP'));
+      assert.equal(heads.length, n);
+      assert.ok(heads.every((h) => h === 'HTTP/1.1 200 OK'));
+      // Every answer whole: its head, then exactly its 10,000 body bytes.
+      const parts = raw.split('HTTP/1.1 200 OK\r\n').slice(1);
+      assert.equal(parts.length, n);
+      for (const part of parts) assert.equal(part.length - part.indexOf('\r\n\r\n') - 4, body.length);
+      // 256 KiB of answers queued (about 26), then node:http answered the rest.
+      assert.ok(p.proxy.counters.laneHits >= 1 && p.proxy.counters.laneHits <= 27, `lane hits: ${p.proxy.counters.laneHits}`);
+      assert.equal(p.proxy.counters.memHits, n);
+      assert.equal(origin.count('/obj'), 1);
+    });
+  });
+
   it('closes a connection whose client is done, and idle lane connections at shutdown', async () => {
     const origin = await startOrigin({ '/obj': { headers: { 'cache-control': 'max-age=600' }, body: 'abcdefghij' } });
     const p = await rig(origin, {}, new ManualClock());
