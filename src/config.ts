@@ -145,6 +145,8 @@ const explained = <T extends object>(fn: (v: string | number) => T | string) =>
     return out;
   });
 const list = <T extends z.ZodType>(item: T) => z.preprocess((v) => (Array.isArray(v) ? v : [v]), z.array(item));
+/** A switch: true or false in YAML (or as the strings), a bare flag or its --no- form on the command line. */
+const bool = z.union([z.boolean(), z.enum(['true', 'false']).transform((v) => v === 'true')]);
 const size = conv(parseSize, 'a size with its unit (B, KB, MB, GB or TB, 1024-based), such as 512KB, 256MB or 10GB; a bare number is refused, since Squid reads one as MB');
 const duration = conv(parseDurationMs, 'a duration such as 500ms, 60s, 5m or 1h');
 const listenOrNone = conv((v: string | number) => (v === 'none' ? ('none' as const) : parseListen(v)), '[HOST:]PORT or none');
@@ -335,7 +337,7 @@ export const OPTIONS = {
     default: true,
     field: 'hitLane',
     help: 'answer plain requests for fresh memory hits without node:http (the fast path for small hits); --no-hit-lane sends every request through node:http',
-    schema: z.union([z.boolean(), z.enum(['true', 'false']).transform((v) => v === 'true')]),
+    schema: bool,
   },
   'max-fills': {
     default: 1024,
@@ -425,7 +427,7 @@ export const OPTIONS = {
     default: false,
     field: 'accel',
     help: 'accelerator mode: --listen ports also take origin-form GET /cvmfs/<repo>/... and serve it from the first mirror group',
-    schema: z.union([z.boolean(), z.enum(['true', 'false']).transform((v) => v === 'true')]),
+    schema: bool,
   },
   'accel-listen': {
     default: 'none',

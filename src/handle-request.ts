@@ -154,9 +154,7 @@ function recv(s: State): Next {
   s.url = url;
   s.cas = parsed.cas;
   tx.url = url.href;
-  // Only the mirrors of a group feed, or are joined under, the host-independent key of a content-
-  // addressed object: through any other host it is that URL's own object (still hash-verified).
-  const primary = parsed.cas && !ctx.mirrors.byHost(url.host) ? urlKey(url) : parsed.primary;
+  const primary = primaryOf(ctx, parsed);
   if (isLoop(req.headers, ctx.cfg.visibleHostname)) return fail(s, 'ERR_LOOP');
   const port = Number(url.port || 80);
   const verdict = ctx.acl().checkDestination(url.hostname, port);
@@ -183,10 +181,23 @@ function recv(s: State): Next {
   return 'lookup';
 }
 
+/**
+ * A target's primary key. Only the mirrors of a group feed, or are joined under, the host-independent
+ * key of a content-addressed object: through any other host it is that URL's own object (still
+ * hash-verified).
+ */
+function primaryOf(ctx: Ctx, parsed: NonNullable<ReturnType<typeof parseTarget>>): string {
+  return parsed.cas && !ctx.mirrors.byHost(parsed.url.host) ? urlKey(parsed.url) : parsed.primary;
+}
+
+/** The request headers a primary key's responses vary on (content-addressed bytes do not vary). */
+function varyOf(ctx: Ctx, primary: string): string[] {
+  return primary.startsWith('cvmfs-cas:') ? [] : (ctx.coalescer.varySpecs.get(primary) ?? []);
+}
+
 function setKey(s: State, primary: string): void {
   s.primary = primary;
-  // Content-addressed bytes do not vary.
-  s.vary = primary.startsWith('cvmfs-cas:') ? [] : (s.ctx.coalescer.varySpecs.get(primary) ?? []);
+  s.vary = varyOf(s.ctx, primary);
   s.key = variantKey(primary, s.vary, s.req.headers);
 }
 
@@ -203,9 +214,9 @@ export function plainMemoryHit(ctx: Ctx, method: string, target: string, headers
   const parsed = parseTarget(target);
   if (!parsed) return undefined;
   const url = parsed.url;
-  const primary = parsed.cas && !ctx.mirrors.byHost(url.host) ? urlKey(url) : parsed.primary;
+  const primary = primaryOf(ctx, parsed);
   if (isLoop(headers, ctx.cfg.visibleHostname) || ctx.acl().checkDestination(url.hostname, Number(url.port || 80)) !== 'allow') return undefined;
-  if (!primary.startsWith('cvmfs-cas:') && ctx.coalescer.varySpecs.get(primary)?.length) return undefined;
+  if (varyOf(ctx, primary).length) return undefined;
   if (clientWantsReload(headers) || ctx.coalescer.isUncacheable(primary)) return undefined;
   const st = ctx.store.getFromMemory(primary);
   if (!st || !isFresh(st.policy)) return undefined;
@@ -673,7 +684,7 @@ function deliverStored(s: State, st: StoredObject): void | Promise<void> {
   if (!a) return;
   if (a.range) return sendPart(s, st, a.headers, a.range, body.data);
   s.res.writeHead(st.meta.status, a.headers);
-  if (!hasBody(s, st)) {
+  if (!hasBody(s.tx.method, st)) {
     s.res.end();
     return;
   }
@@ -695,7 +706,7 @@ async function deliverRecord(s: State, st: StoredObject, body: Extract<StoredObj
       return;
     }
     res.writeHead(st.meta.status, a.headers);
-    if (!hasBody(s, st)) {
+    if (!hasBody(s.tx.method, st)) {
       res.end();
       return;
     }
@@ -775,8 +786,9 @@ export function storedHitHead(ctx: Pick<Ctx, 'cfg'>, st: StoredObject, age: stri
   return headers;
 }
 
-function hasBody(s: State, st: StoredObject): boolean {
-  return s.tx.method !== 'HEAD' && st.meta.status !== 204 && st.meta.status !== 304;
+/** Whether a hit on `st` answering `method` sends its body. */
+export function hasBody(method: string, st: StoredObject): boolean {
+  return method !== 'HEAD' && st.meta.status !== 204 && st.meta.status !== 304;
 }
 
 function sendPart(s: State, st: StoredObject, headers: OutgoingHttpHeaders, range: { start: number; end: number }, whole: Buffer): void {

@@ -20,6 +20,8 @@ export interface HitLaneOptions {
   /** The stored response's current Age, and its head fields with that Age. */
   age: (st: StoredObject) => string;
   head: (st: StoredObject, age: string) => OutgoingHttpHeaders;
+  /** Whether the answer to `method` carries the stored body. */
+  hasBody: (method: string, st: StoredObject) => boolean;
   /** The transaction is finished (handed to the kernel, or the client went away). */
   record: (tx: Transaction) => void;
   /** The lane itself threw (a bug): logged as an internal error; the connection is cut. */
@@ -130,7 +132,7 @@ export class HitLane {
 
   /** Queue the answer to one lane request on `sock` (corked by the caller when it writes twice). */
   #answer(sock: Socket, tx: Transaction, st: StoredObject): void {
-    const withBody = tx.method === 'GET' && st.meta.status !== 204 && st.meta.status !== 304;
+    const withBody = this.#o.hasBody(tx.method, st);
     const age = this.#o.age(st);
     const date = httpDate(tx.startedAt);
     if (st.body.kind === 'buffer' && st.body.data.length <= BUILT_MAX_BODY) {

@@ -12,7 +12,7 @@ import { createAdminServer } from './admin.ts';
 import { Metrics } from './metrics.ts';
 import { Upstream } from './fetch.ts';
 import { createFreshness } from './freshness.ts';
-import { handleRequest, hitAge, plainMemoryHit, recordTransaction, storedHitHead, type Ctx } from './handle-request.ts';
+import { handleRequest, hasBody, hitAge, plainMemoryHit, recordTransaction, storedHitHead, type Ctx } from './handle-request.ts';
 import { HitLane } from './hit-lane.ts';
 import { newCounters, type Counters } from './counters.ts';
 import { createLogger, type Logger } from './log.ts';
@@ -57,6 +57,17 @@ export interface Proxy {
 
 /** How long a client may take to send a request's head. */
 const HEADERS_TIMEOUT_MS = 60_000;
+
+/**
+ * node:http's own 'connection' listener (it registers exactly one), taken off `srv`: node reads a
+ * connection from the moment this is called for it.
+ */
+function takeNodeConnection(srv: Server): (sock: Socket) => void {
+  const [listener, ...others] = srv.listeners('connection') as ((sock: Socket) => void)[];
+  if (!listener || others.length) throw new Error('node:http no longer has exactly one connection listener: run with --no-hit-lane');
+  srv.off('connection', listener);
+  return (sock) => listener.call(srv, sock);
+}
 
 function listenOn(srv: Server, host: string, port: number): Promise<void> {
   return new Promise<void>((resolve, reject) => {
@@ -134,6 +145,7 @@ export async function createProxy(cfg: Config, opts: ProxyOptions = {}): Promise
         hit: (method, target, headers, client) => plainMemoryHit(ctx, method, target, headers, client),
         age: hitAge,
         head: (st, age) => storedHitHead(ctx, st, age),
+        hasBody,
         record: (tx) => recordTransaction(ctx, tx, undefined),
         failed: (err) => log.error({ err, internal: true }, 'hit lane failed'),
         idleTimeoutMs: cfg.clientIdleTimeoutMs,
@@ -180,12 +192,8 @@ export async function createProxy(cfg: Config, opts: ProxyOptions = {}): Promise
     // next proxy at once), where net.Server's maxConnections would drop it without a word. A hard cap
     // at twice the limit still drops, so a flood can't make us write answers without bound.
     srv.maxConnections = cfg.maxClientConnections * 2;
-    // node:http reads a connection through the one 'connection' listener it registers itself. Here it is
-    // taken out and called for a connection only when the hit lane hands one over (or the lane is off).
-    const [nodeConnection, ...others] = srv.listeners('connection') as ((sock: Socket) => void)[];
-    if (!nodeConnection || others.length) throw new Error('node:http no longer has exactly one connection listener: run with --hit-lane false');
-    srv.off('connection', nodeConnection);
-    const toNode = (sock: Socket) => nodeConnection.call(srv, sock);
+    // With the hit lane, node:http reads a connection only when the lane hands it over.
+    const toNode = lane ? takeNodeConnection(srv) : undefined;
     srv.on('connection', (sock: Socket) => {
       connections++;
       sock.once('close', () => connections--);
@@ -195,10 +203,10 @@ export async function createProxy(cfg: Config, opts: ProxyOptions = {}): Promise
         const err = new ProxyError('ERR_OVERLOADED', 'too many client connections');
         endWithError(sock, err, cfg.visibleHostname);
         recordTransaction(ctx, newTransaction({ startedAt: clock.now(), client, method: 'NONE', url: '-', status: err.status }), err.token);
-        return toNode(sock);
+        toNode?.(sock); // as without the lane: node:http still reads what the client sends
+        return;
       }
-      if (lane) lane.attach(sock, client, toNode);
-      else toNode(sock);
+      if (lane && toNode) lane.attach(sock, client, toNode);
     });
     const handlerFailed = (res: ServerResponse) => (err: unknown) => {
       log.error({ err, internal: true }, 'request handler failed');
