@@ -305,9 +305,15 @@ export class Fill implements FillReader {
     return 'wait';
   }
 
-  /** Bytes readers may have: all of them, or all but the last while the content is being verified. */
+  /**
+   * Bytes readers may have: all of them, or all but the body's last while the content is being
+   * verified. With a known length only that byte waits; without one, the newest byte received might
+   * be the last. (Holding back the newest byte of every chunk cost each reader a 1-byte write per chunk.)
+   */
   get visible(): number {
-    return this.holdBack && this.state !== 'done' ? Math.max(0, this.received - 1) : this.received;
+    if (!this.holdBack || this.state === 'done') return this.received;
+    const length = this.head?.contentLength;
+    return length !== undefined && this.received < length ? this.received : Math.max(0, this.received - 1);
   }
 
   /** Read bytes behind the window back from the spill file into `into`. */
