@@ -78,12 +78,15 @@ async function stopChild(child: ChildProcess): Promise<void> {
   clearTimeout(t);
 }
 
+/** The environment every shipped launcher gives cuttle (its shebang, `npm start`, the Dockerfile, the unit). */
+export const SHIPPED_ENV = { GLIBC_TUNABLES: 'glibc.malloc.mmap_threshold=131072' };
+
 /**
  * Node's compile cache, warmed before cuttle starts, as docker/cuttle.service and the Dockerfile do: the
  * measured process never loads the TypeScript stripper (production RSS, not a first run's).
  */
 function warmCompileCache(): NodeJS.ProcessEnv {
-  const env = { ...process.env, NODE_COMPILE_CACHE: join(tmpdir(), 'cuttle-bench-compile-cache') };
+  const env = { ...process.env, ...SHIPPED_ENV, NODE_COMPILE_CACHE: join(tmpdir(), 'cuttle-bench-compile-cache') };
   const r = spawnSync(process.execPath, ['src/main.ts', '--version'], { env, encoding: 'utf8' });
   if (r.status !== 0) throw new Error(`node src/main.ts --version failed: ${r.stderr}`);
   return env;

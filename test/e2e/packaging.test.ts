@@ -11,6 +11,7 @@ import { compileAcl } from '../../src/acl.ts';
 import { buildConfig, DEFAULTS } from '../../src/config.ts';
 import { waitFor } from '../helpers/mirrors.ts';
 import { startChildProxy, tmpDir } from '../helpers/proxy.ts';
+import { SHIPPED_ENV } from '../../bench/targets.ts';
 
 /** Alive and not a zombie (a re-parented child may wait unreaped under a container's init). */
 function running(pid: number): boolean {
@@ -173,8 +174,29 @@ describe('packaging', () => {
     assert.equal(probe(), 1);
   });
 
+  it("every launcher pins glibc's mmap threshold, and the proxy really runs with it", async () => {
+    // README "The C allocator's slack": one value, in the shebang (the `cuttle` bin), `npm start`, the
+    // image, the unit, and the bench (which measures what is shipped).
+    const assignment = `GLIBC_TUNABLES=${SHIPPED_ENV.GLIBC_TUNABLES}`;
+    const shebang = readFileSync('src/main.ts', 'utf8').split('\n')[0]!;
+    assert.match(shebang, /^#!\/usr\/bin\/env -S /);
+    assert.ok(shebang.split(' ').includes(assignment), shebang);
+    const pkg = JSON.parse(readFileSync('package.json', 'utf8')) as { scripts: Record<string, string> };
+    assert.ok(pkg.scripts.start!.split(' ').includes(assignment), String(pkg.scripts.start));
+    assert.match(dockerfile, new RegExp(`^ENV [^#]*\\s${assignment}$`, 'm'));
+    assert.match(readFileSync('docker/cuttle.service', 'utf8'), new RegExp(`^Environment=${assignment}$`, 'm'));
+    // The kernel runs a shebang as the interpreter, the rest of the line as one argument, then the file
+    // (under a shell that stays, so that the launcher and cuttle are two processes, as with npm).
+    const rest = shebang.slice('#!/usr/bin/env '.length);
+    const cmd = `/usr/bin/env "$1" src/main.ts ${[...ARGS, '--cache-dir', join(tmpDir(), 'c')].join(' ')}; true`;
+    await launched('sh', ['-c', cmd, 'sh', rest], {}, async (_sh, pid) => {
+      assert.ok(readFileSync(`/proc/${pid}/environ`, 'utf8').split('\0').includes(assignment));
+    });
+  });
+
   it('SIGTERM to `npm start` stops the proxy, not only npm', async () => {
     await launched('npm', ['start', '--', ...ARGS, '--cache-dir', join(tmpDir(), 'c')], {}, async (npm, pid) => {
+      assert.ok(readFileSync(`/proc/${pid}/environ`, 'utf8').split('\0').includes(`GLIBC_TUNABLES=${SHIPPED_ENV.GLIBC_TUNABLES}`), 'npm start passes the pinned threshold');
       const exited = once(npm, 'exit');
       npm.kill('SIGTERM');
       await waitFor('cuttle stopped', () => !running(pid));
