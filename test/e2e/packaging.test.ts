@@ -22,15 +22,18 @@ function running(pid: number): boolean {
   }
 }
 
-/** The pid of the cuttle (node src/main.ts) that `pid` runs, itself or a descendant. */
+/**
+ * The pid of the cuttle (node src/main.ts) that `pid` runs, itself or a descendant. Descendants first:
+ * a launcher whose own arguments name src/main.ts (`sh -c '...' sh src/main.ts`) is not the proxy.
+ */
 function cuttleUnder(pid: number): number | undefined {
   try {
-    if (readFileSync(`/proc/${pid}/cmdline`, 'utf8').split('\0').includes('src/main.ts')) return pid;
     const kids = readFileSync(`/proc/${pid}/task/${pid}/children`, 'utf8').trim().split(' ').filter(Boolean).map(Number);
     for (const k of kids) {
       const found = cuttleUnder(k);
       if (found) return found;
     }
+    if (readFileSync(`/proc/${pid}/cmdline`, 'utf8').split('\0').includes('src/main.ts')) return pid;
   } catch {
     // gone meanwhile
   }
@@ -50,6 +53,8 @@ async function launched(cmd: string, args: string[], env: NodeJS.ProcessEnv, fn:
     assert.ok(pid && pid !== child.pid, out);
     await fn(child, pid);
   } finally {
+    // Found before a failed assertion or not: a cuttle left running would hold the test file open.
+    pid ??= child.pid && cuttleUnder(child.pid);
     if (pid && running(pid)) process.kill(pid, 'SIGKILL');
     if (child.exitCode === null && child.signalCode === null) {
       child.kill('SIGKILL');
