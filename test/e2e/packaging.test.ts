@@ -65,6 +65,10 @@ async function launched(cmd: string, args: string[], env: NodeJS.ProcessEnv, fn:
 
 const ARGS = ['--listen', '127.0.0.1:0', '--admin-listen', 'none', '--access-log', 'none'];
 
+/** glibc's pinned mmap threshold, as every launcher sets it (README "The C allocator's slack"). */
+const PINNED = `GLIBC_TUNABLES=${SHIPPED_ENV.GLIBC_TUNABLES}`;
+const runsPinned = (pid: number) => readFileSync(`/proc/${pid}/environ`, 'utf8').split('\0').includes(PINNED);
+
 const dockerfile = readFileSync('docker/Dockerfile', 'utf8');
 const jsonArg = (directive: string) => JSON.parse(new RegExp(`^${directive} (\\[.*\\])$`, 'm').exec(dockerfile)![1]!) as string[];
 
@@ -182,26 +186,25 @@ describe('packaging', () => {
   it("every launcher pins glibc's mmap threshold, and the proxy really runs with it", async () => {
     // README "The C allocator's slack": one value, in the shebang (the `cuttle` bin), `npm start`, the
     // image, the unit, and the bench (which measures what is shipped).
-    const assignment = `GLIBC_TUNABLES=${SHIPPED_ENV.GLIBC_TUNABLES}`;
     const shebang = readFileSync('src/main.ts', 'utf8').split('\n')[0]!;
     assert.match(shebang, /^#!\/usr\/bin\/env -S /);
-    assert.ok(shebang.split(' ').includes(assignment), shebang);
+    assert.ok(shebang.split(' ').includes(PINNED), shebang);
     const pkg = JSON.parse(readFileSync('package.json', 'utf8')) as { scripts: Record<string, string> };
-    assert.ok(pkg.scripts.start!.split(' ').includes(assignment), String(pkg.scripts.start));
-    assert.match(dockerfile, new RegExp(`^ENV [^#]*\\s${assignment}$`, 'm'));
-    assert.match(readFileSync('docker/cuttle.service', 'utf8'), new RegExp(`^Environment=${assignment}$`, 'm'));
+    assert.ok(pkg.scripts.start!.split(' ').includes(PINNED), String(pkg.scripts.start));
+    assert.match(dockerfile, new RegExp(`^ENV [^#]*\\s${PINNED}$`, 'm'));
+    assert.match(readFileSync('docker/cuttle.service', 'utf8'), new RegExp(`^Environment=${PINNED}$`, 'm'));
     // The kernel runs a shebang as the interpreter, the rest of the line as one argument, then the file
     // (under a shell that stays, so that the launcher and cuttle are two processes, as with npm).
     const rest = shebang.slice('#!/usr/bin/env '.length);
     const cmd = `/usr/bin/env "$1" src/main.ts ${[...ARGS, '--cache-dir', join(tmpDir(), 'c')].join(' ')}; true`;
     await launched('sh', ['-c', cmd, 'sh', rest], {}, async (_sh, pid) => {
-      assert.ok(readFileSync(`/proc/${pid}/environ`, 'utf8').split('\0').includes(assignment));
+      assert.ok(runsPinned(pid));
     });
   });
 
   it('SIGTERM to `npm start` stops the proxy, not only npm', async () => {
     await launched('npm', ['start', '--', ...ARGS, '--cache-dir', join(tmpDir(), 'c')], {}, async (npm, pid) => {
-      assert.ok(readFileSync(`/proc/${pid}/environ`, 'utf8').split('\0').includes(`GLIBC_TUNABLES=${SHIPPED_ENV.GLIBC_TUNABLES}`), 'npm start passes the pinned threshold');
+      assert.ok(runsPinned(pid), 'npm start passes the pinned threshold');
       const exited = once(npm, 'exit');
       npm.kill('SIGTERM');
       await waitFor('cuttle stopped', () => !running(pid));
