@@ -224,6 +224,46 @@ describe('hit lane', () => {
     });
   });
 
+  it('answers connections that ask together once each and logs each once, and clients that reset meanwhile do no harm', async () => {
+    await withRig({ '/obj': { headers: { 'cache-control': 'max-age=600' }, body: 'abcdefghij' } }, async (origin, p) => {
+      const url = `${origin.url}/obj`;
+      const n = 40;
+      const socks = await Promise.all(
+        Array.from({ length: n }, async () => {
+          const s = connect(p.port, '127.0.0.1');
+          s.on('error', () => {});
+          await once(s, 'connect');
+          return s;
+        }),
+      );
+      const got = socks.map(() => '');
+      socks.forEach((s, i) => s.on('data', (d: Buffer) => (got[i] += d.toString('latin1'))));
+      const answeredTimes = (k: number) => got.every((g, i) => i % 4 === 3 && k > 1 ? true : g.split('abcdefghij').length - 1 === k);
+      // A first request each, so every connection is accepted and in the lane.
+      for (const s of socks) s.write(req(url));
+      await waitFor('every connection answered once', () => answeredTimes(1));
+      // Then all ask in one go: the proxy reads many in one turn, so their answers are held and leave
+      // together. Every fourth resets at once, so some answers may find their connection gone.
+      for (const s of socks) s.write(req(url));
+      const quitters = socks.filter((_, i) => i % 4 === 3);
+      const stayers = socks.filter((_, i) => i % 4 !== 3);
+      for (const s of quitters) s.resetAndDestroy();
+      await waitFor('every staying connection answered twice', () => answeredTimes(2));
+      for (const [i, g] of got.entries()) if (i % 4 !== 3) assert.deepEqual(answers(g), ['HTTP/1.1 200 OK', 'x-cache: HIT from cuttle-test', 'HTTP/1.1 200 OK', 'x-cache: HIT from cuttle-test']);
+      // One log line per request the proxy read: a hit, or a hit its client cut short.
+      await waitFor('the answers logged', () => p.logLines.length === p.proxy.counters.requests);
+      const answered = p.logLines.slice(1);
+      assert.ok(answered.length >= n + stayers.length && answered.length <= 2 * n, `${answered.length} lines`);
+      assert.ok(answered.every((l) => / TCP_MEM_HIT(_ABORTED)?\/200 /.test(l)), answered.join('\n'));
+      assert.ok(answered.filter((l) => !l.includes('_ABORTED')).length >= n + stayers.length);
+      assert.equal(p.proxy.counters.laneHits, answered.length);
+      for (const s of stayers) s.destroy();
+      // The proxy still answers.
+      assert.match(await exchange(p.port, [lastReq(url)]), /^HTTP\/1\.1 200 OK\r\n[\s\S]*abcdefghij$/);
+      assert.equal(origin.count('/obj'), 1);
+    });
+  });
+
   it('closes a connection whose client is done, and idle lane connections at shutdown', async () => {
     const origin = await startOrigin({ '/obj': { headers: { 'cache-control': 'max-age=600' }, body: 'abcdefghij' } });
     const p = await rig(origin, {}, new ManualClock());
