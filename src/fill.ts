@@ -78,14 +78,6 @@ export interface FillReader {
 }
 
 
-/**
- * Readers waiting at the front of a fill are woken once this many new bytes are in, not at every upstream
- * chunk (~64 KiB): each wake-up is a resumed reader and a write per reader, and a herd has a thousand.
- * Head, first chunk and every change of state still wake them at once.
- */
-export const WAKE_BYTES = 256 * 1024;
-/** ... and at most this long after the first byte that did not wake them (a slow upstream's trickle). */
-export const WAKE_MS = 20;
 export class Fill implements FillReader {
   readonly key: string;
   readonly startedAt: number;
@@ -172,20 +164,7 @@ export class Fill implements FillReader {
     return this.#changed;
   }
 
-  #unwoken = 0;
-  #wakeTimer: NodeJS.Timeout | undefined;
-
-  #wakeSoon(first: boolean): void {
-    if (first || this.#unwoken >= WAKE_BYTES) return this.#wake();
-    this.#wakeTimer ??= setTimeout(() => this.#wake(), WAKE_MS).unref();
-  }
-
   #wake(): void {
-    this.#unwoken = 0;
-    if (this.#wakeTimer) {
-      clearTimeout(this.#wakeTimer);
-      this.#wakeTimer = undefined;
-    }
     const n = this.#notify;
     this.#changed = undefined;
     this.#notify = undefined;
@@ -249,8 +228,7 @@ export class Fill implements FillReader {
     this.#budget.usedBytes += chunk.length;
     this.#spill?.append(chunk);
     this.#trim();
-    this.#unwoken += chunk.length;
-    this.#wakeSoon(this.received === chunk.length);
+    this.#wake();
   }
 
   finish(): void {

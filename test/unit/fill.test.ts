@@ -1,10 +1,9 @@
 // A fill whose body is being verified withholds only the body's last byte: with a known length, every
 // byte before it goes to readers as it arrives (one write per upstream chunk, not a chunk and a 1-byte
 // remainder); without one, the newest byte received might be the last, so it waits.
-// Readers waiting at the front of a fill are woken in batches of WAKE_BYTES, never later than WAKE_MS.
 import assert from 'node:assert/strict';
 import { describe, it } from 'node:test';
-import { Fill, WAKE_BYTES } from '../../src/fill.ts';
+import { Fill } from '../../src/fill.ts';
 
 function verifyingFill(contentLength: number | undefined): { fill: Fill; reader: number } {
   const fill = new Fill('k', 0, 1024 * 1024, { limitBytes: 1024 * 1024, usedBytes: 0 });
@@ -48,51 +47,5 @@ describe('Fill: the byte held back while the content is checked', () => {
     assert.equal(text(fill.peek(reader, 0)), 'abc');
     fill.fail(undefined);
     assert.equal(fill.peek(reader, 3), 'failed');
-  });
-});
-
-describe('Fill: when readers at the front are woken', () => {
-  /** Whether `p` has settled by the time the microtasks queued now have run. */
-  const settledNow = async (p: Promise<void>): Promise<boolean> => {
-    let done = false;
-    void p.then(() => (done = true));
-    await Promise.resolve();
-    await Promise.resolve();
-    return done;
-  };
-
-  it('at the head and the first chunk, then once per WAKE_BYTES, and at every change of state', async () => {
-    const fill = new Fill('k', 0, 4 * WAKE_BYTES, { limitBytes: 8 * WAKE_BYTES, usedBytes: 0 });
-    fill.addReader();
-    let waiting = fill.changed();
-    fill.setHead({ status: 200, headers: {}, contentLength: undefined }, undefined, true);
-    assert.ok(await settledNow(waiting), 'the head wakes them');
-    waiting = fill.changed();
-    fill.push(Buffer.alloc(1000));
-    assert.ok(await settledNow(waiting), 'so does the first chunk');
-    waiting = fill.changed();
-    const chunk = Buffer.alloc(WAKE_BYTES / 4);
-    for (let i = 0; i < 3; i++) fill.push(chunk);
-    assert.equal(await settledNow(waiting), false, 'three quarters of WAKE_BYTES wake nobody');
-    fill.push(chunk);
-    assert.ok(await settledNow(waiting), 'the fourth quarter does');
-    waiting = fill.changed();
-    fill.push(chunk);
-    assert.equal(await settledNow(waiting), false);
-    fill.finish();
-    assert.ok(await settledNow(waiting), 'the end of the body wakes them at once');
-  });
-
-  it('a trickle below WAKE_BYTES still reaches them (within WAKE_MS)', async () => {
-    const fill = new Fill('k', 0, 1024 * 1024, { limitBytes: 1024 * 1024, usedBytes: 0 });
-    const reader = fill.addReader();
-    fill.setHead({ status: 200, headers: {}, contentLength: 3 }, undefined, true);
-    fill.push(Buffer.from('a'));
-    const waiting = fill.changed();
-    fill.push(Buffer.from('b'));
-    assert.equal(await settledNow(waiting), false);
-    await waiting; // the timer's wake-up
-    assert.equal(text(fill.peek(reader, 1)), 'b');
-    fill.fail(undefined);
   });
 });
