@@ -43,6 +43,8 @@ export interface Proxy {
   readonly mirrors: Mirrors;
   /** Bound addresses, in --listen order, then the --accel-listen one. */
   addresses(): AddressInfo[];
+  /** Client connections open now. */
+  clientConnections(): number;
   listen(): Promise<void>;
   /** Stop accepting, let in-flight responses finish (up to timeoutMs), then close everything. */
   close(timeoutMs?: number): Promise<void>;
@@ -197,7 +199,13 @@ export async function createProxy(cfg: Config, opts: ProxyOptions = {}): Promise
     srv.on('connection', (sock: Socket) => {
       connections++;
       sock.once('close', () => connections--);
-      const client = plainAddress(sock.remoteAddress ?? '-');
+      // A peer that reset before the connection was taken has no address left: nothing can be checked
+      // against the client ACL or answered, so it is dropped, not logged as a denied client '-'.
+      if (sock.remoteAddress === undefined) {
+        sock.destroy();
+        return;
+      }
+      const client = plainAddress(sock.remoteAddress);
       if (connections > cfg.maxClientConnections) {
         // Answered before any request is read: counted (and logged) as a request-less NONE/503.
         const err = new ProxyError('ERR_OVERLOADED', 'too many client connections');
@@ -241,6 +249,7 @@ export async function createProxy(cfg: Config, opts: ProxyOptions = {}): Promise
       return mirrors;
     },
     addresses: () => servers.map((s) => s.address() as AddressInfo),
+    clientConnections: () => connections,
     async listen() {
       for (const [i, srv] of servers.entries()) {
         const { host, port } = listeners[i]!.addr;

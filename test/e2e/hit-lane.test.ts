@@ -264,6 +264,29 @@ describe('hit lane', () => {
     });
   });
 
+  it('a connection reset before the proxy took it is dropped unlogged, not denied as an unknown client', async () => {
+    await withRig({ '/obj': { headers: { 'cache-control': 'max-age=600' }, body: 'abcdefghij' } }, async (origin, p) => {
+      const url = `${origin.url}/obj`;
+      // Each connects, asks and resets at once: most are gone (no peer address) before the proxy accepts them.
+      const socks = Array.from({ length: 20 }, () => {
+        const s = connect(p.port, '127.0.0.1');
+        s.on('error', () => {});
+        s.once('connect', () => {
+          s.write(req(url));
+          s.resetAndDestroy();
+        });
+        return s;
+      });
+      await Promise.all(socks.map((s) => once(s, 'close')));
+      await waitFor('the proxy has closed them all', () => p.proxy.clientConnections() === 0);
+      assert.match(await exchange(p.port, [lastReq(url)]), /^HTTP\/1\.1 200 OK\r\n/);
+      await waitFor('the last request logged', () => p.logLines.length === p.proxy.counters.requests);
+      const lines = p.logLines.slice(1);
+      assert.ok(lines.every((l) => / TCP_MEM_HIT(_ABORTED)?\/200 /.test(l)), lines.join('\n'));
+      assert.equal(origin.count('/obj'), 1);
+    });
+  });
+
   it('closes a connection whose client is done, and idle lane connections at shutdown', async () => {
     const origin = await startOrigin({ '/obj': { headers: { 'cache-control': 'max-age=600' }, body: 'abcdefghij' } });
     const p = await rig(origin, {}, new ManualClock());
