@@ -132,7 +132,7 @@ export class HitLane {
     return b;
   }
 
-  /** Queue the answer to one lane request on `sock` (corked by the caller when it writes twice). */
+  /** Queue the answer to one lane request on `sock` (corked by the caller until the turn's flush). */
   #answer(sock: Socket, tx: Transaction, st: StoredObject): void {
     const withBody = this.#o.hasBody(tx.method, st);
     const age = this.#o.age(st);
