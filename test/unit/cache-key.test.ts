@@ -1,6 +1,6 @@
 import assert from 'node:assert/strict';
 import { describe, it } from 'node:test';
-import { normaliseUrl, primaryKey, variantKey, varyNames } from '../../src/cache-key.ts';
+import { hashKey, normaliseUrl, primaryKey, variantKey, varyNames } from '../../src/cache-key.ts';
 import { formatFrontier, formatSquid } from '../../src/access-log.ts';
 
 describe('cache key', () => {
@@ -15,6 +15,12 @@ describe('cache key', () => {
     assert.deepEqual(varyNames('Accept-Encoding, accept-language'), ['accept-encoding', 'accept-language']);
     assert.equal(variantKey('u', ['accept-language'], { 'accept-language': 'en' }), 'u\naccept-language:en');
     assert.equal(variantKey('u', [], {}), 'u');
+  });
+
+  it("names a disk record by the key's SHA-256 in hex, UTF-8 encoded: a cache dir outlives upgrades", () => {
+    // Pinned values: a change here orphans every record of every existing cache.
+    assert.equal(hashKey('http://h/p'), 'ec50b8b0b5741183c4186824adcf7d414a920e33785bee0a62f1fe30c14ee1ed');
+    assert.equal(hashKey('u\naccept-language:é'), 'b7af85db39d657da09c5e1da24cc4a079e1fd19a7aee978db492fcddfcdef7ea');
   });
 });
 
