@@ -30,8 +30,8 @@ export interface Transaction {
   coalesced: boolean;
   /** How it was answered when not from the cache: its own fill, a joined fill, or passed uncached. */
   served?: 'miss' | 'coalesced' | 'pass';
-  /** Answered by the hit lane (hit-lane.ts), not node:http. */
-  lane?: boolean;
+  /** Answered by the hit lane (hit-lane.ts), not node:http: a memory hit, or a join of a fill in flight. */
+  lane?: 'hit' | 'join';
   /** The client's request headers and HTTP version (the frontier format logs a few of them). */
   headers?: IncomingHttpHeaders;
   httpVersion?: string;

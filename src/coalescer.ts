@@ -205,7 +205,7 @@ export class Coalescer implements FetchHost {
 
   /** Start a fill; the starting client is its reader 0. A newer fill for the key supersedes the older. */
   start(r: FillRequest): { fill: FillReader; readerId: number } {
-    const fill = new Fill(r.key, this.clock.now(), this.cfg.fillWindowBytes, this.budget);
+    const fill = new Fill(r.key, this.clock.now(), this.cfg.fillWindowBytes, this.budget, r.nothingStored);
     const readerId = fill.addReader();
     this.#held.delete(r.key); // a refetch or revalidation: the old body is no longer the stored one
     const prev = this.#fills.get(r.key);

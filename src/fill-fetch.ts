@@ -53,6 +53,8 @@ export interface FillRequest {
   shared?: boolean;
   /** Accelerator mode: the repository whose sticky mirror `url` names. */
   accelRepo?: string;
+  /** No copy of the key was stored when the fill began, and it is no reload (see Fill.nothingStored). */
+  nothingStored?: boolean;
 }
 
 export interface FetchStats {

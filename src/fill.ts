@@ -70,6 +70,11 @@ export interface FillReader {
   readonly variant: { names: string[]; key: string } | undefined;
   /** The last byte is withheld until the body's content hash is checked. */
   readonly holdBack: boolean;
+  /**
+   * No copy of the key was stored when this fill began, and it is no reload: until it ends, a lookup
+   * of its key can find nothing but this fill (no copy to prefer, none stale to fall back on).
+   */
+  readonly nothingStored: boolean;
   addReader(): number;
   removeReader(id: number): void;
   changed(): Promise<void>;
@@ -123,8 +128,11 @@ export class Fill implements FillReader {
   /** Called once when the window is dropped (the last reader of a finished fill left). */
   onDropped: (() => void) | undefined;
 
-  constructor(key: string, startedAt: number, windowBytesMax: number, budget: FillBudget) {
+  readonly nothingStored: boolean;
+
+  constructor(key: string, startedAt: number, windowBytesMax: number, budget: FillBudget, nothingStored = false) {
     this.key = key;
+    this.nothingStored = nothingStored;
     this.startedAt = startedAt;
     this.#windowBytesMax = windowBytesMax;
     this.#budget = budget;

@@ -30,6 +30,7 @@ import { clientResponseHeaders, conditionMatches, isLoop, notModifiedHeaders, se
 import type { Logger } from './log.ts';
 import type { Mirrors } from './mirrors.ts';
 import { repoOf, type CasObject } from './content-hash.ts';
+import type { LaneResponseLike } from './hit-lane.ts';
 import type { StoredMeta, StoredObject, TieredStore } from './store.ts';
 import type { Counters } from './counters.ts';
 
@@ -76,6 +77,10 @@ interface State {
   accelRetries?: number;
   /** A stored copy exists but is not fresh: served if the upstream turns out to be down. */
   staleAvailable?: boolean;
+  /** Answered by the hit lane, which runs only busy, deliverFill and synth (plainFillJoin). */
+  lane?: boolean;
+  /** A lane request reached another step: it stopped there, and node:http answers it afresh. */
+  handedOff?: boolean;
 }
 
 const CACHEABLE = new Set(['GET', 'HEAD']);
@@ -95,6 +100,10 @@ export function handleRequest(ctx: Ctx, req: IncomingMessage, res: ServerRespons
 function run(s: State, step: Next): void | Promise<void> {
   try {
     while (step) {
+      if (s.lane && step !== 'busy' && step !== 'deliverFill' && step !== 'synth') {
+        s.handedOff = true;
+        return;
+      }
       const next = STEPS[step](s);
       if (next instanceof Promise) return next.then((n) => run(s, n), (err: unknown) => failedInside(s, err));
       step = next;
@@ -202,12 +211,11 @@ function setKey(s: State, primary: string): void {
 }
 
 /**
- * The hit lane's question (hit-lane.ts): is this forward GET or HEAD, with no request directive,
- * condition, range, credentials or Vary, a fresh memory hit? Then its transaction and stored object
- * (storedHitHead gives the head); else undefined, and the full path answers it (denials and errors
- * included). The checks are recv's and lookup's, for the only case they let through to a plain memory hit.
+ * What the hit lane (hit-lane.ts) may answer without recv and lookup: a forward GET or HEAD with no
+ * request directive, condition, range, credentials or Vary, that the ACLs let through. Denials and
+ * errors go to the full path.
  */
-export function plainMemoryHit(ctx: Ctx, method: string, target: string, headers: IncomingHttpHeaders, client: string): { tx: Transaction; st: StoredObject } | undefined {
+function plainTarget(ctx: Ctx, method: string, target: string, headers: IncomingHttpHeaders, client: string): { url: URL; primary: string; cas: CasObject | undefined } | undefined {
   if ((method !== 'GET' && method !== 'HEAD') || headers.authorization !== undefined || headers['cache-control'] || headers.pragma) return undefined;
   for (const h of CLIENT_CONDITIONS) if (headers[h] !== undefined) return undefined;
   if (!ctx.acl().allowsClient(client)) return undefined;
@@ -218,13 +226,49 @@ export function plainMemoryHit(ctx: Ctx, method: string, target: string, headers
   if (isLoop(headers, ctx.cfg.visibleHostname) || ctx.acl().checkDestination(url.hostname, Number(url.port || 80)) !== 'allow') return undefined;
   if (varyOf(ctx, primary).length) return undefined;
   if (clientWantsReload(headers) || ctx.coalescer.isUncacheable(primary)) return undefined;
-  const st = ctx.store.getFromMemory(primary);
+  return { url, primary, cas: parsed.cas };
+}
+
+/**
+ * The hit lane's first question: is this plain request a fresh memory hit? Then its transaction and
+ * stored object (storedHitHead gives the head); else undefined. The checks are recv's and lookup's, for
+ * the only case they let through to a plain memory hit.
+ */
+export function plainMemoryHit(ctx: Ctx, method: string, target: string, headers: IncomingHttpHeaders, client: string): { tx: Transaction; st: StoredObject } | undefined {
+  const p = plainTarget(ctx, method, target, headers, client);
+  if (!p) return undefined;
+  const st = ctx.store.getFromMemory(p.primary);
   if (!st || !isFresh(st.policy)) return undefined;
-  const tx = newTransaction({ startedAt: ctx.clock.now(), client, method, url: url.href, headers, httpVersion: '1.1' });
+  const tx = newTransaction({ startedAt: ctx.clock.now(), client, method, url: p.url.href, headers, httpVersion: '1.1' });
   tx.result = 'TCP_MEM_HIT';
-  tx.lane = true;
+  tx.lane = 'hit';
   noteStored(tx, st);
   return { tx, st };
+}
+
+/**
+ * The hit lane's second question: may this plain GET join a fill in flight without a lookup? Only a
+ * fill that began with nothing stored for its key and is no reload (Fill.nothingStored): lookup's disk
+ * read could only find nothing and then join it, so the join starts at busy. Then the function that
+ * answers it on the lane's response; it runs busy, deliverFill and synth, and ends 'handoff' (nothing
+ * written, nothing logged: node:http answers the request from the start) at any other step, such as
+ * the pass of a response that is not shared, or the new lookup of a variant.
+ */
+export function plainFillJoin(ctx: Ctx, method: string, target: string, headers: IncomingHttpHeaders, client: string): ((res: LaneResponseLike) => Promise<'done' | 'handoff'>) | undefined {
+  if (method !== 'GET') return undefined;
+  const p = plainTarget(ctx, method, target, headers, client);
+  if (!p || ctx.store.getFromMemory(p.primary)) return undefined;
+  const fill = ctx.coalescer.joinable(p.primary);
+  if (!fill?.nothingStored || fill.released || (fill.state !== 'pending' && fill.state !== 'streaming')) return undefined;
+  const tx = newTransaction({ startedAt: ctx.clock.now(), client, method, url: p.url.href, headers, httpVersion: '1.1' });
+  tx.lane = 'join';
+  // Of the request, those steps read its headers alone.
+  const req = { headers, resume: () => undefined } as unknown as IncomingMessage;
+  return async (res) => {
+    const s: State = { ctx, req, res: res as unknown as ServerResponse, tx, accel: false, lane: true, url: p.url, primary: p.primary, key: p.primary, vary: [], cas: p.cas, staleAvailable: false };
+    await run(s, 'busy');
+    return s.handedOff ? 'handoff' : 'done';
+  };
 }
 
 /**
@@ -413,6 +457,7 @@ function startFill(s: State, stale: StoredObject | undefined): ReturnType<Coales
     clientHeaders: req.headers,
     upstreamHeaders,
     stale: stale && hasValidators(stale.meta.headers) ? stale : undefined,
+    nothingStored: !s.reload && stale === undefined,
     cas: s.cas,
     accelRepo: s.accelRepo,
   });

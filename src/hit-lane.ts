@@ -22,6 +22,11 @@ export interface HitLaneOptions {
   head: (st: StoredObject, age: string) => OutgoingHttpHeaders;
   /** Whether the answer to `method` carries the stored body. */
   hasBody: (method: string, st: StoredObject) => boolean;
+  /**
+   * A plain GET that is no memory hit but may join a fill in flight: the function that answers it on a
+   * LaneResponse ('handoff': it wrote nothing, and node:http must answer the request afresh); else undefined.
+   */
+  join: (method: string, target: string, headers: IncomingHttpHeaders, client: string) => ((res: LaneResponseLike) => Promise<'done' | 'handoff'>) | undefined;
   /** The transaction is finished (handed to the kernel, or the client went away). */
   record: (tx: Transaction) => void;
   /** The lane itself threw (a bug): logged as an internal error; the connection is cut. */
@@ -78,7 +83,7 @@ export function parsePlain(head: string): { method: string; target: string; head
 }
 
 /** The response head as node:http writes it for the same headers on a keep-alive connection. */
-export function serializeHead(status: number, headers: OutgoingHttpHeaders, keepAliveS: number, date: string): string {
+export function serializeHead(status: number, headers: OutgoingHttpHeaders, keepAliveS: number, date: string, chunked = false): string {
   let out = `HTTP/1.1 ${status} ${STATUS_CODES[status] ?? 'unknown'}\r\n`;
   let hasDate = false;
   for (const name in headers) {
@@ -89,7 +94,147 @@ export function serializeHead(status: number, headers: OutgoingHttpHeaders, keep
     else out += `${name}: ${v}\r\n`;
   }
   if (!hasDate) out += `Date: ${date}\r\n`;
-  return `${out}Connection: keep-alive\r\nKeep-Alive: timeout=${keepAliveS}\r\n\r\n`;
+  return `${out}Connection: keep-alive\r\nKeep-Alive: timeout=${keepAliveS}\r\n${chunked ? 'Transfer-Encoding: chunked\r\n' : ''}\r\n`;
+}
+
+/** What of node's ServerResponse the request path's busy, deliverFill and synth steps (and finish) use. */
+export interface LaneResponseLike {
+  readonly destroyed: boolean;
+  readonly headersSent: boolean;
+  readonly writableLength: number;
+  readonly writableEnded: boolean;
+  readonly writableFinished: boolean;
+  writeHead(status: number, headers: OutgoingHttpHeaders): unknown;
+  flushHeaders(): void;
+  write(chunk: Buffer, cb?: (err?: Error | null) => void): boolean;
+  end(chunk?: Buffer | string): unknown;
+  destroy(): unknown;
+  on(event: 'drain' | 'close', fn: () => void): unknown;
+  once(event: 'close', fn: () => void): unknown;
+  off(event: 'drain' | 'close', fn: () => void): unknown;
+}
+
+/**
+ * The response to a lane request that joins a fill, written on the lane's socket with node's framing:
+ * the head as serializeHead writes it, chunked without a Content-Length, no body for 204 and 304, and
+ * writes corked until the next tick, as node corks them. 'close' means over: all of it handed to the
+ * kernel (writableFinished), or the socket gone.
+ */
+export class LaneResponse implements LaneResponseLike {
+  headersSent = false;
+  writableEnded = false;
+  writableFinished = false;
+  readonly #sock: Socket;
+  readonly #keepAliveS: number;
+  #head: string | undefined;
+  #chunked = false;
+  #noBody = false;
+  #corked = false;
+  #over = false;
+  #onOver: (() => void)[] = [];
+
+  constructor(sock: Socket, keepAliveS: number) {
+    this.#sock = sock;
+    this.#keepAliveS = keepAliveS;
+  }
+
+  get destroyed(): boolean {
+    return this.#sock.destroyed;
+  }
+
+  get writableLength(): number {
+    return this.#sock.writableLength;
+  }
+
+  writeHead(status: number, headers: OutgoingHttpHeaders): this {
+    this.#noBody = status === 204 || status === 304;
+    this.#chunked = !this.#noBody && headers['content-length'] === undefined;
+    this.#head = serializeHead(status, headers, this.#keepAliveS, httpDate(Date.now()), this.#chunked);
+    this.headersSent = true;
+    return this;
+  }
+
+  flushHeaders(): void {
+    this.#cork();
+    if (this.#head !== undefined) this.#sock.write(this.#head, 'latin1');
+    this.#head = undefined;
+  }
+
+  write(chunk: Buffer, cb?: (err?: Error | null) => void): boolean {
+    this.flushHeaders();
+    if (this.#noBody || chunk.length === 0) {
+      if (cb) process.nextTick(cb);
+      return true;
+    }
+    if (!this.#chunked) return this.#sock.write(chunk, cb);
+    this.#sock.write(`${chunk.length.toString(16)}\r\n`, 'latin1');
+    this.#sock.write(chunk);
+    return this.#sock.write('\r\n', 'latin1', cb);
+  }
+
+  end(chunk?: Buffer | string): this {
+    if (this.writableEnded) return this;
+    if (chunk !== undefined) this.write(typeof chunk === 'string' ? Buffer.from(chunk) : chunk);
+    else this.flushHeaders();
+    if (this.#chunked) this.#sock.write('0\r\n\r\n', 'latin1');
+    this.writableEnded = true;
+    this.#sock.write(EMPTY, (err) => {
+      this.writableFinished = !err;
+      this.#ended();
+    });
+    return this;
+  }
+
+  destroy(): this {
+    this.#sock.destroy();
+    return this;
+  }
+
+  on(event: 'drain' | 'close', fn: () => void): this {
+    if (event === 'drain') this.#sock.on('drain', fn);
+    else this.once(event, fn);
+    return this;
+  }
+
+  once(event: 'close', fn: () => void): this {
+    if (this.#over) {
+      fn();
+      return this;
+    }
+    // The socket's own close is listened to only while someone waits (a handed-over join leaves none).
+    if (this.#onOver.push(fn) === 1) this.#sock.once('close', this.#ended);
+    return this;
+  }
+
+  off(event: 'drain' | 'close', fn: () => void): this {
+    if (event === 'drain') this.#sock.off('drain', fn);
+    else {
+      this.#onOver = this.#onOver.filter((f) => f !== fn);
+      if (this.#onOver.length === 0) this.#sock.off('close', this.#ended);
+    }
+    return this;
+  }
+
+  #cork(): void {
+    if (this.#corked) return;
+    this.#corked = true;
+    this.#sock.cork();
+    process.nextTick(this.#uncork);
+  }
+
+  readonly #uncork = () => {
+    this.#corked = false;
+    this.#sock.uncork();
+  };
+
+  readonly #ended = () => {
+    if (this.#over) return;
+    this.#over = true;
+    this.#sock.off('close', this.#ended);
+    const all = this.#onOver;
+    this.#onOver = [];
+    for (const fn of all) fn();
+  };
 }
 
 /** The HTTP date, made at most once a second. */
@@ -105,13 +250,26 @@ function httpDate(nowMs: number): string {
 }
 
 export class HitLane {
-  /** Connections in the lane now: between requests they are idle (the lane never waits mid-request). */
+  /** Connections in the lane now: idle between requests, unless answering a join (`joining`). */
   readonly sockets = new Set<Socket>();
   readonly #o: HitLaneOptions;
   readonly #keepAliveS: number;
   readonly #built = new LRUCache<StoredMeta, Built>({ maxSize: BUILT_BYTES, sizeCalculation: (b) => b.bytes.length });
   /** Sockets whose answers wait, corked, for the end of this turn's reads (#flushHeld). */
   #held: (() => void)[] = [];
+  /** Connections answering a join now: not idle, though nothing may be queued on them. */
+  readonly joining = new Set<Socket>();
+  #joinsOver: (() => void)[] = [];
+
+  /** Resolves once no connection is answering a join (shutdown waits for them as for node's). */
+  joinsOver(): Promise<void> {
+    return this.joining.size === 0 ? Promise.resolve() : new Promise((r) => this.#joinsOver.push(r));
+  }
+
+  #joinEnded(sock: Socket): void {
+    this.joining.delete(sock);
+    if (this.joining.size === 0) for (const r of this.#joinsOver.splice(0)) r();
+  }
 
   constructor(o: HitLaneOptions) {
     this.#o = o;
@@ -177,8 +335,12 @@ export class HitLane {
     const o = this.#o;
     const onError = () => {};
     const onTimeout = () => sock.destroy();
-    const onClose = () => this.sockets.delete(sock);
-    const onEnd = () => sock.end(); // the client is done: every answer of the lane is already queued
+    const onClose = () => {
+      this.sockets.delete(sock);
+      this.#joinEnded(sock); // a join still waiting on its fill has no one left to answer
+    };
+    // The client is done: every answer of the lane is queued, or will be once a join is answered.
+    const onEnd = () => (joining ? (ended = true) : sock.end());
     const leave = (rest: Buffer) => {
       sock.pause(); // before unshift: a flowing stream would emit the bytes to nobody
       sock.off('data', onData);
@@ -193,6 +355,10 @@ export class HitLane {
       sock.resume();
     };
     let first = true;
+    // A join being answered: reading stops (what still arrives waits in `early`) until it is over.
+    let joining = false;
+    let ended = false;
+    let early: Buffer[] = [];
     // Answers queued (corked) on this socket and not yet flushed, with their transactions.
     let held: Transaction[] | undefined;
     const flush = () => {
@@ -216,17 +382,26 @@ export class HitLane {
       }
     };
     const onData = (chunk: Buffer) => {
+      if (joining) {
+        early.push(chunk); // a read that a drain's resume let through: kept for after the join
+        sock.pause();
+        return;
+      }
       let pos = 0;
       let rest: Buffer | undefined;
+      let join: ((res: LaneResponseLike) => Promise<'done' | 'handoff'>) | undefined;
       try {
         while (pos < chunk.length) {
           const end = chunk.indexOf(END, pos);
           const req = end >= 0 && end - pos <= MAX_HEAD ? parsePlain(chunk.toString('latin1', pos, end)) : undefined;
           // A client that pipelines faster than it reads: past QUEUE_BYTES of answers, node:http takes the
           // rest, with its own backpressure (the lane's answers may be copies, the built responses).
-          const hit = req && (held === undefined || sock.writableLength < QUEUE_BYTES) && o.hit(req.method, req.target, req.headers, client);
+          const room = held === undefined || sock.writableLength < QUEUE_BYTES;
+          const hit = req && room && o.hit(req.method, req.target, req.headers, client);
           if (!hit) {
             rest = chunk.subarray(pos);
+            join = req && room ? o.join(req.method, req.target, req.headers, client) : undefined;
+            if (join) pos = end + 4;
             break;
           }
           pos = end + 4;
@@ -242,14 +417,46 @@ export class HitLane {
           first = false;
           sock.setTimeout(o.idleTimeoutMs); // from now on, the keep-alive timeout between requests
         }
-        // node:http's answers must follow the lane's: they leave now, not with the others.
+        // node:http's answers, and a join's, must follow the lane's: they leave now, not with the others.
         if (rest) flush();
       } catch (err) {
         o.failed(err);
         sock.destroy();
         return;
       }
-      if (rest) leave(rest);
+      if (join) startJoin(join, rest!, chunk.subarray(pos));
+      else if (rest) leave(rest);
+    };
+    // Answer a join (a plain GET joining a fill in flight) with the request path's own steps, writing
+    // on the socket; the lane reads again once it is over. `request` is its bytes and all after them.
+    const startJoin = (answer: (res: LaneResponseLike) => Promise<'done' | 'handoff'>, request: Buffer, after: Buffer) => {
+      joining = true;
+      this.joining.add(sock);
+      sock.pause();
+      sock.setTimeout(0); // node:http sets no timeout on a response in progress either
+      answer(new LaneResponse(sock, this.#keepAliveS)).then(
+        (how) => {
+          joining = false;
+          this.#joinEnded(sock);
+          const pending = early;
+          early = [];
+          if (sock.destroyed) return;
+          if (how === 'handoff') return leave(pending.length ? Buffer.concat([request, ...pending]) : request);
+          first = false;
+          sock.setTimeout(o.idleTimeoutMs);
+          const more = pending.length ? Buffer.concat([after, ...pending]) : after;
+          if (more.length) onData(more);
+          if (joining || !this.sockets.has(sock)) return; // another join, or node:http has it now
+          if (ended) sock.end();
+          else sock.resume();
+        },
+        (err: unknown) => {
+          joining = false;
+          this.#joinEnded(sock);
+          o.failed(err);
+          sock.destroy();
+        },
+      );
     };
     this.sockets.add(sock);
     sock.on('data', onData);

@@ -12,7 +12,7 @@ import { createAdminServer } from './admin.ts';
 import { Metrics } from './metrics.ts';
 import { Upstream } from './fetch.ts';
 import { createFreshness } from './freshness.ts';
-import { handleRequest, hasBody, hitAge, plainMemoryHit, recordTransaction, storedHitHead, type Ctx } from './handle-request.ts';
+import { handleRequest, hasBody, hitAge, plainFillJoin, plainMemoryHit, recordTransaction, storedHitHead, type Ctx } from './handle-request.ts';
 import { HitLane } from './hit-lane.ts';
 import { newCounters, type Counters } from './counters.ts';
 import { createLogger, type Logger } from './log.ts';
@@ -145,6 +145,7 @@ export async function createProxy(cfg: Config, opts: ProxyOptions = {}): Promise
   const lane = cfg.hitLane
     ? new HitLane({
         hit: (method, target, headers, client) => plainMemoryHit(ctx, method, target, headers, client),
+        join: (method, target, headers, client) => plainFillJoin(ctx, method, target, headers, client),
         age: hitAge,
         head: (st, age) => storedHitHead(ctx, st, age),
         hasBody,
@@ -308,10 +309,10 @@ export async function createProxy(cfg: Config, opts: ProxyOptions = {}): Promise
       const drainStarted = performance.now();
       const closing = servers.map((srv) => new Promise<void>((r) => (srv.listening ? srv.close(() => r()) : r())));
       // Keep-alive connections become idle as their last response ends: close them as they do.
-      // (A connection in the hit lane is idle whenever its answers have left.)
+      // (A connection in the hit lane is idle whenever its answers have left and it answers no join.)
       const closeIdle = () => {
         servers.forEach((srv) => srv.closeIdleConnections());
-        for (const sock of lane?.sockets ?? []) if (sock.writableLength === 0) sock.destroy();
+        for (const sock of lane?.sockets ?? []) if (sock.writableLength === 0 && !lane?.joining.has(sock)) sock.destroy();
       };
       const sweep = setInterval(closeIdle, 100);
       closeIdle();
@@ -322,7 +323,7 @@ export async function createProxy(cfg: Config, opts: ProxyOptions = {}): Promise
         for (const end of ctx.tunnels) end();
       };
       const timer = setTimeout(cutAll, timeoutMs);
-      await Promise.all(closing);
+      await Promise.all([...closing, lane?.joinsOver()]);
       clearTimeout(timer);
       clearInterval(sweep);
       cutAll(); // tunnels are not the servers' connections: close() does not wait for them

@@ -12,8 +12,8 @@ import { describe, it } from 'node:test';
 import fc from 'fast-check';
 import { parsePlain } from '../../src/hit-lane.ts';
 import { ManualClock } from '../../src/clock.ts';
-import { startOrigin, type Origin } from '../helpers/origin.ts';
-import { get, proxyClient, startProxy, type TestProxy } from '../helpers/proxy.ts';
+import { gate, startOrigin, type Gate, type Origin } from '../helpers/origin.ts';
+import { assertNoInternalErrors, get, proxyClient, startProxy, type TestProxy } from '../helpers/proxy.ts';
 import { waitFor } from '../helpers/mirrors.ts';
 
 /** Write `parts` to one connection, one write each; resolve with all the proxy sent until it closed. */
@@ -313,5 +313,222 @@ describe('hit lane', () => {
     assert.equal(p.proxy.counters.laneHits, 2);
     assert.equal(origin.count('/obj'), 1);
     await origin.close();
+  });
+});
+
+/** A raw connection to the proxy that collects what it gets. */
+function client(port: number): { s: ReturnType<typeof connect>; got: () => string; closed: Promise<unknown> } {
+  const s = connect(port, '127.0.0.1');
+  let got = '';
+  s.setEncoding('latin1');
+  s.on('data', (d: string) => (got += d));
+  s.on('error', () => {});
+  return { s, got: () => got, closed: once(s, 'close') };
+}
+
+/** Clients attached to `url`'s fill in flight (its starter included). */
+const attached = (p: TestProxy) => p.proxy.coalescer.topFills(1, 0)[0]?.readers ?? 0;
+/** Date lines (the origin's and the proxies') may fall in different seconds between two runs. */
+const sameDate = (raw: string) => raw.replace(/\r\ndate: [^\r]*/gi, '\r\nDate: -');
+
+/**
+ * The starter's request goes to node:http (a miss); `joiners` connections then ask while the fill waits
+ * at `g`, each sending `first` and, once answered, `then`. Resolves with what each joiner got.
+ */
+async function herdOnHeldFill(p: TestProxy, url: string, g: Gate, joiners: number, first: string, then: string, opened: () => void = () => g.open()): Promise<{ starter: string; joined: string[] }> {
+  const starter = client(p.port);
+  starter.s.write(lastReq(url));
+  await waitFor('the starter attached', () => attached(p) === 1);
+  const js = Array.from({ length: joiners }, () => client(p.port));
+  for (const j of js) j.s.write(first);
+  await waitFor('the joiners attached', () => attached(p) === 1 + joiners);
+  opened();
+  await Promise.all(
+    js.map(async (j) => {
+      await waitFor('the first answer', () => /\r\n\r\n/.test(j.got()) && answerComplete(j.got()));
+      j.s.write(then);
+      await j.closed;
+    }),
+  );
+  await starter.closed;
+  return { starter: starter.got(), joined: js.map((j) => j.got()) };
+}
+
+/** A whole first answer: its head, and the Content-Length's bytes or a last chunk. */
+function answerComplete(raw: string): boolean {
+  const head = raw.indexOf('\r\n\r\n');
+  if (head < 0) return false;
+  const len = /\r\ncontent-length: (\d+)\r\n/i.exec(raw.slice(0, head));
+  if (len) return raw.length - head - 4 >= Number(len[1]);
+  return raw.includes('\r\n0\r\n\r\n', head);
+}
+
+describe('hit lane joins', () => {
+  const HEADERS = { 'cache-control': 'max-age=600', 'content-type': 'application/x-cvmfs', etag: '"j1"' };
+
+  it('answers a plain GET that joins a fill in flight with the bytes and log lines node:http gives, from one fetch', async () => {
+    const body = Buffer.alloc(30_000, 7);
+    const origin = await startOrigin({ '/hot': { headers: HEADERS, body: 'hot' } });
+    const clock = new ManualClock();
+    const lane = await startProxy({}, { clock });
+    const node = await startProxy({ 'hit-lane': false }, { clock });
+    try {
+      const url = `${origin.url}/obj`;
+      const hot = `${origin.url}/hot`;
+      const got: Record<string, { starter: string; joined: string[] }> = {};
+      for (const [name, p] of [['lane', lane], ['node', node]] as const) {
+        await exchange(p.port, [lastReq(hot)]); // /hot is a memory hit from now on
+        const g = gate();
+        origin.route('/obj', { headers: HEADERS, body, gate: g });
+        // A join, then (pipelined) a memory hit; once both are answered, a last request node:http reads.
+        got[name] = await herdOnHeldFill(p, url, g, 3, req(url) + req(hot), lastReq(hot));
+      }
+      for (const [i, raw] of got.lane!.joined.entries()) {
+        assert.equal(sameDate(raw), sameDate(got.node!.joined[i]!));
+        assert.deepEqual(answers(raw), ['HTTP/1.1 200 OK', 'x-cache: MISS from cuttle-test', 'HTTP/1.1 200 OK', 'x-cache: HIT from cuttle-test', 'HTTP/1.1 200 OK', 'x-cache: HIT from cuttle-test']);
+        assert.ok(raw.includes(`\r\n\r\n${body.toString('latin1')}HTTP/1.1 200 OK`));
+      }
+      assert.equal(lane.proxy.counters.laneJoins, 3);
+      assert.equal(node.proxy.counters.laneJoins, 0);
+      assert.equal(lane.proxy.counters.coalesced, 3);
+      assert.equal(node.proxy.counters.coalesced, 3);
+      assert.equal(origin.count('/obj'), 2, 'one fill per proxy');
+      await waitFor('every request logged', () => lane.logLines.length === lane.proxy.counters.requests && node.logLines.length === node.proxy.counters.requests);
+      assert.deepEqual([...lane.logLines].sort(), [...node.logLines].sort());
+      assert.equal(lane.logLines.filter((l) => / TCP_CF_MISS\/200 /.test(l)).length, 3);
+    } finally {
+      await lane.close();
+      await node.close();
+      await origin.close();
+    }
+  });
+
+  it('a joined fill without Content-Length is sent chunked, as node:http sends it', async () => {
+    const origin = await startOrigin({});
+    const clock = new ManualClock();
+    const lane = await startProxy({}, { clock });
+    const node = await startProxy({ 'hit-lane': false }, { clock });
+    try {
+      const url = `${origin.url}/obj`;
+      const bodies: string[] = [];
+      for (const p of [lane, node]) {
+        const g = gate();
+        origin.route('/obj', { headers: HEADERS, body: 'one chunk of a chunked body', chunked: true, gate: g });
+        const { joined } = await herdOnHeldFill(p, url, g, 2, req(url), lastReq(url));
+        bodies.push(...joined.map(sameDate));
+      }
+      assert.match(bodies[0]!, /\r\nTransfer-Encoding: chunked\r\n\r\n1b\r\none chunk of a chunked body\r\n0\r\n\r\nHTTP\/1\.1 200 OK/);
+      assert.deepEqual(bodies.slice(0, 2), bodies.slice(2));
+      assert.equal(lane.proxy.counters.laneJoins, 2);
+      assert.equal(origin.count('/obj'), 2);
+    } finally {
+      await lane.close();
+      await node.close();
+      await origin.close();
+    }
+  });
+
+  it('a join whose fill fails before its head gets the error node:http gives, and no fetch of its own', async () => {
+    // An upstream that holds each connection and, once the test says so, resets it (and any later
+    // one, a retry) without answering.
+    let connections = 0;
+    let resetting = false;
+    let held: ReturnType<typeof connect>[] = [];
+    const dead = (await import('node:net')).createServer((s) => {
+      connections++;
+      s.on('error', () => {});
+      if (resetting) s.resetAndDestroy();
+      else held.push(s);
+    });
+    dead.listen(0, '127.0.0.1');
+    await once(dead, 'listening');
+    const url = `http://127.0.0.1:${(dead.address() as AddressInfo).port}/obj`;
+    const clock = new ManualClock();
+    const lane = await startProxy({}, { clock });
+    const node = await startProxy({ 'hit-lane': false }, { clock });
+    try {
+      const got: string[][] = [];
+      const fetches: number[] = [];
+      for (const p of [lane, node]) {
+        connections = 0;
+        resetting = false;
+        const reset = () => {
+          resetting = true;
+          for (const s of held) s.resetAndDestroy();
+          held = [];
+        };
+        const { joined } = await herdOnHeldFill(p, url, gate(), 2, req(url), lastReq(url), reset);
+        got.push(joined.map(sameDate));
+        fetches.push(connections);
+      }
+      assert.deepEqual(got[0], got[1]);
+      assert.match(got[0]![0]!, /^HTTP\/1\.1 502 Bad Gateway\r\n[\s\S]*Proxy-Status: cuttle; error=/i);
+      assert.equal(fetches[0], fetches[1], 'the joins fetched nothing of their own');
+      assert.equal(lane.proxy.counters.laneJoins, 2);
+    } finally {
+      await lane.close();
+      await node.close();
+      dead.close();
+    }
+  });
+
+  it('a joined response that is not shared sends the join to node:http, which fetches it alone as it would have', async () => {
+    const origin = await startOrigin({});
+    const lane = await startProxy({}, { clock: new ManualClock() });
+    try {
+      const url = `${origin.url}/private`;
+      const g = gate();
+      origin.route('/private', { headers: { 'cache-control': 'private' }, body: 'for one client', gate: g });
+      const { starter, joined } = await herdOnHeldFill(lane, url, g, 2, req(url), lastReq(url));
+      assert.match(starter, /\r\n\r\nfor one client$/);
+      for (const raw of joined) assert.deepEqual(answers(raw).filter((l) => l.startsWith('HTTP')), ['HTTP/1.1 200 OK', 'HTTP/1.1 200 OK']);
+      assert.equal(origin.count('/private'), 1 + 2 + 2, 'the starter, then each joiner twice on its own (its first request handed over)');
+      assert.equal(lane.proxy.counters.laneJoins, 0, 'handed over, not answered in the lane');
+      await waitFor('every request logged', () => lane.logLines.length === lane.proxy.counters.requests);
+      assert.equal(lane.proxy.counters.requests, 5, 'a handed-over join is logged once, by node:http');
+    } finally {
+      await lane.close();
+      await origin.close();
+    }
+  });
+
+  it('shutdown lets a join in progress finish, as it lets node:http finish its responses', async () => {
+    const origin = await startOrigin({});
+    const p = await startProxy({}, { clock: new ManualClock() });
+    try {
+      const url = `${origin.url}/obj`;
+      const g = gate();
+      origin.route('/obj', { headers: HEADERS, body: 'landed', gate: g });
+      const starter = client(p.port);
+      starter.s.write(req(url));
+      await waitFor('the starter attached', () => attached(p) === 1);
+      const j = client(p.port);
+      j.s.write(req(url));
+      await waitFor('the joiner attached', () => attached(p) === 2);
+      let refused = false;
+      const probe = () => {
+        const s = connect(p.port, '127.0.0.1');
+        s.on('error', () => (refused = true));
+        s.on('connect', () => {
+          s.destroy();
+          setImmediate(probe);
+        });
+      };
+      let closed = false;
+      const closing = p.proxy.close(60_000).then(() => (closed = true));
+      probe();
+      await waitFor('the proxy stops accepting', () => refused);
+      assert.equal(closed, false, 'shutdown waits for the join');
+      assert.equal(j.s.destroyed, false);
+      g.open();
+      await closing;
+      assert.match(j.got(), /^HTTP\/1\.1 200 OK\r\n[\s\S]*\r\n\r\nlanded$/);
+      assert.equal(p.proxy.counters.laneJoins, 1);
+      assert.equal(origin.count('/obj'), 1);
+    } finally {
+      await p.proxy.close(1000);
+      assertNoInternalErrors(p.logs);
+      await origin.close();
+    }
   });
 });
