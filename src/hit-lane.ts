@@ -132,6 +132,8 @@ export class LaneResponse implements LaneResponseLike {
   #corked = false;
   #over = false;
   #onOver: (() => void)[] = [];
+  /** The socket's 'close' listener, made when someone first waits for this response's end. */
+  #onClose: (() => void) | undefined;
 
   constructor(sock: Socket, keepAliveS: number) {
     this.#sock = sock;
@@ -202,7 +204,7 @@ export class LaneResponse implements LaneResponseLike {
       return this;
     }
     // The socket's own close is listened to only while someone waits (a handed-over join leaves none).
-    if (this.#onOver.push(fn) === 1) this.#sock.once('close', this.#ended);
+    if (this.#onOver.push(fn) === 1) this.#sock.once('close', (this.#onClose ??= () => this.#ended()));
     return this;
   }
 
@@ -210,7 +212,7 @@ export class LaneResponse implements LaneResponseLike {
     if (event === 'drain') this.#sock.off('drain', fn);
     else {
       this.#onOver = this.#onOver.filter((f) => f !== fn);
-      if (this.#onOver.length === 0) this.#sock.off('close', this.#ended);
+      if (this.#onOver.length === 0 && this.#onClose) this.#sock.off('close', this.#onClose);
     }
     return this;
   }
@@ -219,22 +221,28 @@ export class LaneResponse implements LaneResponseLike {
     if (this.#corked) return;
     this.#corked = true;
     this.#sock.cork();
-    process.nextTick(this.#uncork);
+    process.nextTick(uncork, this);
   }
 
-  readonly #uncork = () => {
+  /** Called by uncork() on the next tick after the first write of a tick. */
+  uncorkNow(): void {
     this.#corked = false;
     this.#sock.uncork();
-  };
+  }
 
-  readonly #ended = () => {
+  #ended(): void {
     if (this.#over) return;
     this.#over = true;
-    this.#sock.off('close', this.#ended);
+    if (this.#onClose) this.#sock.off('close', this.#onClose);
     const all = this.#onOver;
     this.#onOver = [];
     for (const fn of all) fn();
-  };
+  }
+}
+
+/** A LaneResponse's writes of one tick leave together (process.nextTick's argument: no closure each). */
+function uncork(res: LaneResponse): void {
+  res.uncorkNow();
 }
 
 /** The HTTP date, made at most once a second. */
@@ -390,6 +398,7 @@ export class HitLane {
       let pos = 0;
       let rest: Buffer | undefined;
       let join: ((res: LaneResponseLike) => Promise<'done' | 'handoff'>) | undefined;
+      let joinAt = 0;
       try {
         while (pos < chunk.length) {
           const end = chunk.indexOf(END, pos);
@@ -399,9 +408,11 @@ export class HitLane {
           const room = held === undefined || sock.writableLength < QUEUE_BYTES;
           const hit = req && room && o.hit(req.method, req.target, req.headers, client);
           if (!hit) {
-            rest = chunk.subarray(pos);
             join = req && room ? o.join(req.method, req.target, req.headers, client) : undefined;
-            if (join) pos = end + 4;
+            if (join) {
+              joinAt = pos;
+              pos = end + 4;
+            } else rest = chunk.subarray(pos);
             break;
           }
           pos = end + 4;
@@ -418,18 +429,19 @@ export class HitLane {
           sock.setTimeout(o.idleTimeoutMs); // from now on, the keep-alive timeout between requests
         }
         // node:http's answers, and a join's, must follow the lane's: they leave now, not with the others.
-        if (rest) flush();
+        if (rest || join) flush();
       } catch (err) {
         o.failed(err);
         sock.destroy();
         return;
       }
-      if (join) startJoin(join, rest!, chunk.subarray(pos));
+      if (join) startJoin(join, chunk, joinAt, pos);
       else if (rest) leave(rest);
     };
     // Answer a join (a plain GET joining a fill in flight) with the request path's own steps, writing
-    // on the socket; the lane reads again once it is over. `request` is its bytes and all after them.
-    const startJoin = (answer: (res: LaneResponseLike) => Promise<'done' | 'handoff'>, request: Buffer, after: Buffer) => {
+    // on the socket; the lane reads again once it is over. Its request is chunk[at, end), and what
+    // follows it in the chunk is read after it.
+    const startJoin = (answer: (res: LaneResponseLike) => Promise<'done' | 'handoff'>, chunk: Buffer, at: number, end: number) => {
       joining = true;
       this.joining.add(sock);
       sock.pause();
@@ -441,10 +453,10 @@ export class HitLane {
           const pending = early;
           early = [];
           if (sock.destroyed) return;
-          if (how === 'handoff') return leave(pending.length ? Buffer.concat([request, ...pending]) : request);
+          if (how === 'handoff') return leave(pending.length ? Buffer.concat([chunk.subarray(at), ...pending]) : chunk.subarray(at));
           first = false;
           sock.setTimeout(o.idleTimeoutMs);
-          const more = pending.length ? Buffer.concat([after, ...pending]) : after;
+          const more = pending.length ? Buffer.concat([chunk.subarray(end), ...pending]) : chunk.subarray(end);
           if (more.length) onData(more);
           if (joining || !this.sockets.has(sock)) return; // another join, or node:http has it now
           if (ended) sock.end();
