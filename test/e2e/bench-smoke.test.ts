@@ -1,6 +1,7 @@
 // The herd harness end to end, small: 20 nodes x (manifest + 10 objects) against a real cuttle.
 // It checks that the report adds up; it asserts nothing about timing.
 import assert from 'node:assert/strict';
+import { spawnSync } from 'node:child_process';
 import { describe, it } from 'node:test';
 import { runOnce, SCENARIOS } from '../../bench/herd.ts';
 import { markdownTable, svgChart } from '../../bench/report.ts';
@@ -32,6 +33,15 @@ describe('bench harness (smoke)', () => {
     assert.match(table, /\| upstream fetches \/ object \(mean\) \| 1 \|/);
     assert.match(table, /\| host TCP memory-pressure episodes \| \d+ \|/);
     assert.match(svgChart('herd', [r], ['cuttle']), /^<svg /);
+  });
+
+  it('measures the heap a waiting request holds, through node:http and in the hit lane', () => {
+    const r = spawnSync(process.execPath, ['--expose-gc', 'bench/waiting.ts', '--nodes', '50'], { encoding: 'utf8', timeout: 120_000 });
+    assert.equal(r.status, 0, r.stderr);
+    for (const what of ['node:http', 'hit lane joins']) {
+      const m = new RegExp(`\\| heap held per waiting request, ${what} \\(bytes\\) \\| (-?\\d+) \\|`).exec(r.stdout);
+      assert.ok(m && Number(m[1]) > 0, `${what}: ${r.stdout}`);
+    }
   });
 
   it('runs hot-small through wrk at two connection counts and reports the generator beside the proxy', async (t) => {
