@@ -11,7 +11,7 @@
 //   finish ─▶ one Transaction: access log line and counters
 //
 // Each step is a named function returning the next step. (A plain fresh memory hit on a connection
-// still in the hit lane is answered before any of this: hit-lane.ts, with plainMemoryHit below.)
+// still in the hit lane is answered before any of this: hit-lane.ts, with plainLaneRequest below.)
 import type { IncomingHttpHeaders, IncomingMessage, OutgoingHttpHeaders, ServerResponse } from 'node:http';
 import type { Acl } from './acl.ts';
 import { localHint, plainAddress } from './acl.ts';
@@ -30,7 +30,7 @@ import { clientResponseHeaders, conditionMatches, isLoop, notModifiedHeaders, se
 import type { Logger } from './log.ts';
 import type { Mirrors } from './mirrors.ts';
 import { repoOf, type CasObject } from './content-hash.ts';
-import type { LaneResponseLike } from './hit-lane.ts';
+import type { LaneHit, LaneJoin } from './hit-lane.ts';
 import type { StoredMeta, StoredObject, TieredStore } from './store.ts';
 import type { Counters } from './counters.ts';
 
@@ -77,7 +77,7 @@ interface State {
   accelRetries?: number;
   /** A stored copy exists but is not fresh: served if the upstream turns out to be down. */
   staleAvailable?: boolean;
-  /** Answered by the hit lane, which runs only busy, deliverFill and synth (plainFillJoin). */
+  /** Answered by the hit lane, which runs only busy, deliverFill and synth (plainLaneRequest). */
   lane?: boolean;
   /** A lane request reached another step: it stopped there, and node:http answers it afresh. */
   handedOff?: boolean;
@@ -231,34 +231,29 @@ function plainTarget(ctx: Ctx, method: string, target: string, headers: Incoming
 }
 
 /**
- * The hit lane's first question: is this plain request a fresh memory hit? Then its transaction and
- * stored object (storedHitHead gives the head); else undefined. The checks are recv's and lookup's, for
- * the only case they let through to a plain memory hit.
+ * The hit lane's question (hit-lane.ts), asked once per plain request: a fresh memory hit (its
+ * transaction and stored object; storedHitHead gives the head), or a GET that may join a fill in flight
+ * without a lookup (the function that answers it), or undefined: the full path answers it.
+ *
+ * A join is allowed only for a fill that began with nothing stored for its key and is no reload
+ * (Fill.nothingStored): lookup's disk read could only find nothing and then join it, so the join starts
+ * at busy. The answer runs busy, deliverFill and synth, and ends 'handoff' (nothing written, nothing
+ * logged: node:http answers the request from the start) at any other step, such as the pass of a
+ * response that is not shared, or the new lookup of a variant.
  */
-export function plainMemoryHit(ctx: Ctx, method: string, target: string, headers: IncomingHttpHeaders, client: string): { tx: Transaction; st: StoredObject } | undefined {
+export function plainLaneRequest(ctx: Ctx, method: string, target: string, headers: IncomingHttpHeaders, client: string): LaneHit | LaneJoin | undefined {
   const p = plainTarget(ctx, method, target, headers, client);
   if (!p) return undefined;
   const st = ctx.store.getFromMemory(p.primary);
-  if (!st || !isFresh(st.policy)) return undefined;
-  const tx = newTransaction({ startedAt: ctx.clock.now(), client, method, url: p.url.href, headers, httpVersion: '1.1' });
-  tx.result = 'TCP_MEM_HIT';
-  tx.lane = 'hit';
-  noteStored(tx, st);
-  return { tx, st };
-}
-
-/**
- * The hit lane's second question: may this plain GET join a fill in flight without a lookup? Only a
- * fill that began with nothing stored for its key and is no reload (Fill.nothingStored): lookup's disk
- * read could only find nothing and then join it, so the join starts at busy. Then the function that
- * answers it on the lane's response; it runs busy, deliverFill and synth, and ends 'handoff' (nothing
- * written, nothing logged: node:http answers the request from the start) at any other step, such as
- * the pass of a response that is not shared, or the new lookup of a variant.
- */
-export function plainFillJoin(ctx: Ctx, method: string, target: string, headers: IncomingHttpHeaders, client: string): ((res: LaneResponseLike) => Promise<'done' | 'handoff'>) | undefined {
+  if (st) {
+    if (!isFresh(st.policy)) return undefined;
+    const tx = newTransaction({ startedAt: ctx.clock.now(), client, method, url: p.url.href, headers, httpVersion: '1.1' });
+    tx.result = 'TCP_MEM_HIT';
+    tx.lane = 'hit';
+    noteStored(tx, st);
+    return { tx, st };
+  }
   if (method !== 'GET') return undefined;
-  const p = plainTarget(ctx, method, target, headers, client);
-  if (!p || ctx.store.getFromMemory(p.primary)) return undefined;
   const fill = ctx.coalescer.joinable(p.primary);
   if (!fill?.nothingStored || fill.released || (fill.state !== 'pending' && fill.state !== 'streaming')) return undefined;
   const tx = newTransaction({ startedAt: ctx.clock.now(), client, method, url: p.url.href, headers, httpVersion: '1.1' });

@@ -14,19 +14,20 @@ export interface LaneHit {
   st: StoredObject;
 }
 
+/**
+ * A plain GET that joins a fill in flight: answers it on a LaneResponse ('handoff': it wrote nothing,
+ * and node:http must answer the request afresh).
+ */
+export type LaneJoin = (res: LaneResponseLike) => Promise<'done' | 'handoff'>;
+
 export interface HitLaneOptions {
-  /** The answer to a plain GET or HEAD if it is a fresh memory hit, else undefined (handed off). */
-  hit: (method: string, target: string, headers: IncomingHttpHeaders, client: string) => LaneHit | undefined;
+  /** What the lane does with a plain request: answer a fresh memory hit, or a join; else undefined (handed off). */
+  answer: (method: string, target: string, headers: IncomingHttpHeaders, client: string) => LaneHit | LaneJoin | undefined;
   /** The stored response's current Age, and its head fields with that Age. */
   age: (st: StoredObject) => string;
   head: (st: StoredObject, age: string) => OutgoingHttpHeaders;
   /** Whether the answer to `method` carries the stored body. */
   hasBody: (method: string, st: StoredObject) => boolean;
-  /**
-   * A plain GET that is no memory hit but may join a fill in flight: the function that answers it on a
-   * LaneResponse ('handoff': it wrote nothing, and node:http must answer the request afresh); else undefined.
-   */
-  join: (method: string, target: string, headers: IncomingHttpHeaders, client: string) => ((res: LaneResponseLike) => Promise<'done' | 'handoff'>) | undefined;
   /** The transaction is finished (handed to the kernel, or the client went away). */
   record: (tx: Transaction) => void;
   /** The lane itself threw (a bug): logged as an internal error; the connection is cut. */
@@ -397,7 +398,7 @@ export class HitLane {
       }
       let pos = 0;
       let rest: Buffer | undefined;
-      let join: ((res: LaneResponseLike) => Promise<'done' | 'handoff'>) | undefined;
+      let join: LaneJoin | undefined;
       let joinAt = 0;
       try {
         while (pos < chunk.length) {
@@ -406,9 +407,9 @@ export class HitLane {
           // A client that pipelines faster than it reads: past QUEUE_BYTES of answers, node:http takes the
           // rest, with its own backpressure (the lane's answers may be copies, the built responses).
           const room = held === undefined || sock.writableLength < QUEUE_BYTES;
-          const hit = req && room && o.hit(req.method, req.target, req.headers, client);
-          if (!hit) {
-            join = req && room ? o.join(req.method, req.target, req.headers, client) : undefined;
+          const hit = req && room ? o.answer(req.method, req.target, req.headers, client) : undefined;
+          if (typeof hit !== 'object') {
+            join = hit;
             if (join) {
               joinAt = pos;
               pos = end + 4;
@@ -441,7 +442,7 @@ export class HitLane {
     // Answer a join (a plain GET joining a fill in flight) with the request path's own steps, writing
     // on the socket; the lane reads again once it is over. Its request is chunk[at, end), and what
     // follows it in the chunk is read after it.
-    const startJoin = (answer: (res: LaneResponseLike) => Promise<'done' | 'handoff'>, chunk: Buffer, at: number, end: number) => {
+    const startJoin = (answer: LaneJoin, chunk: Buffer, at: number, end: number) => {
       joining = true;
       this.joining.add(sock);
       sock.pause();

@@ -12,7 +12,7 @@ import { createAdminServer } from './admin.ts';
 import { Metrics } from './metrics.ts';
 import { Upstream } from './fetch.ts';
 import { createFreshness } from './freshness.ts';
-import { handleRequest, hasBody, hitAge, plainFillJoin, plainMemoryHit, recordTransaction, storedHitHead, type Ctx } from './handle-request.ts';
+import { handleRequest, hasBody, hitAge, plainLaneRequest, recordTransaction, storedHitHead, type Ctx } from './handle-request.ts';
 import { HitLane } from './hit-lane.ts';
 import { newCounters, type Counters } from './counters.ts';
 import { createLogger, type Logger } from './log.ts';
@@ -144,8 +144,7 @@ export async function createProxy(cfg: Config, opts: ProxyOptions = {}): Promise
   const ctx: Ctx = { cfg, acl: getAcl, clock, store, coalescer, upstream, accessLog, log, counters, buffers: new BufferPool(2048), metrics, mirrors, tunnels: new Set() };
   const lane = cfg.hitLane
     ? new HitLane({
-        hit: (method, target, headers, client) => plainMemoryHit(ctx, method, target, headers, client),
-        join: (method, target, headers, client) => plainFillJoin(ctx, method, target, headers, client),
+        answer: (method, target, headers, client) => plainLaneRequest(ctx, method, target, headers, client),
         age: hitAge,
         head: (st, age) => storedHitHead(ctx, st, age),
         hasBody,
