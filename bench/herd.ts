@@ -13,7 +13,10 @@ import type { NodesPlan, NodesReport } from './nodes.ts';
 import { HOT_CONNECTIONS, markdownTable, svgChart, type RunResult } from './report.ts';
 import { kernelTcpWarning, watchKernelTcp } from './kernel-tcp.ts';
 import { externalTarget, hasTaskset, nginxBinary, procStats, squidBinary, startCuttle, startNginx, startNodeHttp, startSquid, startAts, startVarnish, atsBinary, varnishBinary, type Target } from './targets.ts';
+import { runBulk } from './bulk.ts';
 import { runWrk, wrkBinary } from './wrk.ts';
+
+export type HotClient = 'wrk' | 'bulk';
 
 export interface Scenario {
   name: string;
@@ -28,6 +31,8 @@ export interface Scenario {
   /** hot: each count is measured in turn (wrk, one thread), after a warm-up at the first. */
   hotConnections?: readonly number[];
   hotWarmupSeconds?: number;
+  /** hot: the load generator. wrk reads 8 KiB per call, so large objects use the bulk reader (bench/bulk.ts). */
+  hotClient?: HotClient;
   poll?: { everyMs: number; forMs: number };
   /** memory: distinct small objects filled through the proxy, and their body size. */
   memoryObjects?: number;
@@ -45,7 +50,7 @@ export const SCENARIOS: Record<string, Scenario> = {
   'herd-slow': { name: 'herd-slow', kind: 'herd', nodes: 1000, objects: 200, order: 'same', latencyMs: 200, chunkBytesPerSec: 2 * 2 ** 20 },
   'mirror-kill': { name: 'mirror-kill', kind: 'herd', nodes: 1000, objects: 100, order: 'same', latencyMs: 20, mirrorLatenciesMs: [20, 60, 100], chunkBytesPerSec: 8 * 2 ** 20, killAtFraction: 0.3 },
   'hot-small': { name: 'hot-small', kind: 'hot', nodes: 0, objects: 0, order: 'same', latencyMs: 0, hotObjectBytes: 4096, hotSeconds: 10, hotWarmupSeconds: 3, hotConnections: HOT_CONNECTIONS },
-  'hot-large': { name: 'hot-large', kind: 'hot', nodes: 0, objects: 0, order: 'same', latencyMs: 0, hotObjectBytes: 2 ** 20, hotSeconds: 10, hotWarmupSeconds: 3, hotConnections: HOT_CONNECTIONS },
+  'hot-large': { name: 'hot-large', kind: 'hot', nodes: 0, objects: 0, order: 'same', latencyMs: 0, hotObjectBytes: 2 ** 20, hotSeconds: 10, hotWarmupSeconds: 3, hotConnections: HOT_CONNECTIONS, hotClient: 'bulk' },
   // Does --memory-cache bound memory? Many distinct small objects through a small memory tier; RSS is
   // read before and after (the bench's --memory-cache sets cuttle's tier and Squid's cache_mem alike).
   memory: { name: 'memory', kind: 'memory', nodes: 0, objects: 0, order: 'same', latencyMs: 0, memoryObjects: 100_000, memoryObjectBytes: 512 },
@@ -149,11 +154,13 @@ export async function runOnce(o: RunOptions): Promise<RunResult> {
       const url = `${emu.url}${specs[0]!.path}`;
       // Warm the cache (twice: a disk hit is promoted to memory on its second sighting), then the JIT.
       for (let i = 0; i < 3; i++) await fetchVia(target.url, url);
-      await runWrk({ proxy: target.url, url, connections: sc.hotConnections![0]!, seconds: sc.hotWarmupSeconds!, core: 1 });
+      const load = sc.hotClient === 'bulk' ? runBulk : runWrk;
+      result.hotClient = sc.hotClient ?? 'wrk';
+      await load({ proxy: target.url, url, connections: sc.hotConnections![0]!, seconds: sc.hotWarmupSeconds!, core: 1 });
       result.hot = [];
       for (const connections of sc.hotConnections!) {
         const c0 = procStats(target).cpuS;
-        const w = await runWrk({ proxy: target.url, url, connections, seconds: sc.hotSeconds!, core: 1 });
+        const w = await load({ proxy: target.url, url, connections, seconds: sc.hotSeconds!, core: 1 });
         result.hot.push({ ...w, proxyShare: (procStats(target).cpuS - c0) / sc.hotSeconds! });
         process.stderr.write(`  ${connections} connections: ${w.reqPerSec.toFixed(0)} req/s, generator at ${(100 * w.generatorShare).toFixed(0)}% of a core\n`);
       }
@@ -280,6 +287,7 @@ async function main(): Promise<void> {
     connections: { type: 'string', default: '1', help: 'connections per node' },
     'latency-ms': { type: 'string', help: "Stratum 1 emulator latency", shown: "the scenario's (herd: 50)" },
     'memory-cache': { type: 'string', default: '256MB', help: "cuttle's --memory-cache and Squid's cache_mem alike" },
+    'hot-client': { type: 'string', help: 'load generator of the hot scenarios: wrk (reads 8 KiB per call) or bulk (bench/bulk.ts, 64 KiB reads)', shown: 'wrk for hot-small, bulk for hot-large' },
     'cuttle-args': { type: 'string', help: "more arguments for cuttle, e.g. '--fill-memory 64MB'", shown: 'none' },
     seed: { type: 'string', default: '1', help: 'seed of the object sizes and node order' },
     out: { type: 'string', default: 'bench/results', help: 'where the JSON, Markdown and SVG results go' },
@@ -313,12 +321,14 @@ async function main(): Promise<void> {
   for (const name of values.scenario ?? ['herd']) {
     const base = SCENARIOS[name];
     if (!base) throw new Error(`unknown scenario ${name}; known: ${Object.keys(SCENARIOS).join(', ')}`);
-    if (base.kind === 'hot' && !wrkBinary) throw new Error(`${name} needs wrk: apt-get install wrk`);
+    const hotClient = (values['hot-client'] ?? base.hotClient) as HotClient | undefined;
+    if (hotClient !== undefined && hotClient !== 'wrk' && hotClient !== 'bulk') throw new Error(`--hot-client is wrk or bulk, not ${hotClient}`);
+    if (base.kind === 'hot' && (hotClient ?? 'wrk') === 'wrk' && !wrkBinary) throw new Error(`${name} needs wrk: apt-get install wrk`);
     if (base.kind === 'skip') {
       process.stderr.write(`${name}: ${base.why}\n`);
       continue;
     }
-    const sc: Scenario = { ...base, nodes: Number(values.nodes ?? base.nodes), objects: Number(values.objects ?? base.objects), latencyMs: Number(values['latency-ms'] ?? base.latencyMs) };
+    const sc: Scenario = { ...base, nodes: Number(values.nodes ?? base.nodes), objects: Number(values.objects ?? base.objects), latencyMs: Number(values['latency-ms'] ?? base.latencyMs), hotClient };
     const runs: RunResult[] = [];
     for (let round = 1; round <= Number(values.rounds); round++) {
       // Alternate the order (A B, then B A): whatever the machine does over time falls on both targets.

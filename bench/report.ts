@@ -25,8 +25,10 @@ export interface RunResult {
   proxyPeakRssMiB: number;
   goodputMiBs: number;
   wallS: number;
-  /** hot-* scenarios: one wrk run per connection count, with the proxy's share of its core. */
+  /** hot-* scenarios: one load-generator run per connection count, with the proxy's share of its core. */
   hot?: (WrkResult & { proxyShare: number })[];
+  /** hot-* scenarios: which load generator measured them. */
+  hotClient?: string;
   hotErrors?: number;
   /** memory: RSS after warm-up and after filling every object. */
   rssBeforeMiB?: number;
@@ -54,7 +56,7 @@ const hotFigures = (c: number): Figure[] => {
     { label: `hits, ${c} connections: proxy CPU per request (µs)`, get: (r) => { const h = at(r, c); return h ? (h.proxyShare * 1e6) / h.reqPerSec : undefined; }, better: 'lower' },
     { label: `hits, ${c} connections: latency p99 (ms)`, get: (r) => at(r, c)?.latencyP99Ms, better: 'lower', generatorBound },
     { label: `hits, ${c} connections: proxy share of its core`, get: (r) => at(r, c)?.proxyShare, better: 'lower' },
-    { label: `hits, ${c} connections: wrk share of its core`, get: (r) => at(r, c)?.generatorShare, better: 'lower' },
+    { label: `hits, ${c} connections: load generator's share of its core`, get: (r) => at(r, c)?.generatorShare, better: 'lower' },
   ];
 };
 
@@ -117,7 +119,7 @@ export function markdownTable(scenario: string, runs: RunResult[], targets: stri
     if (meds.every((m) => !Number.isFinite(m))) continue;
     // A ratio is withheld when the generator limited either of its two targets, not a third one.
     const bound = (other: string) => f.generatorBound !== undefined && runs.some((r) => (r.target === targets[0] || r.target === other) && f.generatorBound!(r));
-    const ratios = meds.slice(1).map((m, i) => (bound(others[i]!) ? `no ratio: wrk saturated (≥ ${GENERATOR_SATURATED * 100}% of its core)` : Number.isFinite(meds[0]!) && Number.isFinite(m) && m !== 0 ? `${(meds[0]! / m).toFixed(2)}×` : '–'));
+    const ratios = meds.slice(1).map((m, i) => (bound(others[i]!) ? `no ratio: load generator saturated (≥ ${GENERATOR_SATURATED * 100}% of its core)` : Number.isFinite(meds[0]!) && Number.isFinite(m) && m !== 0 ? `${(meds[0]! / m).toFixed(2)}×` : '–'));
     rows.push(`| ${f.label} | ${meds.map(fmt).join(' | ')} |${ratios.map((r) => ` ${r} |`).join('')}`);
   }
   return [head, sep, ...rows].join('\n');
