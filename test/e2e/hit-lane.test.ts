@@ -142,7 +142,8 @@ describe('hit lane', () => {
       const script = [req(url) + req(url, '', 'HEAD') + req(url) + lastReq(url)];
       const viaLane = await exchange(lane.port, script);
       const viaNode = await exchange(node.port, script);
-      assert.equal(viaLane, viaNode);
+      // Each proxy filled from the origin at its own moment: the origin's Date may differ by a second.
+      assert.equal(sameDate(viaLane), sameDate(viaNode));
       assert.deepEqual(answers(viaLane), ['HTTP/1.1 200 OK', 'x-cache: HIT from cuttle-test', 'HTTP/1.1 200 OK', 'x-cache: HIT from cuttle-test', 'HTTP/1.1 200 OK', 'x-cache: HIT from cuttle-test', 'HTTP/1.1 200 OK', 'x-cache: HIT from cuttle-test']);
       assert.match(viaLane, /\r\nage: 7\r\n/);
       await waitFor('four log lines each', () => lane.logLines.length === 5 && node.logLines.length === 5);
