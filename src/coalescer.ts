@@ -53,6 +53,8 @@ export class Coalescer implements FetchHost {
    * An entry goes when the fill's last reader leaves and its memory is dropped.
    */
   readonly #held = new Map<string, Fill>();
+  /** Disk lookups in flight by key, settled once their request has taken its next step. */
+  readonly #diskLookups = new Map<string, Promise<unknown>>();
   /** Every fetch still running (including released fills and commits to disk). */
   readonly #running = new Set<Fill>();
   #idle: (() => void)[] = [];
@@ -122,6 +124,19 @@ export class Coalescer implements FetchHost {
     // A new reader never reads a file back unchecked: it joins a body wholly in memory, or a shared
     // read still checking the record as it reads.
     return f && f.readers > 0 && (f.wholeInMemory || (f.state === 'streaming' && f.joinable)) ? f : undefined;
+  }
+
+  /** The disk lookup of `key` in flight, if any (plain requests wait for it rather than open the record too). */
+  diskLookupOf(key: string): Promise<unknown> | undefined {
+    return this.#diskLookups.get(key);
+  }
+
+  /** Note a disk lookup of `key` until it settles (the first one in flight is the one waited for). */
+  noteDiskLookup(key: string, lookup: Promise<unknown>): void {
+    if (this.#diskLookups.has(key)) return;
+    this.#diskLookups.set(key, lookup);
+    const done = () => void this.#diskLookups.delete(key);
+    lookup.then(done, done);
   }
 
   /** The fill's body was stored on disk only: while its readers last, new requests may read it here. */

@@ -81,6 +81,8 @@ interface State {
   lane?: boolean;
   /** A lane request reached another step: it stopped there, and node:http answers it afresh. */
   handedOff?: boolean;
+  /** This request waited for another's disk lookup of its key (lookup waits once). */
+  waitedForDisk?: boolean;
 }
 
 const CACHEABLE = new Set(['GET', 'HEAD']);
@@ -302,7 +304,26 @@ function lookup(s: State): StepName | Promise<StepName> {
   // once; only a miss there waits for the disk (asked once, not memory again).
   const inMemory = ctx.store.getFromMemory(key);
   if (inMemory) return lookedUp(s, inMemory);
-  return ctx.store.getFromDisk(key).then(
+  // The stored copy other clients are reading now (a finished fill's body, or a shared read of the
+  // record) answers a plain request as the record would: joining it at once saves the record's open,
+  // head reads and close, four thread-pool trips. A herd that asks together finds none yet: it waits
+  // for the one lookup in flight (which starts the shared read of a large record), then looks again.
+  const plain = plainRequest(req.headers);
+  if (plain) {
+    const held = ctx.coalescer.heldBody(key);
+    if (held?.policy && isFresh(held.policy)) {
+      s.fill = held;
+      tx.result = 'TCP_MEM_HIT';
+      return 'deliverFill';
+    }
+    const inFlight = s.waitedForDisk ? undefined : ctx.coalescer.diskLookupOf(key);
+    if (inFlight) {
+      s.waitedForDisk = true; // once: a second look reads the disk itself
+      const again = (): StepName => 'lookup';
+      return inFlight.then(again, again);
+    }
+  }
+  const looked = ctx.store.getFromDisk(key).then(
     (stored) => lookedUp(s, stored),
     (err: unknown) => {
       ctx.counters.corruptRecords++;
@@ -310,6 +331,18 @@ function lookup(s: State): StepName | Promise<StepName> {
       return lookedUp(s, undefined);
     },
   );
+  if (plain) ctx.coalescer.noteDiskLookup(key, looked);
+  return looked;
+}
+
+/** No condition and no range: the whole stored response is the answer. */
+function noConditions(headers: IncomingHttpHeaders): boolean {
+  return CLIENT_CONDITIONS.every((h) => headers[h] === undefined);
+}
+
+/** No request directive (CVMFS sends an empty Pragma) and no condition: any fresh stored copy answers. */
+function plainRequest(headers: IncomingHttpHeaders): boolean {
+  return !headers['cache-control'] && !headers.pragma && noConditions(headers);
 }
 
 /** What the lookup found decides the next step. */
@@ -322,7 +355,7 @@ function lookedUp(s: State, stored: StoredObject | undefined): StepName {
     const plain = !req.headers['cache-control'] && !req.headers.pragma; // CVMFS sends an empty Pragma
     if (plain ? isFresh(stored.policy) : satisfies(stored, req.headers)) {
       s.stored = stored;
-      return stored.tier === 'disk' && CLIENT_CONDITIONS.every((h) => req.headers[h] === undefined) ? sharedDiskHit(s, stored) : 'hit';
+      return stored.tier === 'disk' && noConditions(req.headers) ? sharedDiskHit(s, stored) : 'hit';
     }
     s.staleAvailable = true;
     // The upstream failed a refresh of this key moments ago: serve the stale copy without asking

@@ -116,6 +116,78 @@ describe('guarantees', () => {
     }, 2);
   });
 
+  it('a plain request joins the stored copy other clients are reading without opening its record; one with directives looks on disk first', async () => {
+    await withProxy({ 'max-memory-object-size': '64KB' }, async ({ origin, p, pool }) => {
+    const body = randomBytes(8 * 2 ** 20);
+    const url = `${origin.url}/big`;
+    origin.route('/big', { body, headers: { 'cache-control': 'max-age=60' } });
+    let diskLookups = 0;
+    const getFromDisk = p.proxy.store.getFromDisk.bind(p.proxy.store);
+    p.proxy.store.getFromDisk = (key: string) => (diskLookups++, getFromDisk(key));
+    // The first reader stops reading: the finished fill's body stays held after the commit.
+    const slow = stalledClient(p.port, url);
+    await waitFor('the fill stored on disk, its body held', () => p.proxy.coalescer.stats.fillsCommitted === 1 && p.proxy.coalescer.running === 0 && p.proxy.coalescer.heldBody(url) !== undefined);
+    const before = diskLookups;
+    for (const headers of [{}, { pragma: '' }] as Record<string, string>[]) {
+      const r = await get(pool, url, headers);
+      assert.ok(r.body.equals(body));
+    }
+    assert.equal(diskLookups, before, 'plain requests (an empty Pragma too, as CVMFS sends) joined the held body');
+    // Request directives take the full lookup: the record, then (fresh, unconditional) the same held body.
+    const directed = await get(pool, url, { 'cache-control': 'max-age=30' });
+    assert.ok(directed.body.equals(body));
+    assert.equal(diskLookups, before + 1);
+    await waitFor('three hits from memory', () => p.logLines.filter((l) => / TCP_MEM_HIT\/200 8388608 GET /.test(l)).length === 3);
+    // A range is the record's to answer, as before.
+    const part = await get(pool, url, { range: 'bytes=0-9' });
+    assert.equal(part.status, 206);
+    assert.equal(diskLookups, before + 2);
+    assert.equal(origin.count('/big'), 1);
+    // A PURGE drops the held body with the record: the next plain request fetches again.
+    assert.equal((await get(pool, url, {}, 'PURGE')).status, 200);
+    assert.equal(p.proxy.coalescer.heldBody(url), undefined);
+    assert.ok((await get(pool, url)).body.equals(body));
+    assert.equal(origin.count('/big'), 2);
+    slow.destroy();
+    assert.equal(p.proxy.counters.corruptRecords, 0);
+    }, 2);
+  });
+
+  it('a herd asking together for a large disk record opens it once: the others wait for that lookup and join its shared read', async () => {
+    await withProxy({ 'max-memory-object-size': '64KB' }, async ({ origin, p, pool }) => {
+    const body = randomBytes(2 * 2 ** 20);
+    const url = `${origin.url}/herd`;
+    origin.route('/herd', { body, headers: { 'cache-control': 'max-age=60' } });
+    assert.ok((await get(pool, url)).body.equals(body));
+    await waitFor('stored on disk, its fill gone', () => p.proxy.coalescer.stats.fillsCommitted === 1 && p.proxy.coalescer.running === 0 && p.proxy.coalescer.budget.usedBytes === 0);
+    // The first disk lookup is held until every other request waits on it.
+    const g = gate();
+    let diskLookups = 0;
+    const getFromDisk = p.proxy.store.getFromDisk.bind(p.proxy.store);
+    p.proxy.store.getFromDisk = async (key: string) => {
+      if (diskLookups++ === 0) await g.opened;
+      return getFromDisk(key);
+    };
+    let waiting = 0;
+    const diskLookupOf = p.proxy.coalescer.diskLookupOf.bind(p.proxy.coalescer);
+    p.proxy.coalescer.diskLookupOf = (key: string) => {
+      const inFlight = diskLookupOf(key);
+      if (inFlight) waiting++;
+      return inFlight;
+    };
+    const n = 8;
+    const answers = Array.from({ length: n }, () => get(pool, url));
+    await waitFor('one lookup in flight, the others waiting on it', () => diskLookups === 1 && waiting === n - 1);
+    g.open();
+    for (const r of await Promise.all(answers)) assert.ok(r.body.equals(body));
+    assert.equal(diskLookups, 1, 'the record was looked up once');
+    await waitFor('every answer logged', () => p.logLines.filter((l) => / TCP_(MEM_)?HIT\/200 2097152 GET /.test(l)).length === n);
+    assert.equal(p.logLines.filter((l) => / TCP_HIT\/200 /.test(l)).length, 1, 'one shared read of the record');
+    assert.equal(origin.count('/herd'), 1);
+    assert.equal(p.proxy.counters.corruptRecords, 0);
+    }, 8);
+  });
+
   it('clients asking for a large disk record at the same time share one read of it', async () => {
     await withProxy({ 'max-memory-object-size': '64KB' }, async ({ origin, p, pool }) => {
     const body = randomBytes(8 * 2 ** 20);
