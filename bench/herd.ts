@@ -51,6 +51,7 @@ export const SCENARIOS: Record<string, Scenario> = {
   'mirror-kill': { name: 'mirror-kill', kind: 'herd', nodes: 1000, objects: 100, order: 'same', latencyMs: 20, mirrorLatenciesMs: [20, 60, 100], chunkBytesPerSec: 8 * 2 ** 20, killAtFraction: 0.3 },
   'hot-small': { name: 'hot-small', kind: 'hot', nodes: 0, objects: 0, order: 'same', latencyMs: 0, hotObjectBytes: 4096, hotSeconds: 10, hotWarmupSeconds: 3, hotConnections: HOT_CONNECTIONS },
   'hot-large': { name: 'hot-large', kind: 'hot', nodes: 0, objects: 0, order: 'same', latencyMs: 0, hotObjectBytes: 2 ** 20, hotSeconds: 10, hotWarmupSeconds: 3, hotConnections: HOT_CONNECTIONS, hotClient: 'bulk' },
+  'hot-chunk': { name: 'hot-chunk', kind: 'hot', nodes: 0, objects: 0, order: 'same', latencyMs: 0, hotObjectBytes: 4 * 2 ** 20, hotSeconds: 10, hotWarmupSeconds: 3, hotConnections: HOT_CONNECTIONS, hotClient: 'bulk' },
   // Does --memory-cache bound memory? Many distinct small objects through a small memory tier; RSS is
   // read before and after (the bench's --memory-cache sets cuttle's tier and Squid's cache_mem alike).
   memory: { name: 'memory', kind: 'memory', nodes: 0, objects: 0, order: 'same', latencyMs: 0, memoryObjects: 100_000, memoryObjectBytes: 512 },
@@ -287,7 +288,7 @@ async function main(): Promise<void> {
     connections: { type: 'string', default: '1', help: 'connections per node' },
     'latency-ms': { type: 'string', help: "Stratum 1 emulator latency", shown: "the scenario's (herd: 50)" },
     'memory-cache': { type: 'string', default: '256MB', help: "cuttle's --memory-cache and Squid's cache_mem alike" },
-    'hot-client': { type: 'string', help: 'load generator of the hot scenarios: wrk (reads 8 KiB per call) or bulk (bench/bulk.ts, 64 KiB reads)', shown: 'wrk for hot-small, bulk for hot-large' },
+    'hot-client': { type: 'string', help: 'load generator of the hot scenarios: wrk (reads 8 KiB per call) or bulk (bench/bulk.ts, 64 KiB reads)', shown: 'wrk for hot-small, bulk for hot-large and hot-chunk' },
     'cuttle-args': { type: 'string', help: "more arguments for cuttle, e.g. '--fill-memory 64MB'", shown: 'none' },
     seed: { type: 'string', default: '1', help: 'seed of the object sizes and node order' },
     out: { type: 'string', default: 'bench/results', help: 'where the JSON, Markdown and SVG results go' },
