@@ -219,8 +219,7 @@ function setKey(s: State, primary: string): void {
  * errors go to the full path.
  */
 function plainTarget(ctx: Ctx, method: string, target: string, headers: IncomingHttpHeaders, client: string): { url: URL; primary: string; cas: CasObject | undefined } | undefined {
-  if ((method !== 'GET' && method !== 'HEAD') || headers.authorization !== undefined || headers['cache-control'] || headers.pragma) return undefined;
-  for (const h of CLIENT_CONDITIONS) if (headers[h] !== undefined) return undefined;
+  if ((method !== 'GET' && method !== 'HEAD') || headers.authorization !== undefined || !plainRequest(headers)) return undefined;
   if (!ctx.acl().allowsClient(client)) return undefined;
   const parsed = parseTarget(target);
   if (!parsed) return undefined;
@@ -340,9 +339,14 @@ function noConditions(headers: IncomingHttpHeaders): boolean {
   return CLIENT_CONDITIONS.every((h) => headers[h] === undefined);
 }
 
-/** No request directive (CVMFS sends an empty Pragma) and no condition: any fresh stored copy answers. */
+/** No request directive: freshness is the stored timeline alone (CVMFS sends an empty Pragma). */
+function noDirectives(headers: IncomingHttpHeaders): boolean {
+  return !headers['cache-control'] && !headers.pragma;
+}
+
+/** No request directive and no condition: any fresh stored copy answers. */
 function plainRequest(headers: IncomingHttpHeaders): boolean {
-  return !headers['cache-control'] && !headers.pragma && noConditions(headers);
+  return noDirectives(headers) && noConditions(headers);
 }
 
 /** What the lookup found decides the next step. */
@@ -352,8 +356,7 @@ function lookedUp(s: State, stored: StoredObject | undefined): StepName {
   if (stored) {
     // Without request directives, freshness is the stored timeline alone (the key already pins URL,
     // host and Vary); with them, the full RFC 9111 check.
-    const plain = !req.headers['cache-control'] && !req.headers.pragma; // CVMFS sends an empty Pragma
-    if (plain ? isFresh(stored.policy) : satisfies(stored, req.headers)) {
+    if (noDirectives(req.headers) ? isFresh(stored.policy) : satisfies(stored, req.headers)) {
       s.stored = stored;
       return stored.tier === 'disk' && noConditions(req.headers) ? sharedDiskHit(s, stored) : 'hit';
     }
