@@ -6,13 +6,12 @@
 // CPU share, so a saturated generator is still caught. Same output as wrk's: one summary line.
 //
 //   node bench/bulk.ts --proxy http://127.0.0.1:3128 --url http://origin/object --connections 64 --seconds 10
-import { spawn } from 'node:child_process';
 import { connect, type Socket } from 'node:net';
 import { fileURLToPath } from 'node:url';
 import { parseArgs } from 'node:util';
 import { build } from 'hdr-histogram-js';
 import { hasTaskset } from './targets.ts';
-import type { WrkResult } from './wrk.ts';
+import { outputOf, type WrkResult } from './wrk.ts';
 
 const READ_BUFFER_BYTES = 64 * 1024;
 const HEAD_LIMIT = 64 * 1024;
@@ -125,15 +124,8 @@ export function bulkLoad(o: BulkOptions): Promise<Omit<WrkResult, 'connections'>
 /** Run the bulk reader in its own process (pinned to `core` if possible), like runWrk. */
 export async function runBulk(o: BulkOptions & { core?: number }): Promise<WrkResult> {
   const args = [fileURLToPath(import.meta.url), '--proxy', o.proxy, '--url', o.url, '--connections', String(o.connections), '--seconds', String(o.seconds)];
-  const [cmd, argv] = hasTaskset && o.core !== undefined ? ['taskset', ['-c', String(o.core), process.execPath, ...args]] : [process.execPath, args];
-  const out = await new Promise<string>((resolve, reject) => {
-    const child = spawn(cmd, argv as string[], { stdio: ['ignore', 'pipe', 'pipe'] });
-    let stdout = '';
-    let stderr = '';
-    child.stdout.on('data', (c) => (stdout += c));
-    child.stderr.on('data', (c) => (stderr += c));
-    child.on('exit', (code) => (code === 0 ? resolve(stdout) : reject(new Error(`bulk reader failed (${code}): ${stderr}`))));
-  });
+  const [cmd, argv]: [string, string[]] = hasTaskset && o.core !== undefined ? ['taskset', ['-c', String(o.core), process.execPath, ...args]] : [process.execPath, args];
+  const out = await outputOf('the bulk reader', cmd, argv);
   const json = /BULKJSON (\{.*\})/.exec(out)?.[1];
   if (!json) throw new Error(`no summary from the bulk reader: ${out}`);
   return { connections: o.connections, ...(JSON.parse(json) as Omit<WrkResult, 'connections'>) };

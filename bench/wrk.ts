@@ -38,6 +38,18 @@ end
 `;
 }
 
+/** A load generator's standard output, once it has exited 0 (else its output in the error). */
+export function outputOf(what: string, cmd: string, args: string[]): Promise<string> {
+  return new Promise((resolve, reject) => {
+    const child = spawn(cmd, args, { stdio: ['ignore', 'pipe', 'pipe'] });
+    let stdout = '';
+    let stderr = '';
+    child.stdout.on('data', (c) => (stdout += c));
+    child.stderr.on('data', (c) => (stderr += c));
+    child.on('exit', (code) => (code === 0 ? resolve(stdout) : reject(new Error(`${what} failed (${code}): ${stderr}${stdout}`))));
+  });
+}
+
 /** Run wrk (one thread, on `core`) against `proxy` for `url`. */
 export async function runWrk(o: { proxy: string; url: string; connections: number; seconds: number; core?: number }): Promise<WrkResult> {
   if (!wrkBinary) throw new Error('the hot scenarios need wrk: apt-get install wrk');
@@ -47,14 +59,7 @@ export async function runWrk(o: { proxy: string; url: string; connections: numbe
   const pin = hasTaskset && o.core !== undefined ? `taskset -c ${o.core} ` : '';
   const cmd = `ulimit -n 65536 2>/dev/null; ${pin}"$0" -t1 -c${o.connections} -d${o.seconds}s --timeout 10s -s "$1" "$2"; s=$?; read -a f < /proc/$$/stat; echo "CPUTICKS $((f[15] + f[16]))"; exit $s`;
   try {
-    const out = await new Promise<string>((resolve, reject) => {
-      const child = spawn('bash', ['-c', cmd, wrkBinary, lua, o.proxy], { stdio: ['ignore', 'pipe', 'pipe'] });
-      let stdout = '';
-      let stderr = '';
-      child.stdout.on('data', (c) => (stdout += c));
-      child.stderr.on('data', (c) => (stderr += c));
-      child.on('exit', (code) => (code === 0 ? resolve(stdout) : reject(new Error(`wrk failed (${code}): ${stderr}${stdout}`))));
-    });
+    const out = await outputOf('wrk', 'bash', ['-c', cmd, wrkBinary, lua, o.proxy]);
     const json = /WRKJSON (\{.*\})/.exec(out)?.[1];
     const ticks = Number(/CPUTICKS (\d+)/.exec(out)?.[1]);
     if (!json) throw new Error(`no summary from wrk: ${out}`);

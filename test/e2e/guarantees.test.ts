@@ -10,7 +10,7 @@ import { join } from 'node:path';
 import { describe, it } from 'node:test';
 import { Pool } from 'undici';
 import { gate, startOrigin } from '../helpers/origin.ts';
-import { get, proxyClient, startProxy, withProxy } from '../helpers/proxy.ts';
+import { get, proxyClient, startProxy, withProxy, type Rig } from '../helpers/proxy.ts';
 import { waitFor } from '../helpers/mirrors.ts';
 
 /** A raw client that sends one request and never reads the answer. */
@@ -25,6 +25,16 @@ function stalledClient(port: number, url: string): Socket {
 /** Wait for the access log line a transaction writes once its response is all in the kernel. */
 function logged(p: { logLines: string[] }, line: RegExp): Promise<void> {
   return waitFor(`an access log line ${line}`, () => p.logLines.some((l) => line.test(l)));
+}
+
+/** A large object (`bytes` random bytes at `path`) fetched once, stored on disk, and its fill gone. */
+async function storedOnDisk({ origin, p, pool }: Rig, path: string, bytes: number): Promise<{ body: Buffer; url: string }> {
+  const body = randomBytes(bytes);
+  const url = `${origin.url}${path}`;
+  origin.route(path, { body, headers: { 'cache-control': 'max-age=60' } });
+  assert.ok((await get(pool, url)).body.equals(body));
+  await waitFor('stored on disk, its fill gone', () => p.proxy.coalescer.stats.fillsCommitted === 1 && p.proxy.coalescer.running === 0 && p.proxy.coalescer.budget.usedBytes === 0);
+  return { body, url };
 }
 
 describe('guarantees', () => {
@@ -154,12 +164,9 @@ describe('guarantees', () => {
   });
 
   it('a herd asking together for a large disk record opens it once: the others wait for that lookup and join its shared read', async () => {
-    await withProxy({ 'max-memory-object-size': '64KB' }, async ({ origin, p, pool }) => {
-    const body = randomBytes(2 * 2 ** 20);
-    const url = `${origin.url}/herd`;
-    origin.route('/herd', { body, headers: { 'cache-control': 'max-age=60' } });
-    assert.ok((await get(pool, url)).body.equals(body));
-    await waitFor('stored on disk, its fill gone', () => p.proxy.coalescer.stats.fillsCommitted === 1 && p.proxy.coalescer.running === 0 && p.proxy.coalescer.budget.usedBytes === 0);
+    await withProxy({ 'max-memory-object-size': '64KB' }, async (rig) => {
+    const { origin, p, pool } = rig;
+    const { body, url } = await storedOnDisk(rig, '/herd', 2 * 2 ** 20);
     // The first disk lookup is held until every other request waits on it.
     const g = gate();
     let diskLookups = 0;
@@ -189,12 +196,9 @@ describe('guarantees', () => {
   });
 
   it('clients asking for a large disk record at the same time share one read of it', async () => {
-    await withProxy({ 'max-memory-object-size': '64KB' }, async ({ origin, p, pool }) => {
-    const body = randomBytes(8 * 2 ** 20);
-    const url = `${origin.url}/shared`;
-    origin.route('/shared', { body, headers: { 'cache-control': 'max-age=60' } });
-    assert.ok((await get(pool, url)).body.equals(body));
-    await waitFor('stored on disk, its fill gone', () => p.proxy.coalescer.stats.fillsCommitted === 1 && p.proxy.coalescer.running === 0 && p.proxy.coalescer.budget.usedBytes === 0);
+    await withProxy({ 'max-memory-object-size': '64KB' }, async (rig) => {
+    const { origin, p, pool } = rig;
+    const { body, url } = await storedOnDisk(rig, '/shared', 8 * 2 ** 20);
     // A reader that stops reading keeps the shared read of the record open.
     const slow = stalledClient(p.port, url);
     await waitFor('a shared read of the record', () => p.proxy.coalescer.heldBody(url) !== undefined);
