@@ -55,60 +55,45 @@ export class ConfigError extends Error {
 }
 
 /**
- * Map an undici / socket error seen while talking upstream to our catalog.
- * `phase` tells whether response headers had arrived (then the failure is a truncation).
+ * Map an error that the upstream exchange raised (undici, its socket, the DNS hook) to our catalog.
+ * Whatever the upstream raised is the upstream's fault, whether its code is known here or not: cuttle's
+ * own failures are labelled where they happen (internalError, or a ProxyError thrown on purpose) and
+ * pass through unchanged. So the next unknown upstream error is a 502, never a 500 blamed on cuttle.
  */
 export function upstreamError(err: unknown): ProxyError {
   if (err instanceof ProxyError) return err;
-  const e = err as { code?: string; message?: string; cause?: { code?: string } };
-  // Not every error's code is a string (a DOMException's is a number).
+  const e = err as { code?: unknown; message?: string; name?: string; cause?: { code?: unknown } };
+  // Not every error's code is a string (a DOMException's is a number; undici's HTTPParserError has none).
   const code = String(typeof e?.code === 'string' ? e.code : (e?.cause?.code ?? e?.code ?? ''));
   const msg = e?.message ?? String(err);
+  const as = (c: ErrorCode) => new ProxyError(c, msg || code, { cause: err });
   switch (code) {
     case 'ENOTFOUND':
     case 'EAI_AGAIN':
     case 'EAI_FAIL':
     case 'EAI_NONAME':
-      return new ProxyError('ERR_DNS_FAIL', msg, { cause: err });
+      return as('ERR_DNS_FAIL');
     case 'ECONNREFUSED':
     case 'EHOSTUNREACH':
     case 'ENETUNREACH':
-      return new ProxyError('ERR_CONNECT_REFUSED', msg, { cause: err });
+      return as('ERR_CONNECT_REFUSED');
     case 'UND_ERR_CONNECT_TIMEOUT':
     case 'ETIMEDOUT':
-      return new ProxyError('ERR_CONNECT_TIMEOUT', msg, { cause: err });
+      return as('ERR_CONNECT_TIMEOUT');
     case 'UND_ERR_HEADERS_TIMEOUT':
     case 'UND_ERR_BODY_TIMEOUT':
-      return new ProxyError('ERR_READ_TIMEOUT', msg, { cause: err });
-    case 'UND_ERR_SOCKET':
-    case 'ECONNRESET':
-    case 'EPIPE':
-    case 'UND_ERR_CLOSED':
-      return new ProxyError('ERR_UPSTREAM_RESET', msg, { cause: err });
-    case 'HPE_INVALID_CONSTANT':
+      return as('ERR_READ_TIMEOUT');
     case 'UND_ERR_INFO':
     case 'UND_ERR_RES_CONTENT_LENGTH_MISMATCH':
     case 'UND_ERR_RES_EXCEEDED_MAX_SIZE':
-      return new ProxyError('ERR_INVALID_RESPONSE', msg, { cause: err });
     case 'UND_ERR_HEADERS_OVERFLOW':
-      return new ProxyError('ERR_INVALID_RESPONSE', msg, { cause: err });
-    case 'UND_ERR_ABORTED':
-    case 'UND_ERR_ABORT':
-    case 'UND_ERR_DESTROYED':
-    case 'ABORT_ERR':
-    case '20': // DOMException AbortError
-    case 'ECONNABORTED':
-    case 'ENOTCONN':
-    case 'ERR_STREAM_PREMATURE_CLOSE':
-      return new ProxyError('ERR_UPSTREAM_RESET', msg || code, { cause: err });
-    default:
-      if (code.startsWith('HPE_')) return new ProxyError('ERR_INVALID_RESPONSE', msg, { cause: err });
-      // Other socket errors (errno codes) are the upstream's; anything else is a bug of ours, and is
-      // reported as one rather than blamed on the Stratum 1.
-      if (/^E[A-Z]+$/.test(code) || code.startsWith('UND_ERR')) return new ProxyError('ERR_UPSTREAM_RESET', msg || code, { cause: err });
-      if ((err as Error)?.name === 'AbortError') return new ProxyError('ERR_UPSTREAM_RESET', msg, { cause: err });
-      return new ProxyError('ERR_INTERNAL', msg, { cause: err });
+      return as('ERR_INVALID_RESPONSE');
   }
+  // What the parser refused (HPE_* codes, or an HTTPParserError with no code at all) is a broken response.
+  if (code.startsWith('HPE_') || e?.name === 'HTTPParserError') return as('ERR_INVALID_RESPONSE');
+  // Everything else the exchange raised (resets, aborts, closed sockets, other errno codes, an undici
+  // error this list does not know) ended the exchange before a valid answer: the connection's failure.
+  return as('ERR_UPSTREAM_RESET');
 }
 
 /** A failure that is cuttle's own bug: answered 500 ERR_INTERNAL, logged with `internal: true`. */

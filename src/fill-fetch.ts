@@ -17,9 +17,8 @@
 //
 // An exception in any step fails the fill (every waiter gets a labelled 500 ERR_INTERNAL), is logged,
 // and never escapes: one odd response can't take the process down or leave waiters hanging.
-import type { Readable } from 'node:stream';
 import type { IncomingHttpHeaders } from 'node:http';
-import { Readable as ReadableStream } from 'node:stream';
+import { Readable } from 'node:stream';
 import { variantKey, varyNames } from './cache-key.ts';
 import type { Config } from './config.ts';
 import { HashCheck, repoOf, type CasObject } from './content-hash.ts';
@@ -119,6 +118,8 @@ interface FetchState {
   mirror?: Mirror;
   /** Every mirror of the group was asked and each said 404. */
   every404: boolean;
+  /** The answer is a held 404 whose body could not be kept: sent without it, never stored. */
+  bodyDropped?: boolean;
   contentLength?: number;
   check?: HashCheck;
   /** Bytes to drop from the start of this body (a resume answered 200 instead of 206). */
@@ -184,7 +185,7 @@ async function startfetch(st: FetchState): Promise<Step> {
   const plan = st.plan!;
   let lastError: ProxyError | undefined;
   let other = false; // an attempt failed with something other than a 404
-  let held404: { res: UpstreamResponse; body: Buffer; attempt: Attempt } | undefined;
+  let held404: { res: UpstreamResponse; body: Buffer | undefined; attempt: Attempt } | undefined;
   for (let attempt = plan.next(); attempt; attempt = plan.next()) {
     if (fill.abandoned) break;
     const m = attempt.mirror;
@@ -208,7 +209,7 @@ async function startfetch(st: FetchState): Promise<Step> {
     if (m) host.mirrors.fetched(m, res.status < 500, ttfb, `HTTP ${res.status}`);
     if (res.status === 404 && plan.retry404 && plan.hasMore) {
       // That mirror lacks the object (not yet replicated): ask the next one, keep this answer in case.
-      const b = await readCapped(res.body, 64 * 1024).catch(() => Buffer.alloc(0));
+      const b = await readCapped(res.body, HELD_404_MAX_BYTES).catch(() => undefined);
       held404 ??= { res, body: b, attempt };
       host.stats.failovers++;
       continue;
@@ -220,7 +221,14 @@ async function startfetch(st: FetchState): Promise<Step> {
   }
   if (held404) {
     const { res, body, attempt } = held404;
-    return answered(st, { ...res, body: ReadableStream.from([body]) }, attempt, new AbortController());
+    if (body) return answered(st, { ...res, body: Readable.from([body]) }, attempt, new AbortController());
+    // Its body was too long to hold, or broke off: the 404 goes out without it (and is not stored),
+    // never cut short under the Content-Length it came with.
+    const headers: UpstreamResponse['headers'] = { ...res.headers, 'content-length': '0' };
+    delete headers['content-encoding'];
+    delete headers['transfer-encoding'];
+    st.bodyDropped = true;
+    return answered(st, { ...res, headers, body: Readable.from([]) }, attempt, new AbortController());
   }
   st.error = fill.abandoned ?? lastError ?? new ProxyError('ERR_UPSTREAM_RESET', 'no mirror to ask');
   return 'error';
@@ -297,6 +305,7 @@ function decide(st: FetchState): Step {
   const superseded = host.superseded(fill);
   const storable =
     !superseded &&
+    !st.bodyDropped &&
     !varyAll &&
     (r.cas === undefined || verified || st.every404) &&
     policy.storable() &&
@@ -580,6 +589,8 @@ function mirrorFailed(st: FetchState, m: Mirror, why: string): void {
 
 /** Largest error body of a content-addressed object shared with every waiter (without a spill file). */
 const SHARED_ERROR_MAX_BYTES = 256 * 1024;
+/** A mirror's 404 held while the next mirror is asked keeps at most this much of its body. */
+const HELD_404_MAX_BYTES = 64 * 1024;
 
 /** Never stored, never sent to another client: one client's cookies (Squid strips them on hits too). */
 const PRIVATE = new Set(['set-cookie', 'set-cookie2']);
@@ -601,7 +612,8 @@ function responseHeaders(h: Record<string, string | string[]>, cas: boolean): { 
   return { shared, private: priv };
 }
 
-async function readCapped(body: Readable, cap: number): Promise<Buffer> {
+/** A whole body of at most `cap` bytes; undefined when it is longer (the rest is discarded). */
+async function readCapped(body: Readable, cap: number): Promise<Buffer | undefined> {
   const parts: Buffer[] = [];
   let n = 0;
   body.on('error', () => {}); // the loop below sees errors; this only keeps a late one from being unhandled
@@ -609,7 +621,7 @@ async function readCapped(body: Readable, cap: number): Promise<Buffer> {
     n += (c as Buffer).length;
     if (n > cap) {
       discard(body);
-      break;
+      return undefined;
     }
     parts.push(c as Buffer);
   }

@@ -439,8 +439,12 @@ function stale(s: State): StepName {
 }
 
 function busy(s: State): StepName {
-  s.fill = s.ctx.coalescer.joinable(s.key!)!;
-  if (s.fill.state === 'done') {
+  // Looked up again, never assumed: the fill found a step ago may have failed or been released since
+  // (a microtask runs between a lookup's answer and this step). Gone, the request looks again.
+  const fill = s.ctx.coalescer.joinable(s.key!);
+  if (!fill) return 'lookup';
+  s.fill = fill;
+  if (fill.state === 'done') {
     // The whole response is already here, only not yet handed to the tiers: a hit in all but name.
     s.tx.result = 'TCP_MEM_HIT';
     return 'deliverFill';

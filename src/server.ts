@@ -216,11 +216,14 @@ export async function createProxy(cfg: Config, opts: ProxyOptions = {}): Promise
       }
       if (lane && toNode) lane.attach(sock, client, toNode);
     });
+    /** Each connection's latest response (clientError must not write into one that has begun). */
+    const responding = new WeakMap<object, ServerResponse>();
     const handlerFailed = (res: ServerResponse) => (err: unknown) => {
       log.error({ err, internal: true }, 'request handler failed');
       res.destroy();
     };
     srv.on('request', (req, res) => {
+      responding.set(req.socket, res);
       // A memory hit is answered synchronously (no promise); anything that waits returns one.
       try {
         handleRequest(ctx, req, res, accel)?.catch(handlerFailed(res));
@@ -230,7 +233,11 @@ export async function createProxy(cfg: Config, opts: ProxyOptions = {}): Promise
     });
     srv.on('connect', (req, socket, head) => handleConnect(ctx, req, socket, head));
     srv.on('clientError', (err: NodeJS.ErrnoException, socket) => {
-      if (socket.writable && err.code !== 'ECONNRESET') {
+      // A 400 may only go where a response could begin: written into one that has begun, it would land
+      // in the middle of its body. Then the connection is closed instead (as node's own handler does).
+      const res = responding.get(socket);
+      const midResponse = res !== undefined && res.headersSent && !res.writableFinished;
+      if (socket.writable && err.code !== 'ECONNRESET' && !midResponse) {
         socket.end('HTTP/1.1 400 Bad Request\r\nProxy-Status: cuttle; error=http_request_error\r\nX-Squid-Error: ERR_INVALID_REQ 0\r\nContent-Length: 0\r\nConnection: close\r\n\r\n');
       } else socket.destroy();
     });

@@ -1,0 +1,152 @@
+// Protocol errors on either side are labelled by who made them: an origin that breaks HTTP gets a 502
+// ERR_INVALID_RESPONSE (never cuttle's own 500), and a client that sends garbage while its response is
+// streaming loses its connection, never a 400 written into the middle of that response.
+import assert from 'node:assert/strict';
+import { once } from 'node:events';
+import { connect, createServer, type AddressInfo, type Server, type Socket } from 'node:net';
+import { describe, it } from 'node:test';
+import { gate, startOrigin } from '../helpers/origin.ts';
+import { REPO } from '../helpers/mirrors.ts';
+import { get, proxyClient, startProxy, withProxy } from '../helpers/proxy.ts';
+import { waitFor } from '../helpers/mirrors.ts';
+
+/**
+ * An origin that answers every request with the same raw bytes (or `answer(requestHead)`'s; undefined
+ * resets the connection), and counts requests.
+ */
+async function rawOrigin(answer: string | ((head: string) => string | undefined)): Promise<{ url: string; requests: () => number; close: () => Promise<void> }> {
+  let requests = 0;
+  const sockets = new Set<Socket>();
+  const srv: Server = createServer((s) => {
+    sockets.add(s);
+    s.on('close', () => sockets.delete(s));
+    s.on('error', () => {});
+    s.on('data', (d: Buffer) => {
+      requests++;
+      const a = typeof answer === 'string' ? answer : answer(d.toString('latin1'));
+      if (a === undefined) s.resetAndDestroy();
+      else s.end(a);
+    });
+  });
+  srv.listen(0, '127.0.0.1');
+  await once(srv, 'listening');
+  return {
+    url: `http://127.0.0.1:${(srv.address() as AddressInfo).port}`,
+    requests: () => requests,
+    close: async () => {
+      for (const s of sockets) s.destroy();
+      srv.close();
+      await once(srv, 'close');
+    },
+  };
+}
+
+const BROKEN = {
+  'a negative Content-Length': 'HTTP/1.1 200 OK\r\nContent-Length: -1\r\n\r\nabc',
+  'a four-digit status': 'HTTP/1.1 2000 X\r\nContent-Length: 1\r\n\r\na',
+  'an ICY status line': 'ICY 200 OK\r\n\r\nabc',
+};
+
+describe('upstream protocol errors are the upstream\'s', () => {
+  for (const [name, answer] of Object.entries(BROKEN)) {
+    it(`an origin that sends ${name} gets 502 ERR_INVALID_RESPONSE, not an internal error`, async () => {
+      const origin = await rawOrigin(answer);
+      try {
+        await withProxy({}, async ({ p, pool }) => {
+          const r = await get(pool, `${origin.url}/broken`);
+          assert.equal(r.status, 502);
+          assert.match(String(r.headers['proxy-status']), /^cuttle; error=http_protocol_error/);
+          assert.match(String(r.headers['x-squid-error']), /^ERR_INVALID_RESP/);
+          assert.equal(p.proxy.coalescer.stats.internalErrors, 0);
+          assert.equal(p.proxy.coalescer.stats.fillsFailed, 1);
+          assert.equal(origin.requests(), 1);
+          // (p.close() fails the test if the proxy logged an internal error.)
+        });
+      } finally {
+        await origin.close();
+      }
+    });
+  }
+
+  it('a body that breaks HTTP after its head (an overflowing chunk size) is cut short for the client, not blamed on cuttle', async () => {
+    const origin = await rawOrigin('HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nFFFFFFFFFFFFFFFFFFFF\r\nabc');
+    try {
+      await withProxy({}, async ({ p, pool }) => {
+        // The head went out before the body broke: the client sees a truncation, never a whole answer.
+        await assert.rejects(get(pool, `${origin.url}/broken`));
+        await p.proxy.coalescer.settle();
+        assert.equal(p.proxy.coalescer.stats.internalErrors, 0);
+        assert.equal(p.proxy.counters.truncated, 1);
+        assert.equal(origin.requests(), 1);
+      });
+    } finally {
+      await origin.close();
+    }
+  });
+});
+
+describe('a client that sends garbage mid-response', () => {
+  it('loses its connection: no 400 is written into the streaming body', async () => {
+    await withProxy({}, async ({ origin, p }) => {
+      const g = gate();
+      origin.route('/stream', { chunked: true, body: 'x'.repeat(5000), bodyGate: { after: 1000, gate: g }, headers: { 'cache-control': 'max-age=60' } });
+      const c = connect(p.port, '127.0.0.1');
+      c.on('error', () => {});
+      let got = '';
+      c.on('data', (d: Buffer) => (got += d.toString('latin1')));
+      c.write(`GET ${origin.url}/stream HTTP/1.1\r\nHost: x\r\n\r\n`);
+      await waitFor('the first 1000 body bytes at the client', () => got.split('\r\n\r\n')[1]?.replaceAll(/[0-9a-f]+\r\n|\r\n/g, '').length === 1000);
+      // Garbage while the response streams: node's parser fails the connection (clientError).
+      c.write('\x00\x01 NOT HTTP\r\n\r\n');
+      await once(c, 'close');
+      g.open();
+      assert.doesNotMatch(got, /400 Bad Request/);
+      assert.equal((got.match(/HTTP\/1\.1 /g) ?? []).length, 1);
+      assert.equal(origin.count('/stream'), 1);
+      // The fill carries on without that client and is stored: the next request is a hit.
+      await waitFor('the fill stored', () => p.proxy.coalescer.running === 0);
+      const { default: undici } = await import('undici');
+      const pool = new undici.Pool(p.url);
+      try {
+        const r = await get(pool, `${origin.url}/stream`);
+        assert.equal(r.body.length, 5000);
+        assert.equal(origin.count('/stream'), 1);
+      } finally {
+        await pool.close();
+      }
+    });
+  });
+});
+
+describe('a 404 held while the next mirror is asked', () => {
+  it('is answered whole, or without its body, never cut short under its own Content-Length; and not stored cut short', async () => {
+    const path = `/cvmfs/${REPO}/data/ab/${'d'.repeat(38)}`;
+    const manifest = { headers: { 'cache-control': 'max-age=61' }, body: 'Ntest\n' };
+    // The first mirror lacks the object and says so at length (a 100 KiB error page); the second
+    // answers its probes but resets the connection on the object: the held 404 is the answer.
+    const o1 = await startOrigin({ [`/cvmfs/${REPO}/.cvmfspublished`]: manifest, [path]: { status: 404, body: 'n'.repeat(100 * 1024), headers: { 'cache-control': 'max-age=60' } } });
+    const o2 = await rawOrigin((head) => (head.includes('.cvmfspublished') ? 'HTTP/1.1 200 OK\r\nCache-Control: max-age=61\r\nContent-Length: 6\r\n\r\nNtest\n' : undefined));
+    const p = await startProxy({ stratum1: [o1.url, o2.url], 'probe-interval': '1h', 'probe-repo': REPO });
+    const pool = proxyClient(p.url, 2);
+    try {
+      const r = await get(pool, `${o1.url}${path}`);
+      assert.equal(r.status, 404);
+      const cl = r.headers['content-length'];
+      assert.ok(cl === undefined || Number(cl) === r.body.length, `Content-Length ${String(cl)} for ${r.body.length} bytes`);
+      assert.equal(o1.count(path), 1);
+      assert.equal(p.proxy.coalescer.stats.failovers, 1);
+      await p.proxy.coalescer.settle();
+      // Not negatively cached in a form the origin never sent: the next request asks again.
+      const again = await get(pool, `${o1.url}${path}`);
+      assert.equal(again.status, 404);
+      assert.ok(again.headers['content-length'] === undefined || Number(again.headers['content-length']) === again.body.length);
+      assert.doesNotMatch(String(again.headers['x-cache']), /^HIT/);
+      assert.equal(o1.count(path), 2);
+    } finally {
+      await pool.close();
+      await p.close();
+      await o1.close();
+      await o2.close();
+    }
+  });
+});
