@@ -122,9 +122,10 @@ export function compileAcl(cfg: Pick<Config, 'allowClient' | 'allowDest' | 'allo
     isMirror(host, port) ||
     locals.some((r) => portOk(r, port) && (r.kind === 'host' ? r.host === host : ip !== undefined && r.list!.check(ip, family(ip))));
   const suffixes = cfg.allowDest.flatMap((r) => (r.kind === 'domain' ? [r.suffix] : []));
+  const patterns = cfg.allowDest.flatMap((r) => (r.kind === 'regex' ? [new RegExp(r.source)] : []));
   const restricted = cfg.allowDest.length > 0;
 
-  const nameMatches = (host: string) => hosts.has(host) || suffixes.some((s) => host.endsWith(s) || host === s.slice(1));
+  const nameMatches = (host: string) => hosts.has(host) || suffixes.some((s) => host.endsWith(s) || host === s.slice(1)) || patterns.some((p) => p.test(host));
   const ipAllowed = (host: string, ip: string, port: number) => {
     const a = plainAddress(ip);
     const fam = family(a);

@@ -87,9 +87,18 @@ export function parseCidr(v: string): Cidr | undefined {
   return { address: addr, prefix, family: fam === 4 ? 'ipv4' : 'ipv6' };
 }
 
-export type DestRule = { kind: 'cidr'; cidr: Cidr } | { kind: 'host'; host: string } | { kind: 'domain'; suffix: string };
+export type DestRule = { kind: 'cidr'; cidr: Cidr } | { kind: 'host'; host: string } | { kind: 'domain'; suffix: string } | { kind: 'regex'; source: string };
 
 function parseDest(v: string): DestRule | undefined {
+  // ~REGEX: a host name that matches it anywhere, as Squid's dstdom_regex (host names are lower case).
+  if (v.startsWith('~')) {
+    try {
+      new RegExp(v.slice(1));
+    } catch {
+      return undefined;
+    }
+    return v.length > 1 ? { kind: 'regex', source: v.slice(1) } : undefined;
+  }
   const s = v.trim().toLowerCase();
   const cidr = parseCidr(s);
   if (cidr) return { kind: 'cidr', cidr };
@@ -212,11 +221,11 @@ export const OPTIONS = {
   'allow-dest': {
     default: [] as string[],
     field: 'allowDest',
-    help: 'public destination host (.domain for subdomains), IP or CIDR (repeatable); when given, only these',
+    help: 'public destination host (.domain for subdomains), IP, CIDR or ~REGEX of host names (repeatable); when given, only these',
     schema: list(
       explained((v) => {
         const r = parseDest(String(v));
-        if (!r) return 'a host name, .domain, IP or CIDR';
+        if (!r) return 'a host name, .domain, IP, CIDR or ~REGEX';
         const local = r.kind === 'cidr' ? insideLocalRange(r.cidr) : r.kind === 'host' && (r.host === 'localhost' || r.host.endsWith('.localhost'));
         return local ? 'a public destination: loopback and link-local ones go in allow-local-dest (which never narrows the public default)' : r;
       }),
@@ -664,7 +673,7 @@ export function loadConfig(cli: Cli): Config {
 }
 
 export function helpText(): string {
-  const lines = ['usage: cuttle [--config FILE] [options]', '       cuttle import-squid /etc/squid/squid.conf   (print the equivalent cuttle YAML config)', '', 'options (each is also a key of the YAML config file):'];
+  const lines = ['usage: cuttle [--config FILE] [options]', '       cuttle import-squid [--force] /etc/squid/squid.conf   (print the equivalent cuttle YAML config)', '', 'options (each is also a key of the YAML config file):'];
   for (const name of Object.keys(DEFAULTS) as OptionName[]) {
     const d = DEFAULTS[name];
     const shown = Array.isArray(d) ? d.join(' ') : String(d);
