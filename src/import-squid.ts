@@ -2,7 +2,8 @@
 // prints the equivalent cuttle YAML, then lists, with line numbers, what needs no setting in cuttle and
 // every directive it could not map. It maps what a CVMFS site proxy sets; the rest is listed, not guessed.
 import { stringify } from 'yaml';
-import { buildConfig, parseCidr } from './config.ts';
+import { insideLocalRange } from './acl.ts';
+import { buildConfig, DEFAULTS, parseCidr } from './config.ts';
 
 interface Directive {
   line: number;
@@ -10,13 +11,21 @@ interface Directive {
   words: string[];
 }
 
+interface Row {
+  line: number;
+  text: string;
+  why: string;
+}
+
 export interface SquidImport {
   /** cuttle options by name, as they go into the YAML file. */
   options: Record<string, unknown>;
   /** Directives that need no cuttle setting (cuttle's behaviour already), with why. */
-  covered: { line: number; text: string; why: string }[];
-  /** Directives that could not be mapped, with why. */
-  unmapped: { line: number; text: string; why: string }[];
+  covered: Row[];
+  /** Directives that could not be mapped, with why; without them cuttle allows less than Squid, never more. */
+  unmapped: Row[];
+  /** Directives that could not be mapped and without which cuttle would allow what Squid denies. */
+  widening: Row[];
 }
 
 /** Logical lines: comments dropped, backslash continuations joined, each with its first line number. */
@@ -60,6 +69,27 @@ function cidrs(values: string[]): string[] | undefined {
   return out;
 }
 
+/** The allow-dest entries of a dstdomain or dstdom_regex acl, or why it has none that mean the same. */
+function destinations(a: AclDef): string[] | string {
+  if (a.file) return 'the acl reads its values from a file: list them in allow-dest';
+  const odd = [...a.flags].filter((f) => !['-n', '-i', '+i'].includes(f));
+  if (odd.length) return `acl flags ${odd.join(' ')} have no cuttle equivalent`;
+  if (!a.values.length) return 'the acl has no values';
+  if (a.type === 'dstdomain') return a.values.map((v) => v.toLowerCase());
+  // dstdom_regex: cuttle's ~REGEX is tested, as Squid's, anywhere in the lower-case host name.
+  const out: string[] = [];
+  for (const v of a.values) {
+    if (a.flags.has('-i') && /[A-Z]/.test(v)) return `${v} is case-insensitive (-i) with capitals: write it in lower case`;
+    try {
+      new RegExp(v);
+    } catch {
+      return `${v} is not a regular expression cuttle reads`;
+    }
+    out.push(`~${v}`);
+  }
+  return out;
+}
+
 const NEEDS_NO_SETTING: Record<string, string> = {
   collapsed_forwarding: 'cuttle always coalesces concurrent misses',
   minimum_expiry_time: 'cuttle stores objects however close to expiry',
@@ -86,28 +116,180 @@ const NEEDS_NO_SETTING: Record<string, string> = {
   refresh_pattern: 'cuttle follows the origin\'s Cache-Control and Expires (heuristics per RFC 9111)',
 };
 
+/** An acl as squid.conf defines it: its type, its values, the flags among them (-i, -n, ...), and whether it reads a file. */
+interface AclDef {
+  type: string;
+  values: string[];
+  flags: Set<string>;
+  file: boolean;
+}
+
+const acl = (type: string, ...values: string[]): AclDef => ({ type, values, flags: new Set(), file: false });
+
+/** Squid 4+ predefines these (a squid.conf may redefine them, as older frontier-squid configs do). */
+const BUILTIN_ACLS: Record<string, AclDef> = {
+  all: acl('src', 'all'),
+  localhost: acl('src', '127.0.0.1/32', '::1'),
+  to_localhost: acl('dst', '127.0.0.0/8', '0.0.0.0/32', '::1/128', '::/128'),
+  to_linklocal: acl('dst', '169.254.0.0/16', 'fe80::/10'),
+  CONNECT: acl('method', 'CONNECT'),
+  manager: acl('url_regex', '^cache_object://', '^[^:]+://[^/]+/squid-internal-mgr/'),
+};
+
+/**
+ * Directives that can deny what http_access allows: dropping one would let cuttle allow what Squid
+ * denied. Only their harmless spelling (`allow all`, or `deny all` for follow_x_forwarded_for) is dropped.
+ */
+const NARROWS_ACCESS: Record<string, string> = {
+  http_reply_access: 'denies replies to some requests',
+  adapted_http_access: 'denies requests after adaptation',
+  miss_access: 'denies some clients the fetches of misses',
+  follow_x_forwarded_for: 'judges clients by X-Forwarded-For; cuttle judges the connecting address, so a trusted front end would pass every client as itself',
+  url_rewrite_program: 'a rewriter can refuse or redirect requests',
+  redirect_program: 'a rewriter can refuse or redirect requests',
+  url_rewrite_access: 'chooses the requests a rewriter sees',
+  adaptation_access: 'ICAP/eCAP adaptation can refuse requests',
+  icap_service: 'ICAP adaptation can refuse requests',
+  ecap_service: 'eCAP adaptation can refuse requests',
+};
+
 export function importSquid(text: string): SquidImport {
   const options: Record<string, unknown> = {};
-  const covered: SquidImport['covered'] = [];
-  const unmapped: SquidImport['unmapped'] = [];
+  const covered: Row[] = [];
+  const unmapped: Row[] = [];
+  const widening: Row[] = [];
   const list = (key: string, ...v: unknown[]) => ((options[key] ??= []) as unknown[]).push(...v);
   const skip = (d: Directive, why: string) => unmapped.push({ line: d.line, text: d.text, why });
   const fine = (d: Directive, why: string) => covered.push({ line: d.line, text: d.text, why });
+  const widens = (d: Directive, why: string) => widening.push({ line: d.line, text: d.text, why });
   const all = directives(text);
 
-  // ACLs first: http_access and snmp_access refer to them by name.
-  const acls = new Map<string, { type: string; values: string[] }>();
+  // ACLs first: http_access and snmp_access refer to them by name. A definition replaces a built-in.
+  const defined = new Map<string, AclDef>();
   for (const d of all.filter((x) => x.words[0] === 'acl')) {
     const [, name, type, ...values] = d.words;
     if (!name || !type) continue;
-    const a = acls.get(name) ?? { type, values: [] };
-    a.values.push(...values);
-    acls.set(name, a);
+    const a = defined.get(name) ?? acl(type);
+    for (const v of values) {
+      if (/^(--|[-+][a-zA-Z](=\S*)?)$/.test(v)) a.flags.add(v);
+      else if (v.startsWith('"')) a.file = true;
+      else a.values.push(v);
+    }
+    defined.set(name, a);
   }
+  const aclOf = (name: string): AclDef | undefined => defined.get(name) ?? (Object.hasOwn(BUILTIN_ACLS, name) ? BUILTIN_ACLS[name] : undefined);
+  const isMethod = (name: string, method: string) => {
+    const a = aclOf(name);
+    return a?.type === 'method' && a.values.length > 0 && a.values.every((v) => v === method);
+  };
+  // The cache manager's acl, built in or defined as Squid 3 did (proto cache_object, or url_regex).
+  const isManager = (name: string) => name === 'manager' && ['proto', 'url_regex'].includes(aclOf(name)?.type ?? '');
   const used = new Set<string>();
   const logformats = new Map<string, string>();
   let cacheDirs = 0;
 
+  // http_access is ordered, first match wins; cuttle allows a request only when its client is in
+  // allow-client (the mapped "allow <src acl>" rules) and it passes the mapped restrictions. So a deny
+  // cuttle cannot map matters only when a mapped allow follows it: then it is access lost.
+  let httpEnded = false; // after "deny all" or "allow all" no rule is reached
+  let clientsMapped = false;
+  let pendingDenies: Row[] = [];
+  let destMapped = false;
+  const purgeFrom: { d: Directive; cidrs: string[]; names: string[] }[] = [];
+  const httpAccess = (d: Directive, action: string | undefined, names: string[]) => {
+    const positive = names.filter((n) => !n.startsWith('!'));
+    const only = names.length === 1 ? names[0]! : undefined;
+    const negated = only?.startsWith('!') ? aclOf(only.slice(1)) : undefined;
+    if (httpEnded) return fine(d, 'never reached: an earlier http_access matches every request');
+    if (only === 'all') {
+      httpEnded = true;
+      if (action === 'deny') return fine(d, 'cuttle denies every client not in allow-client');
+    }
+    if (action === 'deny') {
+      if (negated?.type === 'port' && options['allow-port'] === undefined && !negated.file) {
+        options['allow-port'] = negated.values.join(',');
+        used.add(only!.slice(1));
+        return;
+      }
+      if ((negated?.type === 'dstdomain' || negated?.type === 'dstdom_regex') && !destMapped) {
+        const dest = destinations(negated);
+        if (typeof dest !== 'string') {
+          list('allow-dest', ...dest);
+          used.add(only!.slice(1));
+          destMapped = true;
+          return;
+        }
+        return void pendingDenies.push({ line: d.line, text: d.text, why: dest });
+      }
+      if (positive.some((n) => isMethod(n, 'CONNECT'))) return fine(d, 'CONNECT is denied in cuttle unless allow-connect-port names ports (this import names none)');
+      if (positive.some(isManager)) return fine(d, 'no cache manager: the admin listener (/status, /metrics) is guarded by allow-admin');
+      if (positive.some((n) => aclOf(n)?.type === 'dst' && cidrs(aclOf(n)!.values)?.every((c) => parseCidr(c) && insideLocalRange(parseCidr(c)!))))
+        return fine(d, 'cuttle denies loopback and link-local destinations unless allow-local-dest names them');
+      if (positive.some((n) => isMethod(n, 'PURGE'))) {
+        if (options['allow-purge'] !== undefined) return fine(d, 'PURGE is already limited to allow-purge by an earlier rule');
+        // "allow PURGE <src>" rules, then "deny PURGE": allow-purge is exactly their clients.
+        options['allow-purge'] = purgeFrom.flatMap((p) => p.cidrs);
+        for (const p of purgeFrom) p.names.forEach((n) => used.add(n));
+        for (const n of positive) used.add(n);
+        purgeFrom.length = 0;
+        return;
+      }
+      const why = negated && (negated.type === 'dstdomain' || negated.type === 'dstdom_regex') ? 'cuttle has one allow-dest list: a second destination restriction (Squid requires both) cannot be added to it' : 'cuttle has no rule that denies this';
+      return void pendingDenies.push({ line: d.line, text: d.text, why });
+    }
+    if (action !== 'allow') return skip(d, 'expected allow or deny');
+    const src = only !== undefined ? aclOf(only) : undefined;
+    if (src?.type === 'src' && !src.file) {
+      const c = cidrs(src.values);
+      if (!c?.length) return skip(d, 'an address form cuttle does not take (use CIDRs); no client is allowed by it');
+      list('allow-client', ...c);
+      used.add(only!);
+      clientsMapped = true;
+      for (const p of pendingDenies) widening.push({ ...p, why: `${p.why}; the clients of line ${d.line} would reach what it denies` });
+      pendingDenies = [];
+      if (c.some((x) => x.endsWith('/0'))) skip(d, 'WARNING: this allows every address: an open proxy (mapped as written)');
+      return;
+    }
+    // A PURGE rule for some clients sets allow-purge when a "deny PURGE" follows it.
+    const purgeSrc = names.length === 2 ? names.find((n) => aclOf(n)?.type === 'src') : undefined;
+    const c = purgeSrc && names.some((n) => isMethod(n, 'PURGE')) ? cidrs(aclOf(purgeSrc)!.values) : undefined;
+    if (c) return void purgeFrom.push({ d, cidrs: c, names });
+    if (src?.type === 'dstdomain' || src?.type === 'dstdom_regex') return skip(d, 'in Squid this lets every client reach these domains; cuttle has no such rule (its allow-dest narrows destinations, as "deny !ACL" does)');
+    if (names.some((n) => isMethod(n.replace(/^!/, ''), 'CONNECT'))) return skip(d, 'CONNECT is off in cuttle unless allow-connect-port names ports');
+    if (names.some((n) => isManager(n.replace(/^!/, '')))) return skip(d, 'no cache manager: the admin listener (/status, /metrics) is guarded by allow-admin');
+    return skip(d, 'only "allow <src acl>" maps to allow-client; cuttle allows less than Squid here');
+  };
+
+  // snmp_access likewise: cuttle answers allow-snmp with snmp-community, Squid denies the rest.
+  let snmpEnded = false;
+  let snmpMapped = false;
+  let snmpPending: Row[] = [];
+  const snmpAccess = (d: Directive, action: string | undefined, names: string[]) => {
+    if (snmpEnded) return fine(d, 'never reached: an earlier snmp_access matches every query');
+    if (names.join(' ') === 'all') {
+      snmpEnded = true;
+      if (action === 'deny') return fine(d, 'cuttle answers SNMP only to allow-snmp');
+    }
+    const src = names.filter((n) => aclOf(n)?.type === 'src');
+    const community = names.filter((n) => aclOf(n)?.type === 'snmp_community');
+    const rest = names.filter((n) => !src.includes(n) && !community.includes(n));
+    if (action === 'deny') return void snmpPending.push({ line: d.line, text: d.text, why: 'cuttle has no SNMP rule that denies this' });
+    const c = src.length ? cidrs(src.flatMap((n) => aclOf(n)!.values)) : undefined;
+    const name = community.length === 1 ? aclOf(community[0]!)!.values[0] : undefined;
+    if (action !== 'allow' || rest.length || src.length !== 1 || !c || community.length > 1 || (options['snmp-community'] !== undefined && name !== options['snmp-community']))
+      return skip(d, 'only "allow" with one src acl and the one snmp_community acl maps (to allow-snmp and snmp-community); cuttle answers fewer queries than Squid here');
+    list('allow-snmp', ...c);
+    used.add(src[0]!);
+    if (name !== undefined) {
+      options['snmp-community'] = name;
+      used.add(community[0]!);
+    }
+    snmpMapped = true;
+    for (const p of snmpPending) widening.push({ ...p, why: `${p.why}; the clients of line ${d.line} would reach what it denies` });
+    snmpPending = [];
+  };
+
+  let rangeLimit: { d: Directive; value: string | 'none' } | undefined;
   for (const d of all) {
     const [name, ...args] = d.words;
     switch (name) {
@@ -145,56 +327,24 @@ export function importSquid(text: string): SquidImport {
         }
         break;
       }
-      case 'http_access': {
-        const [action, ...names] = args;
-        if (action === 'deny' && names.length === 1 && names[0] === 'all') fine(d, 'cuttle denies every client not in allow-client');
-        else if (action === 'deny' && names.length === 1 && names[0]!.startsWith('!') && acls.get(names[0]!.slice(1))?.type === 'port') {
-          const ports = acls.get(names[0]!.slice(1))!.values;
-          options['allow-port'] = ports.join(',');
-          used.add(names[0]!.slice(1));
-        } else if (action === 'allow' && names.length === 1 && acls.get(names[0]!)?.type === 'src') {
-          const c = cidrs(acls.get(names[0]!)!.values);
-          if (c) {
-            list('allow-client', ...c);
-            used.add(names[0]!);
-            if (c.some((x) => x.endsWith('/0'))) skip(d, 'WARNING: this allows every address: an open proxy (mapped as written)');
-          } else skip(d, 'an address form cuttle does not take (use CIDRs)');
-        } else if (action === 'deny' && names.length === 1 && names[0]!.startsWith('!') && acls.get(names[0]!.slice(1))?.type === 'dstdomain') {
-          list('allow-dest', ...acls.get(names[0]!.slice(1))!.values);
-          used.add(names[0]!.slice(1));
-        } else if (action === 'allow' && names.length === 1 && acls.get(names[0]!)?.type === 'dstdomain') {
-          skip(d, 'in Squid this lets every client reach these domains; cuttle has no such rule (its allow-dest narrows destinations, as "deny !ACL" does)');
-        } else if (names.some((n) => /^!?CONNECT$/.test(n))) skip(d, 'CONNECT is off in cuttle unless allow-connect-port names ports');
-        else if (names.some((n) => /^!?manager$/.test(n))) skip(d, 'no cache manager: the admin listener (/status, /metrics) is guarded by allow-admin');
-        else skip(d, 'only "allow <src acl>", "deny !<port or dstdomain acl>" and "deny all" map to cuttle options');
+      case 'http_access':
+        httpAccess(d, args[0], args.slice(1));
         break;
-      }
+      case 'snmp_access':
+        snmpAccess(d, args[0], args.slice(1));
+        break;
       case 'snmp_port':
         if (args[0] && /^\d+$/.test(args[0])) options['snmp-listen'] = args[0] === '0' ? 'none' : args[0];
         else skip(d, 'not a port');
         break;
-      case 'snmp_access': {
-        const [action, ...names] = args;
-        if (action === 'deny' && names.join(' ') === 'all') {
-          fine(d, 'cuttle answers SNMP only to allow-snmp');
-          break;
-        }
-        const src = names.filter((n) => acls.get(n)?.type === 'src');
-        const community = names.filter((n) => acls.get(n)?.type === 'snmp_community');
-        const rest = names.filter((n) => !src.includes(n) && !community.includes(n));
-        if (action !== 'allow' || rest.length) {
-          skip(d, 'only "allow" with src and snmp_community acls maps (to allow-snmp and snmp-community)');
-          break;
-        }
-        for (const n of src) {
-          const c = cidrs(acls.get(n)!.values);
-          if (c) list('allow-snmp', ...c);
-          used.add(n);
-        }
-        for (const n of community) {
-          options['snmp-community'] = acls.get(n)!.values[0];
-          used.add(n);
-        }
+      case 'range_offset_limit': {
+        // range_offset_limit SIZE [units] [acl...]: the first line that matches applies; cuttle has one limit.
+        const v = args[0] === 'none' || args[0] === '-1' ? 'none' : size(args.slice(0, 2));
+        const rest = args.slice(args[0] === 'none' || args[0] === '-1' || !args[1] || !SIZE_UNITS[args[1].toLowerCase()] ? 1 : 2);
+        if (rangeLimit) fine(d, 'never reached: an earlier range_offset_limit applies to every request');
+        else if (!v) skip(d, 'not a size');
+        else if (rest.length) skip(d, 'cuttle has one range-offset-limit for every request, not one per acl');
+        else rangeLimit = { d, value: v };
         break;
       }
       case 'negative_ttl':
@@ -237,35 +387,74 @@ export function importSquid(text: string): SquidImport {
       case 'acl':
         break; // judged below, by whether an access rule used it
       default:
-        if (name && NEEDS_NO_SETTING[name]) fine(d, NEEDS_NO_SETTING[name]);
+        if (name && Object.hasOwn(NARROWS_ACCESS, name)) {
+          if (args.join(' ') === (name === 'follow_x_forwarded_for' ? 'deny all' : 'allow all')) fine(d, 'cuttle behaves so already');
+          else widens(d, `${NARROWS_ACCESS[name]}; cuttle has no equivalent`);
+        } else if (name && NEEDS_NO_SETTING[name]) fine(d, NEEDS_NO_SETTING[name]);
         else skip(d, 'no cuttle equivalent');
     }
+  }
+  for (const p of purgeFrom) skip(p.d, 'PURGE is allowed from allow-purge (loopback) clients that allow-client allows; without a "deny PURGE" after it this rule is not mapped');
+  // A deny after the last mapped allow is reached by no client cuttle allows.
+  for (const p of [...pendingDenies, ...snmpPending]) covered.push({ ...p, why: `${p.why}, but it follows every allow rule that cuttle maps, so no client cuttle allows reaches it` });
+  // cuttle's defaults allow the private ranges (and SNMP from loopback); Squid denies what its rules do not allow.
+  if (!clientsMapped) {
+    options['allow-client'] = [];
+    unmapped.push({ line: 0, text: '(http_access)', why: 'no http_access allow rule maps to allow-client, so cuttle denies every client (its default, the private ranges, would allow more than this squid.conf)' });
+  }
+  if (options['snmp-listen'] !== undefined && options['snmp-listen'] !== 'none' && !snmpMapped) options['allow-snmp'] = [];
+  if (rangeLimit) {
+    // "none": every range that misses fills the whole object, up to the largest object cuttle stores.
+    options['range-offset-limit'] = rangeLimit.value === 'none' ? (options['max-object-size'] ?? DEFAULTS['max-object-size']) : rangeLimit.value;
   }
   for (const d of all.filter((x) => x.words[0] === 'acl')) {
     const n = d.words[1]!;
     if (used.has(n)) continue;
-    if (['SSL_ports', 'CONNECT', 'manager', 'localhost', 'to_localhost', 'to_linklocal', 'all'].includes(n)) fine(d, 'cuttle has this built in (loopback and link-local destinations denied, CONNECT off)');
+    if (Object.hasOwn(BUILTIN_ACLS, n) || n === 'SSL_ports') fine(d, 'cuttle has this built in (loopback and link-local destinations denied, CONNECT off)');
     else skip(d, 'not used by a mapped access rule');
   }
   if (options['accel-listen'] !== undefined && !options.stratum1) unmapped.push({ line: 0, text: '(accel)', why: 'accelerator mode needs stratum1: list the Stratum 1 mirrors it serves' });
-  return { options, covered: covered.sort((a, b) => a.line - b.line), unmapped: unmapped.sort((a, b) => a.line - b.line) };
+  const byLine = (a: Row, b: Row) => a.line - b.line;
+  return { options, covered: covered.sort(byLine), unmapped: unmapped.sort(byLine), widening: widening.sort(byLine) };
 }
 
-/** The YAML text `cuttle import-squid` prints: the options, then what needed no setting and what was not mapped. */
-export function importSquidText(text: string, file: string): string {
+/** What `cuttle import-squid [--force] FILE` prints and exits with. */
+export interface ImportOutput {
+  stdout: string;
+  stderr: string;
+  status: number;
+}
+
+/**
+ * The YAML text: the options, then what needed no setting and what was not mapped. A line that cannot
+ * be mapped and whose loss would let cuttle allow what Squid denies refuses the import (status 2, the
+ * lines named on stderr) unless `force`, which prints the access it loses.
+ */
+export function importSquidText(text: string, file: string, force = false): ImportOutput {
   const r = importSquid(text);
+  const lost = r.widening.map((x) => `  ${file}:${x.line}: ${x.text}\n    ${x.why}\n`).join('');
+  if (r.widening.length && !force) {
+    return {
+      stdout: '',
+      stderr: `cuttle import-squid: refused: without these lines of ${file} cuttle would allow what Squid denies:\n${lost}Map them by hand, or run cuttle import-squid --force to accept the loss.\n`,
+      status: 2,
+    };
+  }
   let valid = '';
   try {
     buildConfig(r.options);
   } catch (err) {
     valid = `# NOTE: cuttle rejects this as it stands: ${(err as Error).message.replace(/\n/g, '\n#   ')}\n`;
   }
-  const row = (x: { line: number; text: string; why: string }) => `#   line ${x.line}: ${x.text}\n#     ${x.why}\n`;
-  return [
+  const row = (x: Row) => `#   line ${x.line}: ${x.text}\n#     ${x.why}\n`;
+  const stdout = [
     `# cuttle configuration imported from ${file} by cuttle import-squid.\n# Check it with: cuttle --config FILE --check-config\n`,
     valid,
     stringify(r.options),
+    r.widening.length ? `\n# WARNING (--force): cuttle allows what these lines denied (${r.widening.length}):\n${r.widening.map(row).join('')}` : '',
     r.covered.length ? `\n# Needs no setting in cuttle (${r.covered.length}):\n${r.covered.map(row).join('')}` : '',
     `\n# Not mapped (${r.unmapped.length}):\n${r.unmapped.length ? r.unmapped.map(row).join('') : '#   none\n'}`,
   ].join('');
+  const stderr = r.widening.length ? `cuttle import-squid: --force: cuttle will allow what these lines of ${file} denied:\n${lost}` : '';
+  return { stdout, stderr, status: 0 };
 }

@@ -14,19 +14,23 @@ import { importSquidText } from './import-squid.ts';
 
 async function main(argv: string[]): Promise<number> {
   if (argv[0] === 'import-squid') {
-    if (argv.length !== 2) {
-      process.stderr.write('usage: cuttle import-squid /etc/squid/squid.conf > cuttle.yaml\n');
+    const force = argv[1] === '--force';
+    const file = argv[force ? 2 : 1];
+    if (file === undefined || argv.length !== (force ? 3 : 2)) {
+      process.stderr.write('usage: cuttle import-squid [--force] /etc/squid/squid.conf > cuttle.yaml\n');
       return 2;
     }
     let text;
     try {
-      text = readFileSync(argv[1]!, 'utf8');
+      text = readFileSync(file, 'utf8');
     } catch (err) {
       process.stderr.write(`cuttle: ${(err as Error).message}\n`);
       return 2;
     }
-    process.stdout.write(importSquidText(text, argv[1]!));
-    return 0;
+    const out = importSquidText(text, file, force);
+    process.stdout.write(out.stdout);
+    process.stderr.write(out.stderr);
+    return out.status;
   }
   let cli;
   let cfg;
