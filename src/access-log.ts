@@ -3,9 +3,10 @@
 //            %ts.%03tu %6tr %>a %Ss/%03>Hs %<st %rm %ru %[un %Sh/%<a %mt
 //   frontier frontier-squid's format, which WLCG's awstats and failover monitors parse:
 //            %>a %ui %un [%tl] "%rm %ru HTTP/%rv" %>Hs %<st %Ss:%Sh %tr "%{X-Frontier-Id}>h %{cvmfs-info}>h" "%{Referer}>h" "%{User-Agent}>h"
-// Written through SonicBoom (pino.destination) asynchronously, with reopen() for log rotation.
+// Written asynchronously through a LineSink, which drops and counts what the file can't take (a full
+// disk never stops the proxy), with reopen() for log rotation.
 import type { IncomingHttpHeaders } from 'node:http';
-import { pino } from 'pino';
+import { LineSink } from './line-sink.ts';
 
 export type ResultTag =
   | 'TCP_HIT' | 'TCP_MEM_HIT' | 'TCP_MISS' | 'TCP_REFRESH_UNMODIFIED' | 'TCP_REFRESH_MODIFIED'
@@ -81,7 +82,12 @@ export function formatFrontier(tx: Transaction, nowMs: number): string {
 export interface AccessLog {
   write(tx: Transaction, nowMs: number): void;
   reopen(): void;
+  /** Resolves once every line written before it is in the file or dropped. */
   flush(): Promise<void>;
+  /** Write what is held for at most `timeoutMs`, then close; what could not be written is dropped. */
+  close(timeoutMs: number): Promise<void>;
+  /** Lines dropped since start: the file could not take them (an error, or too far behind). */
+  readonly droppedLines: number;
 }
 
 /** Lines are handed to the file in batches of about this many characters. */
@@ -89,13 +95,15 @@ const BATCH_CHARS = 16 * 1024;
 /** Bytes the file may fall behind by (a stalled disk) before lines are dropped, and counted. */
 export const MAX_BEHIND_BYTES = 16 * 2 ** 20;
 
-export function openAccessLog(target: string, format: AccessLogFormat = 'squid', onDrop?: (lines: number) => void): AccessLog {
+/** Lines dropped, and why: the error that lost them, 'behind' (a stalled file), or 'closed'. */
+export type DropReport = (lines: number, why: Error | 'behind' | 'closed') => void;
+
+export function openAccessLog(target: string, format: AccessLogFormat = 'squid', onDrop?: DropReport): AccessLog {
   const line = format === 'frontier' ? formatFrontier : formatSquid;
-  if (target === 'none') return { write() {}, reopen() {}, flush: async () => {} };
-  const dest = pino.destination({ dest: target === '-' ? 1 : target, sync: false, minLength: 1, maxLength: MAX_BEHIND_BYTES, mkdir: true });
-  // (minLength 1, not 0: with 0, sonic-boom's flush() returns before what it holds is written.)
-  // Lines are joined here and written a batch at a time. Handing sonic-boom one line per request cost
-  // ~12% of small-hit throughput: it measures its growing buffer string on every write.
+  if (target === 'none') return { write() {}, reopen() {}, flush: async () => {}, close: async () => {}, droppedLines: 0 };
+  const sink = new LineSink(target === '-' ? 1 : target, { maxBehindBytes: MAX_BEHIND_BYTES, onDrop });
+  // Lines are joined here and written a batch at a time: one write per request would cost a system
+  // call (and a promise of the thread pool) each.
   let batch: string[] = [];
   let chars = 0;
   const hand = () => {
@@ -103,11 +111,8 @@ export function openAccessLog(target: string, format: AccessLogFormat = 'squid',
     const lines = batch;
     batch = [];
     chars = 0;
-    dest.write(lines.join(''));
+    sink.write(lines.join(''));
   };
-  dest.on('drop', (data: string) => onDrop?.(data.split('\n').length - 1));
-  // The file opens asynchronously; a flush before then must wait for it, not return at once.
-  const opened = new Promise<void>((resolve) => dest.once('ready', () => resolve()));
   // A quiet proxy still gets its lines out within a second.
   const timer = setInterval(hand, 1000);
   timer.unref();
@@ -120,24 +125,19 @@ export function openAccessLog(target: string, format: AccessLogFormat = 'squid',
     },
     reopen() {
       hand();
-      if (target === '-') return;
-      // What is buffered belongs to the old (renamed) file: flush it there, then reopen by name.
-      try {
-        dest.flush(() => dest.reopen());
-      } catch {
-        dest.reopen();
-      }
+      sink.reopen();
     },
-    async flush() {
+    flush() {
       hand();
-      await opened;
-      return new Promise((resolve) => {
-        try {
-          dest.flush((_err?: Error) => resolve());
-        } catch {
-          resolve();
-        }
-      });
+      return sink.flush();
+    },
+    async close(timeoutMs) {
+      clearInterval(timer);
+      hand();
+      await sink.close(timeoutMs);
+    },
+    get droppedLines() {
+      return sink.droppedLines;
     },
   };
 }

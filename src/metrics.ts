@@ -18,6 +18,7 @@ export interface MetricsSources {
   clientConnections: () => number;
   mirrors: () => MirrorSnapshot[];
   fillStats: () => CoalescerStats;
+  accessLogDroppedLines: () => number;
 }
 
 const RESULT_GROUP: Record<string, string> = {
@@ -68,6 +69,7 @@ export class Metrics {
     gauge('cuttle_fill_memory_bytes', 'Memory held by in-flight fills (bounded by --fill-memory)', src.fillMemoryBytes);
     gauge('cuttle_client_connections', 'Open client connections', src.clientConnections);
     new Counter({ name: 'cuttle_upstream_fetches_total', help: 'Requests sent upstream (fills and passes)', registers: [r], collect() { this.reset(); this.inc(src.upstreamFetches()); } });
+    new Counter({ name: 'cuttle_access_log_dropped_lines_total', help: 'Access-log lines dropped: the file could not take them (a full disk, a write error, 16 MiB behind)', registers: [r], collect() { this.reset(); this.inc(src.accessLogDroppedLines()); } });
     new Counter({ name: 'cuttle_upstream_bytes_total', help: 'Body bytes received from upstreams', registers: [r], collect() { this.reset(); this.inc(src.upstreamBytes()); } });
     const tierGauge = (name: string, help: string, pick: (t: ReturnType<MetricsSources['tiers']>[number]) => number) =>
       new Gauge({ name, help, labelNames: ['tier'], registers: [r], collect() { for (const t of src.tiers()) this.set({ tier: t.tier }, pick(t)); } });

@@ -57,6 +57,9 @@ export interface Proxy {
   snmpPort(): number | undefined;
 }
 
+/** The least time the access log gets to write its last lines at shutdown, after the drain. */
+export const LOG_CLOSE_MIN_MS = 1000;
+
 /** How long a client may take to send a request's head. */
 const HEADERS_TIMEOUT_MS = 60_000;
 
@@ -115,16 +118,16 @@ export async function createProxy(cfg: Config, opts: ProxyOptions = {}): Promise
   const coalescer = new Coalescer({ cfg, clock, store, upstream, freshness, log, mirrors });
   coalescerRef.c = coalescer;
   const counters = newCounters();
-  // A disk that stalls for long makes the log drop lines rather than grow memory: say so, at most once a minute.
-  let dropped = 0;
+  // A log file that can't take lines (a full or stalled disk) drops them rather than stop the proxy or
+  // grow memory: the count is in /status and /metrics, and a warning says so at most once a minute.
   let droppedSaidAt = -Infinity;
-  const accessLog =
+  const accessLog: AccessLog =
     opts.accessLog ??
-    openAccessLog(cfg.accessLog, cfg.accessLogFormat, (lines) => {
-      dropped += lines;
+    openAccessLog(cfg.accessLog, cfg.accessLogFormat, (_lines, why) => {
       if (clock.now() - droppedSaidAt < 60_000) return;
       droppedSaidAt = clock.now();
-      log.warn({ droppedLines: dropped, file: cfg.accessLog }, `access log is more than ${MAX_BEHIND_BYTES / 2 ** 20} MiB behind its file: lines dropped`);
+      const what = why === 'behind' ? `more than ${MAX_BEHIND_BYTES / 2 ** 20} MiB behind its file` : why === 'closed' ? 'not written before shutdown' : 'its file cannot be written';
+      log.warn({ droppedLines: accessLog.droppedLines, file: cfg.accessLog, err: why instanceof Error ? why.message : undefined }, `access log lines dropped: ${what}`);
     });
   let connections = 0;
   const metrics = new Metrics({
@@ -139,6 +142,7 @@ export async function createProxy(cfg: Config, opts: ProxyOptions = {}): Promise
     clientConnections: () => connections,
     mirrors: () => mirrors.snapshot(),
     fillStats: () => coalescer.stats,
+    accessLogDroppedLines: () => accessLog.droppedLines,
   }, counters);
   coalescer.onFillDone = (readers) => metrics.fillDone(readers);
   const ctx: Ctx = { cfg, acl: getAcl, clock, store, coalescer, upstream, accessLog, log, counters, buffers: new BufferPool(2048), metrics, mirrors, tunnels: new Set() };
@@ -178,6 +182,7 @@ export async function createProxy(cfg: Config, opts: ProxyOptions = {}): Promise
             servedBytes: metrics.served,
             topFills: coalescer.topFills(10, clock.now()),
             mirrors: mirrors.snapshot(),
+            accessLog: { droppedLines: accessLog.droppedLines },
           }),
         });
 
@@ -345,7 +350,9 @@ export async function createProxy(cfg: Config, opts: ProxyOptions = {}): Promise
       coalescer.close();
       // undici's close() would wait for every running request: after the timeout nothing waits.
       await upstream.destroy().catch(() => {});
-      await accessLog.flush();
+      // The log gets what is left of the timeout (at least LOG_CLOSE_MIN_MS): a full or hung disk
+      // costs its lines, never the shutdown.
+      await accessLog.close(Math.max(LOG_CLOSE_MIN_MS, timeoutMs - (performance.now() - drainStarted)));
       await disk.unlock();
       await new Promise<void>((r) => (admin?.listening ? admin.close(() => r()) : r()));
       await snmpAgent?.close();

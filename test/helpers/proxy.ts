@@ -61,6 +61,8 @@ export async function startProxy(overrides: Record<string, unknown> = {}, opts: 
     write: (tx: Transaction, now: number) => void logLines.push(formatSquid(tx, now)),
     reopen() {},
     flush: async () => {},
+    close: async () => {},
+    droppedLines: 0,
   };
   const { logger, logs } = memoryLogger();
   const proxy = await createProxy(cfg, { clock: opts.clock, logger, accessLog });
