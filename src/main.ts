@@ -7,10 +7,23 @@
 import { raiseOpenFilesLimit, WANTED_OPEN_FILES } from './process-setup.ts';
 import { ConfigError } from './errors.ts';
 import { helpText, loadConfig, parseCli, VERSION, type Config } from './config.ts';
-import { createProxy } from './server.ts';
+import { createProxy, LOG_CLOSE_MIN_MS } from './server.ts';
+import type { Logger } from './log.ts';
 import { checkHost } from './preflight.ts';
 import { readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { importSquidText } from './import-squid.ts';
+
+/** How long past --shutdown-timeout (and the log's last write) a stop may take before the process just exits. */
+const STOP_GRACE_MS = 5000;
+
+/** Remove the pid file; one that can't be removed is reported, never fatal (cuttle is stopping anyway). */
+function removePidFile(path: string, log: Logger): void {
+  try {
+    rmSync(path, { force: true });
+  } catch (err) {
+    log.warn({ pidFile: path, err: (err as Error).message }, 'cannot remove the pid file');
+  }
+}
 
 async function main(argv: string[]): Promise<number> {
   if (argv[0] === 'import-squid') {
@@ -88,11 +101,24 @@ async function main(argv: string[]): Promise<number> {
   const stop = (sig: string) => {
     if (stopping) return;
     stopping = true;
-    p.log.info({ signal: sig, timeoutMs: p.config.shutdownTimeoutMs }, 'draining, then shutting down');
-    void p.close().then(() => {
-      if (pidFile) rmSync(pidFile, { force: true });
+    const timeoutMs = p.config.shutdownTimeoutMs;
+    p.log.info({ signal: sig, timeoutMs }, 'draining, then shutting down');
+    // close() is bounded; this is the backstop should anything it waits for (a sink, a socket) never
+    // answer: a stop that hangs would leave only SIGKILL.
+    setTimeout(() => {
+      process.stderr.write(`cuttle: shutdown still not finished ${LOG_CLOSE_MIN_MS + STOP_GRACE_MS} ms past --shutdown-timeout; exiting\n`);
+      process.exit(1);
+    }, timeoutMs + LOG_CLOSE_MIN_MS + STOP_GRACE_MS).unref();
+    void p.close().then(async () => {
+      if (pidFile) removePidFile(pidFile, p.log);
       p.log.info('stopped');
-      p.log.flush?.();
+      await new Promise<void>((r) => {
+        const t = setTimeout(r, LOG_CLOSE_MIN_MS);
+        p.log.flush(() => {
+          clearTimeout(t);
+          r();
+        });
+      });
       process.exit(0);
     });
   };
@@ -127,7 +153,7 @@ async function main(argv: string[]): Promise<number> {
     // what was opened and exit non-zero, so systemd and the admin see the failure.
     process.stderr.write(`cuttle: ${(err as Error).message}\n`);
     await p.close(0).catch(() => {});
-    if (pidFile) rmSync(pidFile, { force: true });
+    if (pidFile) removePidFile(pidFile, p.log);
     return 1;
   }
   return -1; // keep running
