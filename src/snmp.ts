@@ -99,6 +99,19 @@ export async function startSnmpAgent(o: { listen: ListenAddr; community: string;
       // net-snmp turns port 0 into 161: bind the configured port ourselves (0 = any, for tests).
       const bind = sock.bind.bind(sock);
       sock.bind = ((_port: number, address?: string) => bind(o.listen.port, address)) as typeof sock.bind;
+      // net-snmp reports a reply it could not send with console.error, a raw stderr line per packet
+      // (one per spoofed or oversized request): a failed send is the agent's debug log, nothing more.
+      const send = sock.send.bind(sock) as (...a: unknown[]) => void;
+      sock.send = ((...args: unknown[]) => {
+        const done = args.at(-1);
+        if (typeof done === 'function') {
+          args[args.length - 1] = (err: Error | null, bytes?: number) => {
+            if (err) o.log.debug({ err: err.message }, 'snmp reply not sent');
+            else (done as (e: null, n?: number) => void)(null, bytes);
+          };
+        }
+        return send(...args);
+      }) as typeof sock.send;
       const on = sock.on.bind(sock);
       sock.on = ((event: string, fn: (...a: unknown[]) => void) => {
         if (event !== 'message') return on(event, fn);
