@@ -108,16 +108,27 @@ export async function startChildProxy(args: string[], cwd?: string): Promise<Chi
     child.stderr!.on('data', onData);
     child.once('exit', (code) => reject(new Error(`proxy exited ${code}: ${err}`)));
   });
+  // A proxy that dies by itself (an uncaught error: a sink's 'error' event with no handler, a rejection)
+  // fails the test at stop(), as does an internal error in its log.
+  let stopping = false;
+  let died: string | undefined;
+  child.once('exit', (code, sig) => {
+    if (!stopping && code !== 0 && code !== null) died = `the proxy exited by itself (code ${code}, signal ${sig}):\n${err.slice(-4000)}`;
+  });
   return {
     child,
     port,
     url: `http://127.0.0.1:${port}`,
     stderr: () => err,
     async stop(signal = 'SIGTERM') {
-      if (child.exitCode !== null) return child.exitCode;
-      child.kill(signal);
-      const [code] = await once(child, 'exit');
-      return code as number | null;
+      stopping = true;
+      if (died) throw new Error(died);
+      if (child.exitCode === null && child.signalCode === null) {
+        child.kill(signal);
+        await once(child, 'exit');
+      }
+      assertNoInternalErrors(err.split('\n').filter((l) => l.startsWith('{')).map((l) => JSON.parse(l) as Record<string, unknown>));
+      return child.exitCode;
     },
   };
 }
