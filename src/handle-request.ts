@@ -31,7 +31,7 @@ import type { Logger } from './log.ts';
 import type { Mirrors } from './mirrors.ts';
 import { repoOf, type CasObject } from './content-hash.ts';
 import type { LaneHit, LaneJoin } from './hit-lane.ts';
-import type { StoredMeta, StoredObject, TieredStore } from './store.ts';
+import { StoreUnavailable, type StoredMeta, type StoredObject, type TieredStore } from './store.ts';
 import type { Counters } from './counters.ts';
 
 export interface Ctx {
@@ -325,8 +325,9 @@ function lookup(s: State): StepName | Promise<StepName> {
   const looked = ctx.store.getFromDisk(key).then(
     (stored) => lookedUp(s, stored),
     (err: unknown) => {
+      if (err instanceof StoreUnavailable) return storeUnavailable(s, err) ?? 'synth';
       ctx.counters.corruptRecords++;
-      ctx.log.warn({ err, key }, 'stored object unreadable; refetching');
+      ctx.log.warn({ err, key }, 'stored object corrupt; refetching');
       return lookedUp(s, undefined);
     },
   );
@@ -726,6 +727,21 @@ async function readVerified(body: Extract<StoredObject['body'], { kind: 'file' }
   return whole.length === size && body.verify() === 'ok' ? whole : undefined;
 }
 
+/**
+ * A stored record that can't be read now (EMFILE, EIO): this request fails with 503, or is cut short
+ * once its head is out; the record stays for the next one.
+ */
+function storeUnavailable(s: State, err: StoreUnavailable): 'synth' | undefined {
+  s.ctx.log.warn({ err, key: s.key }, 'stored record unreadable now; kept, the request answered 503');
+  if (s.res.headersSent) {
+    s.tx.aborted = true;
+    s.res.destroy();
+    return undefined;
+  }
+  s.error = new ProxyError('ERR_STORE_UNAVAILABLE', err.message, { cause: err });
+  return 'synth';
+}
+
 /** A disk record that failed its checksum while being served: dropped, the client cut short. */
 async function corruptRecord(s: State, st: StoredObject): Promise<void> {
   await dropCorrupt(s.ctx, st.meta.key);
@@ -814,6 +830,9 @@ async function deliverRecord(s: State, st: StoredObject, body: Extract<StoredObj
       return;
     }
     res.end();
+  } catch (err) {
+    if (!(err instanceof StoreUnavailable)) throw err;
+    if (storeUnavailable(s, err)) await synth(s);
   } finally {
     body.close();
   }

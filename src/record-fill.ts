@@ -50,29 +50,32 @@ export class RecordSpill implements SpillFile {
  */
 export async function pumpRecord(fill: Fill, body: FileBody, spill: RecordSpill, size: number, corrupt: () => Promise<void>): Promise<void> {
   try {
-    if (await readAll(fill, body, size)) return fill.finish();
+    const read = await readAll(fill, body, size);
+    if (read === 'ok') return fill.finish();
     if (fill.state !== 'streaming') return; // every reader left: nothing to tell anyone
-    await corrupt().catch(() => {});
+    // A read that failed (EMFILE, EIO) says nothing about the record: it stays, the readers are cut short.
+    if (read === 'corrupt') await corrupt().catch(() => {});
     fill.fail(undefined);
   } finally {
     spill.release();
   }
 }
 
-/** True when the whole record was read into the fill and checks out. */
-async function readAll(fill: Fill, body: FileBody, size: number): Promise<boolean> {
+/** 'ok' when the whole record was read into the fill and checks out; 'failed' when a read failed. */
+async function readAll(fill: Fill, body: FileBody, size: number): Promise<'ok' | 'corrupt' | 'failed'> {
   try {
     let pos = 0;
     while (pos < size) {
-      if (fill.state !== 'streaming') return false;
+      if (fill.state !== 'streaming') return 'failed';
       const b = await body.read(pos, Math.min(PIECE_BYTES, size - pos));
       if (b.length === 0) break;
       body.feed(b);
       pos += b.length;
       fill.push(b);
     }
-    return pos === size && fill.state === 'streaming' && body.verify() === 'ok';
+    if (fill.state !== 'streaming') return 'failed';
+    return pos === size && body.verify() === 'ok' ? 'ok' : 'corrupt';
   } catch {
-    return false;
+    return 'failed';
   }
 }

@@ -19,7 +19,7 @@ import { crc32 } from 'node:zlib';
 import { LRUCache } from 'lru-cache';
 import { hashKey } from './cache-key.ts';
 import type { Freshness, Policy } from './freshness.ts';
-import type { StoredMeta, StoredObject, Tier, TierStats, TierWriter } from './store.ts';
+import { StoreUnavailable, type StoredMeta, type StoredObject, type Tier, type TierStats, type TierWriter } from './store.ts';
 
 const MAGIC = 0x4355544c; // "CUTL"
 const END_MAGIC = 0x4c545543; // "LTUC"
@@ -198,8 +198,9 @@ export class DiskTier implements Tier {
             const info = await this.#inspect(path, hash);
             if (!info) return;
             const st = await fsp.stat(path).catch(() => undefined);
-            found.push({ hash, bytes: info.fileBytes, mtime: st?.mtimeMs ?? 0 });
-            this.#o.onRecord?.(info.meta);
+            if (info === 'unreadable' && !st) return; // neither read nor counted: found again at the next start
+            found.push({ hash, bytes: info === 'unreadable' ? st!.size : info.fileBytes, mtime: st?.mtimeMs ?? 0 });
+            if (info !== 'unreadable') this.#o.onRecord?.(info.meta);
           }),
         );
       }
@@ -209,15 +210,18 @@ export class DiskTier implements Tier {
     for (const f of found) if (!this.#index.has(f.hash)) this.#index.set(f.hash, f.bytes);
   }
 
-  /** Validate a record file; remove it when it is partial, corrupt or from another format. */
-  async #inspect(path: string, hash: string): Promise<RecordInfo | undefined> {
+  /**
+   * Validate a record file; remove it when it is partial, corrupt or from another format. 'unreadable'
+   * when it can't be read now (EMFILE, EIO): it is kept, and checked when it is next opened.
+   */
+  async #inspect(path: string, hash: string): Promise<RecordInfo | 'unreadable' | undefined> {
     let fh: fsp.FileHandle | undefined;
     try {
       fh = await fsp.open(path, fsc.O_RDONLY);
       const info = await readRecordInfo(fh);
       if (info && hashKey(info.meta.key) === hash) return info;
     } catch (err) {
-      if ((err as NodeJS.ErrnoException).code === 'ENOENT') return undefined;
+      return gone(err) ? undefined : 'unreadable';
     } finally {
       await fh?.close().catch(() => {});
     }
@@ -231,15 +235,18 @@ export class DiskTier implements Tier {
     let fh: fsp.FileHandle;
     try {
       fh = await fsp.open(this.#pathOf(hash), fsc.O_RDONLY);
-    } catch {
+    } catch (err) {
+      // Only a record that is gone is forgotten: EMFILE, EIO and the like say nothing about it.
+      if (!gone(err)) throw new StoreUnavailable(err);
       this.#index.delete(hash);
       return undefined;
     }
     let info: RecordInfo | undefined;
     try {
       info = await readRecordInfo(fh);
-    } catch {
-      info = undefined;
+    } catch (err) {
+      await fh.close().catch(() => {});
+      throw new StoreUnavailable(err);
     }
     if (!info || info.meta.key !== key) {
       await fh.close().catch(() => {});
@@ -262,7 +269,12 @@ export class DiskTier implements Tier {
         read: async (pos, len, into) => {
           const n = Math.min(len, bodyLen - pos, into ? into.length : Infinity);
           const buf = into ?? Buffer.allocUnsafe(n);
-          const { bytesRead } = await fh.read(buf, 0, n, bodyOffset + pos);
+          let bytesRead: number;
+          try {
+            ({ bytesRead } = await fh.read(buf, 0, n, bodyOffset + pos));
+          } catch (err) {
+            throw new StoreUnavailable(err);
+          }
           return bytesRead === buf.length ? buf : buf.subarray(0, bytesRead);
         },
         feed: (b) => {
@@ -497,7 +509,12 @@ export class DiskWriter implements TierWriter {
   }
 }
 
-/** Is a process with this pid running (ours included)? EPERM means it exists under another user. */
+/** The record is not there (any more): the only open failure that says something about the record. */
+function gone(err: unknown): boolean {
+  const code = (err as NodeJS.ErrnoException)?.code;
+  return code === 'ENOENT' || code === 'ENOTDIR';
+}
+
 /** The lock file of a cache directory: one cuttle per directory. */
 export function lockPath(dir: string): string {
   return join(dir, 'v1', 'cuttle.lock');
@@ -514,6 +531,7 @@ export function lockHolder(dir: string): number | undefined {
   return Number.isInteger(pid) && pid > 0 && alive(pid) ? pid : undefined;
 }
 
+/** Is a process with this pid running (ours included)? EPERM means it exists under another user. */
 function alive(pid: number): boolean {
   try {
     process.kill(pid, 0);

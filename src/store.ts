@@ -6,6 +6,18 @@ import { upTo } from './lru-bounds.ts';
 import type { Policy } from './freshness.ts';
 import type { DiskWriter } from './store-disk.ts';
 
+/**
+ * A stored record that can't be read now: descriptors are exhausted (EMFILE, ENFILE) or the disk failed
+ * a read. Nothing says the record is bad, so it stays stored; only the request that met it fails.
+ * (A record that is really bad, a wrong checksum or header, is dropped where it is found.)
+ */
+export class StoreUnavailable extends Error {
+  constructor(cause: unknown) {
+    super(`stored record can't be read now: ${(cause as Error)?.message ?? String(cause)}`, { cause });
+    this.name = 'StoreUnavailable';
+  }
+}
+
 export type StoredHeaders = Record<string, string | string[]>;
 
 /** Everything about an object except its body; JSON-serialisable (it is the disk record header). */
@@ -26,7 +38,7 @@ export interface StoredObject {
   policy: Policy;
   size: number;
   tier: 'memory' | 'disk';
-  /** Stream the body to `sink`; resolves false if the stored bytes turn out corrupt. */
+  /** Stream the body to `sink`; resolves false if the stored bytes turn out corrupt. A read that fails rejects with StoreUnavailable. */
   body: BodySource;
 }
 
@@ -49,6 +61,7 @@ export interface TierStats {
 }
 
 export interface Tier {
+  /** Undefined when absent (or dropped as corrupt); rejects with StoreUnavailable when it can't be read now. */
   get(key: string): Promise<StoredObject | undefined>;
   openWriter(meta: StoredMeta, policy: Policy, expectedBytes: number | undefined): TierWriter | undefined;
   delete(key: string): Promise<void>;
