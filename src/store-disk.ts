@@ -16,8 +16,8 @@ import * as fs from 'node:fs';
 import * as fsp from 'node:fs/promises';
 import { join } from 'node:path';
 import { crc32 } from 'node:zlib';
-import { LRUCache } from 'lru-cache';
 import { hashKey } from './cache-key.ts';
+import { DiskIndex } from './disk-index.ts';
 import type { Freshness, Policy } from './freshness.ts';
 import { StoreUnavailable, type StoredMeta, type StoredObject, type Tier, type TierStats, type TierWriter } from './store.ts';
 
@@ -100,7 +100,7 @@ export class DiskTier implements Tier {
   readonly #o: DiskTierOptions;
   readonly #objects: string;
   readonly #tmp: string;
-  readonly #index: LRUCache<string, number>; // hash -> file bytes
+  readonly #index: DiskIndex;
   #evictions = 0;
   #loaded = false;
   loaded: Promise<void> = Promise.resolve();
@@ -110,16 +110,9 @@ export class DiskTier implements Tier {
     this.#o = o;
     this.#objects = join(o.dir, 'v1', 'objects');
     this.#tmp = join(o.dir, 'v1', 'tmp');
-    this.#index = new LRUCache<string, number>({
-      maxSize: o.maxBytes,
-      maxEntrySize: o.maxEntryBytes + MAX_META + TRAILER,
-      sizeCalculation: (n) => Math.max(1, n),
-      dispose: (_n, hash, reason) => {
-        if (reason === 'evict') {
-          this.#evictions++;
-          fs.unlink(this.#pathOf(hash), () => {});
-        }
-      },
+    this.#index = new DiskIndex(o.maxBytes, o.maxEntryBytes + MAX_META + TRAILER, (hash) => {
+      this.#evictions++;
+      fs.unlink(this.#pathOf(hash), () => {});
     });
   }
 
@@ -253,7 +246,7 @@ export class DiskTier implements Tier {
       if (!info) await this.delete(key);
       return undefined;
     }
-    this.#index.get(hash); // touch (LRU) — or learn it, while the scan is still running
+    this.#index.touch(hash); // LRU — or learn it, while the scan is still running
     if (!this.#index.has(hash)) this.#index.set(hash, info.fileBytes);
     const { bodyOffset, bodyLen, crc } = info;
     let running = 0;
@@ -301,8 +294,7 @@ export class DiskTier implements Tier {
       await fsp.mkdir(join(this.#objects, hash.slice(0, 2)), { recursive: true });
       await fsp.rename(tmp, dest);
       this.#index.delete(hash); // replaced in place: don't let dispose unlink the new file
-      this.#index.set(hash, fileBytes);
-      if (!this.#index.has(hash)) await fsp.rm(dest, { force: true });
+      if (!this.#index.set(hash, fileBytes)) await fsp.rm(dest, { force: true });
     });
   }
 
@@ -336,7 +328,12 @@ export class DiskTier implements Tier {
   }
 
   stats(): TierStats {
-    return { objects: this.#index.size, bytes: this.#index.calculatedSize, maxBytes: this.#o.maxBytes, evictions: this.#evictions };
+    return { objects: this.#index.entries, bytes: this.#index.bytes, maxBytes: this.#o.maxBytes, evictions: this.#evictions };
+  }
+
+  /** The index's own bound and cost: entries (records), the most it may hold, and its heap. */
+  indexStats(): { entries: number; maxEntries: number; heapBytes: number } {
+    return { entries: this.#index.entries, maxEntries: this.#index.maxEntries, heapBytes: this.#index.heapBytes };
   }
 }
 

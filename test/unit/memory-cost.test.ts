@@ -8,6 +8,8 @@ import { runInNewContext } from 'node:vm';
 import { systemClock } from '../../src/clock.ts';
 import { createFreshness, policyRequest } from '../../src/freshness.ts';
 import { MemoryTier } from '../../src/store-memory.ts';
+import { DiskIndex, INDEX_ENTRY_BYTES } from '../../src/disk-index.ts';
+import { hashKey } from '../../src/cache-key.ts';
 import type { StoredMeta } from '../../src/store.ts';
 
 setFlagsFromString('--expose-gc');
@@ -43,5 +45,28 @@ describe('memory tier accounting', () => {
     assert.ok(tier.stats().evictions > 0, 'the bound was reached');
     // Every entry is counted at no less than it costs (10% slack for V8's own rounding).
     assert.ok(real <= counted * 1.1, `the tier counts ${(counted / 2 ** 20).toFixed(1)} MiB but holds ${(real / 2 ** 20).toFixed(1)} MiB`);
+  });
+});
+
+describe('disk index accounting', () => {
+  it('holds no more heap per record than it reports, and no more records than --disk-cache / 4 KiB', () => {
+    const n = 200_000;
+    // Hashes made first, so only the index's own copies are measured.
+    const hashes = Array.from({ length: n }, (_, i) => hashKey(`http://stratum1.example.org:8000/cvmfs/atlas.cern.ch/data/${i}`));
+    const before = used();
+    const index = new DiskIndex(n * 4096, 2 ** 30, () => {});
+    for (const h of hashes) index.set(h, 300 + h.charCodeAt(0)); // small records, one block each: the count bound
+    const real = used() - before;
+    assert.equal(index.entries, n);
+    assert.equal(index.maxEntries, n);
+    assert.ok(real <= index.heapBytes, `the index reports ${index.heapBytes / n} B an entry but holds ${(real / n).toFixed(1)} B`);
+    // One more record past the count bound evicts the oldest, however small the records are.
+    let evicted = 0;
+    const more = new DiskIndex(8 * 4096, 2 ** 30, () => evicted++);
+    for (let i = 0; i < 9; i++) more.set(hashes[i]!, 100);
+    assert.equal(more.entries, 8);
+    assert.equal(evicted, 1);
+    assert.equal(more.has(hashes[0]!), false);
+    assert.ok(INDEX_ENTRY_BYTES < 163, 'more compact than hex keys (~163 B an entry)');
   });
 });
