@@ -368,8 +368,11 @@ export class Fill implements FillReader {
       this.#starts.shift();
       this.#windowStart = end;
     }
-    // Backpressure goes to the upstream only from the disk, or from the single non-shared reader.
-    const full = spilling ? this.received - this.#spill!.flushed > MAX_UNFLUSHED_BYTES : this.windowBytes > this.#windowBytesMax * 2;
+    // Backpressure goes to the upstream from the disk, or from the single non-shared reader; and once
+    // --fill-memory is spent, from a window still over twice its own bound (its bytes not yet on
+    // disk): the budget is a hard bound, not one that each fill may pass by a disk's lag.
+    const overBudget = this.#budget.usedBytes > this.#budget.limitBytes && this.windowBytes > this.#windowBytesMax * 2;
+    const full = spilling ? this.received - this.#spill!.flushed > MAX_UNFLUSHED_BYTES || overBudget : this.windowBytes > this.#windowBytesMax * 2;
     if (full && !this.#paused && this.state === 'streaming') {
       this.#paused = true;
       this.upstream?.pause();

@@ -19,6 +19,8 @@ export interface MetricsSources {
   mirrors: () => MirrorSnapshot[];
   fillStats: () => CoalescerStats;
   accessLogDroppedLines: () => number;
+  /** Memory held outside the tiers and fills: the disk index, and the pool of read-back buffers. */
+  heldMemory: () => { diskIndex: { entries: number; maxEntries: number; heapBytes: number }; bufferPoolBytes: number };
 }
 
 const RESULT_GROUP: Record<string, string> = {
@@ -68,6 +70,10 @@ export class Metrics {
     gauge('cuttle_fills_in_flight', 'Upstream fills running now', src.fillsInFlight);
     gauge('cuttle_fill_memory_bytes', 'Memory held by in-flight fills (bounded by --fill-memory)', src.fillMemoryBytes);
     gauge('cuttle_client_connections', 'Open client connections', src.clientConnections);
+    gauge('cuttle_disk_index_entries', 'Records in the disk index (one per object on disk)', () => src.heldMemory().diskIndex.entries);
+    gauge('cuttle_disk_index_max_entries', 'Bound of the disk index: --disk-cache / 4 KiB (each record is charged whole 4 KiB blocks)', () => src.heldMemory().diskIndex.maxEntries);
+    gauge('cuttle_disk_index_heap_bytes', 'Heap held by the disk index (its entries at their measured cost)', () => src.heldMemory().diskIndex.heapBytes);
+    gauge('cuttle_buffer_pool_bytes', 'Read-back buffers kept for reuse, at what they cost (bounded at 32 MiB)', () => src.heldMemory().bufferPoolBytes);
     new Counter({ name: 'cuttle_upstream_fetches_total', help: 'Requests sent upstream (fills and passes)', registers: [r], collect() { this.reset(); this.inc(src.upstreamFetches()); } });
     new Counter({ name: 'cuttle_access_log_dropped_lines_total', help: 'Access-log lines dropped: the file could not take them (a full disk, a write error, 16 MiB behind)', registers: [r], collect() { this.reset(); this.inc(src.accessLogDroppedLines()); } });
     new Counter({ name: 'cuttle_upstream_bytes_total', help: 'Body bytes received from upstreams', registers: [r], collect() { this.reset(); this.inc(src.upstreamBytes()); } });

@@ -130,6 +130,7 @@ export async function createProxy(cfg: Config, opts: ProxyOptions = {}): Promise
       log.warn({ droppedLines: accessLog.droppedLines, file: cfg.accessLog, err: why instanceof Error ? why.message : undefined }, `access log lines dropped: ${what}`);
     });
   let connections = 0;
+  const buffers = new BufferPool();
   const metrics = new Metrics({
     fillsInFlight: () => coalescer.inFlight,
     fillMemoryBytes: () => coalescer.budget.usedBytes,
@@ -143,9 +144,10 @@ export async function createProxy(cfg: Config, opts: ProxyOptions = {}): Promise
     mirrors: () => mirrors.snapshot(),
     fillStats: () => coalescer.stats,
     accessLogDroppedLines: () => accessLog.droppedLines,
+    heldMemory: () => ({ diskIndex: disk.indexStats(), bufferPoolBytes: buffers.bytes }),
   }, counters);
   coalescer.onFillDone = (readers) => metrics.fillDone(readers);
-  const ctx: Ctx = { cfg, acl: getAcl, clock, store, coalescer, upstream, accessLog, log, counters, buffers: new BufferPool(2048), metrics, mirrors, tunnels: new Set() };
+  const ctx: Ctx = { cfg, acl: getAcl, clock, store, coalescer, upstream, accessLog, log, counters, buffers, metrics, mirrors, tunnels: new Set() };
   const lane = cfg.hitLane
     ? new HitLane({
         answer: (method, target, headers, client) => plainLaneRequest(ctx, method, target, headers, client),
@@ -176,7 +178,8 @@ export async function createProxy(cfg: Config, opts: ProxyOptions = {}): Promise
             counters,
             fills: { inFlight: coalescer.inFlight, memoryBytes: coalescer.budget.usedBytes, ...coalescer.stats, waitersPerFill: undefined },
             upstream: { fetches: upstream.fetches, bytes: upstream.bytes },
-            tiers: { memory: memory.stats(), disk: { ...disk.stats(), loaded: disk.isLoaded } },
+            tiers: { memory: memory.stats(), disk: { ...disk.stats(), loaded: disk.isLoaded, index: disk.indexStats() } },
+            bufferPoolBytes: buffers.bytes,
             clientConnections: connections,
             results: metrics.results,
             servedBytes: metrics.served,
