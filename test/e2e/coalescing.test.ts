@@ -48,9 +48,13 @@ describe('coalescing', () => {
 
   it('first client hangs up: the fill completes, is stored, and the next request is a HIT', async () => {
     const body = randomBytes(4 * 1024 * 1024);
-    origin.route('/big', { headers: { 'cache-control': 'max-age=600' }, body, chunkBytes: 256 * 1024, chunkDelayMs: 10 });
+    // The origin holds all but the first MiB until the proxy has seen the client go.
+    const g = gate();
+    origin.route('/big', { headers: { 'cache-control': 'max-age=600' }, body, bodyGate: { after: 1024 * 1024, gate: g } });
     const r = await rawGet(p.port, `${origin.url}/big`, { abortAfterBytes: 100_000 });
     assert.equal(r.complete, false);
+    await waitFor('the proxy saw the hang-up mid-fill', () => p.proxy.clientConnections() === 0 && g.waiting === 1);
+    g.open();
     // Wait for the fill to land in the store (no new client meanwhile).
     await waitFor('the fill stored', () => p.proxy.coalescer.running === 0);
     const c = proxyClient(p.url);
@@ -64,8 +68,13 @@ describe('coalescing', () => {
 
   it('upstream reset mid-body: every waiter sees a truncated transfer and nothing is stored', async () => {
     const body = randomBytes(2 * 1024 * 1024);
-    origin.route('/reset', { headers: { 'cache-control': 'max-age=600' }, body, chunkBytes: 64 * 1024, chunkDelayMs: 5, resetAfter: 1024 * 1024 });
-    const results = await Promise.all(Array.from({ length: 20 }, () => rawGet(p.port, `${origin.url}/reset`)));
+    // The origin sends 256 KiB and holds the rest until all 20 clients are on the fill, then resets at 1 MiB.
+    const g = gate();
+    origin.route('/reset', { headers: { 'cache-control': 'max-age=600' }, body, chunkBytes: 64 * 1024, bodyGate: { after: 256 * 1024, gate: g }, resetAfter: 1024 * 1024 });
+    const all = Promise.all(Array.from({ length: 20 }, () => rawGet(p.port, `${origin.url}/reset`)));
+    await waitFor('twenty readers on one fill', () => g.waiting === 1 && p.proxy.coalescer.topFills(1, 0)[0]?.readers === 20);
+    g.open();
+    const results = await all;
     for (const r of results) {
       assert.match(r.head, /^HTTP\/1\.1 200/);
       assert.equal(r.complete, false, 'truncated: Content-Length unfulfilled');
@@ -85,9 +94,11 @@ describe('coalescing', () => {
 
   it('chunked upstream failing mid-body: readers get no terminating chunk', async () => {
     const body = randomBytes(512 * 1024);
-    origin.route('/reset-chunked', { headers: { 'cache-control': 'max-age=600' }, body, chunked: true, chunkBytes: 32 * 1024, chunkDelayMs: 5, resetAfter: 256 * 1024 });
+    // The origin sends 64 KiB and holds the rest until all 4 clients are on the fill, then resets at 256 KiB.
+    const g = gate();
+    origin.route('/reset-chunked', { headers: { 'cache-control': 'max-age=600' }, body, chunked: true, chunkBytes: 32 * 1024, bodyGate: { after: 64 * 1024, gate: g }, resetAfter: 256 * 1024 });
     const pool = new Pool(p.url, { connections: 4 });
-    const outcomes = await Promise.all(
+    const all = Promise.all(
       Array.from({ length: 4 }, () =>
         pool.request({ path: `${origin.url}/reset-chunked`, method: 'GET' }).then(
           (res) => res.body.arrayBuffer().then(() => 'complete', () => 'truncated'),
@@ -95,6 +106,9 @@ describe('coalescing', () => {
         ),
       ),
     );
+    await waitFor('four readers on one fill', () => g.waiting === 1 && p.proxy.coalescer.topFills(1, 0)[0]?.readers === 4);
+    g.open();
+    const outcomes = await all;
     assert.deepEqual(outcomes, ['truncated', 'truncated', 'truncated', 'truncated']);
     assert.equal(origin.count('/reset-chunked'), 1);
     await pool.close();

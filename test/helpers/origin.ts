@@ -28,9 +28,12 @@ export interface Route {
   /** Send the head and this many body bytes, then hold the rest until the gate opens. */
   bodyGate?: { after: number; gate: Gate };
   body?: Buffer | string;
-  /** Delay before the response head. */
+  /**
+   * Delay before the response head. Timing only: never use it to make clients overlap or to outlast a
+   * timeout (a gate does both by state); the abuse test uses it to hang up at moments in a response.
+   */
   delayMs?: number;
-  /** Pace the body: write chunkBytes every chunkDelayMs. */
+  /** Pace the body: write chunkBytes every chunkDelayMs (timing only, as delayMs). */
   chunkBytes?: number;
   chunkDelayMs?: number;
   /** Send this many body bytes, then reset the connection. */
@@ -120,8 +123,8 @@ export async function startOrigin(routes: Record<string, Route | ((req: SeenRequ
       }
       const end = Math.min(body.length, off + Math.max(1, step), r.bodyGate && !held ? Math.max(r.bodyGate.after, off + 1) : Infinity);
       if (r.resetAfter !== undefined && end > r.resetAfter) {
-        if (r.resetAfter > off) res.write(body.subarray(off, r.resetAfter));
-        await sleep(20);
+        // Reset once the bytes before it are handed to the kernel (a destroy would drop them unsent).
+        if (r.resetAfter > off) await new Promise<void>((done) => res.write(body.subarray(off, r.resetAfter), () => done()));
         res.socket?.destroy();
         return;
       }
