@@ -6,7 +6,7 @@ import { after, before, describe, it } from 'node:test';
 import { Pool } from 'undici';
 import { buildConfig } from '../../src/config.ts';
 import { casObject } from '../../src/content-hash.ts';
-import { startOrigin } from '../helpers/origin.ts';
+import { gate, startOrigin } from '../helpers/origin.ts';
 import { get, proxyClient, startProxy, type TestProxy } from '../helpers/proxy.ts';
 import { casBodies, healthy, REPO, startMirrors, waitFor, type TestMirror } from '../helpers/mirrors.ts';
 
@@ -144,13 +144,18 @@ describe('mirrors: 404 failover, corrupt bytes, Range resume', () => {
 
   it('when every mirror fails with 5xx, a herd shares one answer per mirror: 503 to all, unlabelled, not stored', async () => {
     const path = `/cvmfs/${REPO}/data/ab/${'c'.repeat(38)}`;
-    const routes = { [`/cvmfs/${REPO}/.cvmfspublished`]: { headers: { 'cache-control': 'max-age=61' }, body: 'Ntest\n' }, [path]: { status: 503, delayMs: 300, body: 'overloaded\n' } };
+    // Both mirrors hold their 503 behind one gate, opened once the whole herd is on the fill.
+    const g = gate();
+    const routes = { [`/cvmfs/${REPO}/.cvmfspublished`]: { headers: { 'cache-control': 'max-age=61' }, body: 'Ntest\n' }, [path]: { status: 503, gate: g, body: 'overloaded\n' } };
     const [o1, o2] = await Promise.all([startOrigin(routes), startOrigin(routes)]);
     p = await startProxy({ stratum1: [o1.url, o2.url], 'probe-interval': '150ms', 'probe-repo': REPO });
     pool = proxyClient(p.url, 20);
     try {
       await waitFor('mirrors healthy', () => healthy(p!.proxy, o1.url) && healthy(p!.proxy, o2.url));
-      const herd = await Promise.all(Array.from({ length: 20 }, () => get(pool!, `${o1.url}${path}`)));
+      const asked = Promise.all(Array.from({ length: 20 }, () => get(pool!, `${o1.url}${path}`)));
+      await waitFor('twenty readers on one fill', () => g.waiting === 1 && p!.proxy.coalescer.topFills(1, 0)[0]?.readers === 20);
+      g.open();
+      const herd = await asked;
       assert.deepEqual([...new Set(herd.map((r) => r.status))], [503]);
       assert.equal(herd[0]!.headers['proxy-status'], undefined, "the Stratum 1's own 503 passes unlabelled");
       assert.equal(o1.count(path) + o2.count(path), 2, 'one request per mirror for the whole herd');
@@ -167,10 +172,10 @@ describe('mirrors: 404 failover, corrupt bytes, Range resume', () => {
   it('a mirror that accepts but does not answer within --mirror-timeout is given up for the next one', async () => {
     const bodies = casBodies([8000]);
     const [path] = [...bodies.keys()];
-    // The nearest mirror answers its probes at once but sits on data requests for 30 s.
+    // The nearest mirror answers its probes at once but never answers a data request (a gate never opened).
     const slow = await startOrigin({
       [`/cvmfs/${REPO}/.cvmfspublished`]: { headers: { 'cache-control': 'max-age=61' }, body: 'Ntest\n' },
-      [path!]: { delayMs: 30_000, body: bodies.get(path!)! },
+      [path!]: { gate: gate(), body: bodies.get(path!)! },
     });
     let slowAnswered = false;
     slow.onComplete = (p) => (slowAnswered ||= p === path);
@@ -196,10 +201,10 @@ describe('mirrors: 404 failover, corrupt bytes, Range resume', () => {
   it('a body that stalls mid-way for --mirror-timeout is resumed from another mirror', async () => {
     const bodies = casBodies([4 * 1024 * 1024], 'P');
     const [path] = [...bodies.keys()];
-    // The nearest mirror sends 1 MiB, then nothing for 30 s.
+    // The nearest mirror sends 1 MiB, then nothing (a gate never opened).
     const stall = await startOrigin({
       [`/cvmfs/${REPO}/.cvmfspublished`]: { headers: { 'cache-control': 'max-age=61' }, body: 'Ntest\n' },
-      [path!]: { headers: { 'cache-control': 'max-age=259200' }, body: bodies.get(path!)!, chunkBytes: 1024 * 1024, chunkDelayMs: 30_000 },
+      [path!]: { headers: { 'cache-control': 'max-age=259200' }, body: bodies.get(path!)!, bodyGate: { after: 1024 * 1024, gate: gate() } },
     });
     mirrors = await startMirrors(bodies, [40]);
     p = await startProxy({ stratum1: [stall.url, mirrors[0]!.url], 'probe-interval': '150ms', 'probe-repo': REPO, 'mirror-timeout': '500ms' });
@@ -391,7 +396,7 @@ describe('mirrors: --accel on the main listener', () => {
 
 describe('mirrors: probe timeouts', () => {
   it('a mirror whose manifest takes longer than --probe-timeout fails its probes and is never marked healthy', async () => {
-    const slow = await startOrigin({ [`/cvmfs/${REPO}/.cvmfspublished`]: { delayMs: 1500, headers: { 'cache-control': 'max-age=61' }, body: 'Ntest\n' } });
+    const slow = await startOrigin({ [`/cvmfs/${REPO}/.cvmfspublished`]: { gate: gate(), headers: { 'cache-control': 'max-age=61' }, body: 'Ntest\n' } });
     const p = await startProxy({ stratum1: [slow.url], 'probe-interval': '100ms', 'probe-timeout': '100ms', 'probe-repo': REPO });
     try {
       await waitFor('two probes timed out', () => p.proxy.mirrors.snapshot()[0]!.probeFailures >= 2);
