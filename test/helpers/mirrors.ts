@@ -49,10 +49,10 @@ export async function startMirrors(bodies: Map<string, Buffer>, latencies: numbe
   return Promise.all(latencies.map((latencyMs, i) => new TestMirror({ repo: REPO, bodies, latencyMs, ...extra[i] }).start()));
 }
 
-/** Poll a condition on the proxy's mirror state (bounded; tests never time, they wait for states). */
-export async function waitFor(what: string, cond: () => boolean, limitMs = 15_000): Promise<void> {
+/** Poll a condition on the proxy's state, in process or asked over /status (bounded; tests never time, they wait for states). */
+export async function waitFor(what: string, cond: () => boolean | Promise<boolean>, limitMs = 15_000): Promise<void> {
   const until = Date.now() + limitMs;
-  while (!cond()) {
+  while (!(await cond())) {
     if (Date.now() > until) throw new Error(`timed out waiting for ${what}`);
     await sleep(25);
   }
