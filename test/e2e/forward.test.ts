@@ -51,7 +51,6 @@ describe('forwarding', () => {
       '/hello': { headers: { 'content-type': 'text/plain', 'cache-control': 'max-age=300', 'keep-alive': 'timeout=5', connection: 'x-secret' , 'x-secret': 'leak' }, body: 'hello world' },
       '/echo': (req) => ({ body: JSON.stringify({ method: req.method, body: req.body, headers: req.headers }), headers: { 'content-type': 'application/json' } }),
       '/nostore': { headers: { 'cache-control': 'no-store' }, body: 'private' },
-      '/slow-post': { delayMs: 300, body: 'late answer' },
     });
     p = await startProxy();
   });
