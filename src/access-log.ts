@@ -79,6 +79,16 @@ export function formatFrontier(tx: Transaction, nowMs: number): string {
   return `${tx.client} - - [${when}] "${tx.method} ${url} HTTP/${tx.httpVersion ?? '1.1'}" ${tx.status} ${tx.bytesOut} ${resultTag(tx)}:${tx.hierarchy} ${elapsed} "${hdr(tx, 'x-frontier-id')} ${hdr(tx, 'cvmfs-info')}" "${hdr(tx, 'referer')}" "${hdr(tx, 'user-agent')}"\n`;
 }
 
+/**
+ * A finished transaction goes to the access log and to the counters and metrics, at one instant (every
+ * path that ends one, the request path, the hit lane, tunnels and refused connections, calls this).
+ */
+export function recordTransaction(to: { accessLog: AccessLog; metrics: { observe(tx: Transaction, errorToken: string | undefined, nowMs: number): void }; clock: { now(): number } }, tx: Transaction, errorToken: string | undefined): void {
+  const now = to.clock.now();
+  to.accessLog.write(tx, now);
+  to.metrics.observe(tx, errorToken, now);
+}
+
 export interface AccessLog {
   write(tx: Transaction, nowMs: number): void;
   reopen(): void;

@@ -27,7 +27,7 @@ import { discard, type Upstream, type UpstreamResponse } from './fetch.ts';
 import { FetchPlan, type Attempt } from './fetch-plan.ts';
 import type { Fill, FillHead } from './fill.ts';
 import { endToEnd, type Headers } from './forward.ts';
-import { hasValidators, policyHeaders, policyRequest, type Freshness, type Policy } from './freshness.ts';
+import { policyHeaders, policyRequest, storableResponse, type Freshness, type Policy } from './freshness.ts';
 import type { Logger } from './log.ts';
 import type { Mirror, Mirrors } from './mirrors.ts';
 import type { StoredMeta, StoredObject, TieredStore } from './store.ts';
@@ -308,10 +308,7 @@ function decide(st: FetchState): Step {
     !st.bodyDropped &&
     !varyAll &&
     (r.cas === undefined || verified || st.every404) &&
-    policy.storable() &&
-    // Fresh for a while, or stale at once but revalidatable (no-cache, max-age=0 with a validator).
-    (policy.timeToLive() > 0 || hasValidators(headers)) &&
-    (cl === undefined || cl <= host.cfg.maxObjectBytes);
+    storableResponse(policy, headers, cl, host.cfg.maxObjectBytes);
   st.contentLength = cl;
   st.check = verified ? new HashCheck(r.cas!) : undefined;
   if (st.check) fill.holdBack = true;
@@ -345,7 +342,7 @@ function decide(st: FetchState): Step {
 /** Would this response be stored for a plain GET of the URL (no client headers)? */
 function storableOnItsOwn(host: FetchHost, r: FillRequest, res: { status: number; headers: Record<string, string> }, cl: number | undefined): boolean {
   const p = host.freshness.policyFor(policyRequest(r.url, 'GET', {}), res);
-  return p.storable() && (p.timeToLive() > 0 || hasValidators(res.headers)) && (cl === undefined || cl <= host.cfg.maxObjectBytes);
+  return storableResponse(p, res.headers, cl, host.cfg.maxObjectBytes);
 }
 
 /** Read the body into the fill; on a break, resume from another mirror if the plan allows. */

@@ -1,9 +1,10 @@
 // HTTP/1.1 forwarding rules (RFC 9110 §7.6): hop-by-hop headers go, Via is added, X-Forwarded-For is
 // appended, Max-Forwards is honoured for TRACE/OPTIONS, and our own Via entry means a loop.
-import { STATUS_CODES, type IncomingHttpHeaders, type OutgoingHttpHeaders, type ServerResponse } from 'node:http';
+import { STATUS_CODES, type IncomingHttpHeaders, type OutgoingHttpHeaders } from 'node:http';
 import type { Duplex } from 'node:stream';
 import { VERSION } from './config.ts';
 import type { ProxyError } from './errors.ts';
+import type { ResponseSink } from './response-sink.ts';
 
 export type Headers = Record<string, string | string[]>;
 
@@ -83,7 +84,7 @@ function errorHead(err: ProxyError, name: string, body: string): Record<string, 
 }
 
 /** Answer one of cuttle's own failures (never an upstream's) on a response. Returns the body bytes. */
-export function sendError(res: ServerResponse, err: ProxyError, name: string): number {
+export function sendError(res: ResponseSink, err: ProxyError, name: string): number {
   if (res.headersSent) {
     res.destroy();
     return 0;

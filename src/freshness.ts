@@ -70,6 +70,68 @@ export function createFreshness(clock: Clock, negativeTtlMs: number): Freshness 
   };
 }
 
+type HeaderMap = Record<string, string | string[] | undefined>;
+
+/**
+ * The one storable rule (RFC 9111 §3), asked of every response a fill decides on: the policy lets a
+ * shared cache store it, it is fresh for a while or stale at once but revalidatable (no-cache,
+ * max-age=0 with a validator), and it is no larger than --max-object-size when its length is known.
+ */
+export function storableResponse(policy: Policy, headers: Record<string, unknown>, contentLength: number | undefined, maxObjectBytes: number): boolean {
+  return policy.storable() && (policy.timeToLive() > 0 || hasValidators(headers)) && (contentLength === undefined || contentLength <= maxObjectBytes);
+}
+
+/**
+ * May a stale stored copy be served because the upstream can't be reached (RFC 9111 §4.2.4)? Not when
+ * the response forbids it (must-revalidate, proxy-revalidate, s-maxage, no-cache), and no staler than
+ * the least of --max-stale, the response's stale-if-error, and the client's max-stale or stale-if-error.
+ */
+export function mayServeStale(policy: Policy, resHeaders: HeaderMap, reqHeaders: HeaderMap, maxStaleMs: number): boolean {
+  const res = directives(resHeaders['cache-control']);
+  if (forbidsStale(res) || res.has('no-store')) return false;
+  const req = directives(reqHeaders['cache-control']);
+  let limitS = maxStaleMs / 1000;
+  for (const v of [res.get('stale-if-error'), req.get('max-stale'), req.get('stale-if-error')]) {
+    if (v === undefined || v === '') continue; // `max-stale` without a value: any staleness
+    const n = Number(v);
+    limitS = Math.min(limitS, Number.isFinite(n) && n >= 0 ? n : 0);
+  }
+  return staleness(policy) <= limitS;
+}
+
+/**
+ * May a stored response answer this request without revalidation, given the request's own
+ * directives (RFC 9111 §4.2, §5.2.1)? The key already pins URL, host and Vary. (The library's own check
+ * refuses every must-revalidate response, fresh or not.)
+ */
+export function satisfies(policy: Policy, resHeaders: HeaderMap, reqHeaders: HeaderMap): boolean {
+  const req = directives(reqHeaders['cache-control']);
+  const age = policy.age();
+  const freshFor = -staleness(policy);
+  const num = (k: string) => Number(req.get(k));
+  if (req.has('max-age') && !(age <= num('max-age'))) return false;
+  if (req.has('min-fresh') && !(freshFor >= num('min-fresh'))) return false;
+  if (freshFor > 0) return true;
+  if (!req.has('max-stale')) return false;
+  if (forbidsStale(directives(resHeaders['cache-control']))) return false;
+  return req.get('max-stale') === '' || -freshFor <= num('max-stale');
+}
+
+/**
+ * stale-while-revalidate (RFC 5861): within the response's window, the stale copy is served at once
+ * and one background fill refreshes it (joined by nobody; it stores what it gets).
+ */
+export function withinRevalidateWindow(policy: Policy, resHeaders: HeaderMap, reqHeaders: HeaderMap): boolean {
+  const res = directives(resHeaders['cache-control']);
+  const swr = res.get('stale-while-revalidate');
+  // The window is the origin's own permission to serve stale, so s-maxage alone does not forbid it.
+  if (swr === undefined || res.has('must-revalidate') || res.has('proxy-revalidate') || res.has('no-cache')) return false;
+  const req = directives(reqHeaders['cache-control']);
+  if (req.has('max-age') || req.has('min-fresh')) return false; // the client asked for fresher than that
+  const staleS = staleness(policy);
+  return staleS > 0 && staleS <= Number(swr);
+}
+
 /** Does the client demand an end-to-end reload (RFC 9111 §5.2.1.4, §5.4)? */
 export function clientWantsReload(h: { 'cache-control'?: string | string[] | undefined; pragma?: string | string[] | undefined }): boolean {
   if (!h['cache-control'] && !h.pragma) return false; // most requests: no directives at all

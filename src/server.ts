@@ -1,7 +1,7 @@
 // Composition root: wires config, tiers, coalescer, upstream, logs and listeners into one proxy.
 import { createServer, type Server, type ServerResponse } from 'node:http';
 import type { AddressInfo, Socket } from 'node:net';
-import { MAX_BEHIND_BYTES, newTransaction, openAccessLog, type AccessLog } from './access-log.ts';
+import { MAX_BEHIND_BYTES, newTransaction, openAccessLog, recordTransaction, type AccessLog } from './access-log.ts';
 import { compileAcl, plainAddress, type Acl } from './acl.ts';
 import { BufferPool } from './buffer-pool.ts';
 import { primaryKey } from './cache-key.ts';
@@ -12,7 +12,9 @@ import { createAdminServer } from './admin.ts';
 import { Metrics } from './metrics.ts';
 import { Upstream } from './fetch.ts';
 import { createFreshness } from './freshness.ts';
-import { handleRequest, hasBody, hitAge, plainLaneRequest, recordTransaction, storedHitHead, type Ctx } from './handle-request.ts';
+import type { Ctx } from './context.ts';
+import { hasBody, hitAge, storedHitHead } from './deliver.ts';
+import { handleRequest, plainLaneRequest } from './handle-request.ts';
 import { HitLane } from './hit-lane.ts';
 import { newCounters, type Counters } from './counters.ts';
 import { createLogger, type Logger } from './log.ts';

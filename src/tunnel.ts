@@ -4,9 +4,9 @@ import type { IncomingMessage } from 'node:http';
 import { connect, isIP, type Socket } from 'node:net';
 import type { Duplex } from 'node:stream';
 import { localHint, plainAddress } from './acl.ts';
-import { newTransaction } from './access-log.ts';
+import { newTransaction, recordTransaction } from './access-log.ts';
 import { ProxyError, upstreamError } from './errors.ts';
-import { recordTransaction, type Ctx } from './handle-request.ts';
+import type { Ctx } from './context.ts';
 import { endWithError } from './forward.ts';
 
 export function handleConnect(ctx: Ctx, req: IncomingMessage, socket: Duplex, head: Buffer): void {

@@ -1,0 +1,31 @@
+// What the request path, delivery and tunnels share of one proxy: its configuration, tiers, fills,
+// upstream, logs and counters. Built once by createProxy (server.ts).
+import type { Acl } from './acl.ts';
+import type { AccessLog } from './access-log.ts';
+import type { BufferPool } from './buffer-pool.ts';
+import type { Clock } from './clock.ts';
+import type { Coalescer } from './coalescer.ts';
+import type { Config } from './config.ts';
+import type { Counters } from './counters.ts';
+import type { Upstream } from './fetch.ts';
+import type { Logger } from './log.ts';
+import type { Metrics } from './metrics.ts';
+import type { Mirrors } from './mirrors.ts';
+import type { TieredStore } from './store.ts';
+
+export interface Ctx {
+  cfg: Config;
+  acl: () => Acl;
+  clock: Clock;
+  store: TieredStore;
+  coalescer: Coalescer;
+  upstream: Upstream;
+  accessLog: AccessLog;
+  log: Logger;
+  counters: Counters;
+  buffers: BufferPool;
+  metrics: Metrics;
+  mirrors: Mirrors;
+  /** Open CONNECT tunnels, each by the function that ends it (shutdown cuts them). */
+  tunnels: Set<() => void>;
+}

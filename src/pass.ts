@@ -1,0 +1,79 @@
+// The uncached path: a request forwarded upstream for its client alone (not GET or HEAD, credentials,
+// no-store, a range far into an object, a response that was not shared), its answer streamed back with
+// backpressure and never stored. (Not stream.pipeline: after a pass it left ~10 KB of heap per idle
+// keep-alive connection reachable until that connection's next request; bench/waiting.ts shows it.)
+import type { IncomingMessage, ServerResponse } from 'node:http';
+import type { Transaction } from './access-log.ts';
+import type { Ctx } from './context.ts';
+import { upstreamError, type ProxyError } from './errors.ts';
+import { discard } from './fetch.ts';
+import { clientResponseHeaders, upstreamRequestHeaders } from './forward.ts';
+
+const SAFE = new Set(['GET', 'HEAD', 'OPTIONS', 'TRACE']);
+
+/**
+ * Forward `req` to `url` and stream the answer to `res`. Resolves with the upstream's failure when no
+ * answer came (the request path labels it), else undefined once the answer is over, whole or cut short.
+ * `invalidate` runs when a successful unsafe method changed the URL (RFC 9111 §4.4).
+ */
+export async function passUpstream(ctx: Pick<Ctx, 'upstream' | 'cfg' | 'counters'>, req: IncomingMessage, res: ServerResponse, tx: Transaction, url: URL, invalidate: () => Promise<void>): Promise<ProxyError | undefined> {
+  const hasBody = req.headers['content-length'] !== undefined ? req.headers['content-length'] !== '0' : req.headers['transfer-encoding'] !== undefined;
+  const ac = new AbortController();
+  const onClose = () => {
+    if (!res.writableFinished) ac.abort();
+  };
+  res.once('close', onClose);
+  try {
+    let up;
+    try {
+      up = await ctx.upstream.request({
+        url,
+        method: tx.method,
+        headers: upstreamRequestHeaders(req.headers, url, tx.client, ctx.cfg.visibleHostname),
+        body: hasBody ? req : null,
+        signal: ac.signal,
+      });
+    } catch (err) {
+      return upstreamError(err);
+    }
+    tx.hierarchy = 'HIER_DIRECT';
+    tx.peer = up.peer;
+    tx.status = up.status;
+    tx.mime = String(up.headers['content-type'] ?? '');
+    if (!SAFE.has(tx.method) && up.status < 400) await invalidate();
+    if (res.destroyed) {
+      discard(up.body);
+      return undefined;
+    }
+    res.writeHead(up.status, clientResponseHeaders(up.status, up.headers, ctx.cfg.visibleHostname, 'MISS'));
+    if (tx.method === 'HEAD' || up.status === 204 || up.status === 304) {
+      // No body, whatever Content-Length came with it.
+      discard(up.body);
+      res.end();
+      return undefined;
+    }
+    const ok = await new Promise<boolean>((resolve) => {
+      up.body.on('data', (c: Buffer) => {
+        tx.bytesOut += c.length;
+        ctx.upstream.bytes += c.length;
+        if (!res.write(c)) {
+          up.body.pause();
+          res.once('drain', () => up.body.resume());
+        }
+      });
+      up.body.once('end', () => resolve(true));
+      up.body.once('error', () => resolve(false));
+      res.once('close', () => resolve(res.writableFinished));
+    });
+    if (ok) res.end();
+    else {
+      if (!res.destroyed) ctx.counters.truncated++;
+      tx.aborted = true;
+      discard(up.body);
+      res.destroy();
+    }
+    return undefined;
+  } finally {
+    res.off('close', onClose);
+  }
+}

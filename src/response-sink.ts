@@ -1,0 +1,22 @@
+// The response side of a request, as the request path writes it. node's ServerResponse is one; the hit
+// lane's LaneResponse (hit-lane.ts) is another, with node's framing on the lane's own socket. The request
+// path's steps that both reach (busy, deliverFill, synth, and delivery) use this and nothing more.
+import type { OutgoingHttpHeaders } from 'node:http';
+
+export interface ResponseSink {
+  readonly destroyed: boolean;
+  /** writeHead was called: a status can no longer be chosen. */
+  readonly headersSent: boolean;
+  readonly writableLength: number;
+  readonly writableEnded: boolean;
+  /** All of it handed to the kernel. */
+  readonly writableFinished: boolean;
+  writeHead(status: number, headers: OutgoingHttpHeaders): unknown;
+  flushHeaders(): void;
+  write(chunk: Buffer, cb?: (err?: Error | null) => void): boolean;
+  end(chunk?: Buffer | string): unknown;
+  destroy(): unknown;
+  on(event: 'drain' | 'close', fn: () => void): unknown;
+  once(event: 'close', fn: () => void): unknown;
+  off(event: 'drain' | 'close', fn: () => void): unknown;
+}
