@@ -4,33 +4,13 @@
 // allow-local-dest names them: that option only ever opens, and allow-dest (which, when given, narrows
 // the public destinations to a list) never opens them, however wide its CIDR.
 import { BlockList, isIP } from 'node:net';
-import type { Cidr, Config, DestRule, LocalDestRule, PortRange } from './config.ts';
+import { blockList, LOCAL_RANGES } from './cidr.ts';
+import type { Config, DestRule, LocalDestRule, PortRange } from './config.ts';
 
-function blockList(cidrs: readonly Cidr[]): BlockList {
-  const bl = new BlockList();
-  for (const c of cidrs) bl.addSubnet(c.address, c.prefix, c.family);
-  return bl;
-}
+// import-squid reads the range check from here.
+export { insideLocalRange } from './cidr.ts';
 
-/** Destinations denied unless allow-local-dest names them (a CIDR must lie inside one of these). */
-export const LOCAL_RANGES: readonly Cidr[] = [
-  { address: '127.0.0.0', prefix: 8, family: 'ipv4' },
-  { address: '::1', prefix: 128, family: 'ipv6' },
-  { address: '169.254.0.0', prefix: 16, family: 'ipv4' },
-  { address: 'fe80::', prefix: 10, family: 'ipv6' },
-  { address: '0.0.0.0', prefix: 8, family: 'ipv4' },
-  // IPv4-compatible (::a.b.c.d, deprecated) and SIIT IPv4-translated (::ffff:0:a.b.c.d) spellings of
-  // IPv4 addresses, loopback among them ([::7f00:1], [::ffff:0:7f00:1]). IPv4-mapped ::ffff:a.b.c.d is
-  // matched against the IPv4 rules above by BlockList itself.
-  { address: '::', prefix: 96, family: 'ipv6' },
-  { address: '::ffff:0:0:0', prefix: 96, family: 'ipv6' },
-];
 const SPECIAL = blockList(LOCAL_RANGES);
-
-/** Does `c` lie inside one local range (so that naming it opens only local addresses)? */
-export function insideLocalRange(c: Cidr): boolean {
-  return LOCAL_RANGES.some((r) => r.family === c.family && c.prefix >= r.prefix && blockList([r]).check(c.address, c.family));
-}
 
 /** Strip the IPv4-mapped prefix so that ::ffff:10.1.2.3 matches 10.0.0.0/8. */
 export function plainAddress(addr: string): string {

@@ -4,16 +4,17 @@
 // validated once with every problem named by its key, then deep-frozen. Runtime code only ever sees the
 // frozen `Config` (typed values with units in the names); nothing on the hot path re-checks it.
 import { readFileSync } from 'node:fs';
-import { isIP } from 'node:net';
 import { hostname } from 'node:os';
 import { parseArgs } from 'node:util';
 import { parse as parseYaml } from 'yaml';
 import { z } from 'zod';
 import { ConfigError } from './errors.ts';
 import type { MirrorGroupConfig, ProbeConfig } from './mirrors.ts';
-import { insideLocalRange } from './acl.ts';
+import { insideLocalRange, parseCidr, type Cidr } from './cidr.ts';
 
-export const VERSION = '0.1.0';
+// Re-exported for main and import-squid, which name them here.
+export { VERSION } from './version.ts';
+export { parseCidr } from './cidr.ts';
 
 /** Options a reload (SIGHUP) applies to the running proxy; the others need a restart. */
 export const LIVE_OPTIONS: ReadonlySet<OptionName> = new Set<OptionName>([
@@ -71,20 +72,6 @@ function parseListen(v: string | number): ListenAddr | undefined {
   if (port > 65535) return undefined;
   // A bare port listens on every address, IPv6 and IPv4 alike (Squid's `http_port 3128`).
   return { host: m[1] || m[2] || '::', port };
-}
-
-/** "a.b.c.d/n", "::/n" or a bare address (a /32 or /128). Matching itself is net.BlockList's job. */
-export interface Cidr { address: string; prefix: number; family: 'ipv4' | 'ipv6' }
-
-export function parseCidr(v: string): Cidr | undefined {
-  const [addr, bits, extra] = v.trim().split('/');
-  if (extra !== undefined || !addr) return undefined;
-  const fam = isIP(addr);
-  if (!fam) return undefined;
-  const max = fam === 4 ? 32 : 128;
-  const prefix = bits === undefined ? max : /^\d+$/.test(bits) ? Number(bits) : NaN;
-  if (!(prefix >= 0 && prefix <= max)) return undefined;
-  return { address: addr, prefix, family: fam === 4 ? 'ipv4' : 'ipv6' };
 }
 
 export type DestRule = { kind: 'cidr'; cidr: Cidr } | { kind: 'host'; host: string } | { kind: 'domain'; suffix: string } | { kind: 'regex'; source: string };

@@ -30,8 +30,7 @@ import { endToEnd, type Headers } from './forward.ts';
 import { policyHeaders, policyRequest, storableResponse, type Freshness, type Policy } from './freshness.ts';
 import type { Logger } from './log.ts';
 import type { Mirror, Mirrors } from './mirrors.ts';
-import type { StoredMeta, StoredObject, TieredStore } from './store.ts';
-import type { DiskWriter } from './store-disk.ts';
+import type { SpillWriter, StoredMeta, StoredObject, TieredStore } from './store.ts';
 import type { Clock } from './clock.ts';
 
 export interface FillRequest {
@@ -124,7 +123,7 @@ interface FetchState {
   check?: HashCheck;
   /** Bytes to drop from the start of this body (a resume answered 200 instead of 206). */
   skip: number;
-  store?: { spill: DiskWriter | undefined; meta: StoredMeta; policy: Policy };
+  store?: { spill: SpillWriter | undefined; meta: StoredMeta; policy: Policy };
   /** How the last body read ended: undefined for a clean end. */
   bodyError?: unknown;
   error?: ProxyError;

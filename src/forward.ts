@@ -2,7 +2,7 @@
 // appended, Max-Forwards is honoured for TRACE/OPTIONS, and our own Via entry means a loop.
 import { STATUS_CODES, type IncomingHttpHeaders, type OutgoingHttpHeaders } from 'node:http';
 import type { Duplex } from 'node:stream';
-import { VERSION } from './config.ts';
+import { VERSION } from './version.ts';
 import type { ProxyError } from './errors.ts';
 import type { ResponseSink } from './response-sink.ts';
 

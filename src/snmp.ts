@@ -6,7 +6,8 @@
 import dgram from 'node:dgram';
 import { BlockList, isIP } from 'node:net';
 import snmp from 'net-snmp';
-import type { Cidr, ListenAddr } from './config.ts';
+import type { Cidr } from './cidr.ts';
+import type { ListenAddr } from './config.ts';
 import type { Logger } from './log.ts';
 
 const SQUID = '1.3.6.1.4.1.3495'; // enterprises.nlanr; the table's OIDs start with squid(1)

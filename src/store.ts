@@ -4,7 +4,7 @@
 import { LRUCache } from 'lru-cache';
 import { upTo } from './lru-bounds.ts';
 import type { Policy } from './freshness.ts';
-import type { DiskWriter } from './store-disk.ts';
+import type { SpillFile } from './fill.ts';
 
 /**
  * A stored record that can't be read now: descriptors are exhausted (EMFILE, ENFILE) or the disk failed
@@ -53,6 +53,9 @@ export interface TierWriter {
   abort(): void;
 }
 
+/** The disk tier's writer: its bytes can be read back while it writes (the spill file of a fill). */
+export interface SpillWriter extends TierWriter, SpillFile {}
+
 export interface TierStats {
   objects: number;
   bytes: number;
@@ -72,7 +75,7 @@ export interface Tier {
 
 export class TieredStore {
   readonly memory: Tier & { put(meta: StoredMeta, policy: Policy, body: Buffer): boolean; getNow(key: string): StoredObject | undefined };
-  readonly disk: Tier & { openWriter(meta: StoredMeta, policy: Policy, expectedBytes: number | undefined): DiskWriter | undefined };
+  readonly disk: Omit<Tier, 'openWriter'> & { openWriter(meta: StoredMeta, policy: Policy, expectedBytes: number | undefined): SpillWriter | undefined };
   readonly #maxMemoryObjectBytes: number;
   // Keys seen once on disk: a second disk hit promotes a small object. Bounded.
   readonly #seenOnDisk = new LRUCache<string, true>(upTo(65536));
@@ -125,8 +128,8 @@ export class TieredStore {
   }
 
   /** Every store write goes through here: a spill-file writer for a fill's body (the disk record). */
-  openWriter(meta: StoredMeta, policy: Policy, expectedBytes: number | undefined): DiskWriter | undefined {
-    return this.disk.openWriter(meta, policy, expectedBytes) as DiskWriter | undefined;
+  openWriter(meta: StoredMeta, policy: Policy, expectedBytes: number | undefined): SpillWriter | undefined {
+    return this.disk.openWriter(meta, policy, expectedBytes);
   }
 
   /** Keep a whole small body in memory (so the next request is a hit before the disk commit lands). */
