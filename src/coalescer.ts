@@ -26,7 +26,6 @@ import type { Mirrors } from './mirrors.ts';
 import type { StoredObject, TieredStore } from './store.ts';
 
 export type { FillRequest } from './fill-fetch.ts';
-export type CoalescerStats = FetchStats;
 
 export class Coalescer implements FetchHost {
   readonly #fills = new Map<string, Fill>();
@@ -41,7 +40,7 @@ export class Coalescer implements FetchHost {
   readonly log: Logger;
   /** Memory shared by the windows of all fills in flight (--fill-memory). */
   readonly budget: FillBudget;
-  readonly stats: FetchStats = { fillsStarted: 0, fillsCommitted: 0, fillsFailed: 0, fillsReleased: 0, waitersPerFill: [], failovers: 0, resumes: 0, hashMismatches: 0, fillsAbandoned: 0, internalErrors: 0 };
+  readonly stats: FetchStats = { fillsStarted: 0, fillsCommitted: 0, fillsFailed: 0, fillsReleased: 0, failovers: 0, resumes: 0, hashMismatches: 0, fillsAbandoned: 0, internalErrors: 0 };
   #mirrors: Mirrors;
   /** Mirrors that recently served corrupt bytes for a key: asked last by the next fill. */
   readonly #corruptFrom = new LRUCache<string, Set<string>>({ max: 4096, ttl: 600_000 });
@@ -257,9 +256,6 @@ export class Coalescer implements FetchHost {
     if (this.#finished.has(fill)) return;
     this.#finished.add(fill);
     this.onFillDone?.(fill.attached);
-    const s = this.stats.waitersPerFill;
-    s.push(fill.attached);
-    if (s.length > 1024) s.splice(0, s.length - 1024);
   }
 
   /** Resolves when no fetch is running or being committed (graceful shutdown waits for this). */

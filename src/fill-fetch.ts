@@ -60,7 +60,6 @@ export interface FetchStats {
   fillsCommitted: number;
   fillsFailed: number;
   fillsReleased: number;
-  waitersPerFill: number[]; // recent samples, bounded
   /** Answers skipped for the next mirror (error, 5xx, or a 404 of a content-addressed object). */
   failovers: number;
   /** Bodies that broke off and were continued with Range from another mirror. */

@@ -17,7 +17,7 @@ import type { Ctx } from './context.ts';
 import { hasBody, hitAge, storedHitHead } from './deliver.ts';
 import { handleRequest, plainLaneRequest } from './handle-request.ts';
 import { HitLane } from './hit-lane.ts';
-import { newCounters, type Counters } from './counters.ts';
+import { figures, newCounters, setAt, type CounterSources, type Counters } from './counters.ts';
 import { createLogger, type Logger } from './log.ts';
 import { Mirrors, Prober } from './mirrors.ts';
 import { startSnmpAgent, type SnmpAgent } from './snmp.ts';
@@ -134,21 +134,18 @@ export async function createProxy(cfg: Config, opts: ProxyOptions = {}): Promise
     });
   let connections = 0;
   const buffers = new BufferPool();
-  const metrics = new Metrics({
-    fillsInFlight: () => coalescer.inFlight,
-    fillMemoryBytes: () => coalescer.budget.usedBytes,
-    upstreamFetches: () => upstream.fetches,
-    upstreamBytes: () => upstream.bytes,
-    tiers: () => [
-      { tier: 'memory', ...memory.stats() },
-      { tier: 'disk', ...disk.stats() },
-    ],
+  const sources: CounterSources = {
+    counters,
+    fills: () => ({ ...coalescer.stats, inFlight: coalescer.inFlight, memoryBytes: coalescer.budget.usedBytes }),
+    upstream: () => ({ fetches: upstream.fetches, bytes: upstream.bytes }),
+    tiers: () => ({ memory: memory.stats(), disk: disk.stats() }),
+    diskIndex: () => disk.indexStats(),
+    bufferPoolBytes: () => buffers.bytes,
     clientConnections: () => connections,
     mirrors: () => mirrors.snapshot(),
-    fillStats: () => coalescer.stats,
     accessLogDroppedLines: () => accessLog.droppedLines,
-    heldMemory: () => ({ diskIndex: disk.indexStats(), bufferPoolBytes: buffers.bytes }),
-  }, counters);
+  };
+  const metrics = new Metrics(sources);
   coalescer.onFillDone = (readers) => metrics.fillDone(readers);
   const ctx: Ctx = { cfg, acl: getAcl, clock, store, coalescer, upstream, accessLog, log, counters, buffers, metrics, mirrors, tunnels: new Set() };
   const lane = cfg.hitLane
@@ -174,22 +171,12 @@ export async function createProxy(cfg: Config, opts: ProxyOptions = {}): Promise
           allows: (addr) => getAcl().allowsAdmin(addr),
           ready: () =>
             draining ? { ready: false, why: 'draining' } : !listening ? { ready: false, why: 'not listening yet' } : !disk.isLoaded ? { ready: false, why: 'loading the disk index' } : { ready: true, why: 'ready' },
-          status: () => ({
-            version: VERSION,
-            uptimeS: Math.round((clock.now() - startedAt) / 1000),
-            draining,
-            counters,
-            fills: { inFlight: coalescer.inFlight, memoryBytes: coalescer.budget.usedBytes, ...coalescer.stats, waitersPerFill: undefined },
-            upstream: { fetches: upstream.fetches, bytes: upstream.bytes },
-            tiers: { memory: memory.stats(), disk: { ...disk.stats(), loaded: disk.isLoaded, index: disk.indexStats() } },
-            bufferPoolBytes: buffers.bytes,
-            clientConnections: connections,
-            results: metrics.results,
-            servedBytes: metrics.served,
-            topFills: coalescer.topFills(10, clock.now()),
-            mirrors: mirrors.snapshot(),
-            accessLog: { droppedLines: accessLog.droppedLines },
-          }),
+          status: () => {
+            // The table's figures, and what is not a number: state, the top fills and each mirror.
+            const f = figures(sources);
+            setAt(f, 'tiers.disk.loaded', disk.isLoaded);
+            return { version: VERSION, uptimeS: Math.round((clock.now() - startedAt) / 1000), draining, ...f, topFills: coalescer.topFills(10, clock.now()), mirrors: mirrors.snapshot() };
+          },
         });
 
   const listeners = [...cfg.listen.map((addr) => ({ addr, accel: cfg.accel })), ...(cfg.accelListen === 'none' ? [] : [{ addr: cfg.accelListen, accel: true }])];
@@ -294,23 +281,7 @@ export async function createProxy(cfg: Config, opts: ProxyOptions = {}): Promise
           community: cfg.snmpCommunity,
           allow: cfg.allowSnmp,
           log,
-          sources: {
-            version: VERSION,
-            uptimeMs: () => clock.now() - startedAt,
-            requests: () => counters.requests,
-            hits: () => counters.hits,
-            errors: () => counters.errors + counters.denied,
-            clientBytesOut: () => metrics.served.memory + metrics.served.disk + metrics.served.upstream,
-            upstreamRequests: () => upstream.fetches,
-            upstreamErrors: () => coalescer.stats.fillsFailed,
-            upstreamBytesIn: () => upstream.bytes,
-            memoryBytes: () => memory.stats().bytes,
-            memoryMaxBytes: () => cfg.memoryCacheBytes,
-            diskBytes: () => disk.stats().bytes,
-            diskMaxBytes: () => cfg.diskCacheBytes,
-            objects: () => memory.stats().objects + disk.stats().objects,
-            clients: () => connections,
-          },
+          sources: { version: VERSION, uptimeMs: () => clock.now() - startedAt, figures: () => figures(sources) },
         });
       }
       listening = true;

@@ -8,25 +8,15 @@ import { BlockList, isIP } from 'node:net';
 import snmp from 'net-snmp';
 import type { Cidr } from './cidr.ts';
 import type { ListenAddr } from './config.ts';
+import { figureAt, type Figures } from './counters.ts';
 import type { Logger } from './log.ts';
 
 const SQUID = '1.3.6.1.4.1.3495'; // enterprises.nlanr; the table's OIDs start with squid(1)
 
 export interface SnmpSources {
   uptimeMs(): number;
-  requests(): number;
-  hits(): number;
-  errors(): number;
-  clientBytesOut(): number;
-  upstreamRequests(): number;
-  upstreamErrors(): number;
-  upstreamBytesIn(): number;
-  memoryBytes(): number;
-  memoryMaxBytes(): number;
-  diskBytes(): number;
-  diskMaxBytes(): number;
-  objects(): number;
-  clients(): number;
+  /** The counter table's figures, at their /status paths. */
+  figures(): Figures;
   version: string;
 }
 
@@ -36,33 +26,34 @@ const KB = (n: number) => Math.floor(n / 1024);
 const MB = (n: number) => Math.floor(n / 1024 / 1024);
 const C32 = (n: number) => Math.floor(n) % 2 ** 32; // Counter32 wraps, as the MIB says
 
-/** The objects served: OID under the squid subtree, Squid's name, type, value. */
-function table(src: SnmpSources): [string, string, Kind, () => number | string][] {
+/** The objects served: OID under the squid subtree, Squid's name, type, value (from the table's figures). */
+function table(src: SnmpSources): [string, string, Kind, (f: Figures) => number | string][] {
   const cpu = () => {
     const u = process.cpuUsage();
     return Math.floor((u.user + u.system) / 1e6);
   };
+  const n = (f: Figures, ...paths: string[]) => paths.reduce((sum, p) => sum + ((figureAt(f, p) as number | undefined) ?? 0), 0);
   return [
-    ['1.1.1.0', 'cacheSysVMsize', 'integer', () => KB(src.memoryBytes())],
-    ['1.1.2.0', 'cacheSysStorage', 'integer', () => KB(src.diskBytes())],
+    ['1.1.1.0', 'cacheSysVMsize', 'integer', (f) => KB(n(f, 'tiers.memory.bytes'))],
+    ['1.1.2.0', 'cacheSysStorage', 'integer', (f) => KB(n(f, 'tiers.disk.bytes'))],
     ['1.1.3.0', 'cacheUptime', 'ticks', () => Math.floor(src.uptimeMs() / 10)],
     ['1.2.2.0', 'cacheSoftware', 'string', () => 'cuttle'],
     ['1.2.3.0', 'cacheVersionId', 'string', () => src.version],
-    ['1.2.5.1.0', 'cacheMemMaxSize', 'integer', () => MB(src.memoryMaxBytes())],
-    ['1.2.5.2.0', 'cacheSwapMaxSize', 'integer', () => MB(src.diskMaxBytes())],
+    ['1.2.5.1.0', 'cacheMemMaxSize', 'integer', (f) => MB(n(f, 'tiers.memory.maxBytes'))],
+    ['1.2.5.2.0', 'cacheSwapMaxSize', 'integer', (f) => MB(n(f, 'tiers.disk.maxBytes'))],
     ['1.3.1.3.0', 'cacheMemUsage', 'integer', () => KB(process.memoryUsage.rss())],
     ['1.3.1.4.0', 'cacheCpuTime', 'integer', cpu],
     ['1.3.1.6.0', 'cacheMaxResSize', 'integer', () => process.resourceUsage().maxRSS],
-    ['1.3.1.7.0', 'cacheNumObjCount', 'gauge', () => src.objects()],
-    ['1.3.2.1.1.0', 'cacheProtoClientHttpRequests', 'counter', () => C32(src.requests())],
-    ['1.3.2.1.2.0', 'cacheHttpHits', 'counter', () => C32(src.hits())],
-    ['1.3.2.1.3.0', 'cacheHttpErrors', 'counter', () => C32(src.errors())],
-    ['1.3.2.1.5.0', 'cacheHttpOutKb', 'counter', () => C32(KB(src.clientBytesOut()))],
-    ['1.3.2.1.10.0', 'cacheServerRequests', 'counter', () => C32(src.upstreamRequests())],
-    ['1.3.2.1.11.0', 'cacheServerErrors', 'counter', () => C32(src.upstreamErrors())],
-    ['1.3.2.1.12.0', 'cacheServerInKb', 'counter', () => C32(KB(src.upstreamBytesIn()))],
-    ['1.3.2.1.14.0', 'cacheCurrentSwapSize', 'gauge', () => KB(src.diskBytes())],
-    ['1.3.2.1.15.0', 'cacheClients', 'gauge', () => src.clients()],
+    ['1.3.1.7.0', 'cacheNumObjCount', 'gauge', (f) => n(f, 'tiers.memory.objects', 'tiers.disk.objects')],
+    ['1.3.2.1.1.0', 'cacheProtoClientHttpRequests', 'counter', (f) => C32(n(f, 'counters.requests'))],
+    ['1.3.2.1.2.0', 'cacheHttpHits', 'counter', (f) => C32(n(f, 'counters.hits'))],
+    ['1.3.2.1.3.0', 'cacheHttpErrors', 'counter', (f) => C32(n(f, 'counters.errors', 'counters.denied'))],
+    ['1.3.2.1.5.0', 'cacheHttpOutKb', 'counter', (f) => C32(KB(n(f, 'counters.bytesOut')))],
+    ['1.3.2.1.10.0', 'cacheServerRequests', 'counter', (f) => C32(n(f, 'upstream.fetches'))],
+    ['1.3.2.1.11.0', 'cacheServerErrors', 'counter', (f) => C32(n(f, 'fills.fillsFailed'))],
+    ['1.3.2.1.12.0', 'cacheServerInKb', 'counter', (f) => C32(KB(n(f, 'upstream.bytes')))],
+    ['1.3.2.1.14.0', 'cacheCurrentSwapSize', 'gauge', (f) => KB(n(f, 'tiers.disk.bytes'))],
+    ['1.3.2.1.15.0', 'cacheClients', 'gauge', (f) => n(f, 'clientConnections')],
   ];
 }
 
@@ -88,7 +79,8 @@ export async function startSnmpAgent(o: { listen: ListenAddr; community: string;
   const rows = table(o.sources);
   let mib: { setScalarValue(name: string, v: unknown): void } | undefined;
   const refresh = () => {
-    for (const [, name, , read] of rows) mib?.setScalarValue(name, read());
+    const f = o.sources.figures();
+    for (const [, name, , read] of rows) mib?.setScalarValue(name, read(f));
   };
   const state = { port: o.listen.port, denied: 0, socket: undefined as dgram.Socket | undefined };
   // net-snmp has no source ACL: its socket is wrapped so that packets from outside --allow-snmp never

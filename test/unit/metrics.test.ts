@@ -3,7 +3,9 @@
 import assert from 'node:assert/strict';
 import { describe, it } from 'node:test';
 import { Histogram, Registry } from 'prom-client';
-import { DurationHistogram } from '../../src/metrics.ts';
+import { newCounters, type CounterSources } from '../../src/counters.ts';
+import { DurationHistogram, Metrics } from '../../src/metrics.ts';
+import type { MirrorSnapshot } from '../../src/mirrors.ts';
 
 describe('DurationHistogram', () => {
   it('writes the same Prometheus text as a prom-client histogram fed the same observations', async () => {
@@ -23,5 +25,31 @@ describe('DurationHistogram', () => {
 
   it('writes only its header before the first observation', () => {
     assert.equal(new DurationHistogram('d_seconds', 'how long', [1]).text(), '# HELP d_seconds how long\n# TYPE d_seconds histogram\n');
+  });
+});
+
+describe('Metrics counters', () => {
+  it('only ever grow: a source that starts over (a mirror a reload dropped and brought back) adds its new count', async () => {
+    let fetches = 5;
+    const tier = { objects: 0, bytes: 0, maxBytes: 1, evictions: 0 };
+    const src: CounterSources = {
+      counters: newCounters(),
+      fills: () => ({ fillsStarted: 0, fillsCommitted: 0, fillsFailed: 0, fillsReleased: 0, failovers: 0, resumes: 0, hashMismatches: 0, fillsAbandoned: 0, internalErrors: 0, inFlight: 0, memoryBytes: 0 }),
+      upstream: () => ({ fetches: 0, bytes: 0 }),
+      tiers: () => ({ memory: tier, disk: tier }),
+      diskIndex: () => ({ entries: 0, maxEntries: 1, heapBytes: 0 }),
+      bufferPoolBytes: () => 0,
+      clientConnections: () => 0,
+      mirrors: () => [{ group: 'g', mirror: 'http://m', healthy: true, rttMs: null, revision: null, stale: false, fetches, failures: 0, bytes: 0, probeFailures: 0 } as MirrorSnapshot],
+      accessLogDroppedLines: () => 0,
+    };
+    const m = new Metrics(src);
+    const read = async () => Number(/^cuttle_mirror_fetches\{group="g",mirror="http:\/\/m"\} (\d+)$/m.exec(await m.text())?.[1]);
+    assert.equal(await read(), 5);
+    fetches = 7;
+    assert.equal(await read(), 7);
+    fetches = 2; // a new Mirror object: its count starts again
+    assert.equal(await read(), 9);
+    assert.match(await m.text(), /^# TYPE cuttle_mirror_fetches counter$/m);
   });
 });
