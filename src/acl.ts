@@ -8,7 +8,6 @@ import { blockList, LOCAL_RANGES } from './cidr.ts';
 import type { Config, DestRule, LocalDestRule, PortRange } from './config.ts';
 
 // import-squid reads the range check from here.
-export { insideLocalRange } from './cidr.ts';
 
 const SPECIAL = blockList(LOCAL_RANGES);
 

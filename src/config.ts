@@ -13,8 +13,6 @@ import type { MirrorGroupConfig, ProbeConfig } from './mirrors.ts';
 import { insideLocalRange, parseCidr, type Cidr } from './cidr.ts';
 
 // Re-exported for main and import-squid, which name them here.
-export { VERSION } from './version.ts';
-export { parseCidr } from './cidr.ts';
 
 /** Options a reload (SIGHUP) applies to the running proxy; the others need a restart. */
 export const LIVE_OPTIONS: ReadonlySet<OptionName> = new Set<OptionName>([

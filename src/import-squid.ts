@@ -2,8 +2,8 @@
 // prints the equivalent cuttle YAML, then lists, with line numbers, what needs no setting in cuttle and
 // every directive it could not map. It maps what a CVMFS site proxy sets; the rest is listed, not guessed.
 import { stringify } from 'yaml';
-import { insideLocalRange } from './acl.ts';
-import { buildConfig, DEFAULTS, parseCidr } from './config.ts';
+import { insideLocalRange, parseCidr } from './cidr.ts';
+import { buildConfig, DEFAULTS } from './config.ts';
 
 interface Directive {
   line: number;

@@ -6,7 +6,8 @@
 // The command line: parse, validate, start, and own the process (signals, exit codes).
 import { raiseOpenFilesLimit, WANTED_OPEN_FILES } from './process-setup.ts';
 import { ConfigError } from './errors.ts';
-import { helpText, loadConfig, parseCli, VERSION, type Config } from './config.ts';
+import { helpText, loadConfig, parseCli, type Config } from './config.ts';
+import { VERSION } from './version.ts';
 import { createProxy, LOG_CLOSE_MIN_MS } from './server.ts';
 import type { Logger } from './log.ts';
 import { checkHost } from './preflight.ts';
