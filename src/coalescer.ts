@@ -102,7 +102,7 @@ export class Coalescer implements FetchHost {
       .filter((f) => f.state === 'pending' || f.state === 'streaming')
       .sort((a, b) => b.attached - a.attached)
       .slice(0, n)
-      .map((f) => ({ url: f.key.split('\n')[0]!, readers: f.attached, bytes: f.received, of: f.head?.contentLength ?? null, ageS: Math.round((now - f.startedAt) / 100) / 10 }));
+      .map((f) => ({ url: f.key.split('\n')[0]!, readers: f.attached, bytes: f.received, of: f.response?.head.contentLength ?? null, ageS: Math.round((now - f.startedAt) / 100) / 10 }));
   }
 
   /** A fill this request may join, if any. */
@@ -110,7 +110,8 @@ export class Coalescer implements FetchHost {
     const f = this.#fills.get(key);
     if (!f?.joinable) return undefined;
     // A completed fill still being committed is as good as a stored copy only while it is fresh.
-    if (f.state === 'done' && f.policy && !isFresh(f.policy)) return undefined;
+    const policy = f.response?.policy;
+    if (f.state === 'done' && policy && !isFresh(policy)) return undefined;
     return f;
   }
 
@@ -141,7 +142,7 @@ export class Coalescer implements FetchHost {
   /** The fill's body was stored on disk only: while its readers last, new requests may read it here. */
   hold(fill: Fill): void {
     // Only a plain shared response: a variant or a released one is not every request's answer.
-    if (fill.variant || fill.released || fill.readers === 0 || !fill.wholeInMemory) return;
+    if (fill.response?.variant || fill.released || fill.readers === 0 || !fill.wholeInMemory) return;
     this.#keep(fill);
   }
 
@@ -162,9 +163,8 @@ export class Coalescer implements FetchHost {
     if (body.kind !== 'file') throw new TypeError('shareRecord needs a disk record');
     const fill = new Fill(key, this.clock.now(), this.cfg.fillWindowBytes, this.budget);
     const spill = new RecordSpill(body, st.size);
-    fill.setHead({ status: st.meta.status, headers: { ...st.meta.headers, 'content-length': String(st.size) }, contentLength: st.size }, spill);
-    fill.policy = st.policy;
-    fill.holdBack = true; // the last byte waits for the record's checksum
+    // The last byte waits for the record's checksum (holdBack).
+    fill.respond({ head: { status: st.meta.status, headers: { ...st.meta.headers, 'content-length': String(st.size) }, contentLength: st.size }, shared: true, policy: st.policy, holdBack: true }, spill);
     fill.upstream = { pause() {}, resume() {}, abort() {} }; // the pump stops when the fill has ended
     const readerId = fill.addReader();
     fill.retire(); // never in the fill registry: with its last reader, it ends and its memory goes
@@ -214,7 +214,7 @@ export class Coalescer implements FetchHost {
     if (f) this.unmap(f);
     this.#held.delete(key);
     // Also a fill that new requests no longer find but whose disk commit is still landing.
-    for (const r of this.#running) if (r.key === key || r.variant?.key === key) this.#superseded.add(r);
+    for (const r of this.#running) if (r.key === key || r.response?.variant?.key === key) this.#superseded.add(r);
   }
 
   /** Start a fill; the starting client is its reader 0. A newer fill for the key supersedes the older. */
@@ -241,7 +241,7 @@ export class Coalescer implements FetchHost {
 
   unmap(fill: Fill): void {
     if (this.#fills.get(fill.key) === fill) this.#fills.delete(fill.key);
-    const alias = fill.variant?.key;
+    const alias = fill.response?.variant?.key;
     if (alias !== undefined && this.#fills.get(alias) === fill) this.#fills.delete(alias);
     fill.retire();
   }

@@ -5,7 +5,7 @@
 import type { IncomingHttpHeaders, OutgoingHttpHeaders } from 'node:http';
 import type { Transaction } from './access-log.ts';
 import type { Ctx } from './context.ts';
-import type { FillHead, FillReader } from './fill.ts';
+import type { FillHead, FillReader, FillResponse } from './fill.ts';
 import { clientResponseHeaders, conditionMatches, notModifiedHeaders } from './forward.ts';
 import type { ResponseSink } from './response-sink.ts';
 import { StoreUnavailable, type StoredMeta, type StoredObject } from './store.ts';
@@ -192,15 +192,14 @@ export function dropCorrupt(ctx: DeliveryCtx, key: string): Promise<void> {
  * cut short if the fill fails. `starter`: this request started the fill (it alone gets the private
  * headers); `isHit`: the fill serves a stored object.
  */
-export async function streamFill(d: Delivery, fill: FillReader, id: number, opts: { starter: boolean; isHit: boolean; ranged: boolean }): Promise<void> {
+export async function streamFill(d: Delivery, fill: FillReader, response: FillResponse, id: number, opts: { starter: boolean; isHit: boolean; ranged: boolean }): Promise<void> {
   const { ctx, res, tx } = d;
-  const head = fill.head;
-  if (!head) return;
+  const head = response.head;
   // Age: the stored response's current age (the upstream's Age included); else the upstream's own.
   const headers: OutgoingHttpHeaders = { ...sharedHead(head, ctx.cfg.visibleHostname, opts.isHit ? 'HIT' : 'MISS') };
-  if (fill.policy) headers.age = String(Math.floor(fill.policy.age()));
+  if (response.policy) headers.age = String(Math.floor(response.policy.age()));
   // The client whose request started the fill gets its own Set-Cookie; nobody else ever does.
-  if (opts.starter && fill.privateHeaders) Object.assign(headers, fill.privateHeaders);
+  if (opts.starter && response.privateHeaders) Object.assign(headers, response.privateHeaders);
   tx.status = head.status;
   tx.mime = String(head.headers['content-type'] ?? '');
   if (res.destroyed) return;
@@ -231,7 +230,7 @@ export async function streamFill(d: Delivery, fill: FillReader, id: number, opts
   // first piece of body (one write, not two). `headOut` tracks it: res.headersSent is true from
   // writeHead on, before anything is written. An empty body whose hash is checked has no last byte
   // to hold back, so its head alone would be a complete answer: that head waits for the check too.
-  const headWaits = fill.holdBack && head.contentLength === 0;
+  const headWaits = response.holdBack === true && head.contentLength === 0;
   let headOut = false;
   const flushHead = () => {
     if (!headOut) res.flushHeaders();

@@ -270,8 +270,7 @@ async function condfetch(st: FetchState): Promise<Step> {
   if (modified) return 'decide';
   const meta: StoredMeta = { ...r.stale!.meta, headers: mergeHeaders(r.stale!.meta.headers, res.headers, r.cas !== undefined), policy: policy.toObject(), storedAt: host.clock.now() };
   await host.store.updateMeta(meta, policy).catch((err: unknown) => host.log.warn({ err, key: r.key }, 'updating stored headers failed'));
-  fill.notModified = true;
-  fill.finish();
+  fill.revalidated();
   return 'done';
 }
 
@@ -287,16 +286,13 @@ function decide(st: FetchState): Step {
   // The response says which request headers select it: it is stored under that variant of the key,
   // from the first response on, whatever spec the request was keyed with.
   const storeKey = vary.length && !varyAll ? variantKey(r.primary, vary, r.clientHeaders) : r.primary;
-  if (storeKey !== r.key) {
-    fill.variant = { names: vary, key: storeKey };
-    host.alias(fill, storeKey); // later requests, keyed with the new spec, join this fill too
-  }
+  const variant = storeKey !== r.key ? { names: vary, key: storeKey } : undefined;
+  if (variant) host.alias(fill, storeKey); // later requests, keyed with the new spec, join this fill too
   // A response without Vary clears an old spec (else one odd answer would key the URL forever).
   if (!r.cas) host.setVary(r.primary, vary.length && !vary.includes('*') ? vary : undefined);
   const cl = parseContentLength(res.headers['content-length']);
   const { shared: headers, private: privateHeaders } = responseHeaders(res.headers, r.cas !== undefined);
   const head: FillHead = { status: res.status, headers, contentLength: cl };
-  fill.privateHeaders = privateHeaders;
   // A content-addressed object under its host-independent key is stored only as the object itself, or
   // as a 404 that every mirror of the group gave (negatively cached): never one mirror's 404 or error.
   const verified = r.cas !== undefined && res.status === 200;
@@ -309,13 +305,13 @@ function decide(st: FetchState): Step {
     storableResponse(policy, headers, cl, host.cfg.maxObjectBytes);
   st.contentLength = cl;
   st.check = verified ? new HashCheck(r.cas!) : undefined;
-  if (st.check) fill.holdBack = true;
+  const response = { head, privateHeaders, variant, holdBack: st.check !== undefined };
 
   if (!storable && r.cas !== undefined && cl !== undefined && cl <= SHARED_ERROR_MAX_BYTES && !superseded) {
     // A small content-addressed answer that is not stored (a 5xx, a 404 not every mirror gave, an
     // object the Stratum 1 marks uncacheable) still goes to every waiter: releasing a herd to fetch
     // on its own would hammer the Stratum 1 with identical requests.
-    fill.setHead(head, undefined, false);
+    fill.respond({ ...response, shared: true }, undefined, false);
     return 'fetchbody';
   }
   if (!storable) {
@@ -324,16 +320,14 @@ function decide(st: FetchState): Step {
     // headers never decide for everyone else.
     if (!varyAll && !superseded && r.cas === undefined && !storableOnItsOwn(host, r, resForPolicy, cl)) host.markUncacheable(r.primary);
     host.stats.fillsReleased++;
+    fill.respond({ ...response, shared: false }, undefined, false);
     host.done(fill);
-    fill.setHead(head, undefined, false);
-    fill.release();
     return 'fetchbody';
   }
   const meta: StoredMeta = { key: storeKey, url: r.url.href, status: res.status, headers, policy: policy.toObject(), vary, storedAt: host.clock.now() };
   const spill = host.store.openWriter(meta, policy, cl);
-  fill.policy = policy;
   st.store = { spill, meta, policy };
-  fill.setHead(head, spill, true);
+  fill.respond({ ...response, shared: true, policy }, spill, true);
   return 'fetchbody';
 }
 

@@ -18,6 +18,31 @@ export interface FillHead {
   contentLength: number | undefined;
 }
 
+/**
+ * A response a fill publishes: its head and what goes with it, fixed before any body byte.
+ * `shared` false: the response is released, kept by the client that started the fill; every other
+ * reader fetches on its own. `policy`: the freshness of a response being stored (or of the stored
+ * record a shared read serves). `privateHeaders`: only the starting client's (its own Set-Cookie).
+ * `variant`: the response varies; only a request of this variant may take it. `holdBack`: the last
+ * byte is withheld until the body's content hash (or the record's checksum) is checked.
+ */
+export interface FillResponse {
+  readonly kind: 'response';
+  readonly head: FillHead;
+  readonly shared: boolean;
+  readonly policy?: Policy;
+  readonly privateHeaders?: Record<string, string | string[]>;
+  readonly variant?: { names: string[]; key: string };
+  readonly holdBack?: boolean;
+}
+
+/**
+ * What a fill's fetch publishes, once: a response, a revalidation answered 304 (the refreshed stored
+ * copy is the answer), or a failure before any response (every reader gets this labelled error).
+ * Delivery switches over it; nothing about it changes afterwards.
+ */
+export type FillOutcome = FillResponse | { readonly kind: 'notModified' } | { readonly kind: 'failed'; readonly error: ProxyError };
+
 /** What a reader finds at its cursor. */
 export type Peek = Buffer | 'wait' | 'end' | 'failed' | 'spill';
 
@@ -57,19 +82,11 @@ export interface UpstreamControl {
 export interface FillReader {
   readonly key: string;
   readonly state: FillState;
-  readonly head: FillHead | undefined;
-  readonly error: ProxyError | undefined;
-  readonly released: boolean;
-  readonly notModified: boolean;
-  readonly policy: Policy | undefined;
+  /** Undefined until the fetch publishes it (published() waits for it). */
+  readonly outcome: FillOutcome | undefined;
+  published(): Promise<FillOutcome>;
   readonly peer: string;
   readonly attached: number;
-  /** Headers only the client that started the fill may see (its own Set-Cookie). */
-  readonly privateHeaders: Record<string, string | string[]> | undefined;
-  /** The response varies: only a request of this variant may take it. */
-  readonly variant: { names: string[]; key: string } | undefined;
-  /** The last byte is withheld until the body's content hash is checked. */
-  readonly holdBack: boolean;
   /**
    * No copy of the key was stored when this fill began, and it is no reload: until it ends, a lookup
    * of its key can find nothing but this fill (no copy to prefer, none stale to fall back on).
@@ -87,25 +104,12 @@ export class Fill implements FillReader {
   readonly key: string;
   readonly startedAt: number;
   state: FillState = 'pending';
-  head: FillHead | undefined;
-  /** Failure before headers: every waiter gets this labelled error. */
-  error: ProxyError | undefined;
-  /** Set when the response is not shared: waiters must fetch on their own. */
-  released = false;
-  /** A revalidation was answered 304: serve the (refreshed) stored copy. */
-  notModified = false;
+  #outcome: FillOutcome | undefined;
   received = 0;
   attached = 0;
   upstream: UpstreamControl | undefined;
-  /** Freshness of the response being filled (set once it is known to be stored). */
-  policy: Policy | undefined;
-  /** Withhold the last byte from readers until finish() (the content hash is being verified). */
-  holdBack = false;
   /** Host the body came from (the access log's hierarchy peer); changes on failover or resume. */
   peer = '';
-  privateHeaders: Record<string, string | string[]> | undefined;
-  /** The response's Vary names and the variant key it is stored under (when it differs from `key`). */
-  variant: { names: string[]; key: string } | undefined;
   /** The fetch means to store this body (set with the head; cleared when that becomes impossible). */
   storing = false;
   /** Why the fill was given up by cuttle itself (nobody left to serve, no progress): not the mirror's fault. */
@@ -136,6 +140,25 @@ export class Fill implements FillReader {
     this.startedAt = startedAt;
     this.#windowBytesMax = windowBytesMax;
     this.#budget = budget;
+  }
+
+  get outcome(): FillOutcome | undefined {
+    return this.#outcome;
+  }
+
+  async published(): Promise<FillOutcome> {
+    while (!this.#outcome) await this.changed();
+    return this.#outcome;
+  }
+
+  /** The published response, if the fill has one. */
+  get response(): FillResponse | undefined {
+    return this.#outcome?.kind === 'response' ? this.#outcome : undefined;
+  }
+
+  /** The response is not shared: waiters fetch on their own. */
+  get released(): boolean {
+    return this.#outcome?.kind === 'response' && !this.#outcome.shared;
   }
 
   /** The upstream is paused for backpressure (so a quiet body is not a stalled mirror). */
@@ -179,8 +202,17 @@ export class Fill implements FillReader {
     n?.();
   }
 
-  setHead(head: FillHead, spill: SpillFile | undefined, storing = false): void {
-    this.head = head;
+  #publish(o: FillOutcome): void {
+    if (this.#outcome) throw new Error(`fill ${this.key}: outcome published twice (${this.#outcome.kind}, then ${o.kind})`);
+    this.#outcome = o;
+  }
+
+  /**
+   * Publish the response and start its body. A shared one streams to every reader (into its disk record
+   * when `spill` is given and `storing`); one that is not shared wakes every waiter to fetch on its own.
+   */
+  respond(response: Omit<FillResponse, 'kind'>, spill: SpillFile | undefined, storing = false): void {
+    this.#publish({ kind: 'response', ...response });
     this.state = 'streaming';
     this.storing = storing;
     this.lastProgressAt = performance.now();
@@ -197,6 +229,7 @@ export class Fill implements FillReader {
       };
     }
     this.#wake();
+    if (!response.shared) this.#checkWanted();
   }
 
   /**
@@ -220,11 +253,10 @@ export class Fill implements FillReader {
     if (!canStore) this.abandon(new ProxyError('ERR_FILL_ABANDONED'));
   }
 
-  /** The response will not be shared: wake every waiter so it fetches on its own. */
-  release(): void {
-    this.released = true;
-    this.#wake();
-    this.#checkWanted();
+  /** A revalidation was answered 304: the refreshed stored copy is every reader's answer. */
+  revalidated(): void {
+    this.#publish({ kind: 'notModified' });
+    this.finish();
   }
 
   push(chunk: Buffer): void {
@@ -246,7 +278,7 @@ export class Fill implements FillReader {
 
   fail(err: ProxyError | undefined): void {
     if (this.state === 'done' || this.state === 'failed') return;
-    if (this.state === 'pending') this.error = err;
+    if (!this.#outcome) this.#publish({ kind: 'failed', error: err ?? new ProxyError('ERR_UPSTREAM_RESET') });
     this.state = 'failed';
     this.#wake();
     if (this.#readers.size === 0) this.#dropWindowIfIdle();
@@ -319,8 +351,9 @@ export class Fill implements FillReader {
    * be the last. (Holding back the newest byte of every chunk cost each reader a 1-byte write per chunk.)
    */
   get visible(): number {
-    if (!this.holdBack || this.state === 'done') return this.received;
-    const length = this.head?.contentLength;
+    const r = this.response;
+    if (!r?.holdBack || this.state === 'done') return this.received;
+    const length = r.head.contentLength;
     return length !== undefined && this.received < length ? this.received : Math.max(0, this.received - 1);
   }
 

@@ -242,7 +242,9 @@ export function plainLaneRequest(ctx: Ctx, method: string, target: string, heade
   }
   if (method !== 'GET') return undefined;
   const fill = ctx.coalescer.joinable(p.primary);
-  if (!fill?.nothingStored || fill.released || (fill.state !== 'pending' && fill.state !== 'streaming')) return undefined;
+  if (!fill?.nothingStored) return undefined;
+  const o = fill.outcome;
+  if (o && !(o.kind === 'response' && o.shared && fill.state === 'streaming')) return undefined;
   const tx = newTransaction({ startedAt: ctx.clock.now(), client, method, url: p.url.href, headers, httpVersion: '1.1' });
   tx.lane = 'join';
   // Of the request, those steps read its headers alone (no node:http request or response).
@@ -295,7 +297,8 @@ function lookup(s: State): StepName | Promise<StepName> {
   const plain = plainRequest(reqHeaders);
   if (plain) {
     const held = ctx.coalescer.heldBody(key);
-    if (held?.policy && isFresh(held.policy)) {
+    const policy = held?.outcome?.kind === 'response' ? held.outcome.policy : undefined;
+    if (held && policy && isFresh(policy)) {
       s.fill = held;
       tx.result = 'TCP_MEM_HIT';
       return 'deliverFill';
@@ -510,49 +513,53 @@ async function deliverFill(s: State): Promise<StepName | undefined> {
   const id = s.readerId ?? fill.addReader();
   s.readerId = undefined;
   try {
-    while (fill.state === 'pending' && !fill.released) await fill.changed();
+    const outcome = fill.outcome ?? (await fill.published());
     // A stored object served through a fill (a finished one, or a shared read of its disk record).
     const isHit = tx.result === 'TCP_MEM_HIT' || tx.result === 'TCP_HIT';
     if (!isHit) {
       tx.hierarchy = 'HIER_DIRECT';
       tx.peer = fill.peer || s.url!.hostname;
     }
-    // Accelerator mode: a sticky mirror that failed is replaced before anything else is decided.
-    if (!fill.head && fill.state === 'failed' && retryOnNextMirror(s)) return 'lookup';
-    // The upstream is down (no answer, or a 5xx) and a stale copy is here: RFC 9111 §4.2.4.
-    const down = fill.head ? fill.head.status >= 500 : fill.state === 'failed';
-    if (s.staleAvailable && down && (await findStale(s))) return 'serveStale';
-    if (fill.released && !starter) {
-      tx.coalesced = false;
-      return 'pass'; // the response was not shareable: fetch on our own
-    }
-    // A response that varies goes only to requests of its own variant; another looks up again (now
-    // keyed with the response's Vary) and gets its own.
-    if (fill.variant && variantKey(s.primary!, fill.variant.names, s.reqHeaders) !== fill.variant.key) {
-      s.fill = undefined;
-      setKey(s, s.primary!);
-      tx.coalesced = false;
-      return 'lookup';
-    }
-    if (fill.notModified) {
-      let st;
-      try {
-        st = await ctx.store.get(s.key!);
-      } catch (err) {
-        if (err instanceof StoreUnavailable) return unavailable(s, err);
-        throw err;
+    switch (outcome.kind) {
+      case 'failed':
+        // Accelerator mode: a sticky mirror that failed is replaced before anything else is decided.
+        if (retryOnNextMirror(s)) return 'lookup';
+        // The upstream is down and a stale copy is here: RFC 9111 §4.2.4.
+        if (s.staleAvailable && (await findStale(s))) return 'serveStale';
+        s.error = outcome.error;
+        return 'synth';
+      case 'notModified': {
+        let st;
+        try {
+          st = await ctx.store.get(s.key!);
+        } catch (err) {
+          if (err instanceof StoreUnavailable) return unavailable(s, err);
+          throw err;
+        }
+        if (!st) return 'miss';
+        tx.result = 'TCP_REFRESH_UNMODIFIED';
+        return await serve(s, st);
       }
-      if (!st) return 'miss';
-      tx.result = 'TCP_REFRESH_UNMODIFIED';
-      return await serve(s, st);
+      case 'response': {
+        // The upstream answered 5xx and a stale copy is here: RFC 9111 §4.2.4.
+        if (s.staleAvailable && outcome.head.status >= 500 && (await findStale(s))) return 'serveStale';
+        if (!outcome.shared && !starter) {
+          tx.coalesced = false;
+          return 'pass'; // the response was not shareable: fetch on our own
+        }
+        // A response that varies goes only to requests of its own variant; another looks up again (now
+        // keyed with the response's Vary) and gets its own.
+        const v = outcome.variant;
+        if (v && variantKey(s.primary!, v.names, s.reqHeaders) !== v.key) {
+          s.fill = undefined;
+          setKey(s, s.primary!);
+          tx.coalesced = false;
+          return 'lookup';
+        }
+        await streamFill(s, fill, outcome, id, { starter, isHit, ranged: !s.cas });
+        return undefined;
+      }
     }
-    if (!fill.head) {
-      if (retryOnNextMirror(s)) return 'lookup';
-      s.error = fill.error ?? new ProxyError('ERR_UPSTREAM_RESET');
-      return 'synth';
-    }
-    await streamFill(s, fill, id, { starter, isHit, ranged: !s.cas });
-    return undefined;
   } finally {
     fill.removeReader(id);
   }

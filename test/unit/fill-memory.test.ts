@@ -37,7 +37,7 @@ describe('Fill: --fill-memory as a hard bound', () => {
     let paused = false;
     fill.upstream = { pause: () => void (paused = true), resume: () => void (paused = false), abort() {} };
     fill.addReader();
-    fill.setHead({ status: 200, headers: {}, contentLength: undefined }, spill, true);
+    fill.respond({ head: { status: 200, headers: {}, contentLength: undefined }, shared: true }, spill, true);
     const chunk = Buffer.alloc(64 * KiB);
     let pushed = 0;
     // The upstream sends while it is not paused (up to 40 MiB, past the old 32 MiB disk-lag mark).

@@ -8,8 +8,7 @@ import { Fill } from '../../src/fill.ts';
 function verifyingFill(contentLength: number | undefined): { fill: Fill; reader: number } {
   const fill = new Fill('k', 0, 1024 * 1024, { limitBytes: 1024 * 1024, usedBytes: 0 });
   const reader = fill.addReader();
-  fill.setHead({ status: 200, headers: {}, contentLength }, undefined, true);
-  fill.holdBack = true;
+  fill.respond({ head: { status: 200, headers: {}, contentLength }, shared: true, holdBack: true }, undefined, true);
   return { fill, reader };
 }
 
@@ -47,5 +46,30 @@ describe('Fill: the byte held back while the content is checked', () => {
     assert.equal(text(fill.peek(reader, 0)), 'abc');
     fill.fail(undefined);
     assert.equal(fill.peek(reader, 3), 'failed');
+  });
+});
+
+describe('fill outcome', () => {
+  it('is published once: a response, a 304 or a failure, and a second publication is a bug', async () => {
+    const budget = { limitBytes: 1024, usedBytes: 0 };
+    const failed = new Fill('a', 0, 1024, budget);
+    const waiting = failed.published();
+    failed.fail(undefined);
+    const o = await waiting;
+    assert.equal(o.kind, 'failed');
+    assert.equal(o.kind === 'failed' && o.error.code, 'ERR_UPSTREAM_RESET');
+    const revalidated = new Fill('b', 0, 1024, budget);
+    revalidated.revalidated();
+    assert.equal(revalidated.outcome?.kind, 'notModified');
+    assert.equal(revalidated.state, 'done');
+    assert.throws(() => revalidated.respond({ head: { status: 200, headers: {}, contentLength: 0 }, shared: true }, undefined), /published twice/);
+    const released = new Fill('c', 0, 1024, budget);
+    released.addReader();
+    released.respond({ head: { status: 200, headers: {}, contentLength: 1 }, shared: false }, undefined);
+    assert.equal(released.released, true);
+    // A failure after the response changes the state, never the outcome readers switched over.
+    released.fail(undefined);
+    assert.equal(released.outcome?.kind, 'response');
+    assert.equal(released.state, 'failed');
   });
 });
