@@ -78,8 +78,9 @@ export function parsePlain(head: string): { method: string; target: string; head
     if (!PLAIN.has(name) || headers[name] !== undefined) return undefined;
     headers[name] = f[2]!;
   }
-  const conn = headers.connection;
-  if (conn !== undefined && conn.toLowerCase() !== 'keep-alive') return undefined;
+  // node's parser reads Proxy-Connection as Connection: anything but keep-alive in either (close, a
+  // token list) is node:http's to answer, and to close the connection after.
+  for (const conn of [headers.connection, headers['proxy-connection'] as string | undefined]) if (conn !== undefined && conn.toLowerCase() !== 'keep-alive') return undefined;
   return { method: rl[1]!, target: rl[2]!, headers };
 }
 
@@ -126,7 +127,7 @@ export class LaneResponse implements LaneResponseLike {
   writableEnded = false;
   writableFinished = false;
   readonly #sock: Socket;
-  readonly #keepAliveS: number;
+  readonly keepAliveS: number;
   #head: string | undefined;
   #chunked = false;
   #noBody = false;
@@ -138,7 +139,7 @@ export class LaneResponse implements LaneResponseLike {
 
   constructor(sock: Socket, keepAliveS: number) {
     this.#sock = sock;
-    this.#keepAliveS = keepAliveS;
+    this.keepAliveS = keepAliveS;
   }
 
   get destroyed(): boolean {
@@ -152,7 +153,7 @@ export class LaneResponse implements LaneResponseLike {
   writeHead(status: number, headers: OutgoingHttpHeaders): this {
     this.#noBody = status === 204 || status === 304;
     this.#chunked = !this.#noBody && headers['content-length'] === undefined;
-    this.#head = serializeHead(status, headers, this.#keepAliveS, httpDate(Date.now()), this.#chunked);
+    this.#head = serializeHead(status, headers, this.keepAliveS, httpDate(Date.now()), this.#chunked);
     this.headersSent = true;
     return this;
   }
@@ -261,8 +262,8 @@ function httpDate(nowMs: number): string {
 export class HitLane {
   /** Connections in the lane now: idle between requests, unless answering a join (`joining`). */
   readonly sockets = new Set<Socket>();
-  readonly #o: HitLaneOptions;
-  readonly #keepAliveS: number;
+  readonly options: HitLaneOptions;
+  readonly keepAliveS: number;
   readonly #built = new LRUCache<StoredMeta, Built>({ maxSize: BUILT_BYTES, sizeCalculation: (b) => b.bytes.length });
   /** Sockets whose answers wait, corked, for the end of this turn's reads (#flushHeld). */
   #held: (() => void)[] = [];
@@ -275,18 +276,19 @@ export class HitLane {
     return this.joining.size === 0 ? Promise.resolve() : new Promise((r) => this.#joinsOver.push(r));
   }
 
-  #joinEnded(sock: Socket): void {
+  /** A connection's join is over (answered, handed over, or its socket gone). */
+  joinEnded(sock: Socket): void {
     this.joining.delete(sock);
     if (this.joining.size === 0) for (const r of this.#joinsOver.splice(0)) r();
   }
 
   constructor(o: HitLaneOptions) {
-    this.#o = o;
-    this.#keepAliveS = Math.floor(o.idleTimeoutMs / 1000);
+    this.options = o;
+    this.keepAliveS = Math.floor(o.idleTimeoutMs / 1000);
   }
 
   #head(st: StoredObject, age: string, date: string): string {
-    return serializeHead(st.meta.status, this.#o.head(st, age), this.#keepAliveS, date);
+    return serializeHead(st.meta.status, this.options.head(st, age), this.keepAliveS, date);
   }
 
   /** The built response of a small stored object, made again when its Age or the Date has moved on. */
@@ -300,9 +302,9 @@ export class HitLane {
   }
 
   /** Queue the answer to one lane request on `sock` (corked by the caller until the turn's flush). */
-  #answer(sock: Socket, tx: Transaction, st: StoredObject): void {
-    const withBody = this.#o.hasBody(tx.method, st);
-    const age = this.#o.age(st);
+  answer(sock: Socket, tx: Transaction, st: StoredObject): void {
+    const withBody = this.options.hasBody(tx.method, st);
+    const age = this.options.age(st);
     const date = httpDate(tx.startedAt);
     if (st.body.kind === 'buffer' && st.body.data.length <= BUILT_MAX_BODY) {
       const b = this.#built1(st as StoredObject & { body: { kind: 'buffer' } }, age, date);
@@ -323,7 +325,7 @@ export class HitLane {
    * and on a VM that wake-up (an interrupt to another CPU) cost ~10% of a small hit; a batch wakes a
    * client once and finds it running for the rest.
    */
-  #hold(flush: () => void): void {
+  hold(flush: () => void): void {
     if (this.#held.push(flush) === 1) setImmediate(this.#flushHeld);
   }
 
@@ -334,149 +336,212 @@ export class HitLane {
       try {
         flush();
       } catch (err) {
-        this.#o.failed(err);
+        this.options.failed(err);
       }
     }
   };
 
   /** Serve `sock`'s requests here until one is not a plain memory hit; then `handOff(sock)`. */
   attach(sock: Socket, client: string, handOff: (sock: Socket) => void): void {
-    const o = this.#o;
-    const onError = () => {};
-    const onTimeout = () => sock.destroy();
-    const onClose = () => {
-      this.sockets.delete(sock);
-      this.#joinEnded(sock); // a join still waiting on its fill has no one left to answer
-    };
-    // The client is done: every answer of the lane is queued, or will be once a join is answered.
-    const onEnd = () => (joining ? (ended = true) : sock.end());
-    const leave = (rest: Buffer) => {
-      sock.pause(); // before unshift: a flowing stream would emit the bytes to nobody
-      sock.off('data', onData);
-      sock.off('error', onError);
-      sock.off('timeout', onTimeout);
-      sock.off('close', onClose);
-      sock.off('end', onEnd);
-      sock.setTimeout(0);
-      this.sockets.delete(sock);
-      if (rest.length) sock.unshift(rest);
-      handOff(sock);
-      sock.resume();
-    };
-    let first = true;
-    // A join being answered: reading stops (what still arrives waits in `early`) until it is over.
-    let joining = false;
-    let ended = false;
-    let early: Buffer[] = [];
-    // Answers queued (corked) on this socket and not yet flushed, with their transactions.
-    let held: Transaction[] | undefined;
-    const flush = () => {
-      const answered = held;
-      if (!answered) return;
-      held = undefined;
-      sock.uncork();
-      // All in the kernel is finished (as node:http's finish counts it); else when the rest has left.
-      if (sock.writableLength === 0 && !sock.destroyed) for (const tx of answered) o.record(tx);
-      else
-        sock.write(EMPTY, (err) => {
-          for (const tx of answered) {
-            if (err) tx.aborted = true;
-            o.record(tx);
-          }
-        });
-      // A client that sends faster than it reads waits here, as node:http makes it wait.
-      if (sock.writableNeedDrain && !sock.isPaused()) {
-        sock.pause();
-        sock.once('drain', () => sock.resume());
-      }
-    };
-    const onData = (chunk: Buffer) => {
-      if (joining) {
-        early.push(chunk); // a read that a drain's resume let through: kept for after the join
-        sock.pause();
-        return;
-      }
-      let pos = 0;
-      let rest: Buffer | undefined;
-      let join: LaneJoin | undefined;
-      let joinAt = 0;
-      try {
-        while (pos < chunk.length) {
-          const end = chunk.indexOf(END, pos);
-          const req = end >= 0 && end - pos <= MAX_HEAD ? parsePlain(chunk.toString('latin1', pos, end)) : undefined;
-          // A client that pipelines faster than it reads: past QUEUE_BYTES of answers, node:http takes the
-          // rest, with its own backpressure (the lane's answers may be copies, the built responses).
-          const room = held === undefined || sock.writableLength < QUEUE_BYTES;
-          const hit = req && room ? o.answer(req.method, req.target, req.headers, client) : undefined;
-          if (typeof hit !== 'object') {
-            join = hit;
-            if (join) {
-              joinAt = pos;
-              pos = end + 4;
-            } else rest = chunk.subarray(pos);
-            break;
-          }
-          pos = end + 4;
-          if (!held) {
-            held = [];
-            sock.cork();
-            this.#hold(flush);
-          }
-          this.#answer(sock, hit.tx, hit.st);
-          held.push(hit.tx);
-        }
-        if (held && first) {
-          first = false;
-          sock.setTimeout(o.idleTimeoutMs); // from now on, the keep-alive timeout between requests
-        }
-        // node:http's answers, and a join's, must follow the lane's: they leave now, not with the others.
-        if (rest || join) flush();
-      } catch (err) {
-        o.failed(err);
-        sock.destroy();
-        return;
-      }
-      if (join) startJoin(join, chunk, joinAt, pos);
-      else if (rest) leave(rest);
-    };
-    // Answer a join (a plain GET joining a fill in flight) with the request path's own steps, writing
-    // on the socket; the lane reads again once it is over. Its request is chunk[at, end), and what
-    // follows it in the chunk is read after it.
-    const startJoin = (answer: LaneJoin, chunk: Buffer, at: number, end: number) => {
-      joining = true;
-      this.joining.add(sock);
-      sock.pause();
-      sock.setTimeout(0); // node:http sets no timeout on a response in progress either
-      answer(new LaneResponse(sock, this.#keepAliveS)).then(
-        (how) => {
-          joining = false;
-          this.#joinEnded(sock);
-          const pending = early;
-          early = [];
-          if (sock.destroyed) return;
-          if (how === 'handoff') return leave(pending.length ? Buffer.concat([chunk.subarray(at), ...pending]) : chunk.subarray(at));
-          first = false;
-          sock.setTimeout(o.idleTimeoutMs);
-          const more = pending.length ? Buffer.concat([chunk.subarray(end), ...pending]) : chunk.subarray(end);
-          if (more.length) onData(more);
-          if (joining || !this.sockets.has(sock)) return; // another join, or node:http has it now
-          if (ended) sock.end();
-          else sock.resume();
-        },
-        (err: unknown) => {
-          joining = false;
-          this.#joinEnded(sock);
-          o.failed(err);
-          sock.destroy();
-        },
-      );
-    };
-    this.sockets.add(sock);
-    sock.on('data', onData);
-    sock.on('error', onError);
-    sock.on('close', onClose);
-    sock.on('end', onEnd);
-    sock.setTimeout(Math.min(o.firstRequestTimeoutMs, o.idleTimeoutMs));
-    sock.on('timeout', onTimeout);
+    new LaneConnection(this, sock, client, handOff);
   }
 }
+
+/**
+ * One client connection in the lane, as a state machine:
+ * - reading: requests are read and hits answered (queued, corked, until the turn's flush);
+ * - joining: a join is being answered; what arrives meanwhile waits in `early`;
+ * - handedOff: node:http has the connection (for the rest of its life);
+ * - closed: the socket is gone.
+ * Every byte the lane writes for its hits goes through one path: queued under one cork, then `flush`
+ * uncorks, logs the answers once they have left, and ends the connection when the client is done (its
+ * FIN may come in the same turn as the requests: the answers leave before the end, never after it).
+ */
+type LaneState = 'reading' | 'joining' | 'handedOff' | 'closed';
+
+class LaneConnection {
+  state: LaneState = 'reading';
+  readonly #lane: HitLane;
+  readonly #sock: Socket;
+  readonly #client: string;
+  readonly #handOff: (sock: Socket) => void;
+  /** No request answered yet: the first-request timeout holds, not the keep-alive one. */
+  #first = true;
+  /** The client has sent its FIN: the connection ends once the lane's answers have left. */
+  #clientDone = false;
+  /** Reads that arrived during a join, read after it. */
+  #early: Buffer[] = [];
+  /** Answers queued (corked) on the socket and not yet flushed, with their transactions. */
+  #held: Transaction[] | undefined;
+
+  constructor(lane: HitLane, sock: Socket, client: string, handOff: (sock: Socket) => void) {
+    this.#lane = lane;
+    this.#sock = sock;
+    this.#client = client;
+    this.#handOff = handOff;
+    lane.sockets.add(sock);
+    sock.on('data', this.#onData);
+    sock.on('error', noop);
+    sock.on('close', this.#onClose);
+    sock.on('end', this.#onEnd);
+    const o = lane.options;
+    sock.setTimeout(Math.min(o.firstRequestTimeoutMs, o.idleTimeoutMs));
+    sock.on('timeout', this.#onTimeout);
+  }
+
+  readonly #onTimeout = () => this.#sock.destroy();
+
+  readonly #onClose = () => {
+    this.state = 'closed';
+    this.#lane.sockets.delete(this.#sock);
+    this.#lane.joinEnded(this.#sock); // a join still waiting on its fill has no one left to answer
+  };
+
+  // The client is done: the connection ends once every answer of the lane has left (a join's included).
+  readonly #onEnd = () => {
+    this.#clientDone = true;
+    if (this.state === 'reading') this.#endIfDone();
+  };
+
+  /** End the connection if the client is done and nothing of the lane's waits to be written. */
+  #endIfDone(): void {
+    if (this.#clientDone && this.#held === undefined && this.state === 'reading') this.#sock.end();
+  }
+
+  /** The one write path's end of a turn: the queued answers leave, are logged, and the end follows them. */
+  readonly #flush = () => {
+    const answered = this.#held;
+    if (!answered) return;
+    this.#held = undefined;
+    const sock = this.#sock;
+    const o = this.#lane.options;
+    sock.uncork();
+    // All in the kernel is finished (as node:http's finish counts it); else when the rest has left.
+    if (sock.writableLength === 0 && !sock.destroyed) for (const tx of answered) o.record(tx);
+    else
+      sock.write(EMPTY, (err) => {
+        for (const tx of answered) {
+          if (err) tx.aborted = true;
+          o.record(tx);
+        }
+      });
+    this.#endIfDone();
+    // A client that sends faster than it reads waits here, as node:http makes it wait.
+    if (!sock.writableEnded && sock.writableNeedDrain && !sock.isPaused()) {
+      sock.pause();
+      sock.once('drain', () => sock.resume());
+    }
+  };
+
+  /** Queue one hit's answer (corked until the turn's flush). */
+  #queue(tx: Transaction, st: StoredObject): void {
+    if (!this.#held) {
+      this.#held = [];
+      this.#sock.cork();
+      this.#lane.hold(this.#flush);
+    }
+    this.#lane.answer(this.#sock, tx, st);
+    this.#held.push(tx);
+  }
+
+  readonly #onData = (chunk: Buffer) => {
+    const sock = this.#sock;
+    if (this.state === 'joining') {
+      this.#early.push(chunk); // a read that a drain's resume let through: kept for after the join
+      sock.pause();
+      return;
+    }
+    if (this.state !== 'reading') return;
+    const o = this.#lane.options;
+    let pos = 0;
+    let rest: Buffer | undefined;
+    let join: LaneJoin | undefined;
+    let joinAt = 0;
+    try {
+      while (pos < chunk.length) {
+        const end = chunk.indexOf(END, pos);
+        const req = end >= 0 && end - pos <= MAX_HEAD ? parsePlain(chunk.toString('latin1', pos, end)) : undefined;
+        // A client that pipelines faster than it reads: past QUEUE_BYTES of answers, node:http takes the
+        // rest, with its own backpressure (the lane's answers may be copies, the built responses).
+        const room = this.#held === undefined || sock.writableLength < QUEUE_BYTES;
+        const hit = req && room ? o.answer(req.method, req.target, req.headers, this.#client) : undefined;
+        if (typeof hit !== 'object') {
+          join = hit;
+          if (join) {
+            joinAt = pos;
+            pos = end + 4;
+          } else rest = chunk.subarray(pos);
+          break;
+        }
+        pos = end + 4;
+        this.#queue(hit.tx, hit.st);
+      }
+      if (this.#held && this.#first) {
+        this.#first = false;
+        sock.setTimeout(o.idleTimeoutMs); // from now on, the keep-alive timeout between requests
+      }
+      // node:http's answers, and a join's, must follow the lane's: they leave now, not with the others.
+      if (rest || join) this.#flush();
+    } catch (err) {
+      o.failed(err);
+      sock.destroy();
+      return;
+    }
+    if (join) this.#startJoin(join, chunk, joinAt, pos);
+    else if (rest) this.#leave(rest);
+  };
+
+  /** Hand the connection and its unread bytes to node:http. */
+  #leave(rest: Buffer): void {
+    const sock = this.#sock;
+    this.state = 'handedOff';
+    sock.pause(); // before unshift: a flowing stream would emit the bytes to nobody
+    sock.off('data', this.#onData);
+    sock.off('error', noop);
+    sock.off('timeout', this.#onTimeout);
+    sock.off('close', this.#onClose);
+    sock.off('end', this.#onEnd);
+    sock.setTimeout(0);
+    this.#lane.sockets.delete(sock);
+    if (rest.length) sock.unshift(rest);
+    this.#handOff(sock);
+    sock.resume();
+  }
+
+  // Answer a join (a plain GET joining a fill in flight) with the request path's own steps, writing
+  // on the socket; the lane reads again once it is over. Its request is chunk[at, end), and what
+  // follows it in the chunk is read after it.
+  #startJoin(answer: LaneJoin, chunk: Buffer, at: number, end: number): void {
+    const sock = this.#sock;
+    const lane = this.#lane;
+    const o = lane.options;
+    this.state = 'joining';
+    lane.joining.add(sock);
+    sock.pause();
+    sock.setTimeout(0); // node:http sets no timeout on a response in progress either
+    answer(new LaneResponse(sock, lane.keepAliveS)).then(
+      (how) => {
+        lane.joinEnded(sock);
+        const pending = this.#early;
+        this.#early = [];
+        if (sock.destroyed) return;
+        this.state = 'reading';
+        if (how === 'handoff') return this.#leave(pending.length ? Buffer.concat([chunk.subarray(at), ...pending]) : chunk.subarray(at));
+        this.#first = false;
+        sock.setTimeout(o.idleTimeoutMs);
+        const more = pending.length ? Buffer.concat([chunk.subarray(end), ...pending]) : chunk.subarray(end);
+        if (more.length) this.#onData(more);
+        if (this.state !== 'reading') return; // another join, or node:http has it now
+        if (this.#clientDone) this.#endIfDone();
+        else sock.resume();
+      },
+      (err: unknown) => {
+        lane.joinEnded(sock);
+        o.failed(err);
+        sock.destroy();
+      },
+    );
+  }
+}
+
+function noop(): void {}

@@ -5,7 +5,8 @@
 // node's own parser.
 import assert from 'node:assert/strict';
 import { once } from 'node:events';
-import { connect } from 'node:net';
+import { execFileSync } from 'node:child_process';
+import { connect, type Socket } from 'node:net';
 import { createServer, type IncomingHttpHeaders } from 'node:http';
 import type { AddressInfo } from 'node:net';
 import { describe, it } from 'node:test';
@@ -314,6 +315,107 @@ describe('hit lane', () => {
     assert.equal(p.proxy.counters.laneHits, 2);
     assert.equal(origin.count('/obj'), 1);
     await origin.close();
+  });
+});
+
+/**
+ * Send `data` and then FIN on `s` so that the proxy reads both in one turn: a child process writes and
+ * shuts down the socket while this process (the proxy's) is blocked in execFileSync, so both are in
+ * the kernel's buffer before the proxy reads. (s.end(data) sends the FIN a loop turn later.)
+ */
+function endInOneTurn(s: Socket, data: string): void {
+  const fd = (s as unknown as { _handle: { fd: number } })._handle.fd;
+  const child = "const s = new (require('node:net').Socket)({ fd: 0 }); s.end(Buffer.from(process.argv[1], 'latin1'), () => process.exit(0));";
+  execFileSync(process.execPath, ['-e', child, data], { stdio: [fd, 'ignore', 'inherit'] });
+}
+
+describe('hit lane connection semantics, as node:http has them', () => {
+  /** Both proxies (lane and node:http) with /obj (10 bytes) and /big (3 MiB) in memory. */
+  async function twoRigs(body: (origin: Origin, lane: TestProxy, node: TestProxy) => Promise<void>): Promise<void> {
+    const origin = await startOrigin({
+      '/obj': { headers: { 'cache-control': 'max-age=600' }, body: 'abcdefghij' },
+      '/big': { headers: { 'cache-control': 'max-age=600' }, body: BIG },
+    });
+    const clock = new ManualClock();
+    const lane = await rig(origin, { 'max-memory-object-size': '4MB' }, clock);
+    const node = await rig(origin, { 'max-memory-object-size': '4MB', 'hit-lane': false }, clock);
+    try {
+      for (const p of [lane, node]) assert.equal((await exchange(p.port, [lastReq(`${origin.url}/big`)])).length > BIG.length, true);
+      await body(origin, lane, node);
+    } finally {
+      await lane.close();
+      await node.close();
+      await origin.close();
+    }
+  }
+  const BIG = Buffer.alloc(3 * 2 ** 20, 9);
+
+  it('a client that half-closes in the same write as its pipelined requests gets every answer in full, none logged aborted', async () => {
+    await twoRigs(async (origin, lane, node) => {
+      const url = `${origin.url}/obj`;
+      // 63 small hits and a 3 MiB one, then FIN, in one turn. The requests fill exactly the 64 KiB
+      // node reads at a time, so libuv reads again at once and finds the FIN in the same turn, before
+      // the answers have left (a shorter read ends the turn, and the FIN comes in the next one).
+      const plain = (u: string) => {
+        const head = `GET ${u} HTTP/1.1\r\nHost: origin\r\nUser-Agent: \r\n\r\n`;
+        return head.replace('User-Agent: ', `User-Agent: ${'x'.repeat(1024 - head.length)}`);
+      };
+      assert.equal(plain(url).length, 1024);
+      const script = plain(url).repeat(63) + plain(`${origin.url}/big`);
+      assert.equal(script.length, 64 * 1024);
+      const got: string[] = [];
+      for (const p of [lane, node]) {
+        const before = p.logLines.length;
+        const s = connect(p.port, '127.0.0.1');
+        const chunks: Buffer[] = [];
+        s.on('data', (d: Buffer) => chunks.push(d));
+        await once(s, 'connect');
+        endInOneTurn(s, script);
+        await once(s, 'close');
+        const raw = Buffer.concat(chunks).toString('latin1');
+        got.push(sameDate(raw));
+        const heads = answers(raw).filter((l) => l.startsWith('HTTP'));
+        assert.equal(heads.length, 64, p === lane ? 'lane' : 'node');
+        const last = raw.slice(raw.lastIndexOf('HTTP/1.1 200 OK'));
+        assert.equal(last.length - last.indexOf('\r\n\r\n') - 4, BIG.length, 'the 3 MiB answer whole');
+        await waitFor('every request logged', () => p.logLines.length === before + 64);
+        const lines = p.logLines.slice(before);
+        assert.ok(lines.every((l) => / TCP_MEM_HIT\/200 /.test(l)), lines.join('\n'));
+      }
+      assert.equal(got[0], got[1], 'the same bytes as node:http');
+      assert.equal(lane.proxy.counters.laneHits, 64);
+      assert.equal(origin.count('/big'), 2, 'one fill per proxy');
+    });
+  });
+
+  it('Proxy-Connection: close ends the connection after its answer, as node:http ends it', async () => {
+    await twoRigs(async (origin, lane, node) => {
+      const url = `${origin.url}/obj`;
+      // A hit and a hit that asks to close in one write; once both are answered, one more request.
+      // node:http has closed the connection by then: the last request gets no answer.
+      const script = req(url) + `GET ${url} HTTP/1.1\r\nHost: origin\r\nProxy-Connection: close\r\n\r\n`;
+      const got: string[] = [];
+      for (const p of [lane, node]) {
+        const s = connect(p.port, '127.0.0.1');
+        let raw = '';
+        s.setEncoding('latin1');
+        s.on('data', (d: string) => (raw += d));
+        s.on('error', () => {}); // the last write may meet a closed connection
+        const ended = once(s, 'end');
+        s.write(script);
+        await waitFor('two answers', () => raw.split('abcdefghij').length === 3);
+        s.write(lastReq(url)); // answered only on a connection left open
+        await ended;
+        s.destroy();
+        assert.deepEqual(answers(raw).filter((l) => l.startsWith('HTTP')), ['HTTP/1.1 200 OK', 'HTTP/1.1 200 OK'], raw);
+        assert.match(raw.slice(raw.indexOf('HTTP/1.1 200 OK', 1)), /\r\nConnection: close\r\n/);
+        assert.ok(raw.endsWith('abcdefghij'));
+        got.push(sameDate(raw));
+      }
+      assert.equal(got[0], got[1]);
+      assert.equal(lane.proxy.counters.laneHits, 1, 'the close request went to node:http');
+      assert.equal(origin.count('/obj'), 2, 'one fill per proxy');
+    });
   });
 });
 
