@@ -6,6 +6,7 @@
 import { STATUS_CODES, type IncomingHttpHeaders, type OutgoingHttpHeaders } from 'node:http';
 import type { Socket } from 'node:net';
 import type { Transaction } from './access-log.ts';
+import type { ResponseSink } from './response-sink.ts';
 import type { StoredMeta, StoredObject } from './store.ts';
 import { LRUCache } from 'lru-cache';
 
@@ -18,7 +19,7 @@ export interface LaneHit {
  * A plain GET that joins a fill in flight: answers it on a LaneResponse ('handoff': it wrote nothing,
  * and node:http must answer the request afresh).
  */
-export type LaneJoin = (res: LaneResponseLike) => Promise<'done' | 'handoff'>;
+export type LaneJoin = (res: ResponseSink) => Promise<'done' | 'handoff'>;
 
 export interface HitLaneOptions {
   /** What the lane does with a plain request: answer a fresh memory hit, or a join; else undefined (handed off). */
@@ -99,30 +100,13 @@ export function serializeHead(status: number, headers: OutgoingHttpHeaders, keep
   return `${out}Connection: keep-alive\r\nKeep-Alive: timeout=${keepAliveS}\r\n${chunked ? 'Transfer-Encoding: chunked\r\n' : ''}\r\n`;
 }
 
-/** What of node's ServerResponse the request path's busy, deliverFill and synth steps (and finish) use. */
-export interface LaneResponseLike {
-  readonly destroyed: boolean;
-  readonly headersSent: boolean;
-  readonly writableLength: number;
-  readonly writableEnded: boolean;
-  readonly writableFinished: boolean;
-  writeHead(status: number, headers: OutgoingHttpHeaders): unknown;
-  flushHeaders(): void;
-  write(chunk: Buffer, cb?: (err?: Error | null) => void): boolean;
-  end(chunk?: Buffer | string): unknown;
-  destroy(): unknown;
-  on(event: 'drain' | 'close', fn: () => void): unknown;
-  once(event: 'close', fn: () => void): unknown;
-  off(event: 'drain' | 'close', fn: () => void): unknown;
-}
-
 /**
  * The response to a lane request that joins a fill, written on the lane's socket with node's framing:
  * the head as serializeHead writes it, chunked without a Content-Length, no body for 204 and 304, and
  * writes corked until the next tick, as node corks them. 'close' means over: all of it handed to the
  * kernel (writableFinished), or the socket gone.
  */
-export class LaneResponse implements LaneResponseLike {
+export class LaneResponse implements ResponseSink {
   headersSent = false;
   writableEnded = false;
   writableFinished = false;
