@@ -1,0 +1,188 @@
+// The client listeners: one node:http server per --listen address (and the --accel-listen one), with
+// the connection accounting, --max-client-connections, the hit lane and its hand-over to node:http,
+// and the request, CONNECT and client-error handlers; listening in order, and draining at shutdown.
+import { createServer, type Server, type ServerResponse } from 'node:http';
+import type { AddressInfo, Socket } from 'node:net';
+import { newTransaction, recordTransaction } from './access-log.ts';
+import { plainAddress } from './acl.ts';
+import type { ListenAddr } from './config.ts';
+import type { Ctx } from './context.ts';
+import { ProxyError } from './errors.ts';
+import { endWithError } from './forward.ts';
+import { hasBody, hitAge, storedHitHead } from './deliver.ts';
+import { handleRequest, plainLaneRequest } from './handle-request.ts';
+import { HitLane } from './hit-lane.ts';
+import { handleConnect } from './tunnel.ts';
+
+/** How long a client may take to send a request's head. */
+const HEADERS_TIMEOUT_MS = 60_000;
+
+/**
+ * node:http's own 'connection' listener (it registers exactly one), taken off `srv`: node reads a
+ * connection from the moment this is called for it.
+ */
+function takeNodeConnection(srv: Server): (sock: Socket) => void {
+  const [listener, ...others] = srv.listeners('connection') as ((sock: Socket) => void)[];
+  if (!listener || others.length) throw new Error('node:http no longer has exactly one connection listener: run with --no-hit-lane');
+  srv.off('connection', listener);
+  return (sock) => listener.call(srv, sock);
+}
+
+function listenOn(srv: Server, host: string, port: number): Promise<void> {
+  return new Promise<void>((resolve, reject) => {
+    const onErr = (err: Error) => reject(new Error(`cannot listen on ${host.includes(':') ? `[${host}]` : host}:${port}: ${err.message}`, { cause: err }));
+    srv.once('error', onErr);
+    srv.listen({ host, port, backlog: 4096 }, () => {
+      srv.off('error', onErr);
+      resolve();
+    });
+  });
+}
+
+/** The hit lane (--hit-lane): it reads each connection first and answers the plain memory hits itself. */
+function hitLane(ctx: Ctx): HitLane | undefined {
+  const { cfg, log } = ctx;
+  return cfg.hitLane
+    ? new HitLane({
+        answer: (method, target, headers, client) => plainLaneRequest(ctx, method, target, headers, client),
+        age: hitAge,
+        head: (st, age) => storedHitHead(ctx, st, age),
+        hasBody,
+        record: (tx) => recordTransaction(ctx, tx, undefined),
+        failed: (err) => log.error({ err, internal: true }, 'hit lane failed'),
+        idleTimeoutMs: cfg.clientIdleTimeoutMs,
+        firstRequestTimeoutMs: HEADERS_TIMEOUT_MS,
+      })
+    : undefined;
+}
+
+/** Stop `srv` accepting; resolves once its connections are gone (at once if it never listened). */
+export function stopListening(srv: Server | undefined): Promise<void> {
+  return new Promise<void>((r) => (srv?.listening ? srv.close(() => r()) : r()));
+}
+
+export class Listeners {
+  readonly #ctx: Ctx;
+  readonly #lane: HitLane | undefined;
+  readonly #addrs: ListenAddr[];
+  readonly #servers: Server[];
+  #connections = 0;
+
+  constructor(ctx: Ctx) {
+    const { cfg } = ctx;
+    this.#ctx = ctx;
+    this.#lane = hitLane(ctx);
+    const listeners = [...cfg.listen.map((addr) => ({ addr, accel: cfg.accel })), ...(cfg.accelListen === 'none' ? [] : [{ addr: cfg.accelListen, accel: true }])];
+    this.#addrs = listeners.map((l) => l.addr);
+    this.#servers = listeners.map(({ accel }) => this.#server(accel));
+  }
+
+  /** Client connections open now. */
+  get connections(): number {
+    return this.#connections;
+  }
+
+  /** Bound addresses, in --listen order, then the --accel-listen one. */
+  addresses(): AddressInfo[] {
+    return this.#servers.map((s) => s.address() as AddressInfo);
+  }
+
+  async listen(): Promise<void> {
+    for (const [i, srv] of this.#servers.entries()) {
+      const { host, port } = this.#addrs[i]!;
+      try {
+        await listenOn(srv, host, port);
+      } catch (err) {
+        // A host without IPv6 can't bind '::': every IPv4 address is the next best thing.
+        const code = (err as { cause?: NodeJS.ErrnoException }).cause?.code;
+        if (host !== '::' || (code !== 'EAFNOSUPPORT' && code !== 'EADDRNOTAVAIL')) throw err;
+        this.#ctx.log.warn({ port }, 'no IPv6 on this host: listening on IPv4 only');
+        await listenOn(srv, '0.0.0.0', port);
+      }
+    }
+  }
+
+  /** Stop accepting; resolves once every connection has closed and the lane answers no join. */
+  close(): Promise<unknown> {
+    return Promise.all([...this.#servers.map(stopListening), this.#lane?.joinsOver()]);
+  }
+
+  /** Close the keep-alive connections that are idle now (their last response has ended). */
+  closeIdle(): void {
+    this.#servers.forEach((srv) => srv.closeIdleConnections());
+    // A connection in the hit lane is idle whenever its answers have left and it answers no join.
+    const lane = this.#lane;
+    for (const sock of lane?.sockets ?? []) if (sock.writableLength === 0 && !lane?.joining.has(sock)) sock.destroy();
+  }
+
+  /** Cut every client connection, busy or not. */
+  cutAll(): void {
+    this.#servers.forEach((s) => s.closeAllConnections());
+    for (const sock of this.#lane?.sockets ?? []) sock.destroy();
+  }
+
+  #server(accel: boolean): Server {
+    const { cfg, clock, log } = this.#ctx;
+    const ctx = this.#ctx;
+    const lane = this.#lane;
+    const srv = createServer({
+      requireHostHeader: false,
+      keepAliveTimeout: cfg.clientIdleTimeoutMs,
+      headersTimeout: HEADERS_TIMEOUT_MS,
+      requestTimeout: 0, // uploads may be long; idle sockets are bounded by keepAliveTimeout
+      highWaterMark: 64 * 1024,
+    });
+    // Past --max-client-connections a connection gets a labelled 503 (a CVMFS client then tries its
+    // next proxy at once), where net.Server's maxConnections would drop it without a word. A hard cap
+    // at twice the limit still drops, so a flood can't make us write answers without bound.
+    srv.maxConnections = cfg.maxClientConnections * 2;
+    // With the hit lane, node:http reads a connection only when the lane hands it over.
+    const toNode = lane ? takeNodeConnection(srv) : undefined;
+    srv.on('connection', (sock: Socket) => {
+      this.#connections++;
+      sock.once('close', () => this.#connections--);
+      // A peer that reset before the connection was taken has no address left: nothing can be checked
+      // against the client ACL or answered, so it is dropped, not logged as a denied client '-'.
+      if (sock.remoteAddress === undefined) {
+        sock.destroy();
+        return;
+      }
+      const client = plainAddress(sock.remoteAddress);
+      if (this.#connections > cfg.maxClientConnections) {
+        // Answered before any request is read: counted (and logged) as a request-less NONE/503.
+        const err = new ProxyError('ERR_OVERLOADED', 'too many client connections');
+        endWithError(sock, err, cfg.visibleHostname);
+        recordTransaction(ctx, newTransaction({ startedAt: clock.now(), client, method: 'NONE', url: '-', status: err.status }), err.token);
+        toNode?.(sock); // as without the lane: node:http still reads what the client sends
+        return;
+      }
+      if (lane && toNode) lane.attach(sock, client, toNode);
+    });
+    /** Each connection's latest response (clientError must not write into one that has begun). */
+    const responding = new WeakMap<object, ServerResponse>();
+    const handlerFailed = (res: ServerResponse) => (err: unknown) => {
+      log.error({ err, internal: true }, 'request handler failed');
+      res.destroy();
+    };
+    srv.on('request', (req, res) => {
+      responding.set(req.socket, res);
+      // A memory hit is answered synchronously (no promise); anything that waits returns one.
+      try {
+        handleRequest(ctx, req, res, accel)?.catch(handlerFailed(res));
+      } catch (err) {
+        handlerFailed(res)(err);
+      }
+    });
+    srv.on('connect', (req, socket, head) => handleConnect(ctx, req, socket, head));
+    srv.on('clientError', (err: NodeJS.ErrnoException, socket) => {
+      // A 400 may only go where a response could begin: written into one that has begun, it would land
+      // in the middle of its body. Then the connection is closed instead (as node's own handler does).
+      const res = responding.get(socket);
+      const midResponse = res !== undefined && res.headersSent && !res.writableFinished;
+      if (socket.writable && err.code !== 'ECONNRESET' && !midResponse) {
+        socket.end('HTTP/1.1 400 Bad Request\r\nProxy-Status: cuttle; error=http_request_error\r\nX-Squid-Error: ERR_INVALID_REQ 0\r\nContent-Length: 0\r\nConnection: close\r\n\r\n');
+      } else socket.destroy();
+    });
+    return srv;
+  }
+}

@@ -1,0 +1,65 @@
+// Shutdown within --shutdown-timeout: stop accepting, let in-flight responses finish, then close the
+// rest in order (fills, upstream, access log, the disk's lock, admin, SNMP); past the timeout, cut.
+import type { Server } from 'node:http';
+import type { AccessLog } from './access-log.ts';
+import type { Coalescer } from './coalescer.ts';
+import type { Upstream } from './fetch.ts';
+import { stopListening, type Listeners } from './listeners.ts';
+import type { Logger } from './log.ts';
+import type { SnmpAgent } from './snmp.ts';
+import type { DiskTier } from './store-disk.ts';
+
+/** The least time the access log gets to write its last lines at shutdown, after the drain. */
+export const LOG_CLOSE_MIN_MS = 1000;
+
+/** What a shutdown closes, in the order it closes them. */
+export interface ShutdownParts {
+  listeners: Listeners;
+  /** Open CONNECT tunnels, each by the function that ends it. */
+  tunnels: Set<() => void>;
+  coalescer: Coalescer;
+  upstream: Upstream;
+  accessLog: AccessLog;
+  disk: DiskTier;
+  admin: Server | undefined;
+  /** The SNMP agent, if one has started by the time the rest is closed. */
+  snmpAgent: () => SnmpAgent | undefined;
+  log: Logger;
+}
+
+export async function shutdown(p: ShutdownParts, timeoutMs: number): Promise<void> {
+  const { listeners, coalescer, log } = p;
+  const drainStarted = performance.now();
+  const closing = listeners.close();
+  // Keep-alive connections become idle as their last response ends: close them as they do.
+  const sweep = setInterval(() => listeners.closeIdle(), 100);
+  listeners.closeIdle();
+  // Past the timeout, whatever is still open is cut: client connections, tunnels, then fills.
+  const cutAll = () => {
+    listeners.cutAll();
+    for (const end of p.tunnels) end();
+  };
+  const timer = setTimeout(cutAll, timeoutMs);
+  await closing;
+  clearTimeout(timer);
+  clearInterval(sweep);
+  cutAll(); // tunnels are not the servers' connections: close() does not wait for them
+  // Fills still running or being written to disk: let them land, within what is left of the timeout.
+  const left = Math.max(0, timeoutMs - (performance.now() - drainStarted));
+  let wait: NodeJS.Timeout | undefined;
+  const settled = await Promise.race([coalescer.settle().then(() => true), new Promise<boolean>((r) => (wait = setTimeout(() => r(false), left)))]);
+  clearTimeout(wait);
+  if (!settled) {
+    log.warn({ fills: coalescer.running }, 'shutdown timeout: giving up the fills still running');
+    coalescer.abortAll('shutting down');
+  }
+  coalescer.close();
+  // undici's close() would wait for every running request: after the timeout nothing waits.
+  await p.upstream.destroy().catch(() => {});
+  // The log gets what is left of the timeout (at least LOG_CLOSE_MIN_MS): a full or hung disk
+  // costs its lines, never the shutdown.
+  await p.accessLog.close(Math.max(LOG_CLOSE_MIN_MS, timeoutMs - (performance.now() - drainStarted)));
+  await p.disk.unlock();
+  await stopListening(p.admin);
+  await p.snmpAgent()?.close();
+}
