@@ -10,7 +10,9 @@
 //    │    └──▶ pass ─▶ upstream, not stored ──────▶ (TCP_MISS)
 //   finish ─▶ one Transaction: access log line and counters
 //
-// Each step is a named function returning the next step. (A plain fresh memory hit on a connection
+// Each step is a named function returning the next step. The steps decide; deliver.ts writes the
+// answer (stored object, disk record or fill, with its head, 304/416 and range), pass.ts forwards what is
+// not cached, freshness.ts holds the storable and stale rules. (A plain fresh memory hit on a connection
 // still in the hit lane is answered before any of this: hit-lane.ts, with plainLaneRequest below.)
 import type { IncomingHttpHeaders, IncomingMessage, ServerResponse } from 'node:http';
 import { localHint, plainAddress } from './acl.ts';
@@ -67,7 +69,6 @@ interface State extends Delivery {
 
 const CACHEABLE = new Set(['GET', 'HEAD']);
 const CLIENT_CONDITIONS = ['if-none-match', 'if-modified-since', 'if-match', 'if-unmodified-since', 'if-range', 'range'];
-const SAFE = new Set(['GET', 'HEAD', 'OPTIONS', 'TRACE']);
 
 export function handleRequest(ctx: Ctx, req: IncomingMessage, res: ServerResponse, accel = false): void | Promise<void> {
   const tx = newTransaction({ startedAt: ctx.clock.now(), client: plainAddress(req.socket.remoteAddress ?? '-'), method: req.method ?? '-', url: req.url ?? '-', headers: req.headers, httpVersion: req.httpVersion });
