@@ -178,7 +178,11 @@ export class Listeners {
       // A 400 may only go where a response could begin: written into one that has begun, it would land
       // in the middle of its body. Then the connection is closed instead (as node's own handler does).
       const res = responding.get(socket);
-      const midResponse = res !== undefined && res.headersSent && !res.writableFinished;
+      const inFlight = res !== undefined && !res.writableFinished;
+      // Bytes after a request that closes the connection are not requests (RFC 9112 §9.6): the closing
+      // request's answer still goes out whole, and node ends the connection after it.
+      if (err.code === 'HPE_CLOSED_CONNECTION' && inFlight) return;
+      const midResponse = inFlight && res.headersSent;
       if (socket.writable && err.code !== 'ECONNRESET' && !midResponse) {
         socket.end('HTTP/1.1 400 Bad Request\r\nProxy-Status: cuttle; error=http_request_error\r\nX-Squid-Error: ERR_INVALID_REQ 0\r\nContent-Length: 0\r\nConnection: close\r\n\r\n');
       } else socket.destroy();

@@ -150,3 +150,25 @@ describe('a 404 held while the next mirror is asked', () => {
     }
   });
 });
+
+describe('requests after a request that closes the connection', () => {
+  for (const lane of [true, false]) {
+    it(`are ignored: the closing request is answered whole, then the connection closes, no 400 (hit lane ${lane ? 'on' : 'off'})`, async () => {
+      await withProxy({ 'hit-lane': lane }, async ({ origin, p, pool }) => {
+        origin.route('/hit', { body: 'h'.repeat(100), headers: { 'cache-control': 'max-age=60' } });
+        assert.equal((await get(pool, `${origin.url}/hit`)).status, 200);
+        const c = connect(p.port, '127.0.0.1');
+        c.on('error', () => {});
+        let got = '';
+        c.on('data', (d: Buffer) => (got += d.toString('latin1')));
+        // RFC 9112 §9.6: a server must not process requests after one with the "close" option.
+        c.write(`GET ${origin.url}/hit HTTP/1.1\r\nHost: x\r\n\r\nGET ${origin.url}/hit HTTP/1.1\r\nHost: x\r\nProxy-Connection: close\r\n\r\nGET ${origin.url}/hit HTTP/1.1\r\nHost: x\r\n\r\n`);
+        await once(c, 'close');
+        assert.doesNotMatch(got, /400 Bad Request/);
+        assert.equal((got.match(/HTTP\/1\.1 200 OK/g) ?? []).length, 2, got);
+        assert.ok(got.endsWith('h'.repeat(100)), 'the closing request is answered whole');
+        assert.equal(origin.count('/hit'), 1);
+      });
+    });
+  }
+});
