@@ -92,9 +92,19 @@ export function upstreamError(err: unknown): ProxyError {
   }
   // What the parser refused (HPE_* codes, or an HTTPParserError with no code at all) is a broken response.
   if (code.startsWith('HPE_') || e?.name === 'HTTPParserError') return as('ERR_INVALID_RESPONSE');
+  // A programming error surfacing through the exchange (a TypeError in cuttle's DNS hook, a bad argument
+  // to undici) is cuttle's, not the mirror's: it must not fail a mirror over or hide as a 502.
+  if (isProgrammingError(err, code)) return internalError(err);
   // Everything else the exchange raised (resets, aborts, closed sockets, other errno codes, an undici
   // error this list does not know) ended the exchange before a valid answer: the connection's failure.
   return as('ERR_UPSTREAM_RESET');
+}
+
+const PROGRAMMING_ERRORS = new Set(['TypeError', 'RangeError', 'ReferenceError', 'SyntaxError']);
+
+function isProgrammingError(err: unknown, code: string): boolean {
+  if (code === 'UND_ERR_INVALID_ARG' || code.startsWith('ERR_INVALID_ARG')) return true;
+  return code === '' && err instanceof Error && PROGRAMMING_ERRORS.has(err.name);
 }
 
 /** A failure that is cuttle's own bug: answered 500 ERR_INTERNAL, logged with `internal: true`. */

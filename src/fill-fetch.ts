@@ -189,6 +189,7 @@ async function startfetch(st: FetchState): Promise<Step> {
     const m = attempt.mirror;
     const got = await ask(st, attempt, {});
     if ('error' in got) {
+      if (got.error.code === 'ERR_INTERNAL') throw got.error; // cuttle's own: never a mirror's failure
       lastError = got.error;
       other = true;
       if (m) mirrorFailed(st, m, lastError.token);
@@ -270,6 +271,8 @@ async function condfetch(st: FetchState): Promise<Step> {
   if (modified) return 'decide';
   const meta: StoredMeta = { ...r.stale!.meta, headers: mergeHeaders(r.stale!.meta.headers, res.headers, r.cas !== undefined), policy: policy.toObject(), storedAt: host.clock.now() };
   await host.store.updateMeta(meta, policy).catch((err: unknown) => host.log.warn({ err, key: r.key }, 'updating stored headers failed'));
+  // Given up meanwhile (shutdown past its timeout): the fill has already failed and said so.
+  if (fill.state !== 'pending') return 'done';
   fill.revalidated();
   return 'done';
 }
@@ -430,6 +433,7 @@ async function resume(st: FetchState): Promise<Step> {
     const m = attempt.mirror;
     const got = await ask(st, attempt, { range: `bytes=${from}-` });
     if ('error' in got) {
+      if (got.error.code === 'ERR_INTERNAL') throw got.error;
       if (m) mirrorFailed(st, m, got.error.token);
       continue;
     }

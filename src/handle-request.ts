@@ -612,6 +612,7 @@ async function pass(s: State): Promise<StepName | undefined> {
       for (const k of urlKeys(s, urlKey(url))) await forget(ctx, k);
     });
     if (!failed) return undefined;
+    if (failed.code === 'ERR_INTERNAL') throw failed; // cuttle's own: logged as one, answered 500
     s.error = failed;
     return 'synth';
   } finally {
@@ -638,10 +639,11 @@ async function purge(s: State): Promise<StepName | undefined> {
   // PURGE is the admin's (--allow-purge): through a mirror it reaches the host-independent key too.
   const primary = s.cas && s.ctx.mirrors.byHost(s.url!.host) ? s.cas.key : urlKey(s.url!);
   for (const k of urlKeys(s, primary)) {
-    const st = await ctx.store.get(k).catch(() => undefined);
+    // A record that can't be opened now (EMFILE) is still there: it is purged all the same.
+    const st = await ctx.store.get(k).catch((err: unknown) => (err instanceof StoreUnavailable ? ('unreadable' as const) : undefined));
     if (st) {
       found = true;
-      closeStored(st);
+      if (st !== 'unreadable') closeStored(st);
     }
     await forget(ctx, k);
   }

@@ -47,16 +47,18 @@ export class LineSink {
     this.#o = o;
     this.#fd = typeof target === 'number' ? target : -1;
     if (this.#fd < 0) this.#open();
-    // An exit that skipped close() (a fatal error) still gets what waits: one attempt, never a retry.
-    process.once('exit', () => {
-      if (this.#busy || this.#closed || this.#fd < 0 || this.#pending.length === 0) return;
-      try {
-        fs.writeSync(this.#fd, (this.#torn ? '\n' : '') + this.#pending.join(''));
-      } catch {
-        // lost with the process
-      }
-    });
+    process.once('exit', this.#atExit);
   }
+
+  /** An exit that skipped close() (a fatal error) still gets what waits: one attempt, never a retry. */
+  readonly #atExit = () => {
+    if (this.#busy || this.#closed || this.#fd < 0 || this.#pending.length === 0) return;
+    try {
+      fs.writeSync(this.#fd, (this.#torn ? '\n' : '') + this.#pending.join(''));
+    } catch {
+      // lost with the process
+    }
+  };
 
   /** Hand whole lines (each ending in '\n') to the file. Never throws. */
   write(text: string): void {
@@ -86,6 +88,7 @@ export class LineSink {
     await Promise.race([this.flush(), new Promise<void>((r) => (timer = setTimeout(r, timeoutMs)))]);
     clearTimeout(timer);
     this.#closed = true;
+    process.off('exit', this.#atExit);
     clearTimeout(this.#retry);
     if (this.#inFlight) {
       // A busy pipe being retried: its lines won't be written now.

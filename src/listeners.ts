@@ -175,15 +175,15 @@ export class Listeners {
     });
     srv.on('connect', (req, socket, head) => handleConnect(ctx, req, socket, head));
     srv.on('clientError', (err: NodeJS.ErrnoException, socket) => {
-      // A 400 may only go where a response could begin: written into one that has begun, it would land
-      // in the middle of its body. Then the connection is closed instead (as node's own handler does).
+      // The latest response is unfinished while any is: responses to pipelined requests go out in order.
       const res = responding.get(socket);
       const inFlight = res !== undefined && !res.writableFinished;
       // Bytes after a request that closes the connection are not requests (RFC 9112 §9.6): the closing
       // request's answer still goes out whole, and node ends the connection after it.
       if (err.code === 'HPE_CLOSED_CONNECTION' && inFlight) return;
-      const midResponse = inFlight && res.headersSent;
-      if (socket.writable && err.code !== 'ECONNRESET' && !midResponse) {
+      // A 400 goes out only where no answer is under way: written while one streams (or one waits behind
+      // it), it would land inside or before that answer. Then the connection is closed instead.
+      if (socket.writable && err.code !== 'ECONNRESET' && !inFlight) {
         socket.end('HTTP/1.1 400 Bad Request\r\nProxy-Status: cuttle; error=http_request_error\r\nX-Squid-Error: ERR_INVALID_REQ 0\r\nContent-Length: 0\r\nConnection: close\r\n\r\n');
       } else socket.destroy();
     });

@@ -118,6 +118,31 @@ describe('a client that sends garbage mid-response', () => {
   });
 });
 
+describe('a client that pipelines, then sends garbage', () => {
+  it('loses its connection while any answer is under way: no 400 inside the one streaming, nor before the one waiting', async () => {
+    await withProxy({}, async ({ origin, p }) => {
+      const streaming = gate();
+      const waiting = gate();
+      origin.route('/a', { chunked: true, body: 'a'.repeat(5000), bodyGate: { after: 1000, gate: streaming }, headers: { 'cache-control': 'max-age=60' } });
+      origin.route('/b', { gate: waiting, body: 'b'.repeat(10), headers: { 'cache-control': 'max-age=60' } });
+      const c = connect(p.port, '127.0.0.1');
+      c.on('error', () => {});
+      let got = '';
+      c.on('data', (d: Buffer) => (got += d.toString('latin1')));
+      c.write(`GET ${origin.url}/a HTTP/1.1\r\nHost: x\r\n\r\nGET ${origin.url}/b HTTP/1.1\r\nHost: x\r\n\r\n`);
+      await waitFor('the first answer streaming, the second at the origin', () => waiting.waiting === 1 && got.includes('\r\n\r\n3e8\r\n'));
+      c.write('\x00\x01 NOT HTTP\r\n\r\n');
+      await once(c, 'close');
+      streaming.open();
+      waiting.open();
+      assert.doesNotMatch(got, /400 Bad Request/);
+      assert.equal((got.match(/HTTP\/1\.1 /g) ?? []).length, 1);
+      assert.equal(origin.count('/a'), 1);
+      assert.equal(origin.count('/b'), 1);
+    });
+  });
+});
+
 describe('a 404 held while the next mirror is asked', () => {
   it('is answered whole, or without its body, never cut short under its own Content-Length; and not stored cut short', async () => {
     const path = `/cvmfs/${REPO}/data/ab/${'d'.repeat(38)}`;
