@@ -2,7 +2,7 @@
 // node:http at the first request it does not fully understand. These tests hold it to node:http's own
 // answers: the same bytes on the wire, the same access log line, the same framing on a shared
 // connection, a clean hand-over with pipelined and split requests, and a differential fuzz against
-// node's own parser.
+// node's own parser. lane-fuzz.test.ts fuzzes whole connections against node:http.
 import assert from 'node:assert/strict';
 import { once } from 'node:events';
 import { execFileSync } from 'node:child_process';
