@@ -5,10 +5,11 @@
 // write, or read in the same turn as 64 KiB of requests). Each script runs at once against two proxies
 // over one origin, the lane on and off, and both must give the same bytes on the wire (Date lines
 // normalised: each proxy and the origin write their own second; Age is not, the proxies share one
-// ManualClock), the same connection fate
-// (closed after which answer, or open), the same access-log fields per request (all but time and
-// elapsed), and the same upstream fetches and request counters. A script stops at its first request that closes the connection: what node:http does with
-// bytes after it is clientError's question, not the lane's.
+// ManualClock), the same connection fate (closed after which answer, or open), the same access-log
+// fields per request (all but time and elapsed), and the same upstream fetches and request counters.
+// A script stops at its first request that closes the connection. Bytes after it are not the lane's
+// question: read with it, protocol-errors.test.ts covers them; read later, while earlier answers are
+// still queued, node:http itself loses those answers (a bare node:http server does too).
 //   npm test runs LANE_FUZZ_RUNS (default 25) scripts; LANE_FUZZ_RUNS=1000 for a longer run.
 import assert from 'node:assert/strict';
 import { once } from 'node:events';
