@@ -413,8 +413,13 @@ class LaneConnection {
     // A client that sends faster than it reads waits here, as node:http makes it wait.
     if (!sock.writableEnded && sock.writableNeedDrain && !sock.isPaused()) {
       sock.pause();
-      sock.once('drain', () => sock.resume());
+      sock.once('drain', this.#resumeOnDrain);
     }
+  };
+
+  /** Reading again once the client has read its answers (removed when a join or node:http takes over). */
+  readonly #resumeOnDrain = () => {
+    if (this.state === 'reading') this.#sock.resume();
   };
 
   /** Queue one hit's answer (corked until the turn's flush). */
@@ -478,6 +483,14 @@ class LaneConnection {
   /** Hand the connection and its unread bytes to node:http. */
   #leave(rest: Buffer): void {
     const sock = this.#sock;
+    sock.off('drain', this.#resumeOnDrain);
+    if (this.#clientDone) {
+      // The client's FIN was read already: node:http would never see it, and bytes can't be put back
+      // before an end. node:http answers no request after a FIN either: the connection ends here.
+      this.state = 'closed';
+      sock.end();
+      return;
+    }
     this.state = 'handedOff';
     sock.pause(); // before unshift: a flowing stream would emit the bytes to nobody
     sock.off('data', this.#onData);
@@ -501,6 +514,7 @@ class LaneConnection {
     const o = lane.options;
     this.state = 'joining';
     lane.joining.add(sock);
+    sock.off('drain', this.#resumeOnDrain); // a drain must not resume reading in the middle of a join
     sock.pause();
     sock.setTimeout(0); // node:http sets no timeout on a response in progress either
     answer(new LaneResponse(sock, lane.keepAliveS)).then(
@@ -517,6 +531,7 @@ class LaneConnection {
         if (more.length) this.#onData(more);
         if (this.state !== 'reading') return; // another join, or node:http has it now
         if (this.#clientDone) this.#endIfDone();
+        else if (sock.writableNeedDrain) sock.once('drain', this.#resumeOnDrain);
         else sock.resume();
       },
       (err: unknown) => {
