@@ -47,6 +47,15 @@ const BROKEN = {
   'an ICY status line': 'ICY 200 OK\r\n\r\nabc',
 };
 
+/** A raw client connection to the proxy, and what it has received so far. */
+function rawClient(port: number): { c: Socket; got: () => string } {
+  const c = connect(port, '127.0.0.1');
+  c.on('error', () => {});
+  let got = '';
+  c.on('data', (d: Buffer) => (got += d.toString('latin1')));
+  return { c, got: () => got };
+}
+
 describe('upstream protocol errors are the upstream\'s', () => {
   for (const [name, answer] of Object.entries(BROKEN)) {
     it(`an origin that sends ${name} gets 502 ERR_INVALID_RESPONSE, not an internal error`, async () => {
@@ -90,18 +99,15 @@ describe('a client that sends garbage mid-response', () => {
     await withProxy({}, async ({ origin, p }) => {
       const g = gate();
       origin.route('/stream', { chunked: true, body: 'x'.repeat(5000), bodyGate: { after: 1000, gate: g }, headers: { 'cache-control': 'max-age=60' } });
-      const c = connect(p.port, '127.0.0.1');
-      c.on('error', () => {});
-      let got = '';
-      c.on('data', (d: Buffer) => (got += d.toString('latin1')));
+      const { c, got } = rawClient(p.port);
       c.write(`GET ${origin.url}/stream HTTP/1.1\r\nHost: x\r\n\r\n`);
-      await waitFor('the first 1000 body bytes at the client', () => got.split('\r\n\r\n')[1]?.replaceAll(/[0-9a-f]+\r\n|\r\n/g, '').length === 1000);
+      await waitFor('the first 1000 body bytes at the client', () => got().split('\r\n\r\n')[1]?.replaceAll(/[0-9a-f]+\r\n|\r\n/g, '').length === 1000);
       // Garbage while the response streams: node's parser fails the connection (clientError).
       c.write('\x00\x01 NOT HTTP\r\n\r\n');
       await once(c, 'close');
       g.open();
-      assert.doesNotMatch(got, /400 Bad Request/);
-      assert.equal((got.match(/HTTP\/1\.1 /g) ?? []).length, 1);
+      assert.doesNotMatch(got(), /400 Bad Request/);
+      assert.equal((got().match(/HTTP\/1\.1 /g) ?? []).length, 1);
       assert.equal(origin.count('/stream'), 1);
       // The fill carries on without that client and is stored: the next request is a hit.
       await waitFor('the fill stored', () => p.proxy.coalescer.running === 0);
@@ -125,18 +131,15 @@ describe('a client that pipelines, then sends garbage', () => {
       const waiting = gate();
       origin.route('/a', { chunked: true, body: 'a'.repeat(5000), bodyGate: { after: 1000, gate: streaming }, headers: { 'cache-control': 'max-age=60' } });
       origin.route('/b', { gate: waiting, body: 'b'.repeat(10), headers: { 'cache-control': 'max-age=60' } });
-      const c = connect(p.port, '127.0.0.1');
-      c.on('error', () => {});
-      let got = '';
-      c.on('data', (d: Buffer) => (got += d.toString('latin1')));
+      const { c, got } = rawClient(p.port);
       c.write(`GET ${origin.url}/a HTTP/1.1\r\nHost: x\r\n\r\nGET ${origin.url}/b HTTP/1.1\r\nHost: x\r\n\r\n`);
-      await waitFor('the first answer streaming, the second at the origin', () => waiting.waiting === 1 && got.includes('\r\n\r\n3e8\r\n'));
+      await waitFor('the first answer streaming, the second at the origin', () => waiting.waiting === 1 && got().includes('\r\n\r\n3e8\r\n'));
       c.write('\x00\x01 NOT HTTP\r\n\r\n');
       await once(c, 'close');
       streaming.open();
       waiting.open();
-      assert.doesNotMatch(got, /400 Bad Request/);
-      assert.equal((got.match(/HTTP\/1\.1 /g) ?? []).length, 1);
+      assert.doesNotMatch(got(), /400 Bad Request/);
+      assert.equal((got().match(/HTTP\/1\.1 /g) ?? []).length, 1);
       assert.equal(origin.count('/a'), 1);
       assert.equal(origin.count('/b'), 1);
     });
@@ -182,16 +185,13 @@ describe('requests after a request that closes the connection', () => {
       await withProxy({ 'hit-lane': lane }, async ({ origin, p, pool }) => {
         origin.route('/hit', { body: 'h'.repeat(100), headers: { 'cache-control': 'max-age=60' } });
         assert.equal((await get(pool, `${origin.url}/hit`)).status, 200);
-        const c = connect(p.port, '127.0.0.1');
-        c.on('error', () => {});
-        let got = '';
-        c.on('data', (d: Buffer) => (got += d.toString('latin1')));
+        const { c, got } = rawClient(p.port);
         // RFC 9112 §9.6: a server must not process requests after one with the "close" option.
         c.write(`GET ${origin.url}/hit HTTP/1.1\r\nHost: x\r\n\r\nGET ${origin.url}/hit HTTP/1.1\r\nHost: x\r\nProxy-Connection: close\r\n\r\nGET ${origin.url}/hit HTTP/1.1\r\nHost: x\r\n\r\n`);
         await once(c, 'close');
-        assert.doesNotMatch(got, /400 Bad Request/);
-        assert.equal((got.match(/HTTP\/1\.1 200 OK/g) ?? []).length, 2, got);
-        assert.ok(got.endsWith('h'.repeat(100)), 'the closing request is answered whole');
+        assert.doesNotMatch(got(), /400 Bad Request/);
+        assert.equal((got().match(/HTTP\/1\.1 200 OK/g) ?? []).length, 2, got());
+        assert.ok(got().endsWith('h'.repeat(100)), 'the closing request is answered whole');
         assert.equal(origin.count('/hit'), 1);
       });
     });
