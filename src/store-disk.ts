@@ -180,6 +180,7 @@ export class DiskTier implements Tier {
 
   async #scan(): Promise<void> {
     const found: { hash: string; bytes: number; mtime: number }[] = [];
+    const unreadable: { path: string; hash: string }[] = [];
     const subdirs = await fsp.readdir(this.#objects).catch(() => [] as string[]);
     for (const sub of subdirs) {
       const names = await fsp.readdir(join(this.#objects, sub)).catch(() => [] as string[]);
@@ -194,9 +195,17 @@ export class DiskTier implements Tier {
             if (info === 'unreadable' && !st) return; // neither read nor counted: found again at the next start
             found.push({ hash, bytes: info === 'unreadable' ? st!.size : info.fileBytes, mtime: st?.mtimeMs ?? 0 });
             if (info !== 'unreadable') this.#o.onRecord?.(info.meta);
+            else unreadable.push({ path, hash });
           }),
         );
       }
+    }
+    // Records that could not be read during the scan (its own descriptors, EMFILE) are read once more
+    // now, one at a time, for what they tell the proxy (their Vary spec); still unreadable, they are
+    // checked when next opened.
+    for (const u of unreadable) {
+      const info = await this.#inspect(u.path, u.hash);
+      if (info && info !== 'unreadable') this.#o.onRecord?.(info.meta);
     }
     // Oldest first, so the most recently written records are the most recently used.
     found.sort((a, b) => a.mtime - b.mtime);
