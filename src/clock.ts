@@ -5,6 +5,20 @@ export interface Clock {
 
 export const systemClock: Clock = { now: () => Date.now() };
 
+/**
+ * Wait for `p` for at most `ms` of real time; true when it settled in time (a rejection counts as
+ * settled). The bounded waits of a shutdown: nothing a sink or a fill does may hold it longer.
+ */
+export async function within(p: Promise<unknown>, ms: number): Promise<boolean> {
+  let timer: NodeJS.Timeout | undefined;
+  const late = new Promise<boolean>((r) => (timer = setTimeout(() => r(false), ms)));
+  try {
+    return await Promise.race([p.then(() => true, () => true), late]);
+  } finally {
+    clearTimeout(timer);
+  }
+}
+
 /** A clock that only moves when told to (tests). */
 export class ManualClock implements Clock {
   #t: number;

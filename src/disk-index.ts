@@ -39,9 +39,10 @@ export class DiskIndex {
     return this.#lru.has(compact(hash));
   }
 
-  /** Mark a record used (LRU). */
-  touch(hash: string): void {
-    this.#lru.get(compact(hash));
+  /** Mark a record used (LRU), or learn it (a lookup while the start-up scan is still running). */
+  use(hash: string, fileBytes: number): void {
+    const k = compact(hash);
+    if (this.#lru.get(k) === undefined) this.#lru.set(k, fileBytes);
   }
 
   /** Record a file; false when it is past the bound for one entry (it is not indexed). */

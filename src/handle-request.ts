@@ -16,7 +16,7 @@
 // still in the hit lane is answered before any of this: hit-lane.ts, with plainLaneRequest below.)
 import type { IncomingHttpHeaders, IncomingMessage, ServerResponse } from 'node:http';
 import { localHint, plainAddress } from './acl.ts';
-import { newTransaction, recordTransaction, type Transaction } from './access-log.ts';
+import { newTransaction, recordTransaction } from './access-log.ts';
 import { parseTarget, urlKey, variantKey } from './cache-key.ts';
 import type { Coalescer } from './coalescer.ts';
 import type { Ctx } from './context.ts';
@@ -28,16 +28,12 @@ import type { FillReader } from './fill.ts';
 import { repoOf, type CasObject } from './content-hash.ts';
 import type { LaneHit, LaneJoin } from './hit-lane.ts';
 import { passUpstream } from './pass.ts';
-import type { ResponseSink } from './response-sink.ts';
 import { StoreUnavailable, type StoredObject } from './store.ts';
 
 type StepName = 'recv' | 'lookup' | 'hit' | 'stale' | 'busy' | 'miss' | 'pass' | 'purge' | 'deliverFill' | 'serveStale' | 'revalidateInBackground' | 'synth';
 
 interface State extends Delivery {
   ctx: Ctx;
-  res: ResponseSink;
-  tx: Transaction;
-  reqHeaders: IncomingHttpHeaders;
   /** node:http's request and response; a hit-lane join has none (it never reaches recv, pass or purge). */
   node?: { req: IncomingMessage; res: ServerResponse };
   url?: URL;

@@ -7,6 +7,7 @@
 // retried a failing flushSync forever, so the process ignored SIGTERM and only SIGKILL ended it.)
 import fs from 'node:fs';
 import { dirname } from 'node:path';
+import { within } from './clock.ts';
 
 /** A non-blocking pipe or FIFO that is full (EAGAIN) is tried again after this long. */
 const BUSY_RETRY_MS = 100;
@@ -84,9 +85,7 @@ export class LineSink {
 
   /** Flush for at most `timeoutMs`, then drop what is left and close the file. Later lines are dropped. */
   async close(timeoutMs: number): Promise<void> {
-    let timer: NodeJS.Timeout | undefined;
-    await Promise.race([this.flush(), new Promise<void>((r) => (timer = setTimeout(r, timeoutMs)))]);
-    clearTimeout(timer);
+    await within(this.flush(), timeoutMs);
     this.#closed = true;
     process.off('exit', this.#atExit);
     clearTimeout(this.#retry);
@@ -96,9 +95,7 @@ export class LineSink {
       this.#inFlight = undefined;
       this.#busy = false;
     }
-    this.#drop(countLines(this.#pending.join('')), 'closed');
-    this.#pending = [];
-    this.#behind = 0;
+    this.#dropPending('closed');
     // A write still in the thread pool (a hung file system) closes its file when it returns.
     if (!this.#busy) this.#closeFd();
     for (const r of this.#idle.splice(0)) r();
@@ -138,9 +135,7 @@ export class LineSink {
         }
         if (err) {
           // Unopenable (no such directory, no permission): what waits is lost; the next lines try again.
-          this.#drop(countLines(this.#pending.join('')), err);
-          this.#pending = [];
-          this.#behind = 0;
+          this.#dropPending(err);
           for (const r of this.#idle.splice(0)) r();
           return;
         }
@@ -186,6 +181,13 @@ export class LineSink {
   #closeFd(): void {
     if (this.#fd >= 0 && typeof this.#target !== 'number') fs.close(this.#fd, () => {});
     if (typeof this.#target !== 'number') this.#fd = -1;
+  }
+
+  /** Drop every line that waits (none is in flight). */
+  #dropPending(why: Error | 'closed'): void {
+    this.#drop(countLines(this.#pending.join('')), why);
+    this.#pending = [];
+    this.#behind = 0;
   }
 
   #drop(lines: number, why: Error | 'behind' | 'closed'): void {

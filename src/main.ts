@@ -10,6 +10,7 @@ import { helpText, loadConfig, parseCli, type Config } from './config.ts';
 import { VERSION } from './version.ts';
 import { createProxy } from './server.ts';
 import { LOG_CLOSE_MIN_MS } from './shutdown.ts';
+import { within } from './clock.ts';
 import type { Logger } from './log.ts';
 import { checkHost } from './preflight.ts';
 import { readFileSync, rmSync, writeFileSync } from 'node:fs';
@@ -114,13 +115,7 @@ async function main(argv: string[]): Promise<number> {
     void p.close().then(async () => {
       if (pidFile) removePidFile(pidFile, p.log);
       p.log.info('stopped');
-      await new Promise<void>((r) => {
-        const t = setTimeout(r, LOG_CLOSE_MIN_MS);
-        p.log.flush(() => {
-          clearTimeout(t);
-          r();
-        });
-      });
+      await within(new Promise<void>((r) => p.log.flush(() => r())), LOG_CLOSE_MIN_MS);
       process.exit(0);
     });
   };

@@ -2,6 +2,7 @@
 // rest in order (fills, upstream, access log, the disk's lock, admin, SNMP); past the timeout, cut.
 import type { Server } from 'node:http';
 import type { AccessLog } from './access-log.ts';
+import { within } from './clock.ts';
 import type { Coalescer } from './coalescer.ts';
 import type { Upstream } from './fetch.ts';
 import { stopListening, type Listeners } from './listeners.ts';
@@ -46,10 +47,7 @@ export async function shutdown(p: ShutdownParts, timeoutMs: number): Promise<voi
   cutAll(); // tunnels are not the servers' connections: close() does not wait for them
   // Fills still running or being written to disk: let them land, within what is left of the timeout.
   const left = Math.max(0, timeoutMs - (performance.now() - drainStarted));
-  let wait: NodeJS.Timeout | undefined;
-  const settled = await Promise.race([coalescer.settle().then(() => true), new Promise<boolean>((r) => (wait = setTimeout(() => r(false), left)))]);
-  clearTimeout(wait);
-  if (!settled) {
+  if (!(await within(coalescer.settle(), left))) {
     log.warn({ fills: coalescer.running }, 'shutdown timeout: giving up the fills still running');
     coalescer.abortAll('shutting down');
   }

@@ -255,8 +255,7 @@ export class DiskTier implements Tier {
       if (!info) await this.delete(key);
       return undefined;
     }
-    this.#index.touch(hash); // LRU — or learn it, while the scan is still running
-    if (!this.#index.has(hash)) this.#index.set(hash, info.fileBytes);
+    this.#index.use(hash, info.fileBytes);
     const { bodyOffset, bodyLen, crc } = info;
     let running = 0;
     let fed = 0;
