@@ -43,6 +43,7 @@ export interface CatalogOptions {
   /** Fractions of catalogs (1 MiB) and chunks (16–24 MiB); the rest are 4–64 KiB files. */
   catalogs?: number;
   chunks?: number;
+  chunkMiB?: [number, number];
 }
 
 /** The object list, and the bytes behind it. ~55 MiB for 200 objects with the default mix. */
@@ -55,7 +56,8 @@ export function makeCatalog(o: CatalogOptions): { specs: ObjectSpec[]; bodies: M
   const bodies = new Map<string, Buffer>();
   for (let i = 0; i < o.objects; i++) {
     const kind: ObjectSpec['kind'] = i < nChunks ? 'chunk' : i < nChunks + nCatalogs ? 'catalog' : 'file';
-    const size = kind === 'chunk' ? (16 + Math.floor(rnd() * 8)) * 2 ** 20 : kind === 'catalog' ? 2 ** 20 : 4096 + Math.floor(rnd() * 60 * 1024);
+    const [lo, hi] = o.chunkMiB ?? [16, 24];
+    const size = kind === 'chunk' ? (lo + Math.floor(rnd() * (hi - lo))) * 2 ** 20 : kind === 'catalog' ? 2 ** 20 : 4096 + Math.floor(rnd() * 60 * 1024);
     const body = bytesFor(o.seed * 100_003 + i, size);
     const hash = createHash('sha1').update(body).digest('hex');
     const suffix = kind === 'chunk' ? 'P' : kind === 'catalog' ? 'C' : '';

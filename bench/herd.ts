@@ -41,8 +41,18 @@ export interface Scenario {
   mirrorLatenciesMs?: number[];
   /** Kill the nearest mirror once it has sent this fraction of the catalogue's bytes. */
   killAtFraction?: number;
+  /** Chunk sizes (MiB, min and max) and count; default 16-24 MiB, about 1% of the objects. */
+  chunkMiB?: [number, number];
+  chunks?: number;
   why?: string;
 }
+
+/**
+ * A herd of more than LARGE_HERD nodes fetches what the 10,000-node rig of issue 30 fetched: 11 objects
+ * with one 2 MiB chunk (10,000 × 200 objects would be 550 GB through loopback). --objects overrides it.
+ */
+const LARGE_HERD = 2000;
+const LARGE_HERD_OBJECTS = { objects: 11, chunkMiB: [2, 2] as [number, number], chunks: 1 };
 
 export const SCENARIOS: Record<string, Scenario> = {
   herd: { name: 'herd', kind: 'herd', nodes: 1000, objects: 200, order: 'same', latencyMs: 50 },
@@ -77,7 +87,7 @@ function runNodes(plan: NodesPlan): Promise<NodesReport> {
     // The generator shares core 1 with the Stratum 1 emulator. It runs at a lower priority, so the
     // emulator (a separate machine in real life) is not starved by the clients it serves.
     const pin = hasTaskset ? 'exec nice -n 10 taskset -c 1 "$0" "$@"' : 'exec nice -n 10 "$0" "$@"';
-    const child = spawn('bash', ['-c', `ulimit -n 65536 2>/dev/null; ${pin}`, process.execPath, ...args], { stdio: ['ignore', 'pipe', 'pipe'] });
+    const child = spawn('bash', ['-c', `ulimit -n 65536 2>/dev/null || ulimit -n "$(ulimit -Hn)"; ${pin}`, process.execPath, ...args], { stdio: ['ignore', 'pipe', 'pipe'] });
     let out = '';
     let err = '';
     child.stdout.on('data', (c) => (out += c));
@@ -109,7 +119,7 @@ export interface RunOptions {
 /** One cold run of one scenario against one target. */
 export async function runOnce(o: RunOptions): Promise<RunResult> {
   const sc = o.scenario;
-  const { specs, bodies } = makeCatalog({ repo: REPO, objects: sc.kind === 'hot' ? 0 : sc.objects, seed: o.seed });
+  const { specs, bodies } = makeCatalog({ repo: REPO, objects: sc.kind === 'hot' ? 0 : sc.objects, seed: o.seed, chunkMiB: sc.chunkMiB, chunks: sc.chunks });
   if (sc.kind === 'hot') {
     const b = Buffer.alloc(sc.hotObjectBytes!, 7);
     const hash = (await import('node:crypto')).createHash('sha1').update(b).digest('hex');
@@ -180,7 +190,7 @@ export async function runOnce(o: RunOptions): Promise<RunResult> {
           void emu.close();
         }, 50);
       }
-      const nodes = await runNodes({ proxy: target.url, origin: emu.url, origins: emus.map((e) => e.url), nodes: sc.nodes, connectionsPerNode: o.connectionsPerNode, paths, streamPaths: specs.filter((s) => s.size > 2 ** 20).map((s) => s.path), order: sc.order, seed: o.seed, poll: sc.poll, emulatorStats: `${emu.url}/_emulator/stats` });
+      const nodes = await runNodes({ proxy: target.url, origin: emu.url, origins: emus.map((e) => e.url), nodes: sc.nodes, connectionsPerNode: o.connectionsPerNode, paths, streamPaths: specs.filter((s) => s.kind === 'chunk').map((s) => s.path), backoffMs: 2000, order: sc.order, seed: o.seed, poll: sc.poll, emulatorStats: `${emu.url}/_emulator/stats` });
       clearInterval(killer);
       result.nodes = nodes;
       result.wallS = nodes.wallMs / 1000;
@@ -284,7 +294,7 @@ async function main(): Promise<void> {
     compare: { type: 'string', multiple: true, help: 'another target (repeatable), run in the same rounds; the order alternates (A B C, then C B A)' },
     rounds: { type: 'string', default: '3', help: 'rounds per target; the table shows medians' },
     nodes: { type: 'string', help: 'emulated client nodes (herd scenarios)', shown: "the scenario's (herd: 1000)" },
-    objects: { type: 'string', help: 'objects per mount; every mount has at least one 16-24 MiB chunk and one catalog from 2 objects on', shown: "the scenario's (herd: 200)" },
+    objects: { type: 'string', help: 'objects per mount; every mount has at least one 16-24 MiB chunk and one catalog from 2 objects on', shown: `the scenario's (herd: 200; above ${LARGE_HERD} nodes 11, with one 2 MiB chunk)` },
     connections: { type: 'string', default: '1', help: 'connections per node' },
     'latency-ms': { type: 'string', help: "Stratum 1 emulator latency", shown: "the scenario's (herd: 50)" },
     'memory-cache': { type: 'string', default: '256MB', help: "cuttle's --memory-cache and Squid's cache_mem alike" },
@@ -329,7 +339,9 @@ async function main(): Promise<void> {
       process.stderr.write(`${name}: ${base.why}\n`);
       continue;
     }
-    const sc: Scenario = { ...base, nodes: Number(values.nodes ?? base.nodes), objects: Number(values.objects ?? base.objects), latencyMs: Number(values['latency-ms'] ?? base.latencyMs), hotClient };
+    const nodes = Number(values.nodes ?? base.nodes);
+    const scale = base.kind === 'herd' && nodes > LARGE_HERD && values.objects === undefined ? LARGE_HERD_OBJECTS : {};
+    const sc: Scenario = { ...base, ...scale, nodes, objects: Number(values.objects ?? (scale as { objects?: number }).objects ?? base.objects), latencyMs: Number(values['latency-ms'] ?? base.latencyMs), hotClient };
     const runs: RunResult[] = [];
     for (let round = 1; round <= Number(values.rounds); round++) {
       // Alternate the order (A B, then B A): whatever the machine does over time falls on both targets.

@@ -16,6 +16,9 @@ export interface KernelTcp {
   timeouts: number;
   /** Segments sent again. */
   retransmits: number;
+  /** Connections the kernel could not queue for accept (the listen backlog was full), and all drops there. */
+  listenOverflows: number;
+  listenDrops: number;
 }
 
 type Counters = Omit<KernelTcp, 'peakMemMiB'>;
@@ -41,6 +44,8 @@ function counters(): Counters | undefined {
       receiveDrops: get('TcpExt:TCPRcvQDrop') + get('TcpExt:TCPOFODrop') + get('TcpExt:TCPBacklogDrop'),
       timeouts: get('TcpExt:TCPTimeouts'),
       retransmits: get('Tcp:RetransSegs'),
+      listenOverflows: get('TcpExt:ListenOverflows'),
+      listenDrops: get('TcpExt:ListenDrops'),
     };
   } catch {
     return undefined;
@@ -77,6 +82,8 @@ export function watchKernelTcp(): { stop(): KernelTcp | undefined } {
         receiveDrops: after.receiveDrops - before.receiveDrops,
         timeouts: after.timeouts - before.timeouts,
         retransmits: after.retransmits - before.retransmits,
+        listenOverflows: after.listenOverflows - before.listenOverflows,
+        listenDrops: after.listenDrops - before.listenDrops,
       };
     },
   };

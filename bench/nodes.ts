@@ -3,6 +3,9 @@
 // (default 1, up to 16), absolute-form GETs through the proxy with `User-Agent: cvmfs Fuse 2.11.x`,
 // a 5 s connect timeout, the "proxy too slow" watchdog (under 1 KiB/s for 5 s, first byte included),
 // SHA-1 checks of every data object, and one retry after a failure (with no-cache after a bad hash).
+// A node whose retry fails too has BURNED the proxy: a real client moves to its next proxy, so the node
+// stops here. A labelled 503 (or a refused connection) is a refusal: the client switches proxy at once.
+// Each node connects from its own address in 127.0.0.0/8, so ACLs and per-client accounting see N clients.
 // Input: JSON in argv[2]. Output: one JSON report on stdout; progress lines on stderr.
 import { createHash } from 'node:crypto';
 import { build, type Histogram } from 'hdr-histogram-js';
@@ -27,6 +30,10 @@ export interface NodesPlan {
   streamPaths: string[];
   /** Emulator stats endpoint, read at the end to count who streamed before the first fill completed. */
   emulatorStats: string;
+  /** Connect each node from its own loopback address (127.10.0.1 on); false: the kernel's choice. */
+  sourceAddresses?: boolean;
+  /** Upper bound of the random pause before a same-proxy retry (CVMFS_BACKOFF_INIT, 2 s); 0 for none. */
+  backoffMs?: number;
 }
 
 export interface NodesReport {
@@ -53,6 +60,20 @@ export interface NodesReport {
   tripsByKind: Record<string, number>;
   /** Nodes that moved to another Stratum 1 after a failure. */
   hostSwitches: number;
+  /** Nodes whose retry failed too (too slow, no connect, cut short): they burned the proxy and left. */
+  burnedNodes: number;
+  /** Nodes the proxy refused (a labelled 503, or a refused connection): they switched proxy at once. */
+  refusedNodes: number;
+  /** Time from sending the request to the refusal, ms. */
+  refusalMs: { p50: number; p99: number; max: number };
+  /** Requests never made because their node had left the proxy (burned or refused). */
+  abandoned: number;
+}
+
+/** Node n's source address: 127.10.0.1, 127.10.0.2, … (never .0 or .255 in the last octet). */
+export function sourceAddress(n: number): string {
+  const i = Math.floor(n / 254) * 256 + (n % 254) + 1;
+  return `127.${10 + (i >> 16)}.${(i >> 8) & 255}.${i & 255}`;
 }
 
 const WATCHDOG_MS = 5000;
@@ -78,6 +99,7 @@ async function main(): Promise<void> {
   const kindOf = (p: string) => (p.endsWith('.cvmfspublished') ? 'manifest' : big.has(p) ? 'chunk' : p.endsWith('C') ? 'catalog' : 'file');
   const cpu0 = process.cpuUsage();
   const latency: Histogram = build({ lowestDiscernibleValue: 1, highestTrackableValue: 3_600_000_000, numberOfSignificantValueDigits: 3 });
+  const refusal: Histogram = build({ lowestDiscernibleValue: 1, highestTrackableValue: 3_600_000_000, numberOfSignificantValueDigits: 3 });
   const ttfb: Histogram = build({ lowestDiscernibleValue: 1, highestTrackableValue: 3_600_000_000, numberOfSignificantValueDigits: 3 });
   const errors: Record<string, number> = {};
   const firstErrors: Record<string, number> = {};
@@ -123,7 +145,7 @@ async function main(): Promise<void> {
     const errs = Object.values(errors).reduce((a, b) => a + b, 0);
     const kinds = Object.entries({ ...firstErrors }).map(([k, v]) => `${k}=${v}`).join(' ');
     const trips = Object.entries(tripsByKind).map(([k, v]) => `${k}=${v}`).join(' ');
-    process.stderr.write(`  nodes done ${nodesDone}/${plan.nodes}, requests ${requests}, errors ${errs}${kinds ? ` (first attempts: ${kinds})` : ''}${trips ? ` [trips: ${trips}]` : ''}, generator loop lag max ${(lag.max / 1e6).toFixed(0)} ms\n`);
+    process.stderr.write(`  nodes done ${nodesDone}/${plan.nodes}, requests ${requests}, burned ${burnedNodes}, refused ${refusedNodes}, errors ${errs}${kinds ? ` (first attempts: ${kinds})` : ''}${trips ? ` [trips: ${trips}]` : ''}, generator loop lag max ${(lag.max / 1e6).toFixed(0)} ms\n`);
   }, 2000);
 
   const count = (m: Record<string, number>, k: string) => (m[k] = (m[k] ?? 0) + 1);
@@ -142,6 +164,7 @@ async function main(): Promise<void> {
     const hash = isData ? createHash('sha1') : undefined;
     let status = 0;
     let contentLength = -1;
+    let labelled = false;
     let first = true;
     return new Promise((resolve) => {
       const done = (outcome: string | undefined) => {
@@ -152,12 +175,16 @@ async function main(): Promise<void> {
         { path: `${host}${path}`, method: 'GET', headers },
         {
           onRequestStart(controller) {
+            // The low-speed window runs from the request on its socket; connecting has its own 5 s.
+            a.windowStart = Date.now();
             a.abort.signal.addEventListener('abort', () => controller.abort(new TooSlow('proxy too slow')), { once: true });
           },
           onResponseStart(_c, statusCode, h) {
             status = statusCode;
             const cl = h['content-length'];
             if (typeof cl === 'string') contentLength = Number(cl);
+            // A proxy's own failure carries X-Squid-Error or Proxy-Status error= (cvmfs-notes §1.5).
+            labelled = h['x-squid-error'] !== undefined || /error=/.test(String(h['proxy-status'] ?? ''));
           },
           onResponseData(_c, chunk) {
             if (first) {
@@ -170,6 +197,10 @@ async function main(): Promise<void> {
           },
           onResponseEnd() {
             bytes += a.bytes;
+            if (status >= 500 && labelled) {
+              refusal.recordValue(Math.max(1, Math.round((performance.now() - t0) * 1000)));
+              return done('refused');
+            }
             if (status !== 200) return done(`http-${status}`);
             if (contentLength >= 0 && a.bytes !== contentLength) return done('truncated');
             if (hash) {
@@ -192,7 +223,10 @@ async function main(): Promise<void> {
             }
             const code = (err as { code?: string }).code ?? '';
             if (code === 'UND_ERR_CONNECT_TIMEOUT') return done('connect-timeout');
-            if (code === 'ECONNREFUSED') return done('connect-refused');
+            if (code === 'ECONNREFUSED') {
+              refusal.recordValue(Math.max(1, Math.round((performance.now() - t0) * 1000)));
+              return done('refused');
+            }
             if (code === 'UND_ERR_SOCKET' || code === 'ECONNRESET') return done(a.bytes > 0 ? 'truncated' : 'reset');
             done(`other:${code || err.message}`);
           },
@@ -203,8 +237,19 @@ async function main(): Promise<void> {
 
   const hosts = plan.origins ?? [plan.origin];
   const hostOf = new Map<Pool, number>();
+  const left = new Set<Pool>();
+  const backoff = prng(plan.seed ^ 0x5bd1e995);
   let hostSwitches = 0;
+  let burnedNodes = 0;
+  let refusedNodes = 0;
+  let abandoned = 0;
+  // Failures the client blames on the proxy and retries once on it, after a backoff (cvmfs-notes §1.4, §1.5).
+  const proxyFailure = (e: string) => e === 'watchdog-too-slow' || e === 'connect-timeout' || e === 'reset' || e === 'truncated';
   async function fetchWithRetry(pool: Pool, path: string): Promise<void> {
+    if (left.has(pool)) {
+      abandoned++;
+      return;
+    }
     requests++;
     const h = hostOf.get(pool) ?? 0;
     const e1 = await fetchOnce(pool, path, false, hosts[h]);
@@ -213,17 +258,36 @@ async function main(): Promise<void> {
       return;
     }
     count(firstErrors, e1);
+    if (e1 === 'refused' && hosts.length === 1) {
+      // A labelled 503 or a refused connection: the client switches proxy at once, without a retry.
+      // (With several Stratum 1s and this one proxy, it tries the next Stratum 1 through it instead.)
+      refusedNodes++;
+      left.add(pool);
+      return;
+    }
     // A node with several Stratum 1s moves on after a failure (only if no other lane already did).
     if (hosts.length > 1 && e1 !== 'bad-hash' && (hostOf.get(pool) ?? 0) === h) {
       hostOf.set(pool, (h + 1) % hosts.length);
       hostSwitches++;
     }
+    if (proxyFailure(e1) && plan.backoffMs) await new Promise((r) => setTimeout(r, backoff() * plan.backoffMs!));
     const e2 = await fetchOnce(pool, path, e1 === 'bad-hash', hosts[hostOf.get(pool) ?? 0]);
-    if (!e2) completed++;
-    else count(errors, e2);
+    if (!e2) {
+      completed++;
+      return;
+    }
+    count(errors, e2);
+    if (e2 === 'refused' && hosts.length === 1) {
+      refusedNodes++;
+      left.add(pool);
+    } else if (proxyFailure(e2) && !left.has(pool)) {
+      burnedNodes++;
+      left.add(pool);
+    }
   }
 
-  const pools = Array.from({ length: plan.nodes }, () => new Pool(plan.proxy, { connections: plan.connectionsPerNode, pipelining: 1, connect: { timeout: 5000 }, headersTimeout: 0, bodyTimeout: 0, keepAliveTimeout: 60_000 }));
+  const own = plan.sourceAddresses ?? true;
+  const pools = Array.from({ length: plan.nodes }, (_, n) => new Pool(plan.proxy, { connections: plan.connectionsPerNode, pipelining: 1, connect: { timeout: 5000 }, ...(own ? { localAddress: sourceAddress(n) } : {}), headersTimeout: 0, bodyTimeout: 0, keepAliveTimeout: 60_000 }));
   const started = Date.now();
   await Promise.all(
     pools.map(async (pool, n) => {
@@ -300,6 +364,10 @@ async function main(): Promise<void> {
     generatorStallS: generatorStallMs / 1000,
     tripsByKind,
     hostSwitches,
+    burnedNodes,
+    refusedNodes,
+    refusalMs: { p50: refusal.getValueAtPercentile(50) / 1000, p99: refusal.getValueAtPercentile(99) / 1000, max: refusal.maxValue / 1000 },
+    abandoned,
   };
   process.stdout.write(`${JSON.stringify(report)}\n`);
 }

@@ -69,6 +69,9 @@ export const FIGURES: Figure[] = [
   { label: 'client errors (after retry)', get: (r) => (r.nodes ? Object.values(r.nodes.errors).reduce((a, b) => a + b, 0) : r.hotErrors), better: 'lower' },
   { label: 'first-attempt failures', get: (r) => (r.nodes ? Object.values(r.nodes.firstAttemptErrors).reduce((a, b) => a + b, 0) : undefined), better: 'lower' },
   { label: 'nodes that switched Stratum 1', get: (r) => r.nodes?.hostSwitches, better: 'lower' },
+  { label: 'nodes that burned the proxy (too slow or cut, twice)', get: (r) => r.nodes?.burnedNodes, better: 'lower' },
+  { label: 'nodes refused (labelled 503 or refused connection)', get: (r) => r.nodes?.refusedNodes, better: 'lower' },
+  { label: 'refusal time p99 (ms)', get: (r) => (r.nodes?.refusedNodes ? r.nodes.refusalMs.p99 : undefined), better: 'lower' },
   { label: 'watchdog trips', get: (r) => r.nodes?.watchdogTrips, better: 'lower' },
   { label: 'hash failures', get: (r) => r.nodes?.hashFailures, better: 'lower' },
   { label: 'latency p50 (ms)', get: (r) => r.nodes?.latencyMs.p50, better: 'lower' },
@@ -76,6 +79,7 @@ export const FIGURES: Figure[] = [
   { label: 'latency max (ms)', get: (r) => r.nodes?.latencyMs.max, better: 'lower' },
   { label: 'TTFB p50 (ms)', get: (r) => r.nodes?.ttfbMs.p50, better: 'lower' },
   { label: 'TTFB p99 (ms)', get: (r) => r.nodes?.ttfbMs.p99, better: 'lower' },
+  { label: 'TTFB max (ms)', get: (r) => r.nodes?.ttfbMs.max, better: 'lower' },
   { label: 'chunk waiters with bytes before the first fill completed', get: (r) => (r.nodes ? r.nodes.streamedBeforeFirstFill : undefined), better: 'higher' },
   { label: 'chunk waiters that arrived during the first fill', get: (r) => r.nodes?.waitersDuringFirstFill, better: 'higher' },
   { label: 'goodput (MiB/s)', get: (r) => (r.nodes ? r.goodputMiBs : undefined), better: 'higher' },
@@ -87,12 +91,14 @@ export const FIGURES: Figure[] = [
   { label: 'proxy CPU (s)', get: (r) => r.proxyCpuS, better: 'lower' },
   { label: 'proxy peak RSS (MiB)', get: (r) => r.proxyPeakRssMiB, better: 'lower' },
   { label: 'load generator CPU (s)', get: (r) => r.nodes?.generatorCpuS, better: 'lower' },
+  { label: "load generator's share of its core (≥ 0.9: saturated)", get: (r) => (r.nodes ? r.nodes.generatorCpuS / r.wallS : undefined), better: 'lower' },
   { label: 'load generator loop lag p99 (ms)', get: (r) => r.nodes?.generatorLoopLagMs.p99, better: 'lower' },
   { label: 'load generator stalls excluded from the watchdog (s)', get: (r) => r.nodes?.generatorStallS, better: 'lower' },
   { label: "host's TCP memory peak (MiB)", get: (r) => r.kernelTcp?.peakMemMiB, better: 'lower' },
   { label: 'host TCP memory-pressure episodes', get: (r) => r.kernelTcp?.memoryPressures, better: 'lower' },
   { label: 'segments dropped by receivers (host)', get: (r) => r.kernelTcp?.receiveDrops, better: 'lower' },
   { label: 'retransmission timeouts (host)', get: (r) => r.kernelTcp?.timeouts, better: 'lower' },
+  { label: 'listen queue overflows (host)', get: (r) => r.kernelTcp?.listenOverflows, better: 'lower' },
 ];
 
 export function median(xs: number[]): number {

@@ -30,7 +30,7 @@ const varnishncsaBinary = ['/usr/bin/varnishncsa', '/usr/local/bin/varnishncsa']
 /** Run `cmd args` with a raised open-files limit, pinned to `core` if possible. */
 function launch(cmd: string, args: string[], core: number | undefined, env: NodeJS.ProcessEnv = process.env): ChildProcess {
   const pin = hasTaskset && core !== undefined ? `exec taskset -c ${core} "$0" "$@"` : 'exec "$0" "$@"';
-  return spawn('bash', ['-c', `ulimit -n 65536 2>/dev/null || ulimit -n 4096; ${pin}`, cmd, ...args], { stdio: ['ignore', 'ignore', 'pipe'], env });
+  return spawn('bash', ['-c', `ulimit -n 65536 2>/dev/null || ulimit -n "$(ulimit -Hn)"; ${pin}`, cmd, ...args], { stdio: ['ignore', 'ignore', 'pipe'], env });
 }
 
 async function waitForPort(port: number, child: ChildProcess, stderr: () => string, ms = 20_000): Promise<void> {

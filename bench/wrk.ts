@@ -57,7 +57,7 @@ export async function runWrk(o: { proxy: string; url: string; connections: numbe
   const lua = join(dir, 'proxy.lua');
   writeFileSync(lua, script(o.url));
   const pin = hasTaskset && o.core !== undefined ? `taskset -c ${o.core} ` : '';
-  const cmd = `ulimit -n 65536 2>/dev/null; ${pin}"$0" -t1 -c${o.connections} -d${o.seconds}s --timeout 10s -s "$1" "$2"; s=$?; read -a f < /proc/$$/stat; echo "CPUTICKS $((f[15] + f[16]))"; exit $s`;
+  const cmd = `ulimit -n 65536 2>/dev/null || ulimit -n "$(ulimit -Hn)"; ${pin}"$0" -t1 -c${o.connections} -d${o.seconds}s --timeout 10s -s "$1" "$2"; s=$?; read -a f < /proc/$$/stat; echo "CPUTICKS $((f[15] + f[16]))"; exit $s`;
   try {
     const out = await outputOf('wrk', 'bash', ['-c', cmd, wrkBinary, lua, o.proxy]);
     const json = /WRKJSON (\{.*\})/.exec(out)?.[1];
