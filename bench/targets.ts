@@ -169,8 +169,11 @@ export async function startSquid(port: number, opts: { memoryCacheMB: number; co
 /**
  * nginx as a caching proxy in front of one origin: the reference for per-core efficiency (issue 13).
  * One process (no master), so its CPU and RSS are one pid's. proxy_cache_lock is nginx's coalescing;
- * the access log is on, as cuttle's and Squid's are. nginx is a reverse proxy: it takes the absolute-
- * form request line and serves the path from `origin`, so it fits scenarios with a single origin.
+ * the access log is on, as cuttle's and Squid's are. The http block starts as Debian's own nginx.conf
+ * does (`sendfile on; tcp_nopush on;`, types_hash_max_size): a hit then leaves the cache file by
+ * sendfile(2), as on a Debian host; without it nginx copies through user space and its CPU is inflated.
+ * nginx is a reverse proxy: it takes the absolute-form request line and serves the path from `origin`,
+ * so it fits scenarios with a single origin.
  */
 export function nginxConfig(port: number, dir: string, origin: string): string {
   const up = new URL(origin).host;
@@ -182,6 +185,9 @@ error_log ${join(dir, 'error.log')} warn;
 worker_rlimit_nofile 65536;
 events { worker_connections 65536; }
 http {
+  sendfile on;
+  tcp_nopush on;
+  types_hash_max_size 2048;
   access_log ${join(dir, 'access.log')};
   client_body_temp_path ${join(dir, 'body')};
   proxy_temp_path ${join(dir, 'proxy')};

@@ -11,6 +11,7 @@ import type { Upstream } from './fetch.ts';
 import type { Logger } from './log.ts';
 import type { Metrics } from './metrics.ts';
 import type { Mirrors } from './mirrors.ts';
+import type { Pacer } from './pacer.ts';
 import type { TieredStore } from './store.ts';
 
 export interface Ctx {
@@ -24,6 +25,8 @@ export interface Ctx {
   log: Logger;
   counters: Counters;
   buffers: BufferPool;
+  /** The per-turn budget every response body is written under (fair delivery). */
+  pacer: Pacer;
   metrics: Metrics;
   mirrors: Mirrors;
   /** Open CONNECT tunnels, each by the function that ends it (shutdown cuts them). */

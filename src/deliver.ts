@@ -9,9 +9,11 @@ import type { FillHead, FillReader, FillResponse } from './fill.ts';
 import { clientResponseHeaders, conditionMatches, notModifiedHeaders } from './forward.ts';
 import type { ResponseSink } from './response-sink.ts';
 import { StoreUnavailable, type StoredMeta, type StoredObject } from './store.ts';
+import { READ_BYTES } from './buffer-pool.ts';
+import { SLICE_BYTES } from './pacer.ts';
 
 /** What delivery needs of the proxy. */
-export type DeliveryCtx = Pick<Ctx, 'cfg' | 'buffers' | 'counters' | 'log' | 'store'>;
+export type DeliveryCtx = Pick<Ctx, 'cfg' | 'buffers' | 'counters' | 'log' | 'store' | 'pacer'>;
 
 /** One response being delivered: where it goes, the request's headers, and its transaction. */
 export interface Delivery {
@@ -52,8 +54,43 @@ export function deliverStored(d: Delivery, st: StoredObject): void | Promise<Sto
     d.res.end();
     return;
   }
-  d.tx.bytesOut += body.data.length;
-  d.res.end(body.data);
+  return sendBody(d, body.data);
+}
+
+/** A memory body: its first slice at once, the rest paced (pacer.ts), so no turn writes it all. */
+function sendBody(d: Delivery, body: Buffer): void | Promise<undefined> {
+  d.ctx.pacer.charge(Math.min(body.length, SLICE_BYTES));
+  if (body.length <= SLICE_BYTES) {
+    d.tx.bytesOut += body.length;
+    d.res.end(body);
+    return;
+  }
+  d.tx.bytesOut += SLICE_BYTES;
+  d.res.write(body.subarray(0, SLICE_BYTES));
+  return sendRest(d, body);
+}
+
+async function sendRest(d: Delivery, body: Buffer): Promise<undefined> {
+  const { ctx, res, tx } = d;
+  for (let off = SLICE_BYTES; off < body.length; ) {
+    const n = Math.min(SLICE_BYTES, body.length - off);
+    await ctx.pacer.take(n);
+    if (res.destroyed) {
+      tx.aborted = true;
+      return undefined;
+    }
+    tx.bytesOut += n;
+    const piece = body.subarray(off, off + n);
+    off += n;
+    // The last slice ends the response in the same write, as a whole body's end() would.
+    if (off >= body.length) {
+      res.end(piece);
+      return undefined;
+    }
+    if (!res.write(piece) && res.writableLength >= QUEUE_BYTES) await drained(res);
+  }
+  res.end();
+  return undefined;
 }
 
 async function deliverRecord(d: Delivery, st: StoredObject, body: Extract<StoredObject['body'], { kind: 'file' }>): Promise<StoreUnavailable | undefined> {
@@ -78,6 +115,13 @@ async function deliverRecord(d: Delivery, st: StoredObject, body: Extract<Stored
       return;
     }
     for (let pos = 0; pos < st.size; ) {
+      // The first piece at once, the rest paced (pacer.ts): a pooled buffer is taken once granted.
+      if (pos === 0) ctx.pacer.charge(READ_BYTES);
+      else await ctx.pacer.take(READ_BYTES);
+      if (res.destroyed) {
+        tx.aborted = true;
+        return;
+      }
       const pooled = ctx.buffers.acquire();
       const b = await body.read(pos, pooled.length, pooled);
       if (b.length === 0) {
@@ -237,15 +281,9 @@ export async function streamFill(d: Delivery, fill: FillReader, response: FillRe
     headOut = true;
   };
   let graced = false;
-  let burst = 0;
+  let firstSlice = true;
   for (;;) {
     if (off >= stop) break;
-    // Fairness: bytes already in memory can be written without ever awaiting, so one reader could
-    // hold the event loop for megabytes while new requests and the upstream wait. Yield regularly.
-    if (burst >= BURST_BYTES) {
-      burst = 0;
-      await nextTurn();
-    }
     if (res.destroyed) {
       tx.aborted = true;
       return;
@@ -272,9 +310,26 @@ export async function streamFill(d: Delivery, fill: FillReader, response: FillRe
       continue;
     }
     if (p === 'spill') flushHead();
+    // Fair delivery (pacer.ts): the first slice at once, each later one when this turn's budget allows,
+    // so bytes already in memory never hold the loop for megabytes while others wait. Granted before a
+    // pooled buffer is taken: a reader that waits holds none.
+    const want = p === 'spill' ? READ_BYTES : Math.min(p.length, SLICE_BYTES, stop - off);
+    if (firstSlice) ctx.pacer.charge(want);
+    else {
+      const granted = ctx.pacer.take(want);
+      if (granted) {
+        await granted;
+        if (res.destroyed) {
+          tx.aborted = true;
+          return;
+        }
+      }
+    }
+    firstSlice = false;
     const pooled = p === 'spill' ? ctx.buffers.acquire() : undefined;
     let buf = pooled ? await fill.readSpill(off, pooled) : (p as Buffer);
     if (off + buf.length > stop) buf = buf.subarray(0, stop - off);
+    if (buf.length > SLICE_BYTES) buf = buf.subarray(0, SLICE_BYTES);
     if (buf.length === 0) {
       if (pooled) ctx.buffers.release(pooled);
       flushHead();
@@ -282,7 +337,6 @@ export async function streamFill(d: Delivery, fill: FillReader, response: FillRe
       continue;
     }
     off += buf.length;
-    burst += buf.length;
     tx.bytesOut += buf.length;
     headOut = true;
     // Bytes from the fill's memory may queue up to QUEUE_BYTES for the socket before waiting for
@@ -348,7 +402,6 @@ async function readVerified(body: Extract<StoredObject['body'], { kind: 'file' }
   return whole.length === size && body.verify() === 'ok' ? whole : undefined;
 }
 
-const BURST_BYTES = 1024 * 1024;
 /** What a fill's reader may queue for its socket beyond the kernel's buffer before it waits for `drain`. */
 const QUEUE_BYTES = 128 * 1024;
 

@@ -14,6 +14,7 @@
 // answer (stored object, disk record or fill, with its head, 304/416 and range), pass.ts forwards what is
 // not cached, freshness.ts holds the storable and stale rules. (A plain fresh memory hit on a connection
 // still in the hit lane is answered before any of this: hit-lane.ts, with plainLaneRequest below.)
+import { SLICE_BYTES } from './pacer.ts';
 import type { IncomingHttpHeaders, IncomingMessage, ServerResponse } from 'node:http';
 import { localHint, plainAddress } from './acl.ts';
 import { newTransaction, recordTransaction } from './access-log.ts';
@@ -79,7 +80,7 @@ export function handleRequest(ctx: Ctx, req: IncomingMessage, res: ServerRespons
 function run(s: State, step: Next): void | Promise<void> {
   try {
     while (step) {
-      if (s.lane && step !== 'busy' && step !== 'deliverFill' && step !== 'synth') {
+      if (s.lane && step !== 'busy' && step !== 'deliverFill' && step !== 'synth' && step !== 'hit') {
         s.handedOff = true;
         return;
       }
@@ -232,8 +233,19 @@ export function plainLaneRequest(ctx: Ctx, method: string, target: string, heade
   if (st) {
     if (!isFresh(st.policy)) return undefined;
     const tx = newTransaction({ startedAt: ctx.clock.now(), client, method, url: p.url.href, headers, httpVersion: '1.1' });
-    tx.result = 'TCP_MEM_HIT';
     tx.lane = 'hit';
+    // A body past one slice is paced (pacer.ts): answered like a join, by the hit step, and the lane
+    // reads the connection again once it has left.
+    if (method === 'GET' && st.body.kind === 'buffer' && st.body.data.length > SLICE_BYTES) {
+      return (res) => {
+        const s: State = { ctx, res, reqHeaders: headers, tx, accel: false, lane: true, url: p.url, primary: p.primary, key: p.primary, vary: [], cas: p.cas, staleAvailable: false, stored: st };
+        // The lane reads on once this answer has left, so the next one (and its log line) follows it.
+        return Promise.resolve(run(s, 'hit'))
+          .then(() => new Promise<void>((over) => res.once('close', over)))
+          .then(() => (s.handedOff ? 'handoff' : 'done'));
+      };
+    }
+    tx.result = 'TCP_MEM_HIT';
     noteStored(tx, st);
     return { tx, st };
   }

@@ -6,6 +6,7 @@ import { MAX_BEHIND_BYTES, openAccessLog, type AccessLog } from './access-log.ts
 import { createAdminServer, type AdminState } from './admin.ts';
 import { BufferPool } from './buffer-pool.ts';
 import { primaryKey } from './cache-key.ts';
+import { Pacer } from './pacer.ts';
 import { systemClock, type Clock } from './clock.ts';
 import { Coalescer } from './coalescer.ts';
 import type { Config, ListenAddr } from './config.ts';
@@ -38,6 +39,8 @@ export interface Proxy {
   readonly store: TieredStore;
   readonly disk: DiskTier;
   readonly coalescer: Coalescer;
+  /** The per-turn budget response bodies leave under (fair delivery). */
+  readonly pacer: Pacer;
   readonly log: Logger;
   /** The mirror groups in force (replaced by a reload that changes them). */
   readonly mirrors: Mirrors;
@@ -150,7 +153,8 @@ export async function createProxy(cfg: Config, opts: ProxyOptions = {}): Promise
   };
   const metrics = new Metrics(sources);
   coalescer.onFillDone = (readers) => metrics.fillDone(readers);
-  const ctx: Ctx = { cfg, acl: live.acl, clock, store, coalescer, upstream, accessLog, log, counters, buffers, metrics, mirrors: live.mirrors, tunnels: new Set() };
+  const pacer = new Pacer();
+  const ctx: Ctx = { cfg, acl: live.acl, clock, store, coalescer, upstream, accessLog, log, counters, buffers, pacer, metrics, mirrors: live.mirrors, tunnels: new Set() };
   live.onMirrors = (fresh) => {
     ctx.mirrors = fresh;
     coalescer.useMirrors(fresh);
@@ -168,6 +172,7 @@ export async function createProxy(cfg: Config, opts: ProxyOptions = {}): Promise
     store,
     disk,
     coalescer,
+    pacer,
     log,
     get mirrors() {
       return live.mirrors;

@@ -1,0 +1,77 @@
+// Fair delivery: response bodies leave in slices, under one byte budget per event-loop turn shared by
+// every response in flight. Why: a turn that writes megabytes to thousands of sockets delays every other
+// socket's next byte, and every new request's first one, by that turn's length; at 10,000 clients that
+// reached the CVMFS client's 5 s watchdog. With a budget, a turn stays short: the first slice of each
+// response goes out at once (the watchdog counts the first byte), and the bulk after it takes turns,
+// oldest waiter first, so every reader advances while bytes are there and none starves.
+
+/** What one response writes at a time: a first byte's slice, and each later turn's share. */
+export const SLICE_BYTES = 64 * 1024;
+
+/** Body bytes all responses together write per turn beyond their first slices (~1 ms of copying). */
+export const TURN_BYTES = 4 * 2 ** 20;
+
+export class Pacer {
+  readonly #turnBytes: number;
+  #left: number;
+  /** Responses waiting for a slice, oldest first: one entry per response, so bounded by connections. */
+  #waiting: (() => void)[] = [];
+  #head = 0;
+  #armed = false;
+
+  constructor(turnBytes = TURN_BYTES) {
+    this.#turnBytes = turnBytes;
+    this.#left = turnBytes;
+  }
+
+  /** Responses waiting for their next slice now. */
+  get waiting(): number {
+    return this.#waiting.length - this.#head;
+  }
+
+  /** Count a first slice against this turn's budget: it never waits. */
+  charge(n: number): void {
+    this.#left -= n;
+    this.#arm();
+  }
+
+  /**
+   * Take `n` bytes of this turn's budget: undefined when granted now, else a promise that resolves on a
+   * later turn with the slice granted (do not take again).
+   */
+  take(n: number): Promise<void> | undefined {
+    // A response that finds others waiting queues behind them, whatever is left: oldest first.
+    if (this.#left > 0 && this.waiting === 0) {
+      this.charge(n);
+      return undefined;
+    }
+    this.#arm();
+    return new Promise((resolve) => this.#waiting.push(resolve));
+  }
+
+  #arm(): void {
+    if (this.#armed) return;
+    this.#armed = true;
+    setImmediate(this.#turn);
+  }
+
+  // Once per turn (setImmediate runs right after the poll phase): a fresh budget, given first to the
+  // oldest waiters, a slice each; the rest of it goes to whoever writes during the next poll phase.
+  readonly #turn = (): void => {
+    this.#armed = false;
+    this.#left = this.#turnBytes;
+    const w = this.#waiting;
+    while (this.#left > 0 && this.#head < w.length) {
+      this.#left -= SLICE_BYTES;
+      w[this.#head++]!();
+    }
+    if (this.#head === w.length) {
+      this.#waiting = [];
+      this.#head = 0;
+    } else if (this.#head > 4096 && this.#head * 2 > w.length) {
+      this.#waiting = w.slice(this.#head);
+      this.#head = 0;
+    }
+    if (this.waiting > 0) this.#arm();
+  };
+}
