@@ -11,7 +11,7 @@ import { parseArgs } from 'node:util';
 import { makeCatalog, startEmulator, type EmulatorOptions } from './emulator.ts';
 import type { NodesPlan, NodesReport } from './nodes.ts';
 import { HOT_CONNECTIONS, markdownTable, svgChart, type RunResult } from './report.ts';
-import { kernelTcpWarning, watchKernelTcp } from './kernel-tcp.ts';
+import { kernelTcpWarning, somaxconn, watchKernelTcp } from './kernel-tcp.ts';
 import { externalTarget, hasTaskset, nginxBinary, procStats, squidBinary, startCuttle, startNginx, startNodeHttp, startSquid, startAts, startVarnish, atsBinary, varnishBinary, type Target } from './targets.ts';
 import { runBulk } from './bulk.ts';
 import { runWrk, wrkBinary } from './wrk.ts';
@@ -44,6 +44,8 @@ export interface Scenario {
   /** Chunk sizes (MiB, min and max) and count; default 16-24 MiB, about 1% of the objects. */
   chunkMiB?: [number, number];
   chunks?: number;
+  /** More arguments for cuttle in this scenario (overload: its connection limit). */
+  cuttleArgs?: string[];
   why?: string;
 }
 
@@ -65,6 +67,10 @@ export const SCENARIOS: Record<string, Scenario> = {
   // Does --memory-cache bound memory? Many distinct small objects through a small memory tier; RSS is
   // read before and after (the bench's --memory-cache sets cuttle's tier and Squid's cache_mem alike).
   memory: { name: 'memory', kind: 'memory', nodes: 0, objects: 0, order: 'same', latencyMs: 0, memoryObjects: 100_000, memoryObjectBytes: 512 },
+  // Overload: twice the nodes cuttle admits (--max-client-connections 2000), as one herd. Each node either
+  // completes or is refused at once (a labelled 503), and switches proxy: none may trickle into a burn.
+  // The other targets run with their own limits (Squid and nginx have no refusal of this kind).
+  overload: { name: 'overload', kind: 'herd', nodes: 4000, objects: 11, chunkMiB: [2, 2], chunks: 1, order: 'same', latencyMs: 50, cuttleArgs: ['--max-client-connections', '2000'] },
   'manifest-poll': { name: 'manifest-poll', kind: 'poll', nodes: 1000, objects: 0, order: 'same', latencyMs: 50, poll: { everyMs: 5000, forMs: 60_000 } },
 };
 
@@ -136,7 +142,7 @@ export async function runOnce(o: RunOptions): Promise<RunResult> {
   const port = await freePort();
   let target: Target;
   const mirrorArgs = others.length ? emus.flatMap((e) => ['--stratum1', e.url, '--probe-repo', REPO]) : [];
-  if (o.target === 'cuttle') target = await startCuttle(port, { memoryCache: o.memoryCache, extra: [...mirrorArgs, ...(o.cuttleArgs ?? [])] });
+  if (o.target === 'cuttle') target = await startCuttle(port, { memoryCache: o.memoryCache, extra: [...mirrorArgs, ...(sc.cuttleArgs ?? []), ...(o.cuttleArgs ?? [])] });
   else if (o.target === 'squid') target = await startSquid(port, { memoryCacheMB: Math.round(parseSizeMB(o.memoryCache)) });
   else if (o.target === 'nginx') {
     if (others.length) throw new Error(`${sc.name} has several mirrors; nginx proxies one origin`);
@@ -342,6 +348,7 @@ async function main(): Promise<void> {
     const nodes = Number(values.nodes ?? base.nodes);
     const scale = base.kind === 'herd' && nodes > LARGE_HERD && values.objects === undefined ? LARGE_HERD_OBJECTS : {};
     const sc: Scenario = { ...base, ...scale, nodes, objects: Number(values.objects ?? (scale as { objects?: number }).objects ?? base.objects), latencyMs: Number(values['latency-ms'] ?? base.latencyMs), hotClient };
+    if (sc.kind === 'herd' && somaxconn() < sc.nodes) process.stderr.write(`${name}: net.core.somaxconn is ${somaxconn()}, below ${sc.nodes} nodes connecting at once: connections past every listen queue wait for SYN-ACK retries, whatever the proxy. For figures about the proxy: sysctl -w net.core.somaxconn=65535 (and undo afterwards)\n`);
     const runs: RunResult[] = [];
     for (let round = 1; round <= Number(values.rounds); round++) {
       // Alternate the order (A B, then B A): whatever the machine does over time falls on both targets.

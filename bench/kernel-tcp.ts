@@ -91,6 +91,20 @@ export function watchKernelTcp(): { stop(): KernelTcp | undefined } {
 
 /** A line for stderr when the kernel dropped segments or ran short of TCP memory during the run. */
 export function kernelTcpWarning(k: KernelTcp | undefined): string | undefined {
-  if (!k || (k.memoryPressures === 0 && k.receiveDrops === 0)) return undefined;
-  return `  kernel TCP: ${k.memoryPressures} memory-pressure episodes, ${k.receiveDrops} segments dropped by receivers, ${k.timeouts} retransmission timeouts (peak ${k.peakMemMiB.toFixed(0)} MiB of TCP memory against net.ipv4.tcp_mem): wall time and latency include loss recovery\n`;
+  if (!k) return undefined;
+  const out: string[] = [];
+  if (k.memoryPressures > 0 || k.receiveDrops > 0) out.push(`  kernel TCP: ${k.memoryPressures} memory-pressure episodes, ${k.receiveDrops} segments dropped by receivers, ${k.timeouts} retransmission timeouts (peak ${k.peakMemMiB.toFixed(0)} MiB of TCP memory against net.ipv4.tcp_mem): wall time and latency include loss recovery\n`);
+  // A connection the accept queue had no room for looks connected to its client, whose request then
+  // waits for the kernel's SYN-ACK retries (1 s, 3 s, 7 s): watchdog trips that are the host's doing.
+  if (k.listenOverflows > 0) out.push(`  kernel TCP: ${k.listenOverflows} connections overflowed a listen queue (net.core.somaxconn is ${somaxconn()}): their first bytes waited for SYN-ACK retries; raise it for herds this large\n`);
+  return out.length ? out.join('') : undefined;
+}
+
+/** The kernel's cap on every listen backlog. */
+export function somaxconn(): number {
+  try {
+    return Number(readFileSync('/proc/sys/net/core/somaxconn', 'utf8').trim());
+  } catch {
+    return NaN;
+  }
 }
