@@ -1,8 +1,21 @@
 // A Stratum 1 emulator: a CVMFS-shaped URL space for the herd benchmark and the compose demo.
 //   /cvmfs/<repo>/.cvmfspublished      max-age=61, text manifest with a revision
 //   /cvmfs/<repo>/data/XX/<sha1>[C|P]  bytes whose SHA-1 is the name, max-age=259200
-// Knobs: first-byte latency, per-response and total bandwidth caps, and faults (reset after N bytes,
-// a 5xx rate, corrupt bytes). It counts requests per path and reports them on GET /_emulator/stats.
+// Knobs: first-byte latency, per-response and total bandwidth caps, faults (reset after N bytes, a 5xx
+// rate, corrupt bytes), and the delays of a WAN (below). It counts requests per path and reports them on
+// GET /_emulator/stats.
+//
+// The WAN model (option wan, default off), kept simple on purpose:
+//   - first byte one RTT after the request, plus one more RTT for the first request on a connection (the
+//     TCP handshake the emulator cannot see);
+//   - a response goes out in rounds of one RTT, as TCP slow start: the window starts at 10 segments
+//     (14,600 bytes) and doubles each round up to maxWindowBytes (4 MiB), so one connection peaks near
+//     maxWindowBytes per RTT. Every response starts from the initial window (Linux restarts slow start on
+//     a connection idle longer than its RTO, which a keep-alive connection between objects usually is);
+//   - loss as stalls: with stallProbability per round, that round waits a retransmission timeout drawn
+//     from stallMs first. The draws are seeded per path and per request of that path, so a run repeats
+//     them whatever the interleaving.
+// Bandwidth and queueing are the link's: bench/wan.ts puts the emulator behind a shaped veth.
 import { createHash } from 'node:crypto';
 import { once } from 'node:events';
 import { createServer, type Server, type ServerResponse } from 'node:http';
@@ -40,9 +53,10 @@ export interface CatalogOptions {
   repo: string;
   objects: number;
   seed: number;
-  /** Fractions of catalogs (1 MiB) and chunks (16–24 MiB); the rest are 4–64 KiB files. */
+  /** Counts of catalogs (1 MiB) and chunks; the rest are 4–64 KiB files. */
   catalogs?: number;
   chunks?: number;
+  /** Chunk sizes, whole MiB from lo to below hi ([n, n]: exactly n MiB). Default [16, 24]. */
   chunkMiB?: [number, number];
 }
 
@@ -52,11 +66,11 @@ export function makeCatalog(o: CatalogOptions): { specs: ObjectSpec[]; bodies: M
   // At least one chunk and one catalog from 2 objects on, so a small --objects still has big objects.
   const nChunks = o.chunks ?? (o.objects >= 50 ? Math.max(2, Math.round(o.objects * 0.01)) : o.objects >= 2 ? 1 : 0);
   const nCatalogs = o.catalogs ?? (o.objects >= 3 ? Math.max(1, Math.round(o.objects * 0.04)) : 0);
+  const [lo, hi] = o.chunkMiB ?? [16, 24];
   const specs: ObjectSpec[] = [];
   const bodies = new Map<string, Buffer>();
   for (let i = 0; i < o.objects; i++) {
     const kind: ObjectSpec['kind'] = i < nChunks ? 'chunk' : i < nChunks + nCatalogs ? 'catalog' : 'file';
-    const [lo, hi] = o.chunkMiB ?? [16, 24];
     const size = kind === 'chunk' ? (lo + Math.floor(rnd() * (hi - lo))) * 2 ** 20 : kind === 'catalog' ? 2 ** 20 : 4096 + Math.floor(rnd() * 60 * 1024);
     const body = bytesFor(o.seed * 100_003 + i, size);
     const hash = createHash('sha1').update(body).digest('hex');
@@ -92,7 +106,23 @@ export interface EmulatorOptions {
   /** Flip a byte in these paths only. */
   corruptPaths?: Set<string>;
   seed?: number;
+  /** The delays of a WAN between the proxy and this Stratum 1 (see the top of this file). */
+  wan?: WanDelays;
 }
+
+export interface WanDelays {
+  rttMs: number;
+  /** The window of a response's first round, bytes. Default 14,600 (10 segments of 1,460). */
+  initialWindowBytes?: number;
+  /** The largest window, bytes. Default 4 MiB. */
+  maxWindowBytes?: number;
+  /** Chance that a round stalls for a retransmission timeout. Default 0.002. */
+  stallProbability?: number;
+  /** The retransmission timeout's range, ms. Default [200, 1000]. */
+  stallMs?: [number, number];
+}
+
+export const WAN_DEFAULTS = { initialWindowBytes: 14_600, maxWindowBytes: 4 * 2 ** 20, stallProbability: 0.002, stallMs: [200, 1000] as [number, number] };
 
 export interface EmulatorStats {
   requests: number;
@@ -104,6 +134,8 @@ export interface EmulatorStats {
   ranges: string[];
   /** Health probes of a proxy (User-Agent cuttle-probe), not in requests or perPath. */
   probes: number;
+  /** WAN rounds that stalled for a retransmission timeout. */
+  stalls: number;
 }
 
 export interface Emulator {
@@ -118,10 +150,22 @@ export interface Emulator {
 
 const SLICE = 64 * 1024;
 
+/** A number for a string (FNV-1a), to seed a path's own stall draws. */
+function fnv(s: string): number {
+  let h = 0x811c9dc5;
+  for (let i = 0; i < s.length; i++) h = Math.imul(h ^ s.charCodeAt(i), 0x01000193);
+  return h >>> 0;
+}
+
 export async function startEmulator(o: EmulatorOptions, port = 0, host = '127.0.0.1'): Promise<Emulator> {
-  const stats: EmulatorStats = { requests: 0, bytes: 0, perPath: {}, firstComplete: {}, ranges: [], probes: 0 };
+  const stats: EmulatorStats = { requests: 0, bytes: 0, perPath: {}, firstComplete: {}, ranges: [], probes: 0, stalls: 0 };
   const rnd = prng(o.seed ?? 7);
   const sockets = new Set<Socket>();
+  const wan = o.wan && { ...WAN_DEFAULTS, ...o.wan };
+  // Connections that have had their first request (its handshake RTT).
+  const warm = new WeakSet<Socket>();
+  // Requests per path, probes included, so every request draws its own stalls.
+  const draws = new Map<string, number>();
   let totalBudgetAt = Date.now();
   const emu: Emulator = { url: '', port: 0, stats, revision: 1, publishedAtS: undefined, close: async () => {} };
 
@@ -143,8 +187,30 @@ export async function startEmulator(o: EmulatorOptions, port = 0, host = '127.0.
     else res.writeHead(200, { 'content-length': String(body.length), ...headers });
     if (head) return void res.end();
     const started = Date.now();
-    for (let off = 0; off < body.length; off += SLICE) {
-      let slice = body.subarray(off, Math.min(body.length, off + SLICE));
+    const n = (draws.get(path) ?? 0) + 1;
+    draws.set(path, n);
+    const stallRnd = prng(((o.seed ?? 7) * 1_000_003 + fnv(path) + n * 7919) >>> 0);
+    let window = wan?.initialWindowBytes ?? Infinity;
+    let roundLeft = 0; // bytes left in this round; a round starts when they are spent
+    let roundAt = started; // when this round started
+    let first = true;
+    for (let off = 0; off < body.length; ) {
+      if (res.destroyed) return; // the client left: no drain will come
+      if (wan && roundLeft === 0) {
+        // The next round leaves one RTT after this one; a lost segment of it first waits an RTO.
+        const due = first ? started : roundAt + wan.rttMs;
+        if (!first) window = Math.min(window * 2, wan.maxWindowBytes);
+        first = false;
+        let wait = due - Date.now();
+        if (stallRnd() < wan.stallProbability) {
+          stats.stalls++;
+          wait += wan.stallMs[0] + stallRnd() * (wan.stallMs[1] - wan.stallMs[0]);
+        }
+        if (wait > 0) await sleep(wait);
+        roundAt = Date.now();
+        roundLeft = window;
+      }
+      let slice = body.subarray(off, Math.min(body.length, off + SLICE, off + (wan ? roundLeft : SLICE)));
       if (o.resetAfterBytes !== undefined && off + slice.length > o.resetAfterBytes) {
         res.write(slice.subarray(0, Math.max(0, o.resetAfterBytes - off)));
         res.socket?.destroy();
@@ -161,6 +227,8 @@ export async function startEmulator(o: EmulatorOptions, port = 0, host = '127.0.
         if (wait > 0) await sleep(wait);
       }
       stats.bytes += slice.length;
+      off += slice.length;
+      if (wan) roundLeft -= slice.length;
       if (!res.write(slice)) await once(res, 'drain');
     }
     res.end(() => {
@@ -186,6 +254,11 @@ export async function startEmulator(o: EmulatorOptions, port = 0, host = '127.0.
     }
     if (req.headers.range) stats.ranges.push(`${path} ${req.headers.range}`);
     if (o.latencyMs) await sleep(o.latencyMs);
+    if (wan) {
+      const handshake = !warm.has(req.socket);
+      warm.add(req.socket);
+      await sleep(wan.rttMs * (handshake ? 2 : 1));
+    }
     if (o.errorRate && rnd() < o.errorRate) {
       res.writeHead(503, { 'content-type': 'text/plain' });
       return void res.end('emulated failure\n');
