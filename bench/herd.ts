@@ -8,7 +8,8 @@ import { mkdirSync, readFileSync, writeFileSync } from 'node:fs';
 import { createServer } from 'node:net';
 import { join } from 'node:path';
 import { parseArgs } from 'node:util';
-import { makeCatalog, startEmulator, type EmulatorOptions } from './emulator.ts';
+import { makeCatalog, startEmulator, type EmulatorOptions, type EmulatorStats } from './emulator.ts';
+import { startWanEmulator, type WanOptions } from './wan.ts';
 import type { NodesPlan, NodesReport } from './nodes.ts';
 import { HOT_CONNECTIONS, markdownTable, svgChart, type RunResult } from './report.ts';
 import { kernelTcpWarning, somaxconn, watchKernelTcp } from './kernel-tcp.ts';
@@ -120,6 +121,17 @@ export interface RunOptions {
   connectionsPerNode: number;
   /** More command-line arguments for cuttle (try a setting against the defaults). */
   cuttleArgs?: string[];
+  /** Put the Stratum 1 emulator behind a WAN (bench/wan.ts): its RTT replaces the scenario's latency. */
+  wan?: Omit<WanOptions, 'emulator'>;
+}
+
+/** A Stratum 1 emulator of a run, in this process or (WAN) in a child: its stats are read at the end. */
+interface RunOrigin {
+  url: string;
+  /** In-process only: the live counters (mirror-kill watches them). */
+  live?: EmulatorStats;
+  snapshot(): Promise<EmulatorStats>;
+  close(): Promise<void>;
 }
 
 /** One cold run of one scenario against one target. */
@@ -133,11 +145,23 @@ export async function runOnce(o: RunOptions): Promise<RunResult> {
     bodies.set(path, b);
     specs.push({ path, hash, size: b.length, kind: 'file' });
   }
+  const result0: Partial<RunResult> = {};
   const emuOpts: EmulatorOptions = { repo: REPO, bodies, latencyMs: sc.latencyMs, chunkBytesPerSec: sc.chunkBytesPerSec, seed: o.seed };
-  const emu = await startEmulator(emuOpts);
+  const local = async (opts: EmulatorOptions): Promise<RunOrigin> => {
+    const e = await startEmulator(opts);
+    return { url: e.url, live: e.stats, snapshot: async () => e.stats, close: () => e.close() };
+  };
+  let emu: RunOrigin;
+  if (o.wan) {
+    if (sc.kind !== 'herd' || sc.mirrorLatenciesMs) throw new Error(`--wan runs the herd scenarios with one Stratum 1, not ${sc.name}`);
+    const w = await startWanEmulator({ ...o.wan, emulator: { catalog: { repo: REPO, objects: sc.objects, seed: o.seed, chunkMiB: sc.chunkMiB, chunks: sc.chunks }, chunkBytesPerSec: sc.chunkBytesPerSec, seed: o.seed } });
+    result0.wan = `${w.mode}${w.why ? ` (${w.why})` : ''}, RTT ${o.wan.rttMs ?? 80} ms, ${o.wan.rateMbit ?? 1000} Mbit/s`;
+    process.stderr.write(`  WAN: ${w.mode}${w.why ? ` (${w.why})` : ` ${w.netns} over ${w.veth}`}, RTT ${o.wan.rttMs ?? 80} ms, ${o.wan.rateMbit ?? 1000} Mbit/s, Stratum 1 at ${w.url}\n`);
+    emu = { url: w.url, snapshot: () => w.stats(), close: () => w.close() };
+  } else emu = await local(emuOpts);
   // mirror-kill: two more mirrors with the same content, farther away. cuttle is told they are one group;
   // Squid has no such notion, and its nodes fail over to the next Stratum 1 themselves.
-  const others = await Promise.all((sc.mirrorLatenciesMs ?? []).slice(1).map((latencyMs) => startEmulator({ ...emuOpts, latencyMs })));
+  const others = await Promise.all((sc.mirrorLatenciesMs ?? []).slice(1).map((latencyMs) => local({ ...emuOpts, latencyMs })));
   const emus = [emu, ...others];
   const port = await freePort();
   let target: Target;
@@ -159,7 +183,7 @@ export async function runOnce(o: RunOptions): Promise<RunResult> {
   const t0 = Date.now();
   const cpu0 = procStats(target).cpuS;
   const kernel = watchKernelTcp();
-  const result: RunResult = { scenario: sc.name, target: target.name, round: o.round, startedAt, uniqueObjects: 0, upstreamFetches: 0, emulatorRequests: 0, fetchesPerObjectMean: NaN, fetchesPerObjectMax: NaN, objectsFetchedMoreThanOnce: 0, proxyCpuS: NaN, proxyPeakRssMiB: NaN, goodputMiBs: NaN, wallS: NaN };
+  const result: RunResult = { scenario: sc.name, target: target.name, round: o.round, startedAt, uniqueObjects: 0, upstreamFetches: 0, emulatorRequests: 0, fetchesPerObjectMean: NaN, fetchesPerObjectMax: NaN, objectsFetchedMoreThanOnce: 0, proxyCpuS: NaN, proxyPeakRssMiB: NaN, goodputMiBs: NaN, wallS: NaN, ...result0 };
   try {
     if (sc.kind === 'memory') {
       const m = await fillMany(target.url, sc.memoryObjects!, sc.memoryObjectBytes!, target.pid);
@@ -189,7 +213,7 @@ export async function runOnce(o: RunOptions): Promise<RunResult> {
       if (sc.killAtFraction) {
         const total = specs.reduce((a, x) => a + x.size, 0);
         killer = setInterval(() => {
-          if (emu.stats.bytes < total * sc.killAtFraction!) return;
+          if (emu.live!.bytes < total * sc.killAtFraction!) return;
           clearInterval(killer);
           result.mirrorKilledAtS = (Date.now() - t0) / 1000;
           process.stderr.write(`  killing the nearest mirror at ${result.mirrorKilledAtS.toFixed(1)} s\n`);
@@ -204,14 +228,16 @@ export async function runOnce(o: RunOptions): Promise<RunResult> {
     }
     // Data objects are immutable: more than one fetch is a coalescing failure. The manifest expires
     // after 61 s, so a run longer than that legitimately fetches it again: it is counted apart.
+    const stats = await Promise.all(emus.map((e) => e.snapshot().catch(() => e.live)));
     const merged: Record<string, number> = {};
-    for (const e of emus) for (const [p, n] of Object.entries(e.stats.perPath)) merged[p] = (merged[p] ?? 0) + n;
+    for (const st of stats) for (const [p, n] of Object.entries(st?.perPath ?? {})) merged[p] = (merged[p] ?? 0) + n;
     const perPath = Object.entries(merged);
     const counts = perPath.filter(([p]) => p.includes('/data/')).map(([, n]) => n);
     result.manifestFetches = perPath.filter(([p]) => !p.includes('/data/')).reduce((a, [, n]) => a + n, 0);
     result.uniqueObjects = counts.length;
     result.upstreamFetches = perPath.reduce((a, [, n]) => a + n, 0);
-    result.emulatorRequests = emus.reduce((a, e) => a + e.stats.requests, 0);
+    result.emulatorRequests = stats.reduce((a, st) => a + (st?.requests ?? 0), 0);
+    if (o.wan) result.wanStalls = stats[0]?.stalls;
     result.fetchesPerObjectMean = counts.length ? counts.reduce((a, b) => a + b, 0) / counts.length : NaN;
     result.fetchesPerObjectMax = counts.length ? Math.max(...counts) : NaN;
     result.objectsFetchedMoreThanOnce = counts.filter((c) => c > 1).length;
@@ -306,6 +332,11 @@ async function main(): Promise<void> {
     'memory-cache': { type: 'string', default: '256MB', help: "cuttle's --memory-cache and Squid's cache_mem alike" },
     'hot-client': { type: 'string', help: 'load generator of the hot scenarios: wrk (reads 8 KiB per call) or bulk (bench/bulk.ts, 64 KiB reads)', shown: 'wrk for hot-small, bulk for hot-large and hot-chunk' },
     'cuttle-args': { type: 'string', help: "more arguments for cuttle, e.g. '--fill-memory 64MB'", shown: 'none' },
+    wan: { type: 'boolean', help: 'herd scenarios: the Stratum 1 emulator behind a WAN (bench/wan.ts): its own network namespace over a veth shaped with tc tbf when root with iproute2, else loopback with the same delays; its RTT replaces --latency-ms' },
+    'wan-rtt-ms': { type: 'string', default: '80', help: 'WAN round-trip time: first byte after one RTT (two on a new connection), slow start in rounds of one RTT' },
+    'wan-rate-mbit': { type: 'string', default: '1000', help: 'WAN link rate each way (tc tbf)' },
+    'wan-loss': { type: 'string', default: '0.002', help: 'WAN loss, as the chance that a round stalls for a retransmission timeout of 200-1000 ms' },
+    'wan-mode': { type: 'string', default: 'auto', help: 'auto, netns (fail if it cannot) or loopback' },
     seed: { type: 'string', default: '1', help: 'seed of the object sizes and node order' },
     out: { type: 'string', default: 'bench/results', help: 'where the JSON, Markdown and SVG results go' },
     help: { type: 'boolean', help: 'this text' },
@@ -354,13 +385,14 @@ async function main(): Promise<void> {
       // Alternate the order (A B, then B A): whatever the machine does over time falls on both targets.
       for (const t of round % 2 === 1 ? targets : [...targets].reverse()) {
         process.stderr.write(`${name} round ${round}: ${t} …\n`);
-        const r = await runOnce({ scenario: sc, target: t, round, seed: Number(values.seed), memoryCache: values['memory-cache']!, connectionsPerNode: Number(values.connections), cuttleArgs: values['cuttle-args']?.split(/\s+/).filter(Boolean) });
+        const wan = values.wan ? { rttMs: Number(values['wan-rtt-ms']), rateMbit: Number(values['wan-rate-mbit']), lossStallProbability: Number(values['wan-loss']), mode: values['wan-mode'] as 'auto' | 'netns' | 'loopback' } : undefined;
+        const r = await runOnce({ scenario: sc, target: t, round, seed: Number(values.seed), memoryCache: values['memory-cache']!, connectionsPerNode: Number(values.connections), cuttleArgs: values['cuttle-args']?.split(/\s+/).filter(Boolean), wan });
         runs.push(r);
         process.stderr.write(`  done: wall ${r.wallS.toFixed(1)} s, fetches/object ${r.fetchesPerObjectMean.toFixed(2)}, proxy CPU ${r.proxyCpuS.toFixed(1)} s\n`);
       }
     }
     const names = [...new Set(runs.map((r) => r.target))];
-    const table = markdownTable(name, runs, names);
+    const table = markdownTable(runs[0]?.wan ? `${name}, WAN: ${runs[0].wan}` : name, runs, names);
     tables.push(table);
     const stamp = new Date().toISOString().replace(/[:.]/g, '-');
     writeFileSync(join(values.out!, `${name}-${stamp}.json`), JSON.stringify({ commit, scenario: sc, runs }, null, 2));

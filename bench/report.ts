@@ -37,6 +37,9 @@ export interface RunResult {
   mirrorKilledAtS?: number;
   /** The host's TCP memory and losses during the run (Linux). */
   kernelTcp?: KernelTcp;
+  /** --wan: how the Stratum 1 was reached (netns or loopback, and why), and its loss stalls. */
+  wan?: string;
+  wanStalls?: number;
 }
 
 interface Figure {
@@ -82,6 +85,7 @@ export const FIGURES: Figure[] = [
   { label: 'TTFB max (ms)', get: (r) => r.nodes?.ttfbMs.max, better: 'lower' },
   { label: 'chunk waiters with bytes before the first fill completed', get: (r) => (r.nodes ? r.nodes.streamedBeforeFirstFill : undefined), better: 'higher' },
   { label: 'chunk waiters that arrived during the first fill', get: (r) => r.nodes?.waitersDuringFirstFill, better: 'higher' },
+  { label: 'WAN loss stalls at the Stratum 1 (retransmission timeouts)', get: (r) => r.wanStalls, better: 'lower' },
   { label: 'goodput (MiB/s)', get: (r) => (r.nodes ? r.goodputMiBs : undefined), better: 'higher' },
   { label: 'wall time (s)', get: (r) => (r.nodes ? r.wallS : undefined), better: 'lower' },
   ...HOT_CONNECTIONS.flatMap(hotFigures),
