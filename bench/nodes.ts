@@ -135,11 +135,11 @@ export class Lane {
   #connected = false;
   #x: Exchange | undefined;
   #phase = HEAD;
-  #pending: Buffer | undefined; // a head (or chunk line) split across reads, copied
+  #pending: Buffer | undefined; // a head split across reads, copied out of the shared buffer
   #left = 0; // body or chunk bytes still due
   #lineBytes = 0; // bytes of the current chunk-size line or trailer section
   #lineStart = true; // TRAILER: at the start of a field line
-  #sawCR = false; // CHUNK_SIZE / TRAILER: a CR was read, LF must follow
+  #sawCR = false; // chunk framing and trailers: a CR was read, an LF must follow
   #inExt = false; // CHUNK_SIZE: past the size, in extensions
   #digits = 0;
   #keepAlive = false;
@@ -641,7 +641,7 @@ async function main(): Promise<void> {
   }
 
   const own = plan.sourceAddresses ?? true;
-  const hashEvery = plan.hashEvery ?? (plan.nodes <= 2000 ? 1 : 10);
+  const hashEvery = Math.max(1, Math.floor(plan.hashEvery ?? (plan.nodes <= 2000 ? 1 : 10)));
   const proxy = new URL(plan.proxy);
   const nodes: SimNode[] = Array.from({ length: plan.nodes }, (_, n) => ({
     lanes: Array.from({ length: plan.connectionsPerNode }, () => new Lane(proxy, own ? sourceAddress(n) : undefined)),
