@@ -269,6 +269,35 @@ describe('bench nodes: sampling and refused connections', () => {
     }
   });
 
+  it('frames a response written a byte at a time (head, chunk sizes, extensions, CRLFs, trailers) and skips a 100 Continue', async () => {
+    const a = object(700);
+    const b = object(300);
+    const bytes = (x: Buffer | string) => [...Buffer.from(x)].map((c) => Buffer.of(c));
+    const chunkedA = Buffer.concat([
+      Buffer.from(head('200 OK', ['Transfer-Encoding: chunked', 'X-Long: '.padEnd(2000, 'x')])),
+      Buffer.from('12c;a=1;b="q"\r\n'),
+      a.body.subarray(0, 300),
+      Buffer.from('\r\n190\r\n'),
+      a.body.subarray(300),
+      Buffer.from('\r\n0\r\nX-Sum: 1\r\n\r\n'),
+    ]);
+    const proxy = await scriptedProxy((s) => {
+      if (s.path === a.path) return { pieces: bytes(chunkedA) };
+      return { pieces: [...bytes('HTTP/1.1 100 Continue\r\n\r\n'), ...bytes(head('200 OK', [`Content-Length: ${b.body.length}`])), b.body] };
+    });
+    try {
+      const r = await runNodes({ proxy: proxy.url, origin: ORIGIN, nodes: 1, connectionsPerNode: 1, paths: [a.path, b.path], streamPaths: [], order: 'same', seed: 1, emulatorStats: `${proxy.url}/_stats`, backoffMs: 0 });
+      assert.equal(r.completed, 2);
+      assert.deepEqual(r.firstAttemptErrors, {});
+      assert.equal(r.hashChecked, 2);
+      assert.equal(r.bytes, 1000);
+      assert.equal(proxy.seen.length, 2);
+      assert.equal(proxy.connections.get(sourceAddress(0)), 1, 'one keep-alive connection for both');
+    } finally {
+      await proxy.close();
+    }
+  });
+
   it('a refused connection is a refusal: the node switches proxy at once, without a retry', async () => {
     const closed = createServer();
     closed.listen(0, '127.0.0.1');
