@@ -57,6 +57,8 @@ export interface NodesReport {
   hashChecked: number;
   latencyMs: { p50: number; p90: number; p99: number; max: number; cdf: [number, number][] };
   ttfbMs: { p50: number; p99: number; max: number };
+  /** Time to first byte by object kind (manifest, catalog, file, chunk): where a tail comes from. */
+  ttfbByKindMs: Record<string, { p50: number; p99: number; max: number }>;
   streamedBeforeFirstFill: number;
   waitersDuringFirstFill: number;
   generatorCpuS: number;
@@ -469,7 +471,9 @@ async function main(): Promise<void> {
   const cpu0 = process.cpuUsage();
   const latency: Histogram = build({ lowestDiscernibleValue: 1, highestTrackableValue: 3_600_000_000, numberOfSignificantValueDigits: 3 });
   const refusal: Histogram = build({ lowestDiscernibleValue: 1, highestTrackableValue: 3_600_000_000, numberOfSignificantValueDigits: 3 });
-  const ttfb: Histogram = build({ lowestDiscernibleValue: 1, highestTrackableValue: 3_600_000_000, numberOfSignificantValueDigits: 3 });
+  const hist = (): Histogram => build({ lowestDiscernibleValue: 1, highestTrackableValue: 3_600_000_000, numberOfSignificantValueDigits: 3 });
+  const ttfb: Histogram = hist();
+  const ttfbByKind = new Map<string, Histogram>();
   const errors: Record<string, number> = {};
   const firstErrors: Record<string, number> = {};
   const firstBytes = new Map<string, number[]>(); // path -> epoch ms of first body byte, per request
@@ -551,6 +555,7 @@ async function main(): Promise<void> {
         data(buf, start, end) {
           if (a.bytes === 0) {
             ttfb.recordValue(us(t0));
+            (ttfbByKind.get(kindOf(path)) ?? ttfbByKind.set(kindOf(path), hist()).get(kindOf(path))!).recordValue(us(t0));
             (firstBytes.get(path) ?? firstBytes.set(path, []).get(path)!).push(Date.now());
           }
           a.bytes += end - start;
@@ -720,6 +725,7 @@ async function main(): Promise<void> {
     hashChecked,
     latencyMs: { p50: latency.getValueAtPercentile(50) / 1000, p90: latency.getValueAtPercentile(90) / 1000, p99: latency.getValueAtPercentile(99) / 1000, max: latency.maxValue / 1000, cdf },
     ttfbMs: { p50: ttfb.getValueAtPercentile(50) / 1000, p99: ttfb.getValueAtPercentile(99) / 1000, max: ttfb.maxValue / 1000 },
+    ttfbByKindMs: Object.fromEntries([...ttfbByKind].map(([k, h]) => [k, { p50: h.getValueAtPercentile(50) / 1000, p99: h.getValueAtPercentile(99) / 1000, max: h.maxValue / 1000 }])),
     streamedBeforeFirstFill: streamedEarly,
     waitersDuringFirstFill: waitersDuring,
     generatorCpuS: (cpu.user + cpu.system) / 1e6,
