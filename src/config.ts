@@ -351,6 +351,18 @@ export const OPTIONS = {
     help: 'open client connections; beyond it a new one gets 503',
     schema: count,
   },
+  'listen-backlog': {
+    default: 65535,
+    field: 'listenBacklog',
+    help: 'listen(2) backlog of each client listener, so a burst of connects waits in the kernel rather than being dropped; Linux caps it at net.core.somaxconn',
+    schema: count,
+  },
+  'max-loop-lag': {
+    default: '1s',
+    field: 'maxLoopLagMs',
+    help: 'while the event loop runs later than this, new client connections and new fills get 503 at once (0 = never)',
+    schema: duration,
+  },
   'upstream-connections': {
     default: 64,
     field: 'upstreamConnections',

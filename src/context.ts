@@ -12,6 +12,7 @@ import type { Logger } from './log.ts';
 import type { Metrics } from './metrics.ts';
 import type { Mirrors } from './mirrors.ts';
 import type { Pacer } from './pacer.ts';
+import type { LoopLag } from './overload.ts';
 import type { TieredStore } from './store.ts';
 
 export interface Ctx {
@@ -29,6 +30,8 @@ export interface Ctx {
   pacer: Pacer;
   metrics: Metrics;
   mirrors: Mirrors;
+  /** The event-loop lag monitor: while it lags, new connections and new fills are refused. */
+  loopLag: LoopLag;
   /** Open CONNECT tunnels, each by the function that ends it (shutdown cuts them). */
   tunnels: Set<() => void>;
 }

@@ -9,6 +9,7 @@
 import type { Transaction } from './access-log.ts';
 import type { FetchStats } from './fill-fetch.ts';
 import type { MirrorSnapshot } from './mirrors.ts';
+import { newRefusals, readListenQueue, type RefusalReason } from './overload.ts';
 import type { TierStats } from './store.ts';
 
 /**
@@ -54,11 +55,13 @@ export type Counters = Record<RequestCounter, number> & {
   readonly byResult: Map<string, Map<string, { labels: { result: string; method: string }; n: number }>>;
   /** cuttle's own failures by Proxy-Status error token (the catalog's few). */
   readonly byError: Map<string, number>;
+  /** Connections and requests refused with 503 ERR_OVERLOADED, by why (overload.ts). */
+  readonly refused: Record<RefusalReason, number>;
 };
 
 export function newCounters(): Counters {
   const c = Object.fromEntries(Object.keys(REQUEST_COUNTERS).map((k) => [k, 0])) as Record<RequestCounter, number>;
-  return { ...c, truncated: 0, passesInFlight: 0, corruptRecords: 0, staleServed: 0, servedBytes: { memory: 0, disk: 0, upstream: 0, cuttle: 0 }, byResult: new Map(), byError: new Map() };
+  return { ...c, truncated: 0, passesInFlight: 0, corruptRecords: 0, staleServed: 0, servedBytes: { memory: 0, disk: 0, upstream: 0, cuttle: 0 }, byResult: new Map(), byError: new Map(), refused: newRefusals() };
 }
 
 const RESULT_GROUP: Record<string, string> = {
@@ -147,6 +150,8 @@ const byMirror = (pick: (m: MirrorSnapshot) => number | null) => (s: CounterSour
     return v === null ? [] : [[{ group: m.group, mirror: m.mirror }, v] as const];
   });
 const MIRROR = ['group', 'mirror'];
+/** A kernel counter, read from procfs when a view asks: no value where it can't be read (not Linux). */
+const kernel = (v: number | undefined): Reading => (v === undefined ? [] : v);
 
 /** Every counter and gauge, in the order /metrics lists them. */
 export const METRICS: readonly Metric[] = [
@@ -157,6 +162,9 @@ export const METRICS: readonly Metric[] = [
   counter('cuttle_truncated_responses_total', 'Responses cut short by a broken upstream', ['counters.truncated'], (s) => s.counters.truncated),
   counter('cuttle_corrupt_records_total', 'Disk records dropped for a bad checksum while serving', ['counters.corruptRecords'], (s) => s.counters.corruptRecords),
   counter('cuttle_stale_served_total', 'Stale copies served because the upstream could not be reached (TCP_REFRESH_FAIL_OLD)', ['counters.staleServed'], (s) => s.counters.staleServed),
+  counter('cuttle_refused_total', 'Connections and requests refused with 503 ERR_OVERLOADED, by reason: connections (--max-client-connections), fills (--max-fills), passes (--max-passes), fill_memory (--fill-memory spent), loop_lag (the event loop lags past --max-loop-lag)', ['refused.{reason}'], (s) => Object.entries(s.counters.refused).map(([reason, n]) => [{ reason }, n] as const), ['reason']),
+  counter('cuttle_listen_overflows_total', "Connections the kernel dropped because a listener's accept queue was full (TcpExt ListenOverflows in /proc/net/netstat): counts every listener of the network namespace, not only cuttle's", ['listenQueue.overflows'], () => kernel(readListenQueue()?.overflows)),
+  counter('cuttle_listen_drops_total', 'Connections the kernel dropped at a listener for any reason, overflows included (TcpExt ListenDrops in /proc/net/netstat): counts every listener of the network namespace, not only cuttle\'s', ['listenQueue.drops'], () => kernel(readListenQueue()?.drops)),
   gauge('cuttle_passes_in_flight', 'Uncached requests and tunnels in flight (bounded by --max-passes)', ['counters.passesInFlight'], (s) => s.counters.passesInFlight),
   gauge('cuttle_client_connections', 'Open client connections', ['clientConnections'], (s) => s.clientConnections()),
   gauge('cuttle_fills_in_flight', 'Upstream fills running now', ['fills.inFlight'], (s) => s.fills().inFlight),

@@ -28,6 +28,7 @@ import { isLoop, sendError, upstreamRequestHeaders } from './forward.ts';
 import type { FillReader } from './fill.ts';
 import { repoOf, type CasObject } from './content-hash.ts';
 import type { LaneHit, LaneJoin } from './hit-lane.ts';
+import { fillRefusal, refuse, type RefusalReason } from './overload.ts';
 import { passUpstream } from './pass.ts';
 import { StoreUnavailable, type StoredObject } from './store.ts';
 
@@ -470,9 +471,12 @@ function miss(s: State): StepName {
     s.stored = undefined;
     return 'busy';
   }
-  if (ctx.coalescer.inFlight >= ctx.cfg.maxFills) {
+  // A new fill is admitted only while it can be served at speed (overload.ts); a join or a hit never gets here.
+  const refused = newFillRefusal(ctx);
+  if (refused) {
     closeStored(s.stored);
-    return fail(s, 'ERR_OVERLOADED', 'too many fills in flight');
+    s.error = refuse(ctx.counters, refused);
+    return 'synth';
   }
   s.tx.served = 'miss';
   if (tx.result === 'NONE') tx.result = 'TCP_MISS';
@@ -483,6 +487,12 @@ function miss(s: State): StepName {
   s.readerId = started.readerId;
   closeStored(stale);
   return 'deliverFill';
+}
+
+/** Why a new fill may not start now (overload.ts), if it may not. */
+function newFillRefusal(ctx: Ctx): RefusalReason | undefined {
+  const { budget, inFlight } = ctx.coalescer;
+  return fillRefusal({ inFlight, maxFills: ctx.cfg.maxFills, usedBytes: budget.usedBytes, limitBytes: budget.limitBytes, lagging: ctx.loopLag.lagging });
 }
 
 /** Start this request's key's fill (revalidating `stale` if it has validators). */
@@ -507,7 +517,7 @@ function startFill(s: State, stale: StoredObject | undefined): ReturnType<Coales
 
 function revalidateInBackground(s: State): Next | Promise<Next> {
   const { ctx, tx } = s;
-  if (!ctx.coalescer.joinable(s.key!) && ctx.coalescer.inFlight < ctx.cfg.maxFills) {
+  if (!ctx.coalescer.joinable(s.key!) && !newFillRefusal(ctx)) {
     const bg = startFill(s, s.stored);
     bg.fill.removeReader(bg.readerId); // nobody waits on it
   }
@@ -608,7 +618,10 @@ function serveStale(s: State): Next | Promise<Next> {
 async function pass(s: State): Promise<StepName | undefined> {
   const { ctx, tx } = s;
   const { req, res } = nodeOf(s);
-  if (ctx.counters.passesInFlight >= ctx.cfg.maxPasses) return fail(s, 'ERR_OVERLOADED', 'too many uncached requests in flight');
+  if (ctx.counters.passesInFlight >= ctx.cfg.maxPasses) {
+    s.error = refuse(ctx.counters, 'passes');
+    return 'synth';
+  }
   tx.served = 'pass';
   ctx.counters.passesInFlight++;
   if (tx.result === 'NONE') tx.result = 'TCP_MISS';

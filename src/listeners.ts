@@ -7,11 +7,11 @@ import { newTransaction, recordTransaction } from './access-log.ts';
 import { plainAddress } from './acl.ts';
 import type { ListenAddr } from './config.ts';
 import type { Ctx } from './context.ts';
-import { ProxyError } from './errors.ts';
 import { endWithError } from './forward.ts';
 import { hasBody, hitAge, storedHitHead } from './deliver.ts';
 import { handleRequest, plainLaneRequest } from './handle-request.ts';
 import { HitLane } from './hit-lane.ts';
+import { readSomaxconn, refuse } from './overload.ts';
 import { handleConnect } from './tunnel.ts';
 
 /** How long a client may take to send a request's head. */
@@ -28,11 +28,11 @@ function takeNodeConnection(srv: Server): (sock: Socket) => void {
   return (sock) => listener.call(srv, sock);
 }
 
-function listenOn(srv: Server, host: string, port: number): Promise<void> {
+function listenOn(srv: Server, host: string, port: number, backlog: number): Promise<void> {
   return new Promise<void>((resolve, reject) => {
     const onErr = (err: Error) => reject(new Error(`cannot listen on ${host.includes(':') ? `[${host}]` : host}:${port}: ${err.message}`, { cause: err }));
     srv.once('error', onErr);
-    srv.listen({ host, port, backlog: 4096 }, () => {
+    srv.listen({ host, port, backlog }, () => {
       srv.off('error', onErr);
       resolve();
     });
@@ -88,16 +88,23 @@ export class Listeners {
   }
 
   async listen(): Promise<void> {
+    const { cfg, log } = this.#ctx;
+    // The kernel silently caps each backlog at net.core.somaxconn: a burst beyond it is dropped (the
+    // client retries its SYN after a second, or times out), so say so once.
+    const somaxconn = readSomaxconn();
+    if (somaxconn !== undefined && somaxconn < cfg.listenBacklog) {
+      log.warn({ listenBacklog: cfg.listenBacklog, somaxconn }, `net.core.somaxconn is ${somaxconn}: each listener's backlog is ${somaxconn}, not --listen-backlog ${cfg.listenBacklog} (raise the sysctl, and net.ipv4.tcp_max_syn_backlog with it)`);
+    }
     for (const [i, srv] of this.#servers.entries()) {
       const { host, port } = this.#addrs[i]!;
       try {
-        await listenOn(srv, host, port);
+        await listenOn(srv, host, port, cfg.listenBacklog);
       } catch (err) {
         // A host without IPv6 can't bind '::': every IPv4 address is the next best thing.
         const code = (err as { cause?: NodeJS.ErrnoException }).cause?.code;
         if (host !== '::' || (code !== 'EAFNOSUPPORT' && code !== 'EADDRNOTAVAIL')) throw err;
-        this.#ctx.log.warn({ port }, 'no IPv6 on this host: listening on IPv4 only');
-        await listenOn(srv, '0.0.0.0', port);
+        log.warn({ port }, 'no IPv6 on this host: listening on IPv4 only');
+        await listenOn(srv, '0.0.0.0', port, cfg.listenBacklog);
       }
     }
   }
@@ -148,9 +155,12 @@ export class Listeners {
         return;
       }
       const client = plainAddress(sock.remoteAddress);
-      if (this.#connections > cfg.maxClientConnections) {
-        // Answered before any request is read: counted (and logged) as a request-less NONE/503.
-        const err = new ProxyError('ERR_OVERLOADED', 'too many client connections');
+      // Past --max-client-connections, or while the event loop lags (its requests would wait behind the
+      // backlog), a new connection is refused at once, before any request is read: counted (and logged)
+      // as a request-less NONE/503.
+      const overloaded = this.#connections > cfg.maxClientConnections ? 'connections' : ctx.loopLag.lagging ? 'loop_lag' : undefined;
+      if (overloaded) {
+        const err = refuse(ctx.counters, overloaded);
         endWithError(sock, err, cfg.visibleHostname);
         recordTransaction(ctx, newTransaction({ startedAt: clock.now(), client, method: 'NONE', url: '-', status: err.status }), err.token);
         toNode?.(sock); // as without the lane: node:http still reads what the client sends

@@ -19,6 +19,7 @@ import { LiveConfig } from './live-config.ts';
 import { createLogger, type Logger } from './log.ts';
 import { Metrics } from './metrics.ts';
 import type { Mirrors } from './mirrors.ts';
+import { LoopLag } from './overload.ts';
 import { shutdown } from './shutdown.ts';
 import { startSnmpAgent, type SnmpAgent } from './snmp.ts';
 import { TieredStore } from './store.ts';
@@ -44,6 +45,8 @@ export interface Proxy {
   readonly log: Logger;
   /** The mirror groups in force (replaced by a reload that changes them). */
   readonly mirrors: Mirrors;
+  /** The event-loop lag monitor (--max-loop-lag). */
+  readonly loopLag: LoopLag;
   /** Bound addresses, in --listen order, then the --accel-listen one. */
   addresses(): AddressInfo[];
   /** Client connections open now. */
@@ -154,7 +157,7 @@ export async function createProxy(cfg: Config, opts: ProxyOptions = {}): Promise
   const metrics = new Metrics(sources);
   coalescer.onFillDone = (readers) => metrics.fillDone(readers);
   const pacer = new Pacer();
-  const ctx: Ctx = { cfg, acl: live.acl, clock, store, coalescer, upstream, accessLog, log, counters, buffers, pacer, metrics, mirrors: live.mirrors, tunnels: new Set() };
+  const ctx: Ctx = { cfg, acl: live.acl, clock, store, coalescer, upstream, accessLog, log, counters, buffers, pacer, metrics, mirrors: live.mirrors, loopLag: new LoopLag(cfg.maxLoopLagMs), tunnels: new Set() };
   live.onMirrors = (fresh) => {
     ctx.mirrors = fresh;
     coalescer.useMirrors(fresh);
@@ -174,6 +177,7 @@ export async function createProxy(cfg: Config, opts: ProxyOptions = {}): Promise
     coalescer,
     pacer,
     log,
+    loopLag: ctx.loopLag,
     get mirrors() {
       return live.mirrors;
     },
@@ -192,6 +196,7 @@ export async function createProxy(cfg: Config, opts: ProxyOptions = {}): Promise
         });
       }
       phase.listening = true;
+      ctx.loopLag.start();
       live.startProbing();
       log.info({ listen: listeners.addresses(), admin: admin?.address(), cacheDir: cfg.cacheDir }, 'cuttle listening');
     },
@@ -200,6 +205,7 @@ export async function createProxy(cfg: Config, opts: ProxyOptions = {}): Promise
     async close(timeoutMs = cfg.shutdownTimeoutMs) {
       // Drain: stop accepting, report not ready, let in-flight responses finish, then close the rest.
       phase.draining = true;
+      ctx.loopLag.stop();
       live.stopProbing();
       await shutdown({ listeners, tunnels: ctx.tunnels, coalescer, upstream, accessLog, disk, admin, snmpAgent: () => snmpAgent, log }, timeoutMs);
     },

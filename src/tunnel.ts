@@ -6,6 +6,7 @@ import type { Duplex } from 'node:stream';
 import { localHint, plainAddress } from './acl.ts';
 import { newTransaction, recordTransaction } from './access-log.ts';
 import { ProxyError, upstreamError } from './errors.ts';
+import { refuse } from './overload.ts';
 import type { Ctx } from './context.ts';
 import { endWithError } from './forward.ts';
 
@@ -28,7 +29,7 @@ export function handleConnect(ctx: Ctx, req: IncomingMessage, socket: Duplex, he
   const port = Number(m[2]);
   const verdict = ctx.acl().allowsConnect(host, port);
   if (verdict !== 'allow') return deny(new ProxyError(verdict === 'deny-port' ? 'ERR_CONNECT_DENIED' : 'ERR_DEST_DENIED', verdict === 'deny-local' ? localHint(host, port) : `${host}:${port}`));
-  if (ctx.counters.passesInFlight >= ctx.cfg.maxPasses) return deny(new ProxyError('ERR_OVERLOADED'));
+  if (ctx.counters.passesInFlight >= ctx.cfg.maxPasses) return deny(refuse(ctx.counters, 'passes'));
   ctx.counters.passesInFlight++;
   const lookup = isIP(host)
     ? undefined

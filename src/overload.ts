@@ -1,0 +1,129 @@
+// Overload: refuse fast, never trickle. A CVMFS client drops a proxy that sends under 1 KiB/s for 5 s and
+// can't tell an overloaded proxy from a dead one, so past a limit cuttle answers a labelled 503 at once
+// (the client fails over to its next proxy, cleanly) rather than take on work it would serve slowly.
+// Here: the refusal reasons and their count, the event-loop lag monitor (--max-loop-lag), and the
+// kernel's accept-queue counters.
+import { readFileSync } from 'node:fs';
+import type { Counters } from './counters.ts';
+import { ProxyError } from './errors.ts';
+
+/** Why a connection or a request was refused with 503 ERR_OVERLOADED. */
+export type RefusalReason = 'connections' | 'fills' | 'passes' | 'fill_memory' | 'loop_lag';
+
+const WHY: Record<RefusalReason, string> = {
+  connections: 'too many client connections',
+  fills: 'too many fills in flight',
+  passes: 'too many uncached requests in flight',
+  fill_memory: 'fill memory is spent',
+  loop_lag: 'the event loop lags',
+};
+
+export function newRefusals(): Record<RefusalReason, number> {
+  return { connections: 0, fills: 0, passes: 0, fill_memory: 0, loop_lag: 0 };
+}
+
+/** Count a refusal; returns the 503 that says why. */
+export function refuse(counters: Counters, reason: RefusalReason): ProxyError {
+  counters.refused[reason]++;
+  return new ProxyError('ERR_OVERLOADED', WHY[reason]);
+}
+
+/**
+ * Why a request may not start a new fill now, if it may not (joining one, or a hit, is never refused
+ * here): --max-fills reached, --fill-memory spent (its bytes would only trickle from disk behind the
+ * others), or the event loop lagging.
+ */
+export function fillRefusal(f: { inFlight: number; maxFills: number; usedBytes: number; limitBytes: number; lagging: boolean }): RefusalReason | undefined {
+  if (f.inFlight >= f.maxFills) return 'fills';
+  if (f.usedBytes >= f.limitBytes) return 'fill_memory';
+  if (f.lagging) return 'loop_lag';
+  return undefined;
+}
+
+/** How often the lag monitor ticks: its lateness, not this period, is what --max-loop-lag bounds. */
+export const LAG_TICK_MS = 100;
+
+/**
+ * The event-loop lag monitor. A tick that fires more than --max-loop-lag after it was due sets
+ * `lagging`; the next tick on time clears it. While the loop lags, a new connection or a new fill would
+ * only wait behind the backlog, so they are refused; hits and joiners on open connections go on.
+ * tick() is the whole policy, with time passed in; start() drives it from a timer.
+ */
+export class LoopLag {
+  readonly #maxLagMs: number;
+  #due: number | undefined;
+  #timer: NodeJS.Timeout | undefined;
+  lagging = false;
+  /** How late the last tick fired (ms). */
+  lastLateMs = 0;
+
+  /** maxLagMs 0: never lagging, and no timer. */
+  constructor(maxLagMs: number) {
+    this.#maxLagMs = maxLagMs;
+  }
+
+  /** A tick at `now` (ms, monotonic); the next one is due a period later. */
+  tick(now: number): void {
+    if (this.#due !== undefined) {
+      this.lastLateMs = Math.max(0, now - this.#due);
+      this.lagging = this.#maxLagMs > 0 && this.lastLateMs > this.#maxLagMs;
+    }
+    this.#due = now + LAG_TICK_MS;
+  }
+
+  start(): void {
+    if (this.#maxLagMs === 0 || this.#timer) return;
+    this.tick(performance.now());
+    // Unref'd: the monitor alone never keeps the process alive.
+    this.#timer = setInterval(() => this.tick(performance.now()), LAG_TICK_MS).unref();
+  }
+
+  stop(): void {
+    clearInterval(this.#timer);
+    this.#timer = undefined;
+    this.#due = undefined;
+    this.lagging = false;
+  }
+}
+
+/** The kernel's accept-queue counters of this network namespace (TcpExt in /proc/net/netstat). */
+export interface ListenQueueCounters {
+  /** ListenOverflows: connections that found an accept queue full. */
+  overflows: number;
+  /** ListenDrops: connections dropped at a listener for any reason (overflows included). */
+  drops: number;
+}
+
+/** ListenOverflows and ListenDrops from the text of /proc/net/netstat; undefined if it has not both. */
+export function parseListenQueue(text: string): ListenQueueCounters | undefined {
+  // Two TcpExt lines: the names, then the values in the same order.
+  const [names, values] = text.split('\n').filter((l) => l.startsWith('TcpExt:')).map((l) => l.trim().split(/\s+/));
+  if (!names || !values) return undefined;
+  const at = (name: string) => {
+    const i = names.indexOf(name);
+    const v = i > 0 ? Number(values[i]) : NaN;
+    return Number.isSafeInteger(v) ? v : undefined;
+  };
+  const overflows = at('ListenOverflows');
+  const drops = at('ListenDrops');
+  return overflows === undefined || drops === undefined ? undefined : { overflows, drops };
+}
+
+/** Read when scraped (a small file in procfs); undefined where there is none (not Linux, no procfs). */
+export function readListenQueue(file = '/proc/net/netstat'): ListenQueueCounters | undefined {
+  try {
+    return parseListenQueue(readFileSync(file, 'utf8'));
+  } catch {
+    return undefined;
+  }
+}
+
+/** net.core.somaxconn, which caps every listen backlog; undefined where it can't be read. */
+export function readSomaxconn(file = '/proc/sys/net/core/somaxconn'): number | undefined {
+  try {
+    const n = Number(readFileSync(file, 'utf8').trim());
+    return Number.isSafeInteger(n) && n > 0 ? n : undefined;
+  } catch {
+    return undefined;
+  }
+}

@@ -1,0 +1,233 @@
+// Overload: refuse fast, never trickle. Past a limit cuttle answers a labelled 503 at once (a CVMFS
+// client then fails over to its next proxy) instead of serving slowly: when --fill-memory is spent, a
+// new fill is refused while joiners of a running one are served; while the event loop lags past
+// --max-loop-lag, a new connection is refused. The listen backlog is --listen-backlog, as the kernel
+// reports it, and the kernel's accept-queue drops are counted in /metrics.
+import assert from 'node:assert/strict';
+import { spawnSync } from 'node:child_process';
+import { once } from 'node:events';
+import { connect, type Socket } from 'node:net';
+import { join } from 'node:path';
+import { describe, it } from 'node:test';
+import { Worker } from 'node:worker_threads';
+import { randomBytes } from 'node:crypto';
+import { readListenQueue, readSomaxconn } from '../../src/overload.ts';
+import { waitFor } from '../helpers/mirrors.ts';
+import { gate, startOrigin } from '../helpers/origin.ts';
+import { get, proxyClient, startChildProxy, startProxy, tmpDir } from '../helpers/proxy.ts';
+import { requireTool } from '../helpers/tools.ts';
+
+/** The backlog the kernel gives the listener on `port` (ss: a LISTEN socket's Send-Q is its backlog). */
+function kernelBacklog(ss: string, port: number): number {
+  const out = spawnSync(ss, ['-ltnH', `sport = :${port}`], { encoding: 'utf8' });
+  assert.equal(out.status, 0, out.stderr);
+  const lines = out.stdout.trim().split('\n');
+  assert.equal(lines.length, 1, out.stdout);
+  const [state, , sendQ] = lines[0]!.trim().split(/\s+/);
+  assert.equal(state, 'LISTEN');
+  return Number(sendQ);
+}
+
+/** Everything the proxy sends on `sock` until it closes. */
+async function readToClose(sock: Socket): Promise<string> {
+  let text = '';
+  sock.on('data', (c: Buffer) => (text += c.toString('latin1')));
+  await once(sock, 'close');
+  return text;
+}
+
+/** The next whole response on a keep-alive connection (the proxy's answers here have a Content-Length). */
+function nextResponse(sock: Socket): Promise<string> {
+  return new Promise((resolve, reject) => {
+    let text = '';
+    const onData = (c: Buffer) => {
+      text += c.toString('latin1');
+      const end = text.indexOf('\r\n\r\n');
+      if (end < 0) return;
+      const length = Number(/\r\ncontent-length: *(\d+)/i.exec(text.slice(0, end))?.[1] ?? 0);
+      if (text.length < end + 4 + length) return;
+      sock.off('data', onData);
+      resolve(text);
+    };
+    sock.on('data', onData);
+    sock.once('error', reject);
+  });
+}
+
+/** A client in a worker thread: connects, writes the request, says so in `flag`, posts what it read. */
+const CONNECT_IN_WORKER = `
+const { parentPort, workerData } = require('node:worker_threads');
+const sock = require('node:net').connect(workerData.port, '127.0.0.1', () =>
+  sock.write(workerData.request, () => {
+    Atomics.store(workerData.flag, 0, 1);
+    Atomics.notify(workerData.flag, 0);
+  }));
+let text = '';
+sock.on('data', (c) => (text += c.toString('latin1')));
+sock.on('close', () => parentPort.postMessage(text));
+`;
+
+const keepAlive = (url: string) => `GET ${url} HTTP/1.1\r\nHost: ${new URL(url).host}\r\n\r\n`;
+const request = (url: string) => `GET ${url} HTTP/1.1\r\nHost: ${new URL(url).host}\r\nConnection: close\r\n\r\n`;
+
+describe('overload: refuse fast, never trickle', () => {
+  it('--listen-backlog is the backlog the kernel gives each client listener; a net.core.somaxconn below it is one warning', async (t) => {
+    const ss = requireTool(t, ['ss'], 'iproute2');
+    if (!ss) return;
+    const origin = await startOrigin({ '/x': { body: 'x', headers: { 'cache-control': 'max-age=60' } } });
+    const p = await startProxy({ 'listen-backlog': 123 });
+    const pool = proxyClient(p.url, 1);
+    try {
+      assert.equal(kernelBacklog(ss, p.port), 123);
+      assert.deepEqual(p.logs.filter((l) => String(l.msg).includes('somaxconn')), [], '123 is within net.core.somaxconn: no warning');
+      assert.equal((await get(pool, `${origin.url}/x`)).status, 200);
+      assert.equal(origin.count('/x'), 1);
+    } finally {
+      await pool.close();
+      await p.close();
+    }
+    // The default (65535) past this host's somaxconn: the kernel's cap, said once.
+    const somaxconn = readSomaxconn();
+    const q = await startProxy({ listen: ['127.0.0.1:0', '127.0.0.1:0'] });
+    try {
+      const warned = q.logs.filter((l) => String(l.msg).includes('net.core.somaxconn'));
+      if (somaxconn !== undefined && somaxconn < 65535) {
+        assert.equal(warned.length, 1, 'one warning for both listeners');
+        assert.equal(warned[0]!.somaxconn, somaxconn);
+        assert.equal(kernelBacklog(ss, q.proxy.addresses()[1]!.port), somaxconn);
+      } else {
+        assert.equal(warned.length, 0);
+        assert.equal(kernelBacklog(ss, q.proxy.addresses()[1]!.port), 65535);
+      }
+    } finally {
+      q.logs.length = 0;
+      await q.close();
+      await origin.close();
+    }
+  });
+
+  it("the kernel's accept-queue drops (ListenOverflows, ListenDrops) are in /metrics", async (t) => {
+    const before = readListenQueue();
+    if (!before) return t.skip('no /proc/net/netstat on this host');
+    // A stopped proxy with a backlog of 1: the kernel queues two connections and drops the others' SYNs.
+    const proxy = await startChildProxy(['--listen', '127.0.0.1:0', '--cache-dir', join(tmpDir(), 'c'), '--listen-backlog', '1']);
+    const admin = Number(/"admin":\{[^}]*"port":(\d+)/.exec(proxy.stderr())![1]);
+    const clients: Socket[] = [];
+    try {
+      proxy.child.kill('SIGSTOP');
+      for (let i = 0; i < 8; i++) clients.push(connect(proxy.port, '127.0.0.1').on('error', () => {}));
+      await waitFor('the kernel dropped a connection at the full accept queue', () => readListenQueue()!.overflows > before.overflows);
+      const seen = readListenQueue()!;
+      proxy.child.kill('SIGCONT');
+      const text = await (await fetch(`http://127.0.0.1:${admin}/metrics`)).text();
+      const value = (name: string) => Number(new RegExp(`^${name} (\\d+)$`, 'm').exec(text)?.[1]);
+      assert.match(text, /^# TYPE cuttle_listen_overflows_total counter$/m);
+      assert.ok(value('cuttle_listen_overflows_total') >= seen.overflows, text);
+      assert.ok(value('cuttle_listen_drops_total') >= seen.drops);
+      assert.ok(value('cuttle_listen_drops_total') >= value('cuttle_listen_overflows_total'), 'an overflow is also a drop');
+      assert.ok(value('cuttle_listen_overflows_total') > before.overflows, 'the drops counted');
+    } finally {
+      for (const c of clients) c.destroy();
+      proxy.child.kill('SIGCONT');
+      await proxy.stop();
+    }
+  });
+
+  it('a new fill is refused at once while --fill-memory is spent; joiners of the running fill are served whole', async () => {
+    const origin = await startOrigin();
+    // A 64 KiB budget, spent by 128 KiB of a fill held behind a gate. The window (--fill-window, 2 MB)
+    // is not over its own bound, so nothing is trimmed to disk: the budget stays spent while it is held.
+    const p = await startProxy({ 'fill-memory': '64KB' });
+    const pool = proxyClient(p.url, 4);
+    const g = gate();
+    const body = randomBytes(256 * 1024);
+    try {
+      origin.route('/big', { body, bodyGate: { after: 128 * 1024, gate: g }, headers: { 'cache-control': 'max-age=60' } });
+      origin.route('/other', { body: 'other', headers: { 'cache-control': 'max-age=60' } });
+      const first = await pool.request({ path: `${origin.url}/big`, method: 'GET' });
+      assert.equal(first.statusCode, 200);
+      const budget = p.proxy.coalescer.budget;
+      await waitFor('fill memory spent by the held fill', () => g.waiting === 1 && budget.usedBytes >= budget.limitBytes);
+
+      const refused = await get(pool, `${origin.url}/other`);
+      assert.equal(refused.status, 503);
+      assert.match(String(refused.headers['proxy-status']), /^cuttle; error=connection_limit_reached/);
+      assert.equal(refused.headers['x-squid-error'], 'ERR_ONLY_IF_CACHED_MISS 0');
+      assert.match(refused.body.toString(), /fill memory is spent/);
+      assert.equal(origin.count('/other'), 0, 'no fetch for the refused request');
+
+      // The same object joins the held fill: its head comes at once, its body with the rest.
+      const joiner = await pool.request({ path: `${origin.url}/big`, method: 'GET' });
+      assert.equal(joiner.statusCode, 200);
+      g.open();
+      const [a, b] = await Promise.all([first.body.arrayBuffer(), joiner.body.arrayBuffer()]);
+      assert.ok(Buffer.from(a).equals(body));
+      assert.ok(Buffer.from(b).equals(body));
+      assert.equal(origin.count('/big'), 1);
+      assert.equal(p.proxy.counters.refused.fill_memory, 1);
+      assert.equal(p.proxy.counters.coalesced, 1);
+
+      // The budget back, the refused object is fetched.
+      await waitFor('the fill done and its memory back', () => p.proxy.coalescer.running === 0 && budget.usedBytes < budget.limitBytes);
+      assert.equal((await get(pool, `${origin.url}/other`)).body.toString(), 'other');
+      assert.equal(origin.count('/other'), 1);
+      const metrics = await (await fetch(`http://127.0.0.1:${p.proxy.adminAddress()!.port}/metrics`)).text();
+      assert.match(metrics, /^cuttle_refused_total\{reason="fill_memory"\} 1$/m);
+    } finally {
+      g.open();
+      await pool.destroy(); // a failed assertion may leave a body unread: close() would wait for it
+      await p.close();
+      await origin.close();
+    }
+  });
+
+  it('while the event loop lags past --max-loop-lag, a new connection gets 503 at once and a hit on an open one is served; new ones are served again once it keeps up', async () => {
+    const origin = await startOrigin({ '/a': { body: 'a', headers: { 'cache-control': 'max-age=60' } }, '/h': { body: 'h', headers: { 'cache-control': 'max-age=60' } } });
+    const p = await startProxy({ 'max-loop-lag': '200ms' });
+    const lag = p.proxy.loopLag;
+    const open = connect(p.port, '127.0.0.1');
+    try {
+      // A connection open before the lag, with /h stored.
+      open.write(keepAlive(`${origin.url}/h`));
+      assert.match(await nextResponse(open), /^HTTP\/1.1 200 /);
+      await waitFor('the monitor on time', () => !lag.lagging);
+      // A hit on the open connection, and a new connection with its request (from a worker thread, so it
+      // waits in the accept queue), reach the kernel while this process (the proxy's too) is blocked for
+      // at least 400 ms: the monitor's next tick fires at least 300 ms late by construction (it ticks
+      // every 100 ms). After the block, timers run before the poll phase accepts or reads anything.
+      open.write(keepAlive(`${origin.url}/h`));
+      const hit = nextResponse(open);
+      const flag = new Int32Array(new SharedArrayBuffer(4));
+      const worker = new Worker(CONNECT_IN_WORKER, { eval: true, workerData: { port: p.port, request: request(`${origin.url}/a`), flag } });
+      const answered = once(worker, 'message') as Promise<[string]>;
+      const exited = once(worker, 'exit'); // emitted right after its last message
+      const blockedAt = performance.now();
+      assert.equal(Atomics.wait(flag, 0, 0, 10_000), 'ok', 'the worker connected and wrote its request');
+      Atomics.wait(new Int32Array(new SharedArrayBuffer(4)), 0, 0, Math.max(0, 400 - (performance.now() - blockedAt)));
+      const [text] = await answered;
+      await exited;
+      assert.match(text, /^HTTP\/1.1 503 /);
+      assert.match(text, /\r\nProxy-Status: cuttle; error=connection_limit_reached; details="the event loop lags"\r\n/);
+      assert.match(text, /\r\nX-Squid-Error: ERR_ONLY_IF_CACHED_MISS 0\r\n/);
+      assert.ok(lag.lastLateMs >= 300, `the tick was ${lag.lastLateMs} ms late`);
+      assert.match(await hit, /^HTTP\/1.1 200 [^]*\r\n\r\nh$/, 'the hit on the open connection is served');
+      assert.equal(origin.count('/a'), 0);
+      assert.equal(p.proxy.counters.refused.loop_lag, 1);
+
+      await waitFor('the monitor on time again', () => !lag.lagging);
+      const again = connect(p.port, '127.0.0.1');
+      again.write(request(`${origin.url}/a`));
+      assert.match(await readToClose(again), /^HTTP\/1.1 200 /);
+      assert.equal(origin.count('/a'), 1);
+      assert.equal(origin.count('/h'), 1);
+      assert.equal(p.proxy.counters.hits, 1);
+      assert.equal(p.proxy.counters.refused.loop_lag, 1);
+      const status = (await (await fetch(`http://127.0.0.1:${p.proxy.adminAddress()!.port}/status`)).json()) as { refused: Record<string, number> };
+      assert.equal(status.refused.loop_lag, 1);
+    } finally {
+      open.destroy();
+      await p.close();
+      await origin.close();
+    }
+  });
+});

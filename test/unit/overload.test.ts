@@ -1,0 +1,108 @@
+// The overload policy with time passed in: the lag monitor's state from its ticks, which new fills are
+// refused and why, the refusal count, and the kernel's accept-queue counters as /proc/net/netstat gives them.
+import assert from 'node:assert/strict';
+import { describe, it } from 'node:test';
+import { buildConfig } from '../../src/config.ts';
+import { newCounters } from '../../src/counters.ts';
+import { fillRefusal, LAG_TICK_MS, LoopLag, parseListenQueue, refuse } from '../../src/overload.ts';
+
+describe('LoopLag', () => {
+  it('a tick later than the bound sets lagging; the next tick on time clears it', () => {
+    const lag = new LoopLag(200);
+    lag.tick(1000);
+    assert.equal(lag.lagging, false, 'the first tick has nothing to be late against');
+    lag.tick(1000 + LAG_TICK_MS + 150);
+    assert.equal(lag.lagging, false, '150 ms late is within 200 ms');
+    assert.equal(lag.lastLateMs, 150);
+    lag.tick(1250 + LAG_TICK_MS + 200);
+    assert.equal(lag.lagging, false, 'exactly the bound is not past it');
+    lag.tick(1550 + LAG_TICK_MS + 201);
+    assert.equal(lag.lagging, true);
+    assert.equal(lag.lastLateMs, 201);
+    lag.tick(1851 + LAG_TICK_MS + 3);
+    assert.equal(lag.lagging, false, 'on time again');
+  });
+
+  it('a tick early (a clock read before the timer was due) is 0 ms late', () => {
+    const lag = new LoopLag(200);
+    lag.tick(0);
+    lag.tick(LAG_TICK_MS - 1);
+    assert.equal(lag.lastLateMs, 0);
+    assert.equal(lag.lagging, false);
+  });
+
+  it('--max-loop-lag 0 never lags and starts no timer', () => {
+    const lag = new LoopLag(0);
+    lag.tick(0);
+    lag.tick(60_000);
+    assert.equal(lag.lagging, false);
+    lag.start(); // no timer: nothing would keep this test's process alive or leak past stop()
+    lag.stop();
+  });
+
+  it('stop() ends the timer and forgets the state', () => {
+    const lag = new LoopLag(200);
+    lag.start();
+    lag.tick(performance.now() + 10_000);
+    assert.equal(lag.lagging, true);
+    lag.stop();
+    assert.equal(lag.lagging, false);
+  });
+});
+
+describe('fillRefusal', () => {
+  const ok = { inFlight: 0, maxFills: 10, usedBytes: 0, limitBytes: 100, lagging: false };
+  it('admits a fill while there are slots, fill memory and a loop on time', () => {
+    assert.equal(fillRefusal(ok), undefined);
+    assert.equal(fillRefusal({ ...ok, inFlight: 9, usedBytes: 99 }), undefined);
+  });
+  it('refuses when --max-fills is reached, the fill memory is spent, or the loop lags', () => {
+    assert.equal(fillRefusal({ ...ok, inFlight: 10 }), 'fills');
+    assert.equal(fillRefusal({ ...ok, usedBytes: 100 }), 'fill_memory');
+    assert.equal(fillRefusal({ ...ok, usedBytes: 150 }), 'fill_memory');
+    assert.equal(fillRefusal({ ...ok, lagging: true }), 'loop_lag');
+  });
+});
+
+describe('refuse', () => {
+  it('counts by reason and answers ERR_OVERLOADED saying why', () => {
+    const c = newCounters();
+    const err = refuse(c, 'fill_memory');
+    refuse(c, 'loop_lag');
+    refuse(c, 'loop_lag');
+    assert.equal(err.code, 'ERR_OVERLOADED');
+    assert.equal(err.status, 503);
+    assert.equal(err.detail, 'fill memory is spent');
+    assert.deepEqual(c.refused, { connections: 0, fills: 0, passes: 0, fill_memory: 1, loop_lag: 2 });
+  });
+});
+
+describe('parseListenQueue', () => {
+  const netstat = [
+    'TcpExt: SyncookiesSent SyncookiesRecv ListenOverflows ListenDrops TCPHPHits',
+    'TcpExt: 0 0 17 19 12345',
+    'IpExt: InNoRoutes InTruncatedPkts',
+    'IpExt: 0 0',
+    '',
+  ].join('\n');
+  it('reads ListenOverflows and ListenDrops from the TcpExt lines', () => {
+    assert.deepEqual(parseListenQueue(netstat), { overflows: 17, drops: 19 });
+  });
+  it('has nothing to say of a file without them', () => {
+    assert.equal(parseListenQueue(''), undefined);
+    assert.equal(parseListenQueue('IpExt: InNoRoutes\nIpExt: 0\n'), undefined);
+    assert.equal(parseListenQueue('TcpExt: SyncookiesSent ListenOverflows\nTcpExt: 0 3\n'), undefined, 'no ListenDrops');
+    assert.equal(parseListenQueue('TcpExt: ListenOverflows ListenDrops\nTcpExt: x 3\n'), undefined, 'not a number');
+  });
+});
+
+describe('overload options', () => {
+  it('--listen-backlog is deep by default and --max-loop-lag is 1 s (0 disables it)', () => {
+    const d = buildConfig({});
+    assert.equal(d.listenBacklog, 65535);
+    assert.equal(d.maxLoopLagMs, 1000);
+    assert.equal(buildConfig({ 'max-loop-lag': '0' }).maxLoopLagMs, 0);
+    assert.equal(buildConfig({ 'listen-backlog': 123 }).listenBacklog, 123);
+    assert.throws(() => buildConfig({ 'listen-backlog': 0 }), /listen-backlog: expected a positive integer/);
+  });
+});
