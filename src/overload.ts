@@ -44,18 +44,22 @@ export function fillRefusal(f: { inFlight: number; maxFills: number; usedBytes: 
 export const LAG_TICK_MS = 100;
 
 /**
- * The event-loop lag monitor. A tick that fires more than --max-loop-lag after it was due sets
- * `lagging`; the next tick on time clears it. While the loop lags, a new connection or a new fill would
- * only wait behind the backlog, so they are refused; hits and joiners on open connections go on.
- * tick() is the whole policy, with time passed in; start() drives it from a timer.
+ * The event-loop lag monitor. Two ticks in a row that each fire more than --max-loop-lag after they were
+ * due set `lagging`; the next tick on time clears it. One long turn is not overload (a burst of thousands
+ * of connects is accepted in one); two in a row are: a new connection's first byte would then near the
+ * client's 5 s watchdog, so new connections and new fills are refused; hits and joiners on open
+ * connections go on. tick() is the whole policy, with time passed in; start() drives it from a timer.
  */
 export class LoopLag {
   readonly #maxLagMs: number;
   #due: number | undefined;
   #timer: NodeJS.Timeout | undefined;
+  #lateBefore = false;
   lagging = false;
   /** How late the last tick fired (ms). */
   lastLateMs = 0;
+  /** Called when `lagging` changes (the proxy logs it). */
+  onChange: ((lagging: boolean, lateMs: number) => void) | undefined;
 
   /** maxLagMs 0: never lagging, and no timer. */
   constructor(maxLagMs: number) {
@@ -66,7 +70,11 @@ export class LoopLag {
   tick(now: number): void {
     if (this.#due !== undefined) {
       this.lastLateMs = Math.max(0, now - this.#due);
-      this.lagging = this.#maxLagMs > 0 && this.lastLateMs > this.#maxLagMs;
+      const late = this.#maxLagMs > 0 && this.lastLateMs > this.#maxLagMs;
+      const was = this.lagging;
+      this.lagging = late && this.#lateBefore;
+      this.#lateBefore = late;
+      if (this.lagging !== was) this.onChange?.(this.lagging, this.lastLateMs);
     }
     this.#due = now + LAG_TICK_MS;
   }
@@ -82,6 +90,7 @@ export class LoopLag {
     clearInterval(this.#timer);
     this.#timer = undefined;
     this.#due = undefined;
+    this.#lateBefore = false;
     this.lagging = false;
   }
 }

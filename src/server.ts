@@ -157,7 +157,10 @@ export async function createProxy(cfg: Config, opts: ProxyOptions = {}): Promise
   const metrics = new Metrics(sources);
   coalescer.onFillDone = (readers) => metrics.fillDone(readers);
   const pacer = new Pacer();
-  const ctx: Ctx = { cfg, acl: live.acl, clock, store, coalescer, upstream, accessLog, log, counters, buffers, pacer, metrics, mirrors: live.mirrors, loopLag: new LoopLag(cfg.maxLoopLagMs), tunnels: new Set() };
+  const loopLag = new LoopLag(cfg.maxLoopLagMs);
+  loopLag.onChange = (lagging, lateMs) =>
+    lagging ? log.warn({ lateMs: Math.round(lateMs) }, 'the event loop lags past --max-loop-lag: new connections and new fills get 503 until it catches up') : log.info({ lateMs: Math.round(lateMs) }, 'the event loop caught up: new connections and fills are served again');
+  const ctx: Ctx = { cfg, acl: live.acl, clock, store, coalescer, upstream, accessLog, log, counters, buffers, pacer, metrics, mirrors: live.mirrors, loopLag, tunnels: new Set() };
   live.onMirrors = (fresh) => {
     ctx.mirrors = fresh;
     coalescer.useMirrors(fresh);

@@ -191,20 +191,39 @@ describe('overload: refuse fast, never trickle', () => {
       open.write(keepAlive(`${origin.url}/h`));
       assert.match(await nextResponse(open), /^HTTP\/1.1 200 /);
       await waitFor('the monitor on time', () => !lag.lagging);
-      // A hit on the open connection, and a new connection with its request (from a worker thread, so it
-      // waits in the accept queue), reach the kernel while this process (the proxy's too) is blocked for
-      // at least 400 ms: the monitor's next tick fires at least 300 ms late by construction (it ticks
-      // every 100 ms). After the block, timers run before the poll phase accepts or reads anything.
+      // Two turns in a row run long (one alone is not overload: a burst of connects is accepted in one).
+      // First, this process (the proxy's too) blocks for 400 ms with a hit waiting on the open connection:
+      // the monitor's next tick fires at least 300 ms late. Right after that tick, in the same loop
+      // iteration's check phase, a second block: a new connection with its request (from a worker thread,
+      // so it waits in the accept queue) reaches the kernel meanwhile, and the tick after it is late
+      // again, in the timers phase, before the poll phase accepts the connection.
       open.write(keepAlive(`${origin.url}/h`));
       const hit = nextResponse(open);
       const flag = new Int32Array(new SharedArrayBuffer(4));
-      const worker = new Worker(CONNECT_IN_WORKER, { eval: true, workerData: { port: p.port, request: request(`${origin.url}/a`), flag } });
-      const answered = once(worker, 'message') as Promise<[string]>;
-      const exited = once(worker, 'exit'); // emitted right after its last message
-      const blockedAt = performance.now();
-      assert.equal(Atomics.wait(flag, 0, 0, 10_000), 'ok', 'the worker connected and wrote its request');
-      Atomics.wait(new Int32Array(new SharedArrayBuffer(4)), 0, 0, Math.max(0, 400 - (performance.now() - blockedAt)));
-      const [text] = await answered;
+      const block = (ms: number, from = performance.now()) => Atomics.wait(new Int32Array(new SharedArrayBuffer(4)), 0, 0, Math.max(0, ms - (performance.now() - from)));
+      let laggingAfterOne: boolean | undefined;
+      let worker: Worker | undefined;
+      let answered: Promise<[string]> | undefined;
+      let exited: Promise<unknown> | undefined;
+      const tick = lag.tick.bind(lag);
+      lag.tick = (now: number) => {
+        tick(now);
+        if (laggingAfterOne !== undefined || lag.lastLateMs < 300) return;
+        laggingAfterOne = lag.lagging;
+        setImmediate(() => {
+          const blockedAt = performance.now();
+          worker = new Worker(CONNECT_IN_WORKER, { eval: true, workerData: { port: p.port, request: request(`${origin.url}/a`), flag } });
+          answered = once(worker, 'message') as Promise<[string]>;
+          exited = once(worker, 'exit'); // emitted right after its last message
+          assert.equal(Atomics.wait(flag, 0, 0, 10_000), 'ok', 'the worker connected and wrote its request');
+          block(400, blockedAt);
+        });
+      };
+      block(400);
+      await waitFor('the worker has connected', () => worker !== undefined);
+      lag.tick = tick;
+      assert.equal(laggingAfterOne, false, 'one long turn is not lagging');
+      const [text] = await answered!;
       await exited;
       assert.match(text, /^HTTP\/1.1 503 /);
       assert.match(text, /\r\nProxy-Status: cuttle; error=connection_limit_reached; details="the event loop lags"\r\n/);

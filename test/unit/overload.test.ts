@@ -7,20 +7,34 @@ import { newCounters } from '../../src/counters.ts';
 import { fillRefusal, LAG_TICK_MS, LoopLag, parseListenQueue, refuse } from '../../src/overload.ts';
 
 describe('LoopLag', () => {
-  it('a tick later than the bound sets lagging; the next tick on time clears it', () => {
+  it('two ticks in a row later than the bound set lagging; one alone does not; the next tick on time clears it', () => {
     const lag = new LoopLag(200);
-    lag.tick(1000);
+    const changes: boolean[] = [];
+    lag.onChange = (lagging) => changes.push(lagging);
+    let now = 1000;
+    const after = (lateMs: number) => lag.tick((now += LAG_TICK_MS + lateMs));
+    lag.tick(now);
     assert.equal(lag.lagging, false, 'the first tick has nothing to be late against');
-    lag.tick(1000 + LAG_TICK_MS + 150);
+    after(150);
     assert.equal(lag.lagging, false, '150 ms late is within 200 ms');
     assert.equal(lag.lastLateMs, 150);
-    lag.tick(1250 + LAG_TICK_MS + 200);
+    after(200);
+    after(200);
     assert.equal(lag.lagging, false, 'exactly the bound is not past it');
-    lag.tick(1550 + LAG_TICK_MS + 201);
-    assert.equal(lag.lagging, true);
+    after(5000);
+    assert.equal(lag.lagging, false, 'one long turn alone (a burst of accepts) is not overload');
+    assert.equal(lag.lastLateMs, 5000);
+    after(3);
+    after(201);
+    assert.equal(lag.lagging, false, 'an on-time tick between two late ones');
+    after(201);
+    assert.equal(lag.lagging, true, 'two late ticks in a row');
     assert.equal(lag.lastLateMs, 201);
-    lag.tick(1851 + LAG_TICK_MS + 3);
+    after(900);
+    assert.equal(lag.lagging, true, 'still late');
+    after(3);
     assert.equal(lag.lagging, false, 'on time again');
+    assert.deepEqual(changes, [true, false], 'each change is told once');
   });
 
   it('a tick early (a clock read before the timer was due) is 0 ms late', () => {
@@ -44,6 +58,7 @@ describe('LoopLag', () => {
     const lag = new LoopLag(200);
     lag.start();
     lag.tick(performance.now() + 10_000);
+    lag.tick(performance.now() + 20_000);
     assert.equal(lag.lagging, true);
     lag.stop();
     assert.equal(lag.lagging, false);
