@@ -11,7 +11,7 @@ import { endWithError } from './forward.ts';
 import { hasBody, hitAge, storedHitHead } from './deliver.ts';
 import { handleRequest, plainLaneRequest } from './handle-request.ts';
 import { HitLane } from './hit-lane.ts';
-import { readSomaxconn, refuse } from './overload.ts';
+import { connectionCap, readOpenFilesLimit, readSomaxconn, refuse } from './overload.ts';
 import { handleConnect } from './tunnel.ts';
 
 /** How long a client may take to send a request's head. */
@@ -67,10 +67,15 @@ export class Listeners {
   readonly #addrs: ListenAddr[];
   readonly #servers: Server[];
   #connections = 0;
+  /** Open client connections past which a new one gets 503 (overload.ts connectionCap). */
+  readonly #cap: ReturnType<typeof connectionCap>;
+  readonly #openFiles: number | undefined;
 
   constructor(ctx: Ctx) {
     const { cfg } = ctx;
     this.#ctx = ctx;
+    this.#openFiles = readOpenFilesLimit();
+    this.#cap = connectionCap(cfg, this.#openFiles);
     this.#lane = hitLane(ctx);
     const listeners = [...cfg.listen.map((addr) => ({ addr, accel: cfg.accel })), ...(cfg.accelListen === 'none' ? [] : [{ addr: cfg.accelListen, accel: true }])];
     this.#addrs = listeners.map((l) => l.addr);
@@ -94,6 +99,9 @@ export class Listeners {
     const somaxconn = readSomaxconn();
     if (somaxconn !== undefined && somaxconn < cfg.listenBacklog) {
       log.warn({ listenBacklog: cfg.listenBacklog, somaxconn }, `net.core.somaxconn is ${somaxconn}: each listener's backlog is ${somaxconn}, not --listen-backlog ${cfg.listenBacklog} (raise the sysctl, and net.ipv4.tcp_max_syn_backlog with it)`);
+    }
+    if (this.#cap.byDescriptors) {
+      log.warn({ openFiles: this.#openFiles, maxClientConnections: cfg.maxClientConnections, cap: this.#cap.cap }, `the open-files limit is ${this.#openFiles}: at most ${this.#cap.cap} client connections, not --max-client-connections ${cfg.maxClientConnections} (${this.#cap.reserve} descriptors are kept for upstream connections, fills and logs); raise LimitNOFILE or ulimit -n`);
     }
     for (const [i, srv] of this.#servers.entries()) {
       const { host, port } = this.#addrs[i]!;
@@ -142,7 +150,7 @@ export class Listeners {
     // Past --max-client-connections a connection gets a labelled 503 (a CVMFS client then tries its
     // next proxy at once), where net.Server's maxConnections would drop it without a word. A hard cap
     // at twice the limit still drops, so a flood can't make us write answers without bound.
-    srv.maxConnections = cfg.maxClientConnections * 2;
+    srv.maxConnections = Math.min(cfg.maxClientConnections * 2, this.#cap.cap + Math.floor(this.#cap.reserve / 2));
     // With the hit lane, node:http reads a connection only when the lane hands it over.
     const toNode = lane ? takeNodeConnection(srv) : undefined;
     srv.on('connection', (sock: Socket) => {
@@ -158,7 +166,7 @@ export class Listeners {
       // Past --max-client-connections, or while the event loop lags (its requests would wait behind the
       // backlog), a new connection is refused at once, before any request is read: counted (and logged)
       // as a request-less NONE/503.
-      const overloaded = this.#connections > cfg.maxClientConnections ? 'connections' : ctx.loopLag.lagging ? 'loop_lag' : undefined;
+      const overloaded = this.#connections > this.#cap.cap ? 'connections' : ctx.loopLag.lagging ? 'loop_lag' : undefined;
       if (overloaded) {
         const err = refuse(ctx.counters, overloaded);
         endWithError(sock, err, cfg.visibleHostname);

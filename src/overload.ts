@@ -136,3 +136,26 @@ export function readSomaxconn(file = '/proc/sys/net/core/somaxconn'): number | u
     return undefined;
   }
 }
+
+/** The process's open-files limit (the soft one, RLIMIT_NOFILE); undefined where it can't be read. */
+export function readOpenFilesLimit(file = '/proc/self/limits'): number | undefined {
+  try {
+    const m = /^Max open files\s+(\d+|unlimited)/m.exec(readFileSync(file, 'utf8'));
+    if (!m || m[1] === 'unlimited') return undefined;
+    return Number(m[1]);
+  } catch {
+    return undefined;
+  }
+}
+
+/**
+ * How many client connections may be open at once: --max-client-connections, and no more than the
+ * open-files limit leaves after what is not a client (upstream connections, fills' spill and record
+ * files, logs). Past the descriptors, accept(2) fails and node resets connections without a word; below
+ * this cap a connection too many gets its 503 and fails over.
+ */
+export function connectionCap(cfg: { maxClientConnections: number; upstreamConnections: number; maxFills: number }, openFiles: number | undefined): { cap: number; reserve: number; byDescriptors: boolean } {
+  const reserve = 256 + 4 * cfg.upstreamConnections + 2 * cfg.maxFills;
+  const byFiles = openFiles === undefined ? Infinity : Math.max(1, openFiles - reserve);
+  return { cap: Math.min(cfg.maxClientConnections, byFiles), reserve, byDescriptors: byFiles < cfg.maxClientConnections };
+}

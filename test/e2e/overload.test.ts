@@ -249,4 +249,31 @@ describe('overload: refuse fast, never trickle', () => {
       await origin.close();
     }
   });
+  it('the open-files limit caps client connections below --max-client-connections: the one too many gets 503, not a reset', async () => {
+    const origin = await startOrigin({ '/x': { body: 'x', headers: { 'cache-control': 'max-age=60' } } });
+    // 400 descriptors, less 256 + 4 × 4 upstream connections + 2 × 16 fills kept for what is not a client.
+    const cap = 400 - (256 + 4 * 4 + 2 * 16);
+    const p = await startChildProxy(['--listen', '127.0.0.1:0', '--cache-dir', join(tmpDir(), 'cache'), '--allow-local-dest', '127.0.0.1', '--upstream-connections', '4', '--max-fills', '16'], undefined, { openFiles: 400 });
+    const socks: Socket[] = [];
+    try {
+      assert.match(p.stderr(), new RegExp(`the open-files limit is 400: at most ${cap} client connections`));
+      for (let i = 0; i < cap; i++) {
+        const s = connect(p.port, '127.0.0.1');
+        socks.push(s);
+        s.write(keepAlive(`${origin.url}/x`));
+        assert.match(await nextResponse(s), /^HTTP\/1.1 200 /, `connection ${i + 1} of ${cap} is served`);
+      }
+      const extra = connect(p.port, '127.0.0.1');
+      socks.push(extra);
+      extra.write(request(`${origin.url}/x`));
+      const text = await readToClose(extra);
+      assert.match(text, /^HTTP\/1.1 503 /);
+      assert.match(text, /\r\nProxy-Status: cuttle; error=connection_limit_reached; details="too many client connections"\r\n/);
+      assert.equal(origin.count('/x'), 1, 'one upstream fetch, then hits');
+    } finally {
+      for (const s of socks) s.destroy();
+      await p.stop();
+      await origin.close();
+    }
+  });
 });

@@ -91,9 +91,14 @@ export interface ChildProxy {
 }
 
 /** Run `node src/main.ts` (in `cwd`, the repository by default) with the given arguments; resolves once it listens. */
-export async function startChildProxy(args: string[], cwd?: string): Promise<ChildProxy> {
+export async function startChildProxy(args: string[], cwd?: string, opts: { openFiles?: number } = {}): Promise<ChildProxy> {
   const withAdmin = args.includes('--admin-listen') ? args : ['--admin-listen', '127.0.0.1:0', ...args];
-  const child = spawn(process.execPath, ['--max-semi-space-size=8', 'src/main.ts', '--access-log', 'none', ...withAdmin], { stdio: ['ignore', 'pipe', 'pipe'], cwd });
+  const argv = ['--max-semi-space-size=8', 'src/main.ts', '--access-log', 'none', ...withAdmin];
+  // A lower open-files limit: the shell sets it, then becomes the proxy (exec), so the pid is the proxy's.
+  const child =
+    opts.openFiles === undefined
+      ? spawn(process.execPath, argv, { stdio: ['ignore', 'pipe', 'pipe'], cwd })
+      : spawn('bash', ['-c', `ulimit -n ${opts.openFiles} && exec "$0" "$@"`, process.execPath, ...argv], { stdio: ['ignore', 'pipe', 'pipe'], cwd });
   let err = '';
   child.stderr!.on('data', (c) => (err += c));
   child.stdout!.resume();

@@ -4,7 +4,7 @@ import assert from 'node:assert/strict';
 import { describe, it } from 'node:test';
 import { buildConfig } from '../../src/config.ts';
 import { newCounters } from '../../src/counters.ts';
-import { fillRefusal, LAG_TICK_MS, LoopLag, parseListenQueue, refuse } from '../../src/overload.ts';
+import { connectionCap, fillRefusal, LAG_TICK_MS, LoopLag, parseListenQueue, readOpenFilesLimit, refuse } from '../../src/overload.ts';
 
 describe('LoopLag', () => {
   it('two ticks in a row later than the bound set lagging; one alone does not; the next tick on time clears it', () => {
@@ -119,5 +119,19 @@ describe('overload options', () => {
     assert.equal(buildConfig({ 'max-loop-lag': '0' }).maxLoopLagMs, 0);
     assert.equal(buildConfig({ 'listen-backlog': 123 }).listenBacklog, 123);
     assert.throws(() => buildConfig({ 'listen-backlog': 0 }), /listen-backlog: expected a positive integer/);
+  });
+});
+
+describe('connectionCap', () => {
+  const cfg = { maxClientConnections: 65536, upstreamConnections: 64, maxFills: 1024 };
+  it('keeps descriptors for what is not a client, and caps client connections by what is left', () => {
+    assert.deepEqual(connectionCap(cfg, 20_000), { cap: 20_000 - 2560, reserve: 2560, byDescriptors: true });
+    assert.deepEqual(connectionCap(cfg, 1_048_576), { cap: 65536, reserve: 2560, byDescriptors: false });
+    assert.equal(connectionCap(cfg, undefined).cap, 65536, 'no limit known: the option alone');
+    assert.equal(connectionCap(cfg, 100).cap, 1, 'never zero');
+  });
+  it('reads the soft limit from /proc/self/limits', () => {
+    const n = readOpenFilesLimit();
+    if (n !== undefined) assert.ok(Number.isSafeInteger(n) && n > 0);
   });
 });
