@@ -11,7 +11,7 @@ import { endWithError } from './forward.ts';
 import { hasBody, hitAge, storedHitHead } from './deliver.ts';
 import { handleRequest, plainLaneRequest } from './handle-request.ts';
 import { HitLane } from './hit-lane.ts';
-import { connectionCap, readOpenFilesLimit, readSomaxconn, refuse } from './overload.ts';
+import { connectionCap, openFilesLimit, readSomaxconn, refuse } from './overload.ts';
 import { handleConnect } from './tunnel.ts';
 
 /** How long a client may take to send a request's head. */
@@ -74,7 +74,8 @@ export class Listeners {
   constructor(ctx: Ctx) {
     const { cfg } = ctx;
     this.#ctx = ctx;
-    this.#openFiles = readOpenFilesLimit();
+    const soft = openFilesLimit()?.soft;
+    this.#openFiles = soft === Infinity ? undefined : soft;
     this.#cap = connectionCap(cfg, this.#openFiles);
     this.#lane = hitLane(ctx);
     const listeners = [...cfg.listen.map((addr) => ({ addr, accel: cfg.accel })), ...(cfg.accelListen === 'none' ? [] : [{ addr: cfg.accelListen, accel: true }])];

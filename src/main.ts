@@ -4,7 +4,7 @@
 // no CPU against 16 in the herd or in hits, and saved 5-45 MiB of peak RSS.
 // GLIBC_TUNABLES: glibc's own mmap threshold (128 KiB), pinned; see README "The C allocator's slack".
 // The command line: parse, validate, start, and own the process (signals, exit codes).
-import { raiseOpenFilesLimit, WANTED_OPEN_FILES } from './process-setup.ts';
+import { raiseOpenFilesLimit } from './process-setup.ts';
 import { ConfigError } from './errors.ts';
 import { helpText, loadConfig, parseCli, type Config } from './config.ts';
 import { VERSION } from './version.ts';
@@ -77,6 +77,9 @@ async function main(argv: string[]): Promise<number> {
     process.stdout.write(`configuration OK\n${summary(cfg)}${host.notes.map((n) => `  note:      ${n}\n`).join('')}`);
     return 0;
   }
+  // Before the listeners read it: they cap client connections by what it leaves (overload.ts), and
+  // warn when that is below --max-client-connections.
+  raiseOpenFilesLimit();
   let proxy;
   try {
     proxy = await createProxy(cfg);
@@ -95,10 +98,6 @@ async function main(argv: string[]): Promise<number> {
       await p.close(0).catch(() => {});
       return 1;
     }
-  }
-  const nofile = raiseOpenFilesLimit();
-  if (nofile !== undefined && nofile < WANTED_OPEN_FILES) {
-    p.log.warn({ openFiles: nofile, wanted: WANTED_OPEN_FILES }, 'open-files limit is low for a site proxy: raise LimitNOFILE (systemd) or ulimit -n');
   }
   let stopping = false;
   const stop = (sig: string) => {

@@ -137,14 +137,14 @@ export function readSomaxconn(file = '/proc/sys/net/core/somaxconn'): number | u
   }
 }
 
-/** The process's open-files limit (the soft one, RLIMIT_NOFILE); undefined where it can't be read. */
-export function readOpenFilesLimit(file = '/proc/self/limits'): number | undefined {
+/** The process's open-files limits (RLIMIT_NOFILE, soft and hard); undefined where they can't be read. */
+export function openFilesLimit(file = '/proc/self/limits'): { soft: number; hard: number } | undefined {
   try {
-    const m = /^Max open files\s+(\d+|unlimited)/m.exec(readFileSync(file, 'utf8'));
-    if (!m || m[1] === 'unlimited') return undefined;
-    return Number(m[1]);
+    const line = readFileSync(file, 'utf8').split('\n').find((l) => l.startsWith('Max open files'));
+    const [soft, hard] = line!.split(/\s{2,}/).slice(1, 3).map((v) => (v === 'unlimited' ? Infinity : Number(v)));
+    return { soft: soft!, hard: hard! };
   } catch {
-    return undefined;
+    return undefined; // not Linux
   }
 }
 

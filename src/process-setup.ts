@@ -1,7 +1,7 @@
 // Process-wide settings: the libuv thread pool size (before anything uses it; imported first by
 // main.ts) and the open-files limit, which a herd of 10^4–10^5 client sockets needs.
 import { spawnSync } from 'node:child_process';
-import { readFileSync } from 'node:fs';
+import { openFilesLimit } from './overload.ts';
 import { setFlagsFromString } from 'node:v8';
 
 // Disk hits and fill spill files are file-system work on the pool; the default of 4 threads queues a
@@ -13,18 +13,6 @@ process.env.UV_THREADPOOL_SIZE ??= '16';
 // tier); a fixed 1.2x growth keeps it near the live size (README "Memory"). V8 reads this at every
 // GC, so it can be set here. The young generation cannot: --max-semi-space-size is on the command line.
 setFlagsFromString('--heap-growing-percent=20');
-
-export const WANTED_OPEN_FILES = 65536;
-
-function openFilesLimit(): { soft: number; hard: number } | undefined {
-  try {
-    const line = readFileSync('/proc/self/limits', 'utf8').split('\n').find((l) => l.startsWith('Max open files'));
-    const [soft, hard] = line!.split(/\s{2,}/).slice(1, 3).map((v) => (v === 'unlimited' ? Infinity : Number(v)));
-    return { soft: soft!, hard: hard! };
-  } catch {
-    return undefined; // not Linux
-  }
-}
 
 /**
  * Raise the soft open-files limit to the hard limit where the OS allows (Node has no setrlimit, so
