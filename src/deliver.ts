@@ -57,10 +57,14 @@ export function deliverStored(d: Delivery, st: StoredObject): void | Promise<Sto
   return sendBody(d, body.data);
 }
 
-/** A memory body: its first slice at once, the rest paced (pacer.ts), so no turn writes it all. */
+/**
+ * A memory body: whole when this turn's budget takes it, else its first slice at once and the rest
+ * paced (pacer.ts), so no turn writes thousands of them whole.
+ */
 function sendBody(d: Delivery, body: Buffer): void | Promise<undefined> {
-  d.ctx.pacer.charge(Math.min(body.length, SLICE_BYTES));
-  if (body.length <= SLICE_BYTES) {
+  const whole = body.length <= SLICE_BYTES || !d.ctx.pacer.wouldWait(body.length);
+  d.ctx.pacer.charge(whole ? body.length : SLICE_BYTES);
+  if (whole) {
     d.tx.bytesOut += body.length;
     d.res.end(body);
     return;
@@ -403,7 +407,7 @@ async function readVerified(body: Extract<StoredObject['body'], { kind: 'file' }
 }
 
 /** What a fill's reader may queue for its socket beyond the kernel's buffer before it waits for `drain`. */
-const QUEUE_BYTES = 128 * 1024;
+const QUEUE_BYTES = 2 * SLICE_BYTES;
 
 /** The next turn of the event loop, one promise shared by everyone waiting for it. */
 let turn: Promise<void> | undefined;

@@ -235,9 +235,11 @@ export function plainLaneRequest(ctx: Ctx, method: string, target: string, heade
     if (!isFresh(st.policy)) return undefined;
     const tx = newTransaction({ startedAt: ctx.clock.now(), client, method, url: p.url.href, headers, httpVersion: '1.1' });
     tx.lane = 'hit';
-    // A body past one slice is paced (pacer.ts): answered like a join, by the hit step, and the lane
-    // reads the connection again once it has left.
-    if (method === 'GET' && st.body.kind === 'buffer' && st.body.data.length > SLICE_BYTES) {
+    // A body past one slice is paced (pacer.ts) when this turn's budget can't take it whole: answered
+    // like a join, by the hit step, and the lane reads the connection again once it has left. Else the
+    // lane writes it whole, as any hit, and the turn's budget is charged.
+    const bytes = method === 'GET' && st.body.kind === 'buffer' ? st.body.data.length : 0;
+    if (bytes > SLICE_BYTES && ctx.pacer.wouldWait(bytes)) {
       return (res) => {
         const s: State = { ctx, res, reqHeaders: headers, tx, accel: false, lane: true, url: p.url, primary: p.primary, key: p.primary, vary: [], cas: p.cas, staleAvailable: false, stored: st };
         // The lane reads on once this answer has left, so the next one (and its log line) follows it.
@@ -246,6 +248,7 @@ export function plainLaneRequest(ctx: Ctx, method: string, target: string, heade
           .then(() => (s.handedOff ? 'handoff' : 'done'));
       };
     }
+    ctx.pacer.charge(bytes);
     tx.result = 'TCP_MEM_HIT';
     noteStored(tx, st);
     return { tx, st };

@@ -86,7 +86,7 @@ describe('fair delivery', () => {
     assert.equal(origin.count('/held'), 1, 'one upstream fetch for all three');
   });
 
-  it('large memory hits leave in paced slices, whole and in order, to many readers at once', async () => {
+  it('large memory hits leave whole while the turn has budget, else in paced slices: every reader gets every byte, in order', async () => {
     const url = `${origin.url}/hot`;
     const pool = proxyClient(p.url, 1);
     for (let i = 0; i < 2; i++) assert.equal((await get(pool, url)).status, 200); // filled, then in memory
