@@ -286,6 +286,7 @@ export async function streamFill(d: Delivery, fill: FillReader, response: FillRe
   };
   let graced = false;
   let firstSlice = true;
+  let grantedAhead = false;
   for (;;) {
     if (off >= stop) break;
     if (res.destroyed) {
@@ -319,19 +320,25 @@ export async function streamFill(d: Delivery, fill: FillReader, response: FillRe
     // pooled buffer is taken: a reader that waits holds none.
     const want = p === 'spill' ? READ_BYTES : Math.min(p.length, SLICE_BYTES, stop - off);
     if (firstSlice) ctx.pacer.charge(want);
-    else {
+    else if (!grantedAhead) {
       const granted = ctx.pacer.take(want);
       if (granted) {
         await granted;
-        if (res.destroyed) {
-          tx.aborted = true;
-          return;
-        }
+        // Granted: look at the fill afresh (what was peeked may have left the window meanwhile).
+        grantedAhead = true;
+        continue;
       }
     }
     firstSlice = false;
+    grantedAhead = false;
     const pooled = p === 'spill' ? ctx.buffers.acquire() : undefined;
     let buf = pooled ? await fill.readSpill(off, pooled) : (p as Buffer);
+    if (pooled && res.destroyed) {
+      // The client left during the read: its 'close' has been, so a drain wait would never end.
+      ctx.buffers.release(pooled);
+      tx.aborted = true;
+      return;
+    }
     if (off + buf.length > stop) buf = buf.subarray(0, stop - off);
     if (buf.length > SLICE_BYTES) buf = buf.subarray(0, SLICE_BYTES);
     if (buf.length === 0) {

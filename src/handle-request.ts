@@ -494,8 +494,8 @@ function miss(s: State): StepName {
 
 /** Why a new fill may not start now (overload.ts), if it may not. */
 function newFillRefusal(ctx: Ctx): RefusalReason | undefined {
-  const { budget, inFlight } = ctx.coalescer;
-  return fillRefusal({ inFlight, maxFills: ctx.cfg.maxFills, usedBytes: budget.usedBytes, limitBytes: budget.limitBytes, lagging: ctx.loopLag.lagging });
+  const { budget, inFlight, running } = ctx.coalescer;
+  return fillRefusal({ inFlight, maxFills: ctx.cfg.maxFills, usedBytes: budget.usedBytes, limitBytes: budget.limitBytes, windowsBytes: running * ctx.cfg.fillWindowBytes, lagging: ctx.loopLag.lagging });
 }
 
 /** Start this request's key's fill (revalidating `stale` if it has validators). */

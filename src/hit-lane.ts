@@ -185,7 +185,7 @@ export class LaneResponse implements ResponseSink {
   }
 
   once(event: 'close', fn: () => void): this {
-    if (this.#over) {
+    if (this.#over || this.#sock.destroyed) {
       fn();
       return this;
     }

@@ -33,9 +33,12 @@ export function refuse(counters: Counters, reason: RefusalReason): ProxyError {
  * here): --max-fills reached, --fill-memory spent (its bytes would only trickle from disk behind the
  * others), or the event loop lagging.
  */
-export function fillRefusal(f: { inFlight: number; maxFills: number; usedBytes: number; limitBytes: number; lagging: boolean }): RefusalReason | undefined {
+export function fillRefusal(f: { inFlight: number; maxFills: number; usedBytes: number; limitBytes: number; windowsBytes: number; lagging: boolean }): RefusalReason | undefined {
   if (f.inFlight >= f.maxFills) return 'fills';
-  if (f.usedBytes >= f.limitBytes) return 'fill_memory';
+  // Spent: the budget is used up, and by more than the fills' windows at their own bound would hold
+  // (--fill-window each): bytes no window can drop yet (not on disk, or a reader behind them). Fills
+  // whose windows are at their bound spill to disk and serve at speed: they refuse nothing.
+  if (f.usedBytes >= f.limitBytes && f.usedBytes > f.windowsBytes) return 'fill_memory';
   if (f.lagging) return 'loop_lag';
   return undefined;
 }
@@ -155,7 +158,9 @@ export function openFilesLimit(file = '/proc/self/limits'): { soft: number; hard
  * this cap a connection too many gets its 503 and fails over.
  */
 export function connectionCap(cfg: { maxClientConnections: number; upstreamConnections: number; maxFills: number }, openFiles: number | undefined): { cap: number; reserve: number; byDescriptors: boolean } {
-  const reserve = 256 + 4 * cfg.upstreamConnections + 2 * cfg.maxFills;
+  // At most half the descriptors are kept: under a low limit (1,024) clients still get the other half.
+  const wanted = 256 + 4 * cfg.upstreamConnections + 2 * cfg.maxFills;
+  const reserve = openFiles === undefined ? wanted : Math.min(wanted, Math.floor(openFiles / 2));
   const byFiles = openFiles === undefined ? Infinity : Math.max(1, openFiles - reserve);
   return { cap: Math.min(cfg.maxClientConnections, byFiles), reserve, byDescriptors: byFiles < cfg.maxClientConnections };
 }

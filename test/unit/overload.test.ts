@@ -66,7 +66,7 @@ describe('LoopLag', () => {
 });
 
 describe('fillRefusal', () => {
-  const ok = { inFlight: 0, maxFills: 10, usedBytes: 0, limitBytes: 100, lagging: false };
+  const ok = { inFlight: 0, maxFills: 10, usedBytes: 0, limitBytes: 100, windowsBytes: 40, lagging: false };
   it('admits a fill while there are slots, fill memory and a loop on time', () => {
     assert.equal(fillRefusal(ok), undefined);
     assert.equal(fillRefusal({ ...ok, inFlight: 9, usedBytes: 99 }), undefined);
@@ -76,6 +76,10 @@ describe('fillRefusal', () => {
     assert.equal(fillRefusal({ ...ok, usedBytes: 100 }), 'fill_memory');
     assert.equal(fillRefusal({ ...ok, usedBytes: 150 }), 'fill_memory');
     assert.equal(fillRefusal({ ...ok, lagging: true }), 'loop_lag');
+  });
+  it('fills whose windows hold no more than their own bound refuse nothing: they spill to disk at speed', () => {
+    assert.equal(fillRefusal({ ...ok, usedBytes: 128, windowsBytes: 128 }), undefined, '64 fills at a 2 MB window, a 128 MB budget');
+    assert.equal(fillRefusal({ ...ok, usedBytes: 129, windowsBytes: 128 }), 'fill_memory');
   });
 });
 
@@ -128,7 +132,8 @@ describe('connectionCap', () => {
     assert.deepEqual(connectionCap(cfg, 20_000), { cap: 20_000 - 2560, reserve: 2560, byDescriptors: true });
     assert.deepEqual(connectionCap(cfg, 1_048_576), { cap: 65536, reserve: 2560, byDescriptors: false });
     assert.equal(connectionCap(cfg, undefined).cap, 65536, 'no limit known: the option alone');
-    assert.equal(connectionCap(cfg, 100).cap, 1, 'never zero');
+    assert.deepEqual(connectionCap(cfg, 1024), { cap: 512, reserve: 512, byDescriptors: true }, 'a low limit keeps at most half for itself');
+    assert.equal(connectionCap(cfg, 1).cap, 1, 'never zero');
   });
   it('reads the soft limit from /proc/self/limits', () => {
     const n = openFilesLimit()?.soft;
