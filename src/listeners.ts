@@ -28,11 +28,19 @@ function takeNodeConnection(srv: Server): (sock: Socket) => void {
   return (sock) => listener.call(srv, sock);
 }
 
-function listenOn(srv: Server, host: string, port: number, backlog: number): Promise<void> {
+/**
+ * Listening sockets per client address. libuv takes one connection off a listening socket per
+ * readiness event, so under load (a turn of tens of ms) a burst waited seconds in the accept queue: the
+ * overload bench saw 2,000 connections drain at ~350 a second, their 503s late. Sockets sharing the
+ * port (SO_REUSEPORT, Linux) each take one per event: the kernel spreads new connections over them.
+ */
+const ACCEPT_SOCKETS = process.platform === 'linux' ? 8 : 1;
+
+function listenOn(srv: Server, host: string, port: number, backlog: number, reusePort = false): Promise<void> {
   return new Promise<void>((resolve, reject) => {
     const onErr = (err: Error) => reject(new Error(`cannot listen on ${host.includes(':') ? `[${host}]` : host}:${port}: ${err.message}`, { cause: err }));
     srv.once('error', onErr);
-    srv.listen({ host, port, backlog }, () => {
+    srv.listen({ host, port, backlog, reusePort }, () => {
       srv.off('error', onErr);
       resolve();
     });
@@ -65,7 +73,8 @@ export class Listeners {
   readonly #ctx: Ctx;
   readonly #lane: HitLane | undefined;
   readonly #addrs: ListenAddr[];
-  readonly #servers: Server[];
+  /** Per listen address, its listening sockets (ACCEPT_SOCKETS sharing one port). */
+  readonly #groups: Server[][];
   #connections = 0;
   /** Open client connections past which a new one gets 503 (overload.ts connectionCap). */
   readonly #cap: ReturnType<typeof connectionCap>;
@@ -80,7 +89,7 @@ export class Listeners {
     this.#lane = hitLane(ctx);
     const listeners = [...cfg.listen.map((addr) => ({ addr, accel: cfg.accel })), ...(cfg.accelListen === 'none' ? [] : [{ addr: cfg.accelListen, accel: true }])];
     this.#addrs = listeners.map((l) => l.addr);
-    this.#servers = listeners.map(({ accel }) => this.#server(accel));
+    this.#groups = listeners.map(({ accel }) => Array.from({ length: ACCEPT_SOCKETS }, () => this.#server(accel)));
   }
 
   /** Client connections open now. */
@@ -90,7 +99,7 @@ export class Listeners {
 
   /** Bound addresses, in --listen order, then the --accel-listen one. */
   addresses(): AddressInfo[] {
-    return this.#servers.map((s) => s.address() as AddressInfo);
+    return this.#groups.map((g) => g[0]!.address() as AddressInfo);
   }
 
   async listen(): Promise<void> {
@@ -104,28 +113,42 @@ export class Listeners {
     if (this.#cap.byDescriptors) {
       log.warn({ openFiles: this.#openFiles, maxClientConnections: cfg.maxClientConnections, cap: this.#cap.cap }, `the open-files limit is ${this.#openFiles}: at most ${this.#cap.cap} client connections, not --max-client-connections ${cfg.maxClientConnections} (${this.#cap.reserve} descriptors are kept for upstream connections, fills and logs); raise LimitNOFILE or ulimit -n`);
     }
-    for (const [i, srv] of this.#servers.entries()) {
-      const { host, port } = this.#addrs[i]!;
+    for (const [i, [first, ...more]] of this.#groups.entries()) {
+      let { host, port } = this.#addrs[i]!;
+      const shared = more.length > 0;
+      // A given port must be free of any other program's sockets: it is first taken alone (a second
+      // cuttle on the same port fails here, as it would without SO_REUSEPORT), then let go for the
+      // group. Port 0 is a fresh one from the kernel: the first socket takes it and the others join.
+      const probe = port === 0 || !shared ? first! : createServer();
+      const backlog = probe === first ? cfg.listenBacklog : 1;
+      const reuse = probe === first && shared; // the probe alone, never: it must find the port free
       try {
-        await listenOn(srv, host, port, cfg.listenBacklog);
+        await listenOn(probe, host, port, backlog, reuse);
       } catch (err) {
         // A host without IPv6 can't bind '::': every IPv4 address is the next best thing.
         const code = (err as { cause?: NodeJS.ErrnoException }).cause?.code;
         if (host !== '::' || (code !== 'EAFNOSUPPORT' && code !== 'EADDRNOTAVAIL')) throw err;
         log.warn({ port }, 'no IPv6 on this host: listening on IPv4 only');
-        await listenOn(srv, '0.0.0.0', port, cfg.listenBacklog);
+        host = '0.0.0.0';
+        await listenOn(probe, host, port, backlog, reuse);
       }
+      port = (probe.address() as AddressInfo).port;
+      if (probe !== first) {
+        await stopListening(probe);
+        await listenOn(first!, host, port, cfg.listenBacklog, true);
+      }
+      for (const srv of more) await listenOn(srv, host, port, cfg.listenBacklog, true);
     }
   }
 
   /** Stop accepting; resolves once every connection has closed and the lane answers no join. */
   close(): Promise<unknown> {
-    return Promise.all([...this.#servers.map(stopListening), this.#lane?.joinsOver()]);
+    return Promise.all([...this.#groups.flat().map(stopListening), this.#lane?.joinsOver()]);
   }
 
   /** Close the keep-alive connections that are idle now (their last response has ended). */
   closeIdle(): void {
-    this.#servers.forEach((srv) => srv.closeIdleConnections());
+    this.#groups.flat().forEach((srv) => srv.closeIdleConnections());
     // A connection in the hit lane is idle whenever its answers have left and it answers no join.
     const lane = this.#lane;
     for (const sock of lane?.sockets ?? []) if (sock.writableLength === 0 && !lane?.joining.has(sock)) sock.destroy();
@@ -133,7 +156,7 @@ export class Listeners {
 
   /** Cut every client connection, busy or not. */
   cutAll(): void {
-    this.#servers.forEach((s) => s.closeAllConnections());
+    this.#groups.flat().forEach((s) => s.closeAllConnections());
     for (const sock of this.#lane?.sockets ?? []) sock.destroy();
   }
 

@@ -236,6 +236,22 @@ describe('start-up failures', () => {
     }
   });
 
+  it('a second cuttle on the port of a running one fails to listen, although cuttle shares its port among its own sockets (SO_REUSEPORT)', async () => {
+    const first = await startChildProxy(['--listen', '127.0.0.1:0', '--cache-dir', join(tmpDir(), 'c')]);
+    try {
+      const child = spawn(process.execPath, ['src/main.ts', '--listen', `127.0.0.1:${first.port}`, '--cache-dir', join(tmpDir(), 'c'), '--access-log', 'none', '--admin-listen', 'none'], { stdio: ['ignore', 'ignore', 'pipe'] });
+      let err = '';
+      child.stderr!.on('data', (c) => (err += c));
+      const [code] = await once(child, 'exit');
+      assert.equal(code, 1, err);
+      assert.match(err, /cannot listen on .*EADDRINUSE/);
+      const r = await fetch(`${first.url}/`).catch(() => undefined);
+      assert.ok(r, 'the first still answers on its port');
+    } finally {
+      await first.stop();
+    }
+  });
+
   it('a second cuttle on the same --cache-dir is refused; a lock left by a killed one is taken over', async () => {
     const cacheDir = join(tmpDir(), 'c');
     const first = await startChildProxy(['--listen', '127.0.0.1:0', '--cache-dir', cacheDir]);

@@ -17,15 +17,19 @@ import { gate, startOrigin } from '../helpers/origin.ts';
 import { get, proxyClient, startChildProxy, startProxy, tmpDir } from '../helpers/proxy.ts';
 import { requireTool } from '../helpers/tools.ts';
 
-/** The backlog the kernel gives the listener on `port` (ss: a LISTEN socket's Send-Q is its backlog). */
+/**
+ * The backlog the kernel gives the listening sockets on `port` (ss: a LISTEN socket's Send-Q is its
+ * backlog); cuttle listens with several sockets on one port (SO_REUSEPORT), all alike.
+ */
 function kernelBacklog(ss: string, port: number): number {
   const out = spawnSync(ss, ['-ltnH', `sport = :${port}`], { encoding: 'utf8' });
   assert.equal(out.status, 0, out.stderr);
-  const lines = out.stdout.trim().split('\n');
-  assert.equal(lines.length, 1, out.stdout);
-  const [state, , sendQ] = lines[0]!.trim().split(/\s+/);
-  assert.equal(state, 'LISTEN');
-  return Number(sendQ);
+  const rows = out.stdout.trim().split('\n').map((l) => l.trim().split(/\s+/));
+  assert.ok(rows.length >= 1, out.stdout);
+  for (const [state] of rows) assert.equal(state, 'LISTEN');
+  const backlogs = new Set(rows.map(([, , sendQ]) => Number(sendQ)));
+  assert.equal(backlogs.size, 1, `every listening socket has the same backlog: ${out.stdout}`);
+  return [...backlogs][0]!;
 }
 
 /** Everything the proxy sends on `sock` until it closes. */
@@ -109,13 +113,14 @@ describe('overload: refuse fast, never trickle', () => {
   it("the kernel's accept-queue drops (ListenOverflows, ListenDrops) are in /metrics", async (t) => {
     const before = readListenQueue();
     if (!before) return t.skip('no /proc/net/netstat on this host');
-    // A stopped proxy with a backlog of 1: the kernel queues two connections and drops the others' SYNs.
+    // A stopped proxy with a backlog of 1 on each of its listening sockets: the kernel queues two
+    // connections on each and drops the others' SYNs.
     const proxy = await startChildProxy(['--listen', '127.0.0.1:0', '--cache-dir', join(tmpDir(), 'c'), '--listen-backlog', '1']);
     const admin = Number(/"admin":\{[^}]*"port":(\d+)/.exec(proxy.stderr())![1]);
     const clients: Socket[] = [];
     try {
       proxy.child.kill('SIGSTOP');
-      for (let i = 0; i < 8; i++) clients.push(connect(proxy.port, '127.0.0.1').on('error', () => {}));
+      for (let i = 0; i < 64; i++) clients.push(connect(proxy.port, '127.0.0.1').on('error', () => {}));
       await waitFor('the kernel dropped a connection at the full accept queue', () => readListenQueue()!.overflows > before.overflows);
       const seen = readListenQueue()!;
       proxy.child.kill('SIGCONT');
