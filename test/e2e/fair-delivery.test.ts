@@ -6,6 +6,7 @@ import { after, before, describe, it } from 'node:test';
 import { waitFor } from '../helpers/mirrors.ts';
 import { gate, startOrigin, type Gate, type Origin } from '../helpers/origin.ts';
 import { get, proxyClient, startProxy, type TestProxy } from '../helpers/proxy.ts';
+import { TURN_BYTES } from '../../src/pacer.ts';
 
 /** A raw client: counts body bytes as they arrive; `paused` reads nothing until resumed. */
 class Reader {
@@ -48,13 +49,18 @@ describe('fair delivery', () => {
   const FIRST = 2 * 2 ** 20;
   const big = Buffer.alloc(SIZE);
   for (let i = 0; i < SIZE; i += 4) big.writeUInt32LE(i, i);
+  // Past one turn's whole budget (pacer.ts TURN_BYTES): a memory hit the lane always paces.
+  const huge = Buffer.alloc(TURN_BYTES + 4 * 2 ** 20);
+  for (let i = 0; i < huge.length; i += 4) huge.writeUInt32LE(i ^ 0x5a5a5a5a, i);
   before(async () => {
     held = gate();
     origin = await startOrigin({
       '/held': { headers: { 'cache-control': 'max-age=600' }, body: big, bodyGate: { after: FIRST, gate: held } },
       '/hot': { headers: { 'cache-control': 'max-age=600' }, body: big },
+      '/huge': { headers: { 'cache-control': 'max-age=600' }, body: huge },
+      '/small': { headers: { 'cache-control': 'max-age=600' }, body: 'small' },
     });
-    p = await startProxy({ 'memory-cache': '64MB', 'max-memory-object-size': '16MB' });
+    p = await startProxy({ 'memory-cache': '96MB', 'max-memory-object-size': '32MB' });
   });
   after(async () => {
     await p?.close();
@@ -100,5 +106,31 @@ describe('fair delivery', () => {
     }
     assert.equal(origin.count('/hot'), 1);
     assert.equal(p.proxy.pacer.waiting, 0, 'nobody is left waiting for a slice');
+  });
+
+  it('a memory hit past a turn of budget is paced in the hit lane, whole and in order, and the lane reads the connection again after it', async () => {
+    const url = `${origin.url}/huge`;
+    const pool = proxyClient(p.url, 1);
+    for (let i = 0; i < 2; i++) assert.equal((await get(pool, url)).status, 200); // filled, then in memory
+    await pool.close();
+    const laneHits = p.proxy.counters.laneHits;
+    // One keep-alive connection: the huge hit, then a small one after it on the same connection.
+    const sock = connect({ port: p.port, host: '127.0.0.1' });
+    let raw = Buffer.alloc(0);
+    sock.on('data', (c: Buffer) => (raw = Buffer.concat([raw, c])));
+    sock.write(`GET ${url} HTTP/1.1\r\nHost: x\r\n\r\n`);
+    const headEnd = () => raw.indexOf('\r\n\r\n');
+    await waitFor('the huge hit has arrived whole', () => headEnd() >= 0 && raw.length - headEnd() - 4 >= huge.length);
+    const head = raw.subarray(0, headEnd()).toString('latin1');
+    assert.match(head, /^HTTP\/1\.1 200/);
+    assert.match(head, /X-Cache: HIT/i);
+    assert.ok(raw.subarray(headEnd() + 4, headEnd() + 4 + huge.length).equals(huge), 'whole and in order');
+    assert.equal(raw.length, headEnd() + 4 + huge.length, 'nothing after it');
+    sock.write(`GET ${origin.url}/small HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n`);
+    await waitFor('the small answer after it, on the same connection', () => raw.includes('\r\n\r\nsmall'));
+    sock.destroy();
+    assert.equal(p.proxy.counters.laneHits, laneHits + 1, 'the lane answered the huge hit (paced: it is past a turn of budget), not node:http');
+    assert.equal(origin.count('/huge'), 1);
+    assert.equal(origin.count('/small'), 1);
   });
 });
