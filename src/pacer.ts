@@ -18,8 +18,8 @@ export const TURN_BYTES = 16 * 2 ** 20;
 export class Pacer {
   readonly #turnBytes: number;
   #left: number;
-  /** Responses waiting for a slice, oldest first: one entry per response, so bounded by connections. */
-  #waiting: (() => void)[] = [];
+  /** Responses waiting for a slice (and its size), oldest first: one each, so bounded by connections. */
+  #waiting: { grant: () => void; bytes: number }[] = [];
   #head = 0;
   #armed = false;
 
@@ -55,7 +55,7 @@ export class Pacer {
       return undefined;
     }
     this.#arm();
-    return new Promise((resolve) => this.#waiting.push(resolve));
+    return new Promise((grant) => this.#waiting.push({ grant, bytes: n }));
   }
 
   #arm(): void {
@@ -65,14 +65,15 @@ export class Pacer {
   }
 
   // Once per turn (setImmediate runs right after the poll phase): a fresh budget, given first to the
-  // oldest waiters, a slice each; the rest of it goes to whoever writes during the next poll phase.
+  // oldest waiters, each charged what it asked; the rest goes to whoever writes in the next poll phase.
   readonly #turn = (): void => {
     this.#armed = false;
     this.#left = this.#turnBytes;
     const w = this.#waiting;
     while (this.#left > 0 && this.#head < w.length) {
-      this.#left -= SLICE_BYTES;
-      w[this.#head++]!();
+      const next = w[this.#head++]!;
+      this.#left -= next.bytes;
+      next.grant();
     }
     if (this.#head === w.length) {
       this.#waiting = [];

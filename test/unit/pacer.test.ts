@@ -32,4 +32,16 @@ describe('pacer', () => {
     await w;
     assert.equal(pacer.waiting, 0);
   });
+
+  it('charges each waiter what it asked: smaller slices (a disk read of 64 KiB) are granted more per turn', async () => {
+    const pacer = new Pacer(2 * SLICE_BYTES);
+    pacer.charge(2 * SLICE_BYTES);
+    const granted: number[] = [];
+    const waits = [0, 1, 2, 3, 4].map((i) => pacer.take(SLICE_BYTES / 2)!.then(() => granted.push(i)));
+    await nextTurn();
+    await Promise.resolve();
+    assert.deepEqual(granted, [0, 1, 2, 3], 'four half slices fill one turn of two slices');
+    await Promise.all(waits);
+    assert.deepEqual(granted, [0, 1, 2, 3, 4]);
+  });
 });
