@@ -173,11 +173,16 @@ export class Listeners {
     });
     // Past --max-client-connections a connection gets a labelled 503 (a CVMFS client then tries its
     // next proxy at once), where net.Server's maxConnections would drop it without a word. A hard cap
-    // at twice the limit still drops, so a flood can't make us write answers without bound.
-    srv.maxConnections = Math.min(cfg.maxClientConnections * 2, this.#cap.cap + Math.floor(this.#cap.reserve / 2));
+    // still drops, so a flood can't make us write answers without bound: counted over all the sockets
+    // of all listeners (a server's own maxConnections would count one socket's).
+    const hardCap = Math.min(cfg.maxClientConnections * 2, this.#cap.cap + Math.floor(this.#cap.reserve / 2));
     // With the hit lane, node:http reads a connection only when the lane hands it over.
     const toNode = lane ? takeNodeConnection(srv) : undefined;
     srv.on('connection', (sock: Socket) => {
+      if (this.#connections >= hardCap) {
+        sock.destroy();
+        return;
+      }
       this.#connections++;
       sock.once('close', () => this.#connections--);
       // A peer that reset before the connection was taken has no address left: nothing can be checked
