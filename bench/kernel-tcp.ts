@@ -4,6 +4,7 @@
 // timeouts, and wall time, latency and even the proxy's CPU measure that, not the proxy. The bench
 // reports it beside the figures it spoils. Linux only; elsewhere every figure is undefined.
 import { readFileSync } from 'node:fs';
+import { readSomaxconn } from '../src/overload.ts';
 
 export interface KernelTcp {
   /** Peak of the TCP memory in use on the host (all sockets), MiB. */
@@ -100,11 +101,7 @@ export function kernelTcpWarning(k: KernelTcp | undefined): string | undefined {
   return out.length ? out.join('') : undefined;
 }
 
-/** The kernel's cap on every listen backlog. */
+/** The kernel's cap on every listen backlog (NaN where it can't be read). */
 export function somaxconn(): number {
-  try {
-    return Number(readFileSync('/proc/sys/net/core/somaxconn', 'utf8').trim());
-  } catch {
-    return NaN;
-  }
+  return readSomaxconn() ?? NaN;
 }

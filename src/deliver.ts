@@ -76,7 +76,8 @@ function sendBody(d: Delivery, body: Buffer): void | Promise<undefined> {
 
 async function sendRest(d: Delivery, body: Buffer): Promise<undefined> {
   const { ctx, res, tx } = d;
-  for (let off = SLICE_BYTES; off < body.length; ) {
+  // The last slice ends the response (below): the loop always returns from inside.
+  for (let off = SLICE_BYTES; ; ) {
     const n = Math.min(SLICE_BYTES, body.length - off);
     await ctx.pacer.take(n);
     if (res.destroyed) {
@@ -93,8 +94,6 @@ async function sendRest(d: Delivery, body: Buffer): Promise<undefined> {
     }
     if (!res.write(piece) && res.writableLength >= QUEUE_BYTES) await drained(res);
   }
-  res.end();
-  return undefined;
 }
 
 async function deliverRecord(d: Delivery, st: StoredObject, body: Extract<StoredObject['body'], { kind: 'file' }>): Promise<StoreUnavailable | undefined> {
@@ -120,8 +119,7 @@ async function deliverRecord(d: Delivery, st: StoredObject, body: Extract<Stored
     }
     for (let pos = 0; pos < st.size; ) {
       // The first piece at once, the rest paced (pacer.ts): a pooled buffer is taken once granted.
-      if (pos === 0) ctx.pacer.charge(READ_BYTES);
-      else await ctx.pacer.take(READ_BYTES);
+      await ctx.pacer.next(READ_BYTES, pos === 0);
       if (res.destroyed) {
         tx.aborted = true;
         return;
@@ -319,15 +317,12 @@ export async function streamFill(d: Delivery, fill: FillReader, response: FillRe
     // so bytes already in memory never hold the loop for megabytes while others wait. Granted before a
     // pooled buffer is taken: a reader that waits holds none.
     const want = p === 'spill' ? READ_BYTES : Math.min(p.length, SLICE_BYTES, stop - off);
-    if (firstSlice) ctx.pacer.charge(want);
-    else if (!grantedAhead) {
-      const granted = ctx.pacer.take(want);
-      if (granted) {
-        await granted;
-        // Granted: look at the fill afresh (what was peeked may have left the window meanwhile).
-        grantedAhead = true;
-        continue;
-      }
+    const granted = grantedAhead ? undefined : ctx.pacer.next(want, firstSlice);
+    if (granted) {
+      await granted;
+      // Granted: look at the fill afresh (what was peeked may have left the window meanwhile).
+      grantedAhead = true;
+      continue;
     }
     firstSlice = false;
     grantedAhead = false;

@@ -120,8 +120,8 @@ const STEPS: Record<StepName, (s: State) => Next | Promise<Next>> = {
   synth,
 };
 
-function fail(s: State, code: ProxyError['code'], detail?: string): StepName {
-  s.error = new ProxyError(code, detail);
+function fail(s: State, err: ProxyError | ProxyError['code'], detail?: string): StepName {
+  s.error = err instanceof ProxyError ? err : new ProxyError(err, detail);
   return 'synth';
 }
 
@@ -239,15 +239,7 @@ export function plainLaneRequest(ctx: Ctx, method: string, target: string, heade
     // like a join, by the hit step, and the lane reads the connection again once it has left. Else the
     // lane writes it whole, as any hit, and the turn's budget is charged.
     const bytes = method === 'GET' && st.body.kind === 'buffer' ? st.body.data.length : 0;
-    if (bytes > SLICE_BYTES && ctx.pacer.wouldWait(bytes)) {
-      return (res) => {
-        const s: State = { ctx, res, reqHeaders: headers, tx, accel: false, lane: true, url: p.url, primary: p.primary, key: p.primary, vary: [], cas: p.cas, staleAvailable: false, stored: st };
-        // The lane reads on once this answer has left, so the next one (and its log line) follows it.
-        return Promise.resolve(run(s, 'hit'))
-          .then(() => new Promise<void>((over) => res.once('close', over)))
-          .then(() => (s.handedOff ? 'handoff' : 'done'));
-      };
-    }
+    if (bytes > SLICE_BYTES && ctx.pacer.wouldWait(bytes)) return (res) => runInLane({ ...laneState(ctx, res, headers, tx, p), stored: st }, 'hit', true);
     ctx.pacer.charge(bytes);
     tx.result = 'TCP_MEM_HIT';
     noteStored(tx, st);
@@ -260,12 +252,24 @@ export function plainLaneRequest(ctx: Ctx, method: string, target: string, heade
   if (o && !(o.kind === 'response' && o.shared && fill.state === 'streaming')) return undefined;
   const tx = newTransaction({ startedAt: ctx.clock.now(), client, method, url: p.url.href, headers, httpVersion: '1.1' });
   tx.lane = 'join';
-  // Of the request, those steps read its headers alone (no node:http request or response).
-  // (A herd parks thousands of these at once: what they hold is kept small, no frame of their own.)
-  return (res) => {
-    const s: State = { ctx, res, reqHeaders: headers, tx, accel: false, lane: true, url: p.url, primary: p.primary, key: p.primary, vary: [], cas: p.cas, staleAvailable: false };
-    return Promise.resolve(run(s, 'busy')).then(() => (s.handedOff ? 'handoff' : 'done'));
-  };
+  return (res) => runInLane(laneState(ctx, res, headers, tx, p), 'busy', false);
+}
+
+/** A lane request's state: of the request, its steps read its headers alone (no node:http request or response). */
+function laneState(ctx: Ctx, res: State['res'], headers: IncomingHttpHeaders, tx: State['tx'], p: NonNullable<ReturnType<typeof plainTarget>>): State {
+  return { ctx, res, reqHeaders: headers, tx, accel: false, lane: true, url: p.url, primary: p.primary, key: p.primary, vary: [], cas: p.cas, staleAvailable: false };
+}
+
+/**
+ * Answer a lane request from `step`: 'handoff' if it reached a step only node:http runs. With
+ * `untilSent`, the lane reads on only once the answer has left, so the next one (and its log line)
+ * follows it. (A herd parks thousands of these at once: what they hold is kept small, no frame of their
+ * own: promise chains, not an async function.)
+ */
+function runInLane(s: State, step: StepName, untilSent: boolean): Promise<'done' | 'handoff'> {
+  const ran = Promise.resolve(run(s, step));
+  const sent = untilSent ? ran.then(() => new Promise<void>((over) => s.res.once('close', over))) : ran;
+  return sent.then(() => (s.handedOff ? 'handoff' : 'done'));
 }
 
 /**
@@ -478,8 +482,7 @@ function miss(s: State): StepName {
   const refused = newFillRefusal(ctx);
   if (refused) {
     closeStored(s.stored);
-    s.error = refuse(ctx.counters, refused);
-    return 'synth';
+    return fail(s, refuse(ctx.counters, refused));
   }
   s.tx.served = 'miss';
   if (tx.result === 'NONE') tx.result = 'TCP_MISS';
@@ -621,10 +624,7 @@ function serveStale(s: State): Next | Promise<Next> {
 async function pass(s: State): Promise<StepName | undefined> {
   const { ctx, tx } = s;
   const { req, res } = nodeOf(s);
-  if (ctx.counters.passesInFlight >= ctx.cfg.maxPasses) {
-    s.error = refuse(ctx.counters, 'passes');
-    return 'synth';
-  }
+  if (ctx.counters.passesInFlight >= ctx.cfg.maxPasses) return fail(s, refuse(ctx.counters, 'passes'));
   tx.served = 'pass';
   ctx.counters.passesInFlight++;
   if (tx.result === 'NONE') tx.result = 'TCP_MISS';

@@ -44,6 +44,13 @@ export class Pacer {
     this.#arm();
   }
 
+  /** A response's next `n` bytes: its first slice never waits (charged), a later one takes. */
+  next(n: number, first: boolean): Promise<void> | undefined {
+    if (!first) return this.take(n);
+    this.charge(n);
+    return undefined;
+  }
+
   /**
    * Take `n` bytes of this turn's budget: undefined when granted now, else a promise that resolves on a
    * later turn with the slice granted (do not take again).

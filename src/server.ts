@@ -180,7 +180,7 @@ export async function createProxy(cfg: Config, opts: ProxyOptions = {}): Promise
     coalescer,
     pacer,
     log,
-    loopLag: ctx.loopLag,
+    loopLag,
     get mirrors() {
       return live.mirrors;
     },
@@ -199,7 +199,7 @@ export async function createProxy(cfg: Config, opts: ProxyOptions = {}): Promise
         });
       }
       phase.listening = true;
-      ctx.loopLag.start();
+      loopLag.start();
       live.startProbing();
       log.info({ listen: listeners.addresses(), admin: admin?.address(), cacheDir: cfg.cacheDir }, 'cuttle listening');
     },
@@ -208,7 +208,7 @@ export async function createProxy(cfg: Config, opts: ProxyOptions = {}): Promise
     async close(timeoutMs = cfg.shutdownTimeoutMs) {
       // Drain: stop accepting, report not ready, let in-flight responses finish, then close the rest.
       phase.draining = true;
-      ctx.loopLag.stop();
+      loopLag.stop();
       live.stopProbing();
       await shutdown({ listeners, tunnels: ctx.tunnels, coalescer, upstream, accessLog, disk, admin, snmpAgent: () => snmpAgent, log }, timeoutMs);
     },
