@@ -118,6 +118,43 @@ function parseMirror(v: string): string | undefined {
   return u.protocol === 'http:' && u.hostname ? u.origin : undefined;
 }
 
+/** A parent or bank member: `http://HOST:PORT [weight=N] [name=NAME]` (Squid's cache_peer options). */
+export interface MemberSpec {
+  /** http://host:port, as given (the name CARP hashes defaults to the host as spelled). */
+  readonly url: string;
+  readonly host: string;
+  readonly port: number;
+  readonly name: string;
+  readonly weight: number;
+}
+
+function parseMember(v: string | number): MemberSpec | string {
+  const [first = '', ...attrs] = String(v).trim().split(/\s+/);
+  const expected = 'http://HOST:PORT followed by optional weight=N and name=NAME';
+  // The host as spelled: WHATWG URL lower-cases it, but Squid's CARP hashes the configured spelling.
+  const m = /^http:\/\/(\[[0-9a-fA-F:.]+\]|[A-Za-z0-9._-]+)(?::(\d+))?\/?$/.exec(first);
+  if (!m) return expected;
+  const port = Number(m[2] ?? 3128);
+  if (!(port >= 1 && port <= 65535)) return expected;
+  let weight = 1;
+  let name = m[1]!.replace(/^\[|\]$/g, '');
+  for (const a of attrs) {
+    const kv = /^(weight|name)=(.+)$/.exec(a);
+    if (!kv) return `${expected} (unknown option ${a})`;
+    if (kv[1] === 'weight') {
+      if (!/^\d+$/.test(kv[2]!)) return `${expected} (weight is a whole number)`;
+      weight = Number(kv[2]);
+    } else name = kv[2]!;
+  }
+  return { url: `http://${m[1]}:${port}`, host: m[1]!.replace(/^\[|\]$/g, ''), port, name, weight };
+}
+
+function parseNamePort(v: string): { host: string; port: number } | undefined {
+  const m = /^([A-Za-z0-9._-]+):(\d+)$/.exec(v.trim());
+  const port = m ? Number(m[2]) : 0;
+  return m && port >= 1 && port <= 65535 ? { host: m[1]!, port } : undefined;
+}
+
 // A zod field that turns a user string into a typed value, with the expectation in the error text.
 const conv = <T>(fn: (v: never) => T | undefined, expected: string) =>
   z.union([z.string(), z.number()]).transform((v, ctx) => {
@@ -495,6 +532,63 @@ export const OPTIONS = {
     help: 'a mirror whose probed manifest was published this much before the group\'s newest is stale (accelerator mode moves off it)',
     schema: duration,
   },
+  parent: {
+    default: [] as string[],
+    field: 'parents',
+    help: 'parent proxy that misses go through, as URL [weight=N] [name=NAME] (repeatable; Squid cache_peer ... parent)',
+    schema: list(explained(parseMember)),
+    multiple: true,
+  },
+  'parent-policy': {
+    default: 'first-up',
+    field: 'parentPolicy',
+    help: 'how a miss chooses among the parents: first-up (in order, the next on failure), round-robin, or carp (Squid\'s CARP, bit-exact)',
+    schema: z.enum(['first-up', 'round-robin', 'carp']),
+  },
+  'never-direct': {
+    default: false,
+    field: 'neverDirect',
+    help: 'never fetch from an origin directly: with every parent down a miss gets a labelled 502/504 (Squid never_direct allow all)',
+    schema: bool,
+  },
+  'always-direct': {
+    default: [] as string[],
+    field: 'alwaysDirect',
+    help: 'destination host (.domain, IP, CIDR or ~REGEX) always fetched directly, never through a parent or bank member (repeatable; Squid always_direct)',
+    schema: list(explained((v) => parseDest(String(v)) ?? 'a host name, .domain, IP, CIDR or ~REGEX')),
+    multiple: true,
+  },
+  bank: {
+    default: [] as string[],
+    field: 'bank',
+    help: 'member of this proxy bank, itself included, as URL [weight=N] [name=NAME] (repeatable; every member gets the same list): each key has one owner member, the others stream its answer',
+    schema: list(explained(parseMember)),
+    multiple: true,
+  },
+  'bank-hash': {
+    default: 'cvmfs-ring',
+    field: 'bankHash',
+    help: 'how a key\'s owner is chosen: cvmfs-ring (the CVMFS client\'s CVMFS_PROXY_SHARD ring, so sharding clients reach the owner directly) or squid-carp (Squid\'s CARP, for banks with frontier-squids)',
+    schema: z.enum(['cvmfs-ring', 'squid-carp']),
+  },
+  'bank-dns': {
+    default: 'none',
+    field: 'bankDns',
+    help: 'NAME:PORT whose addresses are the bank\'s members (a headless Kubernetes Service, a round-robin alias), or none',
+    schema: conv((v: string | number) => (v === 'none' ? ('none' as const) : parseNamePort(String(v))), 'NAME:PORT or none'),
+  },
+  'bank-dns-interval': {
+    default: '30s',
+    field: 'bankDnsIntervalMs',
+    help: 'how often --bank-dns is resolved again',
+    schema: duration,
+  },
+  'peer-timeout': {
+    default: '2s',
+    field: 'peerTimeoutMs',
+    help: 'time a parent has to accept a connection, and a bank owner to answer, before the next route is taken (clients give up after 5 s)',
+    schema: duration,
+  },
   'snmp-listen': {
     default: 'none',
     field: 'snmpListen',
@@ -598,6 +692,15 @@ export function buildConfig(raw: Record<string, unknown>): Config {
     for (const m of g.mirrors) {
       if (seen.has(m)) cross.push(`stratum1: ${m} is listed twice (groups "${seen.get(m)}" and "${g.name}")`);
       seen.set(m, g.name);
+    }
+  }
+  if (cfg.neverDirect && cfg.parents.length === 0) cross.push('never-direct: needs at least one parent to fetch through');
+  if (cfg.bank.length > 0 && cfg.bankDns !== 'none') cross.push('bank-dns: give the members either as a bank list or by bank-dns, not both');
+  for (const [key, list] of [['parent', cfg.parents], ['bank', cfg.bank]] as const) {
+    const urls = new Set<string>();
+    for (const p of list) {
+      if (urls.has(p.url.toLowerCase())) cross.push(`${key}: ${p.url} is listed twice`);
+      urls.add(p.url.toLowerCase());
     }
   }
   if (cross.length) throw new ConfigError(cross);
