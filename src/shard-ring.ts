@@ -4,6 +4,7 @@
 // member's points; a key belongs to the first point >= key. Cuttle members that compute the same ring
 // as the clients agree with them on every object's owner. Golden vectors: test/fixtures/shard-ring/.
 import { createHash } from 'node:crypto';
+import { casObject } from './content-hash.ts';
 
 const POINTS_PER_MEMBER = 16; // kProxyMapScale, download.h
 const MAX_KEY = 0xffffffff; // the ring's wrap-around sentinel, and Prng::Next's boundary
@@ -102,8 +103,6 @@ export class ShardRing {
   }
 }
 
-const CONTENT_PATH = /^\/cvmfs\/[^/]+\/data\/([0-9a-f]{2})\/([0-9a-f]{6})[^/]*$/;
-
 /**
  * The ring key of a request path: the first 32 bits of the content hash for a content-addressed object
  * under /cvmfs/<repo>/data/xx/<rest> (.../data/ab/cdef01... -> 0xabcdef01), as the client's
@@ -111,8 +110,8 @@ const CONTENT_PATH = /^\/cvmfs\/[^/]+\/data\/([0-9a-f]{2})\/([0-9a-f]{6})[^/]*$/
  * expected hash for them and uses key 0, the member with the smallest point). Key 0 is never routed.
  */
 export function shardKey(pathname: string): number {
-  const m = CONTENT_PATH.exec(pathname);
-  return m ? parseInt(m[1]! + m[2]!, 16) : 0;
+  const cas = casObject(pathname);
+  return cas ? parseInt(cas.hex.slice(0, 8), 16) : 0;
 }
 
 /** What the client puts on the ring for an address: dns::RewriteUrl of "http://name:port" with the IP, IPv6 bracketed (dns.cc). */
