@@ -153,6 +153,247 @@ const NARROWS_ACCESS: Record<string, string> = {
   ecap_service: 'eCAP adaptation can refuse requests',
 };
 
+const ICP = 'cuttle never sends ICP or HTCP queries (it chooses among parents by parent-policy)';
+
+/** cache_peer options (`key` or `key=value`) that need no cuttle setting, with why. */
+const PEER_COVERED: Record<string, string> = {
+  'no-query': ICP,
+  htcp: ICP,
+  'background-ping': ICP,
+  'closest-only': ICP,
+  ttl: ICP,
+  basetime: ICP,
+  'multicast-responder': ICP,
+  'multicast-siblings': ICP,
+  'no-digest': 'cuttle fetches no cache digests',
+  'no-netdb-exchange': 'cuttle keeps no netdb',
+  'proxy-only': 'cuttle stores what comes through a parent as any other fill (Squid would not store it; the option is meant for a peer whose cache is next door)',
+  default: 'cuttle asks every parent by parent-policy: a last-resort mark changes nothing',
+  'no-delay': 'cuttle has no delay pools',
+  'no-tproxy': 'cuttle never spoofs client addresses',
+  'allow-miss': 'an option for siblings',
+  'connect-fail-limit': 'cuttle marks a parent down by its own passive-failure rule (at once when a connect fails, not after N) and asks it again when a probe finds it serving',
+};
+
+/** cache_peer options that cuttle cannot honour, though the parent itself maps, with why. */
+const PEER_UNMAPPED: Record<string, string> = {
+  'connect-timeout': 'cuttle gives every parent --peer-timeout (default 2s) to accept a connection: set peer-timeout by hand',
+  'max-conn': 'cuttle does not cap the connections to a parent',
+  standby: 'cuttle keeps no standby connections',
+  'carp-key': "cuttle's CARP hashes the URL as Squid does without carp-key",
+  userhash: 'cuttle has no per-user hashing: this parent is chosen by parent-policy',
+  sourcehash: 'cuttle has no per-client hashing: this parent is chosen by parent-policy',
+  'weighted-round-robin': "Squid weighs the turns by each parent's ICP round-trip time; cuttle's round-robin takes the parents in turn",
+  forceddomain: 'cuttle sends the Host the client names',
+};
+
+/** Why a cache_peer option makes the peer unusable by cuttle, or undefined. */
+function peerRefusal(o: string): string | undefined {
+  if (o.startsWith('login=')) return 'login= sends credentials to the peer; cuttle sends none, and a peer that needs them would refuse every miss';
+  if (/^(ssl|tls)/.test(o)) return `${o}: cuttle talks to peers in plain HTTP only`;
+  return undefined;
+}
+
+type Policy = 'carp' | 'round-robin' | 'first-up';
+const POLICY_RANK: Record<Policy, number> = { carp: 2, 'round-robin': 1, 'first-up': 0 };
+
+/** The always-direct entries of a dstdomain, dstdom_regex or dst acl, or why it has none that mean the same. */
+function directDestinations(a: AclDef): string[] | string {
+  if (a.type === 'dstdomain' || a.type === 'dstdom_regex') return destinations(a);
+  if (a.type !== 'dst') return `a ${a.type} acl has no always-direct equivalent (a dstdomain, dstdom_regex or dst acl maps)`;
+  if (a.file) return 'the acl reads its values from a file: list them in always-direct';
+  if (a.flags.size) return `acl flags ${[...a.flags].join(' ')} have no cuttle equivalent`;
+  return cidrs(a.values) ?? 'an address form cuttle does not take (use CIDRs)';
+}
+
+/** What the peer mapping reads from and writes into importSquid's state. */
+interface PeerContext {
+  options: Record<string, unknown>;
+  aclOf: (name: string) => AclDef | undefined;
+  used: Set<string>;
+  list: (key: string, ...v: unknown[]) => void;
+  fine: (d: Directive, why: string) => void;
+  skip: (d: Directive, why: string) => void;
+}
+
+/** A list of a Directive's notes, option by option, grouped by why: "a, b: why; c: why". */
+class Notes {
+  #by = new Map<string, string[]>();
+  add(label: string, why: string) {
+    this.#by.set(why, [...(this.#by.get(why) ?? []), label]);
+  }
+  text(): string | undefined {
+    return this.#by.size ? [...this.#by].map(([why, labels]) => `${labels.join(', ')}: ${why}`).join('; ') : undefined;
+  }
+}
+
+/**
+ * Where misses go: cache_peer parents (in line order: CARP depends on it), never_direct and
+ * always_direct. This is routing, not access: what cannot be mapped is listed, never a widening.
+ */
+function importPeers(all: Directive[], c: PeerContext): void {
+  const { options, aclOf, used, list, fine, skip } = c;
+  const parents: { d: Directive; entry: string; url: string; policy: Policy; weight: number; ok: Notes; lossy: Notes }[] = [];
+  for (const d of all.filter((x) => x.words[0] === 'cache_peer')) {
+    const [, host, type, port, icp, ...opts] = d.words;
+    if (!host || !type || !port || !/^\d+$/.test(port) || !icp) {
+      skip(d, 'expected cache_peer HOST TYPE HTTP_PORT ICP_PORT [options]');
+      continue;
+    }
+    if (type === 'sibling') {
+      skip(d, 'cuttle has no siblings (a sibling is asked for hits only); proxies that share their caches form a bank: --bank');
+      continue;
+    }
+    if (type === 'multicast') {
+      skip(d, 'cuttle sends no ICP, multicast or not; proxies that share their caches form a bank: --bank');
+      continue;
+    }
+    if (type !== 'parent') {
+      skip(d, 'expected a parent, sibling or multicast peer');
+      continue;
+    }
+    const origin = opts.includes('originserver');
+    const refused = opts.map(peerRefusal).filter((r) => r !== undefined);
+    if (refused.length) {
+      skip(d, `${refused.join('; ')}: this ${origin ? 'origin server' : 'parent'} is not mapped`);
+      continue;
+    }
+    // A host as spelled (CARP hashes the configured spelling); an IPv6 address takes brackets in a URL.
+    const url = `http://${host.includes(':') && !host.startsWith('[') ? `[${host}]` : host}:${port}`;
+    if (origin) {
+      // A Stratum 1 behind an accelerator: cuttle's accel mode serves from stratum1, not through a parent.
+      list('stratum1', url);
+      fine(d, 'an origin server (a Stratum 1 this accelerator fronts), not a parent: mapped to stratum1, which accelerator mode (accel-listen) serves from');
+      continue;
+    }
+    let policy: Policy = 'first-up';
+    let weight = 1;
+    let name: string | undefined;
+    const ok = new Notes();
+    const lossy = new Notes();
+    if (icp !== '0' && !opts.includes('no-query')) ok.add(`ICP port ${icp}`, ICP);
+    for (const o of opts) {
+      const k = o.replace(/=.*$/, '');
+      const v = o.slice(k.length + 1);
+      const p: Policy | undefined = k === 'carp' ? 'carp' : k === 'round-robin' || k === 'weighted-round-robin' ? 'round-robin' : undefined;
+      if (p && POLICY_RANK[p] > POLICY_RANK[policy]) policy = p;
+      if (k === 'carp' || k === 'round-robin') continue;
+      if (k === 'weight' && /^\d+$/.test(v)) weight = Number(v);
+      else if (k === 'name' && v) name = v;
+      else if (Object.hasOwn(PEER_COVERED, k)) ok.add(o, PEER_COVERED[k]!);
+      else if (Object.hasOwn(PEER_UNMAPPED, k)) lossy.add(o, PEER_UNMAPPED[k]!);
+      else lossy.add(o, 'no cuttle equivalent');
+    }
+    const entry = [url, ...(weight !== 1 ? [`weight=${weight}`] : []), ...(name !== undefined ? [`name=${name}`] : [])].join(' ');
+    if (parents.some((q) => q.url.toLowerCase() === url.toLowerCase())) {
+      skip(d, `cuttle lists a parent once per host and port: ${url} is an earlier parent`);
+      continue;
+    }
+    try {
+      buildConfig({ parent: [entry] });
+    } catch (err) {
+      skip(d, `cuttle does not take ${JSON.stringify(entry)} as a parent: ${(err as Error).message}`);
+      continue;
+    }
+    parents.push({ d, entry, url, policy, weight, ok, lossy });
+  }
+
+  // always_direct, in order (first match wins; a list ends with the opposite of its last line).
+  const directs = all.filter((x) => x.words[0] === 'always_direct');
+  let alwaysAll: Directive | undefined;
+  let alwaysEnded = false;
+  let alwaysDenied = false;
+  const alwaysMapped: { d: Directive; values: string[]; acl: string }[] = [];
+  for (const d of directs) {
+    const [, action, ...names] = d.words;
+    const isAll = names.length === 1 && names[0] === 'all';
+    if (alwaysEnded) fine(d, 'never reached: an earlier always_direct matches every request');
+    else if (isAll && action === 'deny') {
+      alwaysEnded = true;
+      fine(d, "cuttle's default: a miss goes through the parents");
+    } else if (isAll && action === 'allow' && !alwaysDenied) {
+      alwaysEnded = true;
+      alwaysAll = d;
+    } else if (isAll && action === 'allow') {
+      alwaysEnded = true;
+      skip(d, 'cuttle\'s always-direct has no exceptions, so "every destination but those denied above" cannot be said: misses go through the parents');
+    } else if (action === 'deny') {
+      alwaysDenied = true;
+      const last = d === directs.at(-1);
+      skip(d, last
+        ? "Squid fetches every other destination directly (an access list ends with the opposite of its last line); cuttle's always-direct cannot say \"all but these\": misses go through the parents"
+        : "cuttle's always-direct has no exceptions: the destinations that later allow lines name go directly even where this line denies");
+    } else if (action !== 'allow') skip(d, 'expected allow or deny');
+    else {
+      const a = names.length === 1 && !names[0]!.startsWith('!') ? aclOf(names[0]!) : undefined;
+      const values = a ? directDestinations(a) : 'only "allow <one dstdomain, dstdom_regex or dst acl>" maps to always-direct';
+      if (typeof values === 'string') {
+        skip(d, `${values}; these destinations go through the parents`);
+        continue;
+      }
+      try {
+        buildConfig({ 'always-direct': values });
+      } catch (err) {
+        skip(d, `cuttle does not take these as always-direct: ${(err as Error).message}`);
+        continue;
+      }
+      alwaysMapped.push({ d, values, acl: names[0]! });
+    }
+  }
+
+  // never_direct, likewise; a trailing "deny ACL" means every other destination is never fetched directly.
+  const nevers = all.filter((x) => x.words[0] === 'never_direct');
+  let neverAll: Directive | undefined;
+  let neverEnded = false;
+  for (const d of nevers) {
+    const [, action, ...names] = d.words;
+    const isAll = names.length === 1 && names[0] === 'all';
+    const last = d === nevers.at(-1);
+    if (neverEnded) fine(d, 'never reached: an earlier never_direct matches every request');
+    else if (isAll && action === 'deny') {
+      neverEnded = true;
+      fine(d, "cuttle's default: when no parent can serve a miss, it is fetched directly");
+    } else if (isAll && action === 'allow') {
+      neverEnded = true;
+      neverAll = d;
+    } else if (action === 'deny') {
+      if (last) neverAll = d; // the list's implicit "allow all" after it
+      skip(d, "cuttle's never-direct has no exceptions (always-direct sends a destination directly first, not after the parents): with never-direct these destinations are never fetched directly either");
+    } else skip(d, `cuttle's never-direct is for every destination or none: these destinations are fetched directly when no parent can serve them${action === 'allow' ? '' : ' (expected allow or deny)'}`);
+  }
+
+  if (alwaysAll) {
+    fine(alwaysAll, "every miss is fetched directly: cuttle's behaviour without a parent, so no parent is emitted");
+    for (const p of parents) skip(p.d, `always_direct allow all (line ${alwaysAll.line}) fetches every miss directly: Squid never uses this parent, so it is not emitted`);
+    for (const a of alwaysMapped) fine(a.d, `moot: always_direct allow all (line ${alwaysAll.line}) fetches every miss directly`);
+    if (neverAll) fine(neverAll, `never reached: always_direct allow all (line ${alwaysAll.line}) is checked first`);
+    return;
+  }
+  if (!parents.length) {
+    for (const a of alwaysMapped) fine(a.d, 'no parent is mapped: cuttle fetches every miss directly');
+    if (neverAll) skip(neverAll, 'no parent is mapped, so never-direct is not set (cuttle takes it only with a parent): cuttle fetches misses directly');
+    return;
+  }
+  // Squid asks carp parents first, then round-robin ones, then the rest in order; cuttle has one policy.
+  const policy = parents.reduce<Policy>((best, p) => (POLICY_RANK[p.policy] > POLICY_RANK[best] ? p.policy : best), 'first-up');
+  for (const p of parents) {
+    if (p.policy !== policy) p.lossy.add(`no ${policy} option`, `Squid asks this parent only when no ${policy} parent can serve; cuttle has one parent-policy, ${policy}, which ${policy === 'carp' ? 'hashes over it with the others' : 'takes it in turn with the others'}`);
+    if (p.weight !== 1 && policy === 'round-robin') p.lossy.add(`weight=${p.weight}`, "Squid gives a round-robin parent turns in proportion to its weight; cuttle's round-robin takes the parents in turn (the weight is kept in the entry)");
+    if (p.weight !== 1 && policy === 'first-up') p.ok.add(`weight=${p.weight}`, 'the first-up order ignores weights, as Squid\'s does (kept in the entry)');
+    const ok = p.ok.text();
+    const lossy = p.lossy.text();
+    if (ok) fine(p.d, ok);
+    if (lossy) skip(p.d, `${lossy} (the parent itself is mapped)`);
+  }
+  options.parent = parents.map((p) => p.entry);
+  options['parent-policy'] = policy;
+  if (neverAll) options['never-direct'] = true;
+  for (const a of alwaysMapped) {
+    list('always-direct', ...a.values);
+    used.add(a.acl);
+  }
+}
+
 export function importSquid(text: string): SquidImport {
   const options: Record<string, unknown> = {};
   const covered: Row[] = [];
@@ -378,12 +619,22 @@ export function importSquid(text: string): SquidImport {
         }
         break;
       }
-      case 'cache_peer': {
-        const [host, type, port, , ...opts] = args;
-        if (type === 'parent' && opts.includes('originserver') && host && port) list('stratum1', `http://${host}:${port}`);
-        else skip(d, 'parent and sibling proxies are not supported yet: keep this proxy as cuttle\'s upstream by pointing clients at cuttle and cuttle\'s misses at the mirrors');
+      case 'cache_peer':
+      case 'never_direct':
+      case 'always_direct':
+        break; // judged below, together: where misses go
+      case 'prefer_direct':
+        if (args[0] === 'off') fine(d, "cuttle's behaviour: a miss goes through the parents first, directly only when no parent can serve it");
+        else skip(d, 'cuttle tries the parents first and an origin directly only when no parent can serve a miss (Squid\'s default, prefer_direct off)');
         break;
-      }
+      case 'cache_peer_access':
+      case 'cache_peer_domain':
+      case 'neighbor_type_domain':
+        skip(d, 'cuttle sends every miss to its parents (but always-direct destinations): it cannot choose the parents per request');
+        break;
+      case 'peer_connect_timeout':
+        skip(d, PEER_UNMAPPED['connect-timeout']!);
+        break;
       case 'acl':
         break; // judged below, by whether an access rule used it
       default:
@@ -407,6 +658,7 @@ export function importSquid(text: string): SquidImport {
     // "none": every range that misses fills the whole object, up to the largest object cuttle stores.
     options['range-offset-limit'] = rangeLimit.value === 'none' ? (options['max-object-size'] ?? DEFAULTS['max-object-size']) : rangeLimit.value;
   }
+  importPeers(all, { options, aclOf, used, list, fine, skip });
   for (const d of all.filter((x) => x.words[0] === 'acl')) {
     const n = d.words[1]!;
     if (used.has(n)) continue;
