@@ -12,7 +12,8 @@ export type ResultTag =
   | 'TCP_HIT' | 'TCP_MEM_HIT' | 'TCP_MISS' | 'TCP_REFRESH_UNMODIFIED' | 'TCP_REFRESH_MODIFIED'
   | 'TCP_NEGATIVE_HIT' | 'TCP_CLIENT_REFRESH_MISS' | 'TCP_DENIED' | 'TCP_TUNNEL' | 'TCP_SWAPFAIL_MISS' | 'TCP_REFRESH_FAIL_OLD' | 'TCP_STALE_HIT' | 'NONE';
 
-export type HierarchyTag = 'HIER_NONE' | 'HIER_DIRECT';
+/** Squid's hierarchy codes: how the next hop was chosen (a parent by its policy, a bank owner as CARP). */
+export type HierarchyTag = 'HIER_NONE' | 'HIER_DIRECT' | 'FIRSTUP_PARENT' | 'ROUNDROBIN_PARENT' | 'CARP';
 
 /** One record per client request; the access log and the counters both read it. */
 export interface Transaction {

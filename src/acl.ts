@@ -133,3 +133,20 @@ export function compileAcl(cfg: Pick<Config, 'allowClient' | 'allowDest' | 'allo
     allowsAdmin: member(admin),
   };
 }
+
+/**
+ * A host matcher for a list of destination rules (always-direct): host names, .domains and ~REGEX by
+ * name, CIDRs for IP literals (a name is not resolved for it: where a miss goes is decided before DNS).
+ */
+export function destMatcher(rules: readonly DestRule[]): (host: string) => boolean {
+  if (rules.length === 0) return () => false;
+  const cidrs = blockList(rules.flatMap((r) => (r.kind === 'cidr' ? [r.cidr] : [])));
+  const hosts = new Set(rules.flatMap((r) => (r.kind === 'host' ? [r.host] : [])));
+  const suffixes = rules.flatMap((r) => (r.kind === 'domain' ? [r.suffix] : []));
+  const patterns = rules.flatMap((r) => (r.kind === 'regex' ? [new RegExp(r.source)] : []));
+  return (host) => {
+    const h = host.toLowerCase().replace(/^\[|\]$/g, '');
+    if (isIP(h)) return cidrs.check(plainAddress(h), family(plainAddress(h)));
+    return hosts.has(h) || suffixes.some((s) => h.endsWith(s) || h === s.slice(1)) || patterns.some((p) => p.test(h));
+  };
+}

@@ -23,6 +23,7 @@ import { pumpRecord, RecordSpill } from './record-fill.ts';
 import { isFresh, type Freshness } from './freshness.ts';
 import type { Logger } from './log.ts';
 import type { Mirrors } from './mirrors.ts';
+import type { Hierarchy } from './hierarchy.ts';
 import type { StoredObject, TieredStore } from './store.ts';
 
 export type { FillRequest } from './fill-fetch.ts';
@@ -38,6 +39,7 @@ export class Coalescer implements FetchHost {
   readonly upstream: Upstream;
   readonly freshness: Freshness;
   readonly log: Logger;
+  readonly hierarchy: Hierarchy;
   /** Memory shared by the windows of all fills in flight (--fill-memory). */
   readonly budget: FillBudget;
   readonly stats: FetchStats = { fillsStarted: 0, fillsCommitted: 0, fillsFailed: 0, fillsReleased: 0, failovers: 0, resumes: 0, hashMismatches: 0, fillsAbandoned: 0, internalErrors: 0 };
@@ -64,7 +66,7 @@ export class Coalescer implements FetchHost {
   /** Called once per fill with the number of clients it served. */
   onFillDone: ((readers: number) => void) | undefined;
 
-  constructor(o: { cfg: Config; clock: Clock; store: TieredStore; upstream: Upstream; freshness: Freshness; log: Logger; mirrors: Mirrors }) {
+  constructor(o: { cfg: Config; clock: Clock; store: TieredStore; upstream: Upstream; freshness: Freshness; log: Logger; mirrors: Mirrors; hierarchy: Hierarchy }) {
     this.#mirrors = o.mirrors;
     this.cfg = o.cfg;
     this.clock = o.clock;
@@ -72,6 +74,7 @@ export class Coalescer implements FetchHost {
     this.upstream = o.upstream;
     this.freshness = o.freshness;
     this.log = o.log;
+    this.hierarchy = o.hierarchy;
     this.budget = { limitBytes: o.cfg.fillMemoryBytes, usedBytes: 0 };
     this.#uncacheable = new LRUCache<string, true>({ ...upTo(65536), ttl: Math.max(1, o.cfg.uncacheableTtlMs), ttlAutopurge: false, ttlResolution: 0, perf: o.clock });
     this.#refreshFailed = new LRUCache<string, true>({ ...upTo(65536), ttl: Math.max(1, o.cfg.staleRetryMs), ttlAutopurge: false, ttlResolution: 0, perf: o.clock });

@@ -11,6 +11,7 @@ import type { Upstream } from './fetch.ts';
 import type { Logger } from './log.ts';
 import type { Metrics } from './metrics.ts';
 import type { Mirrors } from './mirrors.ts';
+import type { Hierarchy } from './hierarchy.ts';
 import type { Pacer } from './pacer.ts';
 import type { LoopLag } from './overload.ts';
 import type { TieredStore } from './store.ts';
@@ -30,6 +31,8 @@ export interface Ctx {
   pacer: Pacer;
   metrics: Metrics;
   mirrors: Mirrors;
+  /** Where misses and passes go: bank owner, parents, direct. */
+  hierarchy: Hierarchy;
   /** The event-loop lag monitor: while it lags, new connections and new fills are refused. */
   loopLag: LoopLag;
   /** Open CONNECT tunnels, each by the function that ends it (shutdown cuts them). */

@@ -9,6 +9,7 @@
 import type { Transaction } from './access-log.ts';
 import type { FetchStats } from './fill-fetch.ts';
 import type { MirrorSnapshot } from './mirrors.ts';
+import type { PeerSnapshot } from './peer.ts';
 import { newRefusals, readListenQueue, type RefusalReason } from './overload.ts';
 import type { TierStats } from './store.ts';
 
@@ -118,6 +119,7 @@ export interface CounterSources {
   bufferPoolBytes(): number;
   clientConnections(): number;
   mirrors(): readonly MirrorSnapshot[];
+  peers(): readonly PeerSnapshot[];
   accessLogDroppedLines(): number;
 }
 
@@ -150,6 +152,8 @@ const byMirror = (pick: (m: MirrorSnapshot) => number | null) => (s: CounterSour
     return v === null ? [] : [[{ group: m.group, mirror: m.mirror }, v] as const];
   });
 const MIRROR = ['group', 'mirror'];
+const byPeer = (pick: (p: PeerSnapshot) => number) => (s: CounterSources) => s.peers().filter((p) => !p.self).map((p) => [{ role: p.role, peer: p.url }, pick(p)] as const);
+const PEER = ['role', 'peer'];
 /** A kernel counter, read from procfs when a view asks: no value where it can't be read (not Linux). */
 const kernel = (v: number | undefined): Reading => (v === undefined ? [] : v);
 
@@ -197,6 +201,9 @@ export const METRICS: readonly Metric[] = [
   counter('cuttle_mirror_failures', 'Failed fetches of a mirror since start: connect, timeout, 5xx, broken body, bad hash', [], byMirror((m) => m.failures), MIRROR),
   counter('cuttle_mirror_bytes', 'Body bytes received from a mirror since start', [], byMirror((m) => m.bytes), MIRROR),
   counter('cuttle_mirror_probe_failures', 'Failed health probes of a mirror since start', [], byMirror((m) => m.probeFailures), MIRROR),
+  gauge('cuttle_peer_up', 'A parent (--parent) or another bank member (--bank): 1 up, 0 down (marked by failures until a probe finds it serving)', [], byPeer((p) => (p.up ? 1 : 0)), PEER),
+  counter('cuttle_peer_requests', 'Requests sent to a parent or bank member since start', [], byPeer((p) => p.requests), PEER),
+  counter('cuttle_peer_failures', 'Requests to a parent or bank member that failed since start: no connection, no answer in time, a reset, a denial', [], byPeer((p) => p.failures), PEER),
 ];
 
 /** A reading as label sets (an unlabelled value has the empty one). */

@@ -6,6 +6,7 @@ import { Agent, buildConnector } from 'undici';
 import { localHint, type Acl } from './acl.ts';
 import type { Config } from './config.ts';
 import { ProxyError, upstreamError } from './errors.ts';
+import type { Peer } from './peer.ts';
 
 /**
  * Throw away an upstream body we will not read. undici reports a destroyed, unfinished body as an
@@ -22,6 +23,8 @@ export interface UpstreamRequest {
   headers: Record<string, string | string[]>;
   body?: Readable | null;
   signal?: AbortSignal;
+  /** A parent or bank member to ask in absolute form, instead of the origin. */
+  via?: Peer;
 }
 
 export interface UpstreamResponse {
@@ -36,6 +39,11 @@ type LookupCb = (err: NodeJS.ErrnoException | null, address: string | LookupAddr
 
 export class Upstream {
   readonly #agent: Agent;
+  /**
+   * Peers (parents, bank members) are named by the admin: no destination check on their addresses, and
+   * their own connect timeout (--peer-timeout), so a dead one costs a client little of its 5 s.
+   */
+  readonly #peers: Agent;
   readonly #acl: () => Acl;
   fetches = 0;
   /** Body bytes received from upstreams (counted by the consumers, which own the stream's flow). */
@@ -77,21 +85,31 @@ export class Upstream {
       connect,
       maxOrigins: 4096,
     });
+    this.#peers = new Agent({
+      connections: cfg.upstreamConnections,
+      pipelining: 1,
+      keepAliveTimeout: 30_000,
+      headersTimeout: cfg.readTimeoutMs,
+      bodyTimeout: cfg.readTimeoutMs,
+      connect: { timeout: cfg.peerTimeoutMs },
+    });
   }
 
   async request(r: UpstreamRequest): Promise<UpstreamResponse> {
     this.fetches++;
     try {
-      const res = await this.#agent.request({
-        origin: r.url.origin,
-        path: `${r.url.pathname}${r.url.search}`,
+      const via = r.via;
+      const res = await (via ? this.#peers : this.#agent).request({
+        origin: via ? via.origin : r.url.origin,
+        // A proxy is asked in absolute form (RFC 9112 §3.2.2), an origin in origin form.
+        path: via ? r.url.href : `${r.url.pathname}${r.url.search}`,
         method: r.method as 'GET',
         headers: r.headers,
         body: r.body ?? null,
         signal: r.signal,
         blocking: false,
       });
-      return { status: res.statusCode, headers: res.headers as Record<string, string | string[]>, body: res.body, peer: r.url.hostname };
+      return { status: res.statusCode, headers: res.headers as Record<string, string | string[]>, body: res.body, peer: via ? via.spec.host : r.url.hostname };
     } catch (err) {
       throw upstreamError(err);
     }
@@ -125,12 +143,34 @@ export class Upstream {
     }
   }
 
+  /**
+   * Is this peer serving? OPTIONS with Max-Forwards: 0, which a proxy answers itself (RFC 9110 §7.6.2):
+   * any answer but a 503 (overloaded, or refusing) shows it serves.
+   */
+  async probePeer(peer: Peer, timeoutMs: number): Promise<{ ok: boolean; why?: string }> {
+    try {
+      const res = await this.#peers.request({
+        origin: peer.origin,
+        path: `${peer.origin}/`,
+        method: 'OPTIONS',
+        headers: { host: new URL(peer.origin).host, 'max-forwards': '0', 'user-agent': 'cuttle-probe' },
+        signal: AbortSignal.timeout(timeoutMs),
+      });
+      await res.body.dump({ limit: 1 << 16 }).catch(() => {});
+      return res.statusCode === 503 ? { ok: false, why: 'HTTP 503' } : { ok: true };
+    } catch (err) {
+      if ((err as Error)?.name === 'TimeoutError') return { ok: false, why: `timeout: no answer in ${timeoutMs} ms` };
+      const pe = upstreamError(err);
+      return { ok: false, why: `${pe.token}: ${pe.detail ?? pe.message}` };
+    }
+  }
+
   close(): Promise<void> {
-    return this.#agent.close();
+    return Promise.all([this.#agent.close(), this.#peers.close()]).then(() => {});
   }
 
   /** Close now: requests still running fail (shutdown after its timeout). */
   destroy(): Promise<void> {
-    return this.#agent.destroy();
+    return Promise.all([this.#agent.destroy(), this.#peers.destroy()]).then(() => {});
   }
 }

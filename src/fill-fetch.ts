@@ -30,6 +30,7 @@ import { endToEnd, type Headers } from './forward.ts';
 import { policyHeaders, policyRequest, storableResponse, type Freshness, type Policy } from './freshness.ts';
 import type { Logger } from './log.ts';
 import type { Mirror, Mirrors } from './mirrors.ts';
+import type { Hierarchy, Route } from './hierarchy.ts';
 import type { SpillWriter, StoredMeta, StoredObject, TieredStore } from './store.ts';
 import type { Clock } from './clock.ts';
 
@@ -53,6 +54,8 @@ export interface FillRequest {
   accelRepo?: string;
   /** No copy of the key was stored when the fill began, and it is no reload (see Fill.nothingStored). */
   nothingStored?: boolean;
+  /** A bank member forwarded this request: it is fetched here, never sent to another member. */
+  fromBank?: boolean;
 }
 
 export interface FetchStats {
@@ -81,6 +84,8 @@ export interface FetchHost {
   readonly freshness: Freshness;
   readonly log: Logger;
   readonly mirrors: Mirrors;
+  /** Where a miss goes: the bank owner, the parents, direct. */
+  readonly hierarchy: Hierarchy;
   readonly stats: FetchStats;
   /** A newer fill or an invalidation replaced this one: it must not be stored. */
   superseded(fill: Fill): boolean;
@@ -109,11 +114,15 @@ interface FetchState {
   readonly fill: Fill;
   readonly r: FillRequest;
   plan?: FetchPlan;
+  /** The routes each upstream request of this fetch may take (the bank owner's only on the first). */
+  routes: Route[];
   headers: Headers;
   /** The upstream response whose body is being read (the first answer, or a resume's). */
   res?: UpstreamResponse;
   ac: AbortController;
   mirror?: Mirror;
+  /** The route the body being read came by. */
+  route?: Route;
   /** Every mirror of the group was asked and each said 404. */
   every404: boolean;
   /** The answer is a held 404 whose body could not be kept: sent without it, never stored. */
@@ -123,6 +132,8 @@ interface FetchState {
   /** Bytes to drop from the start of this body (a resume answered 200 instead of 206). */
   skip: number;
   store?: { spill: SpillWriter | undefined; meta: StoredMeta; policy: Policy };
+  /** The bank owner has been asked once: later requests of this fetch (failover, resume) don't ask it again. */
+  bankAsked?: boolean;
   /** How the last body read ended: undefined for a clean end. */
   bodyError?: unknown;
   error?: ProxyError;
@@ -144,7 +155,7 @@ const STEPS: Record<Step, (st: FetchState) => Promise<Step | undefined> | Step |
 
 /** Run one fill's fetch to its end. Never rejects. */
 export async function runFetch(host: FetchHost, fill: Fill, r: FillRequest): Promise<void> {
-  const st: FetchState = { host, fill, r, headers: {}, ac: new AbortController(), every404: false, skip: 0 };
+  const st: FetchState = { host, fill, r, routes: [], headers: {}, ac: new AbortController(), every404: false, skip: 0 };
   let step: Step | undefined = 'mkbereq';
   while (step) {
     try {
@@ -170,6 +181,7 @@ function mkbereq(st: FetchState): Step {
   // A client reload must not be answered from a cache further up either.
   if (r.stale?.policy) Object.assign(st.headers, r.stale.policy.revalidationHeaders(policyRequest(r.url, 'GET', r.clientHeaders)));
   st.plan = new FetchPlan({ url: r.url, cas: r.cas, mirrors: host.mirrors, accelRepo: r.accelRepo, avoid: host.corruptFrom(r.key) });
+  st.routes = host.hierarchy.routes(r.url, r.cas, r.fromBank ?? false);
   return 'startfetch';
 }
 
@@ -183,7 +195,7 @@ async function startfetch(st: FetchState): Promise<Step> {
   const plan = st.plan!;
   let lastError: ProxyError | undefined;
   let other = false; // an attempt failed with something other than a 404
-  let held404: { res: UpstreamResponse; body: Buffer | undefined; attempt: Attempt } | undefined;
+  let held404: { res: UpstreamResponse; body: Buffer | undefined; attempt: Attempt; route: Route } | undefined;
   for (let attempt = plan.next(); attempt; attempt = plan.next()) {
     if (fill.abandoned) break;
     const m = attempt.mirror;
@@ -192,12 +204,12 @@ async function startfetch(st: FetchState): Promise<Step> {
       if (got.error.code === 'ERR_INTERNAL') throw got.error; // cuttle's own: never a mirror's failure
       lastError = got.error;
       other = true;
-      if (m) mirrorFailed(st, m, lastError.token);
+      if (m && got.mirrorAsked) mirrorFailed(st, m, lastError.token);
       if (!plan.failover) break;
       if (plan.hasMore) host.stats.failovers++;
       continue;
     }
-    const { res, ac, ttfb } = got;
+    const { res, ac, ttfb, route } = got;
     if (res.status >= 500 && plan.failover && plan.hasMore) {
       other = true;
       discard(res.body);
@@ -205,40 +217,43 @@ async function startfetch(st: FetchState): Promise<Step> {
       host.stats.failovers++;
       continue;
     }
-    if (m) host.mirrors.fetched(m, res.status < 500, ttfb, `HTTP ${res.status}`);
+    // Through a peer the time to first byte is not the mirror's own.
+    if (m) host.mirrors.fetched(m, res.status < 500, route.peer ? undefined : ttfb, `HTTP ${res.status}`);
     if (res.status === 404 && plan.retry404 && plan.hasMore) {
       // That mirror lacks the object (not yet replicated): ask the next one, keep this answer in case.
       const b = await readCapped(res.body, HELD_404_MAX_BYTES).catch(() => undefined);
-      held404 ??= { res, body: b, attempt };
+      held404 ??= { res, body: b, attempt, route };
       host.stats.failovers++;
       continue;
     }
     if (lastError || held404) host.log.info({ url: attempt.url.href, status: res.status, tried: attempt.mirror?.origin }, 'answered by a failover mirror');
     // Every mirror of the group was asked and each said 404: the object is missing group-wide.
     st.every404 = res.status === 404 && plan.retry404 && !other;
-    return answered(st, res, attempt, ac);
+    return answered(st, res, attempt, ac, route);
   }
   if (held404) {
-    const { res, body, attempt } = held404;
-    if (body) return answered(st, { ...res, body: Readable.from([body]) }, attempt, new AbortController());
+    const { res, body, attempt, route } = held404;
+    if (body) return answered(st, { ...res, body: Readable.from([body]) }, attempt, new AbortController(), route);
     // Its body was too long to hold, or broke off: the 404 goes out without it (and is not stored),
     // never cut short under the Content-Length it came with.
     const headers: UpstreamResponse['headers'] = { ...res.headers, 'content-length': '0' };
     delete headers['content-encoding'];
     delete headers['transfer-encoding'];
     st.bodyDropped = true;
-    return answered(st, { ...res, headers, body: Readable.from([]) }, attempt, new AbortController());
+    return answered(st, { ...res, headers, body: Readable.from([]) }, attempt, new AbortController(), route);
   }
   st.error = fill.abandoned ?? lastError ?? new ProxyError('ERR_UPSTREAM_RESET', 'no mirror to ask');
   return 'error';
 }
 
-function answered(st: FetchState, res: UpstreamResponse, attempt: Attempt, ac: AbortController): Step {
+function answered(st: FetchState, res: UpstreamResponse, attempt: Attempt, ac: AbortController, route: Route): Step {
   const { fill, r } = st;
   st.res = res;
   st.ac = ac;
   st.mirror = attempt.mirror;
-  fill.peer = attempt.url.hostname;
+  fill.peer = res.peer;
+  fill.hierarchy = route.tag;
+  st.route = route;
   // What this mirror's probes fetch: only a repository it has served (defect: a client could steer
   // probes to a repository that doesn't exist and mark every mirror down).
   if (attempt.mirror && res.status === 200) {
@@ -381,6 +396,7 @@ function pump(st: FetchState, body: Readable): Promise<unknown> {
       try {
         host.upstream.bytes += c.length;
         if (st.mirror) st.mirror.bytes += c.length;
+        if (st.route?.peer) st.route.peer.bytes += c.length;
         if (skip > 0) {
           // A mirror that ignored our Range sends the whole object again: drop what we already have.
           if (c.length <= skip) {
@@ -434,10 +450,10 @@ async function resume(st: FetchState): Promise<Step> {
     const got = await ask(st, attempt, { range: `bytes=${from}-` });
     if ('error' in got) {
       if (got.error.code === 'ERR_INTERNAL') throw got.error;
-      if (m) mirrorFailed(st, m, got.error.token);
+      if (m && got.mirrorAsked) mirrorFailed(st, m, got.error.token);
       continue;
     }
-    const { res, ac, ttfb } = got;
+    const { res, ac, ttfb, route } = got;
     const range = /^bytes (\d+)-(\d+)\/(\d+)$/.exec(String(res.headers['content-range'] ?? ''));
     let skip: number;
     if (res.status === 206 && range && Number(range[1]) === from && Number(range[3]) === cl) skip = 0;
@@ -447,13 +463,15 @@ async function resume(st: FetchState): Promise<Step> {
       if (m) mirrorFailed(st, m, `resume answered HTTP ${res.status}`);
       continue;
     }
-    if (m) host.mirrors.fetched(m, true, ttfb);
+    if (m) host.mirrors.fetched(m, true, route.peer ? undefined : ttfb);
     if (fill.state !== 'streaming') {
       discard(res.body);
       return 'fail';
     }
     host.stats.resumes++;
-    fill.peer = attempt.url.hostname;
+    fill.peer = res.peer;
+    fill.hierarchy = route.tag;
+    st.route = route;
     host.log.info({ key: fill.key, from, of: cl, mirror: attempt.mirror?.origin, status: res.status }, 'resumed a broken fill from another mirror');
     st.res = res;
     st.ac = ac;
@@ -547,27 +565,72 @@ function done(st: FetchState): undefined {
   return undefined;
 }
 
-/** One upstream request of the plan, under --mirror-timeout while another mirror is left to ask. */
-async function ask(st: FetchState, attempt: Attempt, extra: Headers): Promise<{ res: UpstreamResponse; ac: AbortController; ttfb: number } | { error: ProxyError }> {
-  const ac = new AbortController();
-  const t0 = performance.now();
-  const timer = answerTimer(st, ac);
-  try {
-    const res = await st.host.upstream.request({ url: attempt.url, method: 'GET', headers: { ...st.headers, host: attempt.url.host, ...extra }, signal: ac.signal });
-    return { res, ac, ttfb: performance.now() - t0 };
-  } catch (err) {
-    return { error: upstreamError(ac.signal.aborted ? ac.signal.reason : err) };
-  } finally {
-    clearTimeout(timer);
+type Asked = { res: UpstreamResponse; ac: AbortController; ttfb: number; route: Route } | { error: ProxyError; mirrorAsked: boolean };
+
+/**
+ * One upstream request of the plan, over the fetch's routes in turn (hierarchy.ts): a peer that can't be
+ * reached, does not answer in time, or labels its answer as its own failure is followed by the next
+ * route; the last route's answer is the answer. `mirrorAsked` says whether a failure was the mirror's
+ * own (a direct request), so a dead parent never marks a mirror down.
+ */
+async function ask(st: FetchState, attempt: Attempt, extra: Headers): Promise<Asked> {
+  const { host } = st;
+  const routes = st.routes.filter((rt) => !rt.peer || (rt.peer.up && !(rt.peer.role === 'bank' && st.bankAsked)));
+  if (routes.some((rt) => rt.peer?.role === 'bank')) st.bankAsked = true;
+  let last: Asked = { error: new ProxyError('ERR_PARENTS_DOWN', attempt.url.host), mirrorAsked: false };
+  for (let i = 0; i < routes.length; i++) {
+    const route = routes[i]!;
+    const peer = route.peer;
+    const more = i < routes.length - 1;
+    const ac = new AbortController();
+    const t0 = performance.now();
+    const timer = routeTimer(st, ac, route, more);
+    try {
+      const res = await host.upstream.request({ url: attempt.url, method: 'GET', headers: { ...st.headers, host: attempt.url.host, ...extra }, signal: ac.signal, via: peer });
+      const own = peer ? peersOwnFailure(res) : undefined;
+      if (peer && own && more) {
+        // The peer answered, but with its own failure (it could not reach the origin, it is overloaded,
+        // it denies us): the next route may do better. A denial counts against the peer; the rest do not.
+        discard(res.body);
+        if (res.status === 403 || res.status === 407) host.hierarchy.peerFailed(peer, own);
+        else peer.answered();
+        host.log.info({ peer: peer.spec.url, url: attempt.url.href, status: res.status, why: own }, 'peer answered with its own failure; taking the next route');
+        continue;
+      }
+      if (peer) peer.answered();
+      return { res, ac, ttfb: performance.now() - t0, route };
+    } catch (err) {
+      const e = upstreamError(ac.signal.aborted ? ac.signal.reason : err);
+      if (e.code === 'ERR_INTERNAL') return { error: e, mirrorAsked: false };
+      last = { error: e, mirrorAsked: !peer };
+      if (peer) host.hierarchy.peerFailed(peer, e);
+    } finally {
+      clearTimeout(timer);
+    }
   }
+  return last;
+}
+
+/** Why a peer's answer is its own failure, not the origin's (RFC 9209 Proxy-Status error, Squid's X-Squid-Error), if it is. */
+function peersOwnFailure(res: UpstreamResponse): string | undefined {
+  const squid = res.headers['x-squid-error'];
+  if (squid !== undefined) return `HTTP ${res.status} ${String(squid)}`;
+  const ps = String(res.headers['proxy-status'] ?? '');
+  return /;\s*error=/.test(ps) ? `HTTP ${res.status} ${ps.slice(0, 200)}` : undefined;
 }
 
 /**
- * With another mirror to fall back on, a mirror that has not connected and answered within
- * --mirror-timeout is given up: waiting for --connect-timeout or --read-timeout would cost every
- * waiting client its 5 s watchdog. The last mirror of a plan gets the full timeouts.
+ * How long a route has to connect and answer with headers. A bank owner: --peer-timeout, then the
+ * member fetches itself (it must never cost a client its 5 s watchdog). Otherwise, with another mirror
+ * to fall back on, --mirror-timeout (waiting for --connect-timeout or --read-timeout would cost every
+ * waiting client its 5 s watchdog); the last mirror of a plan through its last route gets the full
+ * timeouts.
  */
-function answerTimer(st: FetchState, ac: AbortController): NodeJS.Timeout | undefined {
+function routeTimer(st: FetchState, ac: AbortController, route: Route, moreRoutes: boolean): NodeJS.Timeout | undefined {
+  if (route.peer?.role === 'bank' && moreRoutes) {
+    const ms = st.host.cfg.peerTimeoutMs;
+    return setTimeout(() => ac.abort(new ProxyError('ERR_READ_TIMEOUT', `bank member ${route.peer!.spec.url} did not answer within ${ms} ms; fetching here`)), ms);
+  }
   const plan = st.plan!;
   if (!plan.failover || !plan.hasMore) return undefined;
   const ms = st.host.mirrors.cfg.answerTimeoutMs;

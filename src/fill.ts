@@ -7,6 +7,7 @@
 // slow reader never holds back a fast one or the upstream. Without a spill (a response that is not
 // being stored, or a failed disk) the window can only drop what every reader has consumed, and the
 // upstream is paused while the window is full: that mode is only used for a single reader.
+import type { HierarchyTag } from './access-log.ts';
 import { ProxyError } from './errors.ts';
 import type { Policy } from './freshness.ts';
 
@@ -86,6 +87,7 @@ export interface FillReader {
   readonly outcome: FillOutcome | undefined;
   published(): Promise<FillOutcome>;
   readonly peer: string;
+  readonly hierarchy: HierarchyTag;
   readonly attached: number;
   /**
    * No copy of the key was stored when this fill began, and it is no reload: until it ends, a lookup
@@ -110,6 +112,8 @@ export class Fill implements FillReader {
   upstream: UpstreamControl | undefined;
   /** Host the body came from (the access log's hierarchy peer); changes on failover or resume. */
   peer = '';
+  /** How that host was chosen (the access log's hierarchy code). */
+  hierarchy: HierarchyTag = 'HIER_DIRECT';
   /** The fetch means to store this body (set with the head; cleared when that becomes impossible). */
   storing = false;
   /** Why the fill was given up by cuttle itself (nobody left to serve, no progress): not the mirror's fault. */

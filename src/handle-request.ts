@@ -518,6 +518,7 @@ function startFill(s: State, stale: StoredObject | undefined): ReturnType<Coales
     nothingStored: !s.reload && stale === undefined,
     cas: s.cas,
     accelRepo: s.accelRepo,
+    fromBank: ctx.hierarchy.fromBank(tx.client, reqHeaders.via),
   });
 }
 
@@ -542,7 +543,7 @@ async function deliverFill(s: State): Promise<StepName | undefined> {
     // A stored object served through a fill (a finished one, or a shared read of its disk record).
     const isHit = tx.result === 'TCP_MEM_HIT' || tx.result === 'TCP_HIT';
     if (!isHit) {
-      tx.hierarchy = 'HIER_DIRECT';
+      tx.hierarchy = fill.hierarchy;
       tx.peer = fill.peer || s.url!.hostname;
     }
     switch (outcome.kind) {

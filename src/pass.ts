@@ -5,7 +5,7 @@
 import type { IncomingMessage, ServerResponse } from 'node:http';
 import type { Transaction } from './access-log.ts';
 import type { Ctx } from './context.ts';
-import { upstreamError, type ProxyError } from './errors.ts';
+import { ProxyError, upstreamError } from './errors.ts';
 import { discard } from './fetch.ts';
 import { clientResponseHeaders, upstreamRequestHeaders } from './forward.ts';
 
@@ -16,7 +16,7 @@ const SAFE = new Set(['GET', 'HEAD', 'OPTIONS', 'TRACE']);
  * answer came (the request path labels it), else undefined once the answer is over, whole or cut short.
  * `invalidate` runs when a successful unsafe method changed the URL (RFC 9111 §4.4).
  */
-export async function passUpstream(ctx: Pick<Ctx, 'upstream' | 'cfg' | 'counters'>, req: IncomingMessage, res: ServerResponse, tx: Transaction, url: URL, invalidate: () => Promise<void>): Promise<ProxyError | undefined> {
+export async function passUpstream(ctx: Pick<Ctx, 'upstream' | 'cfg' | 'counters' | 'hierarchy'>, req: IncomingMessage, res: ServerResponse, tx: Transaction, url: URL, invalidate: () => Promise<void>): Promise<ProxyError | undefined> {
   const hasBody = req.headers['content-length'] !== undefined ? req.headers['content-length'] !== '0' : req.headers['transfer-encoding'] !== undefined;
   const ac = new AbortController();
   const onClose = () => {
@@ -25,18 +25,31 @@ export async function passUpstream(ctx: Pick<Ctx, 'upstream' | 'cfg' | 'counters
   res.once('close', onClose);
   try {
     let up;
-    try {
-      up = await ctx.upstream.request({
-        url,
-        method: tx.method,
-        headers: upstreamRequestHeaders(req.headers, url, tx.client, ctx.cfg.visibleHostname),
-        body: hasBody ? req : null,
-        signal: ac.signal,
-      });
-    } catch (err) {
-      return upstreamError(err);
+    // A request with a body can be sent once only: it takes the first route. Without one, a peer that
+    // fails is followed by the next route, as a fill's request is.
+    const routes = ctx.hierarchy.passRoutes(url);
+    if (routes.length === 0) return new ProxyError('ERR_PARENTS_DOWN', url.host);
+    let route = routes[0]!;
+    for (let i = 0; ; i++) {
+      route = routes[i]!;
+      try {
+        up = await ctx.upstream.request({
+          url,
+          method: tx.method,
+          headers: upstreamRequestHeaders(req.headers, url, tx.client, ctx.cfg.visibleHostname),
+          body: hasBody ? req : null,
+          signal: ac.signal,
+          via: route.peer,
+        });
+        route.peer?.answered();
+        break;
+      } catch (err) {
+        const e = upstreamError(err);
+        if (route.peer && e.code !== 'ERR_INTERNAL') ctx.hierarchy.peerFailed(route.peer, e);
+        if (hasBody || i === routes.length - 1 || ac.signal.aborted) return e;
+      }
     }
-    tx.hierarchy = 'HIER_DIRECT';
+    tx.hierarchy = route.tag;
     tx.peer = up.peer;
     tx.status = up.status;
     tx.mime = String(up.headers['content-type'] ?? '');

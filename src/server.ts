@@ -19,6 +19,8 @@ import { LiveConfig } from './live-config.ts';
 import { createLogger, type Logger } from './log.ts';
 import { Metrics } from './metrics.ts';
 import type { Mirrors } from './mirrors.ts';
+import { Bank } from './bank.ts';
+import { Hierarchy } from './hierarchy.ts';
 import { LoopLag } from './overload.ts';
 import { shutdown } from './shutdown.ts';
 import { startSnmpAgent, type SnmpAgent } from './snmp.ts';
@@ -47,6 +49,8 @@ export interface Proxy {
   readonly mirrors: Mirrors;
   /** The event-loop lag monitor (--max-loop-lag). */
   readonly loopLag: LoopLag;
+  /** Parents and the bank: where misses go. */
+  readonly hierarchy: Hierarchy;
   /** Bound addresses, in --listen order, then the --accel-listen one. */
   addresses(): AddressInfo[];
   /** Client connections open now. */
@@ -105,7 +109,7 @@ function openWarnedAccessLog(cfg: Config, clock: Clock, log: Logger): AccessLog 
 }
 
 /** What the admin listener shows: who may use it, readiness (/readyz) and /status. */
-function adminState(p: { live: LiveConfig; phase: Phase; disk: DiskTier; coalescer: Coalescer; sources: CounterSources; clock: Clock; startedAt: number }): AdminState {
+function adminState(p: { live: LiveConfig; phase: Phase; disk: DiskTier; coalescer: Coalescer; sources: CounterSources; clock: Clock; startedAt: number; hierarchy: Hierarchy }): AdminState {
   const { live, phase, disk, clock } = p;
   return {
     allows: (addr) => live.acl().allowsAdmin(addr),
@@ -115,7 +119,7 @@ function adminState(p: { live: LiveConfig; phase: Phase; disk: DiskTier; coalesc
       // The table's figures, and what is not a number: state, the top fills and each mirror.
       const f = figures(p.sources);
       setAt(f, 'tiers.disk.loaded', disk.isLoaded);
-      return { version: VERSION, uptimeS: Math.round((clock.now() - p.startedAt) / 1000), draining: phase.draining, ...f, topFills: p.coalescer.topFills(10, clock.now()), mirrors: live.mirrors.snapshot() };
+      return { version: VERSION, uptimeS: Math.round((clock.now() - p.startedAt) / 1000), draining: phase.draining, ...f, topFills: p.coalescer.topFills(10, clock.now()), mirrors: live.mirrors.snapshot(), peers: p.hierarchy.snapshot() };
     },
   };
 }
@@ -138,7 +142,8 @@ export async function createProxy(cfg: Config, opts: ProxyOptions = {}): Promise
   // The prober probes through the upstream, which checks the access rules in force.
   const live = new LiveConfig(cfg, log, (url, timeoutMs, wantOk) => upstream.probe(url, timeoutMs, wantOk));
   const upstream = new Upstream(cfg, live.acl);
-  const coalescer = new Coalescer({ cfg, clock, store, upstream, freshness, log, mirrors: live.mirrors });
+  const hierarchy = new Hierarchy(cfg, (peer) => upstream.probePeer(peer, cfg.probe.timeoutMs), log, cfg.bank.length || cfg.bankDns !== 'none' ? (prober) => new Bank(cfg, prober, log) : undefined);
+  const coalescer = new Coalescer({ cfg, clock, store, upstream, freshness, log, mirrors: live.mirrors, hierarchy });
   coalescerRef.c = coalescer;
   const counters = newCounters();
   const accessLog = opts.accessLog ?? openWarnedAccessLog(cfg, clock, log);
@@ -152,6 +157,7 @@ export async function createProxy(cfg: Config, opts: ProxyOptions = {}): Promise
     bufferPoolBytes: () => buffers.bytes,
     clientConnections: () => listeners.connections,
     mirrors: () => live.mirrors.snapshot(),
+    peers: () => hierarchy.snapshot(),
     accessLogDroppedLines: () => accessLog.droppedLines,
   };
   const metrics = new Metrics(sources);
@@ -160,7 +166,7 @@ export async function createProxy(cfg: Config, opts: ProxyOptions = {}): Promise
   const loopLag = new LoopLag(cfg.maxLoopLagMs);
   loopLag.onChange = (lagging, lateMs) =>
     lagging ? log.warn({ lateMs: Math.round(lateMs) }, 'the event loop lags past --max-loop-lag: new connections and new fills get 503 until it catches up') : log.info({ lateMs: Math.round(lateMs) }, 'the event loop caught up: new connections and fills are served again');
-  const ctx: Ctx = { cfg, acl: live.acl, clock, store, coalescer, upstream, accessLog, log, counters, buffers, pacer, metrics, mirrors: live.mirrors, loopLag, tunnels: new Set() };
+  const ctx: Ctx = { cfg, acl: live.acl, clock, store, coalescer, upstream, accessLog, log, counters, buffers, pacer, metrics, mirrors: live.mirrors, hierarchy, loopLag, tunnels: new Set() };
   live.onMirrors = (fresh) => {
     ctx.mirrors = fresh;
     coalescer.useMirrors(fresh);
@@ -168,7 +174,7 @@ export async function createProxy(cfg: Config, opts: ProxyOptions = {}): Promise
   const listeners = new Listeners(ctx);
   const phase: Phase = { listening: false, draining: false };
   const startedAt = clock.now();
-  const admin = cfg.adminListen === 'none' ? undefined : createAdminServer(metrics, adminState({ live, phase, disk, coalescer, sources, clock, startedAt }));
+  const admin = cfg.adminListen === 'none' ? undefined : createAdminServer(metrics, adminState({ live, phase, disk, coalescer, sources, clock, startedAt, hierarchy }));
   let snmpAgent: SnmpAgent | undefined;
 
   return {
@@ -186,7 +192,9 @@ export async function createProxy(cfg: Config, opts: ProxyOptions = {}): Promise
     },
     addresses: () => listeners.addresses(),
     clientConnections: () => listeners.connections,
+    hierarchy,
     async listen() {
+      await hierarchy.bank?.start();
       await listeners.listen();
       if (admin && cfg.adminListen !== 'none') await listenAdmin(admin, cfg.adminListen);
       if (cfg.snmpListen !== 'none') {
@@ -210,6 +218,7 @@ export async function createProxy(cfg: Config, opts: ProxyOptions = {}): Promise
       phase.draining = true;
       loopLag.stop();
       live.stopProbing();
+      hierarchy.stop();
       await shutdown({ listeners, tunnels: ctx.tunnels, coalescer, upstream, accessLog, disk, admin, snmpAgent: () => snmpAgent, log }, timeoutMs);
     },
     reload(next) {

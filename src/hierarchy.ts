@@ -1,0 +1,117 @@
+// Where a miss goes: the routes one upstream request may take, in order.
+//   the bank member that owns the key (--bank), unless this cuttle owns it or the request came from a
+//     member already (a member's Via from a member's address: the owner never forwards again)
+//   the parents (--parent), by --parent-policy, the ones that are up
+//   direct, unless --never-direct
+// A destination in --always-direct goes direct only. A route that fails (no connection, no answer in
+// time, or an answer that the peer labels as its own failure) is followed by the next; the last route's
+// answer, whatever it is, is the answer. Peers are asked in absolute form, with the client's Host.
+import { destMatcher } from './acl.ts';
+import type { HierarchyTag } from './access-log.ts';
+import type { Bank } from './bank.ts';
+import { Carp, carpKey } from './carp.ts';
+import type { Config } from './config.ts';
+import type { ErrorCode, ProxyError } from './errors.ts';
+import type { CasObject } from './content-hash.ts';
+import type { Logger } from './log.ts';
+import { Peer, PeerProber, type PeerProbeFn, type PeerSnapshot } from './peer.ts';
+
+export interface Route {
+  /** The proxy asked, or undefined for the origin itself. */
+  readonly peer: Peer | undefined;
+  /** The access log's hierarchy code (Squid's: how the next hop was chosen). */
+  readonly tag: HierarchyTag;
+}
+
+const CONNECT_FAILURES: ReadonlySet<ErrorCode> = new Set(['ERR_CONNECT_REFUSED', 'ERR_CONNECT_TIMEOUT', 'ERR_DNS_FAIL']);
+
+const DIRECT: Route = { peer: undefined, tag: 'HIER_DIRECT' };
+
+const PARENT_TAG: Record<Config['parentPolicy'], HierarchyTag> = { 'first-up': 'FIRSTUP_PARENT', 'round-robin': 'ROUNDROBIN_PARENT', carp: 'CARP' };
+
+export class Hierarchy {
+  readonly parents: readonly Peer[];
+  readonly bank: Bank | undefined;
+  readonly #cfg: Config;
+  readonly #carp: Carp | undefined;
+  readonly #direct: (host: string) => boolean;
+  readonly prober: PeerProber;
+  #turn = 0;
+
+  constructor(cfg: Config, probe: PeerProbeFn, log: Logger, bank?: (prober: PeerProber) => Bank) {
+    this.#cfg = cfg;
+    this.prober = new PeerProber(probe, cfg.probe.intervalMs, log);
+    this.parents = cfg.parents.map((p) => new Peer('parent', p));
+    this.#carp = cfg.parentPolicy === 'carp' && this.parents.length ? new Carp(cfg.parents) : undefined;
+    this.#direct = destMatcher(cfg.alwaysDirect);
+    this.bank = bank?.(this.prober);
+  }
+
+  /** Routes for a cacheable miss of `url` (`fromBank`: a bank member forwarded it here). */
+  routes(url: URL, cas: CasObject | undefined, fromBank: boolean): Route[] {
+    if (this.#direct(url.hostname)) return [DIRECT];
+    const out: Route[] = [];
+    const owner = fromBank ? undefined : this.bank?.owner(url, cas);
+    if (owner) out.push({ peer: owner, tag: 'CARP' });
+    return this.#tail(url, out);
+  }
+
+  /** Routes for a request forwarded uncached (the bank owns cached keys only). */
+  passRoutes(url: URL): Route[] {
+    if (this.#direct(url.hostname)) return [DIRECT];
+    return this.#tail(url, []);
+  }
+
+  #tail(url: URL, out: Route[]): Route[] {
+    if (this.parents.length) {
+      const tag = PARENT_TAG[this.#cfg.parentPolicy];
+      for (const p of this.#parentOrder(url)) out.push({ peer: p, tag });
+    }
+    if (!this.#cfg.neverDirect) out.push(DIRECT);
+    return out;
+  }
+
+  /** The parents that are up, in the order the policy asks them. */
+  #parentOrder(url: URL): Peer[] {
+    const up = this.parents.filter((p) => p.up);
+    if (up.length <= 1) return up;
+    switch (this.#cfg.parentPolicy) {
+      case 'first-up':
+        return up;
+      case 'round-robin': {
+        const at = this.#turn++ % up.length;
+        if (this.#turn >= 1 << 30) this.#turn = 0;
+        return [...up.slice(at), ...up.slice(0, at)];
+      }
+      case 'carp': {
+        // The CARP owner first, then the others in order: Squid's carp choice, then every alive parent.
+        const i = this.#carp!.owner(carpKey(url), (k) => this.parents[k]!.up);
+        const owner = i < 0 ? undefined : this.parents[i]!;
+        return owner ? [owner, ...up.filter((p) => p !== owner)] : up;
+      }
+    }
+  }
+
+  /**
+   * A route's peer failed: the exchange (a ProxyError: a refused or timed-out connect takes it down at
+   * once), or an answer that is its own failure (a string: counted, and down after several in a row).
+   */
+  peerFailed(peer: Peer, e: ProxyError | string): void {
+    const connect = typeof e !== 'string' && CONNECT_FAILURES.has(e.code);
+    if (peer.failed(typeof e === 'string' ? e : e.token, connect)) this.prober.down(peer);
+  }
+
+  /** Was this request forwarded by a bank member (its Via from a member's address)? */
+  fromBank(client: string, via: string | string[] | undefined): boolean {
+    return via !== undefined && this.bank !== undefined && this.bank.isMember(client);
+  }
+
+  snapshot(): PeerSnapshot[] {
+    return [...this.parents.map((p) => p.snapshot()), ...(this.bank?.snapshot() ?? [])];
+  }
+
+  stop(): void {
+    this.prober.stop();
+    this.bank?.stop();
+  }
+}
