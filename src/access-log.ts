@@ -37,6 +37,8 @@ export interface Transaction {
   /** The client's request headers and HTTP version (the frontier format logs a few of them). */
   headers?: IncomingHttpHeaders;
   httpVersion?: string;
+  /** A relay from another worker of this process (--workers): that worker logs and counts the request. */
+  relay?: boolean;
 }
 
 /** A transaction as it starts: what is known on arrival; the request path fills in the rest. */
@@ -85,6 +87,7 @@ export function formatFrontier(tx: Transaction, nowMs: number): string {
  * path that ends one, the request path, the hit lane, tunnels and refused connections, calls this).
  */
 export function recordTransaction(to: { accessLog: AccessLog; metrics: { observe(tx: Transaction, errorToken: string | undefined, nowMs: number): void }; clock: { now(): number } }, tx: Transaction, errorToken: string | undefined): void {
+  if (tx.relay) return;
   const now = to.clock.now();
   to.accessLog.write(tx, now);
   to.metrics.observe(tx, errorToken, now);

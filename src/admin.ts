@@ -4,16 +4,21 @@
 // figures as JSON, for scripts without Prometheus).
 import { createServer, type Server } from 'node:http';
 import { DASHBOARD_CSP, DASHBOARD_HTML } from './dashboard.ts';
-import type { Metrics } from './metrics.ts';
+
+/** The Prometheus text: one proxy's (metrics.ts), or the sum of its workers' (workers.ts). */
+export interface MetricsText {
+  text(): Promise<string>;
+  readonly contentType: string;
+}
 
 export interface AdminState {
   /** --allow-admin: may this client address use the admin listener? */
   allows(addr: string): boolean;
   ready(): { ready: boolean; why: string };
-  status(): Record<string, unknown>;
+  status(): Record<string, unknown> | Promise<Record<string, unknown>>;
 }
 
-export function createAdminServer(metrics: Metrics, state: AdminState): Server {
+export function createAdminServer(metrics: MetricsText, state: AdminState): Server {
   return createServer(async (req, res) => {
     const path = (req.url ?? '/').split('?')[0];
     const from = req.socket.remoteAddress ?? '';
@@ -32,7 +37,7 @@ export function createAdminServer(metrics: Metrics, state: AdminState): Server {
           return;
         case '/metrics': {
           const text = await metrics.text();
-          res.writeHead(200, { 'content-type': metrics.registry.contentType }).end(text);
+          res.writeHead(200, { 'content-type': metrics.contentType }).end(text);
           return;
         }
         case '/healthz':
@@ -44,7 +49,7 @@ export function createAdminServer(metrics: Metrics, state: AdminState): Server {
           return;
         }
         case '/status':
-          res.writeHead(200, { 'content-type': 'application/json', 'cache-control': 'no-store' }).end(`${JSON.stringify(state.status(), null, 2)}\n`);
+          res.writeHead(200, { 'content-type': 'application/json', 'cache-control': 'no-store' }).end(`${JSON.stringify(await state.status(), null, 2)}\n`);
           return;
         default:
           res.writeHead(404, { 'content-type': 'text/plain' }).end('not found: try /, /metrics, /healthz, /readyz, /status\n');

@@ -4,7 +4,7 @@
 // validated once with every problem named by its key, then deep-frozen. Runtime code only ever sees the
 // frozen `Config` (typed values with units in the names); nothing on the hot path re-checks it.
 import { readFileSync } from 'node:fs';
-import { hostname } from 'node:os';
+import { availableParallelism, hostname } from 'node:os';
 import { parseArgs } from 'node:util';
 import { parse as parseYaml } from 'yaml';
 import { z } from 'zod';
@@ -400,6 +400,12 @@ export const OPTIONS = {
     help: 'while the event loop runs later than this, new client connections and new fills get 503 at once (0 = never)',
     schema: duration,
   },
+  workers: {
+    default: availableParallelism(),
+    field: 'workers',
+    help: 'event loops (threads) serving clients, each key owned by one of them, so an object is fetched once whichever takes the request; the default is the number of cores (1: a single event loop)',
+    schema: count.max(256, 'expected at most 256'),
+  },
   'upstream-connections': {
     default: 64,
     field: 'upstreamConnections',
@@ -766,10 +772,15 @@ export function parseCli(argv: string[]): Cli {
   };
 }
 
-/** Config from argv (+ the file it names). The command line wins over the file. */
-export function loadConfig(cli: Cli): Config {
+/** The options argv gives (+ the file it names), unvalidated. The command line wins over the file. */
+export function rawOptions(cli: Cli): Record<string, unknown> {
   const file = cli.configFile ? readConfigFile(cli.configFile) : {};
-  return buildConfig({ ...file, ...cli.options });
+  return { ...file, ...cli.options };
+}
+
+/** Config from argv (+ the file it names). */
+export function loadConfig(cli: Cli): Config {
+  return buildConfig(rawOptions(cli));
 }
 
 export function helpText(): string {

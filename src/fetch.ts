@@ -109,7 +109,8 @@ export class Upstream {
         signal: r.signal,
         blocking: false,
       });
-      return { status: res.statusCode, headers: res.headers as Record<string, string | string[]>, body: res.body, peer: via ? via.spec.host : r.url.hostname };
+      // Through another worker of this process, the host is still the origin's (that worker asked it).
+      return { status: res.statusCode, headers: res.headers as Record<string, string | string[]>, body: res.body, peer: via && via.role !== 'worker' ? via.spec.host : r.url.hostname };
     } catch (err) {
       throw upstreamError(err);
     }

@@ -30,7 +30,7 @@ import { endToEnd, type Headers } from './forward.ts';
 import { policyHeaders, policyRequest, storableResponse, type Freshness, type Policy } from './freshness.ts';
 import type { Logger } from './log.ts';
 import type { Mirror, Mirrors } from './mirrors.ts';
-import type { Hierarchy, Route } from './hierarchy.ts';
+import { RELAY_HEADER, type Hierarchy, type Route, type Sender } from './hierarchy.ts';
 import type { SpillWriter, StoredMeta, StoredObject, TieredStore } from './store.ts';
 import type { Clock } from './clock.ts';
 
@@ -54,8 +54,8 @@ export interface FillRequest {
   accelRepo?: string;
   /** No copy of the key was stored when the fill began, and it is no reload (see Fill.nothingStored). */
   nothingStored?: boolean;
-  /** A bank member forwarded this request: it is fetched here, never sent to another member. */
-  fromBank?: boolean;
+  /** Who sent the request: what a bank member or another worker sent is fetched here, never sent on to another. */
+  from?: Sender;
 }
 
 export interface FetchStats {
@@ -181,7 +181,7 @@ function mkbereq(st: FetchState): Step {
   // A client reload must not be answered from a cache further up either.
   if (r.stale?.policy) Object.assign(st.headers, r.stale.policy.revalidationHeaders(policyRequest(r.url, 'GET', r.clientHeaders)));
   st.plan = new FetchPlan({ url: r.url, cas: r.cas, mirrors: host.mirrors, accelRepo: r.accelRepo, avoid: host.corruptFrom(r.key) });
-  st.routes = host.hierarchy.routes(r.url, r.cas, r.fromBank ?? false);
+  st.routes = host.hierarchy.routes(r.url, r.cas, r.from ?? 'client', r.primary);
   return 'startfetch';
 }
 
@@ -575,8 +575,10 @@ type Asked = { res: UpstreamResponse; ac: AbortController; ttfb: number; route: 
  */
 async function ask(st: FetchState, attempt: Attempt, extra: Headers): Promise<Asked> {
   const { host } = st;
-  const routes = st.routes.filter((rt) => !rt.peer || (rt.peer.up && !(rt.peer.role === 'bank' && st.bankAsked)));
-  if (routes.some((rt) => rt.peer?.role === 'bank')) st.bankAsked = true;
+  // The owner (a bank member, another worker) is asked once per fetch: it fails over on its own.
+  const owned = (rt: Route) => rt.peer?.role === 'bank' || rt.peer?.role === 'worker';
+  const routes = st.routes.filter((rt) => !rt.peer || (rt.peer.up && !(owned(rt) && st.bankAsked)));
+  if (routes.some(owned)) st.bankAsked = true;
   let last: Asked = { error: new ProxyError('ERR_PARENTS_DOWN', attempt.url.host), mirrorAsked: false };
   for (let i = 0; i < routes.length; i++) {
     const route = routes[i]!;
@@ -586,7 +588,8 @@ async function ask(st: FetchState, attempt: Attempt, extra: Headers): Promise<As
     const t0 = performance.now();
     const timer = routeTimer(st, ac, route, more);
     try {
-      const res = await host.upstream.request({ url: attempt.url, method: 'GET', headers: { ...st.headers, host: attempt.url.host, ...extra }, signal: ac.signal, via: peer });
+      const relay = peer?.role === 'worker' ? { [RELAY_HEADER]: host.hierarchy.relayToken! } : undefined;
+      const res = await host.upstream.request({ url: attempt.url, method: 'GET', headers: { ...st.headers, host: attempt.url.host, ...extra, ...relay }, signal: ac.signal, via: peer });
       const own = peer ? peersOwnFailure(res) : undefined;
       if (peer && own && more) {
         // The peer answered, but with its own failure (it could not reach the origin, it is overloaded,
@@ -598,6 +601,7 @@ async function ask(st: FetchState, attempt: Attempt, extra: Headers): Promise<As
         continue;
       }
       if (peer) peer.answered();
+      if (peer?.role === 'worker') unrelay(res.headers);
       return { res, ac, ttfb: performance.now() - t0, route };
     } catch (err) {
       const e = upstreamError(ac.signal.aborted ? ac.signal.reason : err);
@@ -609,6 +613,18 @@ async function ask(st: FetchState, attempt: Attempt, extra: Headers): Promise<As
     }
   }
   return last;
+}
+
+/**
+ * Another worker's answer carries this process's Via entry and X-Cache, as a client's would: the
+ * response is this process's own from here on, and gets them once when it goes out.
+ */
+function unrelay(h: Record<string, string | string[]>): void {
+  delete h['x-cache'];
+  const via = String(h.via ?? '');
+  const cut = via.lastIndexOf(',');
+  if (cut < 0) delete h.via;
+  else h.via = via.slice(0, cut);
 }
 
 /** Why a peer's answer is its own failure, not the origin's (RFC 9209 Proxy-Status error, Squid's X-Squid-Error), if it is. */
@@ -627,9 +643,9 @@ function peersOwnFailure(res: UpstreamResponse): string | undefined {
  * timeouts.
  */
 function routeTimer(st: FetchState, ac: AbortController, route: Route, moreRoutes: boolean): NodeJS.Timeout | undefined {
-  if (route.peer?.role === 'bank' && moreRoutes) {
+  if ((route.peer?.role === 'bank' || route.peer?.role === 'worker') && moreRoutes) {
     const ms = st.host.cfg.peerTimeoutMs;
-    return setTimeout(() => ac.abort(new ProxyError('ERR_READ_TIMEOUT', `bank member ${route.peer!.spec.url} did not answer within ${ms} ms; fetching here`)), ms);
+    return setTimeout(() => ac.abort(new ProxyError('ERR_READ_TIMEOUT', `${route.peer!.role === 'bank' ? 'bank member' : 'worker'} ${route.peer!.spec.url} did not answer within ${ms} ms; fetching here`)), ms);
   }
   const plan = st.plan!;
   if (!plan.failover || !plan.hasMore) return undefined;

@@ -8,7 +8,8 @@ import type { ResponseSink } from './response-sink.ts';
 
 export type Headers = Record<string, string | string[]>;
 
-const HOP_BY_HOP = new Set(['connection', 'keep-alive', 'proxy-connection', 'proxy-authenticate', 'proxy-authorization', 'te', 'trailer', 'trailers', 'transfer-encoding', 'upgrade', 'http2-settings']);
+// x-cuttle-relay: a worker's relay secret (hierarchy.ts), never passed on.
+const HOP_BY_HOP = new Set(['x-cuttle-relay', 'connection', 'keep-alive', 'proxy-connection', 'proxy-authenticate', 'proxy-authorization', 'te', 'trailer', 'trailers', 'transfer-encoding', 'upgrade', 'http2-settings']);
 
 /** Copy headers without hop-by-hop fields, including those that Connection names. */
 export function endToEnd(h: IncomingHttpHeaders | Headers): Headers {
@@ -54,6 +55,14 @@ export function upstreamRequestHeaders(h: IncomingHttpHeaders, url: URL, client:
   out.via = appendVia(h.via, name);
   const xff = join(h['x-forwarded-for']);
   out['x-forwarded-for'] = xff ? `${xff}, ${client}` : client;
+  return out;
+}
+
+/** Headers for the upstream request of a relay from another worker: it added Via and X-Forwarded-For. */
+export function relayedHeaders(h: IncomingHttpHeaders, url: URL): Headers {
+  const out = endToEnd(h);
+  delete out.expect;
+  out.host = url.host;
   return out;
 }
 

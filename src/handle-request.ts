@@ -24,7 +24,8 @@ import type { Ctx } from './context.ts';
 import { deliverStored, dropCorrupt, noteStored, rangeSpec, streamFill, type Delivery } from './deliver.ts';
 import { internalError, ProxyError } from './errors.ts';
 import { clientWantsReload, hasValidators, isFresh, mayServeStale, satisfies, withinRevalidateWindow } from './freshness.ts';
-import { isLoop, sendError, upstreamRequestHeaders } from './forward.ts';
+import { isLoop, relayedHeaders, sendError, upstreamRequestHeaders } from './forward.ts';
+import { RELAY_HEADER } from './hierarchy.ts';
 import type { FillReader } from './fill.ts';
 import { repoOf, type CasObject } from './content-hash.ts';
 import type { LaneHit, LaneJoin } from './hit-lane.ts';
@@ -63,6 +64,8 @@ interface State extends Delivery {
   handedOff?: boolean;
   /** This request waited for another's disk lookup of its key (lookup waits once). */
   waitedForDisk?: boolean;
+  /** Relayed by another worker of this process (--workers): fetched here, never relayed again. */
+  relay?: boolean;
 }
 
 const CACHEABLE = new Set(['GET', 'HEAD']);
@@ -134,7 +137,9 @@ function nodeOf(s: State): NonNullable<State['node']> {
 function recv(s: State): Next {
   const { ctx, reqHeaders, tx } = s;
   const req = nodeOf(s).req;
-  if (!ctx.acl().allowsClient(tx.client)) return fail(s, 'ERR_CLIENT_DENIED', tx.client);
+  // Another worker's relay carries the process's secret: its client was checked there.
+  s.relay = tx.relay = ctx.hierarchy.isRelay(reqHeaders[RELAY_HEADER]);
+  if (!s.relay && !ctx.acl().allowsClient(tx.client)) return fail(s, 'ERR_CLIENT_DENIED', tx.client);
   let target = req.url ?? '';
   if (target.startsWith('/')) {
     if (!s.accel) return fail(s, 'ERR_ORIGIN_FORM');
@@ -152,7 +157,8 @@ function recv(s: State): Next {
   s.cas = parsed.cas;
   tx.url = url.href;
   const primary = primaryOf(ctx, parsed);
-  if (isLoop(reqHeaders, ctx.cfg.visibleHostname)) return fail(s, 'ERR_LOOP');
+  // A relay carries its worker's Via entry, which is this process's own name.
+  if (!s.relay && isLoop(reqHeaders, ctx.cfg.visibleHostname)) return fail(s, 'ERR_LOOP');
   const port = Number(url.port || 80);
   const verdict = ctx.acl().checkDestination(url.hostname, port);
   if (verdict === 'deny-port') return fail(s, 'ERR_PORT_DENIED', String(port));
@@ -504,7 +510,8 @@ function newFillRefusal(ctx: Ctx): RefusalReason | undefined {
 /** Start this request's key's fill (revalidating `stale` if it has validators). */
 function startFill(s: State, stale: StoredObject | undefined): ReturnType<Coalescer['start']> {
   const { ctx, reqHeaders, tx } = s;
-  const upstreamHeaders = upstreamRequestHeaders(reqHeaders, s.url!, tx.client, ctx.cfg.visibleHostname);
+  // A relay's headers already carry this process's Via entry and the client's address.
+  const upstreamHeaders = s.relay ? relayedHeaders(reqHeaders, s.url!) : upstreamRequestHeaders(reqHeaders, s.url!, tx.client, ctx.cfg.visibleHostname);
   // The fill is for everyone: it asks for the whole object, never this client's conditions.
   for (const h of CLIENT_CONDITIONS) delete upstreamHeaders[h];
   return ctx.coalescer.start({
@@ -518,7 +525,7 @@ function startFill(s: State, stale: StoredObject | undefined): ReturnType<Coales
     nothingStored: !s.reload && stale === undefined,
     cas: s.cas,
     accelRepo: s.accelRepo,
-    fromBank: ctx.hierarchy.fromBank(tx.client, reqHeaders.via),
+    from: s.relay ? 'worker' : ctx.hierarchy.fromBank(tx.client, reqHeaders.via) ? 'bank' : 'client',
   });
 }
 
@@ -655,6 +662,7 @@ function urlKeys(s: State, primary: string): Set<string> {
 async function forget(ctx: Ctx, key: string): Promise<void> {
   ctx.coalescer.invalidate(key);
   await ctx.store.delete(key);
+  ctx.forgotten?.(key);
 }
 
 async function purge(s: State): Promise<StepName | undefined> {

@@ -1,6 +1,8 @@
 // Where a miss goes: the routes one upstream request may take, in order.
 //   the bank member that owns the key (--bank), unless this cuttle owns it or the request came from a
 //     member already (a member's Via from a member's address: the owner never forwards again)
+//   else the worker of this process that owns the key (--workers), unless it is this one or the request
+//     was relayed by a worker already
 //   the parents (--parent), by --parent-policy, the ones that are up
 //   direct, unless --never-direct
 // A destination in --always-direct goes direct only. A route that fails (no connection, no answer in
@@ -14,6 +16,7 @@ import type { Config } from './config.ts';
 import type { ErrorCode, ProxyError } from './errors.ts';
 import type { CasObject } from './content-hash.ts';
 import type { Logger } from './log.ts';
+import { workerOf } from './worker-ring.ts';
 import { Peer, PeerProber, type PeerProbeFn, type PeerSnapshot } from './peer.ts';
 
 export interface Route {
@@ -29,6 +32,19 @@ const DIRECT: Route = { peer: undefined, tag: 'HIER_DIRECT' };
 
 const PARENT_TAG: Record<Config['parentPolicy'], HierarchyTag> = { 'first-up': 'FIRSTUP_PARENT', 'round-robin': 'ROUNDROBIN_PARENT', carp: 'CARP' };
 
+/** Who sent a request: a client, a member of this bank, or another worker of this process (a relay). */
+export type Sender = 'client' | 'bank' | 'worker';
+
+/** The header a worker's relay carries: the process's secret, so no client can pass for a worker. */
+export const RELAY_HEADER = 'x-cuttle-relay';
+
+interface Workers {
+  readonly self: number;
+  /** By worker index; undefined for this worker and for one not running. */
+  readonly peers: readonly (Peer | undefined)[];
+  readonly token: string;
+}
+
 export class Hierarchy {
   readonly parents: readonly Peer[];
   readonly bank: Bank | undefined;
@@ -37,6 +53,7 @@ export class Hierarchy {
   readonly #direct: (host: string) => boolean;
   readonly prober: PeerProber;
   #turn = 0;
+  #workers: Workers | undefined;
 
   constructor(cfg: Config, probe: PeerProbeFn, log: Logger, bank?: (prober: PeerProber) => Bank) {
     this.#cfg = cfg;
@@ -47,13 +64,52 @@ export class Hierarchy {
     this.bank = bank?.(this.prober);
   }
 
-  /** Routes for a cacheable miss of `url` (`fromBank`: a bank member forwarded it here). */
-  routes(url: URL, cas: CasObject | undefined, fromBank: boolean): Route[] {
+  /** Routes for a cacheable miss of `url` under primary key `primary`, sent by `from`. */
+  routes(url: URL, cas: CasObject | undefined, from: Sender, primary: string): Route[] {
     if (this.#direct(url.hostname)) return [DIRECT];
     const out: Route[] = [];
-    const owner = fromBank ? undefined : this.bank?.owner(url, cas);
+    const owner = from === 'client' ? this.bank?.owner(url, cas) : undefined;
     if (owner) out.push({ peer: owner, tag: 'CARP' });
+    else if (from !== 'worker') {
+      const w = this.#workerOwner(primary);
+      if (w) out.push({ peer: w, tag: 'HIER_DIRECT' });
+    }
     return this.#tail(url, out);
+  }
+
+  /**
+   * --workers: this worker's index, and the relay addresses of all (undefined for this one and for one
+   * not running). Health carries over for a worker whose address did not change.
+   */
+  setWorkers(self: number, urls: readonly (string | undefined)[], token: string): void {
+    const old = this.#workers;
+    const peers = urls.map((url, i) => {
+      if (url === undefined || i === self) return undefined;
+      const prev = old?.peers[i];
+      if (prev?.spec.url === url) return prev;
+      if (prev) this.prober.forget(prev);
+      const u = new URL(url);
+      return new Peer('worker', { url, host: u.hostname, port: Number(u.port), name: `worker${i}`, weight: 1 });
+    });
+    this.#workers = { self, peers, token };
+  }
+
+  /** The worker that owns a key when it is another one that is up (--workers). */
+  #workerOwner(primary: string): Peer | undefined {
+    const w = this.#workers;
+    if (!w) return undefined;
+    const i = workerOf(primary, w.peers.length, (k) => k === w.self || (w.peers[k]?.up ?? false));
+    return i === w.self ? undefined : w.peers[i];
+  }
+
+  /** Is this request a relay from another worker of this process (it carries the process's secret)? */
+  isRelay(token: string | string[] | undefined): boolean {
+    return this.#workers !== undefined && token === this.#workers.token;
+  }
+
+  /** The relay secret, for the requests this worker relays. */
+  get relayToken(): string | undefined {
+    return this.#workers?.token;
   }
 
   /** Routes for a request forwarded uncached (the bank owns cached keys only). */
@@ -107,7 +163,7 @@ export class Hierarchy {
   }
 
   snapshot(): PeerSnapshot[] {
-    return [...this.parents.map((p) => p.snapshot()), ...(this.bank?.snapshot() ?? [])];
+    return [...this.parents.map((p) => p.snapshot()), ...(this.bank?.snapshot() ?? []), ...(this.#workers?.peers.flatMap((p) => (p ? [p.snapshot()] : [])) ?? [])];
   }
 
   stop(): void {

@@ -79,17 +79,29 @@ export class Listeners {
   /** Open client connections past which a new one gets 503 (overload.ts connectionCap). */
   readonly #cap: ReturnType<typeof connectionCap>;
   readonly #openFiles: number | undefined;
+  /** --workers: the ports are shared with the other workers (the process took each alone first). */
+  readonly #sharedPorts: boolean;
+  /** Host warnings are said once per process (by the only proxy, or worker 0). */
+  readonly #warn: boolean;
 
-  constructor(ctx: Ctx) {
+  /**
+   * `worker`: this is one worker of several (--workers). Its sockets join ports the process has taken,
+   * and a last listener on 127.0.0.1 takes the other workers' relays.
+   */
+  constructor(ctx: Ctx, worker?: { index: number; count: number }) {
     const { cfg } = ctx;
     this.#ctx = ctx;
     const soft = openFilesLimit()?.soft;
-    this.#openFiles = soft === Infinity ? undefined : soft;
+    // The process's descriptors are every worker's: each counts on its share.
+    this.#openFiles = soft === Infinity || soft === undefined ? undefined : Math.floor(soft / (worker?.count ?? 1));
+    this.#warn = !worker || worker.index === 0;
     this.#cap = connectionCap(cfg, this.#openFiles);
     this.#lane = hitLane(ctx);
+    this.#sharedPorts = worker !== undefined;
     const listeners = [...cfg.listen.map((addr) => ({ addr, accel: cfg.accel })), ...(cfg.accelListen === 'none' ? [] : [{ addr: cfg.accelListen, accel: true }])];
+    if (worker) listeners.push({ addr: { host: '127.0.0.1', port: 0 }, accel: false });
     this.#addrs = listeners.map((l) => l.addr);
-    this.#groups = listeners.map(({ accel }) => Array.from({ length: ACCEPT_SOCKETS }, () => this.#server(accel)));
+    this.#groups = listeners.map(({ accel, addr }) => Array.from({ length: worker && addr.port === 0 ? 1 : ACCEPT_SOCKETS }, () => this.#server(accel)));
   }
 
   /** Client connections open now. */
@@ -107,10 +119,10 @@ export class Listeners {
     // The kernel silently caps each backlog at net.core.somaxconn: a burst beyond it is dropped (the
     // client retries its SYN after a second, or times out), so say so once.
     const somaxconn = readSomaxconn();
-    if (somaxconn !== undefined && somaxconn < cfg.listenBacklog) {
+    if (this.#warn && somaxconn !== undefined && somaxconn < cfg.listenBacklog) {
       log.warn({ listenBacklog: cfg.listenBacklog, somaxconn }, `net.core.somaxconn is ${somaxconn}: each listener's backlog is ${somaxconn}, not --listen-backlog ${cfg.listenBacklog} (raise the sysctl, and net.ipv4.tcp_max_syn_backlog with it)`);
     }
-    if (this.#cap.byDescriptors) {
+    if (this.#warn && this.#cap.byDescriptors) {
       log.warn({ openFiles: this.#openFiles, maxClientConnections: cfg.maxClientConnections, cap: this.#cap.cap }, `the open-files limit is ${this.#openFiles}: at most ${this.#cap.cap} client connections, not --max-client-connections ${cfg.maxClientConnections} (${this.#cap.reserve} descriptors are kept for upstream connections, fills and logs); raise LimitNOFILE or ulimit -n`);
     }
     for (const [i, [first, ...more]] of this.#groups.entries()) {
@@ -119,7 +131,7 @@ export class Listeners {
       // A given port must be free of any other program's sockets: it is first taken alone (a second
       // cuttle on the same port fails here, as it would without SO_REUSEPORT), then let go for the
       // group. Port 0 is a fresh one from the kernel: the first socket takes it and the others join.
-      const probe = port === 0 || !shared ? first! : createServer();
+      const probe = port === 0 || !shared || this.#sharedPorts ? first! : createServer();
       const backlog = probe === first ? cfg.listenBacklog : 1;
       const reuse = probe === first && shared; // the probe alone, never: it must find the port free
       try {

@@ -6,7 +6,9 @@
 // The command line: parse, validate, start, and own the process (signals, exit codes).
 import { raiseOpenFilesLimit } from './process-setup.ts';
 import { ConfigError } from './errors.ts';
-import { helpText, loadConfig, parseCli, type Config } from './config.ts';
+import { buildConfig, helpText, loadConfig, parseCli, rawOptions, type Cli, type Config } from './config.ts';
+import { createLogger } from './log.ts';
+import { startWorkers, type WorkerSet } from './workers.ts';
 import { VERSION } from './version.ts';
 import { createProxy } from './server.ts';
 import { LOG_CLOSE_MIN_MS } from './shutdown.ts';
@@ -80,6 +82,9 @@ async function main(argv: string[]): Promise<number> {
   // Before the listeners read it: they cap client connections by what it leaves (overload.ts), and
   // warn when that is below --max-client-connections.
   raiseOpenFilesLimit();
+  // SO_REUSEPORT spreads connections over the workers' sockets on Linux only (elsewhere one socket of
+  // the group would get them all, or the listen fails).
+  if (cfg.workers > 1 && process.platform === 'linux') return runWorkers(cfg, cli);
   let proxy;
   try {
     proxy = await createProxy(cfg);
@@ -90,31 +95,91 @@ async function main(argv: string[]): Promise<number> {
   const p = proxy;
   const c = cli;
   const pidFile = cfg.pidFile === 'none' ? undefined : cfg.pidFile;
-  if (pidFile) {
-    try {
-      writeFileSync(pidFile, `${process.pid}\n`);
-    } catch (err) {
-      process.stderr.write(`cuttle: cannot write pid-file ${pidFile}: ${(err as Error).message}\n`);
-      await p.close(0).catch(() => {});
-      return 1;
-    }
+  if (pidFile && !writePidFile(pidFile)) {
+    await p.close(0).catch(() => {});
+    return 1;
   }
+  ownProcess({
+    log: p.log,
+    shutdownTimeoutMs: () => p.config.shutdownTimeoutMs,
+    close: () => p.close(),
+    reload: () => p.reload(loadConfig(c)),
+    reopenLogs: () => p.reopenLogs(),
+    pidFile,
+  });
+  // Listening comes last: once a client (or a supervisor reading the log) can see cuttle, its pid file
+  // is written and its signals are handled.
+  try {
+    await p.listen();
+  } catch (err) {
+    // Any listener that can't be bound (the admin or SNMP port, a second --listen) is fatal: close
+    // what was opened and exit non-zero, so systemd and the admin see the failure.
+    process.stderr.write(`cuttle: ${(err as Error).message}\n`);
+    await p.close(0).catch(() => {});
+    if (pidFile) removePidFile(pidFile, p.log);
+    return 1;
+  }
+  return -1; // keep running
+}
+
+/** --workers N: the main thread owns the process, the workers serve (src/workers.ts). */
+async function runWorkers(cfg: Config, cli: Cli): Promise<number> {
+  const log = createLogger(cfg.logLevel);
+  let set: WorkerSet;
+  try {
+    set = await startWorkers(cfg, rawOptions(cli), log);
+  } catch (err) {
+    process.stderr.write(`cuttle: ${(err as Error).message}\n`);
+    return 1;
+  }
+  const pidFile = cfg.pidFile === 'none' ? undefined : cfg.pidFile;
+  if (pidFile && !writePidFile(pidFile)) {
+    await set.close(0).catch(() => {});
+    return 1;
+  }
+  ownProcess({
+    log,
+    shutdownTimeoutMs: () => cfg.shutdownTimeoutMs,
+    close: () => set.close(cfg.shutdownTimeoutMs),
+    reload: () => {
+      const next = rawOptions(cli);
+      buildConfig(next); // a bad file is rejected here, before any worker sees it
+      set.reload(next);
+    },
+    reopenLogs: () => set.reopenLogs(),
+    pidFile,
+  });
+  return -1;
+}
+
+function writePidFile(path: string): boolean {
+  try {
+    writeFileSync(path, `${process.pid}\n`);
+    return true;
+  } catch (err) {
+    process.stderr.write(`cuttle: cannot write pid-file ${path}: ${(err as Error).message}\n`);
+    return false;
+  }
+}
+
+/** The signals, and the stop: SIGTERM/SIGINT drain and exit, SIGHUP reloads, SIGUSR1 reopens the access log. */
+function ownProcess(o: { log: Logger; shutdownTimeoutMs: () => number; close: () => Promise<void>; reload: () => void; reopenLogs: () => void; pidFile: string | undefined }): void {
   let stopping = false;
   const stop = (sig: string) => {
     if (stopping) return;
     stopping = true;
-    const timeoutMs = p.config.shutdownTimeoutMs;
-    p.log.info({ signal: sig, timeoutMs }, 'draining, then shutting down');
+    const timeoutMs = o.shutdownTimeoutMs();
+    o.log.info({ signal: sig, timeoutMs }, 'draining, then shutting down');
     // close() is bounded; this is the backstop should anything it waits for (a sink, a socket) never
     // answer: a stop that hangs would leave only SIGKILL.
     setTimeout(() => {
       process.stderr.write(`cuttle: shutdown still not finished ${LOG_CLOSE_MIN_MS + STOP_GRACE_MS} ms past --shutdown-timeout; exiting\n`);
       process.exit(1);
     }, timeoutMs + LOG_CLOSE_MIN_MS + STOP_GRACE_MS).unref();
-    void p.close().then(async () => {
-      if (pidFile) removePidFile(pidFile, p.log);
-      p.log.info('stopped');
-      await within(new Promise<void>((r) => p.log.flush(() => r())), LOG_CLOSE_MIN_MS);
+    void o.close().then(async () => {
+      if (o.pidFile) removePidFile(o.pidFile, o.log);
+      o.log.info('stopped');
+      await within(new Promise<void>((r) => o.log.flush(() => r())), LOG_CLOSE_MIN_MS);
       process.exit(0);
     });
   };
@@ -131,28 +196,15 @@ async function main(argv: string[]): Promise<number> {
   // SIGHUP: reload; a bad file is rejected with its problems and the old configuration stays.
   process.on('SIGHUP', () => {
     try {
-      p.reload(loadConfig(c));
+      o.reload();
     } catch (err) {
-      p.log.error({ problems: err instanceof ConfigError ? err.problems : [(err as Error).message] }, 'reload rejected; keeping the running configuration');
+      o.log.error({ problems: err instanceof ConfigError ? err.problems : [(err as Error).message] }, 'reload rejected; keeping the running configuration');
     }
   });
   process.on('SIGUSR1', () => {
-    p.reopenLogs();
-    p.log.info('access log reopened');
+    o.reopenLogs();
+    o.log.info('access log reopened');
   });
-  // Listening comes last: once a client (or a supervisor reading the log) can see cuttle, its pid file
-  // is written and its signals are handled.
-  try {
-    await p.listen();
-  } catch (err) {
-    // Any listener that can't be bound (the admin or SNMP port, a second --listen) is fatal: close
-    // what was opened and exit non-zero, so systemd and the admin see the failure.
-    process.stderr.write(`cuttle: ${(err as Error).message}\n`);
-    await p.close(0).catch(() => {});
-    if (pidFile) removePidFile(pidFile, p.log);
-    return 1;
-  }
-  return -1; // keep running
 }
 
 main(process.argv.slice(2)).then(

@@ -53,6 +53,10 @@ export class Metrics {
     this.#duration.observe(group, Math.max(0, nowMs - tx.startedAt) / 1000);
   }
 
+  get contentType(): string {
+    return this.registry.contentType;
+  }
+
   /** The Prometheus text of every metric (GET /metrics), in the registry's content type. */
   async text(): Promise<string> {
     return (await this.registry.metrics()) + this.#duration.text();

@@ -7,7 +7,8 @@
 import type { MemberSpec } from './config.ts';
 import type { Logger } from './log.ts';
 
-export type PeerRole = 'parent' | 'bank';
+/** A parent (--parent), a member of this bank (--bank), or another worker of this process (--workers). */
+export type PeerRole = 'parent' | 'bank' | 'worker';
 
 /** Failures in a row (other than a refused or timed-out connect) that mark a peer down. */
 const PEER_FAIL_LIMIT = 3;

@@ -21,6 +21,7 @@ import { Metrics } from './metrics.ts';
 import type { Mirrors } from './mirrors.ts';
 import { Bank } from './bank.ts';
 import { Hierarchy } from './hierarchy.ts';
+import { primaryOfKey, workerOf } from './worker-ring.ts';
 import { LoopLag } from './overload.ts';
 import { shutdown } from './shutdown.ts';
 import { startSnmpAgent, type SnmpAgent } from './snmp.ts';
@@ -33,6 +34,8 @@ export interface ProxyOptions {
   clock?: Clock;
   logger?: Logger;
   accessLog?: AccessLog;
+  /** One worker of several (--workers, src/workers.ts): its index and their number. */
+  worker?: { index: number; count: number };
 }
 
 export interface Proxy {
@@ -51,6 +54,12 @@ export interface Proxy {
   readonly loopLag: LoopLag;
   /** Parents and the bank: where misses go. */
   readonly hierarchy: Hierarchy;
+  /** Forget a key everywhere in this proxy (an invalidation another worker made). */
+  forget(key: string): Promise<void>;
+  /** Called when this proxy forgets a key of its own accord (PURGE, an unsafe method): workers pass it on. */
+  onForget: ((key: string) => void) | undefined;
+  /** What /status shows of this proxy, and its Prometheus text (a worker's share of the process's). */
+  report(): Promise<{ status: Record<string, unknown>; metrics: string }>;
   /** Bound addresses, in --listen order, then the --accel-listen one. */
   addresses(): AddressInfo[];
   /** Client connections open now. */
@@ -74,13 +83,14 @@ interface Phase {
 }
 
 /** The store: the memory tier over the disk tier, whose index loads from --cache-dir. */
-async function openTiers(cfg: Config, freshness: Freshness, log: Logger, onRecord: DiskTierOptions['onRecord']): Promise<{ memory: MemoryTier; disk: DiskTier; store: TieredStore }> {
+async function openTiers(cfg: Config, freshness: Freshness, log: Logger, onRecord: DiskTierOptions['onRecord'], worker: ProxyOptions['worker']): Promise<{ memory: MemoryTier; disk: DiskTier; store: TieredStore }> {
   const disk = new DiskTier({
     dir: cfg.cacheDir,
     maxBytes: cfg.diskCacheBytes,
     maxEntryBytes: cfg.maxObjectBytes,
     freshness,
     onRecord,
+    shared: worker && { worker: worker.index, owns: (key) => workerOf(primaryOfKey(key), worker.count) === worker.index },
     onError: (msg, err) => log.error({ err }, msg),
   });
   try {
@@ -138,7 +148,7 @@ export async function createProxy(cfg: Config, opts: ProxyOptions = {}): Promise
   const coalescerRef: { c?: Coalescer } = {};
   const { memory, disk, store } = await openTiers(cfg, freshness, log, (meta) => {
     if (meta.vary?.length) coalescerRef.c?.varySpecs.set(primaryKey(new URL(meta.url)), meta.vary);
-  });
+  }, opts.worker);
   // The prober probes through the upstream, which checks the access rules in force.
   const live = new LiveConfig(cfg, log, (url, timeoutMs, wantOk) => upstream.probe(url, timeoutMs, wantOk));
   const upstream = new Upstream(cfg, live.acl);
@@ -171,15 +181,24 @@ export async function createProxy(cfg: Config, opts: ProxyOptions = {}): Promise
     ctx.mirrors = fresh;
     coalescer.useMirrors(fresh);
   };
-  const listeners = new Listeners(ctx);
+  const listeners = new Listeners(ctx, opts.worker);
   const phase: Phase = { listening: false, draining: false };
   const startedAt = clock.now();
-  const admin = cfg.adminListen === 'none' ? undefined : createAdminServer(metrics, adminState({ live, phase, disk, coalescer, sources, clock, startedAt, hierarchy }));
+  const state = adminState({ live, phase, disk, coalescer, sources, clock, startedAt, hierarchy });
+  const admin = cfg.adminListen === 'none' ? undefined : createAdminServer(metrics, state);
   let snmpAgent: SnmpAgent | undefined;
 
-  return {
+  const proxy: Proxy = {
     config: cfg,
     counters,
+    onForget: undefined,
+    async forget(key) {
+      coalescer.invalidate(key);
+      await store.delete(key);
+    },
+    async report() {
+      return { status: await state.status(), metrics: await metrics.text() };
+    },
     upstream,
     store,
     disk,
@@ -209,7 +228,7 @@ export async function createProxy(cfg: Config, opts: ProxyOptions = {}): Promise
       phase.listening = true;
       loopLag.start();
       live.startProbing();
-      log.info({ listen: listeners.addresses(), admin: admin?.address(), cacheDir: cfg.cacheDir }, 'cuttle listening');
+      log.info({ listen: listeners.addresses(), admin: admin?.address(), cacheDir: cfg.cacheDir }, opts.worker ? 'worker listening' : 'cuttle listening');
     },
     adminAddress: () => admin?.address() as AddressInfo | undefined,
     snmpPort: () => snmpAgent?.port,
@@ -228,4 +247,6 @@ export async function createProxy(cfg: Config, opts: ProxyOptions = {}): Promise
       accessLog.reopen();
     },
   };
+  ctx.forgotten = (key) => proxy.onForget?.(key);
+  return proxy;
 }

@@ -92,6 +92,14 @@ export interface DiskTierOptions {
   /** Called for each record found by the start-up scan (to learn Vary specs). */
   onRecord?: (meta: StoredMeta) => void;
   onError?: (msg: string, err: unknown) => void;
+  /**
+   * --workers: the directory is shared by every worker of the process, and each key has one owner
+   * worker, its only writer and evictor. This worker indexes, writes, evicts and deletes the keys it
+   * owns; another worker's record is read straight from its path (the owner may unlink it meanwhile:
+   * an open file stays readable). The process holds the directory's lock and empties tmp before the
+   * workers start; a worker's temp files carry its index, so a restarted worker removes its own.
+   */
+  shared?: { worker: number; owns(key: string): boolean };
 }
 
 let tmpSeq = 0;
@@ -124,13 +132,14 @@ export class DiskTier implements Tier {
   async open(): Promise<void> {
     await fsp.mkdir(this.#tmp, { recursive: true });
     await fsp.mkdir(this.#objects, { recursive: true });
-    const probe = join(this.#tmp, `.probe.${process.pid}`);
+    const shared = this.#o.shared;
+    const probe = join(this.#tmp, `.probe.${process.pid}${shared ? `.w${shared.worker}` : ''}`);
     await fsp.writeFile(probe, 'ok');
     await fsp.unlink(probe);
     // One cuttle per cache directory: a second would delete the first one's temp records below.
-    await this.#lock();
-    // Anything left in tmp is from a crash: it was never complete.
-    for (const f of await fsp.readdir(this.#tmp)) await fsp.rm(join(this.#tmp, f), { force: true });
+    if (!shared) await this.#lock();
+    // Anything left in tmp is from a crash: it was never complete (a worker's: from its previous life).
+    for (const f of await fsp.readdir(this.#tmp)) if (!shared || f.includes(`.w${shared.worker}.`)) await fsp.rm(join(this.#tmp, f), { force: true });
     this.loaded = this.#scan().then(
       () => {
         this.#loaded = true;
@@ -142,27 +151,10 @@ export class DiskTier implements Tier {
     );
   }
 
-  /**
-   * Take the directory's lock for this process's life: a file holding our pid, created exclusively.
-   * A lock whose pid is no longer alive is stale (kill -9, a crash) and is taken over.
-   */
+  /** Take the directory's lock for this process's life (lockCacheDir). */
   async #lock(): Promise<void> {
-    const path = lockPath(this.#o.dir);
-    for (let attempt = 0; attempt < 3; attempt++) {
-      try {
-        await fsp.writeFile(path, `${process.pid}\n`, { flag: 'wx' });
-        this.#locked = true;
-        return;
-      } catch (err) {
-        if ((err as NodeJS.ErrnoException).code !== 'EEXIST') throw err;
-      }
-      const pid = lockHolder(this.#o.dir);
-      if (pid !== undefined) {
-        throw new Error(`it is in use by another cuttle (pid ${pid}, ${path}); each cuttle needs its own --cache-dir`);
-      }
-      await fsp.rm(path, { force: true }); // stale: its process is gone
-    }
-    throw new Error(`could not take the lock ${path}`);
+    await lockCacheDir(this.#o.dir);
+    this.#locked = true;
   }
 
   #locked = false;
@@ -176,6 +168,11 @@ export class DiskTier implements Tier {
 
   #pathOf(hash: string): string {
     return join(this.#objects, hash.slice(0, 2), hash);
+  }
+
+  /** Another worker's key (--workers): read from its path, never indexed, written or evicted here. */
+  #foreign(key: string): boolean {
+    return this.#o.shared !== undefined && !this.#o.shared.owns(key);
   }
 
   async #scan(): Promise<void> {
@@ -221,7 +218,10 @@ export class DiskTier implements Tier {
     try {
       fh = await fsp.open(path, fsc.O_RDONLY);
       const info = await readRecordInfo(fh);
+      // Another worker's record is that worker's to index, and to remove if it is bad.
+      if (info && this.#foreign(info.meta.key)) return undefined;
       if (info && hashKey(info.meta.key) === hash) return info;
+      if (this.#o.shared) return undefined; // unreadable here may be another worker's write in progress
     } catch (err) {
       return gone(err) ? undefined : 'unreadable';
     } finally {
@@ -233,14 +233,15 @@ export class DiskTier implements Tier {
 
   async get(key: string): Promise<StoredObject | undefined> {
     const hash = hashKey(key);
-    if (!this.#index.has(hash) && this.#loaded) return undefined;
+    const foreign = this.#foreign(key);
+    if (!foreign && !this.#index.has(hash) && this.#loaded) return undefined;
     let fh: fsp.FileHandle;
     try {
       fh = await fsp.open(this.#pathOf(hash), fsc.O_RDONLY);
     } catch (err) {
       // Only a record that is gone is forgotten: EMFILE, EIO and the like say nothing about it.
       if (!gone(err)) throw new StoreUnavailable(err);
-      this.#index.delete(hash);
+      if (!foreign) this.#index.delete(hash);
       return undefined;
     }
     let info: RecordInfo | undefined;
@@ -252,10 +253,10 @@ export class DiskTier implements Tier {
     }
     if (!info || info.meta.key !== key) {
       await fh.close().catch(() => {});
-      if (!info) await this.delete(key);
+      if (!info && !foreign) await this.delete(key);
       return undefined;
     }
-    this.#index.use(hash, info.fileBytes);
+    if (!foreign) this.#index.use(hash, info.fileBytes);
     const { bodyOffset, bodyLen, crc } = info;
     let running = 0;
     let fed = 0;
@@ -295,8 +296,10 @@ export class DiskTier implements Tier {
 
   openWriter(meta: StoredMeta, _policy: Policy, expectedBytes: number | undefined): DiskWriter | undefined {
     if (expectedBytes !== undefined && expectedBytes > this.#o.maxEntryBytes) return undefined;
+    if (this.#foreign(meta.key)) return undefined; // its owner worker writes it
     const hash = hashKey(meta.key);
-    const tmp = join(this.#tmp, `${hash}.${process.pid}.${++tmpSeq}`);
+    const w = this.#o.shared ? `.w${this.#o.shared.worker}` : '';
+    const tmp = join(this.#tmp, `${hash}.${process.pid}${w}.${++tmpSeq}`);
     return new DiskWriter(tmp, encodeHeader(meta), this.#o.maxEntryBytes, async (fileBytes) => {
       const dest = this.#pathOf(hash);
       await fsp.mkdir(join(this.#objects, hash.slice(0, 2)), { recursive: true });
@@ -307,12 +310,14 @@ export class DiskTier implements Tier {
   }
 
   async delete(key: string): Promise<void> {
+    if (this.#foreign(key)) return; // its owner deletes it (an invalidation reaches every worker)
     const hash = hashKey(key);
     this.#index.delete(hash);
     await fsp.rm(this.#pathOf(hash), { force: true });
   }
 
   async updateMeta(meta: StoredMeta, policy: Policy): Promise<void> {
+    if (this.#foreign(meta.key)) return;
     const old = await this.get(meta.key);
     if (!old || old.body.kind !== 'file') return;
     const w = this.openWriter(meta, policy, old.size);
@@ -521,6 +526,32 @@ function gone(err: unknown): boolean {
 }
 
 /** The lock file of a cache directory: one cuttle per directory. */
+/**
+ * Take a cache directory's lock: a file holding our pid, created exclusively. A lock whose pid is no
+ * longer alive is stale (kill -9, a crash) and is taken over. With --workers the process takes it once,
+ * for all its workers, and empties tmp before they start.
+ */
+export async function lockCacheDir(dir: string, emptyTmp = false): Promise<void> {
+  const path = lockPath(dir);
+  await fsp.mkdir(join(dir, 'v1', 'tmp'), { recursive: true });
+  for (let attempt = 0; ; attempt++) {
+    try {
+      await fsp.writeFile(path, `${process.pid}\n`, { flag: 'wx' });
+      break;
+    } catch (err) {
+      if ((err as NodeJS.ErrnoException).code !== 'EEXIST') throw err;
+    }
+    const pid = lockHolder(dir);
+    if (pid !== undefined) throw new Error(`it is in use by another cuttle (pid ${pid}, ${path}); each cuttle needs its own --cache-dir`);
+    if (attempt >= 2) throw new Error(`could not take the lock ${path}`);
+    await fsp.rm(path, { force: true }); // stale: its process is gone
+  }
+  if (emptyTmp) {
+    const tmp = join(dir, 'v1', 'tmp');
+    for (const f of await fsp.readdir(tmp)) await fsp.rm(join(tmp, f), { force: true });
+  }
+}
+
 export function lockPath(dir: string): string {
   return join(dir, 'v1', 'cuttle.lock');
 }

@@ -95,6 +95,8 @@ export interface ChildProxy {
 /** Run `node src/main.ts` (in `cwd`, the repository by default) with the given arguments; resolves once it listens. */
 export async function startChildProxy(args: string[], cwd?: string, opts: { openFiles?: number } = {}): Promise<ChildProxy> {
   const withAdmin = args.includes('--admin-listen') ? args : ['--admin-listen', '127.0.0.1:0', ...args];
+  // One event loop unless the test asks for workers (test/e2e/workers.test.ts).
+  if (!withAdmin.includes('--workers')) withAdmin.unshift('--workers', '1');
   const argv = ['--max-semi-space-size=8', 'src/main.ts', '--access-log', 'none', ...withAdmin];
   // A lower open-files limit: the shell sets it, then becomes the proxy (exec), so the pid is the proxy's.
   const child =
@@ -106,7 +108,8 @@ export async function startChildProxy(args: string[], cwd?: string, opts: { open
   child.stdout!.resume();
   const port = await new Promise<number>((resolve, reject) => {
     const onData = () => {
-      const m = /"port":(\d+)/.exec(err);
+      // The line that says the proxy (the process, with --workers) listens; a worker's comes before it.
+      const m = /"port":(\d+).*"msg":"cuttle listening"/.exec(err);
       if (m) {
         child.stderr!.off('data', onData);
         resolve(Number(m[1]));

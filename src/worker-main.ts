@@ -1,0 +1,56 @@
+// One worker thread of --workers (src/workers.ts starts them): a whole proxy on the shared ports, with
+// its share of the process's bounds, that owns the keys worker-ring.ts gives it and relays the others
+// to their owners. It talks to the main thread only through the messages below.
+import { parentPort, workerData } from 'node:worker_threads';
+import { buildConfig } from './config.ts';
+import { createLogger } from './log.ts';
+import { createProxy } from './server.ts';
+import { workerShare, type ToMain, type ToWorker, type WorkerData } from './workers.ts';
+
+const data = workerData as WorkerData;
+const port = parentPort!;
+const post = (m: ToMain) => port.postMessage(m);
+
+async function start(): Promise<void> {
+  const cfg = buildConfig(workerShare(data.raw, data.index, data.count));
+  const log = createLogger(cfg.logLevel).child({ worker: data.index });
+  const proxy = await createProxy(cfg, { logger: log, worker: { index: data.index, count: data.count } });
+  proxy.onForget = (key) => post({ type: 'forget', key });
+  port.on('message', (m: ToWorker) => {
+    switch (m.type) {
+      case 'workers':
+        proxy.hierarchy.setWorkers(data.index, m.relays, data.token);
+        break;
+      case 'forget':
+        void proxy.forget(m.key);
+        break;
+      case 'reload':
+        proxy.reload(buildConfig(workerShare(m.raw, data.index, data.count)));
+        break;
+      case 'reopen':
+        proxy.reopenLogs();
+        break;
+      case 'report':
+        void proxy.report().then(
+          (r) => post({ type: 'report', id: m.id, status: { ...r.status, worker: data.index }, metrics: r.metrics }),
+          (err: Error) => post({ type: 'report', id: m.id, status: { error: err.message }, metrics: '' }),
+        );
+        break;
+      case 'close':
+        void proxy.close(m.timeoutMs).then(() => {
+          log.flush();
+          post({ type: 'closed' });
+          port.close();
+        });
+        break;
+    }
+  });
+  await proxy.listen();
+  const relay = proxy.addresses().at(-1)!;
+  post({ type: 'ready', relay: `http://127.0.0.1:${relay.port}` });
+}
+
+start().catch((err: Error) => {
+  post({ type: 'failed', message: err.message });
+  port.close();
+});
