@@ -391,6 +391,9 @@ function importPeers(all: Directive[], c: PeerContext): void {
   for (const a of alwaysMapped) {
     list('always-direct', ...a.values);
     used.add(a.acl);
+    // Squid matches a dst acl against the address a name resolves to; cuttle decides the route before
+    // any DNS, so its CIDRs match only requests that name an IP address.
+    if (aclOf(a.acl)?.type === 'dst') skip(a.d, 'mapped, but cuttle matches always-direct CIDRs only against URLs that name an IP address (Squid also matches the address a host name resolves to): list the host names too');
   }
 }
 

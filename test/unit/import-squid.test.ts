@@ -303,6 +303,7 @@ describe('cuttle import-squid: parents and direct fetches', () => {
     );
     assert.deepEqual(r.options['always-direct'], ['.site.example.edu', 'cvmfs.example.edu', '192.0.2.0/24', '2001:db8::/32', '~^s1\\.site\\.']);
     assert.equal(r.options['never-direct'], true);
+    assert.match(r.unmappedWhy(8), /only against URLs that name an IP address/, 'a dst acl maps, with what differs');
     assert.match(r.unmappedWhy(10), /a src acl has no always-direct equivalent/);
     assert.match(r.unmappedWhy(11), /never-direct is for every destination or none/);
     assert.match(r.unmappedWhy(13), /cuttle tries the parents first/);
