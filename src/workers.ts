@@ -119,6 +119,12 @@ export interface WorkerSet {
   reload(raw: Record<string, unknown>): void;
   reopenLogs(): void;
   close(timeoutMs: number): Promise<void>;
+  /** The admin listener's address, if any. */
+  adminAddress(): AddressInfo | undefined;
+  /** Worker i's thread while it runs (what a crash would end: tests stop one). */
+  thread(i: number): Worker | undefined;
+  /** Times worker i was restarted. */
+  restarts(i: number): number;
 }
 
 /** Sum two /status trees: numbers add up, objects merge, the rest is the first's. */
@@ -348,6 +354,9 @@ export async function startWorkers(cfg: Config, raw: Record<string, unknown>, lo
     reopenLogs() {
       broadcast({ type: 'reopen' });
     },
+    adminAddress: () => admin?.address() as AddressInfo | undefined,
+    thread: (i) => (slots[i]?.ready ? slots[i].worker : undefined),
+    restarts: (i) => slots[i]?.restarts ?? 0,
     async close(timeoutMs) {
       if (snmpTimer) clearInterval(snmpTimer);
       admin?.close();

@@ -7,7 +7,9 @@ import { join } from 'node:path';
 import { after, before, describe, it } from 'node:test';
 import { Pool } from 'undici';
 import { casBodies, REPO, startMirrors, waitFor, type TestMirror } from '../helpers/mirrors.ts';
-import { get, startChildProxy, tmpDir, type ChildProxy } from '../helpers/proxy.ts';
+import { get, memoryLogger, startChildProxy, tmpDir, type ChildProxy } from '../helpers/proxy.ts';
+import { buildConfig } from '../../src/config.ts';
+import { startWorkers } from '../../src/workers.ts';
 
 interface Status {
   counters: { requests: number; hits: number };
@@ -88,5 +90,39 @@ describe('workers: one owner per key across event loops', () => {
     const m = `/cvmfs/${REPO}/.cvmfspublished`;
     await Promise.all(pools.map((pool) => get(pool, `${mirror.url}${m}`)));
     assert.equal(mirror.count(m), 1);
+  });
+});
+
+describe('workers: a worker that dies', () => {
+  it('is restarted; meanwhile its keys are fetched by the others, and it takes them back', async () => {
+    const bodies = casBodies(Array.from({ length: 20 }, (_, i) => 5000 + 31 * i));
+    const paths = [...bodies.keys()];
+    const [mirror] = (await startMirrors(bodies, [1])) as [TestMirror];
+    const dir = tmpDir();
+    const { logger, logs } = memoryLogger();
+    const raw = { workers: 2, listen: ['127.0.0.1:0'], 'cache-dir': join(dir, 'cache'), stratum1: [mirror.url], 'access-log': 'none', 'admin-listen': '127.0.0.1:0', 'visible-hostname': 'w-crash', 'log-level': 'warn' };
+    const set = await startWorkers(buildConfig(raw), raw, logger);
+    const url = `http://127.0.0.1:${set.addresses[0]!.port}`;
+    const pools = Array.from({ length: 8 }, () => new Pool(url, { connections: 1, pipelining: 1 }));
+    const admin = `http://127.0.0.1:${set.adminAddress()!.port}`;
+    try {
+      const half = paths.slice(0, 10);
+      await Promise.all(half.flatMap((p) => pools.map((pool) => get(pool, `${mirror.url}${p}`))));
+      await set.thread(1)!.terminate(); // as a crash would end it
+      await waitFor('worker 1 restarted and serving', async () => set.restarts(1) === 1 && set.thread(1) !== undefined);
+      // Every object, old and new, through both workers again: no error, one fetch each.
+      for (const p of paths) {
+        const rs = await Promise.all(pools.map((pool) => get(pool, `${mirror.url}${p}`)));
+        assert.ok(rs.every((r) => r.status === 200 && r.body.equals(bodies.get(p)!)), p);
+      }
+      for (const p of paths.slice(10)) assert.equal(mirror.count(p), 1, `${p}: fetched once`);
+      const s = (await (await fetch(`${admin}/status`)).json()) as { workers: { running: boolean; restarts: number }[] };
+      assert.deepEqual(s.workers.map((w) => [w.running, w.restarts]), [[true, 0], [true, 1]]);
+      assert.ok(logs.some((l) => l.msg === 'worker exited; restarting it'));
+    } finally {
+      for (const p of pools) await p.close();
+      await set.close(1000);
+      await mirror.stop();
+    }
   });
 });
