@@ -112,10 +112,15 @@ export const MAX_BEHIND_BYTES = 16 * 2 ** 20;
 /** Lines dropped, and why: the error that lost them, 'behind' (a stalled file), or 'closed'. */
 export type DropReport = (lines: number, why: Error | 'behind' | 'closed') => void;
 
-export function openAccessLog(target: string, format: AccessLogFormat = 'squid', onDrop?: DropReport): AccessLog {
+/** `shared`: other workers of this process write to the same stdout (--workers): writes stay within PIPE_BUF. */
+/** A pipe write of up to this many bytes is never interleaved with another writer's (POSIX). */
+const PIPE_BUF = 4096;
+
+export function openAccessLog(target: string, format: AccessLogFormat = 'squid', onDrop?: DropReport, shared = false): AccessLog {
   const line = format === 'frontier' ? formatFrontier : formatSquid;
   if (target === 'none') return { write() {}, reopen() {}, flush: async () => {}, close: async () => {}, droppedLines: 0 };
-  const sink = new LineSink(target === '-' ? 1 : target, { maxBehindBytes: MAX_BEHIND_BYTES, onDrop });
+  const atomic = shared && target === '-' ? PIPE_BUF : undefined;
+  const sink = new LineSink(target === '-' ? 1 : target, { maxBehindBytes: MAX_BEHIND_BYTES, onDrop, atomicBytes: atomic });
   // Lines are joined here and written a batch at a time: one write per request would cost a system
   // call (and a promise of the thread pool) each.
   let batch: string[] = [];
@@ -133,6 +138,7 @@ export function openAccessLog(target: string, format: AccessLogFormat = 'squid',
   return {
     write(tx, now) {
       const l = line(tx, now);
+      if (atomic !== undefined && chars + l.length > atomic) hand();
       batch.push(l);
       chars += l.length;
       if (chars >= BATCH_CHARS) hand();

@@ -20,6 +20,12 @@ export interface LineSinkOptions {
   maxBehindBytes: number;
   /** Called with each group of lines dropped, and why: the error that lost them, or 'behind'. */
   onDrop?: (lines: number, why: Error | 'behind' | 'closed') => void;
+  /**
+   * Write at most this many bytes at a time (whole lines; a longer line alone). Several writers on one
+   * pipe (--workers on stdout or stderr) then never interleave inside a line: a pipe write of up to
+   * PIPE_BUF (4096) bytes is atomic.
+   */
+  atomicBytes?: number;
 }
 
 export class LineSink {
@@ -116,8 +122,18 @@ export class LineSink {
       return;
     }
     if (this.#fd < 0) return this.#open();
-    const text = this.#pending.join('');
-    this.#pending = [];
+    let text: string;
+    const cap = this.#o.atomicBytes;
+    if (cap === undefined) {
+      text = this.#pending.join('');
+      this.#pending = [];
+    } else {
+      let n = 0;
+      let bytes = 0;
+      while (n < this.#pending.length && (n === 0 || bytes + this.#pending[n]!.length <= cap)) bytes += this.#pending[n++]!.length;
+      text = this.#pending.slice(0, n).join('');
+      this.#pending = this.#pending.slice(n);
+    }
     const lead = this.#torn ? '\n' : '';
     this.#busy = true;
     this.#writeOut(Buffer.from(lead + text), 0, lead.length);

@@ -9,8 +9,9 @@ export type { Logger };
 /** What stderr may fall behind by before log lines are dropped. */
 const MAX_BEHIND_BYTES = 4 * 2 ** 20;
 
-export function createLogger(level: string): Logger {
-  const sink = new LineSink(2, { maxBehindBytes: MAX_BEHIND_BYTES });
+/** `shared`: other workers of this process log to the same stderr (--workers): writes stay within PIPE_BUF. */
+export function createLogger(level: string, shared = false): Logger {
+  const sink = new LineSink(2, { maxBehindBytes: MAX_BEHIND_BYTES, atomicBytes: shared ? 4096 : undefined });
   // pino's logger.flush(cb) calls the stream's flush(cb).
   const stream = { write: (line: string) => sink.write(line), flush: (cb: () => void) => void sink.flush().then(cb) };
   return pino({ level, base: { name: 'cuttle' } }, stream);

@@ -124,7 +124,7 @@ async function main(argv: string[]): Promise<number> {
 
 /** --workers N: the main thread owns the process, the workers serve (src/workers.ts). */
 async function runWorkers(cfg: Config, cli: Cli): Promise<number> {
-  const log = createLogger(cfg.logLevel);
+  const log = createLogger(cfg.logLevel, true);
   let set: WorkerSet;
   try {
     set = await startWorkers(cfg, rawOptions(cli), log);

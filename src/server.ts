@@ -107,14 +107,14 @@ async function openTiers(cfg: Config, freshness: Freshness, log: Logger, onRecor
  * rather than stop the proxy or grow memory: the count is in /status and /metrics, and a warning says
  * so at most once a minute.
  */
-function openWarnedAccessLog(cfg: Config, clock: Clock, log: Logger): AccessLog {
+function openWarnedAccessLog(cfg: Config, clock: Clock, log: Logger, shared: boolean): AccessLog {
   let droppedSaidAt = -Infinity;
   const accessLog: AccessLog = openAccessLog(cfg.accessLog, cfg.accessLogFormat, (_lines, why) => {
     if (clock.now() - droppedSaidAt < 60_000) return;
     droppedSaidAt = clock.now();
     const what = why === 'behind' ? `more than ${MAX_BEHIND_BYTES / 2 ** 20} MiB behind its file` : why === 'closed' ? 'not written before shutdown' : 'its file cannot be written';
     log.warn({ droppedLines: accessLog.droppedLines, file: cfg.accessLog, err: why instanceof Error ? why.message : undefined }, `access log lines dropped: ${what}`);
-  });
+  }, shared);
   return accessLog;
 }
 
@@ -156,7 +156,7 @@ export async function createProxy(cfg: Config, opts: ProxyOptions = {}): Promise
   const coalescer = new Coalescer({ cfg, clock, store, upstream, freshness, log, mirrors: live.mirrors, hierarchy });
   coalescerRef.c = coalescer;
   const counters = newCounters();
-  const accessLog = opts.accessLog ?? openWarnedAccessLog(cfg, clock, log);
+  const accessLog = opts.accessLog ?? openWarnedAccessLog(cfg, clock, log, opts.worker !== undefined);
   const buffers = new BufferPool();
   const sources: CounterSources = {
     counters,

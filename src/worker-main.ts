@@ -13,7 +13,7 @@ const post = (m: ToMain) => port.postMessage(m);
 
 async function start(): Promise<void> {
   const cfg = buildConfig(workerShare(data.raw, data.index, data.count));
-  const log = createLogger(cfg.logLevel).child({ worker: data.index });
+  const log = createLogger(cfg.logLevel, true).child({ worker: data.index });
   const proxy = await createProxy(cfg, { logger: log, worker: { index: data.index, count: data.count } });
   proxy.onForget = (key) => post({ type: 'forget', key });
   port.on('message', (m: ToWorker) => {
