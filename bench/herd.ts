@@ -21,7 +21,7 @@ export type HotClient = 'wrk' | 'bulk';
 
 export interface Scenario {
   name: string;
-  kind: 'herd' | 'hot' | 'poll' | 'memory' | 'skip';
+  kind: 'herd' | 'hot' | 'poll' | 'memory' | 'skip' | 'parent' | 'bank';
   nodes: number;
   objects: number;
   order: 'same' | 'shuffle';
@@ -47,6 +47,8 @@ export interface Scenario {
   chunks?: number;
   /** More arguments for cuttle in this scenario (overload: its connection limit). */
   cuttleArgs?: string[];
+  /** parent and bank: the set-ups compared, run in place of --target/--compare (which may pick some). */
+  variants?: readonly string[];
   why?: string;
 }
 
@@ -56,6 +58,13 @@ export interface Scenario {
  */
 const LARGE_HERD = 2000;
 const LARGE_HERD_OBJECTS = { objects: 11, chunkMiB: [2, 2] as [number, number], chunks: 1 };
+
+/** parent: what the two parents are. */
+const PARENT_VARIANTS = ['cuttle-parents', 'squid-parents'] as const;
+/** bank: with or without --bank, nodes that shard or pick one member at random, a member killed or not. */
+const BANK_VARIANTS = ['bank-shard', 'bank-random', 'nobank-random', 'bank-shard-kill', 'bank-random-kill'] as const;
+/** The bank's members: one loopback address each (Linux answers on all of 127.0.0.0/8). */
+export const BANK_HOSTS = ['127.0.0.1', '127.0.0.2', '127.0.0.3'] as const;
 
 export const SCENARIOS: Record<string, Scenario> = {
   herd: { name: 'herd', kind: 'herd', nodes: 1000, objects: 200, order: 'same', latencyMs: 50 },
@@ -72,15 +81,23 @@ export const SCENARIOS: Record<string, Scenario> = {
   // completes or is refused at once (a labelled 503), and switches proxy: none may trickle into a burn.
   // The other targets run with their own limits (Squid and nginx have no refusal of this kind).
   overload: { name: 'overload', kind: 'herd', nodes: 4000, objects: 11, chunkMiB: [2, 2], chunks: 1, order: 'same', latencyMs: 50, cuttleArgs: ['--max-client-connections', '2000'] },
+  // Issue 29. A herd through a cuttle child under two parents (first-up, --never-direct), the parents two
+  // cuttles or two Squids; the first parent is killed (SIGKILL) once the Stratum 1 has sent 30% of the
+  // catalogue. Chunks are capped at 8 MiB/s at the Stratum 1, as in mirror-kill, so fills are in flight.
+  parent: { name: 'parent', kind: 'parent', nodes: 500, objects: 100, chunkMiB: [4, 8], order: 'same', latencyMs: 20, chunkBytesPerSec: 8 * 2 ** 20, killAtFraction: 0.3, variants: PARENT_VARIANTS },
+  // Issue 29. Three cuttles on 127.0.0.1, .2 and .3, the nodes spread over them as one proxy group:
+  // with --bank (and without, the comparison), nodes that shard as CVMFS_PROXY_SHARD=yes clients and
+  // nodes that each use one member at random; the -kill variants SIGKILL member 2 at 30% of the catalogue.
+  bank: { name: 'bank', kind: 'bank', nodes: 600, objects: 100, chunkMiB: [4, 8], order: 'same', latencyMs: 20, chunkBytesPerSec: 8 * 2 ** 20, killAtFraction: 0.3, variants: BANK_VARIANTS },
   'manifest-poll': { name: 'manifest-poll', kind: 'poll', nodes: 1000, objects: 0, order: 'same', latencyMs: 50, poll: { everyMs: 5000, forMs: 60_000 } },
 };
 
 const REPO = 'atlas.cern.ch';
 
-async function freePort(): Promise<number> {
+async function freePort(host = '127.0.0.1'): Promise<number> {
   return new Promise((resolve) => {
     const s = createServer();
-    s.listen(0, '127.0.0.1', () => {
+    s.listen(0, host, () => {
       const p = (s.address() as { port: number }).port;
       s.close(() => resolve(p));
     });
@@ -134,6 +151,49 @@ interface RunOrigin {
   close(): Promise<void>;
 }
 
+/** The proxies of a parent or bank run: who the nodes talk to, and who is killed mid-herd. */
+interface Topology {
+  /** Every proxy process (the victim too): their CPU is the run's proxy CPU. */
+  procs: Target[];
+  /** parent: the child; the others are parents. */
+  child?: Target;
+  /** The nodes' proxy group (bank: the members as `http://IP:PORT`, the ring's URLs). */
+  nodeProxies: string[];
+  /** The nodes shard as CVMFS_PROXY_SHARD=yes clients (bank); else each uses one member at random. */
+  shard: boolean;
+  victim?: Target;
+  victimName?: string;
+}
+
+/** Start the proxies of a parent or bank variant (all pinned to the proxy core): stopped again if one fails. */
+async function startTopology(sc: Scenario, variant: string, memoryCache: string, cuttleArgs: string[]): Promise<Topology> {
+  const procs: Target[] = [];
+  try {
+    if (sc.kind === 'parent') {
+      if (!(PARENT_VARIANTS as readonly string[]).includes(variant)) throw new Error(`parent runs ${PARENT_VARIANTS.join(' or ')}, not ${variant}`);
+      for (const i of [1, 2]) {
+        const port = await freePort();
+        // Each proxy its own name: a parent named like its child would take the child's Via for a loop.
+        procs.push(variant === 'squid-parents' ? await startSquid(port, { memoryCacheMB: Math.round(parseSizeMB(memoryCache)), visibleHostname: `parent${i}`, name: `squid-parent${i}` }) : await startCuttle(port, { memoryCache, name: `cuttle-parent${i}`, extra: ['--visible-hostname', `parent${i}`] }));
+      }
+      const parents = [...procs];
+      const child = await startCuttle(await freePort(), { memoryCache, name: 'child', extra: ['--visible-hostname', 'child', ...parents.flatMap((p) => ['--parent', p.url]), '--parent-policy', 'first-up', '--never-direct', ...cuttleArgs] });
+      procs.unshift(child);
+      return { procs, child, nodeProxies: [child.url], shard: false, victim: parents[0], victimName: 'parent 1' };
+    }
+    if (!(BANK_VARIANTS as readonly string[]).includes(variant)) throw new Error(`bank runs ${BANK_VARIANTS.join(', ')}, not ${variant}`);
+    const ports: number[] = [];
+    for (const h of BANK_HOSTS) ports.push(await freePort(h));
+    const urls = BANK_HOSTS.map((h, i) => `http://${h}:${ports[i]}`);
+    const bank = !variant.startsWith('nobank') ? urls.flatMap((u) => ['--bank', u]) : [];
+    for (const [i, host] of BANK_HOSTS.entries()) procs.push(await startCuttle(ports[i]!, { memoryCache, host, name: `member${i + 1}`, extra: ['--visible-hostname', `member${i + 1}`, ...bank, ...cuttleArgs] }));
+    return { procs, nodeProxies: urls, shard: variant.includes('shard'), victim: variant.endsWith('-kill') ? procs[1] : undefined, victimName: 'member 2 (127.0.0.2)' };
+  } catch (e) {
+    for (const p of procs) await p.stop();
+    throw e;
+  }
+}
+
 /** One cold run of one scenario against one target. */
 export async function runOnce(o: RunOptions): Promise<RunResult> {
   const sc = o.scenario;
@@ -165,8 +225,13 @@ export async function runOnce(o: RunOptions): Promise<RunResult> {
   const emus = [emu, ...others];
   const port = await freePort();
   let target: Target;
+  let topo: Topology | undefined;
   const mirrorArgs = others.length ? emus.flatMap((e) => ['--stratum1', e.url, '--probe-repo', REPO]) : [];
-  if (o.target === 'cuttle') target = await startCuttle(port, { memoryCache: o.memoryCache, extra: [...mirrorArgs, ...(sc.cuttleArgs ?? []), ...(o.cuttleArgs ?? [])] });
+  if (sc.kind === 'parent' || sc.kind === 'bank') {
+    topo = await startTopology(sc, o.target, o.memoryCache, [...(sc.cuttleArgs ?? []), ...(o.cuttleArgs ?? [])]);
+    const procs = topo.procs;
+    target = { name: o.target, url: topo.nodeProxies[0]!, pid: procs[0]!.pid, stop: async () => { for (const p of procs) await p.stop(); } };
+  } else if (o.target === 'cuttle') target = await startCuttle(port, { memoryCache: o.memoryCache, extra: [...mirrorArgs, ...(sc.cuttleArgs ?? []), ...(o.cuttleArgs ?? [])] });
   else if (o.target === 'squid') target = await startSquid(port, { memoryCacheMB: Math.round(parseSizeMB(o.memoryCache)) });
   else if (o.target === 'nginx') {
     if (others.length) throw new Error(`${sc.name} has several mirrors; nginx proxies one origin`);
@@ -181,7 +246,12 @@ export async function runOnce(o: RunOptions): Promise<RunResult> {
   } else target = externalTarget(o.target);
   const startedAt = new Date().toISOString();
   const t0 = Date.now();
-  const cpu0 = procStats(target).cpuS;
+  // A parent or bank run: every proxy's CPU and peak RSS, summed; a killed one's as read before its kill.
+  const procs = topo?.procs ?? [target];
+  const lastStats = new Map<Target, { cpuS: number; peakRssMiB: number }>();
+  const statsOf = (t: Target) => lastStats.get(t) ?? procStats(t);
+  const cpuStart = new Map(procs.map((t) => [t, procStats(t).cpuS]));
+  const cpuOf = (ts: Target[]) => ts.reduce((a, t) => a + statsOf(t).cpuS - cpuStart.get(t)!, 0);
   const kernel = watchKernelTcp();
   const result: RunResult = { scenario: sc.name, target: target.name, round: o.round, startedAt, uniqueObjects: 0, upstreamFetches: 0, emulatorRequests: 0, fetchesPerObjectMean: NaN, fetchesPerObjectMax: NaN, objectsFetchedMoreThanOnce: 0, proxyCpuS: NaN, proxyPeakRssMiB: NaN, goodputMiBs: NaN, wallS: NaN, ...result0 };
   try {
@@ -210,17 +280,32 @@ export async function runOnce(o: RunOptions): Promise<RunResult> {
     } else {
       const paths = sc.kind === 'poll' ? [`/cvmfs/${REPO}/.cvmfspublished`] : [`/cvmfs/${REPO}/.cvmfspublished`, ...specs.map((s) => s.path)];
       let killer: NodeJS.Timeout | undefined;
-      if (sc.killAtFraction) {
+      if (sc.killAtFraction && (!topo || topo.victim)) {
         const total = specs.reduce((a, x) => a + x.size, 0);
+        // A proxy is killed while the Stratum 1 is sending a first fill (a path asked for and not yet
+        // answered whole), so a fill through it is cut, not only its clients' hits.
+        const filling = () => Object.keys(emu.live!.perPath).some((p) => emu.live!.firstComplete[p] === undefined);
         killer = setInterval(() => {
           if (emu.live!.bytes < total * sc.killAtFraction!) return;
+          if (topo?.victim && !filling()) return;
           clearInterval(killer);
-          result.mirrorKilledAtS = (Date.now() - t0) / 1000;
-          process.stderr.write(`  killing the nearest mirror at ${result.mirrorKilledAtS.toFixed(1)} s\n`);
+          const at = (Date.now() - t0) / 1000;
+          if (topo?.victim) {
+            // As a crash: SIGKILL, its connections cut by the kernel. Its CPU is read just before.
+            const victim = topo.victim;
+            lastStats.set(victim, procStats(victim));
+            result.killedAtS = at;
+            result.killed = topo.victimName;
+            process.stderr.write(`  killing ${topo.victimName} at ${at.toFixed(1)} s\n`);
+            if (victim.pid) process.kill(victim.pid, 'SIGKILL');
+            return;
+          }
+          result.mirrorKilledAtS = at;
+          process.stderr.write(`  killing the nearest mirror at ${at.toFixed(1)} s\n`);
           void emu.close();
         }, 50);
       }
-      const nodes = await runNodes({ proxy: target.url, origin: emu.url, origins: emus.map((e) => e.url), nodes: sc.nodes, connectionsPerNode: o.connectionsPerNode, paths, streamPaths: specs.filter((s) => s.kind === 'chunk').map((s) => s.path), backoffMs: 2000, order: sc.order, seed: o.seed, poll: sc.poll, emulatorStats: `${emu.url}/_emulator/stats` });
+      const nodes = await runNodes({ proxy: target.url, proxies: topo?.nodeProxies, proxyShard: topo?.shard, origin: emu.url, origins: emus.map((e) => e.url), nodes: sc.nodes, connectionsPerNode: o.connectionsPerNode, paths, streamPaths: specs.filter((s) => s.kind === 'chunk').map((s) => s.path), backoffMs: 2000, order: sc.order, seed: o.seed, poll: sc.poll, emulatorStats: `${emu.url}/_emulator/stats` });
       clearInterval(killer);
       result.nodes = nodes;
       result.wallS = nodes.wallMs / 1000;
@@ -241,9 +326,13 @@ export async function runOnce(o: RunOptions): Promise<RunResult> {
     result.fetchesPerObjectMean = counts.length ? counts.reduce((a, b) => a + b, 0) / counts.length : NaN;
     result.fetchesPerObjectMax = counts.length ? Math.max(...counts) : NaN;
     result.objectsFetchedMoreThanOnce = counts.filter((c) => c > 1).length;
-    const ps = procStats(target);
-    result.proxyCpuS = ps.cpuS - cpu0;
-    result.proxyPeakRssMiB = ps.peakRssMiB;
+    const ps = procs.map(statsOf);
+    result.proxyCpuS = cpuOf(procs);
+    result.proxyPeakRssMiB = ps.reduce((a, x) => a + x.peakRssMiB, 0);
+    if (topo?.child) {
+      result.childCpuS = cpuOf([topo.child]);
+      result.parentsCpuS = cpuOf(procs.filter((t) => t !== topo!.child));
+    }
   } finally {
     // Read once the load is over (a run that threw stops sampling here too).
     result.kernelTcp = kernel.stop();
@@ -379,11 +468,14 @@ async function main(): Promise<void> {
     const nodes = Number(values.nodes ?? base.nodes);
     const scale = base.kind === 'herd' && nodes > LARGE_HERD && values.objects === undefined ? LARGE_HERD_OBJECTS : {};
     const sc: Scenario = { ...base, ...scale, nodes, objects: Number(values.objects ?? (scale as { objects?: number }).objects ?? base.objects), latencyMs: Number(values['latency-ms'] ?? base.latencyMs), hotClient };
-    if (sc.kind === 'herd' && somaxconn() < sc.nodes) process.stderr.write(`${name}: net.core.somaxconn is ${somaxconn()}, below ${sc.nodes} nodes connecting at once: connections past every listen queue wait for SYN-ACK retries, whatever the proxy. For figures about the proxy: sysctl -w net.core.somaxconn=65535 (and undo afterwards)\n`);
+    if ((sc.kind === 'herd' || sc.kind === 'parent' || sc.kind === 'bank') && somaxconn() < sc.nodes) process.stderr.write(`${name}: net.core.somaxconn is ${somaxconn()}, below ${sc.nodes} nodes connecting at once: connections past every listen queue wait for SYN-ACK retries, whatever the proxy. For figures about the proxy: sysctl -w net.core.somaxconn=65535 (and undo afterwards)\n`);
+    // parent and bank compare their own set-ups; --target/--compare may name some of them.
+    const chosen = sc.variants ? (targets.every((t) => sc.variants!.includes(t)) ? targets : [...sc.variants]) : targets;
+    if (sc.kind === 'parent' && chosen.includes('squid-parents') && !squidBinary) throw new Error('parent with squid-parents needs Debian squid: apt-get install squid');
     const runs: RunResult[] = [];
     for (let round = 1; round <= Number(values.rounds); round++) {
       // Alternate the order (A B, then B A): whatever the machine does over time falls on both targets.
-      for (const t of round % 2 === 1 ? targets : [...targets].reverse()) {
+      for (const t of round % 2 === 1 ? chosen : [...chosen].reverse()) {
         process.stderr.write(`${name} round ${round}: ${t} …\n`);
         const wan = values.wan ? { rttMs: Number(values['wan-rtt-ms']), rateMbit: Number(values['wan-rate-mbit']), lossStallProbability: Number(values['wan-loss']), mode: values['wan-mode'] as 'auto' | 'netns' | 'loopback' } : undefined;
         const r = await runOnce({ scenario: sc, target: t, round, seed: Number(values.seed), memoryCache: values['memory-cache']!, connectionsPerNode: Number(values.connections), cuttleArgs: values['cuttle-args']?.split(/\s+/).filter(Boolean), wan });

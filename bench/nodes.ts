@@ -4,8 +4,12 @@
 // a 5 s connect timeout, the "proxy too slow" watchdog (under 1 KiB/s for 5 s, first byte included),
 // SHA-1 checks of the data objects (on every node up to 2,000 nodes, then a sample: hashEvery), and one
 // retry after a failure (with no-cache after a bad hash).
-// A node whose retry fails too has BURNED the proxy: a real client moves to its next proxy, so the node
-// stops here. A labelled 503 (or a refused connection) is a refusal: the client switches proxy at once.
+// A node whose retry fails too has BURNED the proxy: a real client moves to its next proxy. A labelled 503
+// (or a refused connection) is a refusal: the client switches proxy at once. With one proxy (the default)
+// the node stops there. With a proxy group (plan `proxies`, CVMFS_HTTP_PROXY="A|B|C") it moves to the
+// next member, as the client does: sharding (CVMFS_PROXY_SHARD=yes) sends each object to its owner on the
+// client's ring and rebuilds the ring without a burned member; otherwise the node uses one member picked
+// at random and moves to the next in the group. It leaves only when every member is burned.
 // Each node connects from its own address in 127.0.0.0/8, so ACLs and per-client accounting see N clients.
 // The generator runs on one core and must not be what is measured: its HTTP client is a lean one on raw
 // `net` (Lane, below), reading every socket into one shared buffer.
@@ -15,9 +19,15 @@ import { build, type Histogram } from 'hdr-histogram-js';
 import { monitorEventLoopDelay } from 'node:perf_hooks';
 import { connect, type Socket } from 'node:net';
 import { prng } from './emulator.ts';
+import { shardKey, ShardRing } from '../src/shard-ring.ts';
 
 export interface NodesPlan {
   proxy: string;
+  /** The node's proxy group (one `|` group of CVMFS_HTTP_PROXY), exactly `http://IP:PORT`; default [proxy]. */
+  proxies?: string[];
+  /** CVMFS_PROXY_SHARD=yes: each request to the owner of its key on the client's ring over `proxies`
+   * (the manifest, key 0, to the ring's key-0 owner). Otherwise each node uses one member at random. */
+  proxyShard?: boolean;
   origin: string;
   /** The node's Stratum 1 list (CVMFS_SERVER_URL), origin first: after a failed attempt the node moves
    * to the next host, as a cvmfs client does on a host failure (mirror-kill). */
@@ -70,10 +80,15 @@ export interface NodesReport {
   tripsByKind: Record<string, number>;
   /** Nodes that moved to another Stratum 1 after a failure. */
   hostSwitches: number;
-  /** Nodes whose retry failed too (too slow, no connect, cut short): they burned the proxy and left. */
+  /** Nodes whose retry failed too (too slow, no connect, cut short) on their last proxy: they burned the
+   * site's proxies and left. */
   burnedNodes: number;
-  /** Nodes the proxy refused (a labelled 503, or a refused connection): they switched proxy at once. */
+  /** Nodes their last proxy refused (a labelled 503, or a refused connection): they switched proxy at once. */
   refusedNodes: number;
+  /** Proxy groups: a node burned one member (two failures, or a refusal) and went on with the others. */
+  proxyBurns: number;
+  /** Nodes that burned at least one member and went on with the others. */
+  nodesSwitchedProxy: number;
   /** Time from sending the request to the refusal, ms. */
   refusalMs: { p50: number; p99: number; max: number };
   /** Requests never made because their node had left the proxy (burned or refused). */
@@ -453,10 +468,15 @@ interface Active {
   windowBytes: number;
 }
 
-/** A simulated node: its lanes (connections), its current Stratum 1, and whether it has left the proxy. */
+/** A simulated node: its lanes (connections, per proxy of its group), its current Stratum 1, its proxy
+ * (without sharding) and the members it has burned, and whether it has left the proxies. */
 interface SimNode {
-  lanes: Lane[];
+  /** lanes[proxy][k]: connection k to that proxy (worker k uses only lanes[*][k], one request at a time). */
+  lanes: Lane[][];
   host: number;
+  proxy: number;
+  burned: boolean[];
+  switched: boolean;
   left: boolean;
   hashed: boolean;
 }
@@ -601,56 +621,111 @@ async function main(): Promise<void> {
   let burnedNodes = 0;
   let refusedNodes = 0;
   let abandoned = 0;
+  const proxies = plan.proxies ?? [plan.proxy];
+  const ring = plan.proxyShard ? new ShardRing(proxies) : undefined;
+  let proxyBurns = 0;
+  let nodesSwitchedProxy = 0;
+  /** The member a request goes to: its owner on the ring of the members not burned, or the node's own. */
+  function proxyOf(node: SimNode, path: string): number {
+    if (ring) return ring.owner(shardKey(path), (i) => !node.burned[i]);
+    return node.burned[node.proxy] ? -1 : node.proxy;
+  }
+  /** Burn member p (once): true if another member is left to go on with. The last member burned is not
+   * counted in proxyBurns: the node leaves (burnedNodes, refusedNodes), as with a single proxy. */
+  function burnProxy(node: SimNode, p: number): boolean {
+    if (proxies.length === 1) return false;
+    if (!node.burned[p]) {
+      node.burned[p] = true;
+      if (node.burned.every((b) => b)) return false;
+      proxyBurns++;
+      if (!node.switched) nodesSwitchedProxy++;
+      node.switched = true;
+      // Without sharding: the next member of the group that is left (the client's SwitchProxy).
+      if (!ring && node.proxy === p) {
+        for (let i = 1; i < proxies.length; i++) {
+          const q = (p + i) % proxies.length;
+          if (!node.burned[q]) {
+            node.proxy = q;
+            break;
+          }
+        }
+      }
+    }
+    return node.burned.some((b) => !b);
+  }
   // Failures the client blames on the proxy and retries once on it, after a backoff (cvmfs-notes §1.4, §1.5).
   const proxyFailure = (e: string) => e === 'watchdog-too-slow' || e === 'connect-timeout' || e === 'reset' || e === 'truncated';
-  async function fetchWithRetry(node: SimNode, lane: Lane, path: string): Promise<void> {
+  async function fetchWithRetry(node: SimNode, k: number, path: string): Promise<void> {
     if (node.left) {
       abandoned++;
       return;
     }
     requests++;
-    const h = node.host;
-    const e1 = await fetchOnce(lane, path, false, node.hashed, hosts[h]!);
-    if (!e1) {
-      completed++;
+    let first = true;
+    // One turn per member of the group: an attempt and a retry on it. A member burned by its second
+    // failure (or a refusal) ends its turn, and the request goes on with the members left.
+    for (;;) {
+      const p = proxyOf(node, path);
+      if (p < 0) {
+        // The node's other lanes burned the last member while this request was failing: nowhere to go.
+        count(errors, 'no-proxy-left');
+        return;
+      }
+      const lane = node.lanes[p]![k]!;
+      const h = node.host;
+      const e1 = await fetchOnce(lane, path, false, node.hashed, hosts[h]!);
+      if (!e1) {
+        completed++;
+        return;
+      }
+      if (first) count(firstErrors, e1);
+      first = false;
+      if (e1 === 'refused' && hosts.length === 1) {
+        // A labelled 503 or a refused connection: the client switches proxy at once, without a retry.
+        // (With several Stratum 1s and this one proxy, it tries the next Stratum 1 through it instead.)
+        if (burnProxy(node, p)) continue;
+        refusedNodes++;
+        node.left = true;
+        return;
+      }
+      // A node with several Stratum 1s moves on after a failure (only if no other lane already did).
+      if (hosts.length > 1 && e1 !== 'bad-hash' && node.host === h) {
+        node.host = (h + 1) % hosts.length;
+        hostSwitches++;
+      }
+      if (proxyFailure(e1) && plan.backoffMs) await new Promise((r) => setTimeout(r, backoff() * plan.backoffMs!));
+      // A retry after a bad hash is checked on every node, sampled or not.
+      const e2 = await fetchOnce(lane, path, e1 === 'bad-hash', node.hashed || e1 === 'bad-hash', hosts[node.host]!);
+      if (!e2) {
+        completed++;
+        return;
+      }
+      const refused = e2 === 'refused' && hosts.length === 1;
+      // The second failure on one member: the client burns it and goes on with the rest of its group.
+      if ((refused || proxyFailure(e2)) && burnProxy(node, p)) continue;
+      count(errors, e2);
+      if (refused) {
+        refusedNodes++;
+        node.left = true;
+      } else if (proxyFailure(e2) && !node.left) {
+        burnedNodes++;
+        node.left = true;
+      }
       return;
-    }
-    count(firstErrors, e1);
-    if (e1 === 'refused' && hosts.length === 1) {
-      // A labelled 503 or a refused connection: the client switches proxy at once, without a retry.
-      // (With several Stratum 1s and this one proxy, it tries the next Stratum 1 through it instead.)
-      refusedNodes++;
-      node.left = true;
-      return;
-    }
-    // A node with several Stratum 1s moves on after a failure (only if no other lane already did).
-    if (hosts.length > 1 && e1 !== 'bad-hash' && node.host === h) {
-      node.host = (h + 1) % hosts.length;
-      hostSwitches++;
-    }
-    if (proxyFailure(e1) && plan.backoffMs) await new Promise((r) => setTimeout(r, backoff() * plan.backoffMs!));
-    // A retry after a bad hash is checked on every node, sampled or not.
-    const e2 = await fetchOnce(lane, path, e1 === 'bad-hash', node.hashed || e1 === 'bad-hash', hosts[node.host]!);
-    if (!e2) {
-      completed++;
-      return;
-    }
-    count(errors, e2);
-    if (e2 === 'refused' && hosts.length === 1) {
-      refusedNodes++;
-      node.left = true;
-    } else if (proxyFailure(e2) && !node.left) {
-      burnedNodes++;
-      node.left = true;
     }
   }
 
   const own = plan.sourceAddresses ?? true;
   const hashEvery = Math.max(1, Math.floor(plan.hashEvery ?? (plan.nodes <= 2000 ? 1 : 10)));
-  const proxy = new URL(plan.proxy);
+  const proxyUrls = proxies.map((p) => new URL(p));
+  const pick = prng(plan.seed ^ 0x2545f491);
   const nodes: SimNode[] = Array.from({ length: plan.nodes }, (_, n) => ({
-    lanes: Array.from({ length: plan.connectionsPerNode }, () => new Lane(proxy, own ? sourceAddress(n) : undefined)),
+    lanes: proxyUrls.map((proxy) => Array.from({ length: plan.connectionsPerNode }, () => new Lane(proxy, own ? sourceAddress(n) : undefined))),
     host: 0,
+    // Without sharding the client starts on one member of the group, at random.
+    proxy: proxies.length > 1 ? Math.floor(pick() * proxies.length) : 0,
+    burned: proxies.map(() => false),
+    switched: false,
     left: false,
     hashed: n % hashEvery === 0,
   }));
@@ -663,7 +738,7 @@ async function main(): Promise<void> {
         await new Promise((r) => setTimeout(r, (n / plan.nodes) * plan.poll!.everyMs));
         while (Date.now() < end) {
           const t = Date.now();
-          await fetchWithRetry(node, node.lanes[0]!, plan.paths[0]!);
+          await fetchWithRetry(node, 0, plan.paths[0]!);
           await new Promise((r) => setTimeout(r, Math.max(0, plan.poll!.everyMs - (Date.now() - t))));
         }
       } else {
@@ -678,8 +753,8 @@ async function main(): Promise<void> {
         }
         let next = 0;
         await Promise.all(
-          node.lanes.map(async (lane) => {
-            while (next < list.length) await fetchWithRetry(node, lane, list[next++]!);
+          node.lanes[0]!.map(async (_, k) => {
+            while (next < list.length) await fetchWithRetry(node, k, list[next++]!);
           }),
         );
       }
@@ -689,7 +764,7 @@ async function main(): Promise<void> {
   const wallMs = Date.now() - started;
   clearInterval(ticker);
   clearInterval(progress);
-  for (const node of nodes) for (const lane of node.lanes) lane.close();
+  for (const node of nodes) for (const lanes of node.lanes) for (const lane of lanes) lane.close();
 
   // Who got bytes before the first fill of that object completed at the origin?
   let streamedEarly = 0;
@@ -735,6 +810,8 @@ async function main(): Promise<void> {
     hostSwitches,
     burnedNodes,
     refusedNodes,
+    proxyBurns,
+    nodesSwitchedProxy,
     refusalMs: { p50: refusal.getValueAtPercentile(50) / 1000, p99: refusal.getValueAtPercentile(99) / 1000, max: refusal.maxValue / 1000 },
     abandoned,
   };

@@ -35,6 +35,12 @@ export interface RunResult {
   rssAfterMiB?: number;
   /** mirror-kill: when the nearest mirror was killed. */
   mirrorKilledAtS?: number;
+  /** parent and bank: which proxy was killed mid-herd, and when. */
+  killed?: string;
+  killedAtS?: number;
+  /** parent: the child's CPU and its parents' (proxyCpuS is their sum). */
+  childCpuS?: number;
+  parentsCpuS?: number;
   /** The host's TCP memory and losses during the run (Linux). */
   kernelTcp?: KernelTcp;
   /** --wan: how the Stratum 1 was reached (netns or loopback, and why), and its loss stalls. */
@@ -74,6 +80,9 @@ export const FIGURES: Figure[] = [
   { label: 'nodes that switched Stratum 1', get: (r) => r.nodes?.hostSwitches, better: 'lower' },
   { label: 'nodes that burned the proxy (too slow or cut, twice)', get: (r) => r.nodes?.burnedNodes, better: 'lower' },
   { label: 'nodes refused (labelled 503 or refused connection)', get: (r) => r.nodes?.refusedNodes, better: 'lower' },
+  { label: 'proxy group: members burned by nodes that went on with the others', get: (r) => r.nodes?.proxyBurns, better: 'lower' },
+  { label: 'proxy group: nodes that switched member', get: (r) => r.nodes?.nodesSwitchedProxy, better: 'lower' },
+  { label: 'proxy killed at (s)', get: (r) => r.killedAtS, better: 'lower' },
   { label: 'refusal time p99 (ms)', get: (r) => (r.nodes?.refusedNodes ? r.nodes.refusalMs.p99 : undefined), better: 'lower' },
   { label: 'watchdog trips', get: (r) => r.nodes?.watchdogTrips, better: 'lower' },
   { label: 'hash failures', get: (r) => r.nodes?.hashFailures, better: 'lower' },
@@ -93,6 +102,8 @@ export const FIGURES: Figure[] = [
   { label: 'RSS after all objects (MiB)', get: (r) => r.rssAfterMiB, better: 'lower' },
   { label: 'RSS growth (MiB)', get: (r) => (r.rssAfterMiB !== undefined && r.rssBeforeMiB !== undefined ? r.rssAfterMiB - r.rssBeforeMiB : undefined), better: 'lower' },
   { label: 'proxy CPU (s)', get: (r) => r.proxyCpuS, better: 'lower' },
+  { label: 'child proxy CPU (s)', get: (r) => r.childCpuS, better: 'lower' },
+  { label: 'parent proxies CPU (s)', get: (r) => r.parentsCpuS, better: 'lower' },
   { label: 'proxy peak RSS (MiB)', get: (r) => r.proxyPeakRssMiB, better: 'lower' },
   { label: 'load generator CPU (s)', get: (r) => r.nodes?.generatorCpuS, better: 'lower' },
   { label: "load generator's share of its core (≥ 0.9: saturated)", get: (r) => (r.nodes ? r.nodes.generatorCpuS / r.wallS : undefined), better: 'lower' },

@@ -33,12 +33,12 @@ function launch(cmd: string, args: string[], core: number | undefined, env: Node
   return spawn('bash', ['-c', `ulimit -n 65536 2>/dev/null || ulimit -n "$(ulimit -Hn)"; ${pin}`, cmd, ...args], { stdio: ['ignore', 'ignore', 'pipe'], env });
 }
 
-async function waitForPort(port: number, child: ChildProcess, stderr: () => string, ms = 20_000): Promise<void> {
+async function waitForPort(port: number, child: ChildProcess, stderr: () => string, ms = 20_000, host = '127.0.0.1'): Promise<void> {
   const until = Date.now() + ms;
   while (Date.now() < until) {
     if (child.exitCode !== null) throw new Error(`proxy exited (${child.exitCode}): ${stderr().slice(-2000)}`);
     const ok = await new Promise<boolean>((r) => {
-      const s = connect({ port, host: '127.0.0.1' }, () => {
+      const s = connect({ port, host }, () => {
         s.destroy();
         r(true);
       });
@@ -54,7 +54,7 @@ async function waitForPort(port: number, child: ChildProcess, stderr: () => stri
  * A launched proxy once it listens: its stderr (and `log`, if given) explain a failed start. Stopping it
  * (or a failed start) removes its temporary directory `dir`: a cache, a log and a config per run.
  */
-async function running(name: string, port: number, child: ChildProcess, log?: string, dir?: string): Promise<Target> {
+async function running(name: string, port: number, child: ChildProcess, log?: string, dir?: string, host = '127.0.0.1'): Promise<Target> {
   let err = '';
   child.stderr!.on('data', (c) => (err += c));
   const stop = async () => {
@@ -62,12 +62,12 @@ async function running(name: string, port: number, child: ChildProcess, log?: st
     if (dir) rmSync(dir, { recursive: true, force: true });
   };
   try {
-    await waitForPort(port, child, () => err + (log ? readSafe(log) : ''));
+    await waitForPort(port, child, () => err + (log ? readSafe(log) : ''), 20_000, host);
   } catch (e) {
     await stop();
     throw e;
   }
-  return { name, url: `http://127.0.0.1:${port}`, pid: child.pid, stop };
+  return { name, url: `http://${host}:${port}`, pid: child.pid, stop };
 }
 
 async function stopChild(child: ChildProcess): Promise<void> {
@@ -92,11 +92,13 @@ function warmCompileCache(): NodeJS.ProcessEnv {
   return env;
 }
 
-export async function startCuttle(port: number, opts: { memoryCache: string; extra?: string[]; core?: number }): Promise<Target> {
+/** cuttle on host:port (host: 127.0.0.1 unless given; a bank's members listen on 127.0.0.2 and .3 too). */
+export async function startCuttle(port: number, opts: { memoryCache: string; extra?: string[]; core?: number; host?: string; name?: string }): Promise<Target> {
   const dir = mkdtempSync(join(tmpdir(), 'cuttle-bench-'));
   const env = warmCompileCache();
-  const args = ['--max-semi-space-size=8', 'src/main.ts', '--listen', `127.0.0.1:${port}`, '--cache-dir', join(dir, 'cache'), '--allow-local-dest', '127.0.0.1', '--access-log', join(dir, 'access.log'), '--memory-cache', opts.memoryCache, '--log-level', 'warn', '--admin-listen', 'none', ...(opts.extra ?? [])];
-  return running('cuttle', port, launch(process.execPath, args, opts.core ?? 0, env), undefined, dir);
+  const host = opts.host ?? '127.0.0.1';
+  const args = ['--max-semi-space-size=8', 'src/main.ts', '--listen', `${host}:${port}`, '--cache-dir', join(dir, 'cache'), '--allow-local-dest', '127.0.0.1', '--access-log', join(dir, 'access.log'), '--memory-cache', opts.memoryCache, '--log-level', 'warn', '--admin-listen', 'none', ...(opts.extra ?? [])];
+  return running(opts.name ?? 'cuttle', port, launch(process.execPath, args, opts.core ?? 0, env), undefined, dir, host);
 }
 
 /**
@@ -116,8 +118,11 @@ process.on('SIGTERM', () => process.exit(0));`;
 }
 
 /** frontier-squid-like settings (cpt-squid.rst): collapsed forwarding, no minimum expiry, 1 GB objects. */
-export function squidConfig(port: number, dir: string, memoryCacheMB: number): string {
+export function squidConfig(port: number, dir: string, memoryCacheMB: number, visibleHostname?: string): string {
   return [
+    // A parent needs its own name: Squid's default, the host name, is in the Via of a child on the same
+    // host, and Squid would take the child's requests for a forwarding loop.
+    ...(visibleHostname ? [`visible_hostname ${visibleHostname}`] : []),
     `http_port 127.0.0.1:${port}`,
     'acl localnet src 127.0.0.0/8',
     'acl Safe_ports port 80 8000 8080 1025-65535',
@@ -148,12 +153,12 @@ export function squidConfig(port: number, dir: string, memoryCacheMB: number): s
   ].join('\n');
 }
 
-export async function startSquid(port: number, opts: { memoryCacheMB: number; core?: number }): Promise<Target> {
+export async function startSquid(port: number, opts: { memoryCacheMB: number; core?: number; visibleHostname?: string; name?: string }): Promise<Target> {
   if (!squidBinary) throw new Error('squid is not installed (apt-get install squid)');
   const dir = mkdtempSync(join(tmpdir(), 'squid-bench-'));
   mkdirSync(join(dir, 'cache'));
   const conf = join(dir, 'squid.conf');
-  writeFileSync(conf, squidConfig(port, dir, opts.memoryCacheMB));
+  writeFileSync(conf, squidConfig(port, dir, opts.memoryCacheMB, opts.visibleHostname));
   for (const p of [dir, join(dir, 'cache')]) {
     try {
       chownSync(p, uidOf('proxy'), gidOf('proxy'));
@@ -163,7 +168,7 @@ export async function startSquid(port: number, opts: { memoryCacheMB: number; co
   }
   const z = spawnSync(squidBinary, ['-N', '-z', '-f', conf], { encoding: 'utf8' });
   if (z.status !== 0) throw new Error(`squid -z failed: ${z.stderr}${readSafe(join(dir, 'cache.log'))}`);
-  return running('squid', port, launch(squidBinary, ['-N', '-f', conf], opts.core ?? 0), join(dir, 'cache.log'), dir);
+  return running(opts.name ?? 'squid', port, launch(squidBinary, ['-N', '-f', conf], opts.core ?? 0), join(dir, 'cache.log'), dir);
 }
 
 /**

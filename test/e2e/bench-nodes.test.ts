@@ -11,6 +11,7 @@ import { once } from 'node:events';
 import { createServer, type AddressInfo, type Server, type Socket } from 'node:net';
 import { after, before, describe, it } from 'node:test';
 import { sourceAddress, type NodesPlan, type NodesReport } from '../../bench/nodes.ts';
+import { shardKey, ShardRing } from '../../src/shard-ring.ts';
 
 const ORIGIN = 'http://stratum1.test:8000';
 const REPO = '/cvmfs/t.cern.ch';
@@ -312,5 +313,98 @@ describe('bench nodes: sampling and refused connections', () => {
     assert.equal(r.attempts, 3);
     assert.equal(r.abandoned, 3);
     assert.equal(r.completed, 0);
+  });
+});
+
+// A proxy group (CVMFS_HTTP_PROXY="A|B|C"): a node that fails twice on one member, or is refused by it,
+// burns that member and goes on with the others, as the client does; it leaves only when all are burned.
+describe('bench nodes: a proxy group', () => {
+  it('sharding: each object goes to its owner on the client ring; a member that cuts twice is burned and the ring is rebuilt from the rest', async () => {
+    const objs: { path: string; body: Buffer }[] = [];
+    const cutter = 1;
+    const proxies: Scripted[] = [];
+    for (let i = 0; i < 3; i++) {
+      proxies.push(
+        await scriptedProxy((s) => {
+          if (s.path.endsWith('.cvmfspublished')) return lengthAnswer(Buffer.from('manifest'));
+          const o = objs.find((x) => x.path === s.path)!;
+          // Member B cuts every data object after 100 bytes.
+          if (i === cutter) return { pieces: [head('200 OK', [`Content-Length: ${o.body.length}`]), o.body.subarray(0, 100)], then: 'end' };
+          return lengthAnswer(o.body);
+        }),
+      );
+    }
+    try {
+      const urls = proxies.map((p) => p.url);
+      const ring = new ShardRing(urls);
+      // Objects until every member owns at least two (their names are random): the test covers all three.
+      const owned = [0, 0, 0];
+      while (owned.some((n) => n < 2)) {
+        const o = object(1000 + objs.length);
+        objs.push(o);
+        owned[ring.owner(shardKey(o.path))]!++;
+      }
+      const manifest = `${REPO}/.cvmfspublished`;
+      const r = await runNodes({ proxy: urls[0]!, proxies: urls, proxyShard: true, origin: ORIGIN, nodes: 3, connectionsPerNode: 1, paths: [manifest, ...objs.map((o) => o.path)], streamPaths: [], order: 'same', seed: 1, emulatorStats: `${urls[0]}/_stats`, backoffMs: 0 });
+      const planned = 3 * (objs.length + 1);
+      assert.equal(r.completed, planned, 'every request completed, on another member if need be');
+      assert.deepEqual(r.errors, {});
+      assert.equal(r.burnedNodes, 0);
+      assert.equal(r.refusedNodes, 0);
+      assert.equal(r.proxyBurns, 3, 'each node burned member B once');
+      assert.equal(r.nodesSwitchedProxy, 3);
+      // Only B's first object (per node) was tried on B: an attempt and its retry, then B was burned.
+      assert.deepEqual(r.firstAttemptErrors, { truncated: 3 });
+      assert.equal(proxies[cutter]!.seen.length, 3 * 2);
+      const alive = (i: number) => i !== cutter;
+      for (const [i, p] of proxies.entries()) {
+        for (const s of p.seen) {
+          const key = shardKey(s.path);
+          // Before the burn its owner on the whole ring, after it (B's keys) its owner on the ring without B.
+          assert.ok(ring.owner(key) === i || (ring.owner(key) === cutter && ring.owner(key, alive) === i), `${s.path} at member ${i}`);
+        }
+      }
+      assert.equal(ring.owner(shardKey(manifest)), ring.owner(0), 'the manifest is key 0');
+      const manifestAt = proxies.findIndex((p) => p.seen.some((s) => s.path === manifest));
+      assert.equal(manifestAt, ring.owner(0) === cutter ? ring.owner(0, alive) : ring.owner(0));
+    } finally {
+      for (const p of proxies) await p.close();
+    }
+  });
+
+  it('one member at random: a refusing member is left at once for the next, and a node leaves only when every member refused', async () => {
+    const a = object(2000);
+    const b = object(3000);
+    const page = 'busy';
+    const refusal: Answer = { pieces: [head('503 Service Unavailable', [`Content-Length: ${page.length}`, 'X-Squid-Error: ERR_OVERLOADED 0']), page] };
+    let refuseAll = false;
+    const proxies: Scripted[] = [];
+    for (let i = 0; i < 3; i++) proxies.push(await scriptedProxy((s) => (refuseAll || i === 1 ? refusal : lengthAnswer(s.path === a.path ? a.body : b.body))));
+    try {
+      const urls = proxies.map((p) => p.url);
+      const plan: NodesPlan = { proxy: urls[0]!, proxies: urls, origin: ORIGIN, nodes: 12, connectionsPerNode: 1, paths: [a.path, b.path], streamPaths: [], order: 'same', seed: 5, emulatorStats: `${urls[0]}/_stats`, backoffMs: 0 };
+      const r = await runNodes(plan);
+      const onB = new Set(proxies[1]!.seen.map((s) => s.node));
+      assert.ok(onB.size > 0 && onB.size < 12, `${onB.size} of 12 nodes picked member B`);
+      assert.equal(r.completed, 24);
+      assert.deepEqual(r.errors, {});
+      assert.equal(r.refusedNodes, 0);
+      assert.equal(r.proxyBurns, onB.size, 'each node that picked B burned it');
+      assert.deepEqual(r.firstAttemptErrors, { refused: onB.size });
+      assert.equal(proxies[1]!.seen.length, onB.size, 'a refusal is not retried on the same member');
+      // A node stays on its member, and a node that left B went on to the next member, C.
+      for (const n of onB) assert.ok(proxies[2]!.seen.filter((s) => s.node === n).length === 2 && !proxies[0]!.seen.some((s) => s.node === n));
+      for (const [i, p] of proxies.entries()) for (const n of new Set(p.seen.map((s) => s.node))) if (!onB.has(n)) assert.equal(p.seen.filter((s) => s.node === n).length, 2, `node ${n} on member ${i} only`);
+      for (const p of proxies) p.seen.length = 0;
+      refuseAll = true;
+      const all = await runNodes(plan);
+      assert.equal(all.refusedNodes, 12, 'every member refused: the node leaves, as one with a single proxy does');
+      assert.equal(all.proxyBurns, 12 * 2, 'two members burned per node before the last refused');
+      assert.deepEqual(all.errors, {});
+      assert.equal(all.completed, 0);
+      assert.equal(all.abandoned, 12);
+    } finally {
+      for (const p of proxies) await p.close();
+    }
   });
 });

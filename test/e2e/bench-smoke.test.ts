@@ -37,6 +37,47 @@ describe('bench harness (smoke)', () => {
     assert.match(svgChart('herd', [r], ['cuttle']), /^<svg /);
   });
 
+  it('runs bank with 20 nodes over three cuttles: one fetch per object with --bank, three without, and a member killed costs no client an error', async () => {
+    const scenario = { ...SCENARIOS.bank!, nodes: 20, objects: 10, latencyMs: 5 };
+    const run = (target: string) => runOnce({ scenario, target, round: 1, seed: 3, memoryCache: '64MB', connectionsPerNode: 1 });
+    for (const target of ['bank-shard', 'bank-random', 'nobank-random']) {
+      const r = await run(target);
+      const n = r.nodes!;
+      assert.equal(n.completed, n.planned, target);
+      assert.deepEqual(n.errors, {}, target);
+      assert.equal(r.killedAtS, undefined, `${target}: nobody is killed`);
+      assert.equal(r.uniqueObjects, 10, target);
+      assert.equal(r.upstreamFetches, r.emulatorRequests, target);
+      // Three members without a bank each fetch what their nodes ask (seed 3: every member has nodes).
+      assert.equal(r.fetchesPerObjectMean, target.startsWith('nobank') ? 3 : 1, target);
+      // Sharding nodes send the manifest (key 0) to one member; random ones to theirs, which fetch it themselves.
+      assert.equal(r.manifestFetches, target.endsWith('shard') ? 1 : 3, target);
+      assert.ok(r.proxyCpuS > 0 && r.proxyPeakRssMiB > 0, target);
+    }
+    // Member 2 is SIGKILLed while the Stratum 1 sends a fill (past 30% of the bytes: inside the chunk's):
+    // the nodes burn it, rebuild their ring from the others, and every request completes.
+    const k = await run('bank-shard-kill');
+    assert.ok(k.killedAtS! > 0 && k.killed === 'member 2 (127.0.0.2)', `killed ${k.killed} at ${k.killedAtS}`);
+    assert.equal(k.nodes!.completed, k.nodes!.planned);
+    assert.deepEqual(k.nodes!.errors, {});
+    assert.equal(k.nodes!.burnedNodes, 0);
+    assert.match(markdownTable('bank', [k], ['bank-shard-kill']), /\| proxy killed at \(s\) \| [\d.]+ \|/);
+  });
+
+  it('runs parent with 20 nodes under two cuttle parents, the first killed mid-fill: no client errors', async () => {
+    const scenario = { ...SCENARIOS.parent!, nodes: 20, objects: 10, latencyMs: 5 };
+    const r = await runOnce({ scenario, target: 'cuttle-parents', round: 1, seed: 3, memoryCache: '64MB', connectionsPerNode: 1 });
+    const n = r.nodes!;
+    assert.equal(r.killed, 'parent 1');
+    assert.ok(r.killedAtS! > 0);
+    assert.equal(n.completed, n.planned);
+    assert.deepEqual(n.errors, {});
+    assert.equal(r.uniqueObjects, 10);
+    assert.ok(r.fetchesPerObjectMax <= 2, 'a fill cut by the kill is fetched again through parent 2, nothing more');
+    assert.ok(r.childCpuS! > 0 && r.parentsCpuS! > 0);
+    assert.ok(Math.abs(r.proxyCpuS - r.childCpuS! - r.parentsCpuS!) < 1e-9, 'proxy CPU is the child and its parents');
+  });
+
   it('measures the heap a waiting request holds, through node:http and in the hit lane', () => {
     const r = spawnSync(process.execPath, ['--expose-gc', 'bench/waiting.ts', '--nodes', '50'], { encoding: 'utf8', timeout: 120_000 });
     assert.equal(r.status, 0, r.stderr);
