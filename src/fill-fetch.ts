@@ -121,8 +121,9 @@ interface FetchState {
   res?: UpstreamResponse;
   ac: AbortController;
   mirror?: Mirror;
-  /** The route the body being read came by. */
+  /** The route and the attempt the body being read came by. */
   route?: Route;
+  attempt?: Attempt;
   /** Every mirror of the group was asked and each said 404. */
   every404: boolean;
   /** The answer is a held 404 whose body could not be kept: sent without it, never stored. */
@@ -254,6 +255,7 @@ function answered(st: FetchState, res: UpstreamResponse, attempt: Attempt, ac: A
   fill.peer = res.peer;
   fill.hierarchy = route.tag;
   st.route = route;
+  st.attempt = attempt;
   // What this mirror's probes fetch: only a repository it has served (defect: a client could steer
   // probes to a repository that doesn't exist and mark every mirror down).
   if (attempt.mirror && res.status === 200) {
@@ -357,7 +359,7 @@ function storableOnItsOwn(host: FetchHost, r: FillRequest, res: { status: number
 
 /** Read the body into the fill; on a break, resume from another mirror if the plan allows. */
 async function fetchbody(st: FetchState): Promise<Step> {
-  const { fill } = st;
+  const { fill, host } = st;
   const body = st.res!.body;
   if (fill.state !== 'streaming') {
     discard(body);
@@ -374,7 +376,9 @@ async function fetchbody(st: FetchState): Promise<Step> {
   if (fill.released && st.ac.signal.aborted) return 'fail';
   const e = upstreamError(st.bodyError);
   if (e.code === 'ERR_INTERNAL') throw st.bodyError;
-  if (st.mirror) mirrorFailed(st, st.mirror, `${e.token} after ${fill.received} bytes`);
+  // Through a peer, the peer broke it off: the mirror behind it is not to blame.
+  if (st.route?.peer) host.hierarchy.peerFailed(st.route.peer, new ProxyError(e.code, `${e.token} after ${fill.received} bytes`));
+  else if (st.mirror) mirrorFailed(st, st.mirror, `${e.token} after ${fill.received} bytes`);
   return 'resume';
 }
 
@@ -437,49 +441,61 @@ function pump(st: FetchState, body: Readable): Promise<unknown> {
   });
 }
 
-/** Continue a content-addressed body of known length with `Range: bytes=N-` from the next mirror. */
+/**
+ * Continue a content-addressed body of known length with `Range: bytes=N-`: through the routes left for
+ * the same mirror when a peer (a parent, the bank owner, another worker) broke it off, then from the
+ * plan's next mirrors. The bytes are hash-checked whichever way they come.
+ */
 async function resume(st: FetchState): Promise<Step> {
-  const { host, fill } = st;
   const plan = st.plan!;
   const cl = st.contentLength;
-  if (!plan.cas || !plan.failover || cl === undefined || fill.received >= cl) return 'fail';
+  if (!plan.cas || cl === undefined || st.fill.received >= cl) return 'fail';
+  if (st.route?.peer && st.attempt && (await resumeFrom(st, st.attempt, cl, st.route))) return 'fetchbody';
+  if (!plan.failover) return 'fail';
   for (let attempt = plan.next(); attempt; attempt = plan.next()) {
-    if (fill.state !== 'streaming') return 'fail';
-    const from = fill.received;
-    const m = attempt.mirror;
-    const got = await ask(st, attempt, { range: `bytes=${from}-` });
-    if ('error' in got) {
-      if (got.error.code === 'ERR_INTERNAL') throw got.error;
-      if (m && got.mirrorAsked) mirrorFailed(st, m, got.error.token);
-      continue;
-    }
-    const { res, ac, ttfb, route } = got;
-    const range = /^bytes (\d+)-(\d+)\/(\d+)$/.exec(String(res.headers['content-range'] ?? ''));
-    let skip: number;
-    if (res.status === 206 && range && Number(range[1]) === from && Number(range[3]) === cl) skip = 0;
-    else if (res.status === 200 && parseContentLength(res.headers['content-length']) === cl) skip = from;
-    else {
-      discard(res.body);
-      if (m) mirrorFailed(st, m, `resume answered HTTP ${res.status}`);
-      continue;
-    }
-    if (m) host.mirrors.fetched(m, true, route.peer ? undefined : ttfb);
-    if (fill.state !== 'streaming') {
-      discard(res.body);
-      return 'fail';
-    }
-    host.stats.resumes++;
-    fill.peer = res.peer;
-    fill.hierarchy = route.tag;
-    st.route = route;
-    host.log.info({ key: fill.key, from, of: cl, mirror: attempt.mirror?.origin, status: res.status }, 'resumed a broken fill from another mirror');
-    st.res = res;
-    st.ac = ac;
-    st.mirror = m;
-    st.skip = skip;
-    return 'fetchbody';
+    if (await resumeFrom(st, attempt, cl)) return 'fetchbody';
   }
   return 'fail';
+}
+
+/** Ask for the rest of the body from `attempt` (after the route `after`); true when it is coming. */
+async function resumeFrom(st: FetchState, attempt: Attempt, cl: number, after?: Route): Promise<boolean> {
+  const { host, fill } = st;
+  if (fill.state !== 'streaming') return false;
+  const from = fill.received;
+  const m = attempt.mirror;
+  const got = await ask(st, attempt, { range: `bytes=${from}-` }, after);
+  if ('error' in got) {
+    if (got.error.code === 'ERR_INTERNAL') throw got.error;
+    if (m && got.mirrorAsked) mirrorFailed(st, m, got.error.token);
+    return false;
+  }
+  const { res, ac, ttfb, route } = got;
+  const range = /^bytes (\d+)-(\d+)\/(\d+)$/.exec(String(res.headers['content-range'] ?? ''));
+  let skip: number;
+  if (res.status === 206 && range && Number(range[1]) === from && Number(range[3]) === cl) skip = 0;
+  else if (res.status === 200 && parseContentLength(res.headers['content-length']) === cl) skip = from;
+  else {
+    discard(res.body);
+    if (m && !route.peer) mirrorFailed(st, m, `resume answered HTTP ${res.status}`);
+    return false;
+  }
+  if (m) host.mirrors.fetched(m, true, route.peer ? undefined : ttfb);
+  if (fill.state !== 'streaming') {
+    discard(res.body);
+    return false;
+  }
+  host.stats.resumes++;
+  fill.peer = res.peer;
+  fill.hierarchy = route.tag;
+  host.log.info({ key: fill.key, from, of: cl, mirror: attempt.mirror?.origin, via: route.peer?.spec.url, status: res.status }, route.peer || after ? 'resumed a broken fill through the next route' : 'resumed a broken fill from another mirror');
+  st.route = route;
+  st.attempt = attempt;
+  st.res = res;
+  st.ac = ac;
+  st.mirror = m;
+  st.skip = skip;
+  return true;
 }
 
 function fetchend(st: FetchState): Step {
@@ -573,11 +589,12 @@ type Asked = { res: UpstreamResponse; ac: AbortController; ttfb: number; route: 
  * route; the last route's answer is the answer. `mirrorAsked` says whether a failure was the mirror's
  * own (a direct request), so a dead parent never marks a mirror down.
  */
-async function ask(st: FetchState, attempt: Attempt, extra: Headers): Promise<Asked> {
+async function ask(st: FetchState, attempt: Attempt, extra: Headers, after?: Route): Promise<Asked> {
   const { host } = st;
   // The owner (a bank member, another worker) is asked once per fetch: it fails over on its own.
   const owned = (rt: Route) => rt.peer?.role === 'bank' || rt.peer?.role === 'worker';
-  const routes = st.routes.filter((rt) => !rt.peer || (rt.peer.up && !(owned(rt) && st.bankAsked)));
+  const left = after ? st.routes.slice(st.routes.indexOf(after) + 1) : st.routes;
+  const routes = left.filter((rt) => !rt.peer || (rt.peer.up && !(owned(rt) && st.bankAsked)));
   if (routes.some(owned)) st.bankAsked = true;
   let last: Asked = { error: new ProxyError('ERR_PARENTS_DOWN', attempt.url.host), mirrorAsked: false };
   for (let i = 0; i < routes.length; i++) {

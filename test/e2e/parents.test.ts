@@ -192,6 +192,38 @@ describe('parents: failover, never-direct, own failures', () => {
   });
 });
 
+describe('parents: a parent that dies mid-body', () => {
+  const closers: (() => Promise<void>)[] = [];
+  after(async () => {
+    for (const c of closers.reverse()) await c();
+  });
+
+  it('a content-addressed body a parent breaks off is continued with Range through the next parent: the client gets every byte', async () => {
+    const bodies = casBodies([256 * 1024]);
+    const [path, body] = [...bodies][0]!;
+    const origin = await startOrigin({ [path]: { body, headers: { 'cache-control': 'max-age=600' } } });
+    const url = `${origin.url}${path}`;
+    // The first parent sends a third of the body, then its connection dies.
+    const dying = await startOrigin({ [url]: { body, resetAfter: 80 * 1024 } });
+    const second = await startProxy({ 'visible-hostname': 'second' });
+    const child = await startProxy({ 'visible-hostname': 'site', parent: [dying.url, second.url], 'never-direct': true });
+    const pool = proxyClient(child.url);
+    closers.push(() => origin.close(), () => dying.close(), () => second.close(), () => child.close(), () => pool.close());
+    const r = await get(pool, url);
+    assert.equal(r.status, 200);
+    assert.ok(r.body.equals(body), 'whole and exact: the rest came through the second parent');
+    assert.equal(child.proxy.coalescer.stats.resumes, 1);
+    assert.equal(dying.count(url), 1);
+    assert.equal(origin.count(path), 1, 'the second parent fetched it once');
+    assert.match(String(origin.seen[0]!.headers.range ?? ''), /^$/, 'the second parent filled the whole object for the Range');
+    const p = peer(child, dying.url)!;
+    assert.equal(p.failures, 1, 'the break counts against the parent');
+    // Stored whole: the next request is a hit.
+    assert.ok((await get(pool, url)).body.equals(body));
+    assert.equal(origin.count(path), 1);
+  });
+});
+
 describe('parents: mirror groups through a parent', () => {
   const closers: (() => Promise<void>)[] = [];
   after(async () => {
