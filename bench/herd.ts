@@ -88,6 +88,9 @@ export const SCENARIOS: Record<string, Scenario> = {
   // Issue 29. Three cuttles on 127.0.0.1, .2 and .3, the nodes spread over them as one proxy group:
   // with --bank (and without, the comparison), nodes that shard as CVMFS_PROXY_SHARD=yes clients and
   // nodes that each use one member at random; the -kill variants SIGKILL member 2 at 30% of the catalogue.
+  // --workers 2 against --workers 1 (issue 29 §3): hot 4 KiB hits, req/s per second of proxy CPU, and
+  // each worker's share. Run the herd with --target workers-2 for its fetches per object.
+  workers: { name: 'workers', kind: 'hot', nodes: 0, objects: 0, order: 'same', latencyMs: 0, hotObjectBytes: 4096, hotSeconds: 10, hotWarmupSeconds: 3, hotConnections: [64, 256], variants: ['workers-1', 'workers-2'] },
   bank: { name: 'bank', kind: 'bank', nodes: 600, objects: 100, chunkMiB: [4, 8], order: 'same', latencyMs: 20, chunkBytesPerSec: 8 * 2 ** 20, killAtFraction: 0.3, variants: BANK_VARIANTS },
   'manifest-poll': { name: 'manifest-poll', kind: 'poll', nodes: 1000, objects: 0, order: 'same', latencyMs: 50, poll: { everyMs: 5000, forMs: 60_000 } },
 };
@@ -226,12 +229,24 @@ export async function runOnce(o: RunOptions): Promise<RunResult> {
   const port = await freePort();
   let target: Target;
   let topo: Topology | undefined;
+  let adminPort: number | undefined;
+  /** Requests each worker has served (--workers), from /status. */
+  const workerRequests = async (): Promise<number[] | undefined> => {
+    if (adminPort === undefined) return undefined;
+    const s = (await (await fetch(`http://127.0.0.1:${adminPort}/status`)).json()) as { workers?: { requests: number | null }[]; counters: { requests: number } };
+    return s.workers ? s.workers.map((w) => w.requests ?? 0) : [s.counters.requests];
+  };
   const mirrorArgs = others.length ? emus.flatMap((e) => ['--stratum1', e.url, '--probe-repo', REPO]) : [];
   if (sc.kind === 'parent' || sc.kind === 'bank') {
     topo = await startTopology(sc, o.target, o.memoryCache, [...(sc.cuttleArgs ?? []), ...(o.cuttleArgs ?? [])]);
     const procs = topo.procs;
     target = { name: o.target, url: topo.nodeProxies[0]!, pid: procs[0]!.pid, stop: async () => { for (const p of procs) await p.stop(); } };
   } else if (o.target === 'cuttle') target = await startCuttle(port, { memoryCache: o.memoryCache, extra: [...mirrorArgs, ...(sc.cuttleArgs ?? []), ...(o.cuttleArgs ?? [])] });
+  else if (/^workers-\d+$/.test(o.target)) {
+    // cuttle with --workers N (every core when N > 1), its admin listener read for each worker's requests.
+    adminPort = await freePort();
+    target = await startCuttle(port, { memoryCache: o.memoryCache, name: o.target, admin: adminPort, extra: [...mirrorArgs, ...(sc.cuttleArgs ?? []), ...(o.cuttleArgs ?? []), '--workers', o.target.slice(8)] });
+  }
   else if (o.target === 'squid') target = await startSquid(port, { memoryCacheMB: Math.round(parseSizeMB(o.memoryCache)) });
   else if (o.target === 'nginx') {
     if (others.length) throw new Error(`${sc.name} has several mirrors; nginx proxies one origin`);
@@ -271,9 +286,13 @@ export async function runOnce(o: RunOptions): Promise<RunResult> {
       result.hot = [];
       for (const connections of sc.hotConnections!) {
         const c0 = procStats(target).cpuS;
+        const r0 = await workerRequests();
         const w = await load({ proxy: target.url, url, connections, seconds: sc.hotSeconds!, core: 1 });
-        result.hot.push({ ...w, proxyShare: (procStats(target).cpuS - c0) / sc.hotSeconds! });
-        process.stderr.write(`  ${connections} connections: ${w.reqPerSec.toFixed(0)} req/s, generator at ${(100 * w.generatorShare).toFixed(0)}% of a core\n`);
+        const r1 = await workerRequests();
+        const perWorker = r0 && r1 ? r1.map((n, i) => Math.round((n - (r0[i] ?? 0)) / sc.hotSeconds!)) : undefined;
+        const proxyShare = (procStats(target).cpuS - c0) / sc.hotSeconds!;
+        result.hot.push({ ...w, proxyShare, perWorkerReqPerSec: perWorker });
+        process.stderr.write(`  ${connections} connections: ${w.reqPerSec.toFixed(0)} req/s (${(w.reqPerSec / proxyShare).toFixed(0)} per second of proxy CPU${perWorker ? `; per worker ${perWorker.join(' / ')}` : ''}), proxy at ${(100 * proxyShare).toFixed(0)}% of a core, generator at ${(100 * w.generatorShare).toFixed(0)}%\n`);
       }
       result.hotErrors = result.hot.reduce((a, h) => a + h.errors, 0);
       result.wallS = (Date.now() - t0) / 1000;

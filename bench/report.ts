@@ -26,7 +26,7 @@ export interface RunResult {
   goodputMiBs: number;
   wallS: number;
   /** hot-* scenarios: one load-generator run per connection count, with the proxy's share of its core. */
-  hot?: (WrkResult & { proxyShare: number })[];
+  hot?: (WrkResult & { proxyShare: number; perWorkerReqPerSec?: number[] })[];
   /** hot-* scenarios: which load generator measured them. */
   hotClient?: string;
   hotErrors?: number;

@@ -93,12 +93,16 @@ function warmCompileCache(): NodeJS.ProcessEnv {
 }
 
 /** cuttle on host:port (host: 127.0.0.1 unless given; a bank's members listen on 127.0.0.2 and .3 too). */
-export async function startCuttle(port: number, opts: { memoryCache: string; extra?: string[]; core?: number; host?: string; name?: string }): Promise<Target> {
+export async function startCuttle(port: number, opts: { memoryCache: string; extra?: string[]; core?: number; host?: string; name?: string; admin?: number }): Promise<Target> {
   const dir = mkdtempSync(join(tmpdir(), 'cuttle-bench-'));
   const env = warmCompileCache();
   const host = opts.host ?? '127.0.0.1';
-  const args = ['--max-semi-space-size=8', 'src/main.ts', '--listen', `${host}:${port}`, '--cache-dir', join(dir, 'cache'), '--allow-local-dest', '127.0.0.1', '--access-log', join(dir, 'access.log'), '--memory-cache', opts.memoryCache, '--log-level', 'warn', '--admin-listen', 'none', ...(opts.extra ?? [])];
-  return running(opts.name ?? 'cuttle', port, launch(process.execPath, args, opts.core ?? 0, env), undefined, dir, host);
+  // One event loop on one core unless the run asks for workers (--workers N: every core, unpinned).
+  const extra = opts.extra ?? [];
+  const at = extra.lastIndexOf('--workers');
+  const workers = at < 0 ? 1 : Number(extra[at + 1]);
+  const args = ['--max-semi-space-size=8', 'src/main.ts', '--listen', `${host}:${port}`, '--cache-dir', join(dir, 'cache'), '--allow-local-dest', '127.0.0.1', '--access-log', join(dir, 'access.log'), '--memory-cache', opts.memoryCache, '--log-level', 'warn', '--admin-listen', opts.admin ? `127.0.0.1:${opts.admin}` : 'none', ...(at < 0 ? ['--workers', '1'] : []), ...extra];
+  return running(opts.name ?? 'cuttle', port, launch(process.execPath, args, workers > 1 ? undefined : (opts.core ?? 0), env), undefined, dir, host);
 }
 
 /**

@@ -17,6 +17,7 @@ export const ERRORS = {
   ERR_CONNECT_TIMEOUT: { status: 504, token: 'connection_timeout', squid: 'ERR_CONNECT_FAIL 110', text: 'upstream connect timed out' },
   ERR_READ_TIMEOUT: { status: 504, token: 'http_response_timeout', squid: 'ERR_READ_TIMEOUT 0', text: 'upstream did not answer in time' },
   ERR_PARENTS_DOWN: { status: 502, token: 'destination_unavailable', squid: 'ERR_CANNOT_FORWARD 0', text: 'every parent is down, and --never-direct forbids fetching directly' },
+  ERR_PEER_FAILED: { status: 502, token: 'destination_unavailable', squid: 'ERR_CANNOT_FORWARD 0', text: 'the parent or bank member answered with its own failure, and no route was left' },
   ERR_UPSTREAM_RESET: { status: 502, token: 'connection_terminated', squid: 'ERR_READ_ERROR 104', text: 'upstream closed the connection' },
   ERR_INVALID_RESPONSE: { status: 502, token: 'http_protocol_error', squid: 'ERR_INVALID_RESP 0', text: 'upstream sent an invalid response' },
   ERR_CONTENT_HASH: { status: 502, token: 'http_protocol_error', squid: 'ERR_INVALID_RESP 0', text: 'upstream bytes do not match the content hash the URL names' },

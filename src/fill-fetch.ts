@@ -608,13 +608,16 @@ async function ask(st: FetchState, attempt: Attempt, extra: Headers, after?: Rou
       const relay = peer?.role === 'worker' ? { [RELAY_HEADER]: host.hierarchy.relayToken! } : undefined;
       const res = await host.upstream.request({ url: attempt.url, method: 'GET', headers: { ...st.headers, host: attempt.url.host, ...extra, ...relay }, signal: ac.signal, via: peer });
       const own = peer ? peersOwnFailure(res) : undefined;
-      if (peer && own && more) {
+      if (peer && own) {
         // The peer answered, but with its own failure (it could not reach the origin, it is overloaded,
         // it denies us): the next route may do better. A denial counts against the peer; the rest do not.
+        // With no route left it is this proxy's failure to forward, labelled as such: the mirror behind
+        // the peer was never asked, and the client must switch proxy, not Stratum 1.
         discard(res.body);
         if (res.status === 403 || res.status === 407) host.hierarchy.peerFailed(peer, own);
         else peer.answered();
-        host.log.info({ peer: peer.spec.url, url: attempt.url.href, status: res.status, why: own }, 'peer answered with its own failure; taking the next route');
+        host.log.info({ peer: peer.spec.url, url: attempt.url.href, status: res.status, why: own }, more ? 'peer answered with its own failure; taking the next route' : 'peer answered with its own failure; no route left');
+        last = { error: new ProxyError('ERR_PEER_FAILED', `${peer.spec.url} answered ${own}`), mirrorAsked: false };
         continue;
       }
       if (peer) peer.answered();
@@ -660,11 +663,21 @@ function peersOwnFailure(res: UpstreamResponse): string | undefined {
  * timeouts.
  */
 function routeTimer(st: FetchState, ac: AbortController, route: Route, moreRoutes: boolean): NodeJS.Timeout | undefined {
-  if ((route.peer?.role === 'bank' || route.peer?.role === 'worker') && moreRoutes) {
+  const role = route.peer?.role;
+  // Another worker of this process is healthy while it runs (a dead one's connections fail at once):
+  // its owner may wait on a slow upstream as long as any fill does, and giving up would fetch twice.
+  if (role === 'worker') return undefined;
+  if (role === 'bank' && moreRoutes) {
     const ms = st.host.cfg.peerTimeoutMs;
-    return setTimeout(() => ac.abort(new ProxyError('ERR_READ_TIMEOUT', `${route.peer!.role === 'bank' ? 'bank member' : 'worker'} ${route.peer!.spec.url} did not answer within ${ms} ms; fetching here`)), ms);
+    return setTimeout(() => ac.abort(new ProxyError('ERR_READ_TIMEOUT', `bank member ${route.peer!.spec.url} did not answer within ${ms} ms; fetching here`)), ms);
   }
   const plan = st.plan!;
+  // A parent with a route after it has --mirror-timeout to answer, as a mirror with one after it has:
+  // a hung parent must not hold every waiter past the client's watchdog.
+  if (role === 'parent' && moreRoutes) {
+    const ms = st.host.mirrors.cfg.answerTimeoutMs;
+    return setTimeout(() => ac.abort(new ProxyError('ERR_READ_TIMEOUT', `parent ${route.peer!.spec.url} did not answer within ${ms} ms; taking the next route`)), ms);
+  }
   if (!plan.failover || !plan.hasMore) return undefined;
   const ms = st.host.mirrors.cfg.answerTimeoutMs;
   return setTimeout(() => ac.abort(new ProxyError('ERR_READ_TIMEOUT', `mirror did not answer within ${ms} ms; asking the next one`)), ms);

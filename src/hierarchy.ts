@@ -6,8 +6,9 @@
 //   the parents (--parent), by --parent-policy, the ones that are up
 //   direct, unless --never-direct
 // A destination in --always-direct goes direct only. A route that fails (no connection, no answer in
-// time, or an answer that the peer labels as its own failure) is followed by the next; the last route's
-// answer, whatever it is, is the answer. Peers are asked in absolute form, with the client's Host.
+// time, or an answer that the peer labels as its own failure) is followed by the next; with none left
+// the miss fails, labelled as this proxy's (fill-fetch.ts ask()). Peers are asked in absolute form,
+// with the client's Host.
 import { destMatcher } from './acl.ts';
 import type { HierarchyTag } from './access-log.ts';
 import type { Bank } from './bank.ts';
