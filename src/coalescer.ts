@@ -211,6 +211,12 @@ export class Coalescer implements FetchHost {
     return this.#superseded.has(fill);
   }
 
+  /** Is a fill of `key` running whose answer is to be stored (a PURGE now still finds a copy)? */
+  storing(key: string): boolean {
+    for (const r of this.#running) if ((r.key === key || r.response?.variant?.key === key) && r.response?.shared && !this.#superseded.has(r)) return true;
+    return false;
+  }
+
   /** Forget in-flight state of a key (unsafe method succeeded, PURGE): its fill is not stored. */
   invalidate(key: string): void {
     const f = this.#fills.get(key);

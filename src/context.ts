@@ -36,7 +36,7 @@ export interface Ctx {
   /** The event-loop lag monitor: while it lags, new connections and new fills are refused. */
   loopLag: LoopLag;
   /** This proxy forgot a key (PURGE, an unsafe method): the other workers are told (--workers). */
-  forgotten?: (key: string) => void;
+  forgotten?: (key: string) => Promise<boolean>;
   /** Open CONNECT tunnels, each by the function that ends it (shutdown cuts them). */
   tunnels: Set<() => void>;
 }

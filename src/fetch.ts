@@ -96,7 +96,8 @@ export class Upstream {
   }
 
   async request(r: UpstreamRequest): Promise<UpstreamResponse> {
-    this.fetches++;
+    // A relay to another worker of this process is not an upstream request: the owner counts its own.
+    if (r.via?.role !== 'worker') this.fetches++;
     try {
       const via = r.via;
       const res = await (via ? this.#peers : this.#agent).request({

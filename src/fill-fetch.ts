@@ -30,7 +30,7 @@ import { endToEnd, type Headers } from './forward.ts';
 import { policyHeaders, policyRequest, storableResponse, type Freshness, type Policy } from './freshness.ts';
 import type { Logger } from './log.ts';
 import type { Mirror, Mirrors } from './mirrors.ts';
-import { RELAY_HEADER, type Hierarchy, type Route, type Sender } from './hierarchy.ts';
+import { peersOwnFailure, RELAY_HEADER, type Hierarchy, type Route, type Sender } from './hierarchy.ts';
 import type { SpillWriter, StoredMeta, StoredObject, TieredStore } from './store.ts';
 import type { Clock } from './clock.ts';
 
@@ -211,7 +211,10 @@ async function startfetch(st: FetchState): Promise<Step> {
       continue;
     }
     const { res, ac, ttfb, route } = got;
-    if (res.status >= 500 && plan.failover && plan.hasMore) {
+    // The key's owner (a bank member, another worker) failed over across the mirrors itself: its answer
+    // is final here, or every mirror would be asked again.
+    const owner = route.peer?.role === 'bank' || route.peer?.role === 'worker';
+    if (!owner && res.status >= 500 && plan.failover && plan.hasMore) {
       other = true;
       discard(res.body);
       if (m) mirrorFailed(st, m, `HTTP ${res.status}`);
@@ -219,8 +222,8 @@ async function startfetch(st: FetchState): Promise<Step> {
       continue;
     }
     // Through a peer the time to first byte is not the mirror's own.
-    if (m) host.mirrors.fetched(m, res.status < 500, route.peer ? undefined : ttfb, `HTTP ${res.status}`);
-    if (res.status === 404 && plan.retry404 && plan.hasMore) {
+    if (m && !owner) host.mirrors.fetched(m, res.status < 500, route.peer ? undefined : ttfb, `HTTP ${res.status}`);
+    if (!owner && res.status === 404 && plan.retry404 && plan.hasMore) {
       // That mirror lacks the object (not yet replicated): ask the next one, keep this answer in case.
       const b = await readCapped(res.body, HELD_404_MAX_BYTES).catch(() => undefined);
       held404 ??= { res, body: b, attempt, route };
@@ -229,7 +232,7 @@ async function startfetch(st: FetchState): Promise<Step> {
     }
     if (lastError || held404) host.log.info({ url: attempt.url.href, status: res.status, tried: attempt.mirror?.origin }, 'answered by a failover mirror');
     // Every mirror of the group was asked and each said 404: the object is missing group-wide.
-    st.every404 = res.status === 404 && plan.retry404 && !other;
+    st.every404 = res.status === 404 && plan.retry404 && (!other || owner);
     return answered(st, res, attempt, ac, route);
   }
   if (held404) {
@@ -398,7 +401,7 @@ function pump(st: FetchState, body: Readable): Promise<unknown> {
     let skip = st.skip;
     body.on('data', (c: Buffer) => {
       try {
-        host.upstream.bytes += c.length;
+        if (st.route?.peer?.role !== 'worker') host.upstream.bytes += c.length;
         if (st.mirror) st.mirror.bytes += c.length;
         if (st.route?.peer) st.route.peer.bytes += c.length;
         if (skip > 0) {
@@ -627,7 +630,9 @@ async function ask(st: FetchState, attempt: Attempt, extra: Headers, after?: Rou
       const e = upstreamError(ac.signal.aborted ? ac.signal.reason : err);
       if (e.code === 'ERR_INTERNAL') return { error: e, mirrorAsked: false };
       last = { error: e, mirrorAsked: !peer };
-      if (peer) host.hierarchy.peerFailed(peer, e);
+      // Our own --peer-timeout on a bank owner: slow, not dead.
+      if (peer && ac.signal.aborted && peer.role === 'bank' && e.code === 'ERR_READ_TIMEOUT') peer.slow(`${e.token}: ${e.detail ?? e.message}`);
+      else if (peer) host.hierarchy.peerFailed(peer, e);
     } finally {
       clearTimeout(timer);
     }
@@ -645,14 +650,6 @@ function unrelay(h: Record<string, string | string[]>): void {
   const cut = via.lastIndexOf(',');
   if (cut < 0) delete h.via;
   else h.via = via.slice(0, cut);
-}
-
-/** Why a peer's answer is its own failure, not the origin's (RFC 9209 Proxy-Status error, Squid's X-Squid-Error), if it is. */
-function peersOwnFailure(res: UpstreamResponse): string | undefined {
-  const squid = res.headers['x-squid-error'];
-  if (squid !== undefined) return `HTTP ${res.status} ${String(squid)}`;
-  const ps = String(res.headers['proxy-status'] ?? '');
-  return /;\s*error=/.test(ps) ? `HTTP ${res.status} ${ps.slice(0, 200)}` : undefined;
 }
 
 /**

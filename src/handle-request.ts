@@ -658,11 +658,14 @@ function urlKeys(s: State, primary: string): Set<string> {
   return new Set([primary, variantKey(primary, vary, s.reqHeaders)]);
 }
 
-/** Drop a key from the tiers and from the fills that new requests could join. */
-async function forget(ctx: Ctx, key: string): Promise<void> {
+/**
+ * Drop a key from the tiers and from the fills that new requests could join, here and (--workers) in
+ * every other worker before this returns. True when another worker held a copy.
+ */
+async function forget(ctx: Ctx, key: string): Promise<boolean> {
   ctx.coalescer.invalidate(key);
   await ctx.store.delete(key);
-  ctx.forgotten?.(key);
+  return (await ctx.forgotten?.(key)) ?? false;
 }
 
 async function purge(s: State): Promise<StepName | undefined> {
@@ -678,7 +681,8 @@ async function purge(s: State): Promise<StepName | undefined> {
       found = true;
       if (st !== 'unreadable') closeStored(st);
     }
-    await forget(ctx, k);
+    // With --workers, the owner's record may land a moment after this worker has served its answer.
+    if (await forget(ctx, k)) found = true;
   }
   reply(s, found ? 200 : 404, { 'content-length': '0' }, '');
   return undefined;

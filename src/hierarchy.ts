@@ -33,6 +33,14 @@ const DIRECT: Route = { peer: undefined, tag: 'HIER_DIRECT' };
 
 const PARENT_TAG: Record<Config['parentPolicy'], HierarchyTag> = { 'first-up': 'FIRSTUP_PARENT', 'round-robin': 'ROUNDROBIN_PARENT', carp: 'CARP' };
 
+/** Why a peer's answer is its own failure, not the origin's (RFC 9209 Proxy-Status error, Squid's X-Squid-Error), if it is. */
+export function peersOwnFailure(res: { status: number; headers: Record<string, string | string[]> }): string | undefined {
+  const squid = res.headers['x-squid-error'];
+  if (squid !== undefined) return `HTTP ${res.status} ${String(squid)}`;
+  const ps = String(res.headers['proxy-status'] ?? '');
+  return /;\s*error=/.test(ps) ? `HTTP ${res.status} ${ps.slice(0, 200)}` : undefined;
+}
+
 /** Who sent a request: a client, a member of this bank, or another worker of this process (a relay). */
 export type Sender = 'client' | 'bank' | 'worker';
 

@@ -8,6 +8,7 @@ import type { Ctx } from './context.ts';
 import { ProxyError, upstreamError } from './errors.ts';
 import { discard } from './fetch.ts';
 import { clientResponseHeaders, upstreamRequestHeaders } from './forward.ts';
+import { peersOwnFailure } from './hierarchy.ts';
 
 const SAFE = new Set(['GET', 'HEAD', 'OPTIONS', 'TRACE']);
 
@@ -41,6 +42,14 @@ export async function passUpstream(ctx: Pick<Ctx, 'upstream' | 'cfg' | 'counters
           signal: ac.signal,
           via: route.peer,
         });
+        // A peer's own failure (it could not reach the origin, it is overloaded) with a route left, and
+        // no body spent on it: the next route.
+        const own = route.peer && !hasBody && i < routes.length - 1 ? peersOwnFailure(up) : undefined;
+        if (own) {
+          discard(up.body);
+          route.peer!.answered();
+          continue;
+        }
         route.peer?.answered();
         break;
       } catch (err) {

@@ -70,6 +70,16 @@ export class Peer {
     return true;
   }
 
+  /**
+   * A bank owner did not answer within --peer-timeout: this request goes elsewhere, but a slow owner
+   * (waiting on a slow Stratum 1) is not a dead one, and is not marked down for it.
+   */
+  slow(why: string): void {
+    this.requests++;
+    this.failures++;
+    this.lastError = why;
+  }
+
   probed(ok: boolean, why?: string): boolean {
     this.probes++;
     if (!ok) {
@@ -99,6 +109,8 @@ export class Peer {
   }
 }
 
+const ROLE: Record<PeerRole, string> = { parent: 'parent', bank: 'bank member', worker: 'worker' };
+
 export type PeerProbeFn = (peer: Peer) => Promise<{ ok: boolean; why?: string }>;
 
 /** Probes each down peer every interval (jittered by ±20%) until one probe finds it serving. */
@@ -117,7 +129,7 @@ export class PeerProber {
 
   /** The peer went down: log it once and probe it until it is back. */
   down(peer: Peer): void {
-    this.#log.warn({ peer: peer.spec.url, role: peer.role, reason: peer.lastError }, `${peer.role === 'bank' ? 'bank member' : 'parent'} down: the next route is taken until a probe finds it serving`);
+    this.#log.warn({ peer: peer.spec.url, role: peer.role, reason: peer.lastError }, `${ROLE[peer.role]} down: the next route is taken until a probe finds it serving`);
     this.#schedule(peer);
   }
 
@@ -135,7 +147,7 @@ export class PeerProber {
     if (this.#stopped || peer.up) return;
     const r = await this.#probe(peer).catch((err: Error) => ({ ok: false, why: err.message }));
     if (this.#stopped) return;
-    if (peer.probed(r.ok, r.why)) this.#log.info({ peer: peer.spec.url, role: peer.role }, `${peer.role === 'bank' ? 'bank member' : 'parent'} up: a probe found it serving`);
+    if (peer.probed(r.ok, r.why)) this.#log.info({ peer: peer.spec.url, role: peer.role }, `${ROLE[peer.role]} up: a probe found it serving`);
     else if (!peer.up) this.#schedule(peer);
   }
 

@@ -54,10 +54,10 @@ export interface Proxy {
   readonly loopLag: LoopLag;
   /** Parents and the bank: where misses go. */
   readonly hierarchy: Hierarchy;
-  /** Forget a key everywhere in this proxy (an invalidation another worker made). */
-  forget(key: string): Promise<void>;
-  /** Called when this proxy forgets a key of its own accord (PURGE, an unsafe method): workers pass it on. */
-  onForget: ((key: string) => void) | undefined;
+  /** Forget a key everywhere in this proxy (an invalidation another worker made); true when it held a copy. */
+  forget(key: string): Promise<boolean>;
+  /** Called when this proxy forgets a key of its own accord (PURGE, an unsafe method): workers pass it on; true when another held a copy. */
+  onForget: ((key: string) => Promise<boolean>) | undefined;
   /** What /status shows of this proxy, and its Prometheus text (a worker's share of the process's). */
   report(): Promise<{ status: Record<string, unknown>; metrics: string }>;
   /** Bound addresses, in --listen order, then the --accel-listen one. */
@@ -193,8 +193,13 @@ export async function createProxy(cfg: Config, opts: ProxyOptions = {}): Promise
     counters,
     onForget: undefined,
     async forget(key) {
+      const held = coalescer.storing(key) || (await store.get(key).then((st) => {
+        if (st?.body.kind === 'file') st.body.close();
+        return st !== undefined;
+      }, () => true));
       coalescer.invalidate(key);
       await store.delete(key);
+      return held;
     },
     async report() {
       return { status: await state.status(), metrics: await metrics.text() };
@@ -247,6 +252,6 @@ export async function createProxy(cfg: Config, opts: ProxyOptions = {}): Promise
       accessLog.reopen();
     },
   };
-  ctx.forgotten = (key) => proxy.onForget?.(key);
+  ctx.forgotten = (key) => proxy.onForget?.(key) ?? Promise.resolve(false);
   return proxy;
 }

@@ -296,10 +296,13 @@ export class DiskTier implements Tier {
 
   openWriter(meta: StoredMeta, _policy: Policy, expectedBytes: number | undefined): DiskWriter | undefined {
     if (expectedBytes !== undefined && expectedBytes > this.#o.maxEntryBytes) return undefined;
-    if (this.#foreign(meta.key)) return undefined; // its owner worker writes it
     const hash = hashKey(meta.key);
     const w = this.#o.shared ? `.w${this.#o.shared.worker}` : '';
     const tmp = join(this.#tmp, `${hash}.${process.pid}${w}.${++tmpSeq}`);
+    // Another worker's key: its owner writes the record. This worker's fill of it (a relay's answer, or
+    // a fetch while the owner is down) still spills to a file of its own, so a slow reader here never
+    // holds back the others; the file is let go at the end, never indexed (readers keep it open).
+    if (this.#foreign(meta.key)) return new DiskWriter(tmp, encodeHeader(meta), this.#o.maxEntryBytes, () => fsp.rm(tmp, { force: true }));
     return new DiskWriter(tmp, encodeHeader(meta), this.#o.maxEntryBytes, async (fileBytes) => {
       const dest = this.#pathOf(hash);
       await fsp.mkdir(join(this.#objects, hash.slice(0, 2)), { recursive: true });

@@ -15,14 +15,29 @@ async function start(): Promise<void> {
   const cfg = buildConfig(workerShare(data.raw, data.index, data.count));
   const log = createLogger(cfg.logLevel, true).child({ worker: data.index });
   const proxy = await createProxy(cfg, { logger: log, worker: { index: data.index, count: data.count } });
-  proxy.onForget = (key) => post({ type: 'forget', key });
+  // A key this worker forgot is forgotten by every other before the request that forgot it is answered.
+  let forgetId = 0;
+  const forgetting = new Map<number, (found: boolean) => void>();
+  proxy.onForget = (key) =>
+    new Promise<boolean>((resolve) => {
+      const id = ++forgetId;
+      forgetting.set(id, resolve);
+      post({ type: 'forget', key, id });
+    });
   port.on('message', (m: ToWorker) => {
     switch (m.type) {
       case 'workers':
         proxy.hierarchy.setWorkers(data.index, m.relays, data.token);
         break;
       case 'forget':
-        void proxy.forget(m.key);
+        void proxy.forget(m.key).then(
+          (found) => post({ type: 'forgot', id: m.id, found }),
+          () => post({ type: 'forgot', id: m.id, found: false }),
+        );
+        break;
+      case 'forgot':
+        forgetting.get(m.id)?.(m.found);
+        forgetting.delete(m.id);
         break;
       case 'reload':
         proxy.reload(buildConfig(workerShare(m.raw, data.index, data.count)));

@@ -35,7 +35,8 @@ export interface WorkerData {
 
 export type ToWorker =
   | { type: 'workers'; relays: (string | undefined)[] }
-  | { type: 'forget'; key: string }
+  | { type: 'forget'; key: string; id: number }
+  | { type: 'forgot'; id: number; found: boolean }
   | { type: 'reload'; raw: Record<string, unknown> }
   | { type: 'reopen' }
   | { type: 'report'; id: number }
@@ -44,7 +45,8 @@ export type ToWorker =
 export type ToMain =
   | { type: 'ready'; relay: string }
   | { type: 'failed'; message: string }
-  | { type: 'forget'; key: string }
+  | { type: 'forget'; key: string; id: number }
+  | { type: 'forgot'; id: number; found: boolean }
   | { type: 'report'; id: number; status: Record<string, unknown>; metrics: string }
   | { type: 'closed' };
 
@@ -196,6 +198,8 @@ export async function startWorkers(cfg: Config, raw: Record<string, unknown>, lo
   const slots: Slot[] = Array.from({ length: count }, () => ({ worker: undefined, relay: undefined, ready: false, startedAt: 0, restarts: 0, backoffMs: 1000 }));
   let closing = false;
   let reportId = 0;
+  let forgetId = 0;
+  const forgets = new Map<number, { left: number; found: boolean; done: () => void }>();
   const waiting = new Map<number, { left: number; got: { status: Record<string, unknown>; metrics: string }[]; done: () => void }>();
 
   const broadcast = (m: ToWorker) => {
@@ -221,9 +225,28 @@ export async function startWorkers(cfg: Config, raw: Record<string, unknown>, lo
           case 'failed':
             reject(new Error(m.message));
             break;
-          case 'forget':
-            for (const s of slots) if (s !== slot && s.ready) s.worker?.postMessage({ type: 'forget', key: m.key } satisfies ToWorker);
+          case 'forget': {
+            // Every other worker forgets the key (its owner drops the record) before the one that asked
+            // answers its client: a PURGE's 200 means the key is gone everywhere.
+            const others = slots.filter((s) => s !== slot && s.ready);
+            const id = ++forgetId;
+            const entry = { left: others.length, found: false, done: () => {} };
+            entry.done = () => {
+              if (!forgets.delete(id) && others.length > 0) return;
+              slot.worker?.postMessage({ type: 'forgot', id: m.id, found: entry.found } satisfies ToWorker);
+            };
+            if (others.length === 0) return entry.done();
+            forgets.set(id, entry);
+            for (const s of others) s.worker?.postMessage({ type: 'forget', key: m.key, id } satisfies ToWorker);
+            setTimeout(() => forgets.get(id)?.done(), 2000).unref(); // a worker that died meanwhile
             break;
+          }
+          case 'forgot': {
+            const f = forgets.get(m.id);
+            if (f && m.found) f.found = true;
+            if (f && --f.left === 0) f.done();
+            break;
+          }
           case 'report': {
             const w = waiting.get(m.id);
             if (w) {
@@ -296,7 +319,8 @@ export async function startWorkers(cfg: Config, raw: Record<string, unknown>, lo
       for (const s of running) s.worker!.postMessage({ type: 'report', id } satisfies ToWorker);
     });
   const status = async () => {
-    const got = await reports();
+    // Worker 0 first: what is not summed (mirror health, peers) is its view, whichever answers first.
+    const got = (await reports()).sort((a, b) => Number(a.status.worker) - Number(b.status.worker));
     const merged = got.reduce<unknown>((a, r) => (a === undefined ? r.status : addTrees(a, r.status)), undefined) as Record<string, unknown>;
     const topFills = got.flatMap((r) => (r.status.topFills as { readers: number }[] | undefined) ?? []).sort((a, b) => b.readers - a.readers).slice(0, 10);
     const workers = slots.map((s, index) => {
@@ -306,7 +330,7 @@ export async function startWorkers(cfg: Config, raw: Record<string, unknown>, lo
     return { ...merged, version: VERSION, topFills, worker: undefined, workers };
   };
   let figuresCache: Record<string, unknown> = {};
-  const acl = compileAcl(cfg);
+  let acl = compileAcl(cfg);
   const admin: Server | undefined =
     cfg.adminListen === 'none'
       ? undefined
@@ -348,6 +372,7 @@ export async function startWorkers(cfg: Config, raw: Record<string, unknown>, lo
     count,
     addresses: listen,
     reload(next) {
+      acl = compileAcl(buildConfig(next)); // --allow-admin of the admin listener here
       options = { ...next, listen: listen.map(addrText), ...(accel ? { 'accel-listen': addrText(accel) } : {}) };
       broadcast({ type: 'reload', raw: options });
     },
