@@ -90,7 +90,7 @@ export const SCENARIOS: Record<string, Scenario> = {
   // nodes that each use one member at random; the -kill variants SIGKILL member 2 at 30% of the catalogue.
   // --workers 2 against --workers 1 (issue 29 §3): hot 4 KiB hits, req/s per second of proxy CPU, and
   // each worker's share. Run the herd with --target workers-2 for its fetches per object.
-  workers: { name: 'workers', kind: 'hot', nodes: 0, objects: 0, order: 'same', latencyMs: 0, hotObjectBytes: 4096, hotSeconds: 10, hotWarmupSeconds: 3, hotConnections: [64, 256], variants: ['workers-1', 'workers-2'] },
+  workers: { name: 'workers', kind: 'hot', nodes: 0, objects: 0, order: 'same', latencyMs: 0, hotObjectBytes: 4096, hotSeconds: 10, hotWarmupSeconds: 3, hotConnections: [64, 256], variants: ['workers-1', 'workers-2', 'workers-2-core0'] },
   bank: { name: 'bank', kind: 'bank', nodes: 600, objects: 100, chunkMiB: [4, 8], order: 'same', latencyMs: 20, chunkBytesPerSec: 8 * 2 ** 20, killAtFraction: 0.3, variants: BANK_VARIANTS },
   'manifest-poll': { name: 'manifest-poll', kind: 'poll', nodes: 1000, objects: 0, order: 'same', latencyMs: 50, poll: { everyMs: 5000, forMs: 60_000 } },
 };
@@ -242,10 +242,13 @@ export async function runOnce(o: RunOptions): Promise<RunResult> {
     const procs = topo.procs;
     target = { name: o.target, url: topo.nodeProxies[0]!, pid: procs[0]!.pid, stop: async () => { for (const p of procs) await p.stop(); } };
   } else if (o.target === 'cuttle') target = await startCuttle(port, { memoryCache: o.memoryCache, extra: [...mirrorArgs, ...(sc.cuttleArgs ?? []), ...(o.cuttleArgs ?? [])] });
-  else if (/^workers-\d+$/.test(o.target)) {
-    // cuttle with --workers N (every core when N > 1), its admin listener read for each worker's requests.
+  else if (/^workers-\d+(-core0)?$/.test(o.target)) {
+    // cuttle with --workers N: every core when N > 1, or all on core 0 (-core0: the same CPU budget as one
+    // worker, so what two event loops cost shows apart from the cores they share with the generator).
+    // Its admin listener is read for each worker's requests.
     adminPort = await freePort();
-    target = await startCuttle(port, { memoryCache: o.memoryCache, name: o.target, admin: adminPort, extra: [...mirrorArgs, ...(sc.cuttleArgs ?? []), ...(o.cuttleArgs ?? []), '--workers', o.target.slice(8)] });
+    const [, n, core0] = /^workers-(\d+)(-core0)?$/.exec(o.target)!;
+    target = await startCuttle(port, { memoryCache: o.memoryCache, name: o.target, admin: adminPort, core: core0 ? 0 : undefined, extra: [...mirrorArgs, ...(sc.cuttleArgs ?? []), ...(o.cuttleArgs ?? []), '--workers', n!] });
   }
   else if (o.target === 'squid') target = await startSquid(port, { memoryCacheMB: Math.round(parseSizeMB(o.memoryCache)) });
   else if (o.target === 'nginx') {

@@ -4,7 +4,7 @@
 import { spawn, spawnSync, type ChildProcess } from 'node:child_process';
 import { chownSync, cpSync, existsSync, mkdirSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { connect } from 'node:net';
-import { tmpdir } from 'node:os';
+import { availableParallelism, tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
 
@@ -28,7 +28,7 @@ const atsConfigDir = '/etc/trafficserver';
 const varnishncsaBinary = ['/usr/bin/varnishncsa', '/usr/local/bin/varnishncsa'].find((p) => existsSync(p));
 
 /** Run `cmd args` with a raised open-files limit, pinned to `core` if possible. */
-function launch(cmd: string, args: string[], core: number | undefined, env: NodeJS.ProcessEnv = process.env): ChildProcess {
+function launch(cmd: string, args: string[], core: number | string | undefined, env: NodeJS.ProcessEnv = process.env): ChildProcess {
   const pin = hasTaskset && core !== undefined ? `exec taskset -c ${core} "$0" "$@"` : 'exec "$0" "$@"';
   return spawn('bash', ['-c', `ulimit -n 65536 2>/dev/null || ulimit -n "$(ulimit -Hn)"; ${pin}`, cmd, ...args], { stdio: ['ignore', 'ignore', 'pipe'], env });
 }
@@ -102,7 +102,8 @@ export async function startCuttle(port: number, opts: { memoryCache: string; ext
   const at = extra.lastIndexOf('--workers');
   const workers = at < 0 ? 1 : Number(extra[at + 1]);
   const args = ['--max-semi-space-size=8', 'src/main.ts', '--listen', `${host}:${port}`, '--cache-dir', join(dir, 'cache'), '--allow-local-dest', '127.0.0.1', '--access-log', join(dir, 'access.log'), '--memory-cache', opts.memoryCache, '--log-level', 'warn', '--admin-listen', opts.admin ? `127.0.0.1:${opts.admin}` : 'none', ...(at < 0 ? ['--workers', '1'] : []), ...extra];
-  return running(opts.name ?? 'cuttle', port, launch(process.execPath, args, workers > 1 ? undefined : (opts.core ?? 0), env), undefined, dir, host);
+  // Workers get every core explicitly: the bench itself runs pinned to core 1, and a child inherits that.
+  return running(opts.name ?? 'cuttle', port, launch(process.execPath, args, workers > 1 && opts.core === undefined ? `0-${availableParallelism() - 1}` : (opts.core ?? 0), env), undefined, dir, host);
 }
 
 /**
