@@ -1,6 +1,7 @@
 // What --check-config checks on this host beyond the file itself, without changing anything: that the
 // directories cuttle would create or write are usable, and that every listen address exists here. A
 // config that passes here fails at start only for what can't be known beforehand (a port in use).
+import { listensOn, resolveAll } from './bank.ts';
 import { accessSync, constants, statSync } from 'node:fs';
 import { lookup } from 'node:dns/promises';
 import { isIP } from 'node:net';
@@ -56,7 +57,8 @@ async function addressProblem(a: ListenAddr, local: Set<string>): Promise<string
   } catch (err) {
     return `${a.host} does not resolve (${(err as Error).message})`;
   }
-  return addrs.some((x) => local.has(x)) ? undefined : `${a.host} is not an address of this host (${[...local].join(', ')})`;
+  // Any 127.0.0.0/8 address can be bound: the loopback interface owns the whole range (a bank on one host).
+  return addrs.some((x) => local.has(x) || x.startsWith('127.')) ? undefined : `${a.host} is not an address of this host (${[...local].join(', ')})`;
 }
 
 /** Every problem, each prefixed by the option it concerns, plus notes that are not problems. */
@@ -80,5 +82,23 @@ export async function checkHost(cfg: Config): Promise<{ problems: string[]; note
     const p = await addressProblem(a, local);
     if (p) problems.push(`${key}: ${p}`);
   }
+  notes.push(...(await bankNotes(cfg)));
   return { problems, notes };
+}
+
+/** Which --bank member this cuttle is (by its listen addresses), as it will be formed at start. */
+async function bankNotes(cfg: Config): Promise<string[]> {
+  if (cfg.bank.length === 0) return [];
+  const self: string[] = [];
+  const unresolved: string[] = [];
+  for (const m of cfg.bank) {
+    const ips = await resolveAll(m.host).catch(() => undefined);
+    if (!ips) unresolved.push(m.url);
+    else if (ips.some((ip) => listensOn(cfg.listen, ip, m.port))) self.push(m.url);
+  }
+  const out = unresolved.map((u) => `bank: ${u} does not resolve now; it is left out until it does`);
+  if (self.length === 0) out.push(`bank: no member is this cuttle (none matches a --listen address): it would send every routed key to its owner and own none`);
+  else if (self.length > 1) out.push(`bank: several members are this cuttle (${self.join(', ')}): each key they own is fetched here`);
+  else out.push(`bank: this cuttle is ${self[0]}, one of ${cfg.bank.length} members (--bank-hash ${cfg.bankHash})`);
+  return out;
 }

@@ -110,6 +110,15 @@ describe('config', () => {
     assert.equal(existsSync(join(dir, 'logs')), false, 'nothing created');
   });
 
+  it('--check-config says which --bank member this cuttle is, by its listen address (any of 127.0.0.0/8 is this host)', () => {
+    const dir = tmpDir();
+    const me = cuttle(['--check-config', '--cache-dir', join(dir, 'c'), '--listen', '127.0.0.2:3128', '--bank', 'http://127.0.0.1:3128', '--bank', 'http://127.0.0.2:3128']);
+    assert.equal(me.status, 0, me.stderr);
+    assert.match(me.stdout, /bank: this cuttle is http:\/\/127\.0\.0\.2:3128, one of 2 members/);
+    const none = cuttle(['--check-config', '--cache-dir', join(dir, 'c'), '--listen', '127.0.0.3:3128', '--bank', 'http://127.0.0.1:3128', '--bank', 'http://127.0.0.2:3128']);
+    assert.match(none.stdout, /bank: no member is this cuttle/);
+  });
+
   it('the README documents every option of the table, and only those', () => {
     const readme = readFileSync('README.md', 'utf8');
     const documented = new Set([...readme.matchAll(/^\| `--([a-z0-9-]+)/gm)].map((m) => m[1]!));
