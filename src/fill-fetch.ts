@@ -608,8 +608,16 @@ async function ask(st: FetchState, attempt: Attempt, extra: Headers, after?: Rou
     const t0 = performance.now();
     const timer = routeTimer(st, ac, route, more);
     try {
-      const relay = peer?.role === 'worker' ? { [RELAY_HEADER]: host.hierarchy.relayToken! } : undefined;
-      const res = await host.upstream.request({ url: attempt.url, method: 'GET', headers: { ...st.headers, host: attempt.url.host, ...extra, ...relay }, signal: ac.signal, via: peer });
+      const headers: Headers = { ...st.headers, host: attempt.url.host, ...extra };
+      if (peer?.role === 'worker') {
+        headers[RELAY_HEADER] = host.hierarchy.relayToken!;
+        // The owner revalidates its own record (the one this worker's stale copy was read from) and
+        // answers with the whole, refreshed object: this worker's validators would only be merged
+        // into the owner's own.
+        delete headers['if-none-match'];
+        delete headers['if-modified-since'];
+      }
+      const res = await host.upstream.request({ url: attempt.url, method: 'GET', headers, signal: ac.signal, via: peer });
       const own = peer ? peersOwnFailure(res) : undefined;
       if (peer && own) {
         // The peer answered, but with its own failure (it could not reach the origin, it is overloaded,

@@ -168,4 +168,29 @@ describe('workers: a key another worker owns', () => {
     }
     assert.deepEqual(served, [], 'every request after a PURGE is fetched again');
   });
+
+  it('a stale copy revalidated through the worker that does not own it: one conditional request upstream, and the 304\'s headers reach the client', async () => {
+    const origin = await startOrigin();
+    const w = await startWorkers2();
+    const path = ownedBy(1, origin.url, '/reval');
+    let n = 0;
+    origin.route(path, (req) => {
+      n++;
+      // First the object; then, to a conditional request, a 304 with a new header value.
+      if (req.headers['if-none-match'] === '"v1"') return { status: 304, headers: { etag: '"v1"', 'cache-control': 'max-age=600', 'test-header': 'fresh' } };
+      return { body: 'body-v1', headers: { etag: '"v1"', 'cache-control': 'max-age=600, no-cache', 'test-header': 'old' } };
+    });
+    const pool = new Pool(`http://127.0.0.1:${w.ports[0]}`, { connections: 1 });
+    closers.push(() => origin.close(), () => w.proxy.stop(), () => pool.close());
+    const first = await get(pool, `${origin.url}${path}`);
+    assert.equal(first.headers['test-header'], 'old');
+    // no-cache: every use is revalidated, through the owner.
+    const second = await get(pool, `${origin.url}${path}`);
+    assert.equal(second.status, 200);
+    assert.equal(second.body.toString(), 'body-v1');
+    assert.equal(second.headers['test-header'], 'fresh', "the 304's header");
+    assert.equal(n, 2);
+    const cond = origin.seen.filter((r) => r.headers['if-none-match'] !== undefined);
+    assert.deepEqual(cond.map((r) => r.headers['if-none-match']), ['"v1"'], 'one conditional request, its validator once');
+  });
 });
