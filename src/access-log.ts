@@ -138,9 +138,10 @@ export function openAccessLog(target: string, format: AccessLogFormat = 'squid',
   return {
     write(tx, now) {
       const l = line(tx, now);
-      if (atomic !== undefined && chars + l.length > atomic) hand();
+      const size = atomic === undefined ? l.length : Buffer.byteLength(l);
+      if (atomic !== undefined && chars + size > atomic) hand();
       batch.push(l);
-      chars += l.length;
+      chars += size;
       if (chars >= BATCH_CHARS) hand();
     },
     reopen() {

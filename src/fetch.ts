@@ -44,6 +44,11 @@ export class Upstream {
    * their own connect timeout (--peer-timeout), so a dead one costs a client little of its 5 s.
    */
   readonly #peers: Agent;
+  /**
+   * Relays to another worker of this process: the owner gives up on its upstream after --read-timeout
+   * and answers; this side must not give up first and fetch the object a second time.
+   */
+  readonly #relays: Agent;
   readonly #acl: () => Acl;
   fetches = 0;
   /** Body bytes received from upstreams (counted by the consumers, which own the stream's flow). */
@@ -93,6 +98,7 @@ export class Upstream {
       bodyTimeout: cfg.readTimeoutMs,
       connect: { timeout: cfg.peerTimeoutMs },
     });
+    this.#relays = new Agent({ connections: cfg.upstreamConnections, pipelining: 1, keepAliveTimeout: 30_000, headersTimeout: cfg.readTimeoutMs + 10_000, bodyTimeout: cfg.readTimeoutMs + 10_000, connect: { timeout: cfg.peerTimeoutMs } });
   }
 
   async request(r: UpstreamRequest): Promise<UpstreamResponse> {
@@ -100,7 +106,7 @@ export class Upstream {
     if (r.via?.role !== 'worker') this.fetches++;
     try {
       const via = r.via;
-      const res = await (via ? this.#peers : this.#agent).request({
+      const res = await (via ? (via.role === 'worker' ? this.#relays : this.#peers) : this.#agent).request({
         origin: via ? via.origin : r.url.origin,
         // A proxy is asked in absolute form (RFC 9112 §3.2.2), an origin in origin form.
         path: via ? r.url.href : `${r.url.pathname}${r.url.search}`,
@@ -168,11 +174,11 @@ export class Upstream {
   }
 
   close(): Promise<void> {
-    return Promise.all([this.#agent.close(), this.#peers.close()]).then(() => {});
+    return Promise.all([this.#agent.close(), this.#peers.close(), this.#relays.close()]).then(() => {});
   }
 
   /** Close now: requests still running fail (shutdown after its timeout). */
   destroy(): Promise<void> {
-    return Promise.all([this.#agent.destroy(), this.#peers.destroy()]).then(() => {});
+    return Promise.all([this.#agent.destroy(), this.#peers.destroy(), this.#relays.destroy()]).then(() => {});
   }
 }

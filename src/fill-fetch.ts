@@ -402,7 +402,7 @@ function pump(st: FetchState, body: Readable): Promise<unknown> {
     body.on('data', (c: Buffer) => {
       try {
         if (st.route?.peer?.role !== 'worker') host.upstream.bytes += c.length;
-        if (st.mirror) st.mirror.bytes += c.length;
+        if (st.mirror && st.route?.peer?.role !== 'worker') st.mirror.bytes += c.length;
         if (st.route?.peer) st.route.peer.bytes += c.length;
         if (skip > 0) {
           // A mirror that ignored our Range sends the whole object again: drop what we already have.
@@ -452,7 +452,9 @@ function pump(st: FetchState, body: Readable): Promise<unknown> {
 async function resume(st: FetchState): Promise<Step> {
   const plan = st.plan!;
   const cl = st.contentLength;
-  if (!plan.cas || cl === undefined || st.fill.received >= cl) return 'fail';
+  // Only the object itself is continued: a shared error answer that breaks off is not (its bytes would
+  // be spliced with the object's, and nothing checks an error's hash).
+  if (!plan.cas || st.res?.status !== 200 || cl === undefined || st.fill.received >= cl) return 'fail';
   if (st.route?.peer && st.attempt && (await resumeFrom(st, st.attempt, cl, st.route))) return 'fetchbody';
   if (!plan.failover) return 'fail';
   for (let attempt = plan.next(); attempt; attempt = plan.next()) {
@@ -483,7 +485,8 @@ async function resumeFrom(st: FetchState, attempt: Attempt, cl: number, after?: 
     if (m && !route.peer) mirrorFailed(st, m, `resume answered HTTP ${res.status}`);
     return false;
   }
-  if (m) host.mirrors.fetched(m, true, route.peer ? undefined : ttfb);
+  const owned = route.peer?.role === 'bank' || route.peer?.role === 'worker';
+  if (m && !owned) host.mirrors.fetched(m, true, route.peer ? undefined : ttfb);
   if (fill.state !== 'streaming') {
     discard(res.body);
     return false;
@@ -545,7 +548,7 @@ async function commit(st: FetchState): Promise<Step> {
   // Invalidated (an unsafe method, a PURGE) while the record was being written: it must not stay.
   if (ok && host.superseded(fill)) await host.store.delete(meta.key);
   else if (ok) {
-    host.stats.fillsCommitted++;
+    if (!spill.transient) host.stats.fillsCommitted++;
     if (!inMemory && meta.key === fill.key) host.hold(fill);
   }
   else if (spill.failed) host.log.warn({ key: fill.key, err: spill.failed.message }, 'disk write failed; object kept in memory only if small');
@@ -618,7 +621,8 @@ async function ask(st: FetchState, attempt: Attempt, extra: Headers, after?: Rou
         delete headers['if-modified-since'];
       }
       const res = await host.upstream.request({ url: attempt.url, method: 'GET', headers, signal: ac.signal, via: peer });
-      const own = peer ? peersOwnFailure(res) : undefined;
+      // Another worker's labelled failure is this process's own, and final: it was the owner's fetch.
+      const own = peer && peer.role !== 'worker' ? peersOwnFailure(res) : undefined;
       if (peer && own) {
         // The peer answered, but with its own failure (it could not reach the origin, it is overloaded,
         // it denies us): the next route may do better. A denial counts against the peer; the rest do not.

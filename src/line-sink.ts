@@ -130,7 +130,9 @@ export class LineSink {
     } else {
       let n = 0;
       let bytes = 0;
-      while (n < this.#pending.length && (n === 0 || bytes + this.#pending[n]!.length <= cap)) bytes += this.#pending[n++]!.length;
+      // Bytes, not characters: PIPE_BUF counts bytes (a torn line's newline is one more).
+      const room = cap - (this.#torn ? 1 : 0);
+      while (n < this.#pending.length && (n === 0 || bytes + Buffer.byteLength(this.#pending[n]!) <= room)) bytes += Buffer.byteLength(this.#pending[n++]!);
       text = this.#pending.slice(0, n).join('');
       this.#pending = this.#pending.slice(n);
     }

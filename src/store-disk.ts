@@ -170,6 +170,7 @@ export class DiskTier implements Tier {
     return join(this.#objects, hash.slice(0, 2), hash);
   }
 
+
   /** Another worker's key (--workers): read from its path, never indexed, written or evicted here. */
   #foreign(key: string): boolean {
     return this.#o.shared !== undefined && !this.#o.shared.owns(key);
@@ -302,7 +303,7 @@ export class DiskTier implements Tier {
     // Another worker's key: its owner writes the record. This worker's fill of it (a relay's answer, or
     // a fetch while the owner is down) still spills to a file of its own, so a slow reader here never
     // holds back the others; the file is let go at the end, never indexed (readers keep it open).
-    if (this.#foreign(meta.key)) return new DiskWriter(tmp, encodeHeader(meta), this.#o.maxEntryBytes, () => fsp.rm(tmp, { force: true }));
+    if (this.#foreign(meta.key)) return new DiskWriter(tmp, encodeHeader(meta), this.#o.maxEntryBytes, () => fsp.rm(tmp, { force: true }), true);
     return new DiskWriter(tmp, encodeHeader(meta), this.#o.maxEntryBytes, async (fileBytes) => {
       const dest = this.#pathOf(hash);
       await fsp.mkdir(join(this.#objects, hash.slice(0, 2)), { recursive: true });
@@ -377,7 +378,11 @@ export class DiskWriter implements TierWriter {
   flushed = 0;
   onFlush: (() => void) | undefined;
 
-  constructor(path: string, header: Buffer, maxBytes: number, publish: (fileBytes: number) => Promise<void>) {
+  /** A spill only, committed to nothing (another worker's key). */
+  readonly transient: boolean;
+
+  constructor(path: string, header: Buffer, maxBytes: number, publish: (fileBytes: number) => Promise<void>, transient = false) {
+    this.transient = transient;
     this.#path = path;
     this.#headerLen = header.length;
     this.#maxBytes = maxBytes;
@@ -553,6 +558,12 @@ export async function lockCacheDir(dir: string, emptyTmp = false): Promise<void>
     const tmp = join(dir, 'v1', 'tmp');
     for (const f of await fsp.readdir(tmp)) await fsp.rm(join(tmp, f), { force: true });
   }
+}
+
+/** Where a key's record lives under a cache directory (what DiskTier reads and writes). */
+export function recordPath(dir: string, key: string): string {
+  const hash = hashKey(key);
+  return join(dir, 'v1', 'objects', hash.slice(0, 2), hash);
 }
 
 export function lockPath(dir: string): string {

@@ -54,7 +54,10 @@ export interface TierWriter {
 }
 
 /** The disk tier's writer: its bytes can be read back while it writes (the spill file of a fill). */
-export interface SpillWriter extends TierWriter, SpillFile {}
+export interface SpillWriter extends TierWriter, SpillFile {
+  /** Only a spill: its commit stores nothing (another worker owns the key, --workers). */
+  readonly transient?: boolean;
+}
 
 export interface TierStats {
   objects: number;

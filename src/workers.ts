@@ -20,7 +20,7 @@ import { createAdminServer } from './admin.ts';
 import { buildConfig, type Config, type ListenAddr } from './config.ts';
 import type { Logger } from './log.ts';
 import { startSnmpAgent, type SnmpAgent } from './snmp.ts';
-import { lockCacheDir, lockPath } from './store-disk.ts';
+import { lockCacheDir, lockPath, recordPath } from './store-disk.ts';
 import { VERSION } from './version.ts';
 import { rm } from 'node:fs/promises';
 
@@ -230,11 +230,16 @@ export async function startWorkers(cfg: Config, raw: Record<string, unknown>, lo
             // answers its client: a PURGE's 200 means the key is gone everywhere.
             const others = slots.filter((s) => s !== slot && s.ready);
             const id = ++forgetId;
+            const requester = slot.worker;
             const entry = { left: others.length, found: false, done: () => {} };
             entry.done = () => {
               if (!forgets.delete(id) && others.length > 0) return;
-              slot.worker?.postMessage({ type: 'forgot', id: m.id, found: entry.found } satisfies ToWorker);
+              // Only the thread that asked: a restarted one numbers its requests afresh.
+              if (slot.worker === requester) requester?.postMessage({ type: 'forgot', id: m.id, found: entry.found } satisfies ToWorker);
             };
+            // A worker that is not running (restarting) can't drop its record: it goes here, so that the
+            // owner's start-up scan does not find it again.
+            if (slots.some((s) => !s.ready)) void rm(recordPath(cfg.cacheDir, m.key), { force: true }).catch(() => {});
             if (others.length === 0) return entry.done();
             forgets.set(id, entry);
             for (const s of others) s.worker?.postMessage({ type: 'forget', key: m.key, id } satisfies ToWorker);
