@@ -21,12 +21,78 @@ import { importSquidText } from './import-squid.ts';
 /** How long past --shutdown-timeout (and the log's last write) a stop may take before the process just exits. */
 const STOP_GRACE_MS = 5000;
 
-/** Remove the pid file; one that can't be removed is reported, never fatal (cuttle is stopping anyway). */
-function removePidFile(path: string, log: Logger): void {
+/**
+ * --pid-file, exclusive as Squid's pid_filename: created with O_EXCL, so a second cuttle never
+ * overwrites a live one's (logrotate's signal would then go nowhere). A file naming another live
+ * process refuses the start; one whose process is gone (kill -9, a crash) is taken over, with a note
+ * in the log. On exit it is removed only while it still holds our pid. Both start paths (one event
+ * loop, --workers) hold it through these three functions.
+ */
+let heldPidFile: { path: string; stale: string | undefined } | undefined;
+
+/** Take the pid file, or say on stderr why not (false). */
+function claimPidFile(path: string): boolean {
+  let stale: string | undefined;
+  for (let attempt = 0; attempt < 3; attempt++) {
+    try {
+      writeFileSync(path, `${process.pid}\n`, { flag: 'wx' });
+      heldPidFile = { path, stale };
+      return true;
+    } catch (err) {
+      if ((err as NodeJS.ErrnoException).code !== 'EEXIST') {
+        process.stderr.write(`cuttle: cannot write pid-file ${path}: ${(err as Error).message}\n`);
+        return false;
+      }
+    }
+    let text;
+    try {
+      text = readFileSync(path, 'utf8').trim();
+    } catch {
+      continue; // removed meanwhile: create it again
+    }
+    const pid = Number(text);
+    if (Number.isInteger(pid) && pid > 0 && pid !== process.pid && alive(pid)) {
+      process.stderr.write(`cuttle: pid-file ${path} names pid ${pid}, which is running (another cuttle?); stop it first, or give this one another --pid-file\n`);
+      return false;
+    }
+    stale = text;
+    rmSync(path, { force: true });
+  }
+  process.stderr.write(`cuttle: cannot take pid-file ${path}: it keeps coming back\n`);
+  return false;
+}
+
+/** Is a process with this pid running? EPERM means it exists under another user. */
+function alive(pid: number): boolean {
+  try {
+    process.kill(pid, 0);
+    return true;
+  } catch (err) {
+    return (err as NodeJS.ErrnoException).code === 'EPERM';
+  }
+}
+
+/** Remove our pid file, unless it names another process by now; a failure is reported, never fatal (cuttle is stopping anyway). */
+function releasePidFile(log: Logger | undefined): void {
+  if (!heldPidFile) return;
+  const { path } = heldPidFile;
+  heldPidFile = undefined;
+  const warn = (fields: Record<string, unknown>, msg: string): void => {
+    if (log) log.warn({ pidFile: path, ...fields }, msg);
+    else process.stderr.write(`cuttle: ${msg}: ${path}\n`);
+  };
+  let text;
+  try {
+    text = readFileSync(path, 'utf8').trim();
+  } catch (err) {
+    if ((err as NodeJS.ErrnoException).code !== 'ENOENT') warn({ err: (err as Error).message }, 'cannot remove the pid file');
+    return;
+  }
+  if (text !== String(process.pid)) return warn({ holds: text }, 'the pid file names another process now; left in place');
   try {
     rmSync(path, { force: true });
   } catch (err) {
-    log.warn({ pidFile: path, err: (err as Error).message }, 'cannot remove the pid file');
+    warn({ err: (err as Error).message }, 'cannot remove the pid file');
   }
 }
 
@@ -82,6 +148,8 @@ async function main(argv: string[]): Promise<number> {
   // Before the listeners read it: they cap client connections by what it leaves (overload.ts), and
   // warn when that is below --max-client-connections.
   raiseOpenFilesLimit();
+  // Before anything is opened or bound, as Squid does: a second cuttle stops here, naming the first.
+  if (cfg.pidFile !== 'none' && !claimPidFile(cfg.pidFile)) return 1;
   // SO_REUSEPORT spreads connections over the workers' sockets on Linux only (elsewhere one socket of
   // the group would get them all, or the listen fails).
   if (cfg.workers > 1 && process.platform === 'linux') return runWorkers(cfg, cli);
@@ -94,21 +162,15 @@ async function main(argv: string[]): Promise<number> {
   }
   const p = proxy;
   const c = cli;
-  const pidFile = cfg.pidFile === 'none' ? undefined : cfg.pidFile;
-  if (pidFile && !writePidFile(pidFile)) {
-    await p.close(0).catch(() => {});
-    return 1;
-  }
   ownProcess({
     log: p.log,
     shutdownTimeoutMs: () => p.config.shutdownTimeoutMs,
     close: () => p.close(),
     reload: () => p.reload(loadConfig(c)),
     reopenLogs: () => p.reopenLogs(),
-    pidFile,
   });
-  // Listening comes last: once a client (or a supervisor reading the log) can see cuttle, its pid file
-  // is written and its signals are handled.
+  // Listening comes last: once a client (or a supervisor reading the log) can see cuttle, its signals
+  // are handled.
   try {
     await p.listen();
   } catch (err) {
@@ -116,7 +178,7 @@ async function main(argv: string[]): Promise<number> {
     // what was opened and exit non-zero, so systemd and the admin see the failure.
     process.stderr.write(`cuttle: ${(err as Error).message}\n`);
     await p.close(0).catch(() => {});
-    if (pidFile) removePidFile(pidFile, p.log);
+    releasePidFile(p.log);
     return 1;
   }
   return -1; // keep running
@@ -132,11 +194,6 @@ async function runWorkers(cfg: Config, cli: Cli): Promise<number> {
     process.stderr.write(`cuttle: ${(err as Error).message}\n`);
     return 1;
   }
-  const pidFile = cfg.pidFile === 'none' ? undefined : cfg.pidFile;
-  if (pidFile && !writePidFile(pidFile)) {
-    await set.close(0).catch(() => {});
-    return 1;
-  }
   ownProcess({
     log,
     shutdownTimeoutMs: () => cfg.shutdownTimeoutMs,
@@ -147,23 +204,13 @@ async function runWorkers(cfg: Config, cli: Cli): Promise<number> {
       set.reload(next);
     },
     reopenLogs: () => set.reopenLogs(),
-    pidFile,
   });
   return -1;
 }
 
-function writePidFile(path: string): boolean {
-  try {
-    writeFileSync(path, `${process.pid}\n`);
-    return true;
-  } catch (err) {
-    process.stderr.write(`cuttle: cannot write pid-file ${path}: ${(err as Error).message}\n`);
-    return false;
-  }
-}
-
 /** The signals, and the stop: SIGTERM/SIGINT drain and exit, SIGHUP reloads, SIGUSR1 reopens the access log. */
-function ownProcess(o: { log: Logger; shutdownTimeoutMs: () => number; close: () => Promise<void>; reload: () => void; reopenLogs: () => void; pidFile: string | undefined }): void {
+function ownProcess(o: { log: Logger; shutdownTimeoutMs: () => number; close: () => Promise<void>; reload: () => void; reopenLogs: () => void }): void {
+  if (heldPidFile?.stale !== undefined) o.log.warn({ pidFile: heldPidFile.path, stalePid: heldPidFile.stale }, 'took over a stale pid file: the process it names is gone');
   let stopping = false;
   const stop = (sig: string) => {
     if (stopping) return;
@@ -177,7 +224,7 @@ function ownProcess(o: { log: Logger; shutdownTimeoutMs: () => number; close: ()
       process.exit(1);
     }, timeoutMs + LOG_CLOSE_MIN_MS + STOP_GRACE_MS).unref();
     void o.close().then(async () => {
-      if (o.pidFile) removePidFile(o.pidFile, o.log);
+      releasePidFile(o.log);
       o.log.info('stopped');
       await within(new Promise<void>((r) => o.log.flush(() => r())), LOG_CLOSE_MIN_MS);
       process.exit(0);
@@ -209,11 +256,13 @@ function ownProcess(o: { log: Logger; shutdownTimeoutMs: () => number; close: ()
 
 main(process.argv.slice(2)).then(
   (code) => {
+    if (code >= 0) releasePidFile(undefined); // a start that failed after the claim
     if (code > 0) process.exit(code);
     if (code === 0) process.exitCode = 0;
   },
   (err) => {
     process.stderr.write(`cuttle: fatal: ${(err as Error).stack ?? err}\n`);
+    releasePidFile(undefined);
     process.exit(1);
   },
 );
