@@ -1,8 +1,3 @@
-#!/usr/bin/env -S GLIBC_TUNABLES=glibc.malloc.mmap_threshold=131072 node --max-semi-space-size=8
-// --max-semi-space-size: V8 would otherwise grow its young generation to 128 MiB under a proxy's
-// allocation rate, memory that --memory-cache does not see (README "Memory"). 8 (16 MiB young) cost
-// no CPU against 16 in the herd or in hits, and saved 5-45 MiB of peak RSS.
-// GLIBC_TUNABLES: glibc's own mmap threshold (128 KiB), pinned; see README "The C allocator's slack".
 // The command line: parse, validate, start, and own the process (signals, exit codes).
 import { raiseOpenFilesLimit } from './process-setup.ts';
 import { ConfigError } from './errors.ts';

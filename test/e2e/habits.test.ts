@@ -2,14 +2,15 @@
 // the pid in it, so a second instance must never take it over), and a clear refusal of an unsupported
 // Node before any TypeScript is loaded.
 import assert from 'node:assert/strict';
-import { spawnSync } from 'node:child_process';
-import { existsSync, readFileSync, writeFileSync } from 'node:fs';
+import { spawnSync, type SpawnSyncReturns } from 'node:child_process';
+import { existsSync, readFileSync, realpathSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
-import { after, before, describe, it } from 'node:test';
+import { after, before, describe, it, type TestContext } from 'node:test';
 import { waitFor } from '../helpers/mirrors.ts';
 import { startOrigin, type Origin } from '../helpers/origin.ts';
 import { get, proxyClient, startChildProxy, tmpDir } from '../helpers/proxy.ts';
 
+const LAUNCHER = 'src/cuttle.js'; // package.json "bin"
 
 /** Start a cuttle that must refuse to start: its stderr. One that starts anyway is stopped, and fails the test. */
 async function refused(args: string[]): Promise<string> {
@@ -84,5 +85,41 @@ describe('--pid-file is exclusive, as Squid keeps it', () => {
       assert.equal(await proxy.stop(), 0);
     }
     assert.equal(existsSync(pidFile), false);
+  });
+});
+
+/** A Node older than 24 on this machine (the system's, outside node_modules), or undefined after skipping (outside CI). */
+function oldNode(t: TestContext): string | undefined {
+  const which = spawnSync('which', ['-a', 'node'], { encoding: 'utf8' }).stdout.split('\n');
+  for (const path of new Set(['/usr/bin/node', '/usr/local/bin/node', ...which].filter((p) => p && existsSync(p)).map((p) => realpathSync(p)))) {
+    if (path.includes('node_modules')) continue;
+    const v = spawnSync(path, ['--version'], { encoding: 'utf8' }).stdout.trim();
+    if (Number(/^v(\d+)\./.exec(v)?.[1]) < 24) return path;
+  }
+  const why = 'no Node older than 24 outside node_modules (the machine Node of CI is 20)';
+  if (process.env.CI === 'true') throw new Error(why);
+  t.skip(why);
+  return undefined;
+}
+
+describe('the cuttle command and the Node it runs on', () => {
+  it('an unsupported Node says "cuttle needs Node ≥ 24" and exits non-zero, before loading any TypeScript', (t) => {
+    const node = oldNode(t);
+    if (!node) return;
+    const version = spawnSync(node, ['--version'], { encoding: 'utf8' }).stdout.trim();
+    for (const args of [['--version'], ['--listen', '127.0.0.1:0', '--cache-dir', join(tmpDir(), 'c')]]) {
+      const r: SpawnSyncReturns<string> = spawnSync(node, [LAUNCHER, ...args], { encoding: 'utf8' });
+      assert.equal(r.status, 1);
+      assert.equal(r.stderr, `cuttle needs Node ≥ 24 (this is ${version})\n`);
+      assert.equal(r.stdout, '');
+    }
+  });
+
+  it('Node 24 runs the proxy through the same command', () => {
+    const r = spawnSync(process.execPath, [LAUNCHER, '--version'], { encoding: 'utf8' });
+    assert.equal(r.status, 0, r.stderr);
+    assert.match(r.stdout, /^cuttle \d+\.\d+\.\d+\n$/);
+    const bad = spawnSync(process.execPath, [LAUNCHER, '--no-such-option'], { encoding: 'utf8' });
+    assert.equal(bad.status, 2, 'main.ts runs and owns the exit code');
   });
 });

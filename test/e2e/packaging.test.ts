@@ -33,7 +33,7 @@ function cuttleUnder(pid: number): number | undefined {
       const found = cuttleUnder(k);
       if (found) return found;
     }
-    if (readFileSync(`/proc/${pid}/cmdline`, 'utf8').split('\0').includes('src/main.ts')) return pid;
+    if (readFileSync(`/proc/${pid}/cmdline`, 'utf8').split('\0').some((a) => a === 'src/main.ts' || a === 'src/cuttle.js')) return pid;
   } catch {
     // gone meanwhile
   }
@@ -169,7 +169,7 @@ describe('packaging', () => {
     assert.match(unit, /npm ci --omit=dev/);
     const pkg = JSON.parse(readFileSync('package.json', 'utf8')) as { scripts: Record<string, string>; bin: Record<string, string> };
     assert.equal(pkg.scripts.prepare, undefined, 'no install-time build (it needs dev dependencies)');
-    assert.equal(pkg.bin.cuttle, 'src/main.ts');
+    assert.equal(pkg.bin.cuttle, 'src/cuttle.js');
   });
 
   it('the HEALTHCHECK command reports a running proxy healthy, and a stopped one unhealthy', async () => {
@@ -186,7 +186,7 @@ describe('packaging', () => {
   it("every launcher pins glibc's mmap threshold, and the proxy really runs with it", async () => {
     // README "The C allocator's slack": one value, in the shebang (the `cuttle` bin), `npm start`, the
     // image, the unit, and the bench (which measures what is shipped).
-    const shebang = readFileSync('src/main.ts', 'utf8').split('\n')[0]!;
+    const shebang = readFileSync('src/cuttle.js', 'utf8').split('\n')[0]!;
     assert.match(shebang, /^#!\/usr\/bin\/env -S /);
     assert.ok(shebang.split(' ').includes(PINNED), shebang);
     const pkg = JSON.parse(readFileSync('package.json', 'utf8')) as { scripts: Record<string, string> };
@@ -196,7 +196,7 @@ describe('packaging', () => {
     // The kernel runs a shebang as the interpreter, the rest of the line as one argument, then the file
     // (under a shell that stays, so that the launcher and cuttle are two processes, as with npm).
     const rest = shebang.slice('#!/usr/bin/env '.length);
-    const cmd = `/usr/bin/env "$1" src/main.ts ${[...ARGS, '--cache-dir', join(tmpDir(), 'c')].join(' ')}; true`;
+    const cmd = `/usr/bin/env "$1" src/cuttle.js ${[...ARGS, '--cache-dir', join(tmpDir(), 'c')].join(' ')}; true`;
     await launched('sh', ['-c', cmd, 'sh', rest], {}, async (_sh, pid) => {
       assert.ok(runsPinned(pid));
     });
