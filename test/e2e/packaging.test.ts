@@ -159,9 +159,10 @@ describe('packaging', () => {
     const cacheDir = /^Environment=NODE_COMPILE_CACHE=(\S+)$/m.exec(unit)?.[1];
     assert.ok(cacheDir, 'the unit sets NODE_COMPILE_CACHE');
     const warm = /^ExecStartPre=(.*)$/m.exec(unit)![1]!.split(' ');
-    assert.deepEqual(warm, [exec[0], exec.find((a) => a.endsWith('/src/main.ts')), '--version']);
+    // The unit runs the launcher, so a /usr/bin/node older than 24 says so instead of failing to load .ts.
+    assert.deepEqual(warm, [exec[0], exec.find((a) => a.endsWith('/src/cuttle.js')), '--version']);
     const cache = join(dir, 'compile-cache');
-    const warmed = spawnSync(process.execPath, ['src/main.ts', '--version'], { cwd: dir, env: { ...env, NODE_COMPILE_CACHE: cache }, encoding: 'utf8' });
+    const warmed = spawnSync(process.execPath, ['src/cuttle.js', '--version'], { cwd: dir, env: { ...env, NODE_COMPILE_CACHE: cache }, encoding: 'utf8' });
     assert.equal(warmed.status, 0, warmed.stderr);
     assert.ok(readdirSync(cache, { recursive: true }).length > 0, 'the warming run filled the compile cache');
     assert.match(dockerfile, /^ENV NODE_COMPILE_CACHE=\S+\nRUN node src\/main.ts --version$/m);
