@@ -104,6 +104,13 @@ async function takePorts(addrs: ListenAddr[]): Promise<ListenAddr[]> {
   return out;
 }
 
+/** An invalidation one worker asked for, waiting for the others to have forgotten the key. */
+interface Forget {
+  waiting: Set<Slot>;
+  found: boolean;
+  done(): void;
+}
+
 interface Slot {
   worker: Worker | undefined;
   relay: string | undefined;
@@ -199,7 +206,7 @@ export async function startWorkers(cfg: Config, raw: Record<string, unknown>, lo
   let closing = false;
   let reportId = 0;
   let forgetId = 0;
-  const forgets = new Map<number, { left: number; found: boolean; done: () => void }>();
+  const forgets = new Map<number, Forget>();
   const waiting = new Map<number, { left: number; got: { status: Record<string, unknown>; metrics: string }[]; done: () => void }>();
 
   const broadcast = (m: ToWorker) => {
@@ -231,25 +238,32 @@ export async function startWorkers(cfg: Config, raw: Record<string, unknown>, lo
             const others = slots.filter((s) => s !== slot && s.ready);
             const id = ++forgetId;
             const requester = slot.worker;
-            const entry = { left: others.length, found: false, done: () => {} };
-            entry.done = () => {
-              if (!forgets.delete(id) && others.length > 0) return;
-              // Only the thread that asked: a restarted one numbers its requests afresh.
-              if (slot.worker === requester) requester?.postMessage({ type: 'forgot', id: m.id, found: entry.found } satisfies ToWorker);
-            };
             // A worker that is not running (restarting) can't drop its record: it goes here, so that the
             // owner's start-up scan does not find it again.
-            if (slots.some((s) => !s.ready)) void rm(recordPath(cfg.cacheDir, m.key), { force: true }).catch(() => {});
+            const unlinked = slots.some((s) => !s.ready) ? rm(recordPath(cfg.cacheDir, m.key), { force: true }).catch(() => {}) : Promise.resolve();
+            const entry: Forget = {
+              waiting: new Set(others),
+              found: false,
+              done: () => {
+                forgets.delete(id);
+                // Only the thread that asked: a restarted one numbers its requests afresh.
+                void unlinked.then(() => {
+                  if (slot.worker === requester) requester?.postMessage({ type: 'forgot', id: m.id, found: entry.found } satisfies ToWorker);
+                });
+              },
+            };
             if (others.length === 0) return entry.done();
             forgets.set(id, entry);
             for (const s of others) s.worker?.postMessage({ type: 'forget', key: m.key, id } satisfies ToWorker);
-            setTimeout(() => forgets.get(id)?.done(), 2000).unref(); // a worker that died meanwhile
             break;
           }
           case 'forgot': {
+            // Each running worker answers once it has forgotten; one that dies meanwhile is let go at its exit.
             const f = forgets.get(m.id);
-            if (f && m.found) f.found = true;
-            if (f && --f.left === 0) f.done();
+            if (!f) break;
+            if (m.found) f.found = true;
+            f.waiting.delete(slot);
+            if (f.waiting.size === 0) f.done();
             break;
           }
           case 'report': {
@@ -266,6 +280,7 @@ export async function startWorkers(cfg: Config, raw: Record<string, unknown>, lo
       });
       worker.on('error', (err) => log.error({ worker: index, err, internal: true }, 'worker failed'));
       worker.on('exit', (code) => {
+        for (const f of [...forgets.values()]) if (f.waiting.delete(slot) && f.waiting.size === 0) f.done();
         const wasReady = slot.ready;
         slot.ready = false;
         slot.worker = undefined;
