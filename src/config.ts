@@ -155,10 +155,11 @@ function parseNamePort(v: string): { host: string; port: number } | undefined {
   return m && port >= 1 && port <= 65535 ? { host: m[1]!, port } : undefined;
 }
 
-// A zod field that turns a user string into a typed value, with the expectation in the error text.
+// A zod field that turns a user string into a typed value, with the expectation in the error text
+// (also for a value of the wrong YAML type, such as `disk-cache: true`).
 const conv = <T>(fn: (v: never) => T | undefined, expected: string) =>
-  z.union([z.string(), z.number()]).transform((v, ctx) => {
-    const out = fn(v as never);
+  z.unknown().transform((v, ctx) => {
+    const out = typeof v === 'string' || typeof v === 'number' ? fn(v as never) : undefined;
     if (out === undefined) {
       ctx.addIssue({ code: 'custom', message: `expected ${expected}, got ${JSON.stringify(v)}` });
       return z.NEVER;
@@ -167,8 +168,8 @@ const conv = <T>(fn: (v: never) => T | undefined, expected: string) =>
   });
 // Like conv, for parsers that explain what was wrong instead of returning undefined.
 const explained = <T extends object>(fn: (v: string | number) => T | string) =>
-  z.union([z.string(), z.number()]).transform((v, ctx) => {
-    const out = fn(v);
+  z.unknown().transform((v, ctx) => {
+    const out = typeof v === 'string' || typeof v === 'number' ? fn(v) : 'a string';
     if (typeof out === 'string') {
       ctx.addIssue({ code: 'custom', message: `expected ${out}, got ${JSON.stringify(v)}` });
       return z.NEVER;
@@ -177,8 +178,26 @@ const explained = <T extends object>(fn: (v: string | number) => T | string) =>
   });
 const list = <T extends z.ZodType>(item: T) => z.preprocess((v) => (Array.isArray(v) ? v : [v]), z.array(item));
 /** A switch: true or false in YAML (or as the strings), a bare flag or its --no- form on the command line. */
-const bool = z.union([z.boolean(), z.enum(['true', 'false']).transform((v) => v === 'true')]);
-const size = conv(parseSize, 'a size with its unit (B, KB, MB, GB or TB, 1024-based), such as 512KB, 256MB or 10GB; a bare number is refused, since Squid reads one as MB');
+const bool = z.unknown().transform((v, ctx) => {
+  if (typeof v === 'boolean') return v;
+  if (v === 'true' || v === 'false') return v === 'true';
+  // YAML 1.1 (and Squid's on/off) read yes/no/on/off as switches; YAML 1.2, which cuttle reads, as strings.
+  const yaml11 = typeof v === 'string' && /^(yes|no|on|off|y|n)$/i.test(v) ? ' (yes/no/on/off are strings in YAML 1.2: write true or false)' : '';
+  ctx.addIssue({ code: 'custom', message: `expected true or false, got ${JSON.stringify(v)}${yaml11}` });
+  return z.NEVER;
+});
+const SIZE_EXPECTED = 'a size with its unit (B, KB, MB, GB or TB, 1024-based), such as 512KB, 256MB or 10GB; a bare number is refused, since Squid reads one as MB';
+const size = conv(parseSize, SIZE_EXPECTED);
+/** A tier's bound: a tier of 0 bytes can't hold anything (the tiers refuse it at start), so 0 is refused here, under its own key. */
+const tierSize = (tier: string) =>
+  z.unknown().transform((v, ctx) => {
+    const n = typeof v === 'string' ? parseSize(v) : undefined;
+    if (n === undefined || n === 0) {
+      ctx.addIssue({ code: 'custom', message: n === 0 ? `expected a size above 0 (the ${tier} tier holds nothing in 0 bytes), got ${JSON.stringify(v)}` : `expected ${SIZE_EXPECTED}, got ${JSON.stringify(v)}` });
+      return z.NEVER;
+    }
+    return n;
+  });
 const duration = conv(parseDurationMs, 'a duration such as 500ms, 60s, 5m or 1h');
 const listenOrNone = conv((v: string | number) => (v === 'none' ? ('none' as const) : parseListen(v)), '[HOST:]PORT or none');
 const cidrs = (example: string) => list(conv(parseCidr, `an IP address or CIDR such as ${example}`));
@@ -213,13 +232,13 @@ export const OPTIONS = {
     default: '10GB',
     field: 'diskCacheBytes',
     help: 'disk tier size bound (KB/MB/GB)',
-    schema: size,
+    schema: tierSize('disk'),
   },
   'memory-cache': {
     default: '256MB',
     field: 'memoryCacheBytes',
     help: 'memory tier size bound',
-    schema: size,
+    schema: tierSize('memory'),
   },
   'max-object-size': {
     default: '1GB',
@@ -678,17 +697,21 @@ export function buildConfig(raw: Record<string, unknown>): Config {
   const merged = { ...structuredClone(DEFAULTS), ...raw } as Record<string, unknown>;
   const res = schema.safeParse(merged);
   if (!res.success) {
-    const problems = res.error.issues.map((i) => {
+    const problems = res.error.issues.flatMap((i) => {
       const key = i.path.length ? String(i.path[0]) : '(config)';
-      if (i.code === 'unrecognized_keys') return `${i.keys.map((k) => `unknown key "${k}"`).join(', ')}; known keys: ${Object.keys(DEFAULTS).join(', ')}`;
-      return `${key}: ${i.message}`;
+      if (i.code === 'unrecognized_keys') return i.keys.map((k) => unknownName('key', k, '', Object.keys(DEFAULTS)));
+      return [`${key}: ${i.message}`];
     });
     throw new ConfigError(problems);
   }
   const cfg = toConfig(res.data);
   const cross: string[] = [];
-  if (cfg.maxMemoryObjectBytes > cfg.memoryCacheBytes) cross.push('max-memory-object-size: must not exceed memory-cache');
-  if (cfg.maxObjectBytes > cfg.diskCacheBytes) cross.push('max-object-size: must not exceed disk-cache');
+  // A bound below its largest object: the message names the key the admin wrote, not a default.
+  for (const [bound, largest] of [['memory-cache', 'max-memory-object-size'], ['disk-cache', 'max-object-size']] as const) {
+    if ((res.data[largest] as number) <= (res.data[bound] as number)) continue;
+    if (largest in raw) cross.push(`${largest}: must not exceed ${bound} (${String(merged[bound])}${bound in raw ? '' : ', its default'})`);
+    else cross.push(`${bound}: ${String(merged[bound])} is below ${largest} (${String(merged[largest])}, its default): raise ${bound} or lower ${largest}`);
+  }
   if (cfg.probe.threshold > cfg.probe.window) cross.push('probe-threshold: must not exceed probe-window');
   if (cfg.probe.initial > cfg.probe.window) cross.push('probe-initial: must not exceed probe-window');
   if ((cfg.accel || cfg.accelListen !== 'none') && cfg.mirrorGroups.length === 0) cross.push('accel: accelerator mode needs at least one stratum1 mirror to serve from');
@@ -711,6 +734,35 @@ export function buildConfig(raw: Record<string, unknown>): Config {
   }
   if (cross.length) throw new ConfigError(cross);
   return deepFreeze(cfg);
+}
+
+/**
+ * An unknown key or option, with the nearest known name when one is close (a typo, a transposition,
+ * Squid's underscores), else a pointer to --help: a list of every name hides the one meant.
+ */
+function unknownName(what: string, name: string, prefix: string, known: readonly string[]): string {
+  const norm = (s: string) => s.toLowerCase().replace(/_/g, '-');
+  let best: string | undefined;
+  let bestDistance = Infinity;
+  for (const k of known) {
+    const d = editDistance(norm(name), norm(k));
+    if (d < bestDistance) [best, bestDistance] = [k, d];
+  }
+  const close = bestDistance <= Math.min(3, Math.max(1, Math.floor(name.length / 4)));
+  return `unknown ${what} "${prefix}${name}"; ${close ? `did you mean "${prefix}${best}"?` : 'run cuttle --help for every option'}`;
+}
+
+/** Edits (insert, delete, substitute, swap two neighbours) that turn a into b. */
+function editDistance(a: string, b: string): number {
+  const d = Array.from({ length: a.length + 1 }, (_, i) => Array.from({ length: b.length + 1 }, (_, j) => (i === 0 ? j : j === 0 ? i : 0)));
+  for (let i = 1; i <= a.length; i++) {
+    for (let j = 1; j <= b.length; j++) {
+      const cost = a[i - 1] === b[j - 1] ? 0 : 1;
+      d[i]![j] = Math.min(d[i - 1]![j]! + 1, d[i]![j - 1]! + 1, d[i - 1]![j - 1]! + cost);
+      if (i > 1 && j > 1 && a[i - 1] === b[j - 2] && a[i - 2] === b[j - 1]) d[i]![j] = Math.min(d[i]![j]!, d[i - 2]![j - 2]! + 1);
+    }
+  }
+  return d[a.length]![b.length]!;
 }
 
 /** Read a YAML config file into a raw object. */
@@ -749,6 +801,16 @@ export function parseCli(argv: string[]): Cli {
     help: { type: 'boolean' },
   };
   for (const name of Object.keys(DEFAULTS) as OptionName[]) options[name] = typeof DEFAULTS[name] === 'boolean' ? { type: 'boolean' } : { type: 'string', multiple: 'multiple' in OPTIONS[name] };
+  // What parseArgs would only say as "Unknown option": the nearest known option, and a switch given a value.
+  const flags = Object.entries(options).flatMap(([k, o]) => (o.type === 'boolean' && k in OPTIONS ? [k, `no-${k}`] : [k]));
+  const problems: string[] = [];
+  for (const t of parseArgs({ args: argv, options, strict: false, allowPositionals: true, allowNegative: true, tokens: true }).tokens) {
+    if (t.kind !== 'option') continue;
+    const name = t.rawName.replace(/^--?/, '');
+    if (!flags.includes(name)) problems.push(unknownName('option', name, t.rawName.startsWith('--') ? '--' : '-', flags));
+    else if (options[t.name]!.type === 'boolean' && t.inlineValue) problems.push(`${t.name}: expected --${t.name} or --no-${t.name} (a switch takes no value), got "${t.rawName}=${t.value}"`);
+  }
+  if (problems.length) throw new ConfigError(problems);
   let parsed;
   try {
     parsed = parseArgs({ args: argv, options, strict: true, allowPositionals: false, allowNegative: true }); // --no-hit-lane

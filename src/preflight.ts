@@ -1,10 +1,12 @@
 // What --check-config checks on this host beyond the file itself, without changing anything: that the
-// directories cuttle would create or write are usable, and that every listen address exists here. A
-// config that passes here fails at start only for what can't be known beforehand (a port in use).
+// directories cuttle would create or write are usable, that every listen address exists here, and that
+// its port is free (bound and released at once). A port held by the running cuttle on the same cache
+// dir is what a check before a reload finds, so that is a note, not a problem.
 import { listensOn, resolveAll } from './bank.ts';
-import { accessSync, constants, statSync } from 'node:fs';
+import { createSocket } from 'node:dgram';
+import { accessSync, constants, readdirSync, readFileSync, readlinkSync, statSync } from 'node:fs';
 import { lookup } from 'node:dns/promises';
-import { isIP } from 'node:net';
+import { createServer, isIP } from 'node:net';
 import { networkInterfaces } from 'node:os';
 import { dirname, resolve } from 'node:path';
 import type { Config, ListenAddr } from './config.ts';
@@ -61,6 +63,52 @@ async function addressProblem(a: ListenAddr, local: Set<string>): Promise<string
   return addrs.some((x) => local.has(x) || x.startsWith('127.')) ? undefined : `${a.host} is not an address of this host (${[...local].join(', ')})`;
 }
 
+/** Is the address taken now? Bound and released at once, as start would bind it (other errors are start's to report). */
+async function taken(a: ListenAddr, udp: boolean): Promise<boolean> {
+  return new Promise((done) => {
+    const failed = (err: NodeJS.ErrnoException) => done(err.code === 'EADDRINUSE');
+    if (udp) {
+      const s = createSocket(a.host.includes(':') ? 'udp6' : 'udp4');
+      s.once('error', (err) => {
+        s.close();
+        failed(err);
+      });
+      s.bind({ address: a.host, port: a.port, exclusive: true }, () => s.close(() => done(false)));
+    } else {
+      const s = createServer();
+      s.once('error', failed);
+      s.listen({ host: a.host, port: a.port, exclusive: true }, () => s.close(() => done(false)));
+    }
+  });
+}
+
+/**
+ * Does process `pid` hold a socket bound to `port` (listening, for TCP)? From /proc: the socket
+ * inodes on the port, then the process's descriptors. undefined when /proc can't tell (not Linux, or
+ * another user's process).
+ */
+function holdsPort(pid: number, port: number, udp: boolean): boolean | undefined {
+  const inodes = new Set<string>();
+  try {
+    for (const table of udp ? ['udp', 'udp6'] : ['tcp', 'tcp6']) {
+      for (const line of readFileSync(`/proc/net/${table}`, 'utf8').split('\n').slice(1)) {
+        const f = line.trim().split(/\s+/);
+        if (f.length < 10 || Number.parseInt(f[1]!.split(':').pop()!, 16) !== port) continue;
+        if (udp || f[3] === '0A') inodes.add(f[9]!); // 0A: LISTEN
+      }
+    }
+    return readdirSync(`/proc/${pid}/fd`).some((fd) => {
+      try {
+        return inodes.has(/^socket:\[(\d+)\]$/.exec(readlinkSync(`/proc/${pid}/fd/${fd}`))?.[1] ?? '');
+      } catch {
+        return false; // closed meanwhile
+      }
+    });
+  } catch {
+    return undefined;
+  }
+}
+
 /** Every problem, each prefixed by the option it concerns, plus notes that are not problems. */
 export async function checkHost(cfg: Config): Promise<{ problems: string[]; notes: string[] }> {
   const problems: string[] = [];
@@ -81,6 +129,12 @@ export async function checkHost(cfg: Config): Promise<{ problems: string[]; note
     if (a === 'none') continue;
     const p = await addressProblem(a, local);
     if (p) problems.push(`${key}: ${p}`);
+    else if (a.port !== 0 && (await taken(a, key === 'snmp-listen'))) {
+      const where = `${a.host.includes(':') ? `[${a.host}]` : a.host}:${a.port}${key === 'snmp-listen' ? ' (UDP)' : ''}`;
+      const ours = holder === undefined ? false : holdsPort(holder, a.port, key === 'snmp-listen');
+      if (holder !== undefined && ours !== false) notes.push(`${key}: ${where} is taken by the running cuttle pid ${holder} on this cache-dir${ours ? '' : ' (presumably: its sockets are not readable by this user)'} (fine before a reload)`);
+      else problems.push(`${key}: ${where} is already in use by another process${holder === undefined ? '' : ` (not the cuttle pid ${holder} on this cache-dir)`}`);
+    }
   }
   notes.push(...(await bankNotes(cfg)));
   return { problems, notes };

@@ -1,13 +1,16 @@
 import assert from 'node:assert/strict';
-import { spawnSync } from 'node:child_process';
+import { spawn, spawnSync } from 'node:child_process';
+import { createSocket } from 'node:dgram';
+import { once } from 'node:events';
 import { existsSync, readFileSync, writeFileSync } from 'node:fs';
-import { createServer } from 'node:net';
+import { createServer, connect } from 'node:net';
 import type { AddressInfo } from 'node:net';
 import { join } from 'node:path';
 import { describe, it } from 'node:test';
 import { buildConfig, OPTIONS, parseCli, parseDurationMs, parseSize, loadConfig } from '../../src/config.ts';
 import { ConfigError } from '../../src/errors.ts';
-import { tmpDir } from '../helpers/proxy.ts';
+import { blockList, parseCidr } from '../../src/cidr.ts';
+import { startProxy, tmpDir } from '../helpers/proxy.ts';
 
 function problems(raw: Record<string, unknown>): string[] {
   try {
@@ -130,6 +133,110 @@ describe('config', () => {
     const r = cuttle(['--memory-cahce', '1GB']);
     assert.equal(r.status, 2);
     assert.match(r.stderr, /--memory-cahce/);
+  });
+
+  it('an unknown key or option suggests the nearest known one, not a list of all; --help when none is close', () => {
+    assert.deepEqual(problems({ 'memory-cahce': '1GB' }), ['unknown key "memory-cahce"; did you mean "memory-cache"?']);
+    assert.deepEqual(problems({ cache_dir: '/tmp/x' }), ['unknown key "cache_dir"; did you mean "cache-dir"?'], "Squid's underscores");
+    assert.deepEqual(problems({ frobnicate: 1 }), ['unknown key "frobnicate"; run cuttle --help for every option']);
+    const cli = (args: string[]) => {
+      const r = cuttle([...args, '--check-config']);
+      assert.equal(r.status, 2, r.stderr);
+      assert.doesNotMatch(r.stderr, /Unknown option|known keys/);
+      return r.stderr;
+    };
+    assert.match(cli(['--memory-cahce', '1GB']), /unknown option "--memory-cahce"; did you mean "--memory-cache"\?/);
+    assert.match(cli(['--no-acel']), /unknown option "--no-acel"; did you mean "--no-accel"\?/);
+    assert.match(cli(['--stratum-1', 'http://s1.example:8000']), /did you mean "--stratum1"\?/);
+    assert.match(cli(['--zzzzqqq']), /unknown option "--zzzzqqq"; run cuttle --help for every option/);
+  });
+
+  it('a switch given yes/no/on/off or another type says it expects true or false, for every switch', () => {
+    const switches = (Object.keys(OPTIONS) as (keyof typeof OPTIONS)[]).filter((k) => typeof OPTIONS[k].default === 'boolean');
+    assert.ok(switches.length >= 3, switches.join());
+    for (const k of switches) {
+      assert.match(problems({ [k]: 'yes' }).join('\n'), new RegExp(`^${k}: expected true or false, got "yes" \\(yes/no/on/off are strings in YAML 1\\.2`, 'm'));
+      assert.deepEqual(problems({ [k]: 1 }), [`${k}: expected true or false, got 1`]);
+      const r = cuttle([`--${k}=yes`, '--check-config']);
+      assert.equal(r.status, 2);
+      assert.match(r.stderr, new RegExp(`${k}: expected --${k} or --no-${k} \\(a switch takes no value\\), got "--${k}=yes"`));
+      assert.equal(buildConfig({ [k]: 'false' }).options[k], false);
+    }
+    // The YAML file as an admin writes it; and a value of the wrong type for a size says what it expected too.
+    const file = join(tmpDir(), 'switch.yaml');
+    writeFileSync(file, 'accel: yes\nstratum1: [http://s1.example:8000]\ndisk-cache: true\n');
+    const r = cuttle(['--config', file, '--check-config']);
+    assert.equal(r.status, 2);
+    assert.match(r.stderr, /accel: expected true or false, got "yes"/);
+    assert.match(r.stderr, /disk-cache: expected a size with its unit .*, got true/);
+    assert.doesNotMatch(r.stderr, /Invalid input/);
+  });
+
+  it('a size error names the key the admin wrote: a tier of 0 bytes is refused as such, a tier below its largest object names the tier', () => {
+    const zero = cuttle(['--check-config', '--memory-cache', '0B']);
+    assert.equal(zero.status, 2);
+    assert.match(zero.stderr, /memory-cache: expected a size above 0 \(the memory tier holds nothing in 0 bytes\), got "0B"/);
+    assert.doesNotMatch(zero.stderr, /max-memory-object-size/);
+    // 0B for both passed the file, then the memory tier refused it at start.
+    assert.match(problems({ 'memory-cache': '0B', 'max-memory-object-size': '0B' }).join('\n'), /^memory-cache: expected a size above 0/m);
+    assert.match(problems({ 'disk-cache': '0KB', 'max-object-size': '0B' }).join('\n'), /^disk-cache: expected a size above 0 \(the disk tier/m);
+    assert.deepEqual(problems({ 'memory-cache': '512KB' }), ['memory-cache: 512KB is below max-memory-object-size (1MB, its default): raise memory-cache or lower max-memory-object-size']);
+    assert.deepEqual(problems({ 'disk-cache': '512MB' }), ['disk-cache: 512MB is below max-object-size (1GB, its default): raise disk-cache or lower max-object-size']);
+    assert.deepEqual(problems({ 'max-memory-object-size': '1GB' }), ['max-memory-object-size: must not exceed memory-cache (256MB, its default)']);
+    assert.deepEqual(problems({ 'memory-cache': '512KB', 'max-memory-object-size': '1MB' }), ['max-memory-object-size: must not exceed memory-cache (512KB)']);
+    assert.equal(buildConfig({ 'memory-cache': '1B', 'max-memory-object-size': '0B', 'range-offset-limit': '0B' }).memoryCacheBytes, 1, 'the smallest tier, and sizes where 0 means something');
+  });
+
+  it('--check-config reports a listen port already taken (TCP and UDP), and only notes one the running cuttle on this cache-dir holds', async () => {
+    const tcp = createServer();
+    await new Promise<void>((r) => tcp.listen(0, '127.0.0.1', () => r()));
+    const udp = createSocket('udp4');
+    await new Promise<void>((r) => udp.bind(0, '127.0.0.1', () => r()));
+    const tcpPort = (tcp.address() as AddressInfo).port;
+    const udpPort = udp.address().port;
+    const dir = tmpDir();
+    try {
+      const r = cuttle(['--check-config', '--cache-dir', join(dir, 'c'), '--listen', `127.0.0.1:${tcpPort}`, '--admin-listen', `${tcpPort}`, '--snmp-listen', `127.0.0.1:${udpPort}`]);
+      assert.equal(r.status, 1, r.stderr);
+      assert.match(r.stderr, new RegExp(`listen: 127\\.0\\.0\\.1:${tcpPort} is already in use by another process`));
+      assert.match(r.stderr, new RegExp(`admin-listen: \\[::\\]:${tcpPort} is already in use`), 'the wildcard overlaps 127.0.0.1');
+      assert.match(r.stderr, new RegExp(`snmp-listen: 127\\.0\\.0\\.1:${udpPort} \\(UDP\\) is already in use`));
+    } finally {
+      tcp.close();
+      udp.close();
+    }
+    // The running cuttle on the same cache dir (a check before a reload): a note. Another process on its port: a problem.
+    const p = await startProxy();
+    const other = spawn(process.execPath, ['-e', "const s = require('node:net').createServer().listen(0, '127.0.0.1', () => console.log(s.address().port)); process.stdin.on('end', () => s.close()).resume()"], { stdio: ['pipe', 'pipe', 'inherit'] });
+    try {
+      const [line] = (await once(other.stdout!, 'data')) as [Buffer];
+      const otherPort = Number(line.toString().trim());
+      const reload = cuttle(['--check-config', '--cache-dir', p.cacheDir, '--listen', `127.0.0.1:${p.port}`, '--admin-listen', 'none']);
+      assert.equal(reload.status, 0, reload.stderr);
+      assert.match(reload.stdout, new RegExp(`note: +listen: 127\\.0\\.0\\.1:${p.port} is taken by the running cuttle pid ${process.pid} on this cache-dir \\(fine before a reload\\)`));
+      const clash = cuttle(['--check-config', '--cache-dir', p.cacheDir, '--listen', `127.0.0.1:${otherPort}`, '--admin-listen', 'none']);
+      assert.equal(clash.status, 1, clash.stderr);
+      assert.match(clash.stderr, new RegExp(`listen: 127\\.0\\.0\\.1:${otherPort} is already in use by another process \\(not the cuttle pid ${process.pid} on this cache-dir\\)`));
+      // Nothing changed: the proxy still takes connections on its port.
+      const s = connect(p.port, '127.0.0.1');
+      await once(s, 'connect');
+      s.destroy();
+      assert.equal(p.proxy.counters.refused.connections, 0);
+    } finally {
+      other.stdin!.end();
+      await once(other, 'exit');
+      await p.close();
+    }
+  });
+
+  it("the README's SNMP example keeps loopback allowed, since --allow-snmp replaces the default", () => {
+    const readme = readFileSync('README.md', 'utf8');
+    const start = readme.indexOf('--snmp-listen 3401 --allow-snmp');
+    assert.ok(start > 0, 'the example is in the README');
+    const command = readme.slice(start, readme.indexOf('\n```', start)).replace(/\\\n/g, ' ');
+    const allowed = [...command.matchAll(/--allow-snmp (\S+)/g)].map((m) => parseCidr(m[1]!));
+    assert.ok(allowed.length >= 2 && allowed.every(Boolean), command);
+    assert.ok(blockList(allowed.map((c) => c!)).check('127.0.0.1', 'ipv4'), `no loopback in: ${command}`);
   });
 
   it('--version and --help', () => {
