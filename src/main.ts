@@ -1,5 +1,6 @@
 // The command line: parse, validate, start, and own the process (signals, exit codes).
 import { raiseOpenFilesLimit } from './process-setup.ts';
+import { alive } from './store-disk.ts';
 import { ConfigError } from './errors.ts';
 import { buildConfig, helpText, loadConfig, parseCli, rawOptions, type Cli, type Config } from './config.ts';
 import { createLogger } from './log.ts';
@@ -55,16 +56,6 @@ function claimPidFile(path: string): boolean {
   }
   process.stderr.write(`cuttle: cannot take pid-file ${path}: it keeps coming back\n`);
   return false;
-}
-
-/** Is a process with this pid running? EPERM means it exists under another user. */
-function alive(pid: number): boolean {
-  try {
-    process.kill(pid, 0);
-    return true;
-  } catch (err) {
-    return (err as NodeJS.ErrnoException).code === 'EPERM';
-  }
 }
 
 /** Remove our pid file, unless it names another process by now; a failure is reported, never fatal (cuttle is stopping anyway). */

@@ -582,7 +582,7 @@ export function lockHolder(dir: string): number | undefined {
 }
 
 /** Is a process with this pid running (ours included)? EPERM means it exists under another user. */
-function alive(pid: number): boolean {
+export function alive(pid: number): boolean {
   try {
     process.kill(pid, 0);
     return true;

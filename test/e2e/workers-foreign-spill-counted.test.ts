@@ -10,6 +10,7 @@ import { Pool } from 'undici';
 import { startOrigin } from '../helpers/origin.ts';
 import { waitFor } from '../helpers/mirrors.ts';
 import { get, startChildProxy, tmpDir } from '../helpers/proxy.ts';
+import { adminUrl, workerPorts } from '../helpers/workers.ts';
 import { urlKey } from '../../src/cache-key.ts';
 import { workerOf } from '../../src/worker-ring.ts';
 
@@ -24,16 +25,8 @@ describe("workers: a relayed object's private spill", () => {
     const dir = tmpDir();
     const cache = join(dir, 'cache');
     const proxy = await startChildProxy(['--workers', '2', '--listen', '127.0.0.1:0', '--cache-dir', cache, '--log-level', 'info', '--allow-local-dest', '127.0.0.1', '--visible-hostname', 'w-review2']);
-    const ports: number[] = [];
-    await waitFor('both workers to say where they listen', () => {
-      for (const line of proxy.stderr().split('\n')) {
-        if (!line.includes('"msg":"worker listening"')) continue;
-        const j = JSON.parse(line) as { worker: number; listen: { port: number }[] };
-        ports[j.worker] = j.listen.at(-1)!.port;
-      }
-      return ports.filter(Boolean).length === 2;
-    });
-    const admin = `http://127.0.0.1:${/"admin":\{"address":"127\.0\.0\.1","family":"IPv4","port":(\d+)\}/.exec(proxy.stderr())![1]}`;
+    const ports = await workerPorts(proxy);
+    const admin = adminUrl(proxy);
     let path = '';
     for (let i = 0; ; i++) {
       path = `/relayed${i}`;

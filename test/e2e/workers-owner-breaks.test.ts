@@ -10,6 +10,7 @@ import { Pool } from 'undici';
 import { startOrigin } from '../helpers/origin.ts';
 import { waitFor } from '../helpers/mirrors.ts';
 import { get, startChildProxy, tmpDir } from '../helpers/proxy.ts';
+import { workerPorts } from '../helpers/workers.ts';
 import { urlKey } from '../../src/cache-key.ts';
 import { workerOf } from '../../src/worker-ring.ts';
 
@@ -24,15 +25,7 @@ describe('workers: an origin that breaks bodies off behind the owner worker', ()
     const dir = tmpDir();
     const cache = join(dir, 'cache');
     const proxy = await startChildProxy(['--workers', '2', '--listen', '127.0.0.1:0', '--cache-dir', cache, '--log-level', 'info', '--allow-local-dest', '127.0.0.1', '--visible-hostname', 'w-review2', '--probe-interval', '1h']);
-    const ports: number[] = [];
-    await waitFor('both workers to say where they listen', () => {
-      for (const line of proxy.stderr().split('\n')) {
-        if (!line.includes('"msg":"worker listening"')) continue;
-        const j = JSON.parse(line) as { worker: number; listen: { port: number }[] };
-        ports[j.worker] = j.listen.at(-1)!.port;
-      }
-      return ports.filter(Boolean).length === 2;
-    });
+    const ports = await workerPorts(proxy);
     const owned: string[] = [];
     for (let i = 0; owned.length < 4; i++) if (workerOf(urlKey(new URL(`${origin.url}/k${i}`)), 2) === 1) owned.push(`/k${i}`);
     const [b1, b2, b3, good] = owned as [string, string, string, string];

@@ -9,8 +9,8 @@ import { join } from 'node:path';
 import { after, describe, it } from 'node:test';
 import { Pool } from 'undici';
 import { gate, startOrigin } from '../helpers/origin.ts';
-import { waitFor } from '../helpers/mirrors.ts';
 import { get, startChildProxy, tmpDir } from '../helpers/proxy.ts';
+import { workerPorts } from '../helpers/workers.ts';
 import { urlKey } from '../../src/cache-key.ts';
 import { workerOf } from '../../src/worker-ring.ts';
 
@@ -25,15 +25,7 @@ describe('workers: the owner worker labels its own failure', () => {
     const origin = await startOrigin();
     const dir = tmpDir();
     const proxy = await startChildProxy(['--workers', '2', '--listen', '127.0.0.1:0', '--cache-dir', join(dir, 'cache'), '--log-level', 'info', '--allow-local-dest', '127.0.0.1', '--visible-hostname', 'w-review2', '--read-timeout', '1s']);
-    const ports: number[] = [];
-    await waitFor('both workers to say where they listen', () => {
-      for (const line of proxy.stderr().split('\n')) {
-        if (!line.includes('"msg":"worker listening"')) continue;
-        const j = JSON.parse(line) as { worker: number; listen: { port: number }[] };
-        ports[j.worker] = j.listen.at(-1)!.port;
-      }
-      return ports.filter(Boolean).length === 2;
-    });
+    const ports = await workerPorts(proxy);
     let path = '';
     for (let i = 0; ; i++) {
       path = `/hung${i}`;

@@ -11,6 +11,7 @@ import { Pool } from 'undici';
 import { gate, startOrigin } from '../helpers/origin.ts';
 import { casBodies, startMirrors, waitFor } from '../helpers/mirrors.ts';
 import { get, startChildProxy, tmpDir, type ChildProxy } from '../helpers/proxy.ts';
+import { adminUrl, ownedBy, workerPorts } from '../helpers/workers.ts';
 import { parseTarget, urlKey } from '../../src/cache-key.ts';
 import { workerOf } from '../../src/worker-ring.ts';
 
@@ -24,26 +25,7 @@ interface Workers {
 async function startWorkers2(extra: string[] = []): Promise<Workers> {
   const dir = tmpDir();
   const proxy = await startChildProxy(['--workers', '2', '--listen', '127.0.0.1:0', '--cache-dir', join(dir, 'cache'), '--log-level', 'info', '--allow-local-dest', '127.0.0.1', '--visible-hostname', 'w-review', ...extra]);
-  const ports: number[] = [];
-  // Each worker's line is its own thread's: it may reach stderr after the process's.
-  await waitFor('both workers to say where they listen', () => {
-    for (const line of proxy.stderr().split('\n')) {
-      if (!line.includes('"msg":"worker listening"')) continue;
-      const j = JSON.parse(line) as { worker: number; listen: { port: number }[] };
-      ports[j.worker] = j.listen.at(-1)!.port;
-    }
-    return ports.filter(Boolean).length === 2;
-  });
-  const admin = `http://127.0.0.1:${/"admin":\{"address":"127\.0\.0\.1","family":"IPv4","port":(\d+)\}/.exec(proxy.stderr())![1]}`;
-  return { proxy, ports, admin };
-}
-
-/** A path of `base` whose key worker `owner` owns (of 2). */
-function ownedBy(owner: number, originUrl: string, base: string): string {
-  for (let i = 0; ; i++) {
-    const p = `${base}${i}`;
-    if (workerOf(urlKey(new URL(`${originUrl}${p}`)), 2) === owner) return p;
-  }
+  return { proxy, ports: await workerPorts(proxy), admin: adminUrl(proxy) };
 }
 
 describe('workers: a key another worker owns', () => {
