@@ -35,6 +35,13 @@ export interface UpstreamResponse {
   peer: string;
 }
 
+/** Why a probe failed, as an admin needs it to fix it: the kind (RFC 9209 token: dns_error, connection_refused, ...) and the detail. */
+function probeFailure(err: unknown, timeoutMs: number): string {
+  if ((err as Error)?.name === 'TimeoutError') return `timeout: no answer in ${timeoutMs} ms`;
+  const pe = upstreamError(err);
+  return `${pe.token}: ${pe.detail ?? pe.message}`;
+}
+
 type LookupCb = (err: NodeJS.ErrnoException | null, address: string | LookupAddress[], family?: number) => void;
 
 export class Upstream {
@@ -90,15 +97,10 @@ export class Upstream {
       connect,
       maxOrigins: 4096,
     });
-    this.#peers = new Agent({
-      connections: cfg.upstreamConnections,
-      pipelining: 1,
-      keepAliveTimeout: 30_000,
-      headersTimeout: cfg.readTimeoutMs,
-      bodyTimeout: cfg.readTimeoutMs,
-      connect: { timeout: cfg.peerTimeoutMs },
-    });
-    this.#relays = new Agent({ connections: cfg.upstreamConnections, pipelining: 1, keepAliveTimeout: 30_000, headersTimeout: cfg.readTimeoutMs + 10_000, bodyTimeout: cfg.readTimeoutMs + 10_000, connect: { timeout: cfg.peerTimeoutMs } });
+    const peerAgent = (readTimeoutMs: number) =>
+      new Agent({ connections: cfg.upstreamConnections, pipelining: 1, keepAliveTimeout: 30_000, headersTimeout: readTimeoutMs, bodyTimeout: readTimeoutMs, connect: { timeout: cfg.peerTimeoutMs } });
+    this.#peers = peerAgent(cfg.readTimeoutMs);
+    this.#relays = peerAgent(cfg.readTimeoutMs + 10_000);
   }
 
   async request(r: UpstreamRequest): Promise<UpstreamResponse> {
@@ -144,10 +146,7 @@ export class Upstream {
       const ok = wantOk ? res.statusCode === 200 : res.statusCode < 500;
       return { ok, rttMs, why: ok ? undefined : `HTTP ${res.statusCode}`, text };
     } catch (err) {
-      // What an admin needs to fix it: the kind (RFC 9209 token: dns_error, connection_refused, ...) and the detail.
-      if ((err as Error)?.name === 'TimeoutError') return { ok: false, rttMs: performance.now() - t0, why: `timeout: no answer in ${timeoutMs} ms` };
-      const pe = upstreamError(err);
-      return { ok: false, rttMs: performance.now() - t0, why: `${pe.token}: ${pe.detail ?? pe.message}` };
+      return { ok: false, rttMs: performance.now() - t0, why: probeFailure(err, timeoutMs) };
     }
   }
 
@@ -167,9 +166,7 @@ export class Upstream {
       await res.body.dump({ limit: 1 << 16 }).catch(() => {});
       return res.statusCode === 503 ? { ok: false, why: 'HTTP 503' } : { ok: true };
     } catch (err) {
-      if ((err as Error)?.name === 'TimeoutError') return { ok: false, why: `timeout: no answer in ${timeoutMs} ms` };
-      const pe = upstreamError(err);
-      return { ok: false, why: `${pe.token}: ${pe.detail ?? pe.message}` };
+      return { ok: false, why: probeFailure(err, timeoutMs) };
     }
   }
 

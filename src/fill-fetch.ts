@@ -30,7 +30,7 @@ import { endToEnd, type Headers } from './forward.ts';
 import { policyHeaders, policyRequest, storableResponse, type Freshness, type Policy } from './freshness.ts';
 import type { Logger } from './log.ts';
 import type { Mirror, Mirrors } from './mirrors.ts';
-import { peersOwnFailure, RELAY_HEADER, type Hierarchy, type Route, type Sender } from './hierarchy.ts';
+import { ownerRoute, peersOwnFailure, RELAY_HEADER, type Hierarchy, type Route, type Sender } from './hierarchy.ts';
 import type { SpillWriter, StoredMeta, StoredObject, TieredStore } from './store.ts';
 import type { Clock } from './clock.ts';
 
@@ -133,8 +133,8 @@ interface FetchState {
   /** Bytes to drop from the start of this body (a resume answered 200 instead of 206). */
   skip: number;
   store?: { spill: SpillWriter | undefined; meta: StoredMeta; policy: Policy };
-  /** The bank owner has been asked once: later requests of this fetch (failover, resume) don't ask it again. */
-  bankAsked?: boolean;
+  /** The key's owner (bank member, worker) has been asked once: later requests of this fetch (failover, resume) don't ask it again. */
+  ownerAsked?: boolean;
   /** How the last body read ended: undefined for a clean end. */
   bodyError?: unknown;
   error?: ProxyError;
@@ -211,9 +211,9 @@ async function startfetch(st: FetchState): Promise<Step> {
       continue;
     }
     const { res, ac, ttfb, route } = got;
-    // The key's owner (a bank member, another worker) failed over across the mirrors itself: its answer
-    // is final here, or every mirror would be asked again.
-    const owner = route.peer?.role === 'bank' || route.peer?.role === 'worker';
+    // The key's owner failed over across the mirrors itself: its answer is final here, or every mirror
+    // would be asked again.
+    const owner = ownerRoute(route);
     if (!owner && res.status >= 500 && plan.failover && plan.hasMore) {
       other = true;
       discard(res.body);
@@ -399,10 +399,12 @@ function pump(st: FetchState, body: Readable): Promise<unknown> {
     };
     fill.upstream = { pause: () => body.pause(), resume: () => body.resume(), abort: () => ac.abort(fill.abandoned) };
     let skip = st.skip;
+    const relayed = st.route?.peer?.role === 'worker';
     body.on('data', (c: Buffer) => {
       try {
-        if (st.route?.peer?.role !== 'worker') host.upstream.bytes += c.length;
-        if (st.mirror && st.route?.peer?.role !== 'worker') st.mirror.bytes += c.length;
+        // A relay's bytes are counted by the worker that fetched them upstream.
+        if (!relayed) host.upstream.bytes += c.length;
+        if (st.mirror && !relayed) st.mirror.bytes += c.length;
         if (st.route?.peer) st.route.peer.bytes += c.length;
         if (skip > 0) {
           // A mirror that ignored our Range sends the whole object again: drop what we already have.
@@ -485,8 +487,7 @@ async function resumeFrom(st: FetchState, attempt: Attempt, cl: number, after?: 
     if (m && !route.peer) mirrorFailed(st, m, `resume answered HTTP ${res.status}`);
     return false;
   }
-  const owned = route.peer?.role === 'bank' || route.peer?.role === 'worker';
-  if (m && !owned) host.mirrors.fetched(m, true, route.peer ? undefined : ttfb);
+  if (m && !ownerRoute(route)) host.mirrors.fetched(m, true, route.peer ? undefined : ttfb);
   if (fill.state !== 'streaming') {
     discard(res.body);
     return false;
@@ -592,16 +593,15 @@ type Asked = { res: UpstreamResponse; ac: AbortController; ttfb: number; route: 
 /**
  * One upstream request of the plan, over the fetch's routes in turn (hierarchy.ts): a peer that can't be
  * reached, does not answer in time, or labels its answer as its own failure is followed by the next
- * route; the last route's answer is the answer. `mirrorAsked` says whether a failure was the mirror's
- * own (a direct request), so a dead parent never marks a mirror down.
+ * route; with none left that failure is the result (ERR_PEER_FAILED for a labelled answer).
+ * `mirrorAsked` says whether a failure was the mirror's own (a direct request), so a dead parent never
+ * marks a mirror down.
  */
 async function ask(st: FetchState, attempt: Attempt, extra: Headers, after?: Route): Promise<Asked> {
   const { host } = st;
-  // The owner (a bank member, another worker) is asked once per fetch: it fails over on its own.
-  const owned = (rt: Route) => rt.peer?.role === 'bank' || rt.peer?.role === 'worker';
   const left = after ? st.routes.slice(st.routes.indexOf(after) + 1) : st.routes;
-  const routes = left.filter((rt) => !rt.peer || (rt.peer.up && !(owned(rt) && st.bankAsked)));
-  if (routes.some(owned)) st.bankAsked = true;
+  const routes = left.filter((rt) => !rt.peer || (rt.peer.up && !(ownerRoute(rt) && st.ownerAsked)));
+  if (routes.some(ownerRoute)) st.ownerAsked = true;
   let last: Asked = { error: new ProxyError('ERR_PARENTS_DOWN', attempt.url.host), mirrorAsked: false };
   for (let i = 0; i < routes.length; i++) {
     const route = routes[i]!;
@@ -676,20 +676,15 @@ function routeTimer(st: FetchState, ac: AbortController, route: Route, moreRoute
   // Another worker of this process is healthy while it runs (a dead one's connections fail at once):
   // its owner may wait on a slow upstream as long as any fill does, and giving up would fetch twice.
   if (role === 'worker') return undefined;
-  if (role === 'bank' && moreRoutes) {
-    const ms = st.host.cfg.peerTimeoutMs;
-    return setTimeout(() => ac.abort(new ProxyError('ERR_READ_TIMEOUT', `bank member ${route.peer!.spec.url} did not answer within ${ms} ms; fetching here`)), ms);
-  }
-  const plan = st.plan!;
+  const abortAfter = (ms: number, who: string, then: string) => setTimeout(() => ac.abort(new ProxyError('ERR_READ_TIMEOUT', `${who} did not answer within ${ms} ms; ${then}`)), ms);
+  if (role === 'bank' && moreRoutes) return abortAfter(st.host.cfg.peerTimeoutMs, `bank member ${route.peer!.spec.url}`, 'fetching here');
   // A parent with a route after it has --mirror-timeout to answer, as a mirror with one after it has:
   // a hung parent must not hold every waiter past the client's watchdog.
-  if (role === 'parent' && moreRoutes) {
-    const ms = st.host.mirrors.cfg.answerTimeoutMs;
-    return setTimeout(() => ac.abort(new ProxyError('ERR_READ_TIMEOUT', `parent ${route.peer!.spec.url} did not answer within ${ms} ms; taking the next route`)), ms);
-  }
+  const answerMs = st.host.mirrors.cfg.answerTimeoutMs;
+  if (role === 'parent' && moreRoutes) return abortAfter(answerMs, `parent ${route.peer!.spec.url}`, 'taking the next route');
+  const plan = st.plan!;
   if (!plan.failover || !plan.hasMore) return undefined;
-  const ms = st.host.mirrors.cfg.answerTimeoutMs;
-  return setTimeout(() => ac.abort(new ProxyError('ERR_READ_TIMEOUT', `mirror did not answer within ${ms} ms; asking the next one`)), ms);
+  return abortAfter(answerMs, 'mirror', 'asking the next one');
 }
 
 function mirrorFailed(st: FetchState, m: Mirror, why: string): void {

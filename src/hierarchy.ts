@@ -27,6 +27,14 @@ export interface Route {
   readonly tag: HierarchyTag;
 }
 
+/**
+ * Is this route the key's owner (a bank member, another worker)? It fails over across the mirrors
+ * itself: it is asked once per fetch, and its answer is final.
+ */
+export function ownerRoute(route: Route): boolean {
+  return route.peer?.role === 'bank' || route.peer?.role === 'worker';
+}
+
 const CONNECT_FAILURES: ReadonlySet<ErrorCode> = new Set(['ERR_CONNECT_REFUSED', 'ERR_CONNECT_TIMEOUT', 'ERR_DNS_FAIL']);
 
 const DIRECT: Route = { peer: undefined, tag: 'HIER_DIRECT' };

@@ -2,7 +2,7 @@
 // the connection accounting, --max-client-connections, the hit lane and its hand-over to node:http,
 // and the request, CONNECT and client-error handlers; listening in order, and draining at shutdown.
 import { createServer, type Server, type ServerResponse } from 'node:http';
-import type { AddressInfo, Socket } from 'node:net';
+import type { AddressInfo, Server as NetServer, Socket } from 'node:net';
 import { newTransaction, recordTransaction } from './access-log.ts';
 import { plainAddress } from './acl.ts';
 import type { ListenAddr } from './config.ts';
@@ -36,7 +36,7 @@ function takeNodeConnection(srv: Server): (sock: Socket) => void {
  */
 const ACCEPT_SOCKETS = process.platform === 'linux' ? 8 : 1;
 
-function listenOn(srv: Server, host: string, port: number, backlog: number, reusePort = false): Promise<void> {
+export function listenOn(srv: NetServer, host: string, port: number, backlog: number, reusePort = false): Promise<void> {
   return new Promise<void>((resolve, reject) => {
     const onErr = (err: Error) => reject(new Error(`cannot listen on ${host.includes(':') ? `[${host}]` : host}:${port}: ${err.message}`, { cause: err }));
     srv.once('error', onErr);
@@ -45,6 +45,23 @@ function listenOn(srv: Server, host: string, port: number, backlog: number, reus
       resolve();
     });
   });
+}
+
+/**
+ * Listen with `listen(host)`. A host without IPv6 can't bind '::': every IPv4 address is the next best
+ * thing (`onIpv4Only` says so). Resolves with the host it listens on.
+ */
+export async function listenEitherFamily(host: string, listen: (host: string) => Promise<void>, onIpv4Only?: () => void): Promise<string> {
+  try {
+    await listen(host);
+    return host;
+  } catch (err) {
+    const code = (err as { cause?: NodeJS.ErrnoException }).cause?.code;
+    if (host !== '::' || (code !== 'EAFNOSUPPORT' && code !== 'EADDRNOTAVAIL')) throw err;
+    onIpv4Only?.();
+    await listen('0.0.0.0');
+    return '0.0.0.0';
+  }
 }
 
 /** The hit lane (--hit-lane): it reads each connection first and answers the plain memory hits itself. */
@@ -134,16 +151,7 @@ export class Listeners {
       const probe = port === 0 || !shared || this.#sharedPorts ? first! : createServer();
       const backlog = probe === first ? cfg.listenBacklog : 1;
       const reuse = probe === first && shared; // the probe alone, never: it must find the port free
-      try {
-        await listenOn(probe, host, port, backlog, reuse);
-      } catch (err) {
-        // A host without IPv6 can't bind '::': every IPv4 address is the next best thing.
-        const code = (err as { cause?: NodeJS.ErrnoException }).cause?.code;
-        if (host !== '::' || (code !== 'EAFNOSUPPORT' && code !== 'EADDRNOTAVAIL')) throw err;
-        log.warn({ port }, 'no IPv6 on this host: listening on IPv4 only');
-        host = '0.0.0.0';
-        await listenOn(probe, host, port, backlog, reuse);
-      }
+      host = await listenEitherFamily(host, (h) => listenOn(probe, h, port, backlog, reuse), () => log.warn({ port }, 'no IPv6 on this host: listening on IPv4 only'));
       port = (probe.address() as AddressInfo).port;
       if (probe !== first) {
         await stopListening(probe);

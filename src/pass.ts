@@ -33,6 +33,7 @@ export async function passUpstream(ctx: Pick<Ctx, 'upstream' | 'cfg' | 'counters
     let route = routes[0]!;
     for (let i = 0; ; i++) {
       route = routes[i]!;
+      const last = i === routes.length - 1;
       try {
         up = await ctx.upstream.request({
           url,
@@ -42,20 +43,15 @@ export async function passUpstream(ctx: Pick<Ctx, 'upstream' | 'cfg' | 'counters
           signal: ac.signal,
           via: route.peer,
         });
+        route.peer?.answered();
         // A peer's own failure (it could not reach the origin, it is overloaded) with a route left, and
         // no body spent on it: the next route.
-        const own = route.peer && !hasBody && i < routes.length - 1 ? peersOwnFailure(up) : undefined;
-        if (own) {
-          discard(up.body);
-          route.peer!.answered();
-          continue;
-        }
-        route.peer?.answered();
-        break;
+        if (!route.peer || hasBody || last || !peersOwnFailure(up)) break;
+        discard(up.body);
       } catch (err) {
         const e = upstreamError(err);
         if (route.peer && e.code !== 'ERR_INTERNAL') ctx.hierarchy.peerFailed(route.peer, e);
-        if (hasBody || i === routes.length - 1 || ac.signal.aborted) return e;
+        if (hasBody || last || ac.signal.aborted) return e;
       }
     }
     tx.hierarchy = route.tag;

@@ -108,6 +108,8 @@ export class DiskTier implements Tier {
   readonly #o: DiskTierOptions;
   readonly #objects: string;
   readonly #tmp: string;
+  /** In a worker's temp file names (--workers): its own, which it removes after a restart. */
+  readonly #tmpTag: string;
   readonly #index: DiskIndex;
   #evictions = 0;
   #loaded = false;
@@ -118,6 +120,7 @@ export class DiskTier implements Tier {
     this.#o = o;
     this.#objects = join(o.dir, 'v1', 'objects');
     this.#tmp = join(o.dir, 'v1', 'tmp');
+    this.#tmpTag = o.shared ? `.w${o.shared.worker}` : '';
     this.#index = new DiskIndex(o.maxBytes, o.maxEntryBytes + MAX_META + TRAILER, (hash) => {
       this.#evictions++;
       fs.unlink(this.#pathOf(hash), () => {});
@@ -133,13 +136,13 @@ export class DiskTier implements Tier {
     await fsp.mkdir(this.#tmp, { recursive: true });
     await fsp.mkdir(this.#objects, { recursive: true });
     const shared = this.#o.shared;
-    const probe = join(this.#tmp, `.probe.${process.pid}${shared ? `.w${shared.worker}` : ''}`);
+    const probe = join(this.#tmp, `.probe.${process.pid}${this.#tmpTag}`);
     await fsp.writeFile(probe, 'ok');
     await fsp.unlink(probe);
     // One cuttle per cache directory: a second would delete the first one's temp records below.
     if (!shared) await this.#lock();
     // Anything left in tmp is from a crash: it was never complete (a worker's: from its previous life).
-    for (const f of await fsp.readdir(this.#tmp)) if (!shared || f.includes(`.w${shared.worker}.`)) await fsp.rm(join(this.#tmp, f), { force: true });
+    for (const f of await fsp.readdir(this.#tmp)) if (!shared || f.includes(`${this.#tmpTag}.`)) await fsp.rm(join(this.#tmp, f), { force: true });
     this.loaded = this.#scan().then(
       () => {
         this.#loaded = true;
@@ -167,9 +170,8 @@ export class DiskTier implements Tier {
   }
 
   #pathOf(hash: string): string {
-    return join(this.#objects, hash.slice(0, 2), hash);
+    return objectPath(this.#objects, hash);
   }
-
 
   /** Another worker's key (--workers): read from its path, never indexed, written or evicted here. */
   #foreign(key: string): boolean {
@@ -298,8 +300,7 @@ export class DiskTier implements Tier {
   openWriter(meta: StoredMeta, _policy: Policy, expectedBytes: number | undefined): DiskWriter | undefined {
     if (expectedBytes !== undefined && expectedBytes > this.#o.maxEntryBytes) return undefined;
     const hash = hashKey(meta.key);
-    const w = this.#o.shared ? `.w${this.#o.shared.worker}` : '';
-    const tmp = join(this.#tmp, `${hash}.${process.pid}${w}.${++tmpSeq}`);
+    const tmp = join(this.#tmp, `${hash}.${process.pid}${this.#tmpTag}.${++tmpSeq}`);
     // Another worker's key: its owner writes the record. This worker's fill of it (a relay's answer, or
     // a fetch while the owner is down) still spills to a file of its own, so a slow reader here never
     // holds back the others; the file is let go at the end, never indexed (readers keep it open).
@@ -560,10 +561,14 @@ export async function lockCacheDir(dir: string, emptyTmp = false): Promise<void>
   }
 }
 
+/** A record's path under the objects directory, by its key's hash: the one layout of the tier. */
+function objectPath(objects: string, hash: string): string {
+  return join(objects, hash.slice(0, 2), hash);
+}
+
 /** Where a key's record lives under a cache directory (what DiskTier reads and writes). */
 export function recordPath(dir: string, key: string): string {
-  const hash = hashKey(key);
-  return join(dir, 'v1', 'objects', hash.slice(0, 2), hash);
+  return objectPath(join(dir, 'v1', 'objects'), hashKey(key));
 }
 
 export function lockPath(dir: string): string {

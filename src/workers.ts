@@ -16,6 +16,7 @@ import { createServer as createTcpServer, type AddressInfo } from 'node:net';
 import type { Server } from 'node:http';
 import { Worker } from 'node:worker_threads';
 import { compileAcl } from './acl.ts';
+import { listenEitherFamily, listenOn } from './listeners.ts';
 import { createAdminServer } from './admin.ts';
 import { buildConfig, type Config, type ListenAddr } from './config.ts';
 import type { Logger } from './log.ts';
@@ -85,19 +86,7 @@ async function takePorts(addrs: ListenAddr[]): Promise<ListenAddr[]> {
   const out: ListenAddr[] = [];
   for (const a of addrs) {
     const srv = createTcpServer();
-    let host = a.host;
-    const bind = (h: string) => new Promise<void>((resolve, reject) => {
-      srv.once('error', reject);
-      srv.listen({ host: h, port: a.port, exclusive: true }, () => resolve());
-    });
-    try {
-      await bind(host);
-    } catch (err) {
-      const code = (err as NodeJS.ErrnoException).code;
-      if (host !== '::' || (code !== 'EAFNOSUPPORT' && code !== 'EADDRNOTAVAIL')) throw new Error(`cannot listen on ${addrText(a)}: ${(err as Error).message}`, { cause: err });
-      host = '0.0.0.0';
-      await bind(host);
-    }
+    const host = await listenEitherFamily(a.host, (h) => listenOn(srv, h, a.port, 1));
     out.push({ host, port: (srv.address() as AddressInfo).port });
     await new Promise<void>((r) => srv.close(() => r()));
   }
