@@ -23,6 +23,7 @@ export const ERRORS = {
   ERR_CONTENT_HASH: { status: 502, token: 'http_protocol_error', squid: 'ERR_INVALID_RESP 0', text: 'upstream bytes do not match the content hash the URL names' },
   ERR_FILL_ABANDONED: { status: 503, token: 'proxy_internal_response', squid: 'ERR_READ_ERROR 0', text: 'the fill was given up: nobody was left to serve and its body could not be stored' },
   ERR_STORE_UNAVAILABLE: { status: 503, token: 'proxy_internal_error', squid: 'ERR_READ_ERROR 0', text: 'the stored copy cannot be read now (file descriptors or disk I/O); it stays stored' },
+  ERR_ONLY_IF_CACHED_MISS: { status: 504, token: 'proxy_internal_response', squid: 'ERR_ONLY_IF_CACHED_MISS 0', text: 'the request said only-if-cached, and no stored response satisfies it' },
   ERR_OVERLOADED: { status: 503, token: 'connection_limit_reached', squid: 'ERR_ONLY_IF_CACHED_MISS 0', text: 'proxy is overloaded, try another proxy' },
   ERR_INTERNAL: { status: 500, token: 'proxy_internal_error', squid: 'ERR_CANNOT_FORWARD 0', text: 'internal proxy error' },
 } as const;

@@ -141,6 +141,11 @@ export function clientWantsReload(h: { 'cache-control'?: string | string[] | und
   return /(^|,)\s*no-cache\b/i.test(String(h.pragma ?? ''));
 }
 
+/** only-if-cached (RFC 9111 §5.2.1.7): a stored response or a 504, never a request upstream. */
+export function onlyIfCached(h: { 'cache-control'?: string | string[] | undefined }): boolean {
+  return h['cache-control'] !== undefined && /(^|,)\s*only-if-cached\s*(,|$)/i.test(String(h['cache-control']));
+}
+
 /** Validators that make a conditional refetch possible. */
 export function hasValidators(h: Record<string, unknown>): boolean {
   return h.etag !== undefined || h['last-modified'] !== undefined;

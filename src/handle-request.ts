@@ -23,9 +23,9 @@ import type { Coalescer } from './coalescer.ts';
 import type { Ctx } from './context.ts';
 import { deliverStored, dropCorrupt, noteStored, rangeSpec, streamFill, type Delivery } from './deliver.ts';
 import { internalError, ProxyError } from './errors.ts';
-import { clientWantsReload, hasValidators, isFresh, mayServeStale, satisfies, withinRevalidateWindow } from './freshness.ts';
+import { clientWantsReload, hasValidators, isFresh, mayServeStale, onlyIfCached, satisfies, withinRevalidateWindow } from './freshness.ts';
 import { isLoop, relayedHeaders, sendError, upstreamRequestHeaders } from './forward.ts';
-import { RELAY_HEADER } from './hierarchy.ts';
+import { ownerRoute, RELAY_HEADER, type Route } from './hierarchy.ts';
 import type { FillReader } from './fill.ts';
 import { repoOf, type CasObject } from './content-hash.ts';
 import type { LaneHit, LaneJoin } from './hit-lane.ts';
@@ -33,7 +33,7 @@ import { fillRefusal, refuse, type RefusalReason } from './overload.ts';
 import { passUpstream } from './pass.ts';
 import { StoreUnavailable, type StoredObject } from './store.ts';
 
-type StepName = 'recv' | 'lookup' | 'hit' | 'stale' | 'busy' | 'miss' | 'pass' | 'purge' | 'deliverFill' | 'serveStale' | 'revalidateInBackground' | 'synth';
+type StepName = 'recv' | 'lookup' | 'hit' | 'stale' | 'busy' | 'miss' | 'pass' | 'cachedOnly' | 'purge' | 'deliverFill' | 'serveStale' | 'revalidateInBackground' | 'synth';
 
 interface State extends Delivery {
   ctx: Ctx;
@@ -116,6 +116,7 @@ const STEPS: Record<StepName, (s: State) => Next | Promise<Next>> = {
   busy,
   miss,
   pass,
+  cachedOnly,
   purge,
   deliverFill,
   serveStale,
@@ -303,6 +304,7 @@ function lookup(s: State): StepName | Promise<StepName> {
   const key = s.key!;
   s.staleAvailable = false;
   s.reload = clientWantsReload(reqHeaders);
+  if (s.reload && onlyIfCached(reqHeaders)) return fail(s, 'ERR_ONLY_IF_CACHED_MISS', 'it also said no-cache');
   if (s.reload) {
     // Never satisfied by, nor joined to, a copy or fill that began before this request arrived.
     tx.result = 'TCP_CLIENT_REFRESH_MISS';
@@ -373,6 +375,13 @@ function lookedUp(s: State, stored: StoredObject | undefined): StepName {
       return stored.tier === 'disk' && noConditions(reqHeaders) ? sharedDiskHit(s, stored) : 'hit';
     }
     s.staleAvailable = true;
+  }
+  if (onlyIfCached(reqHeaders)) {
+    closeStored(stored);
+    // A fill that has its whole response is a stored response in all but name; one under way is not.
+    return ctx.coalescer.joinable(key)?.state === 'done' ? 'busy' : 'cachedOnly';
+  }
+  if (stored) {
     // The upstream failed a refresh of this key moments ago: serve the stale copy without asking
     // again, so a herd polling an expired manifest costs one attempt per --stale-retry, not one each.
     if (ctx.coalescer.refreshFailedRecently(key) && mayServeStale(stored.policy, stored.meta.headers, reqHeaders, ctx.cfg.maxStaleMs)) {
@@ -629,7 +638,25 @@ function serveStale(s: State): Next | Promise<Next> {
   return serve(s, s.stored!);
 }
 
-async function pass(s: State): Promise<StepName | undefined> {
+function pass(s: State): Promise<StepName | undefined> | StepName {
+  return onlyIfCached(s.reqHeaders) ? 'cachedOnly' : forwardUncached(s, ctx => ctx.hierarchy.passRoutes(s.url!));
+}
+
+/**
+ * only-if-cached, and nothing stored here satisfies it: with --workers or a bank, the key's owner may
+ * hold it, and is asked with the same directive; nobody else is (RFC 9111 §5.2.1.7: a stored
+ * response or a 504, never a request to the origin).
+ */
+function cachedOnly(s: State): Promise<StepName | undefined> | StepName {
+  const { ctx, tx } = s;
+  const from = s.relay ? 'worker' : ctx.hierarchy.fromBank(tx.client, s.reqHeaders.via) ? 'bank' : 'client';
+  const owners = s.key === undefined ? [] : ctx.hierarchy.routes(s.url!, s.cas, from, s.primary!).filter(ownerRoute);
+  if (owners.length === 0) return fail(s, 'ERR_ONLY_IF_CACHED_MISS');
+  return forwardUncached(s, () => owners);
+}
+
+/** Forward the request for this client alone, over the routes given (pass.ts). */
+async function forwardUncached(s: State, routes: (ctx: Ctx) => Route[]): Promise<StepName | undefined> {
   const { ctx, tx } = s;
   const { req, res } = nodeOf(s);
   if (ctx.counters.passesInFlight >= ctx.cfg.maxPasses) return fail(s, refuse(ctx.counters, 'passes'));
@@ -640,7 +667,7 @@ async function pass(s: State): Promise<StepName | undefined> {
   try {
     // The URL's own key, never the host-independent key of immutable content-addressed bytes (that
     // would be an open PURGE).
-    const failed = await passUpstream(ctx, req, res, tx, url, async () => {
+    const failed = await passUpstream(ctx, req, res, tx, url, routes(ctx), async () => {
       for (const k of urlKeys(s, urlKey(url))) await forget(ctx, k);
     });
     if (!failed) return undefined;

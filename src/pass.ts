@@ -8,16 +8,16 @@ import type { Ctx } from './context.ts';
 import { ProxyError, upstreamError } from './errors.ts';
 import { discard } from './fetch.ts';
 import { clientResponseHeaders, upstreamRequestHeaders } from './forward.ts';
-import { peersOwnFailure } from './hierarchy.ts';
+import { peersOwnFailure, RELAY_HEADER, type Route } from './hierarchy.ts';
 
 const SAFE = new Set(['GET', 'HEAD', 'OPTIONS', 'TRACE']);
 
 /**
- * Forward `req` to `url` and stream the answer to `res`. Resolves with the upstream's failure when no
+ * Forward `req` to `url` over `routes` (the first that answers) and stream the answer to `res`. Resolves with the upstream's failure when no
  * answer came (the request path labels it), else undefined once the answer is over, whole or cut short.
  * `invalidate` runs when a successful unsafe method changed the URL (RFC 9111 §4.4).
  */
-export async function passUpstream(ctx: Pick<Ctx, 'upstream' | 'cfg' | 'counters' | 'hierarchy'>, req: IncomingMessage, res: ServerResponse, tx: Transaction, url: URL, invalidate: () => Promise<void>): Promise<ProxyError | undefined> {
+export async function passUpstream(ctx: Pick<Ctx, 'upstream' | 'cfg' | 'counters' | 'hierarchy'>, req: IncomingMessage, res: ServerResponse, tx: Transaction, url: URL, routes: Route[], invalidate: () => Promise<void>): Promise<ProxyError | undefined> {
   const hasBody = req.headers['content-length'] !== undefined ? req.headers['content-length'] !== '0' : req.headers['transfer-encoding'] !== undefined;
   const ac = new AbortController();
   const onClose = () => {
@@ -28,17 +28,18 @@ export async function passUpstream(ctx: Pick<Ctx, 'upstream' | 'cfg' | 'counters
     let up;
     // A request with a body can be sent once only: it takes the first route. Without one, a peer that
     // fails is followed by the next route, as a fill's request is.
-    const routes = ctx.hierarchy.passRoutes(url);
     if (routes.length === 0) return new ProxyError('ERR_PARENTS_DOWN', url.host);
     let route = routes[0]!;
     for (let i = 0; ; i++) {
       route = routes[i]!;
       const last = i === routes.length - 1;
       try {
+        const headers = upstreamRequestHeaders(req.headers, url, tx.client, ctx.cfg.visibleHostname);
+        if (route.peer?.role === 'worker') headers[RELAY_HEADER] = ctx.hierarchy.relayToken!;
         up = await ctx.upstream.request({
           url,
           method: tx.method,
-          headers: upstreamRequestHeaders(req.headers, url, tx.client, ctx.cfg.visibleHostname),
+          headers,
           body: hasBody ? req : null,
           signal: ac.signal,
           via: route.peer,
