@@ -118,6 +118,13 @@ export class Scope {
     return this.prefixes.some((p) => p === '' || path === p || path.startsWith(`${p}/`));
   }
 
+  /** The innermost walked sub-tree `path` is in, if any. */
+  longestCovering(path: string): string | undefined {
+    let best: string | undefined;
+    for (const p of this.prefixes) if ((p === '' || path === p || path.startsWith(`${p}/`)) && (best === undefined || p.length > best.length)) best = p;
+    return best;
+  }
+
   /** Is `path` inside a walked sub-tree, or a directory on the way to one? */
   reaches(path: string): boolean {
     return this.covers(path) || this.prefixes.some((p) => p.startsWith(`${path}/`) || path === '');

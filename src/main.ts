@@ -13,6 +13,7 @@ import type { Logger } from './log.ts';
 import { checkHost } from './preflight.ts';
 import { readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { importSquidText } from './import-squid.ts';
+import { warmMain } from './warm.ts';
 
 /** How long past --shutdown-timeout (and the log's last write) a stop may take before the process just exits. */
 const STOP_GRACE_MS = 5000;
@@ -83,6 +84,12 @@ function releasePidFile(log: Logger | undefined): void {
 }
 
 async function main(argv: string[]): Promise<number> {
+  if (argv[0] === 'warm') {
+    // A stop (SIGINT, SIGTERM, a unit's stop) ends the walk where it is: completed catalogs are on disk.
+    const ac = new AbortController();
+    for (const sig of ['SIGINT', 'SIGTERM'] as const) process.once(sig, () => ac.abort());
+    return warmMain(argv.slice(1), ac.signal);
+  }
   if (argv[0] === 'import-squid') {
     const force = argv[1] === '--force';
     const file = argv[force ? 2 : 1];

@@ -1,0 +1,191 @@
+// `cuttle warm` (issue 31) on real sockets: the real CLI as a child process, a real cuttle, and a
+// scripted Stratum 1 serving a repository in cvmfs's own format (bench/cvmfs-repository.ts). Each test
+// counts what reached the Stratum 1.
+import assert from 'node:assert/strict';
+import { spawn } from 'node:child_process';
+import { readFileSync } from 'node:fs';
+import { join } from 'node:path';
+import { after, describe, it } from 'node:test';
+import { buildRepository, type Repository } from '../../bench/cvmfs-repository.ts';
+import { gate, startOrigin, type Gate, type Origin } from '../helpers/origin.ts';
+import { waitFor } from '../helpers/mirrors.ts';
+import { get, proxyClient, startProxy, tmpDir, type TestProxy } from '../helpers/proxy.ts';
+
+const REPO = 'test.cern.ch';
+const ROOT = `/cvmfs/${REPO}/`;
+
+/** Serve a revision's bodies as a Stratum 1 does (Apache's expiry: 61 s for .cvmfs*, 3 days for data). */
+function serve(origin: Origin, repo: Repository, opts: { gates?: Map<string, Gate>; corrupt?: string } = {}): void {
+  for (const [rel, body] of repo.bodies) {
+    let b = body;
+    if (rel === opts.corrupt) {
+      b = Buffer.from(body);
+      b[b.length >> 1]! ^= 0xff;
+    }
+    origin.route(ROOT + rel, { body: b, gate: opts.gates?.get(rel), headers: { 'content-type': 'application/x-cvmfs', 'cache-control': rel.startsWith('.') ? 'max-age=61' : 'max-age=259200' } });
+  }
+}
+
+interface Run {
+  code: number | null;
+  stdout: string;
+  stderr: string;
+}
+
+function startWarm(args: string[]): { done: Promise<Run>; kill: () => void } {
+  const child = spawn(process.execPath, ['src/main.ts', 'warm', ...args], { stdio: ['ignore', 'pipe', 'pipe'] });
+  let stdout = '';
+  let stderr = '';
+  child.stdout.on('data', (c: Buffer) => (stdout += c.toString()));
+  child.stderr.on('data', (c: Buffer) => (stderr += c.toString()));
+  const done = new Promise<Run>((resolve) => child.on('close', (code) => resolve({ code, stdout, stderr })));
+  return { done, kill: () => child.kill('SIGKILL') };
+}
+
+const warm = (args: string[]) => startWarm(args).done;
+
+/** Requests the Stratum 1 has seen, by path under the repository. */
+function seen(origin: Origin): Map<string, number> {
+  const m = new Map<string, number>();
+  for (const r of origin.seen) m.set(r.path.slice(ROOT.length), (m.get(r.path.slice(ROOT.length)) ?? 0) + 1);
+  return m;
+}
+
+interface Rig {
+  origin: Origin;
+  proxy: TestProxy;
+  repoUrl: string;
+  state: string;
+  args: (...extra: string[]) => string[];
+}
+
+async function rig(repo: Repository, opts: Parameters<typeof serve>[2] = {}): Promise<Rig> {
+  const origin = await startOrigin();
+  serve(origin, repo, opts);
+  const proxy = await startProxy();
+  const state = join(tmpDir(), 'warm-state.json');
+  const repoUrl = `${origin.url}/cvmfs/${REPO}`;
+  after(async () => {
+    await proxy.close();
+    await origin.close();
+  });
+  return { origin, proxy, repoUrl, state, args: (...extra) => [repoUrl, '--proxy', proxy.url, '--state', state, ...extra] };
+}
+
+describe('cuttle warm', () => {
+  const r1 = buildRepository({ repo: REPO, revision: 1 });
+  const r2 = buildRepository({ repo: REPO, revision: 2 });
+  const catalogsOf = (r: Repository) => new Set(r.catalogs.values());
+
+  it('fetches every object and catalog once and nothing a walker must skip; a second warm costs the Stratum 1 nothing; the next revision costs exactly its new objects', async () => {
+    const t = await rig(r1);
+    const first = await warm(t.args('--json'));
+    assert.equal(first.code, 0, first.stderr);
+    const report = JSON.parse(first.stdout) as { ok: boolean; repositories: { fetched: { objects: number }; revision: number }[] };
+    assert.equal(report.ok, true);
+    assert.equal(report.repositories[0]!.fetched.objects, r1.objects.size + 2, 'objects, the whitelist and the certificate');
+    const s1 = seen(t.origin);
+    for (const p of [...r1.objects, ...catalogsOf(r1), '.cvmfspublished', '.cvmfswhitelist']) assert.equal(s1.get(p), 1, p);
+    for (const p of r1.neverFetched) assert.equal(s1.get(p), undefined, `never asked for ${p}`);
+    assert.equal(t.origin.seen.length, r1.objects.size + r1.catalogs.size + 3, 'upstream requests = distinct objects + catalogs + manifest, whitelist, certificate');
+
+    const second = await warm(t.args());
+    assert.equal(second.code, 0, second.stderr);
+    // The root catalog is complete (the state file says so): nothing below it is even asked of the cache.
+    assert.match(second.stdout, /fetched 0 objects .* skipped 2 cached .* 1 catalogs already complete/);
+    assert.equal(t.origin.seen.length, r1.objects.size + r1.catalogs.size + 3, 'a second warm of the same revision: 0 upstream requests');
+
+    // Publish revision 2; a client's refresh after the manifest's TTL brings it into the cache.
+    serve(t.origin, r2);
+    const pool = proxyClient(t.proxy.url, 1);
+    assert.equal((await get(pool, `${t.repoUrl}/.cvmfspublished`, { 'cache-control': 'no-cache' })).status, 200);
+    await pool.close();
+    const before = t.origin.seen.length;
+    const third = await warm(t.args('--json'));
+    assert.equal(third.code, 0, third.stderr);
+    const r3 = JSON.parse(third.stdout) as { repositories: { revision: number; fetched: { objects: number }; catalogs: { complete: number } }[] };
+    assert.equal(r3.repositories[0]!.revision, 2);
+    const added = [...r2.objects].filter((p) => !r1.objects.has(p));
+    assert.equal(r3.repositories[0]!.fetched.objects, added.length);
+    assert.equal(r3.repositories[0]!.catalogs.complete, 1, '/sw (with /sw/root below it) was complete: not walked again');
+    const newCatalogs = [...catalogsOf(r2)].filter((c) => !catalogsOf(r1).has(c));
+    assert.deepEqual(newCatalogs.sort(), [r2.catalogs.get('')!, r2.catalogs.get('/rev')!].sort());
+    assert.equal(t.origin.seen.length - before, added.length + newCatalogs.length, 'the next revision: exactly its new objects and catalogs');
+    const s3 = seen(t.origin);
+    for (const p of [...r2.objects, ...catalogsOf(r2)]) assert.equal(s3.get(p), 1, p);
+  });
+
+  it('--path walks only the sub-trees asked for, pruning on nested catalogs and on directories', async () => {
+    const t = await rig(r1);
+    const run = await warm(t.args('--path', '/sw/gcc'));
+    assert.equal(run.code, 0, run.stderr);
+    const s = seen(t.origin);
+    const gcc = [...r1.objectsBySubtree.get('/sw')!].filter((p) => !p.endsWith('P'));
+    assert.equal(gcc.length, 6);
+    for (const p of gcc) assert.equal(s.get(p), 1, p);
+    for (const p of [r1.catalogs.get('')!, r1.catalogs.get('/sw')!]) assert.equal(s.get(p), 1, p);
+    for (const p of [r1.catalogs.get('/rev')!, r1.catalogs.get('/sw/root')!]) assert.equal(s.get(p), undefined, `pruned: ${p}`);
+    const objects = [...s.keys()].filter((p) => r1.objects.has(p));
+    assert.deepEqual(objects.sort(), gcc.sort(), 'no object outside /sw/gcc');
+  });
+
+  it('--check asks nothing upstream, and its cached and missing counts match what was warmed', async () => {
+    const t = await rig(r1);
+    assert.equal((await warm(t.args('--path', '/sw'))).code, 0);
+    const before = t.origin.seen.length;
+    const check = await warm(t.args('--check', '--json'));
+    assert.equal(check.code, 1, 'not everything is cached');
+    assert.equal(t.origin.seen.length, before, '--check made no upstream request');
+    const r = (JSON.parse(check.stdout) as { repositories: { mountable: boolean; paths: { path: string; cached: { objects: number; bytes: number }; missing: { objects: number; bytes: number } }[]; catalogs: { missing: string[] }; largestMissing: { path: string; objects: number }[] }[] }).repositories[0]!;
+    const sw = r1.objectsBySubtree.get('/sw')!.size + r1.objectsBySubtree.get('/sw/root')!.size;
+    const rootOwn = r1.objectsBySubtree.get('')!.size;
+    assert.equal(r.mountable, true);
+    assert.deepEqual(r.paths, [{ path: '/', cached: { objects: sw, bytes: r.paths[0]!.cached.bytes }, missing: { objects: rootOwn, bytes: r.paths[0]!.missing.bytes } }]);
+    assert.deepEqual(r.catalogs.missing, ['/rev'], "/rev's catalog was never fetched: its sub-tree is unreadable without the WAN");
+    assert.deepEqual(r.largestMissing.map((m) => [m.path, m.objects]), [['/', rootOwn]]);
+    const swOnly = await warm(t.args('--check', '--path', '/sw'));
+    assert.equal(swOnly.code, 0, swOnly.stdout);
+    assert.match(swOnly.stdout, new RegExp(`/sw: cached ${sw} objects .* missing 0 objects`));
+    assert.equal(t.origin.seen.length, before);
+  });
+
+  it('resumes after a kill mid-walk: completed catalogs are skipped, and nothing is fetched twice', async () => {
+    const held = gate();
+    const gated = [...r1.objectsBySubtree.get('/sw/root')!][0]!;
+    const t = await rig(r1, { gates: new Map([[gated, held]]) });
+    const first = startWarm(t.args('--concurrency', '1'));
+    await waitFor('the walk to reach /sw/root', () => t.origin.count(ROOT + gated) === 1);
+    first.kill();
+    assert.equal((await first.done).code, null, 'killed');
+    const state = JSON.parse(readFileSync(t.state, 'utf8')) as { complete: Record<string, Record<string, string[]>> };
+    const done = Object.keys(Object.values(state.complete)[0]!);
+    assert.ok(done.includes(r1.catalogs.get('/rev')!.replace(/^data\/(..)\/(.*)C$/, '$1$2')), '/rev was complete before the kill');
+    held.open();
+    const second = await warm(t.args('--json'));
+    assert.equal(second.code, 0, second.stderr);
+    const r = (JSON.parse(second.stdout) as { repositories: { catalogs: { complete: number } }[] }).repositories[0]!;
+    assert.equal(r.catalogs.complete, 1);
+    const s = seen(t.origin);
+    for (const p of [...r1.objects, ...catalogsOf(r1)]) assert.equal(s.get(p), 1, p);
+  });
+
+  it('a catalog that fails its hash is refused (exit 5), and cuttle does not store it', async () => {
+    const t = await rig(r1, { corrupt: r1.catalogs.get('/sw')! });
+    const run = await warm(t.args());
+    assert.equal(run.code, 5, run.stdout + run.stderr);
+    assert.match(run.stdout, /CATALOG_FAILED: catalog \/sw/);
+    const pool = proxyClient(t.proxy.url, 1);
+    const again = await get(pool, `${t.repoUrl}/${r1.catalogs.get('/sw')}`, { 'cache-control': 'only-if-cached' }, 'HEAD');
+    await pool.close();
+    assert.equal(again.status, 504, 'the corrupt catalog was not stored');
+    assert.equal(seen(t.origin).get(r1.catalogs.get('/sw')!), 1);
+  });
+
+  it('a proxy that is not a cuttle is refused (exit 3) before any walk', async () => {
+    const t = await rig(r1);
+    const run = await warm([t.repoUrl, '--proxy', t.origin.url, '--state', t.state]);
+    assert.equal(run.code, 3, run.stdout + run.stderr);
+    assert.match(run.stdout, /NOT_CUTTLE/);
+    assert.equal([...seen(t.origin).keys()].filter((p) => p.startsWith('data/')).length, 0);
+  });
+});
