@@ -3,7 +3,7 @@
 // counts what reached the Stratum 1.
 import assert from 'node:assert/strict';
 import { spawn } from 'node:child_process';
-import { readFileSync } from 'node:fs';
+import { readFileSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { after, describe, it } from 'node:test';
 import { buildRepository, type Repository } from '../../bench/cvmfs-repository.ts';
@@ -32,14 +32,14 @@ interface Run {
   stderr: string;
 }
 
-function startWarm(args: string[]): { done: Promise<Run>; kill: () => void } {
+function startWarm(args: string[]): { done: Promise<Run>; kill: (signal?: NodeJS.Signals) => void } {
   const child = spawn(process.execPath, ['src/main.ts', 'warm', ...args], { stdio: ['ignore', 'pipe', 'pipe'] });
   let stdout = '';
   let stderr = '';
   child.stdout.on('data', (c: Buffer) => (stdout += c.toString()));
   child.stderr.on('data', (c: Buffer) => (stderr += c.toString()));
   const done = new Promise<Run>((resolve) => child.on('close', (code) => resolve({ code, stdout, stderr })));
-  return { done, kill: () => child.kill('SIGKILL') };
+  return { done, kill: (signal = 'SIGKILL') => child.kill(signal) };
 }
 
 const warm = (args: string[]) => startWarm(args).done;
@@ -187,5 +187,34 @@ describe('cuttle warm', () => {
     assert.equal(run.code, 3, run.stdout + run.stderr);
     assert.match(run.stdout, /NOT_CUTTLE/);
     assert.equal([...seen(t.origin).keys()].filter((p) => p.startsWith('data/')).length, 0);
+  });
+
+  it('--watch warms each new revision as it is published, and stops cleanly on SIGTERM', async () => {
+    const t = await rig(r1);
+    const w = startWarm(t.args('--watch', '--watch-interval', '20ms'));
+    await waitFor('revision 1 warmed', () => [...r1.objects].every((p) => t.origin.count(ROOT + p) === 1));
+    serve(t.origin, r2);
+    const added = [...r2.objects].filter((p) => !r1.objects.has(p));
+    await waitFor('revision 2 warmed', () => added.every((p) => t.origin.count(ROOT + p) === 1));
+    w.kill('SIGTERM');
+    const run = await w.done;
+    assert.equal(run.code, 0, run.stderr);
+    assert.match(run.stdout, /revision 1: fetched/);
+    assert.match(run.stdout, /revision 2: fetched/);
+    const s = seen(t.origin);
+    for (const p of [...r1.objects, ...r2.objects, ...catalogsOf(r1), ...catalogsOf(r2)]) assert.equal(s.get(p), 1, p);
+  });
+
+  it('a walk larger than --disk-cache is announced before it starts, and stops at --max-bytes (exit 6)', async () => {
+    const t = await rig(r1);
+    const config = join(tmpDir(), 'cuttle.yaml');
+    writeFileSync(config, 'disk-cache: 200KB\nmax-object-size: 100KB\nmax-memory-object-size: 64KB\nmemory-cache: 128KB\n');
+    const run = await warm(t.args('--config', config, '--concurrency', '1'));
+    assert.equal(run.code, 6, run.stdout + run.stderr);
+    assert.match(run.stderr, /more than --disk-cache \(0\.2 MiB\); it stops after fetching 0\.2 MiB \(--max-bytes\)/);
+    assert.match(run.stdout, /LIMIT: /);
+    const fetched = [...seen(t.origin).keys()].filter((p) => r1.objects.has(p)).map((p) => r1.bodies.get(p)!.length);
+    assert.ok(fetched.reduce((a, b) => a + b, 0) <= 180 * 1024, 'no more than 90% of --disk-cache fetched');
+    assert.ok(fetched.length < r1.objects.size);
   });
 });
