@@ -19,7 +19,6 @@ import { join } from 'node:path';
 import { DatabaseSync } from 'node:sqlite';
 import { deflateSync } from 'node:zlib';
 import { algorithmFlags, FLAG, objectPath, pathHash } from '../src/catalog.ts';
-import { prng } from './emulator.ts';
 
 export interface RepositoryOptions {
   repo: string;
@@ -60,10 +59,10 @@ interface Entry {
 
 const sha1 = (b: Buffer) => createHash('sha1').update(b).digest('hex');
 
+/** `n` bytes that depend on `seed` only (SHA-256 in counter mode: incompressible, as real objects are once zlib'd). */
 function bytes(seed: number, n: number): Buffer {
-  const rnd = prng(seed);
   const b = Buffer.allocUnsafe(n);
-  for (let i = 0; i < n; i++) b[i] = (rnd() * 256) | 0;
+  for (let i = 0, block = 0; i < n; block++) i += createHash('sha256').update(`${seed}:${block}`).digest().copy(b, i);
   return b;
 }
 
@@ -90,8 +89,7 @@ export function buildRepository(o: RepositoryOptions): Repository {
     return { hash, path };
   };
   const file = (subtree: string, path: string, salt = ''): Entry => {
-    const rnd = prng(seedOf(`${seed}${path}${salt}`));
-    const raw = bytes(seedOf(`${seed}:${path}:${salt}`), lo + Math.floor(rnd() * (hi - lo)));
+    const raw = bytes(seedOf(`${seed}:${path}:${salt}`), lo + (seedOf(`${seed}${path}${salt}`) % (hi - lo)));
     const { hash, path: p } = store(raw, '');
     repo.objects.add(p);
     addTo(repo.objectsBySubtree, subtree, p);

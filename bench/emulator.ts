@@ -1,6 +1,9 @@
 // A Stratum 1 emulator: a CVMFS-shaped URL space for the herd benchmark and the compose demo.
 //   /cvmfs/<repo>/.cvmfspublished      max-age=61, text manifest with a revision
 //   /cvmfs/<repo>/data/XX/<sha1>[C|P]  bytes whose SHA-1 is the name, max-age=259200
+// With `repository`, the repository is in cvmfs's real format (bench/cvmfs-repository.ts): the manifest
+// names a root catalog, the catalogs are zlib-compressed SQLite with nested catalogs and a chunked file,
+// and POST /_emulator/publish builds the next revision, which changes one sub-tree (`cuttle warm`).
 // Knobs: first-byte latency, per-response and total bandwidth caps, faults (reset after N bytes, a 5xx
 // rate, corrupt bytes), and the delays of a WAN (below). It counts requests per path and reports them on
 // GET /_emulator/stats.
@@ -21,6 +24,7 @@ import { once } from 'node:events';
 import { createServer, type Server, type ServerResponse } from 'node:http';
 import type { AddressInfo, Socket } from 'node:net';
 import { setTimeout as sleep } from 'node:timers/promises';
+import { buildRepository, type RepositoryOptions } from './cvmfs-repository.ts';
 
 export interface ObjectSpec {
   path: string; // /cvmfs/<repo>/data/XX/<hash><suffix>
@@ -108,6 +112,13 @@ export interface EmulatorOptions {
   seed?: number;
   /** The delays of a WAN between the proxy and this Stratum 1 (see the top of this file). */
   wan?: WanDelays;
+  /** Serve a repository in cvmfs's format, from this revision on (its bodies join `bodies`). */
+  repository?: Omit<RepositoryOptions, 'repo'>;
+}
+
+/** Add revision `revision` of the repository to `bodies` (a Stratum 1 keeps the objects of earlier revisions). */
+export function publishRepository(bodies: Map<string, Buffer>, repo: string, o: Omit<RepositoryOptions, 'repo'>): void {
+  for (const [rel, b] of buildRepository({ ...o, repo }).bodies) bodies.set(`/cvmfs/${repo}/${rel}`, b);
 }
 
 export interface WanDelays {
@@ -167,7 +178,8 @@ export async function startEmulator(o: EmulatorOptions, port = 0, host = '127.0.
   // Requests per path, probes included, so every request draws its own stalls.
   const draws = new Map<string, number>();
   let totalBudgetAt = Date.now();
-  const emu: Emulator = { url: '', port: 0, stats, revision: 1, publishedAtS: undefined, close: async () => {} };
+  const emu: Emulator = { url: '', port: 0, stats, revision: o.repository?.revision ?? 1, publishedAtS: undefined, close: async () => {} };
+  if (o.repository) publishRepository(o.bodies, o.repo, { ...o.repository, revision: emu.revision });
 
   // A token bucket shared by all responses for the total cap.
   async function takeTotal(n: number): Promise<void> {
@@ -244,6 +256,7 @@ export async function startEmulator(o: EmulatorOptions, port = 0, host = '127.0.
     }
     if (path === '/_emulator/publish' && req.method === 'POST') {
       emu.revision++;
+      if (o.repository) publishRepository(o.bodies, o.repo, { ...o.repository, revision: emu.revision });
       return void res.end(String(emu.revision));
     }
     // A proxy's health probes are not client traffic: counted apart.
@@ -264,7 +277,7 @@ export async function startEmulator(o: EmulatorOptions, port = 0, host = '127.0.
       return void res.end('emulated failure\n');
     }
     const head = req.method === 'HEAD';
-    if (path === `/cvmfs/${o.repo}/.cvmfspublished`) {
+    if (path === `/cvmfs/${o.repo}/.cvmfspublished` && !o.bodies.has(path)) {
       const body = Buffer.from(`C0000000000000000000000000000000000000000\nN${o.repo}\nS${emu.revision}\nT${emu.publishedAtS ?? Math.floor(Date.now() / 1000)}\n--\n`);
       return void send(res, path, body, { 'content-type': 'application/x-cvmfs', 'cache-control': 'max-age=61' }, undefined, head);
     }
@@ -274,7 +287,8 @@ export async function startEmulator(o: EmulatorOptions, port = 0, host = '127.0.
       return void res.end('not found\n');
     }
     const isChunk = path.endsWith('P');
-    await send(res, path, body, { 'content-type': 'application/x-cvmfs', 'cache-control': 'max-age=259200' }, (isChunk ? o.chunkBytesPerSec : undefined) ?? o.responseBytesPerSec, head, req.headers.range);
+    // Apache's expiry on a Stratum 1: 61 s for the .cvmfs* files, 3 days for the rest.
+    await send(res, path, body, { 'content-type': 'application/x-cvmfs', 'cache-control': path.includes('/.cvmfs') ? 'max-age=61' : 'max-age=259200' }, (isChunk ? o.chunkBytesPerSec : undefined) ?? o.responseBytesPerSec, head, req.headers.range);
   });
   server.keepAliveTimeout = 120_000;
   server.on('connection', (s) => {
@@ -292,10 +306,12 @@ export async function startEmulator(o: EmulatorOptions, port = 0, host = '127.0.
 }
 
 // Standalone: `node bench/emulator.ts [--port 8000] [--repo atlas.cern.ch] [--objects 200] [--latency-ms 50]`
+//   [--revision N [--files N]]: the repository in cvmfs's format (catalogs), from revision N on.
 if (import.meta.main) {
   const { parseArgs } = await import('node:util');
-  const { values } = parseArgs({ options: { port: { type: 'string', default: '8000' }, host: { type: 'string', default: '0.0.0.0' }, repo: { type: 'string', default: 'atlas.cern.ch' }, objects: { type: 'string', default: '200' }, 'latency-ms': { type: 'string', default: '50' }, seed: { type: 'string', default: '1' } } });
-  const { bodies } = makeCatalog({ repo: values.repo!, objects: Number(values.objects), seed: Number(values.seed) });
-  const emu = await startEmulator({ repo: values.repo!, bodies, latencyMs: Number(values['latency-ms']) }, Number(values.port), values.host);
+  const { values } = parseArgs({ options: { port: { type: 'string', default: '8000' }, host: { type: 'string', default: '0.0.0.0' }, repo: { type: 'string', default: 'atlas.cern.ch' }, objects: { type: 'string', default: '200' }, 'latency-ms': { type: 'string', default: '50' }, seed: { type: 'string', default: '1' }, revision: { type: 'string' }, files: { type: 'string', default: '6' } } });
+  const repository = values.revision === undefined ? undefined : { revision: Number(values.revision), files: Number(values.files), seed: Number(values.seed) };
+  const { bodies } = repository ? { bodies: new Map<string, Buffer>() } : makeCatalog({ repo: values.repo!, objects: Number(values.objects), seed: Number(values.seed) });
+  const emu = await startEmulator({ repo: values.repo!, bodies, latencyMs: Number(values['latency-ms']), repository }, Number(values.port), values.host);
   process.stdout.write(`stratum1 emulator on ${emu.url} serving /cvmfs/${values.repo}/ (${bodies.size} objects)\n`);
 }

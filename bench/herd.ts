@@ -21,7 +21,7 @@ export type HotClient = 'wrk' | 'bulk';
 
 export interface Scenario {
   name: string;
-  kind: 'herd' | 'hot' | 'poll' | 'memory' | 'skip' | 'parent' | 'bank';
+  kind: 'herd' | 'hot' | 'poll' | 'memory' | 'skip' | 'parent' | 'bank' | 'warm';
   nodes: number;
   objects: number;
   order: 'same' | 'shuffle';
@@ -92,6 +92,9 @@ export const SCENARIOS: Record<string, Scenario> = {
   // each worker's share. Run the herd with --target workers-2 for its fetches per object.
   workers: { name: 'workers', kind: 'hot', nodes: 0, objects: 0, order: 'same', latencyMs: 0, hotObjectBytes: 4096, hotSeconds: 10, hotWarmupSeconds: 3, hotConnections: [64, 256], variants: ['workers-1', 'workers-2', 'workers-2-core0'] },
   bank: { name: 'bank', kind: 'bank', nodes: 600, objects: 100, chunkMiB: [4, 8], order: 'same', latencyMs: 20, chunkBytesPerSec: 8 * 2 ** 20, killAtFraction: 0.3, variants: BANK_VARIANTS },
+  // Issue 31: `cuttle warm` against the emulator's repository in cvmfs's format (bench/warm-scenario.ts);
+  // --objects sizes the repository, --nodes the herd that follows the warm.
+  warm: { name: 'warm', kind: 'warm', nodes: 1000, objects: 1000, order: 'same', latencyMs: 50 },
   'manifest-poll': { name: 'manifest-poll', kind: 'poll', nodes: 1000, objects: 0, order: 'same', latencyMs: 50, poll: { everyMs: 5000, forMs: 60_000 } },
 };
 
@@ -494,6 +497,17 @@ async function main(): Promise<void> {
     // parent and bank compare their own set-ups; --target/--compare may name some of them.
     const chosen = sc.variants ? (targets.every((t) => sc.variants!.includes(t)) ? targets : [...sc.variants]) : targets;
     if (sc.kind === 'parent' && chosen.includes('squid-parents') && !squidBinary) throw new Error('parent with squid-parents needs Debian squid: apt-get install squid');
+    if (sc.kind === 'warm') {
+      const { runWarmScenario, warmMarkdown } = await import('./warm-scenario.ts');
+      const r = await runWarmScenario({ nodes: sc.nodes, objects: sc.objects, latencyMs: sc.latencyMs, memoryCache: values['memory-cache']!, seed: Number(values.seed), freePort, runNodes });
+      const table = warmMarkdown(r);
+      tables.push(table);
+      const stamp = new Date().toISOString().replace(/[:.]/g, '-');
+      writeFileSync(join(values.out!, `${name}-${stamp}.json`), JSON.stringify({ commit, scenario: sc, result: r }, null, 2));
+      writeFileSync(join(values.out!, `${name}-${stamp}.md`), `${table}\n`);
+      process.stdout.write(`\n${table}\n`);
+      continue;
+    }
     const runs: RunResult[] = [];
     for (let round = 1; round <= Number(values.rounds); round++) {
       // Alternate the order (A B, then B A): whatever the machine does over time falls on both targets.
