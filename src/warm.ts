@@ -119,15 +119,15 @@ class WarmState {
   subtree(key: string, hash: string): string[] | undefined {
     const all = this.#data.complete[key];
     if (!all?.[hash]) return undefined;
-    const out: string[] = [];
+    const out = new Set<string>();
     const todo = [hash];
     while (todo.length) {
       const h = todo.pop()!;
-      if (out.includes(h)) continue;
-      out.push(h);
+      if (out.has(h)) continue;
+      out.add(h);
       todo.push(...(all[h] ?? []));
     }
-    return out;
+    return [...out];
   }
 
   /** Record a completed catalog and the catalogs below it, on disk at once (a kill keeps it). */
