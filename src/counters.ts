@@ -250,3 +250,21 @@ export function figureAt(tree: Figures, path: string): unknown {
   for (const p of path.split('.')) o = (o as Figures | undefined)?.[p];
   return o;
 }
+
+const share = (part: number, whole: number) => (whole > 0 ? part / whole : null);
+const num = (f: Figures, path: string) => (figureAt(f, path) as number | undefined) ?? 0;
+
+/**
+ * What the cache spared the origin, derived from the figures (under --workers from their sums, never
+ * summed themselves): each ratio, what it means, and how. null while there is nothing to divide.
+ */
+export const RATIOS = {
+  hitRatio: { help: "Squid's request hit ratio: hits / client requests (a request that joined a running fill is a miss, as in Squid)", read: (f: Figures) => share(num(f, 'counters.hits'), num(f, 'counters.requests')) },
+  offloadRequests: { help: 'origin offload by requests: the share of client requests that cost no upstream fetch, 1 − upstream fetches / client requests', read: (f: Figures) => share(num(f, 'counters.requests') - num(f, 'upstream.fetches'), num(f, 'counters.requests')) },
+  offloadBytes: { help: 'origin offload by bytes: the share of body bytes sent to clients that did not come from upstream, 1 − upstream bytes / bytes out', read: (f: Figures) => share(num(f, 'counters.bytesOut') - num(f, 'upstream.bytes'), num(f, 'counters.bytesOut')) },
+} as const;
+
+/** The ratios of RATIOS, for /status. */
+export function ratios(f: Figures): Record<keyof typeof RATIOS, number | null> {
+  return Object.fromEntries(Object.entries(RATIOS).map(([k, r]) => [k, r.read(f)])) as Record<keyof typeof RATIOS, number | null>;
+}

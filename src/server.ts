@@ -11,7 +11,7 @@ import { systemClock, type Clock } from './clock.ts';
 import { Coalescer } from './coalescer.ts';
 import type { Config, ListenAddr } from './config.ts';
 import type { Ctx } from './context.ts';
-import { figures, newCounters, setAt, type CounterSources, type Counters } from './counters.ts';
+import { figures, newCounters, ratios, setAt, type CounterSources, type Counters } from './counters.ts';
 import { Upstream } from './fetch.ts';
 import { createFreshness, type Freshness } from './freshness.ts';
 import { Listeners } from './listeners.ts';
@@ -22,6 +22,7 @@ import type { Mirrors } from './mirrors.ts';
 import { Bank } from './bank.ts';
 import { Hierarchy } from './hierarchy.ts';
 import { primaryOfKey, workerOf } from './worker-ring.ts';
+import { RateHistory } from './rate-history.ts';
 import { LoopLag } from './overload.ts';
 import { shutdown } from './shutdown.ts';
 import { startSnmpAgent, type SnmpAgent } from './snmp.ts';
@@ -54,6 +55,8 @@ export interface Proxy {
   readonly loopLag: LoopLag;
   /** Parents and the bank: where misses go. */
   readonly hierarchy: Hierarchy;
+  /** The request and byte rates of the last hour (/status history); a worker keeps none. */
+  readonly history: RateHistory | undefined;
   /** Forget a key everywhere in this proxy (an invalidation another worker made); true when it held a copy. */
   forget(key: string): Promise<boolean>;
   /** Called when this proxy forgets a key of its own accord (PURGE, an unsafe method): workers pass it on; true when another held a copy. */
@@ -119,7 +122,7 @@ function openWarnedAccessLog(cfg: Config, clock: Clock, log: Logger, shared: boo
 }
 
 /** What the admin listener shows: who may use it, readiness (/readyz) and /status. */
-function adminState(p: { live: LiveConfig; phase: Phase; disk: DiskTier; coalescer: Coalescer; sources: CounterSources; clock: Clock; startedAt: number; hierarchy: Hierarchy }): AdminState {
+function adminState(p: { live: LiveConfig; phase: Phase; disk: DiskTier; coalescer: Coalescer; sources: CounterSources; clock: Clock; startedAt: number; hierarchy: Hierarchy; history: RateHistory | undefined }): AdminState {
   const { live, phase, disk, clock } = p;
   return {
     allows: (addr) => live.acl().allowsAdmin(addr),
@@ -129,7 +132,8 @@ function adminState(p: { live: LiveConfig; phase: Phase; disk: DiskTier; coalesc
       // The table's figures, and what is not a number: state, the top fills and each mirror.
       const f = figures(p.sources);
       setAt(f, 'tiers.disk.loaded', disk.isLoaded);
-      return { version: VERSION, uptimeS: Math.round((clock.now() - p.startedAt) / 1000), draining: phase.draining, ...f, topFills: p.coalescer.topFills(10, clock.now()), mirrors: live.mirrors.snapshot(), peers: p.hierarchy.snapshot() };
+      const now = clock.now();
+      return { version: VERSION, uptimeS: Math.round((now - p.startedAt) / 1000), draining: phase.draining, ...f, ratios: ratios(f), history: p.history?.snapshot(now, new Map([['proxy', f]])), topFills: p.coalescer.topFills(10, clock.now()), mirrors: live.mirrors.snapshot(), peers: p.hierarchy.snapshot() };
     },
   };
 }
@@ -184,7 +188,9 @@ export async function createProxy(cfg: Config, opts: ProxyOptions = {}): Promise
   const listeners = new Listeners(ctx, opts.worker);
   const phase: Phase = { listening: false, draining: false };
   const startedAt = clock.now();
-  const state = adminState({ live, phase, disk, coalescer, sources, clock, startedAt, hierarchy });
+  // A worker keeps none: the main thread keeps the history of the workers' sum (workers.ts).
+  const history = opts.worker ? undefined : new RateHistory(startedAt);
+  const state = adminState({ live, phase, disk, coalescer, sources, clock, startedAt, hierarchy, history });
   const admin = cfg.adminListen === 'none' ? undefined : createAdminServer(metrics, state);
   let snmpAgent: SnmpAgent | undefined;
 
@@ -217,6 +223,7 @@ export async function createProxy(cfg: Config, opts: ProxyOptions = {}): Promise
     addresses: () => listeners.addresses(),
     clientConnections: () => listeners.connections,
     hierarchy,
+    history,
     async listen() {
       await hierarchy.bank?.start();
       await listeners.listen();
@@ -231,6 +238,7 @@ export async function createProxy(cfg: Config, opts: ProxyOptions = {}): Promise
         });
       }
       phase.listening = true;
+      history?.start(() => clock.now(), () => new Map([['proxy', figures(sources)]]), (err) => log.error({ err, internal: true }, 'rate history sample failed'));
       loopLag.start();
       live.startProbing();
       log.info({ listen: listeners.addresses(), admin: admin?.address(), cacheDir: cfg.cacheDir }, opts.worker ? 'worker listening' : 'cuttle listening');
@@ -240,6 +248,7 @@ export async function createProxy(cfg: Config, opts: ProxyOptions = {}): Promise
     async close(timeoutMs = cfg.shutdownTimeoutMs) {
       // Drain: stop accepting, report not ready, let in-flight responses finish, then close the rest.
       phase.draining = true;
+      history?.stop();
       loopLag.stop();
       live.stopProbing();
       hierarchy.stop();

@@ -21,6 +21,8 @@ import { createAdminServer } from './admin.ts';
 import { buildConfig, type Config, type ListenAddr } from './config.ts';
 import type { Logger } from './log.ts';
 import { startSnmpAgent, type SnmpAgent } from './snmp.ts';
+import { ratios, type Figures } from './counters.ts';
+import { RateHistory } from './rate-history.ts';
 import { lockCacheDir, lockPath, recordPath } from './store-disk.ts';
 import { VERSION } from './version.ts';
 import { rm } from 'node:fs/promises';
@@ -327,6 +329,10 @@ export async function startWorkers(cfg: Config, raw: Record<string, unknown>, lo
       if (running.length === 0) return finish();
       for (const s of running) s.worker!.postMessage({ type: 'report', id } satisfies ToWorker);
     });
+  // The history of the sum: each worker's figures, as a source that starts again when it restarts.
+  const history = new RateHistory(Date.now());
+  const bySource = (got: { status: Record<string, unknown> }[]) => new Map<string, Figures>(got.map((r) => [`${String(r.status.worker)}/${slots[Number(r.status.worker)]?.restarts ?? 0}`, r.status]));
+  history.start(() => Date.now(), async () => bySource(await reports()), (err) => log.error({ err, internal: true }, 'rate history sample failed'));
   const status = async () => {
     // Worker 0 first: what is not summed (mirror health, peers) is its view, whichever answers first.
     const got = (await reports()).sort((a, b) => Number(a.status.worker) - Number(b.status.worker));
@@ -336,7 +342,7 @@ export async function startWorkers(cfg: Config, raw: Record<string, unknown>, lo
       const mine = got.find((r) => (r.status.worker as number | undefined) === index)?.status;
       return { index, running: s.ready, restarts: s.restarts, requests: (mine?.counters as { requests?: number } | undefined)?.requests ?? null, clientConnections: (mine?.clientConnections as number | undefined) ?? null };
     });
-    return { ...merged, version: VERSION, topFills, worker: undefined, workers };
+    return { ...merged, version: VERSION, ratios: ratios(merged), history: history.snapshot(Date.now(), bySource(got)), topFills, worker: undefined, workers };
   };
   let figuresCache: Record<string, unknown> = {};
   let acl = compileAcl(cfg);
@@ -357,6 +363,7 @@ export async function startWorkers(cfg: Config, raw: Record<string, unknown>, lo
       admin.once('error', (err) => reject(new Error(`cannot listen on admin ${host}:${port}: ${err.message}`, { cause: err })));
       admin.listen({ host, port }, () => resolve());
     }).catch(async (err) => {
+      history.stop();
       await closeWorkers(0);
       await unlock();
       throw err;
@@ -392,6 +399,7 @@ export async function startWorkers(cfg: Config, raw: Record<string, unknown>, lo
     thread: (i) => (slots[i]?.ready ? slots[i].worker : undefined),
     restarts: (i) => slots[i]?.restarts ?? 0,
     async close(timeoutMs) {
+      history.stop();
       if (snmpTimer) clearInterval(snmpTimer);
       admin?.close();
       admin?.closeAllConnections();
