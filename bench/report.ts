@@ -148,8 +148,67 @@ export function markdownTable(scenario: string, runs: RunResult[], targets: stri
 
 const COLORS = ['#1f77b4', '#d62728', '#2ca02c', '#9467bd'];
 
+/** A round top for an axis: 1, 2, 2.5 or 5 × 10^k, at least `max`. */
+function axisTop(max: number): number {
+  if (!(max > 0)) return 1;
+  const p = 10 ** Math.floor(Math.log10(max / 4));
+  return 4 * [1, 2, 2.5, 5, 10].find((m) => m * p * 4 >= max)! * p;
+}
+
+/**
+ * The hot-* scenarios' chart: they have no per-request latencies nor a herd's fetches per object (one
+ * object, fetched once), so the chart of the others was empty. Here: hits per second and latency p99,
+ * per connection count, one bar per target (medians over rounds).
+ */
+function svgHotChart(scenario: string, runs: RunResult[], targets: string[]): string {
+  const W = 900;
+  const H = 380;
+  const top = 70;
+  const bottom = 60;
+  const plotH = H - top - bottom;
+  const esc = (t: string) => t.replace(/&/g, '&amp;').replace(/</g, '&lt;');
+  const color = (i: number) => COLORS[i % COLORS.length];
+  const conns = [...new Set(runs.flatMap((r) => r.hot?.map((h) => h.connections) ?? []))].sort((a, b) => a - b);
+  const med = (t: string, c: number, f: (h: NonNullable<RunResult['hot']>[number]) => number) => median(runs.filter((r) => r.target === t).flatMap((r) => r.hot?.filter((h) => h.connections === c).map(f) ?? []));
+  const parts: string[] = [
+    `<svg xmlns="http://www.w3.org/2000/svg" width="${W}" height="${H}" font-family="sans-serif" font-size="12">`,
+    `<rect width="${W}" height="${H}" fill="white"/>`,
+    `<text x="70" y="22" font-size="15" font-weight="bold">${esc(scenario)}: ${esc(targets.join(' vs '))} (medians of ${Math.max(...targets.map((t) => runs.filter((r) => r.target === t).length))} rounds)</text>`,
+  ];
+  targets.forEach((t, i) => {
+    const client = runs.find((r) => r.target === t)?.hotClient;
+    const y = 42 + 16 * i;
+    parts.push(`<rect x="70" y="${y - 10}" width="14" height="10" fill="${color(i)}"/>`, `<text x="90" y="${y}"><tspan font-weight="bold" fill="${color(i)}">${esc(t)}</tspan>  proxy CPU ${fmt(median(runs.filter((r) => r.target === t).map((r) => r.proxyCpuS)))} s · peak RSS ${fmt(median(runs.filter((r) => r.target === t).map((r) => r.proxyPeakRssMiB)))} MiB${client ? ` · load generator ${esc(client)}` : ''}</text>`);
+  });
+  const panel = (x0: number, x1: number, title: string, unit: string, get: (h: NonNullable<RunResult['hot']>[number]) => number) => {
+    const vals = conns.flatMap((c) => targets.map((t) => med(t, c, get)));
+    const max = axisTop(Math.max(0, ...vals.filter(Number.isFinite)));
+    const y = (v: number) => top + plotH - (v / max) * plotH;
+    parts.push(`<line x1="${x0}" y1="${top + plotH}" x2="${x1}" y2="${top + plotH}" stroke="#333"/><line x1="${x0}" y1="${top}" x2="${x0}" y2="${top + plotH}" stroke="#333"/>`);
+    parts.push(`<text transform="translate(${x0 - 52} ${top + plotH / 2}) rotate(-90)" text-anchor="middle">${esc(unit)}</text>`, `<text x="${(x0 + x1) / 2}" y="${H - 18}" text-anchor="middle">${esc(title)}, by client connections</text>`);
+    for (let k = 0; k <= 4; k++) parts.push(`<text x="${x0 - 6}" y="${y((max * k) / 4) + 4}" text-anchor="end">${fmt((max * k) / 4)}</text><line x1="${x0}" y1="${y((max * k) / 4)}" x2="${x1}" y2="${y((max * k) / 4)}" stroke="#eee"/>`);
+    const group = (x1 - x0) / Math.max(1, conns.length);
+    const bw = Math.min(60, (group - 20) / Math.max(1, targets.length));
+    conns.forEach((c, ci) => {
+      const gx = x0 + ci * group + (group - bw * targets.length) / 2;
+      targets.forEach((t, ti) => {
+        const v = med(t, c, get);
+        if (!Number.isFinite(v)) return;
+        const bx = gx + ti * bw;
+        parts.push(`<rect x="${bx.toFixed(1)}" y="${y(v).toFixed(1)}" width="${(bw - 4).toFixed(1)}" height="${(top + plotH - y(v)).toFixed(1)}" fill="${color(ti)}"/>`, `<text x="${(bx + bw / 2 - 2).toFixed(1)}" y="${(y(v) - 4).toFixed(1)}" text-anchor="middle">${fmt(v)}</text>`);
+      });
+      parts.push(`<text x="${(x0 + ci * group + group / 2).toFixed(1)}" y="${top + plotH + 16}" text-anchor="middle">${c}</text>`);
+    });
+  };
+  panel(110, 480, 'hits per second', 'hits / s', (h) => h.reqPerSec);
+  panel(600, W - 20, 'latency p99', 'latency p99 (ms)', (h) => h.latencyP99Ms);
+  parts.push('</svg>');
+  return parts.join('\n');
+}
+
 /** Latency CDF per target (log x axis) and upstream fetches per object, as one self-contained SVG. */
 export function svgChart(scenario: string, runs: RunResult[], targets: string[]): string {
+  if (runs.some((r) => r.hot?.length) && !runs.some((r) => r.nodes)) return svgHotChart(scenario, runs, targets);
   const W = 900;
   const H = 380;
   const top = 70;
