@@ -231,7 +231,8 @@ class RepoWalk {
   readonly #scope: Scope;
   readonly #base: string;
   readonly #key: string;
-  readonly #tmp: string;
+  /** Where catalogs are decompressed (each unlinked once open); made by run(), removed after it. */
+  #tmp = '';
   readonly report: RepoReport;
   #planned = 0;
   #done = 0;
@@ -248,7 +249,6 @@ class RepoWalk {
     this.#scope = new Scope(o.paths);
     this.#base = repository.replace(/\/+$/, '');
     this.#key = `${this.#base} ${this.#scope.prefixes.join(',') || '/'}`;
-    this.#tmp = mkdtempSync(join(tmpdir(), 'cuttle-warm-'));
     this.report = {
       repository: this.#base,
       revision: 0,
@@ -282,6 +282,7 @@ class RepoWalk {
 
   async run(m: Manifest): Promise<void> {
     this.report.revision = m.revision;
+    this.#tmp = mkdtempSync(join(tmpdir(), 'cuttle-warm-'));
     try {
       // What a client needs before any catalog: the whitelist and the signing certificate.
       await this.#object(`${this.#base}/.cvmfswhitelist`, 0, undefined);
