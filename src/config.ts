@@ -846,7 +846,7 @@ export function loadConfig(cli: Cli): Config {
 }
 
 export function helpText(): string {
-  const lines = ['usage: cuttle [--config FILE] [options]', '       cuttle import-squid [--force] /etc/squid/squid.conf   (print the equivalent cuttle YAML config)', '       cuttle warm REPOSITORY_URL... [options]   (fill the cache from CVMFS catalogs; cuttle warm --help)', '', 'options (each is also a key of the YAML config file):'];
+  const lines = ['usage: cuttle [--config FILE] [options]', '       cuttle import-squid [--force] /etc/squid/squid.conf   (print the equivalent cuttle YAML config)', '       cuttle health [--pid PID]   (ask the running cuttle\'s /healthz, wherever its admin-listen puts it)', '       cuttle warm REPOSITORY_URL... [options]   (fill the cache from CVMFS catalogs; cuttle warm --help)', '', 'options (each is also a key of the YAML config file):'];
   for (const name of Object.keys(DEFAULTS) as OptionName[]) {
     const d = DEFAULTS[name];
     const shown = Array.isArray(d) ? d.join(' ') : String(d);

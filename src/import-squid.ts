@@ -1,6 +1,7 @@
 // `cuttle import-squid squid.conf`: a migration aid. Reads a Squid (frontier-squid) configuration and
 // prints the equivalent cuttle YAML, then lists, with line numbers, what needs no setting in cuttle and
 // every directive it could not map. It maps what a CVMFS site proxy sets; the rest is listed, not guessed.
+import { dirname } from 'node:path';
 import { stringify } from 'yaml';
 import { insideLocalRange, parseCidr } from './cidr.ts';
 import { buildConfig, DEFAULTS } from './config.ts';
@@ -26,6 +27,21 @@ export interface SquidImport {
   unmapped: Row[];
   /** Directives that could not be mapped and without which cuttle would allow what Squid denies. */
   widening: Row[];
+  /** Directives whose path was Squid's: mapped to cuttle's own, with what it means for the systemd unit. */
+  moved: Row[];
+}
+
+/** Where docker/cuttle.service lets cuttle write: its ReadWritePaths and its RuntimeDirectory (the pid file). */
+export const UNIT_WRITABLE = ['/var/cache/cuttle', '/var/log/cuttle', '/run/cuttle'];
+
+/**
+ * Squid's path as cuttle's own: every "squid" in it becomes "cuttle" (/var/cache/squid, /var/log/squid,
+ * /var/run/squid/squid.pid become the unit's /var/cache/cuttle, /var/log/cuttle, /run/cuttle/cuttle.pid).
+ * A cache directory without "squid" in its name gets "-cuttle" appended: cuttle refuses Squid's own.
+ */
+export function cuttlePath(path: string, cacheDir = false): string {
+  const own = path.replace(/squid/g, 'cuttle').replace(/^\/var\/run\//, '/run/');
+  return cacheDir && own === path ? `${path.replace(/\/+$/, '')}-cuttle` : own;
 }
 
 /** Logical lines: comments dropped, backslash continuations joined, each with its first line number. */
@@ -402,6 +418,19 @@ export function importSquid(text: string): SquidImport {
   const covered: Row[] = [];
   const unmapped: Row[] = [];
   const widening: Row[] = [];
+  const moved: Row[] = [];
+  /** Map a Squid path option to cuttle's own path, saying so, and what the unit needs when it lies outside it. */
+  const movePath = (d: Directive, key: string, path: string) => {
+    const own = cuttlePath(path, key === 'cache-dir');
+    options[key] = own;
+    const why = [own === path ? `${key}: ${own}` : `${key}: ${own}, not Squid's ${path}`];
+    if (key === 'cache-dir') why.push("cuttle can't read Squid's records and refuses a directory that holds them; if Squid's was a disk of its own, mount it (or a directory on it) here");
+    if (!UNIT_WRITABLE.some((w) => own === w || own.startsWith(`${w}/`))) {
+      why.push(`outside what the systemd unit may write (ReadWritePaths ${UNIT_WRITABLE.join(' ')}): add ${key === 'cache-dir' ? own : dirname(own)} to ReadWritePaths (systemctl edit cuttle)`);
+    }
+    if (key === 'pid-file' && own !== '/run/cuttle/cuttle.pid') why.push("the unit's --pid-file /run/cuttle/cuttle.pid wins over this, and logrotate signals that one");
+    moved.push({ line: d.line, text: d.text, why: why.join('; ') });
+  };
   const list = (key: string, ...v: unknown[]) => ((options[key] ??= []) as unknown[]).push(...v);
   const skip = (d: Directive, why: string) => unmapped.push({ line: d.line, text: d.text, why });
   const fine = (d: Directive, why: string) => covered.push({ line: d.line, text: d.text, why });
@@ -565,7 +594,7 @@ export function importSquid(text: string): SquidImport {
         else if (cacheDirs++ > 0) skip(d, 'cuttle has one cache directory: add this size to disk-cache if they share a disk');
         else if (!path || !mb || !/^\d+$/.test(mb)) skip(d, 'expected cache_dir TYPE PATH SIZE_MB');
         else {
-          options['cache-dir'] = path;
+          movePath(d, 'cache-dir', path);
           options['disk-cache'] = `${mb}MB`;
           if (type !== 'ufs' && type !== 'aufs' && type !== 'diskd') fine(d, `${type} becomes cuttle's own record format`);
         }
@@ -602,7 +631,8 @@ export function importSquid(text: string): SquidImport {
         options['visible-hostname'] = args[0];
         break;
       case 'pid_filename':
-        options['pid-file'] = args[0];
+        if (args[0] === 'none' || !args[0]) options['pid-file'] = 'none';
+        else movePath(d, 'pid-file', args[0]);
         break;
       case 'logformat':
         if (args[0]) logformats.set(args[0], args.slice(1).join(' '));
@@ -617,7 +647,8 @@ export function importSquid(text: string): SquidImport {
         else if (options['access-log'] !== undefined) skip(d, 'cuttle writes one access log');
         else if (!fmt && path !== 'none') skip(d, `log format ${format} is neither squid nor frontier's awstats`);
         else {
-          options['access-log'] = path;
+          if (path === 'none' || path === '-') options['access-log'] = path;
+          else movePath(d, 'access-log', path);
           if (fmt && path !== 'none') options['access-log-format'] = fmt;
         }
         break;
@@ -670,7 +701,7 @@ export function importSquid(text: string): SquidImport {
   }
   if (options['accel-listen'] !== undefined && !options.stratum1) unmapped.push({ line: 0, text: '(accel)', why: 'accelerator mode needs stratum1: list the Stratum 1 mirrors it serves' });
   const byLine = (a: Row, b: Row) => a.line - b.line;
-  return { options, covered: covered.sort(byLine), unmapped: unmapped.sort(byLine), widening: widening.sort(byLine) };
+  return { options, covered: covered.sort(byLine), unmapped: unmapped.sort(byLine), widening: widening.sort(byLine), moved: moved.sort(byLine) };
 }
 
 /** What `cuttle import-squid [--force] FILE` prints and exits with. */
@@ -707,6 +738,7 @@ export function importSquidText(text: string, file: string, force = false): Impo
     valid,
     stringify(r.options),
     r.widening.length ? `\n# WARNING (--force): cuttle allows what these lines denied (${r.widening.length}):\n${r.widening.map(row).join('')}` : '',
+    r.moved.length ? `\n# Squid's paths, changed to cuttle's own (${r.moved.length}):\n${r.moved.map(row).join('')}` : '',
     r.covered.length ? `\n# Needs no setting in cuttle (${r.covered.length}):\n${r.covered.map(row).join('')}` : '',
     `\n# Not mapped (${r.unmapped.length}):\n${r.unmapped.length ? r.unmapped.map(row).join('') : '#   none\n'}`,
   ].join('');

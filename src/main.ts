@@ -14,6 +14,7 @@ import { checkHost } from './preflight.ts';
 import { readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { importSquidText } from './import-squid.ts';
 import { warmMain } from './warm.ts';
+import { health } from './health.ts';
 
 /** How long past --shutdown-timeout (and the log's last write) a stop may take before the process just exits. */
 const STOP_GRACE_MS = 5000;
@@ -89,6 +90,11 @@ async function main(argv: string[]): Promise<number> {
     const ac = new AbortController();
     for (const sig of ['SIGINT', 'SIGTERM'] as const) process.once(sig, () => ac.abort());
     return warmMain(argv.slice(1), ac.signal);
+  }
+  if (argv[0] === 'health') {
+    const r = await health(argv.slice(1));
+    (r.status === 0 ? process.stdout : process.stderr).write(`${r.line}\n`);
+    return r.status;
   }
   if (argv[0] === 'import-squid') {
     const force = argv[1] === '--force';

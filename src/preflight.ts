@@ -10,7 +10,7 @@ import { createServer, isIP } from 'node:net';
 import { networkInterfaces } from 'node:os';
 import { dirname, resolve } from 'node:path';
 import type { Config, ListenAddr } from './config.ts';
-import { lockHolder } from './store-disk.ts';
+import { foreignFiles, lockHolder } from './store-disk.ts';
 
 /** Would `mkdir -p path` and writing inside it work? Names the first obstacle. */
 function dirProblem(path: string): string | undefined {
@@ -115,6 +115,8 @@ export async function checkHost(cfg: Config): Promise<{ problems: string[]; note
   const notes: string[] = [];
   const dir = dirProblem(cfg.cacheDir);
   if (dir) problems.push(`cache-dir: ${cfg.cacheDir} can't be used: ${dir}`);
+  const foreign = foreignFiles(cfg.cacheDir);
+  if (foreign) problems.push(`cache-dir: ${cfg.cacheDir} can't be used: ${foreign}`);
   // A stale lock (its process gone) is taken over at start, so only a live holder is worth a note.
   const holder = lockHolder(cfg.cacheDir);
   if (holder !== undefined && holder !== process.pid) notes.push(`cache-dir: in use by the running cuttle pid ${holder} (fine before a reload; a second instance on it would be refused)`);

@@ -133,14 +133,15 @@ export class DiskTier implements Tier {
 
   /** Create the directories and prove they are writable (fail loudly), then start the index scan. */
   async open(): Promise<void> {
+    const shared = this.#o.shared;
+    // One cuttle per cache directory: a second would delete the first one's temp records below. The
+    // lock comes first: it refuses a directory holding another program's files before creating anything.
+    if (!shared) await this.#lock();
     await fsp.mkdir(this.#tmp, { recursive: true });
     await fsp.mkdir(this.#objects, { recursive: true });
-    const shared = this.#o.shared;
     const probe = join(this.#tmp, `.probe.${process.pid}${this.#tmpTag}`);
     await fsp.writeFile(probe, 'ok');
     await fsp.unlink(probe);
-    // One cuttle per cache directory: a second would delete the first one's temp records below.
-    if (!shared) await this.#lock();
     // Anything left in tmp is from a crash: it was never complete (a worker's: from its previous life).
     for (const f of await fsp.readdir(this.#tmp)) if (!shared || f.includes(`${this.#tmpTag}.`)) await fsp.rm(join(this.#tmp, f), { force: true });
     this.loaded = this.#scan().then(
@@ -541,6 +542,8 @@ function gone(err: unknown): boolean {
  * for all its workers, and empties tmp before they start.
  */
 export async function lockCacheDir(dir: string, emptyTmp = false): Promise<void> {
+  const foreign = foreignFiles(dir);
+  if (foreign) throw new Error(foreign);
   const path = lockPath(dir);
   await fsp.mkdir(join(dir, 'v1', 'tmp'), { recursive: true });
   for (let attempt = 0; ; attempt++) {
@@ -559,6 +562,29 @@ export async function lockCacheDir(dir: string, emptyTmp = false): Promise<void>
     const tmp = join(dir, 'v1', 'tmp');
     for (const f of await fsp.readdir(tmp)) await fsp.rm(join(tmp, f), { force: true });
   }
+}
+
+/** What may sit beside v1/ in a cache directory: a mount's lost+found, hidden files (the unit's compile cache). */
+const OURS = (name: string) => name === 'v1' || name === 'lost+found' || name.startsWith('.');
+/** Squid's cache_dir layout: ufs/aufs/diskd's swap.state and first-level 00..FF directories, rock's file. */
+const SQUID = (name: string) => /^swap\.state/.test(name) || /^[0-9A-F]{2}$/.test(name) || name === 'rock';
+
+/**
+ * Why `dir` is not cuttle's to use, if it holds another program's files (a Squid cache_dir that
+ * import-squid's output or a habit pointed at): cuttle would count them in no bound and mix its records
+ * in. One cuttle created holds only v1/.
+ */
+export function foreignFiles(dir: string): string | undefined {
+  let names: string[];
+  try {
+    names = fs.readdirSync(dir).filter((n) => !OURS(n)).sort();
+  } catch {
+    return undefined; // absent (created at start) or not a directory (that error comes at mkdir)
+  }
+  if (names.length === 0) return undefined;
+  const shown = names.slice(0, 4).join(', ') + (names.length > 4 ? `, … (${names.length})` : '');
+  const squid = names.some(SQUID) ? "; it looks like Squid's cache directory, whose records cuttle can't read" : '';
+  return `it holds files that are not cuttle's (${shown})${squid}: give cuttle a directory of its own, empty or one that cuttle created (the systemd unit's is /var/cache/cuttle)`;
 }
 
 /** A record's path under the objects directory, by its key's hash: the one layout of the tier. */

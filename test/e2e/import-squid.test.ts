@@ -49,7 +49,7 @@ describe('a frontier-squid behind regional caches, imported and checked by cuttl
     assert.equal(out.stderr, '');
     const dir = tmpDir();
     const yamlFile = join(dir, 'cuttle.yaml');
-    writeFileSync(yamlFile, out.stdout.replaceAll('/var/cache/squid', join(dir, 'cache')).replaceAll('/var/log/squid', dir).replaceAll('/var/run/squid', dir));
+    writeFileSync(yamlFile, out.stdout.replaceAll('/var/cache/cuttle', join(dir, 'cache')).replaceAll('/var/log/cuttle', dir).replaceAll('/run/cuttle', dir));
     const check = spawnSync(process.execPath, ['src/main.ts', '--config', yamlFile, '--check-config', '--listen', '127.0.0.1:3128', '--snmp-listen', '127.0.0.1:3401'], { encoding: 'utf8' });
     const lineOf = (start: string) => readFileSync(file, 'utf8').split('\n').findIndex((l) => l.startsWith(start)) + 1;
     return { yaml: parse(out.stdout) as Record<string, unknown>, stdout: out.stdout, check, lineOf };

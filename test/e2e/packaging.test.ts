@@ -5,6 +5,7 @@ import { spawn, spawnSync, type ChildProcess } from 'node:child_process';
 import { cpSync, existsSync, readdirSync, readFileSync, writeFileSync } from 'node:fs';
 import { dirname, join } from 'node:path';
 import { once } from 'node:events';
+import { createServer, type AddressInfo } from 'node:net';
 import { describe, it } from 'node:test';
 import { parse } from 'yaml';
 import { compileAcl } from '../../src/acl.ts';
@@ -173,15 +174,43 @@ describe('packaging', () => {
     assert.equal(pkg.bin.cuttle, 'src/cuttle.js');
   });
 
-  it('the HEALTHCHECK command reports a running proxy healthy, and a stopped one unhealthy', async () => {
-    const hc = /HEALTHCHECK[^\n]*\n\s*CMD (\[.*\])/.exec(dockerfile)![1]!;
-    const [, , script] = JSON.parse(hc) as string[];
-    const proxy = await startChildProxy(['--listen', '127.0.0.1:0', '--cache-dir', join(tmpDir(), 'c'), '--admin-listen', '127.0.0.1:0']);
-    const adminPort = /"admin":\{"address":"127\.0\.0\.1","family":"IPv4","port":(\d+)\}/.exec(proxy.stderr())![1]!;
-    const probe = () => spawnSync(process.execPath, ['-e', script!.replace('3129', adminPort)]).status;
-    assert.equal(probe(), 0);
-    assert.equal(await proxy.stop(), 0);
-    assert.equal(probe(), 1);
+  it("the HEALTHCHECK follows the configured admin listener: run as in a container (cuttle is pid 1), healthy on the configured port, unhealthy when it refuses loopback", async (t) => {
+    const cmd = JSON.parse(/HEALTHCHECK[^\n]*\n\s*CMD (\[.*\])/.exec(dockerfile)![1]!) as string[];
+    assert.deepEqual(cmd, ['node', 'src/cuttle.js', 'health']);
+    assert.doesNotMatch(dockerfile, /127\.0\.0\.1:3129/, 'no admin address is assumed');
+    // A port of our choosing (not 3129, not 0): the container's command line names it, in a mounted config file.
+    const free = createServer().listen(0, '127.0.0.1');
+    await once(free, 'listening');
+    const adminPort = (free.address() as AddressInfo).port;
+    await new Promise((r) => free.close(r));
+    for (const [admin, healthy] of [[`allow-admin: [127.0.0.1]`, true], [`allow-admin: [10.0.0.0/8]`, false]] as const) {
+      const dir = tmpDir();
+      writeFileSync(join(dir, 'cuttle.yaml'), `admin-listen: ${adminPort}\n${admin}\nlisten: [127.0.0.1:0]\naccess-log: none\nworkers: 1\ncache-dir: ${join(dir, 'c')}\n`);
+      // A pid namespace, as Docker gives the entrypoint: cuttle is pid 1 there, and sees no other cuttle.
+      const ns = spawn('unshare', ['--pid', '--fork', '--kill-child', '--mount-proc', process.execPath, 'src/main.ts', '--config', join(dir, 'cuttle.yaml')], { stdio: ['ignore', 'ignore', 'pipe'] });
+      let err = '';
+      ns.stderr!.on('data', (c) => (err += c));
+      try {
+        await waitFor('cuttle listening', () => /"msg":"cuttle listening"/.test(err) || ns.exitCode !== null);
+        if (ns.exitCode !== null) {
+          if (process.env.CI === 'true') throw new Error(`unshare --pid: ${err}`);
+          return t.skip('no pid namespace for this user');
+        }
+        const pid1 = Number(readFileSync(`/proc/${ns.pid}/task/${ns.pid}/children`, 'utf8').trim());
+        const r = spawnSync('nsenter', ['--target', String(pid1), '--pid', '--mount', `--wd=${process.cwd()}`, process.execPath, ...cmd.slice(1)], { encoding: 'utf8' });
+        assert.equal(r.status, healthy ? 0 : 1, r.stdout + r.stderr);
+        if (healthy) assert.equal(r.stdout, `healthy: http://127.0.0.1:${adminPort}/healthz answered 200\n`);
+        else assert.match(r.stderr, /answered 403 \(allow-admin must include 127\.0\.0\.1/);
+        process.kill(pid1, 'SIGTERM');
+        await once(ns, 'exit');
+        assert.equal(ns.exitCode, 0);
+      } finally {
+        if (ns.exitCode === null && ns.signalCode === null) {
+          ns.kill('SIGKILL'); // unshare --fork: its child, pid 1 of the namespace, goes with the namespace
+          await once(ns, 'exit');
+        }
+      }
+    }
   });
 
   it("every launcher pins glibc's mmap threshold, and the proxy really runs with it", async () => {

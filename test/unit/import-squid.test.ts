@@ -26,7 +26,7 @@ function cli(text: string, force = false) {
 function checkConfig(yaml: string) {
   const dir = tmpDir();
   const file = join(dir, 'cuttle.yaml');
-  writeFileSync(file, yaml.replaceAll('/var/cache/squid', join(dir, 'cache')).replaceAll('/var/log/squid', dir));
+  writeFileSync(file, yaml.replaceAll('/var/cache/cuttle', join(dir, 'cache')).replaceAll('/var/log/cuttle', dir).replaceAll('/run/cuttle', dir));
   return spawnSync(process.execPath, ['src/main.ts', '--config', file, '--check-config', '--listen', '127.0.0.1:3128'], { encoding: 'utf8' });
 }
 
@@ -41,15 +41,15 @@ describe('cuttle import-squid', () => {
       'memory-cache': '128MB',
       'max-memory-object-size': '128KB',
       'max-object-size': '1048576KB',
-      'cache-dir': '/var/cache/squid',
+      'cache-dir': '/var/cache/cuttle',
       'disk-cache': '10000MB',
       'negative-ttl': '60s',
       'snmp-listen': '3401',
       'snmp-community': 'public',
       'allow-snmp': ['127.0.0.1/32', '128.142.0.0/16', '188.184.128.0/17', '188.185.48.0/20', '188.185.128.0/17'],
-      'access-log': '/var/log/squid/access.log',
+      'access-log': '/var/log/cuttle/access.log',
       'access-log-format': 'frontier',
-      'pid-file': '/var/run/squid/squid.pid',
+      'pid-file': '/run/cuttle/cuttle.pid',
       'visible-hostname': 'squid1.example.org',
     });
     const cfg = buildConfig(r.options);
@@ -71,7 +71,7 @@ describe('cuttle import-squid', () => {
     const yaml = parse(out.stdout) as Record<string, unknown>;
     assert.deepEqual(yaml, r.options);
     const file = join(dir, 'cuttle.yaml');
-    writeFileSync(file, out.stdout.replaceAll('/var/cache/squid', join(dir, 'cache')).replaceAll('/var/log/squid', dir).replaceAll('/var/run/squid', dir));
+    writeFileSync(file, out.stdout.replaceAll('/var/cache/cuttle', join(dir, 'cache')).replaceAll('/var/log/cuttle', dir).replaceAll('/run/cuttle', dir));
     const check = spawnSync(process.execPath, ['src/main.ts', '--config', file, '--check-config', '--listen', '127.0.0.1:3128', '--snmp-listen', '127.0.0.1:3401'], { encoding: 'utf8' });
     assert.equal(check.status, 0, check.stderr);
   });
@@ -85,7 +85,7 @@ describe('cuttle import-squid', () => {
     assert.equal(r.options['accel-listen'], '8000');
     assert.deepEqual(r.options.stratum1, ['http://localhost:8081']);
     assert.equal(r.options['memory-cache'], '51200MB');
-    assert.equal(r.options['cache-dir'], '/srv/squid');
+    assert.equal(r.options['cache-dir'], '/srv/cuttle');
     assert.equal(r.options['disk-cache'], '900000MB');
     assert.equal(r.options['shutdown-timeout'], '5s');
     assert.equal(r.options['access-log-format'], 'squid');
