@@ -564,8 +564,8 @@ export async function lockCacheDir(dir: string, emptyTmp = false): Promise<void>
   }
 }
 
-/** What may sit beside v1/ in a cache directory: a mount's lost+found, hidden files (the unit's compile cache). */
-const OURS = (name: string) => name === 'v1' || name === 'lost+found' || name.startsWith('.');
+/** What may sit beside v1/ in a cache directory: `cuttle warm`'s state (and its temporary), a mount's lost+found, hidden files (the unit's compile cache). */
+const OURS = (name: string) => name === 'v1' || name === 'lost+found' || name.startsWith('.') || name.startsWith('warm-state.json');
 /** Squid's cache_dir layout: ufs/aufs/diskd's swap.state and first-level 00..FF directories, rock's file. */
 const SQUID = (name: string) => /^swap\.state/.test(name) || /^[0-9A-F]{2}$/.test(name) || name === 'rock';
 

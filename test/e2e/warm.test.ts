@@ -9,7 +9,7 @@ import { after, describe, it } from 'node:test';
 import { buildRepository, type Repository } from '../../bench/cvmfs-repository.ts';
 import { gate, startOrigin, type Gate, type Origin } from '../helpers/origin.ts';
 import { waitFor } from '../helpers/mirrors.ts';
-import { get, proxyClient, startProxy, tmpDir, type TestProxy } from '../helpers/proxy.ts';
+import { get, proxyClient, startChildProxy, startProxy, tmpDir, type TestProxy } from '../helpers/proxy.ts';
 
 const REPO = 'test.cern.ch';
 const ROOT = `/cvmfs/${REPO}/`;
@@ -216,5 +216,25 @@ describe('cuttle warm', () => {
     const fetched = [...seen(t.origin).keys()].filter((p) => r1.objects.has(p)).map((p) => r1.bodies.get(p)!.length);
     assert.ok(fetched.reduce((a, b) => a + b, 0) <= 180 * 1024, 'no more than 90% of --disk-cache fetched');
     assert.ok(fetched.length < r1.objects.size);
+  });
+
+  it("its state file sits in cuttle's cache dir by default, and cuttle still starts on that dir", async () => {
+    const origin = await startOrigin();
+    serve(origin, r1);
+    after(() => origin.close());
+    const cacheDir = join(tmpDir(), 'cache');
+    const config = join(tmpDir(), 'cuttle.yaml');
+    writeFileSync(config, `cache-dir: ${cacheDir}\n`);
+    const first = await startChildProxy(['--listen', '127.0.0.1:0', '--cache-dir', cacheDir, '--allow-local-dest', '127.0.0.1']);
+    const run = await warm([`${origin.url}/cvmfs/${REPO}`, '--proxy', first.url, '--config', config]);
+    assert.equal(run.code, 0, run.stderr);
+    assert.ok(readFileSync(join(cacheDir, 'warm-state.json'), 'utf8').length > 0);
+    await first.stop();
+    const second = await startChildProxy(['--listen', '127.0.0.1:0', '--cache-dir', cacheDir, '--allow-local-dest', '127.0.0.1']);
+    const again = await warm([`${origin.url}/cvmfs/${REPO}`, '--proxy', second.url, '--config', config]);
+    await second.stop();
+    assert.equal(again.code, 0, again.stderr);
+    assert.match(again.stdout, /fetched 0 objects .* 1 catalogs already complete/, 'the state survived the restart');
+    assert.equal(seen(origin).get(r1.catalogs.get('')!), 1);
   });
 });
