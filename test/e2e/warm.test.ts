@@ -237,4 +237,18 @@ describe('cuttle warm', () => {
     assert.match(again.stdout, /fetched 0 objects .* 1 catalogs already complete/, 'the state survived the restart');
     assert.equal(seen(origin).get(r1.catalogs.get('')!), 1);
   });
+
+  it('an unreachable Stratum 1 is exit 4 quoting cuttle\'s labelled answer, and an unreachable proxy exit 3', async () => {
+    const t = await rig(r1);
+    const gone = await startOrigin();
+    const goneUrl = gone.url;
+    await gone.close();
+    const s1 = await warm([`${goneUrl}/cvmfs/${REPO}`, '--proxy', t.proxy.url, '--state', t.state]);
+    assert.equal(s1.code, 4, s1.stdout + s1.stderr);
+    assert.match(s1.stdout, /STRATUM1_UNREACHABLE: .*HTTP 502 \(ERR_CONNECT_FAIL 111\)/);
+    const proxy = await warm([t.repoUrl, '--proxy', goneUrl, '--state', t.state]);
+    assert.equal(proxy.code, 3, proxy.stdout + proxy.stderr);
+    assert.match(proxy.stdout, /PROXY_UNREACHABLE/);
+    assert.equal(t.origin.seen.length, 0);
+  });
 });
