@@ -171,8 +171,14 @@ class Rate {
 /** Run `fn` over `items` with at most `n` at once, pulling lazily (a catalog's rows are read as they are needed). */
 async function eachLimited<T>(items: Iterable<T>, n: number, fn: (item: T) => Promise<void>): Promise<void> {
   const it = items[Symbol.iterator]();
+  let failed = false; // the first failure stops the others taking more
   const run = async (): Promise<void> => {
-    for (let next = it.next(); !next.done; next = it.next()) await fn(next.value);
+    try {
+      for (let next = it.next(); !failed && !next.done; next = it.next()) await fn(next.value);
+    } catch (err) {
+      failed = true;
+      throw err;
+    }
   };
   await Promise.all(Array.from({ length: n }, run));
 }
