@@ -1,8 +1,10 @@
 // The access log, one line per transaction, in one of two Squid formats that existing tools parse:
 //   squid    Squid's native format (logformat squid):
 //            %ts.%03tu %6tr %>a %Ss/%03>Hs %<st %rm %ru %[un %Sh/%<a %mt
-//   frontier frontier-squid's format, which WLCG's awstats and failover monitors parse:
-//            %>a %ui %un [%tl] "%rm %ru HTTP/%rv" %>Hs %<st %Ss:%Sh %tr "%{X-Frontier-Id}>h %{cvmfs-info}>h" "%{Referer}>h" "%{User-Agent}>h"
+//   frontier frontier-squid's awstats format, which WLCG's awstats and failover monitors parse:
+//            %>a %ui %un [%{%d/%b/%Y:%H:%M:%S.}tl%03tu%{ %z}tl] "%rm %ru HTTP/%rv" %Hs %<st %Ss:%Sh %tr "%{X-Frontier-Id}>h %{cvmfs-info}>h" "%{Referer}>h" "%{User-Agent}>h"
+// As Squid 5.7 writes them: the time is when the transaction ended (the frontier format's in local
+// time), and %<st counts every byte sent to the client, the response head included.
 // Written asynchronously through a LineSink, which drops and counts what the file can't take (a full
 // disk never stops the proxy), with reopen() for log rotation.
 import type { IncomingHttpHeaders } from 'node:http';
@@ -22,9 +24,12 @@ export interface Transaction {
   method: string;
   url: string;
   status: number;
+  /** Body bytes sent to the client (the counters' bytes out). */
   bytesOut: number;
+  /** Bytes of the response head sent (the log's bytes field is head and body, as Squid's %<st). */
+  headBytes: number;
   result: ResultTag;
-  /** Squid appends _ABORTED when the client went away before the response ended. */
+  /** Squid appends _ABORTED when the client went away before the response ended (cuttle also when it cut the response: a shutdown). */
   aborted: boolean;
   hierarchy: HierarchyTag;
   peer: string;
@@ -39,11 +44,13 @@ export interface Transaction {
   httpVersion?: string;
   /** A relay from another worker of this process (--workers): that worker logs and counts the request. */
   relay?: boolean;
+  /** Its line is written (a transaction is recorded once, whichever end comes first). */
+  recorded: boolean;
 }
 
 /** A transaction as it starts: what is known on arrival; the request path fills in the rest. */
 export function newTransaction(known: Pick<Transaction, 'startedAt' | 'client' | 'method' | 'url'> & Partial<Transaction>): Transaction {
-  return { status: 0, bytesOut: 0, result: 'NONE', aborted: false, hierarchy: 'HIER_NONE', peer: '', mime: '', coalesced: false, ...known };
+  return { status: 0, bytesOut: 0, headBytes: 0, recorded: false, result: 'NONE', aborted: false, hierarchy: 'HIER_NONE', peer: '', mime: '', coalesced: false, ...known };
 }
 
 export type AccessLogFormat = 'squid' | 'frontier';
@@ -54,14 +61,18 @@ function resultTag(tx: Transaction): string {
   return tx.aborted ? `${tag}_ABORTED` : tag;
 }
 
+/** Squid's %<st: every byte sent to the client, head and body. */
+const sentBytes = (tx: Transaction) => tx.bytesOut + tx.headBytes;
+
+/** A line in Squid's format, stamped `nowMs`: when the transaction ended. */
 export function formatSquid(tx: Transaction, nowMs: number): string {
-  const secs = Math.floor(tx.startedAt / 1000);
-  const ms = String(tx.startedAt % 1000).padStart(3, '0');
+  const secs = Math.floor(nowMs / 1000);
+  const ms = String(nowMs % 1000).padStart(3, '0');
   const elapsed = String(Math.max(0, nowMs - tx.startedAt)).padStart(6, ' ');
   const result = resultTag(tx);
   const status = String(tx.status).padStart(3, '0');
   const url = tx.url.replace(/\s/g, '%20');
-  return `${secs}.${ms} ${elapsed} ${tx.client} ${result}/${status} ${tx.bytesOut} ${tx.method} ${url} - ${tx.hierarchy}/${tx.peer || '-'} ${tx.mime || '-'}\n`;
+  return `${secs}.${ms} ${elapsed} ${tx.client} ${result}/${status} ${sentBytes(tx)} ${tx.method} ${url} - ${tx.hierarchy}/${tx.peer || '-'} ${tx.mime || '-'}\n`;
 }
 
 const MONTHS = ['Jan', 'Feb', 'Mar', 'Apr', 'May', 'Jun', 'Jul', 'Aug', 'Sep', 'Oct', 'Nov', 'Dec'];
@@ -74,12 +85,20 @@ function hdr(tx: Transaction, name: string): string {
   return s ? s.replace(/["\\\r\n]/g, (c) => (c === '"' ? '%22' : c === '\\' ? '%5C' : ' ')) : '-';
 }
 
+/** strftime's %z: the local zone's offset from UTC at `d`, as +hhmm. */
+function zoneOffset(d: Date): string {
+  const east = -d.getTimezoneOffset();
+  const a = Math.abs(east);
+  return `${east < 0 ? '-' : '+'}${p2(Math.floor(a / 60))}${p2(a % 60)}`;
+}
+
+/** A line in frontier-squid's format, stamped `nowMs` (the end) in local time, as strftime writes %tl. */
 export function formatFrontier(tx: Transaction, nowMs: number): string {
-  const d = new Date(tx.startedAt);
-  const when = `${p2(d.getUTCDate())}/${MONTHS[d.getUTCMonth()]}/${d.getUTCFullYear()}:${p2(d.getUTCHours())}:${p2(d.getUTCMinutes())}:${p2(d.getUTCSeconds())}.${String(d.getUTCMilliseconds()).padStart(3, '0')} +0000`;
+  const d = new Date(nowMs);
+  const when = `${p2(d.getDate())}/${MONTHS[d.getMonth()]}/${d.getFullYear()}:${p2(d.getHours())}:${p2(d.getMinutes())}:${p2(d.getSeconds())}.${String(d.getMilliseconds()).padStart(3, '0')} ${zoneOffset(d)}`;
   const url = tx.url.replace(/\s/g, '%20');
   const elapsed = Math.max(0, nowMs - tx.startedAt);
-  return `${tx.client} - - [${when}] "${tx.method} ${url} HTTP/${tx.httpVersion ?? '1.1'}" ${tx.status} ${tx.bytesOut} ${resultTag(tx)}:${tx.hierarchy} ${elapsed} "${hdr(tx, 'x-frontier-id')} ${hdr(tx, 'cvmfs-info')}" "${hdr(tx, 'referer')}" "${hdr(tx, 'user-agent')}"\n`;
+  return `${tx.client} - - [${when}] "${tx.method} ${url} HTTP/${tx.httpVersion ?? '1.1'}" ${tx.status} ${sentBytes(tx)} ${resultTag(tx)}:${tx.hierarchy} ${elapsed} "${hdr(tx, 'x-frontier-id')} ${hdr(tx, 'cvmfs-info')}" "${hdr(tx, 'referer')}" "${hdr(tx, 'user-agent')}"\n`;
 }
 
 /**
@@ -87,7 +106,8 @@ export function formatFrontier(tx: Transaction, nowMs: number): string {
  * path that ends one, the request path, the hit lane, tunnels and refused connections, calls this).
  */
 export function recordTransaction(to: { accessLog: AccessLog; metrics: { observe(tx: Transaction, errorToken: string | undefined, nowMs: number): void }; clock: { now(): number } }, tx: Transaction, errorToken: string | undefined): void {
-  if (tx.relay) return;
+  if (tx.relay || tx.recorded) return;
+  tx.recorded = true;
   const now = to.clock.now();
   to.accessLog.write(tx, now);
   to.metrics.observe(tx, errorToken, now);

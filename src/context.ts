@@ -1,7 +1,7 @@
 // What the request path, delivery and tunnels share of one proxy: its configuration, tiers, fills,
 // upstream, logs and counters. Built once by createProxy (server.ts).
 import type { Acl } from './acl.ts';
-import type { AccessLog } from './access-log.ts';
+import type { AccessLog, Transaction } from './access-log.ts';
 import type { BufferPool } from './buffer-pool.ts';
 import type { Clock } from './clock.ts';
 import type { Coalescer } from './coalescer.ts';
@@ -13,6 +13,7 @@ import type { Metrics } from './metrics.ts';
 import type { Mirrors } from './mirrors.ts';
 import type { Hierarchy } from './hierarchy.ts';
 import type { Pacer } from './pacer.ts';
+import type { ResponseSink } from './response-sink.ts';
 import type { LoopLag } from './overload.ts';
 import type { TieredStore } from './store.ts';
 
@@ -39,4 +40,6 @@ export interface Ctx {
   forgotten?: (key: string) => Promise<boolean>;
   /** Open CONNECT tunnels, each by the function that ends it (shutdown cuts them). */
   tunnels: Set<() => void>;
+  /** Requests on the request path not yet logged, with their responses: a shutdown logs those it cut. */
+  open: Map<Transaction, ResponseSink>;
 }

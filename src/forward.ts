@@ -107,16 +107,18 @@ export function sendError(res: ResponseSink, err: ProxyError, name: string): num
 /**
  * The same answer written raw on a socket that no HTTP response object owns (a refused CONNECT, a
  * connection past --max-client-connections), then closed both ways once it is out: a client that
- * never closes its side can't hold the socket.
+ * never closes its side can't hold the socket. Returns the bytes of its head and its body (the access log's).
  */
-export function endWithError(socket: Duplex, err: ProxyError, name: string): void {
+export function endWithError(socket: Duplex, err: ProxyError, name: string): { headBytes: number; bodyBytes: number } {
   const body = `${err.status} ${err.message}\n`;
   // Written by hand, so in the usual capitalisation (Proxy-Status, X-Squid-Error) that tools grep for.
   const title = (k: string) => k.replace(/(^|-)([a-z])/g, (_m, sep: string, c: string) => sep + c.toUpperCase());
   const fields = Object.entries({ ...errorHead(err, name, body), connection: 'close' }).map(([k, v]) => `${title(k)}: ${v}\r\n`);
   socket.on('error', () => socket.destroy());
   socket.once('finish', () => socket.destroy());
-  socket.end(`HTTP/1.1 ${err.status} ${STATUS_CODES[err.status] ?? 'Error'}\r\n${fields.join('')}\r\n${body}`);
+  const head = `HTTP/1.1 ${err.status} ${STATUS_CODES[err.status] ?? 'Error'}\r\n${fields.join('')}\r\n`;
+  socket.end(head + body);
+  return { headBytes: Buffer.byteLength(head), bodyBytes: Buffer.byteLength(body) };
 }
 
 /**

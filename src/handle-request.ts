@@ -31,6 +31,7 @@ import { repoOf, type CasObject } from './content-hash.ts';
 import type { LaneHit, LaneJoin } from './hit-lane.ts';
 import { fillRefusal, refuse, type RefusalReason } from './overload.ts';
 import { passUpstream } from './pass.ts';
+import { headBytesOf } from './response-sink.ts';
 import { StoreUnavailable, type StoredObject } from './store.ts';
 
 type StepName = 'recv' | 'lookup' | 'hit' | 'stale' | 'busy' | 'miss' | 'pass' | 'cachedOnly' | 'purge' | 'deliverFill' | 'serveStale' | 'revalidateInBackground' | 'synth';
@@ -73,6 +74,7 @@ const CLIENT_CONDITIONS = ['if-none-match', 'if-modified-since', 'if-match', 'if
 
 export function handleRequest(ctx: Ctx, req: IncomingMessage, res: ServerResponse, accel = false): void | Promise<void> {
   const tx = newTransaction({ startedAt: ctx.clock.now(), client: plainAddress(req.socket.remoteAddress ?? '-'), method: req.method ?? '-', url: req.url ?? '-', headers: req.headers, httpVersion: req.httpVersion });
+  ctx.open.set(tx, res);
   return run({ ctx, res, tx, reqHeaders: req.headers, node: { req, res }, accel }, 'recv');
 }
 
@@ -86,6 +88,7 @@ function run(s: State, step: Next): void | Promise<void> {
     while (step) {
       if (s.lane && step !== 'busy' && step !== 'deliverFill' && step !== 'synth' && step !== 'hit') {
         s.handedOff = true;
+        s.ctx.open.delete(s.tx); // node:http answers it afresh, under its own transaction
         return;
       }
       const next = STEPS[step](s);
@@ -264,6 +267,7 @@ export function plainLaneRequest(ctx: Ctx, method: string, target: string, heade
 
 /** A lane request's state: of the request, its steps read its headers alone (no node:http request or response). */
 function laneState(ctx: Ctx, res: State['res'], headers: IncomingHttpHeaders, tx: State['tx'], p: NonNullable<ReturnType<typeof plainTarget>>): State {
+  ctx.open.set(tx, res);
   return { ctx, res, reqHeaders: headers, tx, accel: false, lane: true, url: p.url, primary: p.primary, key: p.primary, vary: [], cas: p.cas, staleAvailable: false };
 }
 
@@ -740,9 +744,26 @@ function reply(s: State, status: number, headers: Record<string, string>, body: 
   s.res.end(body);
 }
 
+/**
+ * Log the requests a shutdown cut (it closes the access log next): each one's line now, as cut short,
+ * unless its response had all left. The request path, when it gets there, writes no second line.
+ */
+export function logCutRequests(ctx: Ctx): void {
+  for (const [tx, res] of ctx.open) {
+    ctx.open.delete(tx);
+    if (!res.writableFinished) tx.aborted = true;
+    tx.headBytes = headBytesOf(res);
+    recordTransaction(ctx, tx, undefined);
+  }
+}
+
 function finish(s: State): void {
   const { ctx, tx } = s;
-  const record = () => recordTransaction(ctx, tx, s.error?.token);
+  const record = () => {
+    ctx.open.delete(tx);
+    tx.headBytes = headBytesOf(s.res);
+    recordTransaction(ctx, tx, s.error?.token);
+  };
   // Ended and all handed to the kernel is finished: 'finish' itself comes a tick later, and waiting for
   // it cost a listener per hit.
   const handedOver = s.res.writableFinished || (s.res.writableEnded && s.res.writableLength === 0);

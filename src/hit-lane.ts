@@ -110,6 +110,8 @@ export class LaneResponse implements ResponseSink {
   headersSent = false;
   writableEnded = false;
   writableFinished = false;
+  /** Bytes of the head (headBytesOf reads it for the access log). */
+  headBytes = 0;
   readonly #sock: Socket;
   readonly keepAliveS: number;
   #head: string | undefined;
@@ -138,6 +140,7 @@ export class LaneResponse implements ResponseSink {
     this.#noBody = status === 204 || status === 304;
     this.#chunked = !this.#noBody && headers['content-length'] === undefined;
     this.#head = serializeHead(status, headers, this.keepAliveS, httpDate(Date.now()), this.#chunked);
+    this.headBytes = this.#head.length; // latin1: a character a byte
     this.headersSent = true;
     return this;
   }
@@ -293,10 +296,13 @@ export class HitLane {
     if (st.body.kind === 'buffer' && st.body.data.length <= BUILT_MAX_BODY) {
       const b = this.#built1(st as StoredObject & { body: { kind: 'buffer' } }, age, date);
       if (withBody) tx.bytesOut = st.body.data.length;
+      tx.headBytes = b.headBytes;
       sock.write(withBody ? b.bytes : b.bytes.subarray(0, b.headBytes));
       return;
     }
-    sock.write(this.#head(st, age, date), 'latin1');
+    const head = this.#head(st, age, date);
+    tx.headBytes = head.length; // latin1: a character a byte
+    sock.write(head, 'latin1');
     if (withBody && st.body.kind === 'buffer') {
       tx.bytesOut = st.body.data.length;
       sock.write(st.body.data);

@@ -218,8 +218,8 @@ export class Listeners {
       const overloaded = this.#connections > this.#cap.cap ? 'connections' : ctx.loopLag.lagging ? 'loop_lag' : undefined;
       if (overloaded) {
         const err = refuse(ctx.counters, overloaded);
-        endWithError(sock, err, cfg.visibleHostname);
-        recordTransaction(ctx, newTransaction({ startedAt: clock.now(), client, method: 'NONE', url: '-', status: err.status }), err.token);
+        const sent = endWithError(sock, err, cfg.visibleHostname);
+        recordTransaction(ctx, newTransaction({ startedAt: clock.now(), client, method: 'NONE', url: '-', status: err.status, headBytes: sent.headBytes, bytesOut: sent.bodyBytes }), err.token);
         toNode?.(sock); // as without the lane: node:http still reads what the client sends
         return;
       }

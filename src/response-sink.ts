@@ -20,3 +20,13 @@ export interface ResponseSink {
   once(event: 'close', fn: () => void): unknown;
   off(event: 'drain' | 'close', fn: () => void): unknown;
 }
+
+/**
+ * Bytes of the response head written (the access log's bytes field counts them): the lane's response
+ * counts its own, node's ServerResponse keeps its serialized head (`_header`, written as latin1), so
+ * neither costs a serialization.
+ */
+export function headBytesOf(res: ResponseSink): number {
+  const r = res as ResponseSink & { headBytes?: number; _header?: unknown };
+  return r.headBytes ?? (typeof r._header === 'string' ? r._header.length : 0);
+}

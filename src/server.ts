@@ -21,6 +21,7 @@ import { Metrics } from './metrics.ts';
 import type { Mirrors } from './mirrors.ts';
 import { Bank } from './bank.ts';
 import { Hierarchy } from './hierarchy.ts';
+import { logCutRequests } from './handle-request.ts';
 import { primaryOfKey, workerOf } from './worker-ring.ts';
 import { RateHistory } from './rate-history.ts';
 import { LoopLag } from './overload.ts';
@@ -180,7 +181,7 @@ export async function createProxy(cfg: Config, opts: ProxyOptions = {}): Promise
   const loopLag = new LoopLag(cfg.maxLoopLagMs);
   loopLag.onChange = (lagging, lateMs) =>
     lagging ? log.warn({ lateMs: Math.round(lateMs) }, 'the event loop lags past --max-loop-lag: new connections and new fills get 503 until it catches up') : log.info({ lateMs: Math.round(lateMs) }, 'the event loop caught up: new connections and fills are served again');
-  const ctx: Ctx = { cfg, acl: live.acl, clock, store, coalescer, upstream, accessLog, log, counters, buffers, pacer, metrics, mirrors: live.mirrors, hierarchy, loopLag, tunnels: new Set() };
+  const ctx: Ctx = { cfg, acl: live.acl, clock, store, coalescer, upstream, accessLog, log, counters, buffers, pacer, metrics, mirrors: live.mirrors, hierarchy, loopLag, tunnels: new Set(), open: new Map() };
   live.onMirrors = (fresh) => {
     ctx.mirrors = fresh;
     coalescer.useMirrors(fresh);
@@ -252,7 +253,9 @@ export async function createProxy(cfg: Config, opts: ProxyOptions = {}): Promise
       loopLag.stop();
       live.stopProbing();
       hierarchy.stop();
-      await shutdown({ listeners, tunnels: ctx.tunnels, coalescer, upstream, accessLog, disk, admin, snmpAgent: () => snmpAgent, log }, timeoutMs);
+      // The requests the shutdown cut get their lines just before the log closes (shutdown only closes it).
+      const cutLogged: AccessLog = { ...accessLog, close: (ms) => (logCutRequests(ctx), accessLog.close(ms)) };
+      await shutdown({ listeners, tunnels: ctx.tunnels, coalescer, upstream, accessLog: cutLogged, disk, admin, snmpAgent: () => snmpAgent, log }, timeoutMs);
     },
     reload(next) {
       live.reload(next, phase.listening && !phase.draining);

@@ -19,7 +19,9 @@ export function handleConnect(ctx: Ctx, req: IncomingMessage, socket: Duplex, he
   const deny = (err: ProxyError) => {
     tx.status = err.status;
     tx.result = err.status === 403 ? 'TCP_DENIED' : 'TCP_TUNNEL';
-    endWithError(socket, err, name);
+    const sent = endWithError(socket, err, name);
+    tx.headBytes = sent.headBytes;
+    tx.bytesOut = sent.bodyBytes;
     recordTransaction(ctx, tx, err.token);
   };
   if (!ctx.acl().allowsClient(tx.client)) return deny(new ProxyError('ERR_CLIENT_DENIED', tx.client));
@@ -64,7 +66,9 @@ export function handleConnect(ctx: Ctx, req: IncomingMessage, socket: Duplex, he
     tx.status = 200;
     tx.hierarchy = 'HIER_DIRECT';
     tx.peer = upstream.remoteAddress ?? host;
-    socket.write('HTTP/1.1 200 Connection Established\r\n\r\n');
+    const answer = 'HTTP/1.1 200 Connection Established\r\n\r\n';
+    tx.headBytes = answer.length;
+    socket.write(answer);
     if (head.length) upstream.write(head);
     upstream.on('data', (c: Buffer) => {
       tx.bytesOut += c.length;

@@ -93,16 +93,17 @@ export interface ChildProxy {
 }
 
 /** Run `node src/main.ts` (in `cwd`, the repository by default) with the given arguments; resolves once it listens. */
-export async function startChildProxy(args: string[], cwd?: string, opts: { openFiles?: number } = {}): Promise<ChildProxy> {
+export async function startChildProxy(args: string[], cwd?: string, opts: { openFiles?: number; env?: Record<string, string> } = {}): Promise<ChildProxy> {
   const withAdmin = args.includes('--admin-listen') ? args : ['--admin-listen', '127.0.0.1:0', ...args];
   // One event loop unless the test asks for workers (test/e2e/workers.test.ts).
   if (!withAdmin.includes('--workers')) withAdmin.unshift('--workers', '1');
   const argv = ['--max-semi-space-size=8', 'src/main.ts', '--access-log', 'none', ...withAdmin];
   // A lower open-files limit: the shell sets it, then becomes the proxy (exec), so the pid is the proxy's.
+  const env = opts.env ? { ...process.env, ...opts.env } : undefined;
   const child =
     opts.openFiles === undefined
-      ? spawn(process.execPath, argv, { stdio: ['ignore', 'pipe', 'pipe'], cwd })
-      : spawn('bash', ['-c', `ulimit -n ${opts.openFiles} && exec "$0" "$@"`, process.execPath, ...argv], { stdio: ['ignore', 'pipe', 'pipe'], cwd });
+      ? spawn(process.execPath, argv, { stdio: ['ignore', 'pipe', 'pipe'], cwd, env })
+      : spawn('bash', ['-c', `ulimit -n ${opts.openFiles} && exec "$0" "$@"`, process.execPath, ...argv], { stdio: ['ignore', 'pipe', 'pipe'], cwd, env });
   let err = '';
   child.stderr!.on('data', (c) => (err += c));
   child.stdout!.resume();

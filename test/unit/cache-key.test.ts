@@ -25,17 +25,26 @@ describe('cache key', () => {
 });
 
 describe('access log', () => {
-  it('writes Squid native lines, with TCP_CF_ for coalesced and _ABORTED for hang-ups', () => {
-    const tx = { startedAt: 1_700_000_000_123, client: '10.0.0.5', method: 'GET', url: 'http://s1:8000/cvmfs/a/data/ab/cd', status: 200, bytesOut: 4096, result: 'TCP_MISS' as const, aborted: false, hierarchy: 'HIER_DIRECT' as const, peer: 's1', mime: 'application/octet-stream', coalesced: true };
-    assert.equal(formatSquid(tx, 1_700_000_000_168), '1700000000.123     45 10.0.0.5 TCP_CF_MISS/200 4096 GET http://s1:8000/cvmfs/a/data/ab/cd - HIER_DIRECT/s1 application/octet-stream\n');
-    assert.match(formatSquid({ ...tx, coalesced: false, aborted: true, result: 'TCP_HIT', hierarchy: 'HIER_NONE', peer: '' }, 1_700_000_000_200), / TCP_HIT_ABORTED\/200 4096 GET .* HIER_NONE\/- /);
+  it('writes Squid native lines stamped at the end, bytes head and body, with TCP_CF_ for coalesced and _ABORTED for hang-ups', () => {
+    const tx = { startedAt: 1_700_000_000_123, client: '10.0.0.5', method: 'GET', url: 'http://s1:8000/cvmfs/a/data/ab/cd', status: 200, bytesOut: 4096, headBytes: 300, recorded: false, result: 'TCP_MISS' as const, aborted: false, hierarchy: 'HIER_DIRECT' as const, peer: 's1', mime: 'application/octet-stream', coalesced: true };
+    assert.equal(formatSquid(tx, 1_700_000_000_168), '1700000000.168     45 10.0.0.5 TCP_CF_MISS/200 4396 GET http://s1:8000/cvmfs/a/data/ab/cd - HIER_DIRECT/s1 application/octet-stream\n');
+    assert.match(formatSquid({ ...tx, coalesced: false, aborted: true, result: 'TCP_HIT', hierarchy: 'HIER_NONE', peer: '' }, 1_700_000_000_200), / TCP_HIT_ABORTED\/200 4396 GET .* HIER_NONE\/- /);
   });
 
-  it('writes frontier-squid lines (the WLCG awstats format) with cvmfs-info and User-Agent', () => {
-    const tx = { startedAt: Date.UTC(2026, 10, 25, 9, 58, 9, 123), client: '10.0.0.5', method: 'GET', url: 'http://s1:8000/cvmfs/a/data/ab/cd', status: 200, bytesOut: 4096, result: 'TCP_MISS' as const, aborted: false, hierarchy: 'HIER_DIRECT' as const, peer: 's1', mime: '', coalesced: true, httpVersion: '1.1', headers: { 'user-agent': 'cvmfs Fuse 2.11.5', 'cvmfs-info': 'atlas.cern.ch:/sw/"x"' } };
-    assert.equal(
-      formatFrontier(tx, tx.startedAt + 45),
-      '10.0.0.5 - - [25/Nov/2026:09:58:09.123 +0000] "GET http://s1:8000/cvmfs/a/data/ab/cd HTTP/1.1" 200 4096 TCP_CF_MISS:HIER_DIRECT 45 "- atlas.cern.ch:/sw/%22x%22" "-" "cvmfs Fuse 2.11.5"\n',
-    );
+  it('writes frontier-squid lines (the WLCG awstats format) in local time at the end, with cvmfs-info and User-Agent', () => {
+    const tx = { startedAt: Date.UTC(2026, 10, 25, 9, 58, 9, 123), client: '10.0.0.5', method: 'GET', url: 'http://s1:8000/cvmfs/a/data/ab/cd', status: 200, bytesOut: 4096, headBytes: 300, recorded: false, result: 'TCP_MISS' as const, aborted: false, hierarchy: 'HIER_DIRECT' as const, peer: 's1', mime: '', coalesced: true, httpVersion: '1.1', headers: { 'user-agent': 'cvmfs Fuse 2.11.5', 'cvmfs-info': 'atlas.cern.ch:/sw/"x"' } };
+    const tz = process.env.TZ;
+    process.env.TZ = 'Asia/Kolkata'; // +0530, no daylight saving
+    try {
+      assert.equal(
+        formatFrontier(tx, tx.startedAt + 45),
+        '10.0.0.5 - - [25/Nov/2026:15:28:09.168 +0530] "GET http://s1:8000/cvmfs/a/data/ab/cd HTTP/1.1" 200 4396 TCP_CF_MISS:HIER_DIRECT 45 "- atlas.cern.ch:/sw/%22x%22" "-" "cvmfs Fuse 2.11.5"\n',
+      );
+      process.env.TZ = 'America/St_Johns'; // -0330 in November
+      assert.match(formatFrontier(tx, tx.startedAt + 45), / - - \[25\/Nov\/2026:06:28:09\.168 -0330\] /);
+    } finally {
+      if (tz === undefined) delete process.env.TZ;
+      else process.env.TZ = tz;
+    }
   });
 });
