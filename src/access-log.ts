@@ -28,6 +28,8 @@ export interface Transaction {
   bytesOut: number;
   /** Bytes of the response head sent (the log's bytes field is head and body, as Squid's %<st). */
   headBytes: number;
+  /** Bytes of chunked framing sent (chunk sizes and CRLFs, the last chunk), also in the log's bytes. */
+  frameBytes: number;
   result: ResultTag;
   /** Squid appends _ABORTED when the client went away before the response ended (cuttle also when it cut the response: a shutdown). */
   aborted: boolean;
@@ -50,7 +52,7 @@ export interface Transaction {
 
 /** A transaction as it starts: what is known on arrival; the request path fills in the rest. */
 export function newTransaction(known: Pick<Transaction, 'startedAt' | 'client' | 'method' | 'url'> & Partial<Transaction>): Transaction {
-  return { status: 0, bytesOut: 0, headBytes: 0, recorded: false, result: 'NONE', aborted: false, hierarchy: 'HIER_NONE', peer: '', mime: '', coalesced: false, ...known };
+  return { status: 0, bytesOut: 0, headBytes: 0, frameBytes: 0, recorded: false, result: 'NONE', aborted: false, hierarchy: 'HIER_NONE', peer: '', mime: '', coalesced: false, ...known };
 }
 
 export type AccessLogFormat = 'squid' | 'frontier';
@@ -61,8 +63,8 @@ function resultTag(tx: Transaction): string {
   return tx.aborted ? `${tag}_ABORTED` : tag;
 }
 
-/** Squid's %<st: every byte sent to the client, head and body. */
-const sentBytes = (tx: Transaction) => tx.bytesOut + tx.headBytes;
+/** Squid's %<st: every byte sent to the client, head, body and chunked framing. */
+const sentBytes = (tx: Transaction) => tx.bytesOut + tx.headBytes + tx.frameBytes;
 
 /** A line in Squid's format, stamped `nowMs`: when the transaction ended. */
 export function formatSquid(tx: Transaction, nowMs: number): string {

@@ -7,7 +7,7 @@ import type { Transaction } from './access-log.ts';
 import type { Ctx } from './context.ts';
 import type { FillHead, FillReader, FillResponse } from './fill.ts';
 import { clientResponseHeaders, conditionMatches, notModifiedHeaders } from './forward.ts';
-import type { ResponseSink } from './response-sink.ts';
+import { framingOf, type ResponseSink } from './response-sink.ts';
 import { StoreUnavailable, type StoredMeta, type StoredObject } from './store.ts';
 import { READ_BYTES } from './buffer-pool.ts';
 import { SLICE_BYTES } from './pacer.ts';
@@ -344,11 +344,13 @@ export async function streamFill(d: Delivery, fill: FillReader, response: FillRe
     }
     off += buf.length;
     tx.bytesOut += buf.length;
+    tx.frameBytes += framingOf(res, buf.length);
     headOut = true;
     // Bytes from the fill's memory may queue up to QUEUE_BYTES for the socket before waiting for
     // `drain`: one write then carries several chunks (pooled disk reads still wait, the pool is bounded).
     if (!res.write(buf, pooled && (() => ctx.buffers.release(pooled))) && (pooled || res.writableLength >= QUEUE_BYTES)) await drained(res);
   }
+  tx.frameBytes += framingOf(res, 'end');
   res.end();
 }
 

@@ -136,6 +136,10 @@ export class LaneResponse implements ResponseSink {
     return this.#sock.writableLength;
   }
 
+  get chunkedEncoding(): boolean {
+    return this.#chunked;
+  }
+
   writeHead(status: number, headers: OutgoingHttpHeaders): this {
     this.#noBody = status === 204 || status === 304;
     this.#chunked = !this.#noBody && headers['content-length'] === undefined;

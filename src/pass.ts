@@ -9,6 +9,7 @@ import { ProxyError, upstreamError } from './errors.ts';
 import { discard } from './fetch.ts';
 import { clientResponseHeaders, upstreamRequestHeaders } from './forward.ts';
 import { peersOwnFailure, RELAY_HEADER, type Route } from './hierarchy.ts';
+import { framingOf } from './response-sink.ts';
 
 const SAFE = new Set(['GET', 'HEAD', 'OPTIONS', 'TRACE']);
 
@@ -74,6 +75,7 @@ export async function passUpstream(ctx: Pick<Ctx, 'upstream' | 'cfg' | 'counters
     const ok = await new Promise<boolean>((resolve) => {
       up.body.on('data', (c: Buffer) => {
         tx.bytesOut += c.length;
+        tx.frameBytes += framingOf(res, c.length);
         ctx.upstream.bytes += c.length;
         if (!res.write(c)) {
           up.body.pause();
@@ -84,8 +86,10 @@ export async function passUpstream(ctx: Pick<Ctx, 'upstream' | 'cfg' | 'counters
       up.body.once('error', () => resolve(false));
       res.once('close', () => resolve(res.writableFinished));
     });
-    if (ok) res.end();
-    else {
+    if (ok) {
+      tx.frameBytes += framingOf(res, 'end');
+      res.end();
+    } else {
       if (!res.destroyed) ctx.counters.truncated++;
       tx.aborted = true;
       discard(up.body);

@@ -27,8 +27,8 @@ interface Exchange {
 }
 
 /**
- * One request on its own connection, read to the end of its response (by Content-Length; a HEAD at
- * the end of its head), then closed by the client. `until`, when given, is awaited once the client
+ * One request on its own connection, read to the end of its response (by Content-Length or its last
+ * chunk; a HEAD at the end of its head), then closed by the client. `until`, when given, is awaited once the client
  * has `atBody` body bytes: the test changes the world there (opens a gate, sends a signal).
  */
 async function exchange(port: number, method: string, url: string, opts: { headers?: Record<string, string>; atBody?: number; until?: () => Promise<'read-on' | 'hang-up'>; stall?: boolean } = {}): Promise<Exchange> {
@@ -39,6 +39,7 @@ async function exchange(port: number, method: string, url: string, opts: { heade
   let buf = Buffer.alloc(0);
   let headLen = -1;
   let want = Infinity;
+  let chunked = false;
   let status = 0;
   let paused = false;
   const closed = once(sock, 'close');
@@ -52,6 +53,7 @@ async function exchange(port: number, method: string, url: string, opts: { heade
         status = Number(head.split(' ')[1]);
         const cl = /\r\ncontent-length: *(\d+)/i.exec(head);
         want = method === 'HEAD' ? 0 : cl ? Number(cl[1]) : Infinity;
+        chunked = want === Infinity && /\r\ntransfer-encoding: *chunked/i.test(head);
       }
       if (opts.until && !paused && buf.length - headLen >= (opts.atBody ?? 0)) {
         paused = true;
@@ -69,7 +71,7 @@ async function exchange(port: number, method: string, url: string, opts: { heade
         });
         return;
       }
-      if (!paused && buf.length - headLen >= want) done();
+      if (!paused && (buf.length - headLen >= want || (chunked && buf.subarray(-7).toString('latin1') === '\r\n0\r\n\r\n'))) done();
     };
     sock.on('data', (c: Buffer) => {
       buf = Buffer.concat([buf, c]);
@@ -253,6 +255,28 @@ describe('the access log, as Squid 5.7 writes it', { timeout: 120_000 }, () => {
     }
     assert.equal(origin.count('/small'), 2, 'one fetch each');
     assert.equal(origin.count('/held/stamp-cuttle'), 1);
+  });
+
+  it('a chunked answer counts its framing, as Squid does: a miss, a hit and a pass', async (t) => {
+    const rig = await both(t);
+    if (!rig) return;
+    const { squid, cuttle } = rig;
+    const body = Buffer.alloc(70_000, 'c'); // past one 64 KiB slice: more than one chunk
+    origin.route('/chunked', { headers: { 'content-type': 'text/plain', 'cache-control': 'max-age=60' }, body, chunked: true, chunkBytes: 1000 });
+    const got: Record<string, Exchange[]> = {};
+    for (const [name, port] of [['squid', squid.port], ['cuttle', cuttle.port]] as const) {
+      got[name] = [
+        await exchange(port, 'GET', `${origin.url}/chunked`),
+        await exchange(port, 'GET', `${origin.url}/chunked`),
+        await exchange(port, 'POST', `${origin.url}/chunked`, { headers: { 'content-length': '0' } }),
+      ];
+    }
+    await rig.done();
+    for (const [name, text] of [['squid', squid.access()], ['cuttle', rig.cuttleLog()]] as const) {
+      const lines = linesFor(text, `${origin.url}/chunked`);
+      assert.deepEqual(lines.map((l) => `${l.method} ${l.result}/${l.status}`), ['GET TCP_MISS/200', 'GET TCP_MEM_HIT/200', 'POST TCP_MISS/200'], name);
+      assert.deepEqual(lines.map((l) => l.bytes), got[name]!.map((x) => x.received), `${name}: the bytes each client received`);
+    }
   });
 
   it('a CONNECT tunnel logs every byte its client received, the 200 line included', async (t) => {

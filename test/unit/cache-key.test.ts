@@ -26,13 +26,13 @@ describe('cache key', () => {
 
 describe('access log', () => {
   it('writes Squid native lines stamped at the end, bytes head and body, with TCP_CF_ for coalesced and _ABORTED for hang-ups', () => {
-    const tx = { startedAt: 1_700_000_000_123, client: '10.0.0.5', method: 'GET', url: 'http://s1:8000/cvmfs/a/data/ab/cd', status: 200, bytesOut: 4096, headBytes: 300, recorded: false, result: 'TCP_MISS' as const, aborted: false, hierarchy: 'HIER_DIRECT' as const, peer: 's1', mime: 'application/octet-stream', coalesced: true };
+    const tx = { startedAt: 1_700_000_000_123, client: '10.0.0.5', method: 'GET', url: 'http://s1:8000/cvmfs/a/data/ab/cd', status: 200, bytesOut: 4096, headBytes: 300, frameBytes: 0, recorded: false, result: 'TCP_MISS' as const, aborted: false, hierarchy: 'HIER_DIRECT' as const, peer: 's1', mime: 'application/octet-stream', coalesced: true };
     assert.equal(formatSquid(tx, 1_700_000_000_168), '1700000000.168     45 10.0.0.5 TCP_CF_MISS/200 4396 GET http://s1:8000/cvmfs/a/data/ab/cd - HIER_DIRECT/s1 application/octet-stream\n');
     assert.match(formatSquid({ ...tx, coalesced: false, aborted: true, result: 'TCP_HIT', hierarchy: 'HIER_NONE', peer: '' }, 1_700_000_000_200), / TCP_HIT_ABORTED\/200 4396 GET .* HIER_NONE\/- /);
   });
 
   it('writes frontier-squid lines (the WLCG awstats format) in local time at the end, with cvmfs-info and User-Agent', () => {
-    const tx = { startedAt: Date.UTC(2026, 10, 25, 9, 58, 9, 123), client: '10.0.0.5', method: 'GET', url: 'http://s1:8000/cvmfs/a/data/ab/cd', status: 200, bytesOut: 4096, headBytes: 300, recorded: false, result: 'TCP_MISS' as const, aborted: false, hierarchy: 'HIER_DIRECT' as const, peer: 's1', mime: '', coalesced: true, httpVersion: '1.1', headers: { 'user-agent': 'cvmfs Fuse 2.11.5', 'cvmfs-info': 'atlas.cern.ch:/sw/"x"' } };
+    const tx = { startedAt: Date.UTC(2026, 10, 25, 9, 58, 9, 123), client: '10.0.0.5', method: 'GET', url: 'http://s1:8000/cvmfs/a/data/ab/cd', status: 200, bytesOut: 4096, headBytes: 300, frameBytes: 0, recorded: false, result: 'TCP_MISS' as const, aborted: false, hierarchy: 'HIER_DIRECT' as const, peer: 's1', mime: '', coalesced: true, httpVersion: '1.1', headers: { 'user-agent': 'cvmfs Fuse 2.11.5', 'cvmfs-info': 'atlas.cern.ch:/sw/"x"' } };
     const tz = process.env.TZ;
     process.env.TZ = 'Asia/Kolkata'; // +0530, no daylight saving
     try {
