@@ -40,6 +40,9 @@ export interface Ctx {
   forgotten?: (key: string) => Promise<boolean>;
   /** Open CONNECT tunnels, each by the function that ends it (shutdown cuts them). */
   tunnels: Set<() => void>;
-  /** Requests on the request path not yet logged, with their responses: a shutdown logs those it cut. */
-  open: Map<Transaction, ResponseSink>;
+  /**
+   * Requests not yet logged, with their responses (none for a lane hit still in its socket's buffers):
+   * a shutdown logs those it cut.
+   */
+  open: Map<Transaction, ResponseSink | undefined>;
 }

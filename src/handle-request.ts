@@ -745,14 +745,15 @@ function reply(s: State, status: number, headers: Record<string, string>, body: 
 }
 
 /**
- * Log the requests a shutdown cut (it closes the access log next): each one's line now, as cut short,
- * unless its response had all left. The request path, when it gets there, writes no second line.
+ * Log the requests a shutdown cut, as it closes the access log: their connections' 'close' events, and
+ * so their own lines, would come after it. Each one's line now, cut short unless its answer had all
+ * left; the request path or the lane, when it gets there, writes no second line.
  */
 export function logCutRequests(ctx: Ctx): void {
   for (const [tx, res] of ctx.open) {
     ctx.open.delete(tx);
-    if (!res.writableFinished) tx.aborted = true;
-    tx.headBytes = headBytesOf(res);
+    if (!res?.writableFinished) tx.aborted = true;
+    if (res) tx.headBytes = headBytesOf(res);
     recordTransaction(ctx, tx, undefined);
   }
 }

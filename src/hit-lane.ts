@@ -31,6 +31,8 @@ export interface HitLaneOptions {
   hasBody: (method: string, st: StoredObject) => boolean;
   /** The transaction is finished (handed to the kernel, or the client went away). */
   record: (tx: Transaction) => void;
+  /** Answers still in their sockets' buffers, until recorded: a shutdown that cuts them logs them (Ctx.open). */
+  open: { set(tx: Transaction, res: undefined): unknown; delete(tx: Transaction): unknown };
   /** The lane itself threw (a bug): logged as an internal error; the connection is cut. */
   failed: (err: unknown) => void;
   idleTimeoutMs: number;
@@ -412,13 +414,16 @@ class LaneConnection {
     sock.uncork();
     // All in the kernel is finished (as node:http's finish counts it); else when the rest has left.
     if (sock.writableLength === 0 && !sock.destroyed) for (const tx of answered) o.record(tx);
-    else
+    else {
+      for (const tx of answered) o.open.set(tx, undefined);
       sock.write(EMPTY, (err) => {
         for (const tx of answered) {
+          o.open.delete(tx);
           if (err) tx.aborted = true;
           o.record(tx);
         }
       });
+    }
     this.#endIfDone();
     // A client that sends faster than it reads waits here, as node:http makes it wait.
     if (!sock.writableEnded && sock.writableNeedDrain && !sock.isPaused()) {

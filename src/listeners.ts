@@ -74,6 +74,7 @@ function hitLane(ctx: Ctx): HitLane | undefined {
         head: (st, age) => storedHitHead(ctx, st, age),
         hasBody,
         record: (tx) => recordTransaction(ctx, tx, undefined),
+        open: ctx.open,
         failed: (err) => log.error({ err, internal: true }, 'hit lane failed'),
         idleTimeoutMs: cfg.clientIdleTimeoutMs,
         firstRequestTimeoutMs: HEADERS_TIMEOUT_MS,

@@ -412,15 +412,18 @@ describe('the access log: one line per transaction, whatever ends it (cuttle alo
     assert.ok(received > 100, 'a labelled 503 was sent');
   });
 
-  it('downloads cut at shutdown while their clients do not read (a miss and a disk hit) get one line apiece, marked _ABORTED', async () => {
-    const { proxy, log } = await cuttleWith(['--workers', '1', '--shutdown-timeout', '1s']);
-    const big = Buffer.alloc(16 * 2 ** 20, 3);
+  it('downloads cut at shutdown while their clients do not read (a miss, a disk hit, a memory hit in the lane) get one line apiece, marked _ABORTED', async () => {
+    const { proxy, log } = await cuttleWith(['--workers', '1', '--shutdown-timeout', '1s', '--max-memory-object-size', '16MB']);
+    const big = Buffer.alloc(24 * 2 ** 20, 3);
     for (const p of ['/stall-miss', '/stall-hit']) origin.route(p, { headers: { 'content-type': 'application/octet-stream', 'cache-control': 'max-age=60' }, body: big });
+    // Within a turn's budget (pacer.ts): the lane writes it whole, and it waits in the socket's buffers.
+    origin.route('/stall-mem', { headers: { 'content-type': 'application/octet-stream', 'cache-control': 'max-age=60' }, body: big.subarray(0, 12 * 2 ** 20) });
     const full = await exchange(proxy.port, 'GET', `${origin.url}/stall-hit`);
+    const fullMem = await exchange(proxy.port, 'GET', `${origin.url}/stall-mem`);
     let stopped!: () => void;
     const exited = new Promise<'read-on'>((r) => (stopped = () => r('read-on')));
     const downloads: Promise<Exchange>[] = [];
-    for (const p of ['/stall-miss', '/stall-hit']) {
+    for (const p of ['/stall-miss', '/stall-hit', '/stall-mem']) {
       let reached!: () => void;
       const midBody = new Promise<void>((r) => (reached = r));
       downloads.push(exchange(proxy.port, 'GET', `${origin.url}${p}`, { atBody: 1, stall: true, until: () => (reached(), exited) }));
@@ -430,13 +433,15 @@ describe('the access log: one line per transaction, whatever ends it (cuttle alo
     stopped();
     const got = await Promise.all(downloads);
     const text = log();
-    for (const [i, p, tag] of [[0, '/stall-miss', 'TCP_MISS_ABORTED'], [1, '/stall-hit', 'TCP_HIT_ABORTED']] as const) {
-      const lines = linesFor(text, `${origin.url}${p}`).slice(p === '/stall-hit' ? 1 : 0);
+    for (const [i, p, tag, whole] of [[0, '/stall-miss', 'TCP_MISS_ABORTED', full], [1, '/stall-hit', 'TCP_HIT_ABORTED', full], [2, '/stall-mem', 'TCP_MEM_HIT_ABORTED', fullMem]] as const) {
+      const lines = linesFor(text, `${origin.url}${p}`).slice(p === '/stall-miss' ? 0 : 1);
       assert.deepEqual(lines.map((l) => l.result), [tag], `${p}: one line, cut short`);
-      // What the client read is what left the proxy's buffers; the line counts what was handed to them.
-      assert.ok(got[i]!.received <= lines[0]!.bytes && lines[0]!.bytes < full.received, `${p}: ${got[i]!.received} <= ${lines[0]!.bytes} < ${full.received}`);
+      // What the client read is what left the proxy's buffers; the line counts what was handed to them
+      // (the lane hands a whole memory hit to its socket at once).
+      assert.ok(got[i]!.received <= lines[0]!.bytes && lines[0]!.bytes <= whole.received && got[i]!.received < whole.received, `${p}: ${got[i]!.received} <= ${lines[0]!.bytes} <= ${whole.received}`);
     }
     assert.equal(origin.count('/stall-hit'), 1);
+    assert.equal(origin.count('/stall-mem'), 1);
   });
 
   it('--workers 2: downloads cut at shutdown, each worker owning one, and a join of each, get one line apiece with the bytes received', async () => {
