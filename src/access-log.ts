@@ -31,7 +31,7 @@ export interface Transaction {
   /** Bytes of chunked framing sent (chunk sizes and CRLFs, the last chunk), also in the log's bytes. */
   frameBytes: number;
   result: ResultTag;
-  /** Squid appends _ABORTED when the client went away before the response ended (cuttle also when it cut the response: a shutdown). */
+  /** _ABORTED: the answer did not reach its end (the client left, as Squid marks it; the upstream broke off, a shutdown cut it). */
   aborted: boolean;
   hierarchy: HierarchyTag;
   peer: string;
