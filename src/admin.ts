@@ -1,9 +1,10 @@
 // The admin listener (--admin-listen, loopback by default; never the proxy port; clients in --allow-admin): the live dashboard at /,
 // Prometheus /metrics,
-// /healthz (liveness), /readyz (listening, disk index loaded, not draining) and /status (the same
-// figures as JSON, for scripts without Prometheus).
+// /healthz (liveness), /readyz (listening, disk index loaded, not draining), /status (the same
+// figures as JSON, for scripts without Prometheus), and POST /drain (drain.ts; ?cancel leaves it).
 import { createServer, type Server } from 'node:http';
 import { DASHBOARD_CSP, DASHBOARD_HTML } from './dashboard.ts';
+import type { DrainSnapshot } from './drain.ts';
 
 /** The Prometheus text: one proxy's (metrics.ts), or the sum of its workers' (workers.ts). */
 export interface MetricsText {
@@ -16,6 +17,8 @@ export interface AdminState {
   allows(addr: string): boolean;
   ready(): { ready: boolean; why: string };
   status(): Record<string, unknown> | Promise<Record<string, unknown>>;
+  /** POST /drain: start draining, or with `cancel` go back in service (false: a stop can't be undone). */
+  drain(cancel: boolean): { done: boolean; drain: DrainSnapshot };
 }
 
 export function createAdminServer(metrics: MetricsText, state: AdminState): Server {
@@ -24,6 +27,23 @@ export function createAdminServer(metrics: MetricsText, state: AdminState): Serv
     const from = req.socket.remoteAddress ?? '';
     if (!state.allows(from)) {
       res.writeHead(403, { 'content-type': 'text/plain', connection: 'close' }).end(`403 the admin listener is not open to ${from}: see --allow-admin\n`);
+      return;
+    }
+    if (path === '/drain') {
+      if (req.method !== 'POST') {
+        res.writeHead(405, { allow: 'POST' }).end();
+        return;
+      }
+      // A browser's cross-site form may POST to a loopback port without a preflight: it always sends
+      // Origin, curl and probes never do.
+      if (req.headers.origin !== undefined) {
+        res.writeHead(403, { 'content-type': 'text/plain', connection: 'close' }).end('403 POST /drain is not taken from a web page\n');
+        return;
+      }
+      const cancel = new URLSearchParams((req.url ?? '').split('?')[1] ?? '').has('cancel');
+      const r = state.drain(cancel);
+      const why = r.done ? (cancel ? 'back in service' : 'draining') : 'shutting down (SIGTERM): a stop cannot be cancelled';
+      res.writeHead(r.done ? 200 : 409, { 'content-type': 'application/json', 'cache-control': 'no-store' }).end(`${JSON.stringify({ result: why, ...r.drain })}\n`);
       return;
     }
     if (req.method !== 'GET' && req.method !== 'HEAD') {
@@ -52,7 +72,7 @@ export function createAdminServer(metrics: MetricsText, state: AdminState): Serv
           res.writeHead(200, { 'content-type': 'application/json', 'cache-control': 'no-store' }).end(`${JSON.stringify(await state.status(), null, 2)}\n`);
           return;
         default:
-          res.writeHead(404, { 'content-type': 'text/plain' }).end('not found: try /, /metrics, /healthz, /readyz, /status\n');
+          res.writeHead(404, { 'content-type': 'text/plain' }).end('not found: try /, /metrics, /healthz, /readyz, /status, POST /drain\n');
       }
     } catch (err) {
       res.writeHead(500, { 'content-type': 'text/plain' }).end(`${(err as Error).message}\n`);

@@ -36,6 +36,8 @@ export interface HitLaneOptions {
   /** The lane itself threw (a bug): logged as an internal error; the connection is cut. */
   failed: (err: unknown) => void;
   idleTimeoutMs: number;
+  /** The proxy is draining (drain.ts): every request goes to node:http, which closes the connection after it. */
+  draining: () => boolean;
   /** How long a new connection may take to send its first request (node:http's headersTimeout). */
   firstRequestTimeoutMs: number;
 }
@@ -262,6 +264,8 @@ export class HitLane {
   #held: (() => void)[] = [];
   /** Connections answering a join now: not idle, though nothing may be queued on them. */
   readonly joining = new Set<Socket>();
+  /** Connections that have had an answer: idle between requests (a new one has not asked yet). */
+  readonly answered = new WeakSet<Socket>();
   #joinsOver: (() => void)[] = [];
 
   /** Resolves once no connection is answering a join (shutdown waits for them as for node's). */
@@ -468,7 +472,7 @@ class LaneConnection {
         // A client that pipelines faster than it reads: past QUEUE_BYTES of answers, node:http takes the
         // rest, with its own backpressure (the lane's answers may be copies, the built responses).
         const room = this.#held === undefined || sock.writableLength < QUEUE_BYTES;
-        const hit = req && room ? o.answer(req.method, req.target, req.headers, this.#client) : undefined;
+        const hit = req && room && !o.draining() ? o.answer(req.method, req.target, req.headers, this.#client) : undefined;
         if (typeof hit !== 'object') {
           join = hit;
           if (join) {
@@ -482,6 +486,7 @@ class LaneConnection {
       }
       if (this.#held && this.#first) {
         this.#first = false;
+        this.#lane.answered.add(sock);
         sock.setTimeout(o.idleTimeoutMs); // from now on, the keep-alive timeout between requests
       }
       // node:http's answers, and a join's, must follow the lane's: they leave now, not with the others.
@@ -541,6 +546,7 @@ class LaneConnection {
         this.state = 'reading';
         if (how === 'handoff') return this.#leave(pending.length ? Buffer.concat([chunk.subarray(at), ...pending]) : chunk.subarray(at));
         this.#first = false;
+        lane.answered.add(sock);
         sock.setTimeout(o.idleTimeoutMs);
         const more = pending.length ? Buffer.concat([chunk.subarray(end), ...pending]) : chunk.subarray(end);
         if (more.length) this.#onData(more);

@@ -7,6 +7,7 @@ import { newTransaction, recordTransaction } from './access-log.ts';
 import { plainAddress } from './acl.ts';
 import type { ListenAddr } from './config.ts';
 import type { Ctx } from './context.ts';
+import type { Drain } from './drain.ts';
 import { endWithError } from './forward.ts';
 import { hasBody, hitAge, storedHitHead } from './deliver.ts';
 import { handleRequest, plainLaneRequest } from './handle-request.ts';
@@ -65,7 +66,7 @@ export async function listenEitherFamily(host: string, listen: (host: string) =>
 }
 
 /** The hit lane (--hit-lane): it reads each connection first and answers the plain memory hits itself. */
-function hitLane(ctx: Ctx): HitLane | undefined {
+function hitLane(ctx: Ctx, drain: Drain | undefined): HitLane | undefined {
   const { cfg, log } = ctx;
   return cfg.hitLane
     ? new HitLane({
@@ -76,6 +77,8 @@ function hitLane(ctx: Ctx): HitLane | undefined {
         record: (tx) => recordTransaction(ctx, tx, undefined),
         open: ctx.open,
         failed: (err) => log.error({ err, internal: true }, 'hit lane failed'),
+        // Draining: node:http answers, with Connection: close.
+        draining: () => drain?.draining === true,
         idleTimeoutMs: cfg.clientIdleTimeoutMs,
         firstRequestTimeoutMs: HEADERS_TIMEOUT_MS,
       })
@@ -94,6 +97,11 @@ export class Listeners {
   /** Per listen address, its listening sockets (ACCEPT_SOCKETS sharing one port). */
   readonly #groups: Server[][];
   #connections = 0;
+  /** Waiting for the client connections to be gone (quiet()). */
+  #quietWaiters: (() => void)[] = [];
+  readonly #drain: Drain | undefined;
+  /** Each connection's latest response (clientError must not write into one that has begun; a drain closes the connection of one not begun). */
+  readonly #responding = new Map<object, ServerResponse>();
   /** Open client connections past which a new one gets 503 (overload.ts connectionCap). */
   readonly #cap: ReturnType<typeof connectionCap>;
   readonly #openFiles: number | undefined;
@@ -106,15 +114,20 @@ export class Listeners {
    * `worker`: this is one worker of several (--workers). Its sockets join ports the process has taken,
    * and a last listener on 127.0.0.1 takes the other workers' relays.
    */
-  constructor(ctx: Ctx, worker?: { index: number; count: number }) {
+  constructor(ctx: Ctx, worker?: { index: number; count: number }, drain?: Drain) {
     const { cfg } = ctx;
     this.#ctx = ctx;
+    this.#drain = drain;
+    // Draining: a response not yet begun is its connection's next, and closes it.
+    drain?.watch((on) => {
+      if (on) for (const res of this.#responding.values()) if (!res.headersSent) res.shouldKeepAlive = false;
+    });
     const soft = openFilesLimit()?.soft;
     // The process's descriptors are every worker's: each counts on its share.
     this.#openFiles = soft === Infinity || soft === undefined ? undefined : Math.floor(soft / (worker?.count ?? 1));
     this.#warn = !worker || worker.index === 0;
     this.#cap = connectionCap(cfg, this.#openFiles);
-    this.#lane = hitLane(ctx);
+    this.#lane = hitLane(ctx, drain);
     this.#sharedPorts = worker !== undefined;
     const listeners = [...cfg.listen.map((addr) => ({ addr, accel: cfg.accel })), ...(cfg.accelListen === 'none' ? [] : [{ addr: cfg.accelListen, accel: true }])];
     if (worker) listeners.push({ addr: { host: '127.0.0.1', port: 0 }, accel: false });
@@ -162,6 +175,22 @@ export class Listeners {
     }
   }
 
+  /** Resolves once no client connection is open but `tunnels`' (the drain's end: listening still). */
+  quiet(tunnels: Set<unknown>): Promise<void> {
+    return new Promise((resolve) => {
+      const check = (): void => {
+        if (this.#connections > tunnels.size) this.#quietWaiters.push(check);
+        else resolve();
+      };
+      check();
+    });
+  }
+
+  #connectionClosed(): void {
+    this.#connections--;
+    if (this.#quietWaiters.length) for (const w of this.#quietWaiters.splice(0)) w();
+  }
+
   /** Stop accepting; resolves once every connection has closed and the lane answers no join. */
   close(): Promise<unknown> {
     return Promise.all([...this.#groups.flat().map(stopListening), this.#lane?.joinsOver()]);
@@ -170,9 +199,10 @@ export class Listeners {
   /** Close the keep-alive connections that are idle now (their last response has ended). */
   closeIdle(): void {
     this.#groups.flat().forEach((srv) => srv.closeIdleConnections());
-    // A connection in the hit lane is idle whenever its answers have left and it answers no join.
+    // A connection in the hit lane is idle whenever it has been answered, its answers have left and it
+    // answers no join (one that has not sent its first request is being served).
     const lane = this.#lane;
-    for (const sock of lane?.sockets ?? []) if (sock.writableLength === 0 && !lane?.joining.has(sock)) sock.destroy();
+    for (const sock of lane?.sockets ?? []) if (sock.writableLength === 0 && !lane?.joining.has(sock) && lane?.answered.has(sock)) sock.destroy();
   }
 
   /** Cut every client connection, busy or not. */
@@ -205,7 +235,10 @@ export class Listeners {
         return;
       }
       this.#connections++;
-      sock.once('close', () => this.#connections--);
+      sock.once('close', () => {
+        this.#connectionClosed();
+        this.#responding.delete(sock);
+      });
       // A peer that reset before the connection was taken has no address left: nothing can be checked
       // against the client ACL or answered, so it is dropped, not logged as a denied client '-'.
       if (sock.remoteAddress === undefined) {
@@ -226,14 +259,15 @@ export class Listeners {
       }
       if (lane && toNode) lane.attach(sock, client, toNode);
     });
-    /** Each connection's latest response (clientError must not write into one that has begun). */
-    const responding = new WeakMap<object, ServerResponse>();
+    const responding = this.#responding;
     const handlerFailed = (res: ServerResponse) => (err: unknown) => {
       log.error({ err, internal: true }, 'request handler failed');
       res.destroy();
     };
     srv.on('request', (req, res) => {
       responding.set(req.socket, res);
+      // Draining: this response closes its connection (node:http writes Connection: close).
+      if (this.#drain?.draining) res.shouldKeepAlive = false;
       // A memory hit is answered synchronously (no promise); anything that waits returns one.
       try {
         handleRequest(ctx, req, res, accel)?.catch(handlerFailed(res));

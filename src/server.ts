@@ -20,6 +20,7 @@ import { createLogger, type Logger } from './log.ts';
 import { Metrics } from './metrics.ts';
 import type { Mirrors } from './mirrors.ts';
 import { Bank } from './bank.ts';
+import { Drain } from './drain.ts';
 import { Hierarchy } from './hierarchy.ts';
 import { logCutRequests } from './handle-request.ts';
 import { primaryOfKey, workerOf } from './worker-ring.ts';
@@ -58,6 +59,8 @@ export interface Proxy {
   readonly hierarchy: Hierarchy;
   /** The request and byte rates of the last hour (/status history); a worker keeps none. */
   readonly history: RateHistory | undefined;
+  /** The drain state (POST /drain, SIGTERM; with --workers the main thread sets each worker's). */
+  readonly drain: Drain;
   /** Forget a key everywhere in this proxy (an invalidation another worker made); true when it held a copy. */
   forget(key: string): Promise<boolean>;
   /** Called when this proxy forgets a key of its own accord (PURGE, an unsafe method): workers pass it on; true when another held a copy. */
@@ -80,10 +83,9 @@ export interface Proxy {
   snmpPort(): number | undefined;
 }
 
-/** Where the proxy is in its life: /readyz and a reload's prober read it. */
+/** Where the proxy is in its life: /readyz and a reload's prober read it (and the drain state). */
 interface Phase {
   listening: boolean;
-  draining: boolean;
 }
 
 /** The store: the memory tier over the disk tier, whose index loads from --cache-dir. */
@@ -123,18 +125,22 @@ function openWarnedAccessLog(cfg: Config, clock: Clock, log: Logger, shared: boo
 }
 
 /** What the admin listener shows: who may use it, readiness (/readyz) and /status. */
-function adminState(p: { live: LiveConfig; phase: Phase; disk: DiskTier; coalescer: Coalescer; sources: CounterSources; clock: Clock; startedAt: number; hierarchy: Hierarchy; history: RateHistory | undefined }): AdminState {
-  const { live, phase, disk, clock } = p;
+function adminState(p: { live: LiveConfig; phase: Phase; drain: Drain; disk: DiskTier; coalescer: Coalescer; sources: CounterSources; clock: Clock; startedAt: number; hierarchy: Hierarchy; history: RateHistory | undefined }): AdminState {
+  const { live, phase, drain, disk, clock } = p;
   return {
     allows: (addr) => live.acl().allowsAdmin(addr),
+    // Ready: listening, the disk index loaded, not draining. Never a mirror's health: a proxy with
+    // every Stratum 1 out of reach still serves its cache (stale if need be), and a readiness that
+    // asked a remote site would take a whole bank out of service in a WAN cut.
     ready: () =>
-      phase.draining ? { ready: false, why: 'draining' } : !phase.listening ? { ready: false, why: 'not listening yet' } : !disk.isLoaded ? { ready: false, why: 'loading the disk index' } : { ready: true, why: 'ready' },
+      drain.draining ? { ready: false, why: drain.state === 'stopping' ? 'draining: shutting down' : 'draining' } : !phase.listening ? { ready: false, why: 'not listening yet' } : !disk.isLoaded ? { ready: false, why: 'loading the disk index' } : { ready: true, why: 'ready' },
+    drain: (cancel) => ({ done: cancel ? drain.cancel() : (drain.start(), true), drain: drain.snapshot() }),
     status: () => {
       // The table's figures, and what is not a number: state, the top fills and each mirror.
       const f = figures(p.sources);
       setAt(f, 'tiers.disk.loaded', disk.isLoaded);
       const now = clock.now();
-      return { version: VERSION, uptimeS: Math.round((now - p.startedAt) / 1000), draining: phase.draining, ...f, ratios: ratios(f), history: p.history?.snapshot(now, new Map([['proxy', f]])), topFills: p.coalescer.topFills(10, clock.now()), mirrors: live.mirrors.snapshot(), peers: p.hierarchy.snapshot() };
+      return { version: VERSION, uptimeS: Math.round((now - p.startedAt) / 1000), draining: drain.draining, drain: drain.snapshot(), ...f, ratios: ratios(f), history: p.history?.snapshot(now, new Map([['proxy', f]])), topFills: p.coalescer.topFills(10, clock.now()), mirrors: live.mirrors.snapshot(), peers: p.hierarchy.snapshot() };
     },
   };
 }
@@ -186,12 +192,14 @@ export async function createProxy(cfg: Config, opts: ProxyOptions = {}): Promise
     ctx.mirrors = fresh;
     coalescer.useMirrors(fresh);
   };
-  const listeners = new Listeners(ctx, opts.worker);
-  const phase: Phase = { listening: false, draining: false };
+  const drain = new Drain(() => clock.now());
+  drain.watch((on) => log.info({ drain: drain.state }, on ? 'draining: /readyz answers 503, every response closes its connection, new connections are still served' : 'drain cancelled: back in service'));
+  const listeners = new Listeners(ctx, opts.worker, drain);
+  const phase: Phase = { listening: false };
   const startedAt = clock.now();
   // A worker keeps none: the main thread keeps the history of the workers' sum (workers.ts).
   const history = opts.worker ? undefined : new RateHistory(startedAt);
-  const state = adminState({ live, phase, disk, coalescer, sources, clock, startedAt, hierarchy, history });
+  const state = adminState({ live, phase, drain, disk, coalescer, sources, clock, startedAt, hierarchy, history });
   const admin = cfg.adminListen === 'none' ? undefined : createAdminServer(metrics, state);
   let snmpAgent: SnmpAgent | undefined;
 
@@ -225,6 +233,7 @@ export async function createProxy(cfg: Config, opts: ProxyOptions = {}): Promise
     clientConnections: () => listeners.connections,
     hierarchy,
     history,
+    drain,
     async listen() {
       await hierarchy.bank?.start();
       await listeners.listen();
@@ -247,18 +256,17 @@ export async function createProxy(cfg: Config, opts: ProxyOptions = {}): Promise
     adminAddress: () => admin?.address() as AddressInfo | undefined,
     snmpPort: () => snmpAgent?.port,
     async close(timeoutMs = cfg.shutdownTimeoutMs) {
-      // Drain: stop accepting, report not ready, let in-flight responses finish, then close the rest.
-      phase.draining = true;
+      // Drain (report not ready, close each connection after its response, still serve new ones) until
+      // no client is left, then stop accepting, let in-flight fills finish, and close the rest.
+      drain.stop(timeoutMs);
       history?.stop();
       loopLag.stop();
-      live.stopProbing();
-      hierarchy.stop();
       // The requests the shutdown cut get their lines just before the log closes (shutdown only closes it).
       const cutLogged: AccessLog = { ...accessLog, close: (ms) => (logCutRequests(ctx), accessLog.close(ms)) };
-      await shutdown({ listeners, tunnels: ctx.tunnels, coalescer, upstream, accessLog: cutLogged, disk, admin, snmpAgent: () => snmpAgent, log }, timeoutMs);
+      await shutdown({ listeners, tunnels: ctx.tunnels, coalescer, upstream, accessLog: cutLogged, disk, admin, snmpAgent: () => snmpAgent, log, stopProbing: () => (live.stopProbing(), hierarchy.stop()) }, timeoutMs);
     },
     reload(next) {
-      live.reload(next, phase.listening && !phase.draining);
+      live.reload(next, phase.listening && drain.state !== 'stopping');
     },
     reopenLogs() {
       accessLog.reopen();

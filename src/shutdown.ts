@@ -1,5 +1,7 @@
-// Shutdown within --shutdown-timeout: stop accepting, let in-flight responses finish, then close the
-// rest in order (fills, upstream, access log, the disk's lock, admin, SNMP); past the timeout, cut.
+// Shutdown within --shutdown-timeout. First the drain (drain.ts): new connections are still served
+// and every response closes its connection, until no client connection is left; then stop accepting,
+// let in-flight responses finish, and close the rest in order (fills, upstream, access log, the disk's
+// lock, admin, SNMP); past the timeout, cut.
 import type { Server } from 'node:http';
 import type { AccessLog } from './access-log.ts';
 import { within } from './clock.ts';
@@ -26,21 +28,35 @@ export interface ShutdownParts {
   /** The SNMP agent, if one has started by the time the rest is closed. */
   snmpAgent: () => SnmpAgent | undefined;
   log: Logger;
+  /** Stop the mirror and bank probes: called once the clients are gone (until then misses still need them). */
+  stopProbing: () => void;
 }
 
 export async function shutdown(p: ShutdownParts, timeoutMs: number): Promise<void> {
   const { listeners, coalescer, log } = p;
   const drainStarted = performance.now();
-  const closing = listeners.close();
-  // Keep-alive connections become idle as their last response ends: close them as they do.
+  // Keep-alive connections become idle as their last response ends: close them as they do (a
+  // connection that has not sent its first request yet is not idle: it is served).
   const sweep = setInterval(() => listeners.closeIdle(), 100);
   listeners.closeIdle();
   // Past the timeout, whatever is still open is cut: client connections, tunnels, then fills.
+  let cut = false;
   const cutAll = () => {
+    cut = true;
     listeners.cutAll();
     for (const end of p.tunnels) end();
   };
   const timer = setTimeout(cutAll, timeoutMs);
+  // While any client is connected (a tunnel aside), a new connection is served too: a client that has
+  // not re-resolved the bank's name yet is not refused. The port closes once they are all gone, or
+  // after half the timeout under steady traffic: the other half is for the responses under way.
+  let deadline: NodeJS.Timeout | undefined;
+  await Promise.race([listeners.quiet(p.tunnels), new Promise<void>((r) => (deadline = setTimeout(r, timeoutMs / 2)))]);
+  clearTimeout(deadline);
+  if (cut) listeners.cutAll(); // connections taken between the cut and now
+  p.stopProbing();
+  const closing = listeners.close();
+  listeners.closeIdle();
   await closing;
   clearTimeout(timer);
   clearInterval(sweep);

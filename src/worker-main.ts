@@ -45,6 +45,10 @@ async function start(): Promise<void> {
       case 'reopen':
         proxy.reopenLogs();
         break;
+      case 'drain':
+        if (m.on) proxy.drain.start();
+        else proxy.drain.cancel();
+        break;
       case 'report':
         void proxy.report().then(
           (r) => post({ type: 'report', id: m.id, status: { ...r.status, worker: data.index }, metrics: r.metrics }),

@@ -18,6 +18,7 @@ import { Worker } from 'node:worker_threads';
 import { compileAcl } from './acl.ts';
 import { listenEitherFamily, listenOn } from './listeners.ts';
 import { createAdminServer } from './admin.ts';
+import { Drain } from './drain.ts';
 import { buildConfig, type Config, type ListenAddr } from './config.ts';
 import type { Logger } from './log.ts';
 import { startSnmpAgent, type SnmpAgent } from './snmp.ts';
@@ -42,6 +43,7 @@ export type ToWorker =
   | { type: 'forgot'; id: number; found: boolean }
   | { type: 'reload'; raw: Record<string, unknown> }
   | { type: 'reopen' }
+  | { type: 'drain'; on: boolean }
   | { type: 'report'; id: number }
   | { type: 'close'; timeoutMs: number };
 
@@ -141,7 +143,7 @@ function addTrees(a: unknown, b: unknown, path = ''): unknown {
 }
 
 /** /status figures that are the same in every worker (the kernel's, the process's), not shares. */
-const NOT_SUMMED = new Set(['uptimeS', 'version', 'listenQueue', 'mirrors', 'peers', 'topFills']);
+const NOT_SUMMED = new Set(['uptimeS', 'version', 'listenQueue', 'mirrors', 'peers', 'topFills', 'drain']);
 
 /** Prometheus series that every worker reads from the same place (the kernel, the process): one copy. */
 const SAME_IN_EVERY_WORKER = /^cuttle_(process_|listen_|mirror_healthy|mirror_rtt_seconds|mirror_stale|mirror_manifest_revision|peer_up)/;
@@ -195,6 +197,8 @@ export async function startWorkers(cfg: Config, raw: Record<string, unknown>, lo
   const token = randomBytes(16).toString('hex');
   const slots: Slot[] = Array.from({ length: count }, () => ({ worker: undefined, relay: undefined, ready: false, startedAt: 0, restarts: 0, backoffMs: 1000 }));
   let closing = false;
+  // The process's drain: POST /drain and SIGTERM here reach every worker (and one restarted meanwhile).
+  const drain = new Drain();
   let reportId = 0;
   let forgetId = 0;
   const forgets = new Map<number, Forget>();
@@ -203,6 +207,7 @@ export async function startWorkers(cfg: Config, raw: Record<string, unknown>, lo
   const broadcast = (m: ToWorker) => {
     for (const s of slots) if (s.ready) s.worker?.postMessage(m);
   };
+  drain.watch((on) => broadcast({ type: 'drain', on }));
   const announce = () => broadcast({ type: 'workers', relays: slots.map((s) => (s.ready ? s.relay : undefined)) });
 
   const spawn = (index: number): Promise<void> =>
@@ -217,6 +222,7 @@ export async function startWorkers(cfg: Config, raw: Record<string, unknown>, lo
           case 'ready':
             slot.relay = m.relay;
             slot.ready = true;
+            if (drain.draining) worker.postMessage({ type: 'drain', on: true } satisfies ToWorker);
             announce();
             resolve();
             break;
@@ -342,7 +348,7 @@ export async function startWorkers(cfg: Config, raw: Record<string, unknown>, lo
       const mine = got.find((r) => (r.status.worker as number | undefined) === index)?.status;
       return { index, running: s.ready, restarts: s.restarts, requests: (mine?.counters as { requests?: number } | undefined)?.requests ?? null, clientConnections: (mine?.clientConnections as number | undefined) ?? null };
     });
-    return { ...merged, version: VERSION, ratios: ratios(merged), history: history.snapshot(Date.now(), bySource(got)), topFills, worker: undefined, workers };
+    return { ...merged, version: VERSION, draining: drain.draining, drain: drain.snapshot(), ratios: ratios(merged), history: history.snapshot(Date.now(), bySource(got)), topFills, worker: undefined, workers };
   };
   let figuresCache: Record<string, unknown> = {};
   let acl = compileAcl(cfg);
@@ -353,8 +359,9 @@ export async function startWorkers(cfg: Config, raw: Record<string, unknown>, lo
           { contentType: 'text/plain; version=0.0.4; charset=utf-8', text: async () => sumMetrics((await reports()).map((r) => r.metrics)) + `# HELP cuttle_workers Worker threads running (--workers)\n# TYPE cuttle_workers gauge\ncuttle_workers ${slots.filter((s) => s.ready).length}\n` },
           {
             allows: (addr) => acl.allowsAdmin(addr),
-            ready: () => (closing ? { ready: false, why: 'draining' } : slots.every((s) => s.ready) ? { ready: true, why: 'ready' } : { ready: false, why: `${slots.filter((s) => !s.ready).length} of ${count} workers not running` }),
+            ready: () => (drain.draining ? { ready: false, why: drain.state === 'stopping' ? 'draining: shutting down' : 'draining' } : slots.every((s) => s.ready) ? { ready: true, why: 'ready' } : { ready: false, why: `${slots.filter((s) => !s.ready).length} of ${count} workers not running` }),
             status,
+            drain: (cancel) => ({ done: cancel ? drain.cancel() : (drain.start(), true), drain: drain.snapshot() }),
           },
         );
   if (admin && cfg.adminListen !== 'none') {
@@ -400,11 +407,13 @@ export async function startWorkers(cfg: Config, raw: Record<string, unknown>, lo
     restarts: (i) => slots[i]?.restarts ?? 0,
     async close(timeoutMs) {
       history.stop();
+      drain.stop(timeoutMs);
+      // The workers drain (drain.ts, shutdown.ts) while the admin listener still says so.
+      await closeWorkers(timeoutMs);
       if (snmpTimer) clearInterval(snmpTimer);
       admin?.close();
       admin?.closeAllConnections();
       await snmp?.close();
-      await closeWorkers(timeoutMs);
       await unlock();
     },
   };

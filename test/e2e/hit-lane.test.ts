@@ -595,7 +595,7 @@ describe('hit lane joins', () => {
     }
   });
 
-  it('shutdown lets a join in progress finish, as it lets node:http finish its responses', async () => {
+  it('shutdown lets a join in progress finish, as it lets node:http finish its responses, and serves new connections meanwhile', async () => {
     const origin = await startOrigin({});
     const p = await startProxy({}, { clock: new ManualClock() });
     try {
@@ -608,19 +608,13 @@ describe('hit lane joins', () => {
       const j = client(p.port);
       j.s.write(req(url));
       await waitFor('the joiner attached', () => attached(p) === 2);
-      let refused = false;
-      const probe = () => {
-        const s = connect(p.port, '127.0.0.1');
-        s.on('error', () => (refused = true));
-        s.on('connect', () => {
-          s.destroy();
-          setImmediate(probe);
-        });
-      };
       let closed = false;
       const closing = p.proxy.close(60_000).then(() => (closed = true));
-      probe();
-      await waitFor('the proxy stops accepting', () => refused);
+      // Draining (drain.ts): while the join waits, a new connection is still served, and closed after its answer.
+      const late = client(p.port);
+      late.s.write(lastReq(`${origin.url}/other`));
+      await late.closed;
+      assert.match(late.got(), /^HTTP\/1\.1 /);
       assert.equal(closed, false, 'shutdown waits for the join');
       assert.equal(j.s.destroyed, false);
       g.open();
@@ -628,6 +622,7 @@ describe('hit lane joins', () => {
       assert.match(j.got(), /^HTTP\/1\.1 200 OK\r\n[\s\S]*\r\n\r\nlanded$/);
       assert.equal(p.proxy.counters.laneJoins, 1);
       assert.equal(origin.count('/obj'), 1);
+      assert.equal(origin.count('/other'), 1);
     } finally {
       await p.proxy.close(1000);
       assertNoInternalErrors(p.logs);
