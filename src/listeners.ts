@@ -99,6 +99,8 @@ export class Listeners {
   #connections = 0;
   /** Waiting for the client connections to be gone (quiet()). */
   #quietWaiters: (() => void)[] = [];
+  /** When the latest client connection was taken (performance.now()). */
+  #lastAccept = -Infinity;
   readonly #drain: Drain | undefined;
   /** Each connection's latest response (clientError must not write into one that has begun; a drain closes the connection of one not begun). */
   readonly #responding = new Map<object, ServerResponse>();
@@ -175,11 +177,20 @@ export class Listeners {
     }
   }
 
-  /** Resolves once no client connection is open but `tunnels`' (the drain's end: listening still). */
-  quiet(tunnels: Set<unknown>): Promise<void> {
+  /**
+   * Resolves once no client connection is open but `tunnels`', and none was taken for `lingerMs` after
+   * `since` (performance.now()): clients that still come (they have not re-resolved) are served, and
+   * a stop with nobody arriving ends at once. Never resolves once `signal` aborts.
+   */
+  quiet(tunnels: Set<unknown>, since: number, lingerMs: number, signal: AbortSignal): Promise<void> {
     return new Promise((resolve) => {
+      let timer: NodeJS.Timeout | undefined;
+      signal.addEventListener('abort', () => clearTimeout(timer), { once: true });
       const check = (): void => {
-        if (this.#connections > tunnels.size) this.#quietWaiters.push(check);
+        if (signal.aborted) return;
+        if (this.#connections > tunnels.size) return void this.#quietWaiters.push(check);
+        const left = this.#lastAccept > since ? this.#lastAccept + lingerMs - performance.now() : 0;
+        if (left > 0) timer = setTimeout(check, left);
         else resolve();
       };
       check();
@@ -198,7 +209,9 @@ export class Listeners {
 
   /** Close the keep-alive connections that are idle now (their last response has ended). */
   closeIdle(): void {
-    this.#groups.flat().forEach((srv) => srv.closeIdleConnections());
+    // Not node's closeIdleConnections(): it takes a response whose end() was called for done, and
+    // destroyed its connection with the body's last bytes still queued (a slow reader's cut short).
+    for (const [sock, res] of this.#responding) if (res.writableFinished && (sock as Socket).writableLength === 0) (sock as Socket).destroy();
     // A connection in the hit lane is idle whenever it has been answered, its answers have left and it
     // answers no join (one that has not sent its first request is being served).
     const lane = this.#lane;
@@ -235,6 +248,7 @@ export class Listeners {
         return;
       }
       this.#connections++;
+      this.#lastAccept = performance.now();
       sock.once('close', () => {
         this.#connectionClosed();
         this.#responding.delete(sock);

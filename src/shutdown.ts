@@ -12,6 +12,9 @@ import type { Logger } from './log.ts';
 import type { SnmpAgent } from './snmp.ts';
 import type { DiskTier } from './store-disk.ts';
 
+/** A stop closes the port once no client came for this long (each connection closes after its answer, so none may be open between two). */
+export const QUIET_MS = 1000;
+
 /** The least time the access log gets to write its last lines at shutdown, after the drain. */
 export const LOG_CLOSE_MIN_MS = 1000;
 
@@ -47,11 +50,14 @@ export async function shutdown(p: ShutdownParts, timeoutMs: number): Promise<voi
     for (const end of p.tunnels) end();
   };
   const timer = setTimeout(cutAll, timeoutMs);
-  // While any client is connected (a tunnel aside), a new connection is served too: a client that has
-  // not re-resolved the bank's name yet is not refused. The port closes once they are all gone, or
-  // after half the timeout under steady traffic: the other half is for the responses under way.
+  // While clients come (a tunnel aside), a new connection is served too: a client that has not
+  // re-resolved the bank's name yet is not refused. The port closes once none is connected and none
+  // came for QUIET_MS (at once when none came since the stop began), or after half the timeout under
+  // steady traffic: the other half is for the responses under way.
   let deadline: NodeJS.Timeout | undefined;
-  await Promise.race([listeners.quiet(p.tunnels), new Promise<void>((r) => (deadline = setTimeout(r, timeoutMs / 2)))]);
+  const over = new AbortController();
+  await Promise.race([listeners.quiet(p.tunnels, drainStarted, QUIET_MS, over.signal), new Promise<void>((r) => (deadline = setTimeout(r, timeoutMs / 2)))]);
+  over.abort();
   clearTimeout(deadline);
   if (cut) listeners.cutAll(); // connections taken between the cut and now
   p.stopProbing();
