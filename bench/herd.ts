@@ -4,7 +4,7 @@
 // Each target runs cold (fresh cache, fresh emulator) in A B A B order; the table shows medians and the
 // ratio cuttle/other. Results go to bench/results/ (JSON, Markdown, SVG).
 import { spawn, spawnSync } from 'node:child_process';
-import { mkdirSync, readFileSync, writeFileSync } from 'node:fs';
+import { mkdirSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { createServer } from 'node:net';
 import { join } from 'node:path';
 import { parseArgs } from 'node:util';
@@ -16,12 +16,14 @@ import { kernelTcpWarning, somaxconn, watchKernelTcp } from './kernel-tcp.ts';
 import { externalTarget, hasTaskset, nginxBinary, procStats, squidBinary, startCuttle, startNginx, startNodeHttp, startSquid, startAts, startVarnish, atsBinary, varnishBinary, type Target } from './targets.ts';
 import { runBulk } from './bulk.ts';
 import { runWrk, wrkBinary } from './wrk.ts';
+import { checkOwnership, entries, HostsEntries, PEERS_NAME, CLIENTS_NAME, roll, type Member, type RollStep } from './rolling.ts';
+import { tmpdir } from 'node:os';
 
 export type HotClient = 'wrk' | 'bulk';
 
 export interface Scenario {
   name: string;
-  kind: 'herd' | 'hot' | 'poll' | 'memory' | 'skip' | 'parent' | 'bank' | 'warm';
+  kind: 'herd' | 'hot' | 'poll' | 'memory' | 'skip' | 'parent' | 'bank' | 'warm' | 'rolling';
   nodes: number;
   objects: number;
   order: 'same' | 'shuffle';
@@ -95,6 +97,10 @@ export const SCENARIOS: Record<string, Scenario> = {
   // Issue 31: `cuttle warm` against the emulator's repository in cvmfs's format (bench/warm-scenario.ts);
   // --objects sizes the repository, --nodes the herd that follows the warm.
   warm: { name: 'warm', kind: 'warm', nodes: 1000, objects: 1000, order: 'same', latencyMs: 50 },
+  // Issue 32 §3. The bank of three with membership from DNS (/etc/hosts, bench/rolling.ts), 1,000 nodes
+  // that shard and re-resolve the bank's name every second; once 10% of the catalogue has been sent, each
+  // member in turn is drained (POST /drain), leaves the name, gets SIGTERM and starts again on its cache.
+  rolling: { name: 'rolling', kind: 'rolling', nodes: 1000, objects: 200, chunkMiB: [2, 4], order: 'same', latencyMs: 20, chunkBytesPerSec: 4 * 2 ** 20, killAtFraction: 0.1, variants: ['bank-dns-shard'] },
   'manifest-poll': { name: 'manifest-poll', kind: 'poll', nodes: 1000, objects: 0, order: 'same', latencyMs: 50, poll: { everyMs: 5000, forMs: 60_000 } },
 };
 
@@ -107,6 +113,15 @@ async function freePort(host = '127.0.0.1'): Promise<number> {
       const p = (s.address() as { port: number }).port;
       s.close(() => resolve(p));
     });
+  });
+}
+
+/** Whether `port` is free on `host`. */
+function freePortIs(host: string, port: number): Promise<boolean> {
+  return new Promise((resolve) => {
+    const s = createServer();
+    s.once('error', () => resolve(false));
+    s.listen(port, host, () => s.close(() => resolve(true)));
   });
 }
 
@@ -240,7 +255,41 @@ export async function runOnce(o: RunOptions): Promise<RunResult> {
     return s.workers ? s.workers.map((w) => w.requests ?? 0) : [s.counters.requests];
   };
   const mirrorArgs = others.length ? emus.flatMap((e) => ['--stratum1', e.url, '--probe-repo', REPO]) : [];
-  if (sc.kind === 'parent' || sc.kind === 'bank') {
+  let rolling: { members: Member[]; hosts: HostsEntries; restart: (m: Member) => Promise<Target>; dirs: string[] } | undefined;
+  if (sc.kind === 'rolling') {
+    if (process.getuid?.() !== 0) throw new Error('rolling edits /etc/hosts (the bank\'s DNS): run it as root');
+    // One port free on all three addresses: --bank-dns gives every member the same port.
+    let port0 = 0;
+    for (let tries = 0; tries < 20 && !port0; tries++) {
+      const p = await freePort(BANK_HOSTS[0]);
+      if ((await Promise.all(BANK_HOSTS.slice(1).map((h) => freePortIs(h, p)))).every(Boolean)) port0 = p;
+    }
+    if (!port0) throw new Error('rolling: no port free on 127.0.0.1-3');
+    const hosts = new HostsEntries();
+    const dirs = BANK_HOSTS.map(() => mkdtempSync(join(tmpdir(), 'cuttle-rolling-')));
+    const args = (i: number) => ['--visible-hostname', `member${i + 1}`, '--bank-dns', `${PEERS_NAME}:${port0}`, '--bank-dns-interval', '1s', '--probe-interval', '1s', '--shutdown-timeout', '20s', ...(sc.cuttleArgs ?? []), ...(o.cuttleArgs ?? [])];
+    const admins: number[] = [];
+    for (const _ of BANK_HOSTS) admins.push(await freePort());
+    const restart = (m: Member) => startCuttle(m.port, { memoryCache: o.memoryCache, host: m.host, name: `member${m.index + 1}`, admin: m.admin, dir: m.dir, extra: args(m.index) });
+    const members: Member[] = [];
+    try {
+      hosts.set(BANK_HOSTS.flatMap((h): [string, string][] => [[h, CLIENTS_NAME], [h, PEERS_NAME]]));
+      for (const [i, host] of BANK_HOSTS.entries()) {
+        const m: Member = { index: i, host, port: port0, admin: admins[i]!, dir: dirs[i]!, target: undefined as unknown as Target };
+        m.target = await restart(m);
+        members.push(m);
+      }
+    } catch (e) {
+      for (const m of members) await m.target.stop();
+      hosts.restore();
+      for (const d of dirs) rmSync(d, { recursive: true, force: true });
+      throw e;
+    }
+    rolling = { members, hosts, restart, dirs };
+    // The members' CPU: each process of the run (a restarted one's read before its stop).
+    topo = { procs: members.map((m) => m.target), nodeProxies: members.map((m) => `http://${m.host}:${m.port}`), shard: true };
+    target = { name: o.target, url: topo.nodeProxies[0]!, pid: members[0]!.target.pid, stop: async () => { for (const m of members) await m.target.stop(); hosts.restore(); for (const d of dirs) rmSync(d, { recursive: true, force: true }); } };
+  } else if (sc.kind === 'parent' || sc.kind === 'bank') {
     topo = await startTopology(sc, o.target, o.memoryCache, [...(sc.cuttleArgs ?? []), ...(o.cuttleArgs ?? [])]);
     const procs = topo.procs;
     target = { name: o.target, url: topo.nodeProxies[0]!, pid: procs[0]!.pid, stop: async () => { for (const p of procs) await p.stop(); } };
@@ -274,6 +323,10 @@ export async function runOnce(o: RunOptions): Promise<RunResult> {
   const cpuStart = new Map(procs.map((t) => [t, procStats(t).cpuS]));
   const cpuOf = (ts: Target[]) => ts.reduce((a, t) => a + statsOf(t).cpuS - cpuStart.get(t)!, 0);
   const kernel = watchKernelTcp();
+  // rolling: each member's turn, and each path's upstream fetch times (sampled every 50 ms).
+  let steps: RollStep[] | undefined;
+  let herdEndedAt = 0;
+  const fetchTimes = new Map<string, number[]>();
   const result: RunResult = { scenario: sc.name, target: target.name, round: o.round, startedAt, uniqueObjects: 0, upstreamFetches: 0, emulatorRequests: 0, fetchesPerObjectMean: NaN, fetchesPerObjectMax: NaN, objectsFetchedMoreThanOnce: 0, proxyCpuS: NaN, proxyPeakRssMiB: NaN, goodputMiBs: NaN, wallS: NaN, ...result0 };
   try {
     if (sc.kind === 'memory') {
@@ -330,8 +383,46 @@ export async function runOnce(o: RunOptions): Promise<RunResult> {
           void emu.close();
         }, 50);
       }
-      const nodes = await runNodes({ proxy: target.url, proxies: topo?.nodeProxies, proxyShard: topo?.shard, origin: emu.url, origins: emus.map((e) => e.url), nodes: sc.nodes, connectionsPerNode: o.connectionsPerNode, paths, streamPaths: specs.filter((s) => s.kind === 'chunk').map((s) => s.path), backoffMs: 2000, order: sc.order, seed: o.seed, poll: sc.poll, emulatorStats: `${emu.url}/_emulator/stats` });
+      // rolling: once killAtFraction of the catalogue has been sent, each member in turn is drained and
+      // restarted; every path's upstream count is sampled (50 ms) to place its fetches against the roll.
+      let rolled: Promise<RollStep[]> | undefined;
+      let sampler: NodeJS.Timeout | undefined;
+      if (rolling) {
+        const r = rolling;
+        const total = specs.reduce((a, x) => a + x.size, 0);
+        sampler = setInterval(() => {
+          const now = Date.now();
+          for (const [p, n] of Object.entries(emu.live!.perPath)) {
+            const times = fetchTimes.get(p) ?? fetchTimes.set(p, []).get(p)!;
+            while (times.length < n) times.push(now);
+          }
+        }, 50);
+        rolled = (async () => {
+          while (emu.live!.bytes < total * sc.killAtFraction!) await new Promise((res) => setTimeout(res, 50));
+          process.stderr.write(`  rolling the bank at ${((Date.now() - t0) / 1000).toFixed(1)} s\n`);
+          return roll({
+            members: r.members,
+            hosts: r.hosts,
+            ttlMs: 1000,
+            log: (line) => process.stderr.write(`${line}\n`),
+            stop: async (m) => {
+              lastStats.set(m.target, procStats(m.target));
+              await m.target.stop();
+            },
+            restart: async (m) => {
+              const t = await r.restart(m);
+              procs.push(t);
+              cpuStart.set(t, 0);
+              return t;
+            },
+          });
+        })();
+      }
+      const nodes = await runNodes({ proxy: target.url, proxies: topo?.nodeProxies, proxyShard: topo?.shard, proxyDns: rolling ? { name: CLIENTS_NAME, everyMs: 1000 } : undefined, origin: emu.url, origins: emus.map((e) => e.url), nodes: sc.nodes, connectionsPerNode: o.connectionsPerNode, paths, streamPaths: specs.filter((s) => s.kind === 'chunk').map((s) => s.path), backoffMs: 2000, order: sc.order, seed: o.seed, poll: sc.poll, emulatorStats: `${emu.url}/_emulator/stats` });
       clearInterval(killer);
+      herdEndedAt = Date.now();
+      steps = rolled ? await rolled : undefined;
+      clearInterval(sampler);
       result.nodes = nodes;
       result.wallS = nodes.wallMs / 1000;
       result.goodputMiBs = nodes.bytes / 2 ** 20 / result.wallS;
@@ -352,6 +443,32 @@ export async function runOnce(o: RunOptions): Promise<RunResult> {
     result.fetchesPerObjectMax = counts.length ? Math.max(...counts) : NaN;
     result.objectsFetchedMoreThanOnce = counts.filter((c) => c > 1).length;
     const ps = procs.map(statsOf);
+    const rolledSteps = steps;
+    if (rolling && rolledSteps) {
+      // Read once the herd's fetches are counted above: the check's own fetches are not the herd's.
+      const live = emu.live!;
+      const before = live.requests;
+      const data = specs.map((x) => x.path);
+      const after = await checkOwnership(rolling.members, emu.url, data, (path, owner) => {
+        // An object first fetched while its owner was down was never on the owner's disk: its miss there is not a lost hit.
+        const first = fetchTimes.get(path)?.[0];
+        return first !== undefined && rolledSteps.some((st) => st.member === owner && first >= st.stopAt && first <= st.backAt + 50);
+      });
+      const down = rolledSteps.map((st) => [st.stopAt, st.backAt + 50] as const);
+      let objectsOverGoal = 0;
+      let refetchedWhileDown = 0;
+      for (const path of data) {
+        const times = fetchTimes.get(path) ?? [];
+        const first = times[0];
+        if (first === undefined) continue;
+        const complete = live.firstComplete[path] ?? Infinity;
+        const inFill = down.filter(([a, b]) => a <= complete && b >= first - 50).length;
+        if (times.length > 1 + inFill) objectsOverGoal++;
+        refetchedWhileDown += times.slice(1).filter((t) => down.some(([a, b]) => t >= a && t <= b)).length;
+      }
+      result.rolling = { steps: rolledSteps, herdEndedAt, objectsOverGoal, refetchedWhileDown, after: { ...after, upstreamFetchesDuring: live.requests - before } };
+      process.stderr.write(`  after the roll: peers all up ${after.allPeersUp}, ${after.hits}/${after.asked} hits at their owner (misses by member ${after.missesByMember.join('/')}, of which first fetched while the owner was down ${after.missesNeverStored}), ${live.requests - before} upstream fetches; objects over the goal ${objectsOverGoal}, refetched while a member was down ${refetchedWhileDown}\n`);
+    }
     result.proxyCpuS = cpuOf(procs);
     result.proxyPeakRssMiB = ps.reduce((a, x) => a + x.peakRssMiB, 0);
     if (topo?.child) {
@@ -493,7 +610,7 @@ async function main(): Promise<void> {
     const nodes = Number(values.nodes ?? base.nodes);
     const scale = base.kind === 'herd' && nodes > LARGE_HERD && values.objects === undefined ? LARGE_HERD_OBJECTS : {};
     const sc: Scenario = { ...base, ...scale, nodes, objects: Number(values.objects ?? (scale as { objects?: number }).objects ?? base.objects), latencyMs: Number(values['latency-ms'] ?? base.latencyMs), hotClient };
-    if ((sc.kind === 'herd' || sc.kind === 'parent' || sc.kind === 'bank') && somaxconn() < sc.nodes) process.stderr.write(`${name}: net.core.somaxconn is ${somaxconn()}, below ${sc.nodes} nodes connecting at once: connections past every listen queue wait for SYN-ACK retries, whatever the proxy. For figures about the proxy: sysctl -w net.core.somaxconn=65535 (and undo afterwards)\n`);
+    if ((sc.kind === 'herd' || sc.kind === 'parent' || sc.kind === 'bank' || sc.kind === 'rolling') && somaxconn() < sc.nodes) process.stderr.write(`${name}: net.core.somaxconn is ${somaxconn()}, below ${sc.nodes} nodes connecting at once: connections past every listen queue wait for SYN-ACK retries, whatever the proxy. For figures about the proxy: sysctl -w net.core.somaxconn=65535 (and undo afterwards)\n`);
     // parent and bank compare their own set-ups; --target/--compare may name some of them.
     const chosen = sc.variants ? (targets.every((t) => sc.variants!.includes(t)) ? targets : [...sc.variants]) : targets;
     if (sc.kind === 'parent' && chosen.includes('squid-parents') && !squidBinary) throw new Error('parent with squid-parents needs Debian squid: apt-get install squid');

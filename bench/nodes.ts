@@ -18,6 +18,7 @@ import { createHash } from 'node:crypto';
 import { build, type Histogram } from 'hdr-histogram-js';
 import { monitorEventLoopDelay } from 'node:perf_hooks';
 import { connect, type Socket } from 'node:net';
+import { lookup } from 'node:dns/promises';
 import { prng } from './emulator.ts';
 import { shardKey, ShardRing } from '../src/shard-ring.ts';
 
@@ -28,6 +29,10 @@ export interface NodesPlan {
   /** CVMFS_PROXY_SHARD=yes: each request to the owner of its key on the client's ring over `proxies`
    * (the manifest, key 0, to the ring's key-0 owner). Otherwise each node uses one member at random. */
   proxyShard?: boolean;
+  /** The group is the members of `proxies` whose address `name` resolves to, resolved again every
+   * `everyMs`, as a cvmfs client re-resolves its proxy names after their DNS TTL (rolling: a drained
+   * member leaves the name, and the nodes stop asking it). */
+  proxyDns?: { name: string; everyMs: number };
   origin: string;
   /** The node's Stratum 1 list (CVMFS_SERVER_URL), origin first: after a failed attempt the node moves
    * to the next host, as a cvmfs client does on a host failure (mirror-kill). */
@@ -91,6 +96,8 @@ export interface NodesReport {
   nodesSwitchedProxy: number;
   /** Time from sending the request to the refusal, ms. */
   refusalMs: { p50: number; p99: number; max: number };
+  /** proxyDns: times the name resolved to another set of members. */
+  dnsChanges?: number;
   /** Requests never made because their node had left the proxy (burned or refused). */
   abandoned: number;
 }
@@ -625,9 +632,29 @@ async function main(): Promise<void> {
   const ring = plan.proxyShard ? new ShardRing(proxies) : undefined;
   let proxyBurns = 0;
   let nodesSwitchedProxy = 0;
-  /** The member a request goes to: its owner on the ring of the members not burned, or the node's own. */
+  // proxyDns: which members the name lists now (all, until it is first resolved).
+  const listed = proxies.map(() => true);
+  let dnsChanges = 0;
+  const resolveGroup = async () => {
+    const hosts = new Set((await lookup(plan.proxyDns!.name, { all: true, family: 4 }).catch(() => [])).map((a) => a.address));
+    if (hosts.size === 0) return; // a failed lookup keeps the last answer, as the client's cache does
+    let changed = false;
+    for (const [i, p] of proxies.entries()) {
+      const now = hosts.has(new URL(p).hostname);
+      if (now !== listed[i]) changed = true;
+      listed[i] = now;
+    }
+    if (changed) dnsChanges++;
+  };
+  if (plan.proxyDns) await resolveGroup();
+  const resolver = plan.proxyDns ? setInterval(() => void resolveGroup(), plan.proxyDns.everyMs) : undefined;
+  /** The member a request goes to: its owner on the ring of the members listed and not burned, or the node's own. */
   function proxyOf(node: SimNode, path: string): number {
-    if (ring) return ring.owner(shardKey(path), (i) => !node.burned[i]);
+    if (ring) return ring.owner(shardKey(path), (i) => listed[i]! && !node.burned[i]);
+    if (!listed[node.proxy]) {
+      const next = proxies.findIndex((_, i) => listed[i] && !node.burned[i]);
+      if (next >= 0) node.proxy = next;
+    }
     return node.burned[node.proxy] ? -1 : node.proxy;
   }
   /** Burn member p (once): true if another member is left to go on with. The last member burned is not
@@ -764,6 +791,7 @@ async function main(): Promise<void> {
   const wallMs = Date.now() - started;
   clearInterval(ticker);
   clearInterval(progress);
+  clearInterval(resolver);
   for (const node of nodes) for (const lanes of node.lanes) for (const lane of lanes) lane.close();
 
   // Who got bytes before the first fill of that object completed at the origin?
@@ -814,6 +842,7 @@ async function main(): Promise<void> {
     nodesSwitchedProxy,
     refusalMs: { p50: refusal.getValueAtPercentile(50) / 1000, p99: refusal.getValueAtPercentile(99) / 1000, max: refusal.maxValue / 1000 },
     abandoned,
+    dnsChanges: plan.proxyDns ? dnsChanges : undefined,
   };
   process.stdout.write(`${JSON.stringify(report)}\n`);
 }

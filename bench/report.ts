@@ -46,6 +46,21 @@ export interface RunResult {
   /** --wan: how the Stratum 1 was reached (netns or loopback, and why), and its loss stalls. */
   wan?: string;
   wanStalls?: number;
+  /** rolling: each member's turn, the fetch goal per object, and the check after the roll. */
+  rolling?: RollingReport;
+}
+
+/** rolling (bench/rolling.ts): what the roll did and what it cost. */
+export interface RollingReport {
+  steps: import('./rolling.ts').RollStep[];
+  /** Epoch ms at which the herd ended (a step after it rolled an idle bank). */
+  herdEndedAt: number;
+  /** Data objects over the goal: fetches > 1 + the restarts (a member's SIGTERM to its return) that fell inside the object's fill (first fetch seen to first complete response). */
+  objectsOverGoal: number;
+  /** Data objects fetched again while a member was down, though stored before it went down. */
+  refetchedWhileDown: number;
+  /** After the roll: every member up in every member's view, and each data object asked at its owner. */
+  after: { allPeersUp: boolean; asked: number; hits: number; missesByMember: number[]; missesNeverStored: number; errors: number; upstreamFetchesDuring: number };
 }
 
 interface Figure {

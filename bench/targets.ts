@@ -93,8 +93,9 @@ function warmCompileCache(): NodeJS.ProcessEnv {
 }
 
 /** cuttle on host:port (host: 127.0.0.1 unless given; a bank's members listen on 127.0.0.2 and .3 too). */
-export async function startCuttle(port: number, opts: { memoryCache: string; extra?: string[]; core?: number; host?: string; name?: string; admin?: number }): Promise<Target> {
-  const dir = mkdtempSync(join(tmpdir(), 'cuttle-bench-'));
+export async function startCuttle(port: number, opts: { memoryCache: string; extra?: string[]; core?: number; host?: string; name?: string; admin?: number; dir?: string }): Promise<Target> {
+  // `dir`: the caller's, kept at stop (rolling restarts keep their cache); else a fresh one, removed at stop.
+  const dir = opts.dir ?? mkdtempSync(join(tmpdir(), 'cuttle-bench-'));
   const env = warmCompileCache();
   const host = opts.host ?? '127.0.0.1';
   // One event loop on one core unless the run asks for workers (--workers N: every core, unpinned).
@@ -103,7 +104,7 @@ export async function startCuttle(port: number, opts: { memoryCache: string; ext
   const workers = at < 0 ? 1 : Number(extra[at + 1]);
   const args = ['--max-semi-space-size=8', 'src/main.ts', '--listen', `${host}:${port}`, '--cache-dir', join(dir, 'cache'), '--allow-local-dest', '127.0.0.1', '--access-log', join(dir, 'access.log'), '--memory-cache', opts.memoryCache, '--log-level', 'warn', '--admin-listen', opts.admin ? `127.0.0.1:${opts.admin}` : 'none', ...(at < 0 ? ['--workers', '1'] : []), ...extra];
   // Workers get every core explicitly: the bench itself runs pinned to core 1, and a child inherits that.
-  return running(opts.name ?? 'cuttle', port, launch(process.execPath, args, workers > 1 && opts.core === undefined ? `0-${availableParallelism() - 1}` : (opts.core ?? 0), env), undefined, dir, host);
+  return running(opts.name ?? 'cuttle', port, launch(process.execPath, args, workers > 1 && opts.core === undefined ? `0-${availableParallelism() - 1}` : (opts.core ?? 0), env), undefined, opts.dir ? undefined : dir, host);
 }
 
 /**
