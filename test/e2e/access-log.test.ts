@@ -251,7 +251,9 @@ describe('the access log, as Squid 5.7 writes it', { timeout: 120_000 }, () => {
       assert.equal(`${h!.result}/${h!.status} ${h!.bytes}`, `TCP_MISS/200 ${x.held!.received}`, name);
       assert.ok(h!.bytes > LARGE.length, name);
       assert.ok(h!.ts >= when[name]!, `${name}: stamped at the end (${h!.ts}), not before the body was released (${when[name]})`);
-      assert.ok(h!.ts - h!.elapsed <= when[name]!, `${name}: began before the release`);
+      // Squid's stamp and its elapsed time come from a clock it reads once per event-loop pass: under load
+      // their difference can land after the release (seen once in a full run), so only cuttle's is held to it.
+      if (name === 'cuttle') assert.ok(h!.ts - h!.elapsed <= when[name]!, `${name}: began before the release`);
     }
     assert.equal(origin.count('/small'), 2, 'one fetch each');
     assert.equal(origin.count('/held/stamp-cuttle'), 1);
