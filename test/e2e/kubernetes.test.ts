@@ -138,7 +138,9 @@ function checkBank(objs: Obj[], cache: (sts: Obj, cfg: Config) => void) {
     assert.doesNotThrow(() => new Model(o as never).validate(), `${o.kind} ${o.metadata?.name}`);
   }
   const sts = one(objs, 'StatefulSet');
-  const svc = one(objs, 'Service');
+  const services = objs.filter((o) => o.kind === 'Service');
+  const svc = services.find((o) => o.metadata.name === sts.spec.serviceName)!;
+  const peers = services.find((o) => o.spec.publishNotReadyAddresses === true)!;
   const pod = sts.spec.template.spec as Obj;
   const c = pod.containers[0] as Obj;
   const labels = sts.spec.template.metadata.labels as Obj;
@@ -153,7 +155,13 @@ function checkBank(objs: Obj[], cache: (sts: Obj, cfg: Config) => void) {
   assert.equal(sts.spec.serviceName, svc.metadata.name);
   assert.deepEqual(svc.spec.selector, labels);
   assert.ok(cfg.bankDns !== 'none', 'the bank is found by --bank-dns');
-  assert.ok([svc.metadata.name, `${svc.metadata.name}.${svc.metadata.namespace ?? ''}`].includes(cfg.bankDns.host.replace(/\.svc(\.cluster\.local)?$/, '').replace(/\.$/, '')), `--bank-dns ${cfg.bankDns.host} is the headless Service`);
+  // Two headless Services over the same pods: the clients' lists the ready ones (a draining member
+  // leaves it), the bank's lists every member (a draining member keeps its keys).
+  assert.equal(services.length, 2);
+  assert.equal(svc.spec.publishNotReadyAddresses ?? false, false, "the clients' Service lists ready pods only");
+  assert.equal(peers.spec.clusterIP, 'None');
+  assert.deepEqual(peers.spec.selector, labels);
+  assert.ok([peers.metadata.name, `${peers.metadata.name}.${peers.metadata.namespace ?? ''}`].includes(cfg.bankDns.host.replace(/\.svc(\.cluster\.local)?$/, '').replace(/\.$/, '')), `--bank-dns ${cfg.bankDns.host} is the peers' headless Service`);
 
   // Ports: the container's, the Service's and the NetworkPolicy's are cuttle's own.
   const port = (name: string) => (c.ports as Obj[]).find((p) => p.name === name)!;
@@ -240,7 +248,7 @@ function checkBank(objs: Obj[], cache: (sts: Obj, cfg: Config) => void) {
 describe('deploy/kubernetes', () => {
   it('the base: valid objects, a StatefulSet whose claim keeps each member its cache, and every property of the bank', () => {
     const objs = render(join(ROOT, 'base'));
-    assert.deepEqual(objs.map((o) => o.kind).sort(), ['ConfigMap', 'NetworkPolicy', 'PodDisruptionBudget', 'Service', 'StatefulSet']);
+    assert.deepEqual(objs.map((o) => o.kind).sort(), ['ConfigMap', 'NetworkPolicy', 'PodDisruptionBudget', 'Service', 'Service', 'StatefulSet']);
     checkBank(objs, (sts, cfg) => {
       const claim = (sts.spec.volumeClaimTemplates as Obj[]).find((v) => v.metadata.name === 'cache')!;
       assert.ok(bytes(claim.spec.resources.requests.storage) > cfg.diskCacheBytes, 'the claim holds disk-cache');
@@ -263,7 +271,8 @@ describe('deploy/kubernetes', () => {
     const objs = render(join(ROOT, 'components/servicemonitor'), render(join(ROOT, 'base')));
     checkBank(objs, () => {});
     const sm = one(objs, 'ServiceMonitor');
-    const svc = one(objs, 'Service');
+    // The clients' Service: the one with the admin port (the peers' has only the proxy port).
+    const svc = objs.find((o) => o.kind === 'Service' && o.metadata.name === one(objs, 'StatefulSet').spec.serviceName)!;
     assert.deepEqual(sm.spec.selector.matchLabels, svc.metadata.labels);
     assert.deepEqual(sm.spec.endpoints.map((e: Obj) => [e.port, e.path]), [['admin', '/metrics']]);
     assert.ok((svc.spec.ports as Obj[]).some((p) => p.name === 'admin'));
