@@ -213,10 +213,13 @@ function cdnDirectives(v: string): string | undefined {
 }
 
 const EXPIRED = 'Thu, 01 Jan 1970 00:00:00 GMT';
-const MONTHS = ['Jan', 'Feb', 'Mar', 'Apr', 'May', 'Jun', 'Jul', 'Aug', 'Sep', 'Oct', 'Nov', 'Dec'];
-const IMF = /^(?:Mon|Tue|Wed|Thu|Fri|Sat|Sun), (\d{2}) (Jan|Feb|Mar|Apr|May|Jun|Jul|Aug|Sep|Oct|Nov|Dec) (\d{4}) (\d{2}):(\d{2}):(\d{2}) GMT$/;
-const RFC850 = /^(?:Monday|Tuesday|Wednesday|Thursday|Friday|Saturday|Sunday), (\d{2})-(Jan|Feb|Mar|Apr|May|Jun|Jul|Aug|Sep|Oct|Nov|Dec)-(\d{2}) (\d{2}):(\d{2}):(\d{2}) GMT$/;
-const ASCTIME = /^(?:Mon|Tue|Wed|Thu|Fri|Sat|Sun) (Jan|Feb|Mar|Apr|May|Jun|Jul|Aug|Sep|Oct|Nov|Dec) ( \d|\d{2}) (\d{2}):(\d{2}):(\d{2}) (\d{4})$/;
+const MONTHS = ['jan', 'feb', 'mar', 'apr', 'may', 'jun', 'jul', 'aug', 'sep', 'oct', 'nov', 'dec'];
+// The grammar is case-sensitive, but RFC 9111 §4.2 has a cache match dates case-insensitively
+// ("THU", "AUG", "gMT"); any zone but GMT stays invalid.
+const IMF = /^(?:Mon|Tue|Wed|Thu|Fri|Sat|Sun), (\d{2}) (Jan|Feb|Mar|Apr|May|Jun|Jul|Aug|Sep|Oct|Nov|Dec) (\d{4}) (\d{2}):(\d{2}):(\d{2}) GMT$/i;
+const RFC850 = /^(?:Monday|Tuesday|Wednesday|Thursday|Friday|Saturday|Sunday), (\d{2})-(Jan|Feb|Mar|Apr|May|Jun|Jul|Aug|Sep|Oct|Nov|Dec)-(\d{2}) (\d{2}):(\d{2}):(\d{2}) GMT$/i;
+const ASCTIME = /^(?:Mon|Tue|Wed|Thu|Fri|Sat|Sun) (Jan|Feb|Mar|Apr|May|Jun|Jul|Aug|Sep|Oct|Nov|Dec) ( \d|\d{2}) (\d{2}):(\d{2}):(\d{2}) (\d{4})$/i;
+const month = (name: string) => MONTHS.indexOf(name.toLowerCase());
 
 /**
  * An HTTP-date in one of the three formats RFC 9110 §5.6.7 makes recipients accept, as IMF-fixdate; else
@@ -225,14 +228,14 @@ const ASCTIME = /^(?:Mon|Tue|Wed|Thu|Fri|Sat|Sun) (Jan|Feb|Mar|Apr|May|Jun|Jul|A
 export function httpDate(v: string): string | undefined {
   let d: number;
   let m = IMF.exec(v);
-  if (m) d = Date.UTC(Number(m[3]), MONTHS.indexOf(m[2]!), Number(m[1]), Number(m[4]), Number(m[5]), Number(m[6]));
+  if (m) d = Date.UTC(Number(m[3]), month(m[2]!), Number(m[1]), Number(m[4]), Number(m[5]), Number(m[6]));
   else if ((m = RFC850.exec(v))) {
     // A two-digit year more than 50 years in the future is in the past (RFC 9110 §5.6.7).
     const now = new Date().getUTCFullYear();
     let y = Math.floor(now / 100) * 100 + Number(m[3]);
     if (y > now + 50) y -= 100;
-    d = Date.UTC(y, MONTHS.indexOf(m[2]!), Number(m[1]), Number(m[4]), Number(m[5]), Number(m[6]));
-  } else if ((m = ASCTIME.exec(v))) d = Date.UTC(Number(m[6]), MONTHS.indexOf(m[1]!), Number(m[2]!.trim()), Number(m[3]), Number(m[4]), Number(m[5]));
+    d = Date.UTC(y, month(m[2]!), Number(m[1]), Number(m[4]), Number(m[5]), Number(m[6]));
+  } else if ((m = ASCTIME.exec(v))) d = Date.UTC(Number(m[6]), month(m[1]!), Number(m[2]!.trim()), Number(m[3]), Number(m[4]), Number(m[5]));
   else return undefined;
   return Number.isNaN(d) ? undefined : new Date(d).toUTCString();
 }

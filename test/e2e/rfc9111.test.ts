@@ -64,6 +64,16 @@ describe('RFC 9111 through cuttle', () => {
     assert.equal(origin.count('/shouty-no'), 2);
   });
 
+  it('an Expires in the wrong case is a date (RFC 9111 §4.2: matched case-insensitively); another zone is not', async () => {
+    const { origin, pool } = rig;
+    const dates = ['THU, 18 Aug 2050 02:01:18 GMT', 'Thu, 18 AUG 2050 02:01:18 GMT', 'Thu, 18 Aug 2050 02:01:18 gMT', 'thursday, 18-aug-50 02:01:18 gmt', 'thu aug 18 02:01:18 2050'];
+    for (const [i, expires] of dates.entries()) origin.route(`/case${i}`, { headers: { expires }, body: 'c' });
+    origin.route('/zone', { headers: { expires: 'Thu, 18 Aug 2050 02:01:18 CET' }, body: 'z' });
+    for (let n = 0; n < 2; n++) for (const path of [...dates.map((_d, i) => `/case${i}`), '/zone']) await get(pool, `${origin.url}${path}`);
+    for (const i of dates.keys()) assert.equal(origin.count(`/case${i}`), 1, dates[i]!);
+    assert.equal(origin.count('/zone'), 2);
+  });
+
   it('a fresh must-revalidate response is reused, also for a request with its own directives', async () => {
     const { origin, pool } = rig;
     origin.route('/mr', { headers: { 'cache-control': 'max-age=600, must-revalidate' }, body: 'm' });
