@@ -330,10 +330,10 @@ function decide(st: FetchState): Step {
   st.check = verified ? new HashCheck(r.cas!) : undefined;
   const response = { head, privateHeaders, variant, holdBack: st.check !== undefined };
 
-  if (!storable && r.cas !== undefined && cl !== undefined && cl <= SHARED_ERROR_MAX_BYTES && !superseded) {
+  if (!storable && r.cas !== undefined && cl !== undefined && cl <= SHARED_ERROR_MAX_BYTES && !superseded && r.clientHeaders.authorization === undefined) {
     // A small content-addressed answer that is not stored (a 5xx, a 404 not every mirror gave, an
     // object the Stratum 1 marks uncacheable) still goes to every waiter: releasing a herd to fetch
-    // on its own would hammer the Stratum 1 with identical requests.
+    // on its own would hammer the Stratum 1 with identical requests. (Not the answer to credentials.)
     fill.respond({ ...response, shared: true }, undefined, false);
     return 'fetchbody';
   }

@@ -42,11 +42,13 @@ export function createFreshness(clock: Clock, negativeTtlMs: number): Freshness 
       let v = explicitlyStorable.get(this);
       if (v === undefined) {
         // Read through the library's public serialisation, not its fields; computed once per policy.
-        const o = this.toObject() as unknown as { st: number; m: string; rescc: Record<string, string>; reqcc: Record<string, string>; resh: Record<string, string> };
+        const o = this.toObject() as unknown as { st: number; m: string; a: boolean; rescc: Record<string, string>; reqcc: Record<string, string>; resh: Record<string, string> };
         v =
           o.st >= 200 && o.st <= 599 && o.st !== 206 && o.st !== 304 &&
           (o.m === 'GET' || o.m === 'HEAD') &&
           !o.reqcc['no-store'] && !o.rescc['no-store'] && !o.rescc.private &&
+          // RFC 9111 §3.5: the answer to a request with credentials only when it says a shared cache may.
+          (o.a || Boolean(o.rescc.public || o.rescc['s-maxage'] || o.rescc['must-revalidate'])) &&
           Boolean(o.rescc['max-age'] || o.rescc['s-maxage'] || o.resh.expires);
         explicitlyStorable.set(this, v);
       }

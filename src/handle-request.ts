@@ -49,6 +49,7 @@ interface State extends Delivery {
   /** Set when this request started the fill: its reader id (it keeps a response that is not shared). */
   readerId?: number;
   error?: ProxyError;
+  /** Never answered by a stored copy or a fill begun before it: a client reload, or credentials. */
   reload?: boolean;
   /** The request came in on an accelerator-mode listener. */
   accel: boolean;
@@ -181,9 +182,6 @@ function recv(s: State): Next {
     if (Number.isInteger(mf) && mf > 0) reqHeaders['max-forwards'] = String(mf - 1);
   }
   if (!CACHEABLE.has(method)) return 'pass';
-  // A request with credentials gets its own answer: never from, nor into, the shared cache. (Passed,
-  // not marked: one client's headers never change what the others get.)
-  if (reqHeaders.authorization !== undefined) return 'pass';
   setKey(s, primary);
   return 'lookup';
 }
@@ -307,11 +305,16 @@ function lookup(s: State): StepName | Promise<StepName> {
   const { ctx, reqHeaders, tx } = s;
   const key = s.key!;
   s.staleAvailable = false;
-  s.reload = clientWantsReload(reqHeaders);
-  if (s.reload && onlyIfCached(reqHeaders)) return fail(s, 'ERR_ONLY_IF_CACHED_MISS', 'it also said no-cache');
+  // A request with credentials gets its own answer, as a reload does. Its response is kept for the
+  // others only where RFC 9111 §3.5 lets a shared cache (public, s-maxage, must-revalidate: the policy
+  // decides); else it is released to this client alone, and the key stays cacheable.
+  const credentials = reqHeaders.authorization !== undefined;
+  s.reload = credentials || clientWantsReload(reqHeaders);
+  // only-if-cached beside what forbids a stored copy (credentials, no-cache): nothing may answer it.
+  if (s.reload && onlyIfCached(reqHeaders)) return fail(s, 'ERR_ONLY_IF_CACHED_MISS', credentials ? 'a request with credentials never gets a stored copy' : 'it also said no-cache');
   if (s.reload) {
     // Never satisfied by, nor joined to, a copy or fill that began before this request arrived.
-    tx.result = 'TCP_CLIENT_REFRESH_MISS';
+    tx.result = credentials ? 'TCP_MISS' : 'TCP_CLIENT_REFRESH_MISS';
     return tx.method === 'GET' ? 'miss' : 'pass';
   }
   if (ctx.coalescer.isUncacheable(s.primary!)) return 'pass';

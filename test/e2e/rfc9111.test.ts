@@ -74,6 +74,26 @@ describe('RFC 9111 through cuttle', () => {
     assert.equal(origin.count('/zone'), 2);
   });
 
+  it('the answer to a request with Authorization is stored only when it says a shared cache may (RFC 9111 §3.5)', async () => {
+    const { origin, pool } = rig;
+    const auth = { authorization: 'Basic dTpw' };
+    for (const cc of ['max-age=600, public', 'max-age=600, must-revalidate', 's-maxage=600']) {
+      const path = `/auth-${cc.replace(/\W/g, '')}`;
+      origin.route(path, { headers: { 'cache-control': cc }, body: 'shared' });
+      assert.equal((await get(pool, `${origin.url}${path}`, auth)).body.toString(), 'shared');
+      assert.equal(origin.seen.at(-1)!.headers.authorization, 'Basic dTpw', 'the credentials go upstream');
+      assert.match(String((await get(pool, `${origin.url}${path}`)).headers['x-cache']), /HIT/, cc);
+      // Credentials get their own answer, never a stored copy.
+      await get(pool, `${origin.url}${path}`, auth);
+      assert.equal(origin.count(path), 2, cc);
+    }
+    // Without such a directive the answer is this client's alone, and the URL stays cacheable.
+    origin.route('/auth-own', { headers: { 'cache-control': 'max-age=600' }, body: 'mine' });
+    await get(pool, `${origin.url}/auth-own`, auth);
+    for (let i = 0; i < 3; i++) assert.equal((await get(pool, `${origin.url}/auth-own`)).body.toString(), 'mine');
+    assert.equal(origin.count('/auth-own'), 2);
+  });
+
   it('a fresh must-revalidate response is reused, also for a request with its own directives', async () => {
     const { origin, pool } = rig;
     origin.route('/mr', { headers: { 'cache-control': 'max-age=600, must-revalidate' }, body: 'm' });
