@@ -62,9 +62,47 @@ export function variantKey(primary: string, names: readonly string[], reqHeaders
   if (names.length === 0) return primary;
   const parts = names.map((n) => {
     const v = reqHeaders[n];
-    return `${n}:${Array.isArray(v) ? v.join(',') : (v ?? '')}`;
+    const value = Array.isArray(v) ? v.join(',') : (v ?? '');
+    const lower = LIST_FIELDS.get(n);
+    return `${n}:${lower === undefined ? value : normaliseList(value, lower)}`;
   });
   return `${primary}\n${parts.join('\n')}`;
+}
+
+// RFC 9111 §4.1: selecting values match after whitespace is added or removed where the field's syntax
+// allows it, and after case-normalising values defined as case-insensitive. These list fields have
+// whitespace only as OWS around their separators, outside quoted strings; true: their values
+// (language tags, codings, charsets) are case-insensitive. Any other field is compared as sent: its
+// syntax is unknown, and neither is the order of members reordered (Accept-Language's order may carry
+// priority, RFC 9110 §12.5.4).
+const LIST_FIELDS = new Map([
+  ['accept', false],
+  ['accept-charset', true],
+  ['accept-encoding', true],
+  ['accept-language', true],
+]);
+
+/** A list field's value in one form: members joined by ", ", no other whitespace, no empty member. */
+function normaliseList(v: string, lower: boolean): string {
+  const members: string[] = [];
+  let cur = '';
+  let quoted = false;
+  for (let i = 0; i < v.length; i++) {
+    const c = v[i]!;
+    if (quoted) {
+      cur += c;
+      if (c === '\\' && i + 1 < v.length) cur += v[++i];
+      else if (c === '"') quoted = false;
+    } else if (c === '"') {
+      quoted = true;
+      cur += c;
+    } else if (c === ',') {
+      if (cur) members.push(cur);
+      cur = '';
+    } else if (c !== ' ' && c !== '\t') cur += lower ? c.toLowerCase() : c;
+  }
+  if (cur) members.push(cur);
+  return members.join(', ');
 }
 
 /** Fixed-length file-system name of a key. (One-shot crypto.hash: under half of createHash's cost, and it runs on every memory miss.) */

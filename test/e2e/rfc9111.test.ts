@@ -53,6 +53,27 @@ describe('RFC 9111 through cuttle', () => {
     assert.equal(origin.count('/varied'), 2);
   });
 
+  it('Vary: selecting values match after whitespace and case normalisation where the field defines them (RFC 9111 §4.1)', async () => {
+    const { origin, pool } = rig;
+    origin.route('/lang', (req) => ({ headers: { 'cache-control': 'max-age=600', vary: 'Accept-Language, Accept-Encoding' }, body: `for ${req.headers['accept-language']}` }));
+    const first = await get(pool, `${origin.url}/lang`, { 'accept-language': 'en, de', 'accept-encoding': 'gzip, br' });
+    assert.equal(first.body.toString(), 'for en, de');
+    for (const [lang, enc] of [['eN, De', 'GZIP,BR'], [' en ,   de', 'gzip ,br'], ['en,,de', 'gzip, br']]) {
+      const r = await get(pool, `${origin.url}/lang`, { 'accept-language': lang!, 'accept-encoding': enc! });
+      assert.match(String(r.headers['x-cache']), /HIT/, `${lang} / ${enc}`);
+      assert.equal(r.body.toString(), 'for en, de');
+    }
+    assert.equal(origin.count('/lang'), 1);
+    // The order of languages may carry priority (RFC 9110 §12.5.4): another variant.
+    assert.equal((await get(pool, `${origin.url}/lang`, { 'accept-language': 'de, en', 'accept-encoding': 'gzip, br' })).body.toString(), 'for de, en');
+    assert.equal(origin.count('/lang'), 2);
+    // A field whose syntax is unknown is compared as sent.
+    origin.route('/foo', (req) => ({ headers: { 'cache-control': 'max-age=600', vary: 'Foo' }, body: `foo ${req.headers.foo}` }));
+    await get(pool, `${origin.url}/foo`, { foo: '1,2' });
+    assert.equal((await get(pool, `${origin.url}/foo`, { foo: '1, 2' })).body.toString(), 'foo 1, 2');
+    assert.equal(origin.count('/foo'), 2);
+  });
+
   it('an invalid Expires counts as expired; directive names are case-insensitive', async () => {
     const { origin, pool } = rig;
     origin.route('/bad-expires', { headers: { expires: 'Thu, 01 Jan 2037 00:00:00 UTC' }, body: 'x' }); // "UTC" is no HTTP-date
