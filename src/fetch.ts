@@ -25,7 +25,11 @@ export interface UpstreamRequest {
   signal?: AbortSignal;
   /** A parent or bank member to ask in absolute form, instead of the origin. */
   via?: Peer;
+  /** Each interim (1xx) response before the final one. */
+  onInfo?: Interim;
 }
+
+export type Interim = (status: number, headers: Record<string, string | string[]>) => void;
 
 export interface UpstreamResponse {
   status: number;
@@ -117,6 +121,7 @@ export class Upstream {
         body: r.body ?? null,
         signal: r.signal,
         blocking: false,
+        onInfo: r.onInfo && ((i) => r.onInfo!(i.statusCode, i.headers)),
       });
       // Through another worker of this process, the host is still the origin's (that worker asked it).
       return { status: res.statusCode, headers: res.headers as Record<string, string | string[]>, body: res.body, peer: via && via.role !== 'worker' ? via.spec.host : r.url.hostname };

@@ -23,7 +23,7 @@ import { variantKey, varyNames } from './cache-key.ts';
 import type { Config } from './config.ts';
 import { HashCheck, repoOf, type CasObject } from './content-hash.ts';
 import { internalError, ProxyError, upstreamError } from './errors.ts';
-import { discard, type Upstream, type UpstreamResponse } from './fetch.ts';
+import { discard, type Interim, type Upstream, type UpstreamResponse } from './fetch.ts';
 import { FetchPlan, type Attempt } from './fetch-plan.ts';
 import type { Fill, FillHead } from './fill.ts';
 import { endToEnd, type Headers } from './forward.ts';
@@ -56,6 +56,8 @@ export interface FillRequest {
   nothingStored?: boolean;
   /** Who sent the request: what a bank member or another worker sent is fetched here, never sent on to another. */
   from?: Sender;
+  /** Interim (1xx) responses go to the client whose request started the fill. */
+  onInfo?: Interim;
 }
 
 export interface FetchStats {
@@ -620,7 +622,7 @@ async function ask(st: FetchState, attempt: Attempt, extra: Headers, after?: Rou
         delete headers['if-none-match'];
         delete headers['if-modified-since'];
       }
-      const res = await host.upstream.request({ url: attempt.url, method: 'GET', headers, signal: ac.signal, via: peer });
+      const res = await host.upstream.request({ url: attempt.url, method: 'GET', headers, signal: ac.signal, via: peer, onInfo: st.r.onInfo });
       // Another worker's labelled failure is this process's own, and final: it was the owner's fetch.
       const own = peer && peer.role !== 'worker' ? peersOwnFailure(res) : undefined;
       if (peer && own) {

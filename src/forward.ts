@@ -1,6 +1,6 @@
 // HTTP/1.1 forwarding rules (RFC 9110 §7.6): hop-by-hop headers go, Via is added, X-Forwarded-For is
 // appended, Max-Forwards is honoured for TRACE/OPTIONS, and our own Via entry means a loop.
-import { STATUS_CODES, type IncomingHttpHeaders, type OutgoingHttpHeaders } from 'node:http';
+import { STATUS_CODES, type IncomingHttpHeaders, type OutgoingHttpHeaders, type ServerResponse } from 'node:http';
 import type { Duplex } from 'node:stream';
 import { VERSION } from './version.ts';
 import type { ProxyError } from './errors.ts';
@@ -43,6 +43,21 @@ export function isLoop(h: IncomingHttpHeaders, name: string): boolean {
 export function appendVia(existing: string | string[] | undefined, name: string): string {
   const prev = join(existing);
   return prev ? `${prev}, ${viaEntry(name)}` : viaEntry(name);
+}
+
+/**
+ * Pass an upstream's interim response on to the client whose request it answers, while that client's
+ * head is not written yet (RFC 9110 §15.2: a proxy MUST forward 1xx responses): 102 Processing, 103
+ * Early Hints. Never to an HTTP/1.0 client (§15.2), and never a 100 Continue: cuttle answers Expect
+ * itself and asks for no 100 upstream.
+ */
+export function forwardInterim(res: ServerResponse, httpVersion: string, status: number, headers: Headers): void {
+  if (status <= 101 || status > 199 || httpVersion === '1.0' || res.headersSent || !res.writable) return;
+  try {
+    res.writeInformation(status, endToEnd(headers));
+  } catch {
+    // A header node:http will not write: the interim response is advice, and goes no further.
+  }
 }
 
 /** Headers for the upstream request. */

@@ -24,8 +24,9 @@ import type { Ctx } from './context.ts';
 import { deliverStored, dropCorrupt, noteStored, rangeSpec, streamFill, type Delivery } from './deliver.ts';
 import { internalError, ProxyError } from './errors.ts';
 import { clientWantsReload, hasValidators, isFresh, mayServeStale, onlyIfCached, satisfies, withinRevalidateWindow } from './freshness.ts';
-import { isLoop, relayedHeaders, sendError, upstreamRequestHeaders } from './forward.ts';
+import { forwardInterim, isLoop, relayedHeaders, sendError, upstreamRequestHeaders } from './forward.ts';
 import { ownerRoute, RELAY_HEADER, type Route } from './hierarchy.ts';
+import type { Interim } from './fetch.ts';
 import type { FillReader } from './fill.ts';
 import { repoOf, type CasObject } from './content-hash.ts';
 import type { LaneHit, LaneJoin } from './hit-lane.ts';
@@ -510,7 +511,7 @@ function miss(s: State): StepName {
   if (tx.result === 'NONE') tx.result = 'TCP_MISS';
   const stale = s.stored;
   s.stored = undefined;
-  const started = startFill(s, stale);
+  const started = startFill(s, stale, true);
   s.fill = started.fill;
   s.readerId = started.readerId;
   closeStored(stale);
@@ -523,8 +524,11 @@ function newFillRefusal(ctx: Ctx): RefusalReason | undefined {
   return fillRefusal({ inFlight, maxFills: ctx.cfg.maxFills, usedBytes: budget.usedBytes, limitBytes: budget.limitBytes, windowsBytes: running * ctx.cfg.fillWindowBytes, lagging: ctx.loopLag.lagging });
 }
 
-/** Start this request's key's fill (revalidating `stale` if it has validators). */
-function startFill(s: State, stale: StoredObject | undefined): ReturnType<Coalescer['start']> {
+/**
+ * Start this request's key's fill (revalidating `stale` if it has validators). `waits`: this client
+ * waits for the fill's answer, so upstream interim responses (1xx) go to it.
+ */
+function startFill(s: State, stale: StoredObject | undefined, waits: boolean): ReturnType<Coalescer['start']> {
   const { ctx, reqHeaders, tx } = s;
   // A relay's headers already carry this process's Via entry and the client's address.
   const upstreamHeaders = s.relay ? relayedHeaders(reqHeaders, s.url!) : upstreamRequestHeaders(reqHeaders, s.url!, tx.client, ctx.cfg.visibleHostname);
@@ -542,13 +546,18 @@ function startFill(s: State, stale: StoredObject | undefined): ReturnType<Coales
     cas: s.cas,
     accelRepo: s.accelRepo,
     from: s.relay ? 'worker' : ctx.hierarchy.fromBank(tx.client, reqHeaders.via) ? 'bank' : 'client',
+    onInfo: waits && s.node ? interimTo(s.node) : undefined,
   });
+}
+
+function interimTo({ req, res }: NonNullable<State['node']>): Interim {
+  return (status, headers) => forwardInterim(res, req.httpVersion, status, headers);
 }
 
 function revalidateInBackground(s: State): Next | Promise<Next> {
   const { ctx, tx } = s;
   if (!ctx.coalescer.joinable(s.key!) && !newFillRefusal(ctx)) {
-    const bg = startFill(s, s.stored);
+    const bg = startFill(s, s.stored, false);
     bg.fill.removeReader(bg.readerId); // nobody waits on it
   }
   tx.result = 'TCP_STALE_HIT';

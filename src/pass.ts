@@ -7,7 +7,7 @@ import type { Transaction } from './access-log.ts';
 import type { Ctx } from './context.ts';
 import { ProxyError, upstreamError } from './errors.ts';
 import { discard } from './fetch.ts';
-import { clientResponseHeaders, upstreamRequestHeaders } from './forward.ts';
+import { clientResponseHeaders, forwardInterim, upstreamRequestHeaders } from './forward.ts';
 import { peersOwnFailure, RELAY_HEADER, type Route } from './hierarchy.ts';
 import { framingOf } from './response-sink.ts';
 
@@ -44,6 +44,7 @@ export async function passUpstream(ctx: Pick<Ctx, 'upstream' | 'cfg' | 'counters
           body: hasBody ? req : null,
           signal: ac.signal,
           via: route.peer,
+          onInfo: (status, headers) => forwardInterim(res, req.httpVersion, status, headers),
         });
         route.peer?.answered();
         // A peer's own failure (it could not reach the origin, it is overloaded) with a route left, and

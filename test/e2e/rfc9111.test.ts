@@ -214,3 +214,50 @@ describe('Range that misses', () => {
     assert.equal(origin.count('/far'), 1);
   });
 });
+
+describe('Interim responses (RFC 9110 §15.2)', () => {
+  const rig = useProxy({}, 2);
+
+  /** A raw request on its own connection: everything the proxy writes back, as text, until it closes. */
+  function raw(port: number, head: string): { text: () => string; closed: Promise<unknown> } {
+    const s = connect(port, '127.0.0.1');
+    let text = '';
+    s.on('data', (c) => (text += c));
+    s.write(head);
+    return { text: () => text, closed: once(s, 'close') };
+  }
+
+  it('a 103 and a 102 reach the client whose request caused the fetch, before the final answer; the stored answer has neither, nor their headers', async () => {
+    const { origin, pool, p } = rig;
+    const g = gate();
+    const hints = { link: '</styles.css>; rel=preload; as=style', 'x-my-header': 'test' };
+    origin.route('/early', { interim: [{ status: 103, headers: hints }, { status: 102 }], gate: g, headers: { 'cache-control': 'max-age=600' }, body: 'final' });
+    const c = raw(p.port, `GET ${origin.url}/early HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n`);
+    await waitFor('both interim responses at the client', () => c.text().includes('HTTP/1.1 102 Processing\r\n\r\n'));
+    assert.equal(g.waiting, 1, 'the final answer is still held');
+    assert.match(c.text(), /^HTTP\/1\.1 103 Early Hints\r\nlink: <\/styles\.css>; rel=preload; as=style\r\nx-my-header: test\r\n\r\nHTTP\/1\.1 102 Processing\r\n\r\n$/i);
+    g.open();
+    await c.closed;
+    const final = c.text().slice(c.text().indexOf('HTTP/1.1 200'));
+    assert.match(final, /^HTTP\/1\.1 200 [^]*final$/);
+    assert.doesNotMatch(final, /x-my-header/i);
+    const hit = raw(p.port, `GET ${origin.url}/early HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n`);
+    await hit.closed;
+    assert.match(hit.text(), /^HTTP\/1\.1 200 [^]*X-Cache: HIT[^]*final$/i);
+    assert.doesNotMatch(hit.text(), /x-my-header|^HTTP\/1\.1 1/im);
+    assert.match(String((await get(pool, `${origin.url}/early`)).headers['x-cache']), /HIT/);
+    assert.equal(origin.count('/early'), 1);
+  });
+
+  it('a passed request gets them too; an HTTP/1.0 client gets none (§15.2)', async () => {
+    const { origin, p } = rig;
+    origin.route('/proc', { interim: [{ status: 102 }], body: 'done' });
+    const post = raw(p.port, `POST ${origin.url}/proc HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\nConnection: close\r\n\r\nhi`);
+    await post.closed;
+    assert.match(post.text(), /^HTTP\/1\.1 102 Processing\r\n\r\nHTTP\/1\.1 200 [^]*done$/);
+    const old = raw(p.port, `GET ${origin.url}/proc HTTP/1.0\r\nHost: x\r\n\r\n`);
+    await old.closed;
+    assert.match(old.text(), /^HTTP\/1\.1 200 [^]*done$/);
+    assert.equal(origin.count('/proc'), 2);
+  });
+});

@@ -23,6 +23,8 @@ export interface Route {
   status?: number;
   /** An array value is sent as repeated header lines. */
   headers?: Record<string, string | string[]>;
+  /** Interim (1xx) responses written before the gate and the final head. */
+  interim?: { status: number; headers?: Record<string, string> }[];
   /** Hold the response head until the gate opens. */
   gate?: Gate;
   /** Send the head and this many body bytes, then hold the rest until the gate opens. */
@@ -100,6 +102,7 @@ export async function startOrigin(routes: Record<string, Route | ((req: SeenRequ
     hits.set(path, (hits.get(path) ?? 0) + 1);
     const r = typeof r0 === 'function' ? r0(seenReq) : (r0 ?? { status: 404, body: 'not found' });
     if (r.delayMs && !(await sleep(r.delayMs))) return;
+    for (const i of r.interim ?? []) res.writeInformation(i.status, i.headers ?? {});
     if (r.gate) {
       r.gate.waiting++;
       await r.gate.opened;
