@@ -2,11 +2,12 @@
 // upstream fetch count: 304 to a conditional client, Age carried through, Vary stored and coalesced from
 // the first response, invalid Expires, case-insensitive directives, a fresh must-revalidate reused.
 import assert from 'node:assert/strict';
+import { createHash, randomBytes } from 'node:crypto';
 import { once } from 'node:events';
 import { connect } from 'node:net';
 import { describe, it } from 'node:test';
-import { gate, type Route } from '../helpers/origin.ts';
-import { get, useProxy } from '../helpers/proxy.ts';
+import { gate, startOrigin, type Route } from '../helpers/origin.ts';
+import { get, proxyClient, startProxy, useProxy } from '../helpers/proxy.ts';
 import { waitFor } from '../helpers/mirrors.ts';
 
 describe('RFC 9111 through cuttle', () => {
@@ -259,5 +260,34 @@ describe('Interim responses (RFC 9110 §15.2)', () => {
     await old.closed;
     assert.match(old.text(), /^HTTP\/1\.1 200 [^]*done$/);
     assert.equal(origin.count('/proc'), 2);
+  });
+});
+
+describe('Authorization and a content-addressed object', () => {
+  it("a small answer to credentials is not shared with the fill's other waiters", async () => {
+    const mirror = await startOrigin();
+    const p = await startProxy({ stratum1: [mirror.url], 'probe-interval': '60s' });
+    const pool = proxyClient(p.url, 4);
+    try {
+      const obj = randomBytes(1000);
+      const h = createHash('sha1').update(obj).digest('hex');
+      const path = `/cvmfs/auth.cern.ch/data/${h.slice(0, 2)}/${h.slice(2)}`;
+      const g = gate();
+      mirror.route(path, (req): Route => (req.headers.authorization ? { status: 403, gate: g, body: 'not for you' } : { body: obj, headers: { 'cache-control': 'max-age=600' } }));
+      const authed = get(pool, `${mirror.url}${path}`, { authorization: 'Basic dTpw' });
+      await waitFor('the fill of the request with credentials', () => g.waiting === 1);
+      const plain = get(pool, `${mirror.url}${path}`);
+      await waitFor('the plain request joined it', () => p.proxy.coalescer.topFills(1, 0)[0]?.readers === 2);
+      g.open();
+      assert.equal((await authed).status, 403);
+      const r = await plain;
+      assert.equal(r.status, 200);
+      assert.ok(r.body.equals(obj));
+      assert.equal(mirror.count(path), 2);
+    } finally {
+      await pool.close();
+      await p.close();
+      await mirror.close();
+    }
   });
 });
