@@ -67,6 +67,8 @@ interface State extends Delivery {
   handedOff?: boolean;
   /** This request waited for another's disk lookup of its key (lookup waits once). */
   waitedForDisk?: boolean;
+  /** This request looked again after a fill of its key ended during its disk read (once). */
+  lookedAgain?: boolean;
   /** Relayed by another worker of this process (--workers): fetched here, never relayed again. */
   relay?: boolean;
 }
@@ -343,8 +345,18 @@ function lookup(s: State): StepName | Promise<StepName> {
       return inFlight.then(again, again);
     }
   }
+  // A fill of the key that ends while the disk is read moves its object to memory, or to a record
+  // this read may have missed, and leaves the fill table: then neither would be found, and the request
+  // would fetch again what was just fetched. It looks once more instead.
+  const fillBefore = ctx.coalescer.joinable(key);
   const looked = ctx.store.getFromDisk(key).then(
-    (stored) => lookedUp(s, stored),
+    (stored): StepName => {
+      if (!stored && fillBefore && !s.lookedAgain && ctx.coalescer.joinable(key) !== fillBefore) {
+        s.lookedAgain = true;
+        return 'lookup';
+      }
+      return lookedUp(s, stored);
+    },
     (err: unknown) => {
       if (err instanceof StoreUnavailable) return unavailable(s, err);
       ctx.counters.corruptRecords++;

@@ -185,6 +185,40 @@ describe('Range served from the cache', () => {
   });
 });
 
+describe('A fill that ends during a lookup', () => {
+  const rig = useProxy({}, 2);
+
+  it('a range asked while the fill is stored is answered from what it stored, not fetched again', async () => {
+    const { origin, pool, p } = rig;
+    const g = gate();
+    origin.route('/late', { gate: g, headers: { 'cache-control': 'max-age=3600' }, body: '0123456789A' });
+    const key = `${origin.url}/late`;
+    const first = get(pool, key);
+    await waitFor('the fill waiting for the origin', () => g.waiting === 1);
+    // The range request's disk read is held until the fill has put the object in memory and left.
+    const d = gate();
+    const getFromDisk = p.proxy.store.getFromDisk.bind(p.proxy.store);
+    p.proxy.store.getFromDisk = async (k: string) => {
+      if (k === key) {
+        d.waiting++;
+        await d.opened;
+      }
+      return getFromDisk(k);
+    };
+    const ranged = get(pool, key, { range: 'bytes=-1', 'cache-control': 'nothing-to-see-here' });
+    await waitFor('the range request reading the disk', () => d.waiting === 1);
+    g.open();
+    assert.equal((await first).body.toString(), '0123456789A');
+    await waitFor('the object in memory, the fill gone', () => p.proxy.store.getFromMemory(key) !== undefined && !p.proxy.coalescer.joinable(key));
+    d.open();
+    const r = await ranged;
+    assert.equal(r.status, 206);
+    assert.equal(r.body.toString(), 'A');
+    assert.equal(origin.count('/late'), 1);
+    p.proxy.store.getFromDisk = getFromDisk;
+  });
+});
+
 describe('Range that misses', () => {
   const rig = useProxy({ 'range-offset-limit': '32KB' }, 2);
 
