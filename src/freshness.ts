@@ -20,6 +20,9 @@ function hasExplicitFreshness(h: CachePolicy.Headers): boolean {
   return /(^|,)\s*(s-maxage|max-age)\s*=/i.test(cc) || h.expires !== undefined;
 }
 
+/** The status codes whose caching rules the policy library implements (http-cache-semantics' understoodStatuses). */
+const UNDERSTOOD = new Set([200, 203, 204, 300, 301, 302, 303, 307, 308, 404, 405, 410, 414, 501]);
+
 /** Policies the library would not store but RFC 9111 §3 lets a shared cache store (see storable()). */
 const explicitlyStorable = new WeakMap<object, boolean>();
 
@@ -58,7 +61,14 @@ export function createFreshness(clock: Clock, negativeTtlMs: number): Freshness 
   const opts = { shared: true, cacheHeuristic: 0.1, immutableMinTimeToLive: 24 * 3600 * 1000 };
   return {
     policyFor(req, res) {
-      let headers: CachePolicy.Headers = policyHeaders(res.headers as Record<string, string | string[]>);
+      const own = policyHeaders(res.headers as Record<string, string | string[]>);
+      // must-understand (RFC 9111 §5.2.2.3): a cache that implements the status code's caching rules
+      // ignores no-store; one that does not, stores nothing. Ours are the policy library's codes.
+      const cc = own['cache-control'];
+      if (cc !== undefined && directives(cc).has('must-understand')) {
+        own['cache-control'] = UNDERSTOOD.has(res.status ?? 0) ? cc.split(',').filter((d) => d.split('=')[0]!.trim() !== 'no-store').join(',') : `${cc}, no-store`;
+      }
+      let headers: CachePolicy.Headers = own;
       // Negative caching: a 404/410 without explicit freshness lives for negative-ttl (Squid negative_ttl).
       if ((res.status === 404 || res.status === 410) && !hasExplicitFreshness(headers) && negativeTtlMs > 0) {
         const cc = headers['cache-control'];

@@ -116,6 +116,18 @@ describe('RFC 9111 through cuttle', () => {
     assert.equal(origin.count('/auth-own'), 2);
   });
 
+  it('must-understand: no-store is ignored for a status code whose rules cuttle implements; another is not stored (RFC 9111 §5.2.2.3)', async () => {
+    const { origin, pool } = rig;
+    origin.route('/mu', { headers: { 'cache-control': 'max-age=600, no-store, must-understand' }, body: 'understood' });
+    origin.route('/mu299', { status: 299, headers: { 'cache-control': 'max-age=600, must-understand' }, body: 'unknown' });
+    origin.route('/299', { status: 299, headers: { 'cache-control': 'max-age=600' }, body: 'unknown, but explicitly fresh' });
+    for (let i = 0; i < 2; i++) for (const path of ['/mu', '/mu299', '/299']) await get(pool, `${origin.url}${path}`);
+    assert.match(String((await get(pool, `${origin.url}/mu`)).headers['x-cache']), /HIT/);
+    assert.equal(origin.count('/mu'), 1);
+    assert.equal(origin.count('/mu299'), 2);
+    assert.equal(origin.count('/299'), 1);
+  });
+
   it('a fresh must-revalidate response is reused, also for a request with its own directives', async () => {
     const { origin, pool } = rig;
     origin.route('/mr', { headers: { 'cache-control': 'max-age=600, must-revalidate' }, body: 'm' });
