@@ -5,8 +5,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SUITE=${CACHE_TESTS:-../shared/cache-tests}
-FLOOR=${CONFORMANCE_FLOOR:-234}
-REQUIRED_FLOOR=${CONFORMANCE_REQUIRED_FLOOR:-155}
+FLOOR=${CONFORMANCE_FLOOR:-251}
+REQUIRED_FLOOR=${CONFORMANCE_REQUIRED_FLOOR:-158}
 if [ ! -x "$SUITE/run.sh" ]; then
   echo "conformance: no suite at $SUITE (set CACHE_TESTS)" >&2
   exit 1

@@ -1,5 +1,5 @@
-// The uncached path: a request forwarded upstream for its client alone (not GET or HEAD, credentials,
-// no-store, a range far into an object, a response that was not shared), its answer streamed back with
+// The uncached path: a request forwarded upstream for its client alone (not GET or HEAD, a HEAD with
+// credentials, no-store, a range far into an object, a response that was not shared), its answer streamed back with
 // backpressure and never stored. (Not stream.pipeline: after a pass it left ~10 KB of heap per idle
 // keep-alive connection reachable until that connection's next request; bench/waiting.ts shows it.)
 import type { IncomingMessage, ServerResponse } from 'node:http';
