@@ -62,6 +62,11 @@ export function createFreshness(clock: Clock, negativeTtlMs: number): Freshness 
   return {
     policyFor(req, res) {
       const own = policyHeaders(res.headers as Record<string, string | string[]>);
+      // cuttle stores a response without its cookies and never gives them to another client (fill-fetch
+      // PRIVATE), as Squid does; so the library's own refusal of a shared response with Set-Cookie (not
+      // RFC 9111's: it lets a shared cache store one) has nothing left to protect.
+      delete own['set-cookie'];
+      delete own['set-cookie2'];
       // must-understand (RFC 9111 §5.2.2.3): a cache that implements the status code's caching rules
       // ignores no-store; one that does not, stores nothing. Ours are the policy library's codes.
       const cc = own['cache-control'];

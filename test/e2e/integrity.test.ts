@@ -245,7 +245,6 @@ describe('integrity: cookies, stored headers and destinations', () => {
 
   it('Set-Cookie goes to the client that caused the fetch, never to a joiner or a hit', async () => {
     const g = gate();
-    // With `public` (without it, a response with a cookie is not stored at all: each client gets its own).
     rig.origin.route('/cookie', { gate: g, headers: { 'set-cookie': 'session=alice', 'cache-control': 'public, max-age=60' }, body: 'c' });
     const first = get(rig.pool, `${rig.origin.url}/cookie`);
     await waitFor('the fill waiting', () => g.waiting === 1);
@@ -258,6 +257,15 @@ describe('integrity: cookies, stored headers and destinations', () => {
     assert.match(String(hit.headers['x-cache']), /HIT/);
     assert.equal(hit.headers['set-cookie'], undefined);
     assert.equal(rig.origin.count('/cookie'), 1);
+  });
+
+  it('a fresh response with Set-Cookie and no `public` is stored too (RFC 9111 §3, as Squid does), without its cookie', async () => {
+    rig.origin.route('/cookie-plain', { headers: { 'set-cookie': 'session=bob', 'cache-control': 'max-age=60' }, body: 'd' });
+    assert.equal((await get(rig.pool, `${rig.origin.url}/cookie-plain`)).headers['set-cookie'], 'session=bob');
+    const hit = await get(rig.pool, `${rig.origin.url}/cookie-plain`);
+    assert.match(String(hit.headers['x-cache']), /HIT/);
+    assert.equal(hit.headers['set-cookie'], undefined);
+    assert.equal(rig.origin.count('/cookie-plain'), 1);
   });
 
   it('a flipped byte in a stored header fails the record checksum: dropped and refetched', async () => {
