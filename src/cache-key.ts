@@ -64,7 +64,7 @@ export function variantKey(primary: string, names: readonly string[], reqHeaders
     const v = reqHeaders[n];
     const value = Array.isArray(v) ? v.join(',') : (v ?? '');
     const lower = LIST_FIELDS.get(n);
-    return `${n}:${lower === undefined ? value : normaliseList(value, lower)}`;
+    return `${n}:${lower === undefined ? normaliseCommas(value) : normaliseList(value, lower)}`;
   });
   return `${primary}\n${parts.join('\n')}`;
 }
@@ -72,9 +72,10 @@ export function variantKey(primary: string, names: readonly string[], reqHeaders
 // RFC 9111 §4.1: selecting values match after whitespace is added or removed where the field's syntax
 // allows it, and after case-normalising values defined as case-insensitive. These list fields have
 // whitespace only as OWS around their separators, outside quoted strings; true: their values
-// (language tags, codings, charsets) are case-insensitive. Any other field is compared as sent: its
-// syntax is unknown, and neither is the order of members reordered (Accept-Language's order may carry
-// priority, RFC 9110 §12.5.4).
+// (language tags, codings, charsets) are case-insensitive. Any other field keeps its case and the
+// whitespace inside its members; only OWS around its commas goes, as a list's syntax allows (RFC 9110
+// §5.6.1: nearly every field with a comma is a list; a recipient already drops OWS at the ends). The
+// order of members is never changed (Accept-Language's order may carry priority, RFC 9110 §12.5.4).
 const LIST_FIELDS = new Map([
   ['accept', false],
   ['accept-charset', true],
@@ -82,9 +83,21 @@ const LIST_FIELDS = new Map([
   ['accept-language', true],
 ]);
 
+/** Any other field's value: its members trimmed, joined by ", ". */
+function normaliseCommas(v: string): string {
+  return v.includes(',') ? members(v, (c) => c).map((m) => m.trim()).join(', ') : v.trim();
+}
+
 /** A list field's value in one form: members joined by ", ", no other whitespace, no empty member. */
 function normaliseList(v: string, lower: boolean): string {
-  const members: string[] = [];
+  return members(v, (c) => (c === ' ' || c === '\t' ? '' : lower ? c.toLowerCase() : c))
+    .filter(Boolean)
+    .join(', ');
+}
+
+/** The members of a comma list, split outside quoted strings; `fold` maps each character outside them. */
+function members(v: string, fold: (c: string) => string): string[] {
+  const out: string[] = [];
   let cur = '';
   let quoted = false;
   for (let i = 0; i < v.length; i++) {
@@ -97,12 +110,12 @@ function normaliseList(v: string, lower: boolean): string {
       quoted = true;
       cur += c;
     } else if (c === ',') {
-      if (cur) members.push(cur);
+      out.push(cur);
       cur = '';
-    } else if (c !== ' ' && c !== '\t') cur += lower ? c.toLowerCase() : c;
+    } else cur += fold(c);
   }
-  if (cur) members.push(cur);
-  return members.join(', ');
+  out.push(cur);
+  return out;
 }
 
 /** Fixed-length file-system name of a key. (One-shot crypto.hash: under half of createHash's cost, and it runs on every memory miss.) */
