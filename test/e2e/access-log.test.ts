@@ -7,7 +7,7 @@ import assert from 'node:assert/strict';
 import { spawn, type ChildProcess } from 'node:child_process';
 import { once } from 'node:events';
 import { chmodSync, existsSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
-import { connect, createServer } from 'node:net';
+import { connect } from 'node:net';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { after, before, describe, it, type TestContext } from 'node:test';
@@ -16,6 +16,7 @@ import { gate, startOrigin, type Gate, type Origin } from '../helpers/origin.ts'
 import { startChildProxy, tmpDir, type ChildProxy } from '../helpers/proxy.ts';
 import { findTool, requireTool } from '../helpers/tools.ts';
 import { ownedBy } from '../helpers/workers.ts';
+import { freePort } from '../helpers/ports.ts';
 
 /** A zone east of UTC with no daylight saving: local time and UTC differ by a fixed +0530. */
 const TZ = 'Asia/Kolkata';
@@ -105,13 +106,6 @@ function linesFor(text: string, url: string): SquidLine[] {
   return text.split('\n').filter((l) => l.trim()).map(parseSquid).filter((l) => l.url === url);
 }
 
-async function freePort(): Promise<number> {
-  const s = createServer();
-  await new Promise<void>((r) => s.listen(0, '127.0.0.1', r));
-  const port = (s.address() as { port: number }).port;
-  await new Promise((r) => s.close(r));
-  return port;
-}
 
 /** Debian's Squid 5.7 on a loopback port, logging the squid format and frontier-squid's awstats format. */
 interface Squid {

@@ -10,15 +10,8 @@ import { ShardRing, shardKey } from '../../src/shard-ring.ts';
 import { casBodies, REPO, startMirrors, waitFor, type TestMirror } from '../helpers/mirrors.ts';
 import { get, proxyClient, startProxy, type TestProxy } from '../helpers/proxy.ts';
 import type { Pool } from 'undici';
+import { freePort } from '../helpers/ports.ts';
 
-/** A free port on `host` (bound, then closed). */
-async function freePort(host: string): Promise<number> {
-  const s: Server = createServer();
-  await new Promise<void>((r) => s.listen(0, host, r));
-  const port = (s.address() as { port: number }).port;
-  await new Promise<void>((r) => s.close(() => r()));
-  return port;
-}
 
 const HOSTS = ['127.0.0.1', '127.0.0.2', '127.0.0.3'];
 

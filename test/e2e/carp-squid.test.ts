@@ -12,6 +12,7 @@ import { Carp, carpKey, type CarpMember } from '../../src/carp.ts';
 import { waitFor } from '../helpers/mirrors.ts';
 import { get, proxyClient } from '../helpers/proxy.ts';
 import { findTool, requireTool } from '../helpers/tools.ts';
+import { freePort } from '../helpers/ports.ts';
 
 /** A parent that answers every request 200 no-store and records each request-target it was sent. */
 interface Parent {
@@ -52,13 +53,6 @@ async function startParent(): Promise<Parent> {
   };
 }
 
-async function freePort(): Promise<number> {
-  const s = createServer();
-  await new Promise<void>((r) => s.listen(0, '127.0.0.1', r));
-  const port = (s.address() as { port: number }).port;
-  await new Promise((r) => s.close(r));
-  return port;
-}
 
 // Mixed weights with equal ones (their order is the line order: glibc's qsort is stable here), names in
 // mixed case (hashed as spelled). The member that dies is a weight-1 one in the middle of the sort.
