@@ -47,6 +47,8 @@ export class Coalescer implements FetchHost {
   /** Mirrors that recently served corrupt bytes for a key: asked last by the next fill. */
   readonly #corruptFrom = new LRUCache<string, Set<string>>({ max: 4096, ttl: 600_000 });
   readonly #superseded = new WeakSet<Fill>();
+  /** Disk commits in flight, by key: bounded by the running fills. */
+  readonly #commits = new Map<string, Set<Promise<unknown>>>();
   readonly #finished = new WeakSet<Fill>();
   /**
    * Stored fills whose whole body is still in memory because clients are still reading it: a request
@@ -209,6 +211,24 @@ export class Coalescer implements FetchHost {
 
   superseded(fill: Fill): boolean {
     return this.#superseded.has(fill);
+  }
+
+  noteCommit(key: string, landing: Promise<unknown>): void {
+    let s = this.#commits.get(key);
+    if (!s) this.#commits.set(key, (s = new Set()));
+    const set = s;
+    set.add(landing);
+    const done = () => {
+      set.delete(landing);
+      if (set.size === 0 && this.#commits.get(key) === set) this.#commits.delete(key);
+    };
+    landing.then(done, done);
+  }
+
+  /** Until the disk commits of `key` in flight have landed (a superseded one removing its record again). */
+  async commitsLanded(key: string): Promise<void> {
+    const s = this.#commits.get(key);
+    if (s) await Promise.allSettled([...s]);
   }
 
   /** Is a fill of `key` running whose answer is to be stored (a PURGE now still finds a copy)? */

@@ -91,6 +91,8 @@ export interface FetchHost {
   readonly stats: FetchStats;
   /** A newer fill or an invalidation replaced this one: it must not be stored. */
   superseded(fill: Fill): boolean;
+  /** A disk commit of `key` in flight (with its removal, if it was superseded meanwhile). */
+  noteCommit(key: string, landing: Promise<unknown>): void;
   /** Vary names last seen for a primary key. */
   setVary(primary: string, names: string[] | undefined): void;
   /** Remember a key whose responses are not storable (hit-for-miss). */
@@ -540,17 +542,25 @@ async function commit(st: FetchState): Promise<Step> {
     if (whole) host.store.putMemory(meta, policy, whole);
     return 'done';
   }
-  // A small body goes to memory at once, so the next request is a hit without waiting for the disk.
-  let inMemory = false;
-  if (fill.received <= maxMem) {
-    const whole = fill.wholeBody() ?? (spill.failed ? undefined : await spill.readAt(0, fill.received));
-    if (whole && whole.length === fill.received) inMemory = host.store.putMemory(meta, policy, whole);
-    if (inMemory) host.unmap(fill);
-  }
-  const ok = await spill.commit();
-  // Invalidated (an unsafe method, a PURGE) while the record was being written: it must not stay.
-  if (ok && host.superseded(fill)) await host.store.delete(meta.key);
-  else if (ok) {
+  // The memory copy and the record land as one step that a forget waits for (noteCommit): invalidated
+  // (an unsafe method, a PURGE) meanwhile, the fill removes what it stored before the forget answers,
+  // so no request after it reads the copy in between.
+  const landing = (async () => {
+    // A small body goes to memory at once, so the next request is a hit without waiting for the disk.
+    let inMemory = false;
+    if (fill.received <= maxMem) {
+      const whole = fill.wholeBody() ?? (spill.failed ? undefined : await spill.readAt(0, fill.received));
+      if (whole && whole.length === fill.received) inMemory = host.store.putMemory(meta, policy, whole);
+      if (inMemory) host.unmap(fill);
+    }
+    const ok = await spill.commit();
+    if (host.superseded(fill) && (ok || inMemory)) await host.store.delete(meta.key);
+    return { ok, inMemory };
+  })();
+  host.noteCommit(meta.key, landing);
+  const { ok, inMemory } = await landing;
+  if (ok && host.superseded(fill)) return 'done';
+  if (ok) {
     if (!spill.transient) host.stats.fillsCommitted++;
     if (!inMemory && meta.key === fill.key) host.hold(fill);
   }

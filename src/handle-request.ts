@@ -719,6 +719,7 @@ function urlKeys(s: State, primary: string): Set<string> {
  */
 async function forget(ctx: Ctx, key: string): Promise<boolean> {
   ctx.coalescer.invalidate(key);
+  await ctx.coalescer.commitsLanded(key); // a record still landing is gone before the answer
   await ctx.store.delete(key);
   return (await ctx.forgotten?.(key)) ?? false;
 }

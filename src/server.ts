@@ -213,6 +213,8 @@ export async function createProxy(cfg: Config, opts: ProxyOptions = {}): Promise
         return st !== undefined;
       }, () => true));
       coalescer.invalidate(key);
+      // A fill's record still landing is removed by that fill; this answer waits for it.
+      await coalescer.commitsLanded(key);
       await store.delete(key);
       return held;
     },
