@@ -214,9 +214,8 @@ export class Coalescer implements FetchHost {
   }
 
   noteCommit(key: string, landing: Promise<unknown>): void {
-    let s = this.#commits.get(key);
-    if (!s) this.#commits.set(key, (s = new Set()));
-    const set = s;
+    const set = this.#commits.get(key) ?? new Set<Promise<unknown>>();
+    this.#commits.set(key, set);
     set.add(landing);
     const done = () => {
       set.delete(landing);

@@ -25,7 +25,7 @@ import { deliverStored, dropCorrupt, noteStored, rangeSpec, streamFill, type Del
 import { internalError, ProxyError } from './errors.ts';
 import { clientWantsReload, hasValidators, isFresh, mayServeStale, onlyIfCached, satisfies, withinRevalidateWindow } from './freshness.ts';
 import { forwardInterim, isLoop, relayedHeaders, sendError, upstreamRequestHeaders } from './forward.ts';
-import { ownerRoute, RELAY_HEADER, type Route } from './hierarchy.ts';
+import { ownerRoute, RELAY_HEADER, type Route, type Sender } from './hierarchy.ts';
 import type { Interim } from './fetch.ts';
 import type { FillReader } from './fill.ts';
 import { repoOf, type CasObject } from './content-hash.ts';
@@ -557,9 +557,14 @@ function startFill(s: State, stale: StoredObject | undefined, waits: boolean): R
     nothingStored: !s.reload && stale === undefined,
     cas: s.cas,
     accelRepo: s.accelRepo,
-    from: s.relay ? 'worker' : ctx.hierarchy.fromBank(tx.client, reqHeaders.via) ? 'bank' : 'client',
+    from: senderOf(s),
     onInfo: waits && s.node ? interimTo(s.node) : undefined,
   });
+}
+
+/** Who sent this request: another worker (a relay), a member of this bank, or a client. */
+function senderOf(s: State): Sender {
+  return s.relay ? 'worker' : s.ctx.hierarchy.fromBank(s.tx.client, s.reqHeaders.via) ? 'bank' : 'client';
 }
 
 function interimTo({ req, res }: NonNullable<State['node']>): Interim {
@@ -667,7 +672,7 @@ function serveStale(s: State): Next | Promise<Next> {
 }
 
 function pass(s: State): Promise<StepName | undefined> | StepName {
-  return onlyIfCached(s.reqHeaders) ? 'cachedOnly' : forwardUncached(s, ctx => ctx.hierarchy.passRoutes(s.url!));
+  return onlyIfCached(s.reqHeaders) ? 'cachedOnly' : forwardUncached(s, s.ctx.hierarchy.passRoutes(s.url!));
 }
 
 /**
@@ -676,15 +681,13 @@ function pass(s: State): Promise<StepName | undefined> | StepName {
  * response or a 504, never a request to the origin).
  */
 function cachedOnly(s: State): Promise<StepName | undefined> | StepName {
-  const { ctx, tx } = s;
-  const from = s.relay ? 'worker' : ctx.hierarchy.fromBank(tx.client, s.reqHeaders.via) ? 'bank' : 'client';
-  const owners = s.key === undefined ? [] : ctx.hierarchy.routes(s.url!, s.cas, from, s.primary!).filter(ownerRoute);
+  const owners = s.key === undefined ? [] : s.ctx.hierarchy.routes(s.url!, s.cas, senderOf(s), s.primary!).filter(ownerRoute);
   if (owners.length === 0) return fail(s, 'ERR_ONLY_IF_CACHED_MISS');
-  return forwardUncached(s, () => owners);
+  return forwardUncached(s, owners);
 }
 
 /** Forward the request for this client alone, over the routes given (pass.ts). */
-async function forwardUncached(s: State, routes: (ctx: Ctx) => Route[]): Promise<StepName | undefined> {
+async function forwardUncached(s: State, routes: Route[]): Promise<StepName | undefined> {
   const { ctx, tx } = s;
   const { req, res } = nodeOf(s);
   if (ctx.counters.passesInFlight >= ctx.cfg.maxPasses) return fail(s, refuse(ctx.counters, 'passes'));
@@ -695,7 +698,7 @@ async function forwardUncached(s: State, routes: (ctx: Ctx) => Route[]): Promise
   try {
     // The URL's own key, never the host-independent key of immutable content-addressed bytes (that
     // would be an open PURGE).
-    const failed = await passUpstream(ctx, req, res, tx, url, routes(ctx), async () => {
+    const failed = await passUpstream(ctx, req, res, tx, url, routes, async () => {
       for (const k of urlKeys(s, urlKey(url))) await forget(ctx, k);
     });
     if (!failed) return undefined;
