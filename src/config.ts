@@ -35,6 +35,17 @@ export function parseSize(v: string | number): number | undefined {
   return m && unit ? Math.floor(Number(m[1]) * unit) : undefined;
 }
 
+/** A byte count as people read it: 1024-based, one decimal (`10 GiB`, `195.3 KiB`). */
+export function formatSize(n: number): string {
+  const units = ['B', 'KiB', 'MiB', 'GiB', 'TiB'];
+  let i = 0;
+  while (n >= 1024 && i < units.length - 1) {
+    n /= 1024;
+    i++;
+  }
+  return `${Number.isInteger(n) ? n : n.toFixed(1)} ${units[i]}`;
+}
+
 export function parseDurationMs(v: string | number): number | undefined {
   if (typeof v === 'number') return v >= 0 ? v * 1000 : undefined;
   const m = /^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|min|h|d|)\s*$/i.exec(v);

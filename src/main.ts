@@ -2,7 +2,7 @@
 import { raiseOpenFilesLimit } from './process-setup.ts';
 import { alive } from './store-disk.ts';
 import { ConfigError } from './errors.ts';
-import { buildConfig, helpText, loadConfig, parseCli, rawOptions, type Cli, type Config } from './config.ts';
+import { buildConfig, formatSize, helpText, loadConfig, parseCli, rawOptions, type Cli, type Config } from './config.ts';
 import { createLogger } from './log.ts';
 import { startWorkers, type WorkerSet } from './workers.ts';
 import { VERSION } from './version.ts';
@@ -266,16 +266,6 @@ main(process.argv.slice(2)).then(
   },
 );
 
-function human(n: number): string {
-  const units = ['B', 'KiB', 'MiB', 'GiB', 'TiB'];
-  let i = 0;
-  while (n >= 1024 && i < units.length - 1) {
-    n /= 1024;
-    i++;
-  }
-  return `${Number.isInteger(n) ? n : n.toFixed(1)} ${units[i]}`;
-}
-
 /** What --check-config confirms, one line per concern, so an admin sees what the file means. */
 function summary(cfg: Config): string {
   const addr = (a: { host: string; port: number } | 'none') => (a === 'none' ? 'off' : `${a.host.includes(':') ? `[${a.host}]` : a.host}:${a.port}`);
@@ -284,7 +274,7 @@ function summary(cfg: Config): string {
     `  admin:     ${addr(cfg.adminListen)}`,
     `  accel:     ${addr(cfg.accelListen)}`,
     `  snmp:      ${addr(cfg.snmpListen)}`,
-    `  cache:     ${cfg.cacheDir}, disk ${human(cfg.diskCacheBytes)}, memory ${human(cfg.memoryCacheBytes)}`,
+    `  cache:     ${cfg.cacheDir}, disk ${formatSize(cfg.diskCacheBytes)}, memory ${formatSize(cfg.memoryCacheBytes)}`,
     `  stratum1:  ${cfg.mirrorGroups.length ? cfg.mirrorGroups.map((g) => `${g.name} [${g.mirrors.join(' ')}]`).join('; ') : 'none (every miss goes to the host the client names)'}`,
     `  clients:   ${cfg.allowClient.map((c) => `${c.address}/${c.prefix}`).join(' ')}`,
   ];

@@ -16,7 +16,7 @@ import { Pool } from 'undici';
 import { Catalog, objectPath, parseManifest, Scope, type CatalogObject, type Manifest } from './catalog.ts';
 import { casObject, HashCheck } from './content-hash.ts';
 import { ConfigError } from './errors.ts';
-import { loadConfig, parseCli, parseDurationMs, parseSize } from './config.ts';
+import { formatSize, loadConfig, parseCli, parseDurationMs, parseSize } from './config.ts';
 import { VERSION } from './version.ts';
 
 const USER_AGENT = `cuttle-warm/${VERSION}`;
@@ -192,7 +192,7 @@ interface Answer {
 const CONNECT_ERRORS = new Set(['ECONNREFUSED', 'EHOSTUNREACH', 'ENETUNREACH', 'ENOTFOUND', 'EAI_AGAIN', 'UND_ERR_CONNECT_TIMEOUT']);
 
 /** The running cuttle, asked with absolute URLs. */
-class Proxy {
+class ProxyClient {
   readonly #pool: Pool;
   readonly #signal: AbortSignal;
   readonly #url: string;
@@ -231,7 +231,7 @@ function why(a: Answer): string {
 /** One run over one repository. */
 class RepoWalk {
   readonly #o: WarmOptions;
-  readonly #proxy: Proxy;
+  readonly #proxy: ProxyClient;
   readonly #rate: Rate;
   readonly #state: WarmState;
   readonly #scope: Scope;
@@ -247,7 +247,7 @@ class RepoWalk {
   /** This revision's catalogs, each complete or walked. */
   readonly #tree: string[] = [];
 
-  constructor(o: WarmOptions, proxy: Proxy, rate: Rate, state: WarmState, repository: string) {
+  constructor(o: WarmOptions, proxy: ProxyClient, rate: Rate, state: WarmState, repository: string) {
     this.#o = o;
     this.#proxy = proxy;
     this.#rate = rate;
@@ -295,7 +295,7 @@ class RepoWalk {
       if (m.certificate) await this.#object(`${this.#base}/${objectPath(m.certificate, 'X')}`, 0, undefined);
       if (!this.#o.check) {
         this.#planned = await this.#plan(m.catalog, '');
-        if (this.#planned > this.#o.diskCacheBytes) this.#o.warn(`cuttle warm: ${this.#base} needs up to ${mib(this.#planned)} in scope, more than --disk-cache (${mib(this.#o.diskCacheBytes)}); it stops after fetching ${mib(this.#o.maxBytes)} (--max-bytes), so it does not evict what it warmed first`);
+        if (this.#planned > this.#o.diskCacheBytes) this.#o.warn(`cuttle warm: ${this.#base} needs up to ${formatSize(this.#planned)} in scope, more than --disk-cache (${formatSize(this.#o.diskCacheBytes)}); it stops after fetching ${formatSize(this.#o.maxBytes)} (--max-bytes), so it does not evict what it warmed first`);
       }
       const complete = await this.#catalog(m.catalog, '');
       if (complete && !this.#o.check) this.#state.keepOnly(this.#key, this.#tree);
@@ -437,7 +437,7 @@ class RepoWalk {
       if (!o) this.report.mountable = false;
       return false;
     }
-    if (this.report.fetched.bytes + size > this.#o.maxBytes) throw new WarmError('LIMIT', `${mib(this.report.fetched.bytes)} fetched; the next object would pass --max-bytes (${mib(this.#o.maxBytes)})`);
+    if (this.report.fetched.bytes + size > this.#o.maxBytes) throw new WarmError('LIMIT', `${formatSize(this.report.fetched.bytes)} fetched; the next object would pass --max-bytes (${formatSize(this.#o.maxBytes)})`);
     await this.#rate.take(size, this.#o.signal);
     const a = await this.#proxy.ask('GET', url);
     if (a.status !== 200) {
@@ -474,7 +474,7 @@ class RepoWalk {
     const left = Math.max(0, this.#planned - this.#done);
     const eta = rate > 0 && this.#planned ? `, ETA ${Math.ceil(left / rate)} s` : '';
     const r = this.report;
-    out.write(`\r${this.#base}: ${r.fetched.objects + r.skipped.objects} objects (${r.fetched.objects} fetched, ${r.skipped.objects} cached), ${mib(r.fetched.bytes)}, ${mib(rate)}/s${eta}   ${last ? '\n' : ''}`);
+    out.write(`\r${this.#base}: ${r.fetched.objects + r.skipped.objects} objects (${r.fetched.objects} fetched, ${r.skipped.objects} cached), ${formatSize(r.fetched.bytes)}, ${formatSize(rate)}/s${eta}   ${last ? '\n' : ''}`);
   }
 }
 
@@ -488,24 +488,20 @@ async function collect(body: AsyncIterable<Buffer>, limit = 1 << 20): Promise<Bu
   return out;
 }
 
-function mib(bytes: number): string {
-  return bytes >= 2 ** 30 ? `${(bytes / 2 ** 30).toFixed(2)} GiB` : `${(bytes / 2 ** 20).toFixed(1)} MiB`;
-}
-
 function summaryLine(r: RepoReport, check: boolean, elapsedS: number): string {
   if (check) {
     const lines = [`${r.repository} revision ${r.revision}: ${r.mountable ? 'mountable from the cache' : 'NOT mountable from the cache'}`];
-    for (const p of r.paths) lines.push(`  ${p.path}: cached ${p.cached.objects} objects (${mib(p.cached.bytes)}), missing ${p.missing.objects} objects (${mib(p.missing.bytes)})`);
+    for (const p of r.paths) lines.push(`  ${p.path}: cached ${p.cached.objects} objects (${formatSize(p.cached.bytes)}), missing ${p.missing.objects} objects (${formatSize(p.missing.bytes)})`);
     if (r.catalogs.missing.length) lines.push(`  catalogs not cached (their sub-trees are unreadable without the WAN): ${r.catalogs.missing.join(', ')}`);
-    if (r.largestMissing.length) lines.push(`  largest missing sub-trees: ${r.largestMissing.map((m) => `${m.path} (${m.objects} objects, ${mib(m.bytes)})`).join('; ')}`);
+    if (r.largestMissing.length) lines.push(`  largest missing sub-trees: ${r.largestMissing.map((m) => `${m.path} (${m.objects} objects, ${formatSize(m.bytes)})`).join('; ')}`);
     return lines.join('\n');
   }
   const err = r.error ? `; stopped: ${r.error.message}` : '';
-  return `${r.repository} revision ${r.revision}: fetched ${r.fetched.objects} objects (${mib(r.fetched.bytes)}), skipped ${r.skipped.objects} cached (${mib(r.skipped.bytes)}), ${r.catalogs.complete} catalogs already complete, ${r.failed.length} errors, ${elapsedS.toFixed(1)} s${err}`;
+  return `${r.repository} revision ${r.revision}: fetched ${r.fetched.objects} objects (${formatSize(r.fetched.bytes)}), skipped ${r.skipped.objects} cached (${formatSize(r.skipped.bytes)}), ${r.catalogs.complete} catalogs already complete, ${r.failed.length} errors, ${elapsedS.toFixed(1)} s${err}`;
 }
 
 /** Warm (or check) every repository once. The exit status: 0 when everything is warmed (or cached). */
-async function once(o: WarmOptions, proxy: Proxy, rate: Rate, state: WarmState, revisions: Map<string, number>): Promise<{ status: number; ttlS: number }> {
+async function once(o: WarmOptions, proxy: ProxyClient, rate: Rate, state: WarmState, revisions: Map<string, number>): Promise<{ status: number; ttlS: number }> {
   const reports: RepoReport[] = [];
   let status = 0;
   let ttlS = Infinity;
@@ -542,7 +538,7 @@ async function once(o: WarmOptions, proxy: Proxy, rate: Rate, state: WarmState, 
 }
 
 export async function warm(o: WarmOptions): Promise<number> {
-  const proxy = new Proxy(o.proxy, o.concurrency + 2, o.signal);
+  const proxy = new ProxyClient(o.proxy, o.concurrency + 2, o.signal);
   const rate = new Rate(o.rateBytesPerSec);
   const state = new WarmState(o.statePath);
   const revisions = new Map<string, number>();

@@ -211,7 +211,7 @@ describe('cuttle warm', () => {
     writeFileSync(config, 'disk-cache: 200KB\nmax-object-size: 100KB\nmax-memory-object-size: 64KB\nmemory-cache: 128KB\n');
     const run = await warm(t.args('--config', config, '--concurrency', '1'));
     assert.equal(run.code, 6, run.stdout + run.stderr);
-    assert.match(run.stderr, /more than --disk-cache \(0\.2 MiB\); it stops after fetching 0\.2 MiB \(--max-bytes\)/);
+    assert.match(run.stderr, /more than --disk-cache \(200 KiB\); it stops after fetching 180 KiB \(--max-bytes\)/);
     assert.match(run.stdout, /LIMIT: /);
     const fetched = [...seen(t.origin).keys()].filter((p) => r1.objects.has(p)).map((p) => r1.bodies.get(p)!.length);
     assert.ok(fetched.reduce((a, b) => a + b, 0) <= 180 * 1024, 'no more than 90% of --disk-cache fetched');
