@@ -2,12 +2,11 @@
 // request to the origin. `cuttle warm` asks with it to skip what the cache holds, and its --check asks
 // nothing else, so a miss here must cost the upstream nothing, on one event loop and with --workers.
 import assert from 'node:assert/strict';
-import { join } from 'node:path';
 import { after, describe, it } from 'node:test';
 import { Pool } from 'undici';
 import { startOrigin } from '../helpers/origin.ts';
-import { get, startChildProxy, tmpDir, useProxy } from '../helpers/proxy.ts';
-import { ownedBy, workerPorts } from '../helpers/workers.ts';
+import { get, useProxy } from '../helpers/proxy.ts';
+import { ownedBy, startWorkers2 } from '../helpers/workers.ts';
 
 const OIC = { 'cache-control': 'only-if-cached' };
 
@@ -58,9 +57,7 @@ describe('only-if-cached', () => {
 describe('only-if-cached with --workers 2', () => {
   it("the worker that does not own a key asks its owner with only-if-cached: the owner's copy answers, and a miss costs the origin nothing", async () => {
     const origin = await startOrigin();
-    const dir = tmpDir();
-    const proxy = await startChildProxy(['--workers', '2', '--listen', '127.0.0.1:0', '--cache-dir', join(dir, 'cache'), '--log-level', 'info', '--allow-local-dest', '127.0.0.1']);
-    const ports = await workerPorts(proxy);
+    const { proxy, ports } = await startWorkers2();
     const owned = ownedBy(1, origin.url, '/w');
     const other = ownedBy(1, origin.url, '/x');
     origin.route(owned, { body: 'owned by worker 1', headers: { 'cache-control': 'max-age=600' } });

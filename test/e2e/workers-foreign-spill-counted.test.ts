@@ -9,8 +9,8 @@ import { after, describe, it } from 'node:test';
 import { Pool } from 'undici';
 import { startOrigin } from '../helpers/origin.ts';
 import { waitFor } from '../helpers/mirrors.ts';
-import { get, startChildProxy, tmpDir } from '../helpers/proxy.ts';
-import { adminUrl, workerPorts } from '../helpers/workers.ts';
+import { get } from '../helpers/proxy.ts';
+import { startWorkers2 } from '../helpers/workers.ts';
 import { urlKey } from '../../src/cache-key.ts';
 import { workerOf } from '../../src/worker-ring.ts';
 
@@ -22,11 +22,7 @@ describe("workers: a relayed object's private spill", () => {
 
   it('is removed and not counted as a stored fill: one object, one committed fill', async () => {
     const origin = await startOrigin();
-    const dir = tmpDir();
-    const cache = join(dir, 'cache');
-    const proxy = await startChildProxy(['--workers', '2', '--listen', '127.0.0.1:0', '--cache-dir', cache, '--log-level', 'info', '--allow-local-dest', '127.0.0.1', '--visible-hostname', 'w-review2']);
-    const ports = await workerPorts(proxy);
-    const admin = adminUrl(proxy);
+    const { proxy, ports, admin, cache } = await startWorkers2([], 'w-review2');
     let path = '';
     for (let i = 0; ; i++) {
       path = `/relayed${i}`;

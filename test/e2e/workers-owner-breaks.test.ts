@@ -9,8 +9,8 @@ import { after, describe, it } from 'node:test';
 import { Pool } from 'undici';
 import { startOrigin } from '../helpers/origin.ts';
 import { waitFor } from '../helpers/mirrors.ts';
-import { get, startChildProxy, tmpDir } from '../helpers/proxy.ts';
-import { workerPorts } from '../helpers/workers.ts';
+import { get } from '../helpers/proxy.ts';
+import { startWorkers2 } from '../helpers/workers.ts';
 import { urlKey } from '../../src/cache-key.ts';
 import { workerOf } from '../../src/worker-ring.ts';
 
@@ -22,10 +22,7 @@ describe('workers: an origin that breaks bodies off behind the owner worker', ()
 
   it('does not take the owner worker down: its other keys are still fetched once', async () => {
     const origin = await startOrigin();
-    const dir = tmpDir();
-    const cache = join(dir, 'cache');
-    const proxy = await startChildProxy(['--workers', '2', '--listen', '127.0.0.1:0', '--cache-dir', cache, '--log-level', 'info', '--allow-local-dest', '127.0.0.1', '--visible-hostname', 'w-review2', '--probe-interval', '1h']);
-    const ports = await workerPorts(proxy);
+    const { proxy, ports, cache } = await startWorkers2(['--probe-interval', '1h'], 'w-review2');
     const owned: string[] = [];
     for (let i = 0; owned.length < 4; i++) if (workerOf(urlKey(new URL(`${origin.url}/k${i}`)), 2) === 1) owned.push(`/k${i}`);
     const [b1, b2, b3, good] = owned as [string, string, string, string];

@@ -5,14 +5,11 @@
 // waits a second --read-timeout. README, Every core: "the owner's answer is final", "each object is
 // fetched upstream once".
 import assert from 'node:assert/strict';
-import { join } from 'node:path';
 import { after, describe, it } from 'node:test';
 import { Pool } from 'undici';
 import { gate, startOrigin } from '../helpers/origin.ts';
-import { get, startChildProxy, tmpDir } from '../helpers/proxy.ts';
-import { workerPorts } from '../helpers/workers.ts';
-import { urlKey } from '../../src/cache-key.ts';
-import { workerOf } from '../../src/worker-ring.ts';
+import { get } from '../helpers/proxy.ts';
+import { ownedBy, startWorkers2 } from '../helpers/workers.ts';
 
 describe('workers: the owner worker labels its own failure', () => {
   const closers: (() => Promise<unknown>)[] = [];
@@ -23,14 +20,8 @@ describe('workers: the owner worker labels its own failure', () => {
   it("the relaying worker takes it as final: the origin is asked once", async () => {
     const held = gate();
     const origin = await startOrigin();
-    const dir = tmpDir();
-    const proxy = await startChildProxy(['--workers', '2', '--listen', '127.0.0.1:0', '--cache-dir', join(dir, 'cache'), '--log-level', 'info', '--allow-local-dest', '127.0.0.1', '--visible-hostname', 'w-review2', '--read-timeout', '1s']);
-    const ports = await workerPorts(proxy);
-    let path = '';
-    for (let i = 0; ; i++) {
-      path = `/hung${i}`;
-      if (workerOf(urlKey(new URL(`${origin.url}${path}`)), 2) === 1) break;
-    }
+    const { proxy, ports } = await startWorkers2(['--read-timeout', '1s'], 'w-review2');
+    const path = ownedBy(1, origin.url, '/hung');
     origin.route(path, { gate: held, body: 'late', headers: { 'cache-control': 'max-age=600' } });
     const pool = new Pool(`http://127.0.0.1:${ports[0]}`, { connections: 1 });
     closers.push(() => origin.close(), () => proxy.stop(), () => pool.close(), async () => held.open());

@@ -10,23 +10,11 @@ import { after, describe, it } from 'node:test';
 import { Pool } from 'undici';
 import { gate, startOrigin } from '../helpers/origin.ts';
 import { casBodies, startMirrors, waitFor } from '../helpers/mirrors.ts';
-import { get, startChildProxy, tmpDir, type ChildProxy } from '../helpers/proxy.ts';
-import { adminUrl, ownedBy, workerPorts } from '../helpers/workers.ts';
+import { get, startChildProxy, tmpDir } from '../helpers/proxy.ts';
+import { ownedBy, startWorkers2 } from '../helpers/workers.ts';
 import { parseTarget, urlKey } from '../../src/cache-key.ts';
 import { workerOf } from '../../src/worker-ring.ts';
 
-interface Workers {
-  proxy: ChildProxy;
-  /** Each worker's own port (its relay listener), by index. */
-  ports: number[];
-  admin: string;
-}
-
-async function startWorkers2(extra: string[] = []): Promise<Workers> {
-  const dir = tmpDir();
-  const proxy = await startChildProxy(['--workers', '2', '--listen', '127.0.0.1:0', '--cache-dir', join(dir, 'cache'), '--log-level', 'info', '--allow-local-dest', '127.0.0.1', '--visible-hostname', 'w-review', ...extra]);
-  return { proxy, ports: await workerPorts(proxy), admin: adminUrl(proxy) };
-}
 
 describe('workers: a key another worker owns', () => {
   const closers: (() => Promise<unknown>)[] = [];

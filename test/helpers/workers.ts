@@ -3,7 +3,23 @@
 import { urlKey } from '../../src/cache-key.ts';
 import { workerOf } from '../../src/worker-ring.ts';
 import { waitFor } from './mirrors.ts';
-import type { ChildProxy } from './proxy.ts';
+import { join } from 'node:path';
+import { startChildProxy, tmpDir, type ChildProxy } from './proxy.ts';
+
+export interface Workers2 {
+  proxy: ChildProxy;
+  /** Each worker's own port (its relay listener), by index. */
+  ports: number[];
+  admin: string;
+  cache: string;
+}
+
+/** cuttle with --workers 2 as a child process on a cache dir of its own, named `hostname`; `extra` are more options. */
+export async function startWorkers2(extra: string[] = [], hostname = 'w-review'): Promise<Workers2> {
+  const cache = join(tmpDir(), 'cache');
+  const proxy = await startChildProxy(['--workers', '2', '--listen', '127.0.0.1:0', '--cache-dir', cache, '--log-level', 'info', '--allow-local-dest', '127.0.0.1', '--visible-hostname', hostname, ...extra]);
+  return { proxy, ports: await workerPorts(proxy), admin: adminUrl(proxy), cache };
+}
 
 /** Each worker's own port, by index (each worker says where it listens; its line may come after the process's). */
 export async function workerPorts(proxy: ChildProxy, count = 2): Promise<number[]> {
