@@ -430,6 +430,18 @@ export const OPTIONS = {
     help: 'while the event loop runs later than this, new client connections and new fills get 503 at once (0 = never)',
     schema: duration,
   },
+  'background-load': {
+    default: 0.5,
+    field: 'backgroundLoad',
+    help: 'a request marked Priority: u=7 (cuttle warm) starts a new fill only while the event loop is busy at most this share of the time, or serves no other client (1 = never held)',
+    schema: z.number({ error: 'expected a number from 0 to 1' }).min(0, 'expected a number from 0 to 1').max(1, 'expected a number from 0 to 1'),
+  },
+  'background-wait': {
+    default: '30s',
+    field: 'backgroundWaitMs',
+    help: 'how long a background request waits for the event loop to have room before it is refused with 503 (cuttle warm asks again)',
+    schema: duration,
+  },
   workers: {
     default: availableParallelism(),
     field: 'workers',
@@ -834,7 +846,7 @@ export function parseCli(argv: string[]): Cli {
     if (v[name] === undefined) continue;
     const def = DEFAULTS[name];
     // Numeric options arrive as strings from the command line.
-    out[name] = typeof def === 'number' && /^\d+$/.test(String(v[name])) ? Number(v[name]) : v[name];
+    out[name] = typeof def === 'number' && /^\d+(\.\d+)?$/.test(String(v[name])) ? Number(v[name]) : v[name];
   }
   return {
     configFile: v.config as string | undefined,

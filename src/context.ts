@@ -1,6 +1,7 @@
 // What the request path, delivery and tunnels share of one proxy: its configuration, tiers, fills,
 // upstream, logs and counters. Built once by createProxy (server.ts).
 import type { Acl } from './acl.ts';
+import type { BackgroundGate } from './background.ts';
 import type { AccessLog, Transaction } from './access-log.ts';
 import type { BufferPool } from './buffer-pool.ts';
 import type { Clock } from './clock.ts';
@@ -36,6 +37,8 @@ export interface Ctx {
   hierarchy: Hierarchy;
   /** The event-loop lag monitor: while it lags, new connections and new fills are refused. */
   loopLag: LoopLag;
+  /** Holds a background request's new fill while the loop is busy with clients (background.ts). */
+  background: BackgroundGate;
   /** This proxy forgot a key (PURGE, an unsafe method): the other workers are told (--workers). */
   forgotten?: (key: string) => Promise<boolean>;
   /** Open CONNECT tunnels, each by the function that ends it (shutdown cuts them). */

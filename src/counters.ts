@@ -10,6 +10,7 @@ import type { Transaction } from './access-log.ts';
 import type { FetchStats } from './fill-fetch.ts';
 import type { MirrorSnapshot } from './mirrors.ts';
 import type { PeerSnapshot } from './peer.ts';
+import { isBackground } from './background.ts';
 import { newRefusals, readListenQueue, type RefusalReason } from './overload.ts';
 import type { TierStats } from './store.ts';
 
@@ -31,6 +32,7 @@ export const REQUEST_COUNTERS = {
   misses: { help: 'requests that started an upstream fill of their own', counts: (tx: Transaction) => !isHit(tx) && tx.served === 'miss' },
   coalesced: { help: 'requests that joined a running fill', counts: (tx: Transaction) => !isHit(tx) && tx.served === 'coalesced' },
   passes: { help: 'requests forwarded uncached (not GET/HEAD, credentials, no-store)', counts: (tx: Transaction) => tx.served === 'pass' },
+  background: { help: 'requests marked background with Priority: u=7 (cuttle warm): a new fill of theirs waits while the loop is busy with other clients (--background-load)', counts: (tx: Transaction) => isBackground(tx.headers) },
   denied: { help: 'requests refused by an access rule (403)', counts: (tx: Transaction) => tx.result === 'TCP_DENIED' },
   errors: { help: "cuttle's own failures other than refusals (SNMP cacheHttpErrors with denied)", counts: (tx: Transaction, error?: string) => error !== undefined && tx.result !== 'TCP_DENIED' },
 } as const;
@@ -46,6 +48,8 @@ export type Counters = Record<RequestCounter, number> & {
   truncated: number;
   /** Uncached requests and tunnels in flight (bounded by --max-passes). */
   passesInFlight: number;
+  /** Background requests whose new fill waits for the loop to have room (background.ts). */
+  backgroundWaiting: number;
   /** Disk records dropped for a bad checksum while serving. */
   corruptRecords: number;
   /** Stale copies served because the upstream could not be reached (TCP_REFRESH_FAIL_OLD). */
@@ -62,7 +66,7 @@ export type Counters = Record<RequestCounter, number> & {
 
 export function newCounters(): Counters {
   const c = Object.fromEntries(Object.keys(REQUEST_COUNTERS).map((k) => [k, 0])) as Record<RequestCounter, number>;
-  return { ...c, truncated: 0, passesInFlight: 0, corruptRecords: 0, staleServed: 0, servedBytes: { memory: 0, disk: 0, upstream: 0, cuttle: 0 }, byResult: new Map(), byError: new Map(), refused: newRefusals() };
+  return { ...c, truncated: 0, passesInFlight: 0, backgroundWaiting: 0, corruptRecords: 0, staleServed: 0, servedBytes: { memory: 0, disk: 0, upstream: 0, cuttle: 0 }, byResult: new Map(), byError: new Map(), refused: newRefusals() };
 }
 
 const RESULT_GROUP: Record<string, string> = {
@@ -166,10 +170,11 @@ export const METRICS: readonly Metric[] = [
   counter('cuttle_truncated_responses_total', 'Responses cut short by a broken upstream', ['counters.truncated'], (s) => s.counters.truncated),
   counter('cuttle_corrupt_records_total', 'Disk records dropped for a bad checksum while serving', ['counters.corruptRecords'], (s) => s.counters.corruptRecords),
   counter('cuttle_stale_served_total', 'Stale copies served because the upstream could not be reached (TCP_REFRESH_FAIL_OLD)', ['counters.staleServed'], (s) => s.counters.staleServed),
-  counter('cuttle_refused_total', 'Connections and requests refused with 503 ERR_OVERLOADED, by reason: connections (--max-client-connections), fills (--max-fills), passes (--max-passes), fill_memory (--fill-memory spent), loop_lag (the event loop lags past --max-loop-lag)', ['refused.{reason}'], (s) => Object.entries(s.counters.refused).map(([reason, n]) => [{ reason }, n] as const), ['reason']),
+  counter('cuttle_refused_total', 'Connections and requests refused with 503 ERR_OVERLOADED, by reason: connections (--max-client-connections), fills (--max-fills), passes (--max-passes), fill_memory (--fill-memory spent), loop_lag (the event loop lags past --max-loop-lag), background (a Priority: u=7 request waited --background-wait for the loop to have room)', ['refused.{reason}'], (s) => Object.entries(s.counters.refused).map(([reason, n]) => [{ reason }, n] as const), ['reason']),
   counter('cuttle_listen_overflows_total', "Connections the kernel dropped because a listener's accept queue was full (TcpExt ListenOverflows in /proc/net/netstat): counts every listener of the network namespace, not only cuttle's", ['listenQueue.overflows'], () => kernel(readListenQueue()?.overflows)),
   counter('cuttle_listen_drops_total', 'Connections the kernel dropped at a listener for any reason, overflows included (TcpExt ListenDrops in /proc/net/netstat): counts every listener of the network namespace, not only cuttle\'s', ['listenQueue.drops'], () => kernel(readListenQueue()?.drops)),
   gauge('cuttle_passes_in_flight', 'Uncached requests and tunnels in flight (bounded by --max-passes)', ['counters.passesInFlight'], (s) => s.counters.passesInFlight),
+  gauge('cuttle_background_waiting', 'Background requests (Priority: u=7) whose new fill waits for the event loop to have room (--background-load)', ['counters.backgroundWaiting'], (s) => s.counters.backgroundWaiting),
   gauge('cuttle_client_connections', 'Open client connections', ['clientConnections'], (s) => s.clientConnections()),
   gauge('cuttle_fills_in_flight', 'Upstream fills running now', ['fills.inFlight'], (s) => s.fills().inFlight),
   gauge('cuttle_fill_memory_bytes', 'Memory held by in-flight fills (bounded by --fill-memory)', ['fills.memoryBytes'], (s) => s.fills().memoryBytes),

@@ -18,6 +18,7 @@ import { SLICE_BYTES } from './pacer.ts';
 import type { IncomingHttpHeaders, IncomingMessage, ServerResponse } from 'node:http';
 import { localHint, plainAddress } from './acl.ts';
 import { newTransaction, recordTransaction } from './access-log.ts';
+import { isBackground, type BackgroundAnswer } from './background.ts';
 import { parseTarget, urlKey, variantKey } from './cache-key.ts';
 import type { Coalescer } from './coalescer.ts';
 import type { Ctx } from './context.ts';
@@ -71,6 +72,8 @@ interface State extends Delivery {
   lookedAgain?: boolean;
   /** Relayed by another worker of this process (--workers): fetched here, never relayed again. */
   relay?: boolean;
+  /** A background request that the gate let go (background.ts): it is not held twice. */
+  roomMade?: boolean;
 }
 
 const CACHEABLE = new Set(['GET', 'HEAD']);
@@ -504,7 +507,7 @@ function busy(s: State): StepName {
   return 'deliverFill';
 }
 
-function miss(s: State): StepName {
+function miss(s: State): StepName | Promise<StepName | undefined> {
   const { ctx, reqHeaders, tx } = s;
   // Another request may have started this key's fill while this one looked in the store: join it.
   // (From here to start() nothing awaits, so a herd can't start two fills for one key.)
@@ -512,6 +515,11 @@ function miss(s: State): StepName {
     closeStored(s.stored);
     s.stored = undefined;
     return 'busy';
+  }
+  // A background request's fill yields to clients (background.ts): it waits while the loop is busy.
+  if (!s.roomMade && isBackground(reqHeaders)) {
+    const room = ctx.background.admit(performance.now());
+    if (room !== 'go') return waitForRoom(s, room);
   }
   // A new fill is admitted only while it can be served at speed (overload.ts); a join or a hit never gets here.
   const refused = newFillRefusal(ctx);
@@ -528,6 +536,30 @@ function miss(s: State): StepName {
   s.readerId = started.readerId;
   closeStored(stale);
   return 'deliverFill';
+}
+
+/**
+ * A background request waits for the loop to have room, then looks again (in the meantime a client may
+ * have fetched its key); or, after --background-wait, is refused so that cuttle warm asks again later.
+ */
+async function waitForRoom(s: State, room: BackgroundAnswer | Promise<BackgroundAnswer>): Promise<StepName | undefined> {
+  const { ctx } = s;
+  closeStored(s.stored);
+  s.stored = undefined;
+  ctx.counters.backgroundWaiting++;
+  try {
+    room = await room;
+  } finally {
+    ctx.counters.backgroundWaiting--;
+  }
+  if (room === 'refused') return fail(s, refuse(ctx.counters, 'background'));
+  // Its client left while it waited: no fill for nobody.
+  if (s.node?.req.socket.destroyed) {
+    s.tx.aborted = true;
+    return undefined;
+  }
+  s.roomMade = true;
+  return 'lookup';
 }
 
 /** Why a new fill may not start now (overload.ts), if it may not. */

@@ -8,7 +8,7 @@ import type { Counters } from './counters.ts';
 import { ProxyError } from './errors.ts';
 
 /** Why a connection or a request was refused with 503 ERR_OVERLOADED. */
-export type RefusalReason = 'connections' | 'fills' | 'passes' | 'fill_memory' | 'loop_lag';
+export type RefusalReason = 'connections' | 'fills' | 'passes' | 'fill_memory' | 'loop_lag' | 'background';
 
 const WHY: Record<RefusalReason, string> = {
   connections: 'too many client connections',
@@ -16,10 +16,11 @@ const WHY: Record<RefusalReason, string> = {
   passes: 'too many uncached requests in flight',
   fill_memory: 'fill memory is spent',
   loop_lag: 'the event loop lags',
+  background: 'a background request (Priority: u=7) found no room on the event loop within --background-wait',
 };
 
 export function newRefusals(): Record<RefusalReason, number> {
-  return { connections: 0, fills: 0, passes: 0, fill_memory: 0, loop_lag: 0 };
+  return { connections: 0, fills: 0, passes: 0, fill_memory: 0, loop_lag: 0, background: 0 };
 }
 
 /** Count a refusal; returns the 503 that says why. */

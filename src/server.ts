@@ -26,6 +26,7 @@ import { logCutRequests } from './handle-request.ts';
 import { primaryOfKey, workerOf } from './worker-ring.ts';
 import { RateHistory } from './rate-history.ts';
 import { LoopLag } from './overload.ts';
+import { BackgroundGate } from './background.ts';
 import { shutdown } from './shutdown.ts';
 import { startSnmpAgent, type SnmpAgent } from './snmp.ts';
 import { TieredStore } from './store.ts';
@@ -55,6 +56,8 @@ export interface Proxy {
   readonly mirrors: Mirrors;
   /** The event-loop lag monitor (--max-loop-lag). */
   readonly loopLag: LoopLag;
+  /** Holds background requests' new fills while clients keep the loop busy (--background-load). */
+  readonly background: BackgroundGate;
   /** Parents and the bank: where misses go. */
   readonly hierarchy: Hierarchy;
   /** The request and byte rates of the last hour (/status history); a worker keeps none. */
@@ -185,9 +188,10 @@ export async function createProxy(cfg: Config, opts: ProxyOptions = {}): Promise
   coalescer.onFillDone = (readers) => metrics.fillDone(readers);
   const pacer = new Pacer();
   const loopLag = new LoopLag(cfg.maxLoopLagMs);
+  const background = new BackgroundGate(cfg.backgroundLoad, cfg.backgroundWaitMs);
   loopLag.onChange = (lagging, lateMs) =>
     lagging ? log.warn({ lateMs: Math.round(lateMs) }, 'the event loop lags past --max-loop-lag: new connections and new fills get 503 until it catches up') : log.info({ lateMs: Math.round(lateMs) }, 'the event loop caught up: new connections and fills are served again');
-  const ctx: Ctx = { cfg, acl: live.acl, clock, store, coalescer, upstream, accessLog, log, counters, buffers, pacer, metrics, mirrors: live.mirrors, hierarchy, loopLag, tunnels: new Set(), open: new Map() };
+  const ctx: Ctx = { cfg, acl: live.acl, clock, store, coalescer, upstream, accessLog, log, counters, buffers, pacer, metrics, mirrors: live.mirrors, hierarchy, loopLag, background, tunnels: new Set(), open: new Map() };
   live.onMirrors = (fresh) => {
     ctx.mirrors = fresh;
     coalescer.useMirrors(fresh);
@@ -228,6 +232,7 @@ export async function createProxy(cfg: Config, opts: ProxyOptions = {}): Promise
     pacer,
     log,
     loopLag,
+    background,
     get mirrors() {
       return live.mirrors;
     },
@@ -252,6 +257,7 @@ export async function createProxy(cfg: Config, opts: ProxyOptions = {}): Promise
       phase.listening = true;
       history?.start(() => clock.now(), () => new Map([['proxy', figures(sources)]]), (err) => log.error({ err, internal: true }, 'rate history sample failed'));
       loopLag.start();
+      background.start(() => counters.requests - counters.background);
       live.startProbing();
       log.info({ listen: listeners.addresses(), admin: admin?.address(), cacheDir: cfg.cacheDir }, opts.worker ? 'worker listening' : 'cuttle listening');
     },
@@ -263,6 +269,7 @@ export async function createProxy(cfg: Config, opts: ProxyOptions = {}): Promise
       drain.stop(timeoutMs);
       history?.stop();
       loopLag.stop();
+      background.stop();
       // The requests the shutdown cut get their lines just before the log closes (shutdown only closes it).
       const cutLogged: AccessLog = { ...accessLog, close: (ms) => (logCutRequests(ctx), accessLog.close(ms)) };
       await shutdown({ listeners, tunnels: ctx.tunnels, coalescer, upstream, accessLog: cutLogged, disk, admin, snmpAgent: () => snmpAgent, log, stopProbing: () => (live.stopProbing(), hierarchy.stop()) }, timeoutMs);

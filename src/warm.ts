@@ -92,6 +92,8 @@ export interface RepoReport {
   largestMissing: { path: string; objects: number; bytes: number }[];
   /** --check: manifest, whitelist, certificate and root catalog are all cached. */
   mountable: boolean;
+  /** Requests cuttle refused as busy (its clients come first), each asked again after a pause. */
+  busyRefusals: number;
   error?: { code: WarmErrorCode; message: string };
 }
 
@@ -202,8 +204,26 @@ class ProxyClient {
     this.#signal = signal;
   }
 
+  /** Times cuttle refused a request as overloaded (a busy loop holds warm's fills: background.ts), each asked again. */
+  busyRefusals = 0;
+
+  /**
+   * Ask until cuttle does not refuse for load. warm is background work (RFC 9218 urgency 7): cuttle holds
+   * its new fills while clients keep the loop busy and refuses them after --background-wait; warm then
+   * waits and asks again, for as long as the proxy stays busy.
+   */
   async ask(method: 'GET' | 'HEAD', url: string, cacheControl?: string): Promise<Answer> {
-    const headers: Record<string, string> = { host: new URL(url).host, 'user-agent': USER_AGENT };
+    for (let pauseMs = 1000; ; pauseMs = Math.min(2 * pauseMs, 10_000)) {
+      const a = await this.#ask(method, url, cacheControl);
+      if (a.status !== 503 || !/^cuttle;.*error=connection_limit_reached/.test(String(a.headers['proxy-status'] ?? ''))) return a;
+      await a.body.dump();
+      this.busyRefusals++;
+      await sleep(pauseMs, undefined, { signal: this.#signal });
+    }
+  }
+
+  async #ask(method: 'GET' | 'HEAD', url: string, cacheControl?: string): Promise<Answer> {
+    const headers: Record<string, string> = { host: new URL(url).host, 'user-agent': USER_AGENT, priority: 'u=7' };
     if (cacheControl) headers['cache-control'] = cacheControl;
     try {
       const r = await this.#pool.request({ path: url, method, headers, signal: this.#signal });
@@ -265,6 +285,7 @@ class RepoWalk {
       paths: this.#scope.prefixes.map((p) => ({ path: p || '/', cached: tally(), missing: tally() })),
       largestMissing: [],
       mountable: true,
+      busyRefusals: 0,
     };
   }
 
@@ -497,7 +518,8 @@ function summaryLine(r: RepoReport, check: boolean, elapsedS: number): string {
     return lines.join('\n');
   }
   const err = r.error ? `; stopped: ${r.error.message}` : '';
-  return `${r.repository} revision ${r.revision}: fetched ${r.fetched.objects} objects (${formatSize(r.fetched.bytes)}), skipped ${r.skipped.objects} cached (${formatSize(r.skipped.bytes)}), ${r.catalogs.complete} catalogs already complete, ${r.failed.length} errors, ${elapsedS.toFixed(1)} s${err}`;
+  const busy = r.busyRefusals ? `, ${r.busyRefusals} times asked again after the proxy was busy with clients` : '';
+  return `${r.repository} revision ${r.revision}: fetched ${r.fetched.objects} objects (${formatSize(r.fetched.bytes)}), skipped ${r.skipped.objects} cached (${formatSize(r.skipped.bytes)}), ${r.catalogs.complete} catalogs already complete, ${r.failed.length} errors${busy}, ${elapsedS.toFixed(1)} s${err}`;
 }
 
 /** Warm (or check) every repository once. The exit status: 0 when everything is warmed (or cached). */
@@ -508,6 +530,7 @@ async function once(o: WarmOptions, proxy: ProxyClient, rate: Rate, state: WarmS
   for (const repo of o.repos) {
     const t0 = performance.now();
     const walk = new RepoWalk(o, proxy, rate, state, repo);
+    const busyBefore = proxy.busyRefusals;
     try {
       // --watch asks for the newest manifest: a cached one may be up to its max-age old.
       const m = await walk.manifest(revisions.has(repo) ? 'max-age=0' : undefined);
@@ -522,6 +545,7 @@ async function once(o: WarmOptions, proxy: ProxyClient, rate: Rate, state: WarmS
       status = Math.max(status, WARM_ERRORS[err.code].exit);
     }
     const r = walk.report;
+    r.busyRefusals = proxy.busyRefusals - busyBefore;
     if (o.check) {
       r.largestMissing.sort((a, b) => b.bytes - a.bytes).splice(10);
       if (!r.mountable || r.catalogs.missing.length || r.paths.some((p) => p.missing.objects)) status = Math.max(status, WARM_ERRORS.NOT_CACHED.exit);

@@ -59,10 +59,10 @@ interface Rig {
   args: (...extra: string[]) => string[];
 }
 
-async function rig(repo: Repository, opts: Parameters<typeof serve>[2] = {}): Promise<Rig> {
+async function rig(repo: Repository, opts: Parameters<typeof serve>[2] = {}, proxyOptions: Record<string, unknown> = {}): Promise<Rig> {
   const origin = await startOrigin();
   serve(origin, repo, opts);
-  const proxy = await startProxy();
+  const proxy = await startProxy(proxyOptions);
   const state = join(tmpDir(), 'warm-state.json');
   const repoUrl = `${origin.url}/cvmfs/${REPO}`;
   after(async () => {
@@ -113,6 +113,31 @@ describe('cuttle warm', () => {
     assert.equal(t.origin.seen.length - before, added.length + newCatalogs.length, 'the next revision: exactly its new objects and catalogs');
     const s3 = seen(t.origin);
     for (const p of [...r2.objects, ...catalogsOf(r2)]) assert.equal(s3.get(p), 1, p);
+  });
+
+  it('yields to clients: while they keep cuttle busy its fills are refused (--background-wait) and asked again later, each object still fetched once', async () => {
+    const t = await rig(r1, {}, { 'background-load': 0, 'background-wait': '0s' });
+    t.origin.route('/hot', { body: 'a client hit', headers: { 'cache-control': 'max-age=600' } });
+    const pool = proxyClient(t.proxy.url, 1);
+    assert.equal((await get(pool, `${t.origin.url}/hot`)).status, 200);
+    let stopped = false;
+    const clients = (async () => {
+      while (!stopped) await get(pool, `${t.origin.url}/hot`);
+    })();
+    await waitFor('the loop busy with clients', () => t.proxy.proxy.background.busy);
+    const w = startWarm(t.args());
+    const refused = async () => Number(/^cuttle_refused_total\{reason="background"\} (\d+)$/m.exec((await t.proxy.proxy.report()).metrics)?.[1]);
+    await waitFor('a fill of warm refused', async () => (await refused()) >= 1);
+    // The manifest, warm's first fill, was refused: nothing reached the Stratum 1.
+    assert.equal(t.origin.seen.filter((r) => r.path.startsWith(ROOT)).length, 0);
+    stopped = true;
+    await clients;
+    await pool.close();
+    const run = await w.done;
+    assert.equal(run.code, 0, run.stdout + run.stderr);
+    assert.match(run.stdout, /times asked again after the proxy was busy with clients/);
+    const s = seen(t.origin);
+    for (const p of [...r1.objects, ...catalogsOf(r1), '.cvmfspublished']) assert.equal(s.get(p), 1, p);
   });
 
   it('--path walks only the sub-trees asked for, pruning on nested catalogs and on directories', async () => {

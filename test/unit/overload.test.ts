@@ -92,7 +92,7 @@ describe('refuse', () => {
     assert.equal(err.code, 'ERR_OVERLOADED');
     assert.equal(err.status, 503);
     assert.equal(err.detail, 'fill memory is spent');
-    assert.deepEqual(c.refused, { connections: 0, fills: 0, passes: 0, fill_memory: 1, loop_lag: 2 });
+    assert.deepEqual(c.refused, { connections: 0, fills: 0, passes: 0, fill_memory: 1, loop_lag: 2, background: 0 });
   });
 });
 

@@ -1,0 +1,100 @@
+// Background requests: fills that yield to clients. A request that says `Priority: u=7` (RFC 9218's
+// lowest urgency, "reserved for background tasks such as delivery of software updates"; cuttle warm
+// sends it) may start a new fill only while the event loop has room: a fill costs the loop a few
+// milliseconds, and on a loop busy with clients that lands on their latency. Hits and joins of running
+// fills are never held. Here: the marker, and the gate; tick() is the whole policy, with time passed in,
+// and start() drives it from the loop's own utilisation.
+import type { IncomingHttpHeaders } from 'node:http';
+import { performance } from 'node:perf_hooks';
+
+/** RFC 9218 urgency 7: the request is background work. */
+export function isBackground(headers: IncomingHttpHeaders | undefined): boolean {
+  const p = headers?.priority;
+  if (p === undefined) return false;
+  // A Structured Fields dictionary; the last `u` wins (RFC 8941 §4.2.2).
+  const all = [...String(p).matchAll(/(?:^|,)\s*u\s*=\s*(-?\d+)\s*(?=,|;|$)/g)];
+  return all.length > 0 && all.at(-1)![1] === '7';
+}
+
+/** How often the gate looks at the loop: short, so that a warm stops soon after clients come. */
+export const BACKGROUND_TICK_MS = 25;
+
+export type BackgroundAnswer = 'go' | 'refused';
+
+interface Waiter {
+  since: number;
+  resolve: (a: BackgroundAnswer) => void;
+}
+
+/**
+ * Busy: over the last tick the loop was active for more than `maxLoad` of the time, and it served
+ * foreground requests (a warm alone on an idle proxy runs at full speed; its own work does not hold it).
+ * While busy, a background request that would start a fill waits, at most `maxWaitMs` and at most
+ * `maxWaiters` of them, then is refused (503, so cuttle warm backs off and asks again). The first tick
+ * that is not busy lets every waiter go.
+ */
+export class BackgroundGate {
+  readonly #maxLoad: number;
+  readonly #maxWaitMs: number;
+  readonly #maxWaiters: number;
+  readonly #waiters: Waiter[] = [];
+  #timer: NodeJS.Timeout | undefined;
+  busy = false;
+  /** The loop's utilisation over the last tick, 0–1. */
+  load = 0;
+  /** Background requests that waited, in all (the caller counts refusals: overload.ts). */
+  held = 0;
+
+  /** maxLoad 1: never busy (background requests are treated as any other). */
+  constructor(maxLoad: number, maxWaitMs: number, maxWaiters = 256) {
+    this.#maxLoad = maxLoad;
+    this.#maxWaitMs = maxWaitMs;
+    this.#maxWaiters = maxWaiters;
+  }
+
+  get waiting(): number {
+    return this.#waiters.length;
+  }
+
+  /** A tick at `now` (ms): the loop's utilisation and the foreground requests finished since the last one. */
+  tick(now: number, load: number, foreground: number): void {
+    this.load = load;
+    this.busy = this.#maxLoad < 1 && load > this.#maxLoad && foreground > 0;
+    if (!this.busy) {
+      for (const w of this.#waiters.splice(0)) w.resolve('go');
+      return;
+    }
+    while (this.#waiters.length && now - this.#waiters[0]!.since >= this.#maxWaitMs) this.#waiters.shift()!.resolve('refused');
+  }
+
+  /** 'go' at once when not busy; else a promise of 'go' once it is not, or 'refused'. */
+  admit(now: number): BackgroundAnswer | Promise<BackgroundAnswer> {
+    if (!this.busy) return 'go';
+    if (this.#waiters.length >= this.#maxWaiters || this.#maxWaitMs === 0) return 'refused';
+    this.held++;
+    return new Promise((resolve) => this.#waiters.push({ since: now, resolve }));
+  }
+
+  /** Drive tick() from a timer: `foreground()` is a running count of foreground requests finished. */
+  start(foreground: () => number): void {
+    if (this.#maxLoad >= 1 || this.#timer) return;
+    let elu = performance.eventLoopUtilization();
+    let seen = foreground();
+    // Unref'd: the gate alone never keeps the process alive.
+    this.#timer = setInterval(() => {
+      const now = performance.eventLoopUtilization();
+      const n = foreground();
+      this.tick(performance.now(), performance.eventLoopUtilization(now, elu).utilization, n - seen);
+      elu = now;
+      seen = n;
+    }, BACKGROUND_TICK_MS).unref();
+  }
+
+  /** Stop the timer; whoever waits is refused (the proxy is stopping). */
+  stop(): void {
+    clearInterval(this.#timer);
+    this.#timer = undefined;
+    this.busy = false;
+    for (const w of this.#waiters.splice(0)) w.resolve('refused');
+  }
+}
