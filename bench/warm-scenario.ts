@@ -168,13 +168,17 @@ export async function runWarmScenario(o: WarmScenarioOptions): Promise<WarmScena
     const hitLatency: WarmScenarioResult['hitLatency'] = [];
     if (wrkBinary) {
       const hot = `${repoUrl}/${[...r1.objectsBySubtree.get('')!][0]}`;
-      for (const phase of ['idle', 'warm', 'warm', 'idle', 'idle', 'warm', 'warm', 'idle'] as const) {
+      const phases = ['idle', 'warm', 'warm', 'idle', 'idle', 'warm', 'warm', 'idle'] as const;
+      // A repository of its own per warm, so each warm fetches (a cached one would only be asked). All
+      // are built before the first phase: building one (SQLite, zlib, ~70 MB of bodies) in this process
+      // beside the generator would load the warm phases alone with its garbage.
+      for (const [i] of phases.filter((p) => p === 'warm').entries()) others.push(await startEmulator({ repo: OTHER, bodies: new Map(), latencyMs: o.latencyMs, repository: { revision: 1, files: 4000, seed: o.seed + i + 8, fileBytes: [1024, 32 * 1024] } }));
+      const unused = [...others];
+      for (const phase of phases) {
         let w: ReturnType<typeof warmCli> | undefined;
         let other: Awaited<ReturnType<typeof startEmulator>> | undefined;
         if (phase === 'warm') {
-          // A repository of its own per round, so each warm fetches (a cached one would only be asked).
-          other = await startEmulator({ repo: OTHER, bodies: new Map(), latencyMs: o.latencyMs, repository: { revision: 1, files: 4000, seed: o.seed + hitLatency.length + 7, fileBytes: [1024, 32 * 1024] } });
-          others.push(other);
+          other = unused.shift()!;
           w = warmCli([`${other.url}/cvmfs/${OTHER}`, '--proxy', cuttle.url, '--state', join(dir, `other${hitLatency.length}.json`)]);
           // Measured once the walk fetches objects, not catalogs.
           while (other.stats.requests < 20) await new Promise((r) => setTimeout(r, 50));
