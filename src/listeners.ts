@@ -30,12 +30,22 @@ function takeNodeConnection(srv: Server): (sock: Socket) => void {
 }
 
 /**
- * Listening sockets per client address. libuv takes one connection off a listening socket per
- * readiness event, so under load (a turn of tens of ms) a burst waited seconds in the accept queue: the
- * overload bench saw 2,000 connections drain at ~350 a second, their 503s late. Sockets sharing the
- * port (SO_REUSEPORT, Linux) each take one per event: the kernel spreads new connections over them.
+ * Listening sockets per client address. libuv (since 1.45) takes one connection off a listening socket
+ * per turn of the event loop, so under load (turns of tens of ms) a burst waits in the accept queue and
+ * its 503s go out late. Sockets sharing the port (SO_REUSEPORT, Linux) each take one per turn: the
+ * kernel spreads new connections over them. In the overload bench (4,000 connects at once, 2,000
+ * admitted) the refusals' p99 was 2.9 s with 8 sockets, 1.1–1.5 s with 64 and 0.75–0.84 s with 256; at
+ * 1,024 the burst was accepted faster than the refused connections closed, and the hard cap dropped
+ * some. Each is a descriptor, a libuv handle and a node:http server (whose timeouts and connection list
+ * are its own, so they stay node's).
  */
-const ACCEPT_SOCKETS = process.platform === 'linux' ? 8 : 1;
+const ACCEPT_SOCKETS = 256;
+
+/** Listening sockets per address: ACCEPT_SOCKETS, but at most one per 256 descriptors of the open-files limit, so that a low limit (ulimit -n 1024) keeps its descriptors for clients. */
+function acceptSockets(openFiles: number | undefined): number {
+  if (process.platform !== 'linux') return 1;
+  return Math.max(1, Math.min(ACCEPT_SOCKETS, Math.floor((openFiles ?? Infinity) / 256)));
+}
 
 export function listenOn(srv: NetServer, host: string, port: number, backlog: number, reusePort = false): Promise<void> {
   return new Promise<void>((resolve, reject) => {
@@ -128,13 +138,13 @@ export class Listeners {
     // The process's descriptors are every worker's: each counts on its share.
     this.#openFiles = soft === Infinity || soft === undefined ? undefined : Math.floor(soft / (worker?.count ?? 1));
     this.#warn = !worker || worker.index === 0;
-    this.#cap = connectionCap(cfg, this.#openFiles);
     this.#lane = hitLane(ctx, drain);
     this.#sharedPorts = worker !== undefined;
     const listeners = [...cfg.listen.map((addr) => ({ addr, accel: cfg.accel })), ...(cfg.accelListen === 'none' ? [] : [{ addr: cfg.accelListen, accel: true }])];
     if (worker) listeners.push({ addr: { host: '127.0.0.1', port: 0 }, accel: false });
     this.#addrs = listeners.map((l) => l.addr);
-    this.#groups = listeners.map(({ accel, addr }) => Array.from({ length: worker && addr.port === 0 ? 1 : ACCEPT_SOCKETS }, () => this.#server(accel)));
+    this.#cap = connectionCap(cfg, this.#openFiles, listeners.length * acceptSockets(this.#openFiles));
+    this.#groups = listeners.map(({ accel, addr }) => Array.from({ length: worker && addr.port === 0 ? 1 : acceptSockets(this.#openFiles) }, () => this.#server(accel)));
   }
 
   /** Client connections open now. */
