@@ -11,7 +11,7 @@ import { join } from 'node:path';
 import { describe, it } from 'node:test';
 import { Worker } from 'node:worker_threads';
 import { randomBytes } from 'node:crypto';
-import { readListenQueue, readSomaxconn } from '../../src/overload.ts';
+import { openFilesLimit, readListenQueue, readSomaxconn } from '../../src/overload.ts';
 import { waitFor } from '../helpers/mirrors.ts';
 import { gate, startOrigin } from '../helpers/origin.ts';
 import { get, proxyClient, startChildProxy, startProxy, tmpDir } from '../helpers/proxy.ts';
@@ -236,6 +236,29 @@ describe('overload: refuse fast, never trickle', () => {
       await worker?.terminate();
       open.destroy();
       await p.close();
+      await origin.close();
+    }
+  });
+  it('a burst is taken by many listening sockets on one port: 256 per address, at most one per 256 descriptors of the open-files limit', async (t) => {
+    const ss = requireTool(t, ['ss'], 'iproute2');
+    if (!ss) return;
+    const listening = (port: number) => spawnSync(ss, ['-ltnH', `sport = :${port}`], { encoding: 'utf8' }).stdout.trim().split('\n').filter(Boolean).length;
+    const origin = await startOrigin({ '/x': { body: 'x', headers: { 'cache-control': 'max-age=60' } } });
+    const low = await startChildProxy(['--listen', '127.0.0.1:0', '--cache-dir', join(tmpDir(), 'cache'), '--allow-local-dest', '127.0.0.1'], undefined, { openFiles: 1024 });
+    const soft = openFilesLimit()?.soft;
+    const here = await startProxy();
+    const pool = proxyClient(here.url, 1);
+    try {
+      assert.equal(listening(low.port), process.platform === 'linux' ? 4 : 1, 'ulimit -n 1024: 4 sockets');
+      const expected = process.platform !== 'linux' ? 1 : Math.max(1, Math.min(256, Math.floor((soft === undefined || soft === Infinity ? Infinity : soft) / 256)));
+      assert.equal(listening(here.port), expected, `open-files limit ${soft}`);
+      assert.equal((await get(pool, `${origin.url}/x`)).status, 200);
+      assert.equal((await get(pool, `${origin.url}/x`)).status, 200);
+      assert.equal(origin.count('/x'), 1);
+    } finally {
+      await pool.close();
+      await here.close();
+      await low.stop();
       await origin.close();
     }
   });

@@ -134,6 +134,7 @@ describe('connectionCap', () => {
     assert.equal(connectionCap(cfg, undefined).cap, 65536, 'no limit known: the option alone');
     assert.deepEqual(connectionCap(cfg, 1024), { cap: 512, reserve: 512, byDescriptors: true }, 'a low limit keeps at most half for itself');
     assert.equal(connectionCap(cfg, 1).cap, 1, 'never zero');
+    assert.deepEqual(connectionCap(cfg, 20_000, 78), { cap: 20_000 - 2560 - 78, reserve: 2560 + 78, byDescriptors: true }, 'the listening sockets are kept too');
   });
   it('reads the soft limit from /proc/self/limits', () => {
     const n = openFilesLimit()?.soft;
