@@ -576,8 +576,11 @@ function startFill(s: State, stale: StoredObject | undefined, waits: boolean): R
   const { ctx, reqHeaders, tx } = s;
   // A relay's headers already carry this process's Via entry and the client's address.
   const upstreamHeaders = s.relay ? relayedHeaders(reqHeaders, s.url!) : upstreamRequestHeaders(reqHeaders, s.url!, tx.client, ctx.cfg.visibleHostname);
-  // The fill is for everyone: it asks for the whole object, never this client's conditions.
+  // The fill is for everyone: it asks for the whole object, never this client's conditions, and at the
+  // default urgency: a client that joins a fill a background request began must not wait behind a
+  // worker, bank member or parent that holds background fills (background.ts).
   for (const h of CLIENT_CONDITIONS) delete upstreamHeaders[h];
+  delete upstreamHeaders.priority;
   return ctx.coalescer.start({
     key: s.key!,
     primary: s.primary!,

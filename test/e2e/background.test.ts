@@ -48,6 +48,8 @@ describe('background requests (Priority: u=7)', () => {
       assert.equal(r.body.toString(), 'warmed');
       assert.equal(origin.count('/warm-me'), 1);
       assert.equal(origin.count('/hot'), 1);
+      // The fill is everyone's: clients may join it, so it goes upstream at the default urgency.
+      assert.equal(origin.seen.find((r) => r.path === '/warm-me')!.headers.priority, undefined);
       assert.equal(p.proxy.background.held, 1);
       assert.equal(await refusedBackground(p), 0);
       assert.match((await p.proxy.report()).metrics, /^cuttle_requests_counted_total\{counter="background"\} 2$/m);
