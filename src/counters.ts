@@ -31,7 +31,7 @@ export const REQUEST_COUNTERS = {
   laneJoins: { help: 'requests the hit lane answered from a fill in flight, without node:http (--hit-lane)', counts: (tx: Transaction) => tx.lane === 'join' },
   misses: { help: 'requests that started an upstream fill of their own', counts: (tx: Transaction) => !isHit(tx) && tx.served === 'miss' },
   coalesced: { help: 'requests that joined a running fill', counts: (tx: Transaction) => !isHit(tx) && tx.served === 'coalesced' },
-  passes: { help: 'requests forwarded uncached (not GET/HEAD, credentials, no-store)', counts: (tx: Transaction) => tx.served === 'pass' },
+  passes: { help: 'requests forwarded uncached (a method other than GET and HEAD, or a URL remembered as uncacheable, hit-for-miss)', counts: (tx: Transaction) => tx.served === 'pass' },
   background: { help: 'requests marked background with Priority: u=7 (cuttle warm): a new fill of theirs waits while the loop is busy with other clients (--background-load)', counts: (tx: Transaction) => isBackground(tx.headers) },
   denied: { help: 'requests refused by an access rule (403)', counts: (tx: Transaction) => tx.result === 'TCP_DENIED' },
   errors: { help: "cuttle's own failures other than refusals (SNMP cacheHttpErrors with denied)", counts: (tx: Transaction, error?: string) => error !== undefined && tx.result !== 'TCP_DENIED' },
