@@ -19,7 +19,11 @@ export function isBackground(headers: IncomingHttpHeaders | undefined): boolean 
 /** How often the gate looks at the loop: short, so that a warm stops soon after clients come. */
 export const BACKGROUND_TICK_MS = 25;
 
-export type BackgroundAnswer = 'go' | 'refused';
+/** Waiters let go per tick with room: a warm's few at once, not a queue's worth of fills in one turn. */
+const RELEASE_PER_TICK = 8;
+
+/** go: start the fill; refused: answer 503; gone: the client left while it waited. */
+export type BackgroundAnswer = 'go' | 'refused' | 'gone';
 
 interface Waiter {
   since: number;
@@ -28,10 +32,12 @@ interface Waiter {
 
 /**
  * Busy: over the last tick the loop was active for more than `maxLoad` of the time, and it served
- * foreground requests (a warm alone on an idle proxy runs at full speed; its own work does not hold it).
- * While busy, a background request that would start a fill waits, at most `maxWaitMs` and at most
- * `maxWaiters` of them, then is refused (503, so cuttle warm backs off and asks again). The first tick
- * that is not busy lets every waiter go.
+ * foreground requests (in flight, or finished in the tick; a warm alone on an idle proxy runs at full
+ * speed: its own work does not hold it). While busy, a background request that would start a fill
+ * waits, at most `maxWaitMs` and at most `maxWaiters` of them, then is refused (503, so cuttle warm
+ * backs off and asks again). A tick that is not busy lets the waiters go, RELEASE_PER_TICK at most, so
+ * that the next tick measures their fills before more start. Once stopped (the proxy is stopping) every
+ * background fill is refused.
  */
 export class BackgroundGate {
   readonly #maxLoad: number;
@@ -39,11 +45,14 @@ export class BackgroundGate {
   readonly #maxWaiters: number;
   readonly #waiters: Waiter[] = [];
   #timer: NodeJS.Timeout | undefined;
+  #stopped = false;
   busy = false;
   /** The loop's utilisation over the last tick, 0–1. */
   load = 0;
   /** Background requests that waited, in all (the caller counts refusals: overload.ts). */
   held = 0;
+  /** The background requests in flight (the request path adds and removes them): not foreground. */
+  readonly inFlight = new Set<object>();
 
   /** maxLoad 1: never busy (background requests are treated as any other). */
   constructor(maxLoad: number, maxWaitMs: number, maxWaiters = 256) {
@@ -56,45 +65,70 @@ export class BackgroundGate {
     return this.#waiters.length;
   }
 
-  /** A tick at `now` (ms): the loop's utilisation and the foreground requests finished since the last one. */
+  /** A tick at `now` (ms): the loop's utilisation, and the foreground requests in flight or finished since the last one. */
   tick(now: number, load: number, foreground: number): void {
     this.load = load;
     this.busy = this.#maxLoad < 1 && load > this.#maxLoad && foreground > 0;
     if (!this.busy) {
-      for (const w of this.#waiters.splice(0)) w.resolve('go');
+      for (const w of this.#waiters.splice(0, RELEASE_PER_TICK)) w.resolve('go');
       return;
     }
     while (this.#waiters.length && now - this.#waiters[0]!.since >= this.#maxWaitMs) this.#waiters.shift()!.resolve('refused');
   }
 
-  /** 'go' at once when not busy; else a promise of 'go' once it is not, or 'refused'. */
-  admit(now: number): BackgroundAnswer | Promise<BackgroundAnswer> {
-    if (!this.busy) return 'go';
+  /**
+   * 'go' at once when not busy and nobody waits; else a promise of 'go' once there is room, or
+   * 'refused'; 'gone' if `gone` aborts first (the waiter leaves the queue at once).
+   */
+  admit(now: number, gone?: AbortSignal): BackgroundAnswer | Promise<BackgroundAnswer> {
+    if (this.#stopped) return 'refused';
+    if (!this.busy && this.#waiters.length === 0) return 'go';
     if (this.#waiters.length >= this.#maxWaiters || this.#maxWaitMs === 0) return 'refused';
     this.held++;
-    return new Promise((resolve) => this.#waiters.push({ since: now, resolve }));
+    return new Promise((resolve) => {
+      const w: Waiter = { since: now, resolve };
+      this.#waiters.push(w);
+      gone?.addEventListener(
+        'abort',
+        () => {
+          const i = this.#waiters.indexOf(w);
+          if (i < 0) return;
+          this.#waiters.splice(i, 1);
+          resolve('gone');
+        },
+        { once: true },
+      );
+    });
   }
 
-  /** Drive tick() from a timer: `foreground()` is a running count of foreground requests finished. */
-  start(foreground: () => number): void {
-    if (this.#maxLoad >= 1 || this.#timer) return;
+  /**
+   * Drive tick() from a timer and the loop's own utilisation. `foreground()`: foreground requests
+   * finished so far (a running count) and in flight now.
+   */
+  start(foreground: () => { finished: number; inFlight: number }): void {
+    if (this.#maxLoad >= 1 || this.#timer || this.#stopped) return;
     let elu = performance.eventLoopUtilization();
-    let seen = foreground();
+    let seen = foreground().finished;
     // Unref'd: the gate alone never keeps the process alive.
     this.#timer = setInterval(() => {
       const now = performance.eventLoopUtilization();
-      const n = foreground();
-      this.tick(performance.now(), performance.eventLoopUtilization(now, elu).utilization, n - seen);
+      const f = foreground();
+      this.tick(performance.now(), performance.eventLoopUtilization(now, elu).utilization, f.finished - seen + f.inFlight);
       elu = now;
-      seen = n;
+      seen = f.finished;
     }, BACKGROUND_TICK_MS).unref();
   }
 
-  /** Stop the timer; whoever waits is refused (the proxy is stopping). */
-  stop(): void {
+  /** Stop sampling the loop, waiters and state left as they are: tick() alone decides (tests drive it so). */
+  stopSampling(): void {
     clearInterval(this.#timer);
     this.#timer = undefined;
-    this.busy = false;
+  }
+
+  /** The proxy is stopping: whoever waits is refused, and so is every background fill from now on. */
+  stop(): void {
+    this.stopSampling();
+    this.#stopped = true;
     for (const w of this.#waiters.splice(0)) w.resolve('refused');
   }
 }

@@ -439,8 +439,8 @@ export const OPTIONS = {
   'background-wait': {
     default: '30s',
     field: 'backgroundWaitMs',
-    help: 'how long a background request waits for the event loop to have room before it is refused with 503 (cuttle warm asks again)',
-    schema: duration,
+    help: 'how long a background request waits for the event loop to have room before it is refused with 503 (cuttle warm asks again); at most 10m',
+    schema: duration.refine((ms) => ms <= 600_000, 'expected at most 10m (cuttle warm waits 15 minutes for an answer)'),
   },
   workers: {
     default: availableParallelism(),

@@ -48,8 +48,6 @@ export type Counters = Record<RequestCounter, number> & {
   truncated: number;
   /** Uncached requests and tunnels in flight (bounded by --max-passes). */
   passesInFlight: number;
-  /** Background requests whose new fill waits for the loop to have room (background.ts). */
-  backgroundWaiting: number;
   /** Disk records dropped for a bad checksum while serving. */
   corruptRecords: number;
   /** Stale copies served because the upstream could not be reached (TCP_REFRESH_FAIL_OLD). */
@@ -66,7 +64,7 @@ export type Counters = Record<RequestCounter, number> & {
 
 export function newCounters(): Counters {
   const c = Object.fromEntries(Object.keys(REQUEST_COUNTERS).map((k) => [k, 0])) as Record<RequestCounter, number>;
-  return { ...c, truncated: 0, passesInFlight: 0, backgroundWaiting: 0, corruptRecords: 0, staleServed: 0, servedBytes: { memory: 0, disk: 0, upstream: 0, cuttle: 0 }, byResult: new Map(), byError: new Map(), refused: newRefusals() };
+  return { ...c, truncated: 0, passesInFlight: 0, corruptRecords: 0, staleServed: 0, servedBytes: { memory: 0, disk: 0, upstream: 0, cuttle: 0 }, byResult: new Map(), byError: new Map(), refused: newRefusals() };
 }
 
 const RESULT_GROUP: Record<string, string> = {
@@ -122,6 +120,8 @@ export interface CounterSources {
   diskIndex(): { entries: number; maxEntries: number; heapBytes: number };
   bufferPoolBytes(): number;
   clientConnections(): number;
+  /** Background requests whose new fill waits for the loop to have room (background.ts). */
+  backgroundWaiting(): number;
   mirrors(): readonly MirrorSnapshot[];
   peers(): readonly PeerSnapshot[];
   accessLogDroppedLines(): number;
@@ -174,7 +174,7 @@ export const METRICS: readonly Metric[] = [
   counter('cuttle_listen_overflows_total', "Connections the kernel dropped because a listener's accept queue was full (TcpExt ListenOverflows in /proc/net/netstat): counts every listener of the network namespace, not only cuttle's", ['listenQueue.overflows'], () => kernel(readListenQueue()?.overflows)),
   counter('cuttle_listen_drops_total', 'Connections the kernel dropped at a listener for any reason, overflows included (TcpExt ListenDrops in /proc/net/netstat): counts every listener of the network namespace, not only cuttle\'s', ['listenQueue.drops'], () => kernel(readListenQueue()?.drops)),
   gauge('cuttle_passes_in_flight', 'Uncached requests and tunnels in flight (bounded by --max-passes)', ['counters.passesInFlight'], (s) => s.counters.passesInFlight),
-  gauge('cuttle_background_waiting', 'Background requests (Priority: u=7) whose new fill waits for the event loop to have room (--background-load)', ['counters.backgroundWaiting'], (s) => s.counters.backgroundWaiting),
+  gauge('cuttle_background_waiting', 'Background requests (Priority: u=7) whose new fill waits for the event loop to have room (--background-load)', ['backgroundWaiting'], (s) => s.backgroundWaiting()),
   gauge('cuttle_client_connections', 'Open client connections', ['clientConnections'], (s) => s.clientConnections()),
   gauge('cuttle_fills_in_flight', 'Upstream fills running now', ['fills.inFlight'], (s) => s.fills().inFlight),
   gauge('cuttle_fill_memory_bytes', 'Memory held by in-flight fills (bounded by --fill-memory)', ['fills.memoryBytes'], (s) => s.fills().memoryBytes),

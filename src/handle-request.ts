@@ -82,7 +82,14 @@ const CLIENT_CONDITIONS = ['if-none-match', 'if-modified-since', 'if-match', 'if
 export function handleRequest(ctx: Ctx, req: IncomingMessage, res: ServerResponse, accel = false): void | Promise<void> {
   const tx = newTransaction({ startedAt: ctx.clock.now(), client: plainAddress(req.socket.remoteAddress ?? '-'), method: req.method ?? '-', url: req.url ?? '-', headers: req.headers, httpVersion: req.httpVersion });
   ctx.open.set(tx, res);
+  if (isBackground(req.headers)) ctx.background.inFlight.add(tx);
   return run({ ctx, res, tx, reqHeaders: req.headers, node: { req, res }, accel }, 'recv');
+}
+
+/** A transaction leaves the requests in flight (open, and the background ones the gate leaves out). */
+function closeOpen(ctx: Ctx, tx: State['tx']): void {
+  ctx.open.delete(tx);
+  ctx.background.inFlight.delete(tx);
 }
 
 /**
@@ -95,7 +102,7 @@ function run(s: State, step: Next): void | Promise<void> {
     while (step) {
       if (s.lane && step !== 'busy' && step !== 'deliverFill' && step !== 'synth' && step !== 'hit') {
         s.handedOff = true;
-        s.ctx.open.delete(s.tx); // node:http answers it afresh, under its own transaction
+        closeOpen(s.ctx, s.tx); // node:http answers it afresh, under its own transaction
         return;
       }
       const next = STEPS[step](s);
@@ -518,8 +525,12 @@ function miss(s: State): StepName | Promise<StepName | undefined> {
   }
   // A background request's fill yields to clients (background.ts): it waits while the loop is busy.
   if (!s.roomMade && isBackground(reqHeaders)) {
-    const room = ctx.background.admit(performance.now());
-    if (room !== 'go') return waitForRoom(s, room);
+    const room = admitBackground(s);
+    if (room === 'refused') {
+      closeStored(s.stored);
+      return fail(s, refuse(ctx.counters, 'background'));
+    }
+    if (room !== 'go') return waitForRoom(s, room as Promise<BackgroundAnswer>);
   }
   // A new fill is admitted only while it can be served at speed (overload.ts); a join or a hit never gets here.
   const refused = newFillRefusal(ctx);
@@ -542,24 +553,32 @@ function miss(s: State): StepName | Promise<StepName | undefined> {
  * A background request waits for the loop to have room, then looks again (in the meantime a client may
  * have fetched its key); or, after --background-wait, is refused so that cuttle warm asks again later.
  */
-async function waitForRoom(s: State, room: BackgroundAnswer | Promise<BackgroundAnswer>): Promise<StepName | undefined> {
+async function waitForRoom(s: State, room: Promise<BackgroundAnswer>): Promise<StepName | undefined> {
   const { ctx } = s;
   closeStored(s.stored);
   s.stored = undefined;
-  ctx.counters.backgroundWaiting++;
-  try {
-    room = await room;
-  } finally {
-    ctx.counters.backgroundWaiting--;
-  }
-  if (room === 'refused') return fail(s, refuse(ctx.counters, 'background'));
-  // Its client left while it waited: no fill for nobody.
+  if ((await room) === 'refused') return fail(s, refuse(ctx.counters, 'background'));
+  // Its client left while it waited (the gate let its place go then): no fill for nobody.
   if (s.node?.req.socket.destroyed) {
     s.tx.aborted = true;
     return undefined;
   }
   s.roomMade = true;
   return 'lookup';
+}
+
+/** The gate's answer for a background request: a client that leaves while it waits gives up its place. */
+function admitBackground(s: State): BackgroundAnswer | Promise<BackgroundAnswer> {
+  const sock = s.node?.req.socket;
+  const gone = new AbortController();
+  const onClose = () => gone.abort();
+  sock?.once('close', onClose);
+  const room = s.ctx.background.admit(performance.now(), gone.signal);
+  if (!(room instanceof Promise)) {
+    sock?.off('close', onClose);
+    return room;
+  }
+  return room.finally(() => sock?.off('close', onClose));
 }
 
 /** Why a new fill may not start now (overload.ts), if it may not. */
@@ -608,7 +627,9 @@ function interimTo({ req, res }: NonNullable<State['node']>): Interim {
 
 function revalidateInBackground(s: State): Next | Promise<Next> {
   const { ctx, tx } = s;
-  if (!ctx.coalescer.joinable(s.key!) && !newFillRefusal(ctx)) {
+  // A background request's refresh yields as its fills do: while the loop is busy, the copy alone.
+  const yields = isBackground(s.reqHeaders) && ctx.background.busy;
+  if (!yields && !ctx.coalescer.joinable(s.key!) && !newFillRefusal(ctx)) {
     const bg = startFill(s, s.stored, false);
     bg.fill.removeReader(bg.readerId); // nobody waits on it
   }
@@ -814,7 +835,7 @@ function reply(s: State, status: number, headers: Record<string, string>, body: 
  */
 export function logCutRequests(ctx: Ctx): void {
   for (const [tx, res] of ctx.open) {
-    ctx.open.delete(tx);
+    closeOpen(ctx, tx);
     if (!res?.writableFinished) tx.aborted = true;
     if (res) tx.headBytes = headBytesOf(res);
     recordTransaction(ctx, tx, undefined);
@@ -824,7 +845,7 @@ export function logCutRequests(ctx: Ctx): void {
 function finish(s: State): void {
   const { ctx, tx } = s;
   const record = () => {
-    ctx.open.delete(tx);
+    closeOpen(ctx, tx);
     tx.headBytes = headBytesOf(s.res);
     recordTransaction(ctx, tx, s.error?.token);
   };

@@ -143,8 +143,10 @@ export class Listeners {
     const listeners = [...cfg.listen.map((addr) => ({ addr, accel: cfg.accel })), ...(cfg.accelListen === 'none' ? [] : [{ addr: cfg.accelListen, accel: true }])];
     if (worker) listeners.push({ addr: { host: '127.0.0.1', port: 0 }, accel: false });
     this.#addrs = listeners.map((l) => l.addr);
-    this.#cap = connectionCap(cfg, this.#openFiles, listeners.length * acceptSockets(this.#openFiles));
-    this.#groups = listeners.map(({ accel, addr }) => Array.from({ length: worker && addr.port === 0 ? 1 : acceptSockets(this.#openFiles) }, () => this.#server(accel)));
+    // The relay listener of a worker takes only its own workers' connections: one socket.
+    const sizes = listeners.map(({ addr }) => (worker && addr.port === 0 ? 1 : acceptSockets(this.#openFiles)));
+    this.#cap = connectionCap(cfg, this.#openFiles, sizes.reduce((a, b) => a + b, 0));
+    this.#groups = listeners.map(({ accel }, i) => Array.from({ length: sizes[i]! }, () => this.#server(accel)));
   }
 
   /** Client connections open now. */

@@ -180,6 +180,7 @@ export async function createProxy(cfg: Config, opts: ProxyOptions = {}): Promise
     diskIndex: () => disk.indexStats(),
     bufferPoolBytes: () => buffers.bytes,
     clientConnections: () => listeners.connections,
+    backgroundWaiting: () => background.waiting,
     mirrors: () => live.mirrors.snapshot(),
     peers: () => hierarchy.snapshot(),
     accessLogDroppedLines: () => accessLog.droppedLines,
@@ -257,7 +258,7 @@ export async function createProxy(cfg: Config, opts: ProxyOptions = {}): Promise
       phase.listening = true;
       history?.start(() => clock.now(), () => new Map([['proxy', figures(sources)]]), (err) => log.error({ err, internal: true }, 'rate history sample failed'));
       loopLag.start();
-      background.start(() => counters.requests - counters.background);
+      background.start(() => ({ finished: counters.requests - counters.background, inFlight: ctx.open.size - background.inFlight.size }));
       live.startProbing();
       log.info({ listen: listeners.addresses(), admin: admin?.address(), cacheDir: cfg.cacheDir }, opts.worker ? 'worker listening' : 'cuttle listening');
     },

@@ -191,6 +191,9 @@ interface Answer {
   body: AsyncIterable<Buffer> & { dump(): Promise<void> };
 }
 
+/** Times an overload refusal other than a background one (--max-fills, say) is asked again. */
+const OVERLOAD_RETRIES = 5;
+
 const CONNECT_ERRORS = new Set(['ECONNREFUSED', 'EHOSTUNREACH', 'ENETUNREACH', 'ENOTFOUND', 'EAI_AGAIN', 'UND_ERR_CONNECT_TIMEOUT']);
 
 /** The running cuttle, asked with absolute URLs. */
@@ -200,7 +203,8 @@ class ProxyClient {
   readonly #url: string;
   constructor(url: string, connections: number, signal: AbortSignal) {
     this.#url = url;
-    this.#pool = new Pool(url, { connections, keepAliveTimeout: 30_000 });
+    // A held fill answers within --background-wait (at most 10 minutes): wait longer than that.
+    this.#pool = new Pool(url, { connections, keepAliveTimeout: 30_000, headersTimeout: 15 * 60_000 });
     this.#signal = signal;
   }
 
@@ -210,12 +214,16 @@ class ProxyClient {
   /**
    * Ask until cuttle does not refuse for load. warm is background work (RFC 9218 urgency 7): cuttle holds
    * its new fills while clients keep the loop busy and refuses them after --background-wait; warm then
-   * waits and asks again, for as long as the proxy stays busy.
+   * waits and asks again, for as long as the proxy stays busy. Any other overload refusal (--max-fills,
+   * say) is asked again OVERLOAD_RETRIES times, then is that object's failure.
    */
   async ask(method: 'GET' | 'HEAD', url: string, cacheControl?: string): Promise<Answer> {
-    for (let pauseMs = 1000; ; pauseMs = Math.min(2 * pauseMs, 10_000)) {
+    for (let pauseMs = 1000, others = 0; ; pauseMs = Math.min(2 * pauseMs, 10_000)) {
       const a = await this.#ask(method, url, cacheControl);
-      if (a.status !== 503 || !/^cuttle;.*error=connection_limit_reached/.test(String(a.headers['proxy-status'] ?? ''))) return a;
+      const status = String(a.headers['proxy-status'] ?? '');
+      if (a.status !== 503 || !/^cuttle;.*error=connection_limit_reached/.test(status)) return a;
+      const background = /details="[^"]*background/.test(status);
+      if (!background && ++others > OVERLOAD_RETRIES) return a;
       await a.body.dump();
       this.busyRefusals++;
       await sleep(pauseMs, undefined, { signal: this.#signal });

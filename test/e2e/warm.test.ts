@@ -9,7 +9,7 @@ import { after, describe, it } from 'node:test';
 import { buildRepository, type Repository } from '../../bench/cvmfs-repository.ts';
 import { gate, startOrigin, type Gate, type Origin } from '../helpers/origin.ts';
 import { waitFor } from '../helpers/mirrors.ts';
-import { get, proxyClient, startChildProxy, startProxy, tmpDir, type TestProxy } from '../helpers/proxy.ts';
+import { get, proxyClient, refusedFor, startChildProxy, startProxy, tmpDir, type TestProxy } from '../helpers/proxy.ts';
 
 const REPO = 'test.cern.ch';
 const ROOT = `/cvmfs/${REPO}/`;
@@ -116,23 +116,16 @@ describe('cuttle warm', () => {
   });
 
   it('yields to clients: while they keep cuttle busy its fills are refused (--background-wait) and asked again later, each object still fetched once', async () => {
-    const t = await rig(r1, {}, { 'background-load': 0, 'background-wait': '0s' });
-    t.origin.route('/hot', { body: 'a client hit', headers: { 'cache-control': 'max-age=600' } });
-    const pool = proxyClient(t.proxy.url, 1);
-    assert.equal((await get(pool, `${t.origin.url}/hot`)).status, 200);
-    let stopped = false;
-    const clients = (async () => {
-      while (!stopped) await get(pool, `${t.origin.url}/hot`);
-    })();
-    await waitFor('the loop busy with clients', () => t.proxy.proxy.background.busy);
+    const t = await rig(r1, {}, { 'background-wait': '0s' });
+    // The gate is driven here (background.test.ts): busy until warm has been refused, then idle.
+    const gate = t.proxy.proxy.background;
+    gate.stopSampling();
+    gate.tick(performance.now(), 1, 100);
     const w = startWarm(t.args());
-    const refused = async () => Number(/^cuttle_refused_total\{reason="background"\} (\d+)$/m.exec((await t.proxy.proxy.report()).metrics)?.[1]);
-    await waitFor('a fill of warm refused', async () => (await refused()) >= 1);
+    await waitFor('a fill of warm refused', async () => (await refusedFor(t.proxy, 'background')) >= 1);
     // The manifest, warm's first fill, was refused: nothing reached the Stratum 1.
     assert.equal(t.origin.seen.filter((r) => r.path.startsWith(ROOT)).length, 0);
-    stopped = true;
-    await clients;
-    await pool.close();
+    gate.tick(performance.now(), 0, 0);
     const run = await w.done;
     assert.equal(run.code, 0, run.stdout + run.stderr);
     assert.match(run.stdout, /times asked again after the proxy was busy with clients/);

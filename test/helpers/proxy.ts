@@ -190,3 +190,9 @@ export function useProxy(overrides: Record<string, unknown> = {}, connections = 
   });
   return rig;
 }
+
+/** cuttle_refused_total{reason} of an in-process proxy, as its metrics say it. */
+export async function refusedFor(p: TestProxy, reason: string): Promise<number> {
+  const m = new RegExp(`^cuttle_refused_total\\{reason="${reason}"\\} (\\d+)$`, 'm').exec((await p.proxy.report()).metrics);
+  return Number(m?.[1]);
+}

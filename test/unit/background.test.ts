@@ -62,7 +62,7 @@ describe('BackgroundGate', () => {
     assert.equal(none.admit(0), 'refused');
   });
 
-  it('at load 1 it never holds; stop() refuses whoever waits', async () => {
+  it('at load 1 it never holds; stop() refuses whoever waits, and every background fill after it', async () => {
     const never = new BackgroundGate(1, 1000);
     never.tick(0, 1, 1000);
     assert.equal(never.admit(0), 'go');
@@ -71,6 +71,31 @@ describe('BackgroundGate', () => {
     const a = g.admit(0);
     g.stop();
     assert.equal(await a, 'refused');
-    assert.equal(g.admit(0), 'go');
+    g.tick(100, 0, 0);
+    assert.equal(g.admit(100), 'refused', 'the proxy is stopping');
+  });
+
+  it('a tick with room lets 8 go, the rest the next; a newcomer queues behind them; a waiter whose client left is gone at once', async () => {
+    const g = new BackgroundGate(0.5, 10_000);
+    g.tick(0, 1, 10);
+    const waiting = Array.from({ length: 10 }, () => g.admit(0) as Promise<string>);
+    const answers: string[] = [];
+    for (const w of waiting) void w.then((a) => answers.push(a));
+    g.tick(25, 0, 0);
+    await Promise.resolve();
+    await Promise.resolve();
+    assert.equal(answers.length, 8);
+    assert.equal(g.waiting, 2);
+    const late = g.admit(30);
+    assert.ok(late instanceof Promise, 'not busy, but others wait: it queues behind them');
+    const left = new AbortController();
+    g.tick(40, 1, 10);
+    const gone = g.admit(40, left.signal);
+    assert.equal(g.waiting, 4);
+    left.abort();
+    assert.equal(await gone, 'gone');
+    assert.equal(g.waiting, 3);
+    g.tick(50, 0, 0);
+    assert.deepEqual(await Promise.all([...waiting.slice(8), late]), ['go', 'go', 'go']);
   });
 });
