@@ -1,6 +1,7 @@
 // HTTP/1.1 forwarding rules (RFC 9110 §7.6): hop-by-hop headers go, Via is added, X-Forwarded-For is
 // appended, Max-Forwards is honoured for TRACE/OPTIONS, and our own Via entry means a loop.
 import { STATUS_CODES, type IncomingHttpHeaders, type OutgoingHttpHeaders, type ServerResponse } from 'node:http';
+import { LRUCache } from 'lru-cache';
 import type { Duplex } from 'node:stream';
 import { VERSION } from './version.ts';
 import type { ProxyError } from './errors.ts';
@@ -125,15 +126,28 @@ export function sendError(res: ResponseSink, err: ProxyError, name: string): num
  * never closes its side can't hold the socket. Returns the bytes of its head and its body (the access log's).
  */
 export function endWithError(socket: Duplex, err: ProxyError, name: string): { headBytes: number; bodyBytes: number } {
+  const answer = rawAnswer(err, name);
+  socket.on('error', () => socket.destroy());
+  socket.once('finish', () => socket.destroy());
+  socket.end(answer.bytes);
+  return answer;
+}
+
+/** Each raw error answer's bytes, made once (they hold no date): a burst of refusals writes thousands. */
+const RAW_ANSWERS = new LRUCache<string, { bytes: Buffer; headBytes: number; bodyBytes: number }>({ max: 64 });
+
+function rawAnswer(err: ProxyError, name: string): { bytes: Buffer; headBytes: number; bodyBytes: number } {
+  const key = `${err.code}\0${err.detail ?? ''}\0${name}`;
+  const had = RAW_ANSWERS.get(key);
+  if (had) return had;
   const body = `${err.status} ${err.message}\n`;
   // Written by hand, so in the usual capitalisation (Proxy-Status, X-Squid-Error) that tools grep for.
   const title = (k: string) => k.replace(/(^|-)([a-z])/g, (_m, sep: string, c: string) => sep + c.toUpperCase());
   const fields = Object.entries({ ...errorHead(err, name, body), connection: 'close' }).map(([k, v]) => `${title(k)}: ${v}\r\n`);
-  socket.on('error', () => socket.destroy());
-  socket.once('finish', () => socket.destroy());
   const head = `HTTP/1.1 ${err.status} ${STATUS_CODES[err.status] ?? 'Error'}\r\n${fields.join('')}\r\n`;
-  socket.end(head + body);
-  return { headBytes: Buffer.byteLength(head), bodyBytes: Buffer.byteLength(body) };
+  const made = { bytes: Buffer.from(head + body), headBytes: Buffer.byteLength(head), bodyBytes: Buffer.byteLength(body) };
+  RAW_ANSWERS.set(key, made);
+  return made;
 }
 
 /**

@@ -281,7 +281,9 @@ export class Listeners {
         const err = refuse(ctx.counters, overloaded);
         const sent = endWithError(sock, err, cfg.visibleHostname);
         recordTransaction(ctx, newTransaction({ startedAt: clock.now(), client, method: 'NONE', url: '-', status: err.status, headBytes: sent.headBytes, bytesOut: sent.bodyBytes }), err.token);
-        toNode?.(sock); // as without the lane: node:http still reads what the client sends
+        // What the client sends is read and dropped (unread, its bytes could turn the close into a reset
+        // that beats the 503); without the lane node:http has the socket already.
+        sock.resume();
         return;
       }
       if (lane && toNode) lane.attach(sock, client, toNode);

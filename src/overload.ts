@@ -23,10 +23,15 @@ export function newRefusals(): Record<RefusalReason, number> {
   return { connections: 0, fills: 0, passes: 0, fill_memory: 0, loop_lag: 0, background: 0 };
 }
 
+/** One 503 per reason, made once: a burst refuses thousands, and an Error takes its stack each time. */
+const REFUSALS = new Map<RefusalReason, ProxyError>();
+
 /** Count a refusal; returns the 503 that says why. */
 export function refuse(counters: Counters, reason: RefusalReason): ProxyError {
   counters.refused[reason]++;
-  return new ProxyError('ERR_OVERLOADED', WHY[reason]);
+  let err = REFUSALS.get(reason);
+  if (!err) REFUSALS.set(reason, (err = new ProxyError('ERR_OVERLOADED', WHY[reason])));
+  return err;
 }
 
 /**
