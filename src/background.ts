@@ -47,8 +47,6 @@ export class BackgroundGate {
   #timer: NodeJS.Timeout | undefined;
   #stopped = false;
   busy = false;
-  /** The loop's utilisation over the last tick, 0–1. */
-  load = 0;
   /** Background requests that waited, in all (the caller counts refusals: overload.ts). */
   held = 0;
   /** The background requests in flight (the request path adds and removes them): not foreground. */
@@ -67,7 +65,6 @@ export class BackgroundGate {
 
   /** A tick at `now` (ms): the loop's utilisation, and the foreground requests in flight or finished since the last one. */
   tick(now: number, load: number, foreground: number): void {
-    this.load = load;
     this.busy = this.#maxLoad < 1 && load > this.#maxLoad && foreground > 0;
     if (!this.busy) {
       for (const w of this.#waiters.splice(0, RELEASE_PER_TICK)) w.resolve('go');

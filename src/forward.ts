@@ -1,8 +1,8 @@
 // HTTP/1.1 forwarding rules (RFC 9110 §7.6): hop-by-hop headers go, Via is added, X-Forwarded-For is
 // appended, Max-Forwards is honoured for TRACE/OPTIONS, and our own Via entry means a loop.
 import { STATUS_CODES, type IncomingHttpHeaders, type OutgoingHttpHeaders, type ServerResponse } from 'node:http';
-import { LRUCache } from 'lru-cache';
 import type { Duplex } from 'node:stream';
+import { LRUCache } from 'lru-cache';
 import { VERSION } from './version.ts';
 import type { ProxyError } from './errors.ts';
 import type { ResponseSink } from './response-sink.ts';

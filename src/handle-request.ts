@@ -526,11 +526,7 @@ function miss(s: State): StepName | Promise<StepName | undefined> {
   // A background request's fill yields to clients (background.ts): it waits while the loop is busy.
   if (!s.roomMade && isBackground(reqHeaders)) {
     const room = admitBackground(s);
-    if (room === 'refused') {
-      closeStored(s.stored);
-      return fail(s, refuse(ctx.counters, 'background'));
-    }
-    if (room !== 'go') return waitForRoom(s, room as Promise<BackgroundAnswer>);
+    if (room !== 'go') return waitForRoom(s, room);
   }
   // A new fill is admitted only while it can be served at speed (overload.ts); a join or a hit never gets here.
   const refused = newFillRefusal(ctx);
@@ -551,9 +547,10 @@ function miss(s: State): StepName | Promise<StepName | undefined> {
 
 /**
  * A background request waits for the loop to have room, then looks again (in the meantime a client may
- * have fetched its key); or, after --background-wait, is refused so that cuttle warm asks again later.
+ * have fetched its key); or, after --background-wait (or at once, the queue full), is refused so that
+ * cuttle warm asks again later.
  */
-async function waitForRoom(s: State, room: Promise<BackgroundAnswer>): Promise<StepName | undefined> {
+async function waitForRoom(s: State, room: BackgroundAnswer | Promise<BackgroundAnswer>): Promise<StepName | undefined> {
   const { ctx } = s;
   closeStored(s.stored);
   s.stored = undefined;

@@ -36,8 +36,8 @@ function takeNodeConnection(srv: Server): (sock: Socket) => void {
  * kernel spreads new connections over them. In the overload bench (4,000 connects at once, 2,000
  * admitted) the refusals' p99 was 2.0–2.3 s with 8 sockets and 1.0–1.15 s with 78 (the bench's
  * open-files limit of 20,000 allowed 78) in alternating runs; single runs gave 1.1–1.5 s with 64 and
- * 0.75–0.84 s with 256; at 1,024 the burst was accepted faster than the refused connections closed, and the hard cap dropped
- * some. Each is a descriptor, a libuv handle and a node:http server (whose timeouts and connection list
+ * 0.75–0.84 s with 256; at 1,024 the burst was accepted faster than the refused connections closed,
+ * and the hard cap dropped some. Each is a descriptor, a libuv handle and a node:http server (whose timeouts and connection list
  * are its own, so they stay node's).
  */
 const ACCEPT_SOCKETS = 256;
