@@ -32,14 +32,14 @@ interface Run {
   stderr: string;
 }
 
-function startWarm(args: string[]): { done: Promise<Run>; kill: (signal?: NodeJS.Signals) => void } {
+function startWarm(args: string[]): { done: Promise<Run>; kill: (signal?: NodeJS.Signals) => void; stdout: () => string } {
   const child = spawn(process.execPath, ['src/main.ts', 'warm', ...args], { stdio: ['ignore', 'pipe', 'pipe'] });
   let stdout = '';
   let stderr = '';
   child.stdout.on('data', (c: Buffer) => (stdout += c.toString()));
   child.stderr.on('data', (c: Buffer) => (stderr += c.toString()));
   const done = new Promise<Run>((resolve) => child.on('close', (code) => resolve({ code, stdout, stderr })));
-  return { done, kill: (signal = 'SIGKILL') => child.kill(signal) };
+  return { done, kill: (signal = 'SIGKILL') => child.kill(signal), stdout: () => stdout };
 }
 
 const warm = (args: string[]) => startWarm(args).done;
@@ -214,6 +214,8 @@ describe('cuttle warm', () => {
     serve(t.origin, r2);
     const added = [...r2.objects].filter((p) => !r1.objects.has(p));
     await waitFor('revision 2 warmed', () => added.every((p) => t.origin.count(ROOT + p) === 1));
+    // Fetched upstream is not yet walked: its summary comes once the last body is read.
+    await waitFor('revision 2 summarised', () => w.stdout().includes('revision 2: fetched'));
     w.kill('SIGTERM');
     const run = await w.done;
     assert.equal(run.code, 0, run.stderr);
