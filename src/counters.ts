@@ -120,6 +120,8 @@ export interface CounterSources {
   diskIndex(): { entries: number; maxEntries: number; heapBytes: number };
   bufferPoolBytes(): number;
   clientConnections(): number;
+  /** 1 while the refuser thread holds the client ports (refuser.ts). */
+  acceptHandedOver(): number;
   /** Background requests whose new fill waits for the loop to have room (background.ts). */
   backgroundWaiting(): number;
   mirrors(): readonly MirrorSnapshot[];
@@ -176,6 +178,7 @@ export const METRICS: readonly Metric[] = [
   gauge('cuttle_passes_in_flight', 'Uncached requests and tunnels in flight (bounded by --max-passes)', ['counters.passesInFlight'], (s) => s.counters.passesInFlight),
   gauge('cuttle_background_waiting', 'Background requests (Priority: u=7) whose new fill waits for the event loop to have room (--background-load)', ['backgroundWaiting'], (s) => s.backgroundWaiting()),
   gauge('cuttle_client_connections', 'Open client connections', ['clientConnections'], (s) => s.clientConnections()),
+  gauge('cuttle_accept_handed_over', 'Event loops whose client ports the refuser thread holds (at --max-client-connections, or while the loop lags past --max-loop-lag): it answers each new connection with 503 at once', ['acceptHandedOver'], (s) => s.acceptHandedOver()),
   gauge('cuttle_fills_in_flight', 'Upstream fills running now', ['fills.inFlight'], (s) => s.fills().inFlight),
   gauge('cuttle_fill_memory_bytes', 'Memory held by in-flight fills (bounded by --fill-memory)', ['fills.memoryBytes'], (s) => s.fills().memoryBytes),
   counter('cuttle_fills_started_total', 'Upstream fills started', ['fills.fillsStarted'], (s) => s.fills().fillsStarted),

@@ -126,7 +126,7 @@ export function sendError(res: ResponseSink, err: ProxyError, name: string): num
  * never closes its side can't hold the socket. Returns the bytes of its head and its body (the access log's).
  */
 export function endWithError(socket: Duplex, err: ProxyError, name: string): { headBytes: number; bodyBytes: number } {
-  const answer = rawAnswer(err, name);
+  const answer = errorAnswer(err, name);
   socket.on('error', () => socket.destroy());
   socket.once('finish', () => socket.destroy());
   socket.end(answer.bytes);
@@ -136,7 +136,8 @@ export function endWithError(socket: Duplex, err: ProxyError, name: string): { h
 /** Each raw error answer's bytes, made once (they hold no date): a burst of refusals writes thousands. */
 const RAW_ANSWERS = new LRUCache<string, { bytes: Buffer; headBytes: number; bodyBytes: number }>({ max: 64 });
 
-function rawAnswer(err: ProxyError, name: string): { bytes: Buffer; headBytes: number; bodyBytes: number } {
+/** The raw bytes of `err`'s answer, head and body, that closes its connection. */
+export function errorAnswer(err: ProxyError, name: string): { bytes: Buffer; headBytes: number; bodyBytes: number } {
   const key = `${err.code}\0${err.detail ?? ''}\0${name}`;
   const had = RAW_ANSWERS.get(key);
   if (had) return had;

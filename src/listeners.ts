@@ -2,17 +2,18 @@
 // the connection accounting, --max-client-connections, the hit lane and its hand-over to node:http,
 // and the request, CONNECT and client-error handlers; listening in order, and draining at shutdown.
 import { createServer, type Server, type ServerResponse } from 'node:http';
-import type { AddressInfo, Server as NetServer, Socket } from 'node:net';
+import { Server as NetServer, type AddressInfo, type Socket } from 'node:net';
 import { newTransaction, recordTransaction } from './access-log.ts';
 import { plainAddress } from './acl.ts';
 import type { ListenAddr } from './config.ts';
 import type { Ctx } from './context.ts';
 import type { Drain } from './drain.ts';
-import { endWithError } from './forward.ts';
+import { endWithError, errorAnswer } from './forward.ts';
 import { hasBody, hitAge, storedHitHead } from './deliver.ts';
 import { handleRequest, plainLaneRequest } from './handle-request.ts';
 import { HitLane } from './hit-lane.ts';
-import { connectionCap, openFilesLimit, readSomaxconn, refuse } from './overload.ts';
+import { acceptHand, connectionCap, openFilesLimit, readMigrateReq, readSomaxconn, refusal, refuse, type AcceptHand, type RefusalReason } from './overload.ts';
+import { Refuser, refuserDescriptors } from './refuser.ts';
 import { handleConnect } from './tunnel.ts';
 
 /** How long a client may take to send a request's head. */
@@ -122,6 +123,19 @@ export class Listeners {
   readonly #sharedPorts: boolean;
   /** Host warnings are said once per process (by the only proxy, or worker 0). */
   readonly #warn: boolean;
+  /** The client addresses' groups (not a worker's relay listener): these are handed to the refuser. */
+  readonly #public: number;
+  /** Each group's bound address (a socket handed over has none). */
+  #bound: AddressInfo[] = [];
+  /** The thread that holds the client ports while this proxy is full; undefined where they can't be shared (one socket per address) or it failed. */
+  #refuser: Refuser | undefined;
+  /** Who accepts new client connections now, and what the refuser answers. */
+  #hand: AcceptHand = 'proxy';
+  #refusing: { reason: RefusalReason; headBytes: number; bodyBytes: number } | undefined;
+  /** A hand-over or take-back under way. */
+  #moving: Promise<void> | undefined;
+  #listening = false;
+  #closing = false;
 
   /**
    * `worker`: this is one worker of several (--workers). Its sockets join ports the process has taken,
@@ -144,9 +158,13 @@ export class Listeners {
     const listeners = [...cfg.listen.map((addr) => ({ addr, accel: cfg.accel })), ...(cfg.accelListen === 'none' ? [] : [{ addr: cfg.accelListen, accel: true }])];
     if (worker) listeners.push({ addr: { host: '127.0.0.1', port: 0 }, accel: false });
     this.#addrs = listeners.map((l) => l.addr);
+    this.#public = listeners.length - (worker ? 1 : 0);
     // The relay listener of a worker takes only its own workers' connections: one socket.
     const sizes = listeners.map(({ addr }) => (worker && addr.port === 0 ? 1 : acceptSockets(this.#openFiles)));
-    this.#cap = connectionCap(cfg, this.#openFiles, sizes.reduce((a, b) => a + b, 0));
+    // The refuser joins a port's sockets (SO_REUSEPORT): it needs a group of them (Linux, enough descriptors).
+    const handOver = sizes.slice(0, this.#public).every((n) => n > 1);
+    if (handOver) this.#refuser = new Refuser((count, records) => this.#refused(count, records), (err) => this.#refuserFailed(err));
+    this.#cap = connectionCap(cfg, this.#openFiles, sizes.reduce((a, b) => a + b, 0) + (handOver ? refuserDescriptors(this.#public) : 0));
     this.#groups = listeners.map(({ accel }, i) => Array.from({ length: sizes[i]! }, () => this.#server(accel)));
   }
 
@@ -157,7 +175,17 @@ export class Listeners {
 
   /** Bound addresses, in --listen order, then the --accel-listen one. */
   addresses(): AddressInfo[] {
-    return this.#groups.map((g) => g[0]!.address() as AddressInfo);
+    return this.#bound;
+  }
+
+  /** Whether the refuser thread holds the client ports now. */
+  get handedOver(): boolean {
+    return this.#hand === 'refuser';
+  }
+
+  /** Who accepts new connections, or 'moving' while the ports change hands. */
+  get acceptHand(): AcceptHand | 'moving' {
+    return this.#moving ? 'moving' : this.#hand;
   }
 
   async listen(): Promise<void> {
@@ -167,6 +195,9 @@ export class Listeners {
     const somaxconn = readSomaxconn();
     if (this.#warn && somaxconn !== undefined && somaxconn < cfg.listenBacklog) {
       log.warn({ listenBacklog: cfg.listenBacklog, somaxconn }, `net.core.somaxconn is ${somaxconn}: each listener's backlog is ${somaxconn}, not --listen-backlog ${cfg.listenBacklog} (raise the sysctl, and net.ipv4.tcp_max_syn_backlog with it)`);
+    }
+    if (this.#warn && this.#refuser && readMigrateReq() === 0) {
+      log.warn('net.ipv4.tcp_migrate_req is 0: when cuttle is full and hands its ports to the refuser, the connections still waiting to be accepted are reset instead of answered 503 (set it to 1)');
     }
     if (this.#warn && this.#cap.byDescriptors) {
       log.warn({ openFiles: this.#openFiles, maxClientConnections: cfg.maxClientConnections, cap: this.#cap.cap }, `the open-files limit is ${this.#openFiles}: at most ${this.#cap.cap} client connections, not --max-client-connections ${cfg.maxClientConnections} (${this.#cap.reserve} descriptors are kept for upstream connections, fills and logs); raise LimitNOFILE or ulimit -n`);
@@ -187,7 +218,89 @@ export class Listeners {
         await listenOn(first!, host, port, cfg.listenBacklog, true);
       }
       for (const srv of more) await listenOn(srv, host, port, cfg.listenBacklog, true);
+      this.#bound.push(first!.address() as AddressInfo);
     }
+    this.#listening = true;
+  }
+
+  /**
+   * Decide again who accepts new connections (overload.ts acceptHand): called as connections come and
+   * go past the cap, and when the loop's lag changes. One move at a time; each decides again when done.
+   */
+  steer(): void {
+    const refuser = this.#refuser;
+    if (!refuser || this.#moving || this.#closing || !this.#listening) return;
+    const lagging = this.#ctx.loopLag.lagging;
+    const next = acceptHand({ hand: this.#hand, connections: this.#connections, cap: this.#cap.cap, lagging });
+    if (next === this.#hand) return;
+    const move = next === 'refuser' ? this.#handOver(refuser, lagging ? 'loop_lag' : 'connections') : this.#takeBack(refuser);
+    this.#moving = move.catch((err: unknown) => this.#ctx.log.error({ err, internal: true }, 'handing the client ports over failed')).finally(() => {
+      this.#moving = undefined;
+      this.steer();
+    });
+  }
+
+  /** The refuser listens on the client ports, then this proxy stops: from then on each new connection is refused at once. */
+  async #handOver(refuser: Refuser, reason: RefusalReason): Promise<void> {
+    const { cfg, log } = this.#ctx;
+    const answer = errorAnswer(refusal(reason), cfg.visibleHostname);
+    try {
+      await refuser.open(this.#bound.slice(0, this.#public).map(({ address, port }) => ({ host: address, port })), cfg.listenBacklog, answer.bytes);
+    } catch (err) {
+      // This proxy refuses at accept, as it does where there is no refuser.
+      this.#refuser = undefined;
+      void refuser.stop().catch(() => {});
+      log.error({ err, internal: true }, 'the refuser could not take the client ports: refusing at accept from now on');
+      return;
+    }
+    this.#refusing = { reason, headBytes: answer.headBytes, bodyBytes: answer.bodyBytes };
+    // net's close, not node:http's (which also closes the idle keep-alive connections): the sockets stop
+    // listening and every connection stays. Connections still in their accept queues are reset, or, with
+    // net.ipv4.tcp_migrate_req=1, moved to the refuser's sockets.
+    if (!this.#closing) for (const srv of this.#groups.slice(0, this.#public).flat()) NetServer.prototype.close.call(srv);
+    this.#hand = 'refuser';
+    log.warn({ reason, connections: this.#connections, cap: this.#cap.cap }, reason === 'connections' ? 'at --max-client-connections: the refuser thread answers new connections with 503 until there is room' : 'the event loop lags past --max-loop-lag: the refuser thread answers new connections with 503 until it catches up');
+  }
+
+  /** This proxy listens again, then the refuser lets go (its queued connections move to ours with net.ipv4.tcp_migrate_req=1). */
+  async #takeBack(refuser: Refuser | undefined): Promise<void> {
+    const { cfg, log } = this.#ctx;
+    try {
+      for (const [i, group] of this.#groups.slice(0, this.#public).entries()) {
+        const { address, port } = this.#bound[i]!;
+        for (const srv of group) if (!srv.listening) await listenOn(srv, address, port, cfg.listenBacklog, true);
+      }
+    } catch (err) {
+      // The refuser still holds the ports: the next connection that closes tries again.
+      log.error({ err, internal: true }, 'could not listen again on the client ports: the refuser goes on refusing');
+      return;
+    }
+    this.#hand = 'proxy';
+    await refuser?.close().catch((err: unknown) => log.error({ err, internal: true }, 'the refuser could not let go of the client ports'));
+    log.info({ connections: this.#connections, cap: this.#cap.cap }, 'accepting new connections again');
+  }
+
+  /** A report from the refuser: its refusals are counted and logged as this proxy's own (a request-less NONE/503). */
+  #refused(count: number, records: [string, number][]): void {
+    const ctx = this.#ctx;
+    const r = this.#refusing;
+    if (!r) return;
+    ctx.counters.refused[r.reason] += count;
+    const { token } = refusal(r.reason);
+    const now = ctx.clock.now();
+    const wall = Date.now();
+    for (const [addr, at] of records) {
+      recordTransaction(ctx, newTransaction({ startedAt: now - (wall - at), client: plainAddress(addr), method: 'NONE', url: '-', status: 503, headBytes: r.headBytes, bytesOut: r.bodyBytes }), token);
+    }
+  }
+
+  /** The refuser thread died: this proxy listens again at once, and refuses at accept from now on. */
+  #refuserFailed(err: Error): void {
+    const { log } = this.#ctx;
+    this.#refuser = undefined;
+    log.error({ err, internal: true }, 'the refuser thread failed: refusing at accept from now on');
+    if (this.#hand !== 'refuser' || this.#closing) return;
+    void (this.#moving ?? Promise.resolve()).then(() => (this.#hand === 'refuser' ? this.#takeBack(undefined) : undefined));
   }
 
   /**
@@ -212,12 +325,17 @@ export class Listeners {
 
   #connectionClosed(): void {
     this.#connections--;
+    if (this.#hand === 'refuser') this.steer();
     if (this.#quietWaiters.length) for (const w of this.#quietWaiters.splice(0)) w();
   }
 
   /** Stop accepting; resolves once every connection has closed and the lane answers no join. */
-  close(): Promise<unknown> {
-    return Promise.all([...this.#groups.flat().map(stopListening), this.#lane?.joinsOver()]);
+  async close(): Promise<void> {
+    this.#closing = true;
+    await this.#moving;
+    await this.#refuser?.stop();
+    // A socket handed over listens no more but may still have connections: its close() waits for them too.
+    await Promise.all([...this.#groups.flat().map((srv) => new Promise((r) => srv.close(r))), this.#lane?.joinsOver()]);
   }
 
   /** Close the keep-alive connections that are idle now (their last response has ended). */
@@ -262,6 +380,11 @@ export class Listeners {
       }
       this.#connections++;
       this.#lastAccept = performance.now();
+      if (this.#connections >= this.#cap.cap) this.steer();
+      // A quarter of the way to the cap, the refuser's thread starts, so that it is ready at the cap: in
+      // the overload bench a burst took 70 ms from half the cap to the cap, and the thread 200 ms to start
+      // beside a busy proxy on its core.
+      else if (this.#connections * 4 >= this.#cap.cap) this.#refuser?.prepare();
       sock.once('close', () => {
         this.#connectionClosed();
         this.#responding.delete(sock);

@@ -26,12 +26,30 @@ export function newRefusals(): Record<RefusalReason, number> {
 /** One 503 per reason, made once: a burst refuses thousands, and an Error takes its stack each time. */
 const REFUSALS = new Map<RefusalReason, ProxyError>();
 
-/** Count a refusal; returns the 503 that says why. */
-export function refuse(counters: Counters, reason: RefusalReason): ProxyError {
-  counters.refused[reason]++;
+/** The 503 that says why (not counted). */
+export function refusal(reason: RefusalReason): ProxyError {
   let err = REFUSALS.get(reason);
   if (!err) REFUSALS.set(reason, (err = new ProxyError('ERR_OVERLOADED', WHY[reason])));
   return err;
+}
+
+/** Count a refusal; returns the 503 that says why. */
+export function refuse(counters: Counters, reason: RefusalReason): ProxyError {
+  counters.refused[reason]++;
+  return refusal(reason);
+}
+
+/** Who accepts new client connections: the proxy, or the refuser thread that answers each with a 503 (refuser.ts). */
+export type AcceptHand = 'proxy' | 'refuser';
+
+/**
+ * Who should accept next. The proxy hands its ports over once it holds --max-client-connections (its
+ * next connection would be refused) or its loop lags, and takes them back once the loop is on time and
+ * a sixteenth of the cap is free, so that a proxy at its cap does not hand them to and fro at each close.
+ */
+export function acceptHand(s: { hand: AcceptHand; connections: number; cap: number; lagging: boolean }): AcceptHand {
+  if (s.hand === 'proxy') return s.connections >= s.cap || s.lagging ? 'refuser' : 'proxy';
+  return !s.lagging && s.connections <= s.cap - Math.max(1, Math.ceil(s.cap / 16)) ? 'proxy' : 'refuser';
 }
 
 /**
@@ -136,14 +154,28 @@ export function readListenQueue(file = '/proc/net/netstat'): ListenQueueCounters
   }
 }
 
-/** net.core.somaxconn, which caps every listen backlog; undefined where it can't be read. */
-export function readSomaxconn(file = '/proc/sys/net/core/somaxconn'): number | undefined {
+/** A whole number from a one-value procfs file; undefined where it can't be read. */
+function readProcNumber(file: string): number | undefined {
   try {
     const n = Number(readFileSync(file, 'utf8').trim());
-    return Number.isSafeInteger(n) && n > 0 ? n : undefined;
+    return Number.isSafeInteger(n) && n >= 0 ? n : undefined;
   } catch {
     return undefined;
   }
+}
+
+/** net.core.somaxconn, which caps every listen backlog; undefined where it can't be read. */
+export function readSomaxconn(file = '/proc/sys/net/core/somaxconn'): number | undefined {
+  const n = readProcNumber(file);
+  return n === 0 ? undefined : n;
+}
+
+/**
+ * net.ipv4.tcp_migrate_req (Linux 5.14 on): at 1, the connections waiting in the accept queue of a
+ * listening socket that closes move to another socket of its port (SO_REUSEPORT); at 0 they are reset.
+ */
+export function readMigrateReq(file = '/proc/sys/net/ipv4/tcp_migrate_req'): number | undefined {
+  return readProcNumber(file);
 }
 
 /** The process's open-files limits (RLIMIT_NOFILE, soft and hard); undefined where they can't be read. */

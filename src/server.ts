@@ -25,7 +25,7 @@ import { Hierarchy } from './hierarchy.ts';
 import { logCutRequests } from './handle-request.ts';
 import { primaryOfKey, workerOf } from './worker-ring.ts';
 import { RateHistory } from './rate-history.ts';
-import { LoopLag } from './overload.ts';
+import { LoopLag, type AcceptHand } from './overload.ts';
 import { BackgroundGate } from './background.ts';
 import { shutdown } from './shutdown.ts';
 import { startSnmpAgent, type SnmpAgent } from './snmp.ts';
@@ -74,6 +74,8 @@ export interface Proxy {
   addresses(): AddressInfo[];
   /** Client connections open now. */
   clientConnections(): number;
+  /** Who accepts new client connections: this proxy, the refuser thread (past the cap, or while the loop lags), or 'moving' between them. */
+  acceptHand(): AcceptHand | 'moving';
   listen(): Promise<void>;
   /** Stop accepting, let in-flight responses finish (up to timeoutMs), then close everything. */
   close(timeoutMs?: number): Promise<void>;
@@ -180,6 +182,7 @@ export async function createProxy(cfg: Config, opts: ProxyOptions = {}): Promise
     diskIndex: () => disk.indexStats(),
     bufferPoolBytes: () => buffers.bytes,
     clientConnections: () => listeners.connections,
+    acceptHandedOver: () => (listeners.handedOver ? 1 : 0),
     backgroundWaiting: () => background.waiting,
     mirrors: () => live.mirrors.snapshot(),
     peers: () => hierarchy.snapshot(),
@@ -190,8 +193,11 @@ export async function createProxy(cfg: Config, opts: ProxyOptions = {}): Promise
   const pacer = new Pacer();
   const loopLag = new LoopLag(cfg.maxLoopLagMs);
   const background = new BackgroundGate(cfg.backgroundLoad, cfg.backgroundWaitMs);
-  loopLag.onChange = (lagging, lateMs) =>
-    lagging ? log.warn({ lateMs: Math.round(lateMs) }, 'the event loop lags past --max-loop-lag: new connections and new fills get 503 until it catches up') : log.info({ lateMs: Math.round(lateMs) }, 'the event loop caught up: new connections and fills are served again');
+  loopLag.onChange = (lagging, lateMs) => {
+    if (lagging) log.warn({ lateMs: Math.round(lateMs) }, 'the event loop lags past --max-loop-lag: new connections and new fills get 503 until it catches up');
+    else log.info({ lateMs: Math.round(lateMs) }, 'the event loop caught up: new connections and fills are served again');
+    listeners.steer();
+  };
   const ctx: Ctx = { cfg, acl: live.acl, clock, store, coalescer, upstream, accessLog, log, counters, buffers, pacer, metrics, mirrors: live.mirrors, hierarchy, loopLag, background, tunnels: new Set(), open: new Map() };
   live.onMirrors = (fresh) => {
     ctx.mirrors = fresh;
@@ -239,6 +245,7 @@ export async function createProxy(cfg: Config, opts: ProxyOptions = {}): Promise
     },
     addresses: () => listeners.addresses(),
     clientConnections: () => listeners.connections,
+    acceptHand: () => listeners.acceptHand,
     hierarchy,
     history,
     drain,

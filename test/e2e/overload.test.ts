@@ -12,6 +12,7 @@ import { describe, it } from 'node:test';
 import { Worker } from 'node:worker_threads';
 import { randomBytes } from 'node:crypto';
 import { openFilesLimit, readListenQueue, readSomaxconn } from '../../src/overload.ts';
+import { REFUSER_SOCKETS } from '../../src/refuser.ts';
 import { waitFor } from '../helpers/mirrors.ts';
 import { gate, startOrigin } from '../helpers/origin.ts';
 import { get, proxyClient, startChildProxy, startProxy, tmpDir } from '../helpers/proxy.ts';
@@ -222,7 +223,7 @@ describe('overload: refuse fast, never trickle', () => {
       assert.equal(origin.count('/a'), 0);
       assert.equal(p.proxy.counters.refused.loop_lag, 1);
 
-      await waitFor('the monitor on time again', () => !lag.lagging);
+      await waitFor('the monitor on time again, and the ports back with the proxy', () => !lag.lagging && p.proxy.acceptHand() === 'proxy');
       const again = connect(p.port, '127.0.0.1');
       again.write(request(`${origin.url}/a`));
       assert.match(await readToClose(again), /^HTTP\/1.1 200 /);
@@ -287,6 +288,57 @@ describe('overload: refuse fast, never trickle', () => {
     } finally {
       for (const s of socks) s.destroy();
       await p.stop();
+      await origin.close();
+    }
+  });
+  it('at --max-client-connections the refuser thread holds the port: each new connection gets the labelled 503 from it at once, counted and logged; open connections are served; with room again cuttle listens again', async (t) => {
+    const ss = requireTool(t, ['ss'], 'iproute2');
+    if (!ss || process.platform !== 'linux') return;
+    const listening = (port: number) => spawnSync(ss, ['-ltnH', `sport = :${port}`], { encoding: 'utf8' }).stdout.trim().split('\n').filter(Boolean).length;
+    const origin = await startOrigin({ '/x': { body: 'x', headers: { 'cache-control': 'max-age=60' } } });
+    const p = await startProxy({ 'max-client-connections': 2 });
+    const ours = listening(p.port);
+    const held = [connect(p.port, '127.0.0.1'), connect(p.port, '127.0.0.1')];
+    try {
+      assert.ok(ours > REFUSER_SOCKETS, `the proxy listens with ${ours} sockets`);
+      held[0]!.write(keepAlive(`${origin.url}/x`));
+      assert.match(await nextResponse(held[0]!), /^HTTP\/1.1 200 /);
+      // Two connections open: the cap. The proxy's sockets stop listening; the refuser's hold the port.
+      await waitFor('the port handed to the refuser', () => p.proxy.acceptHand() === 'refuser');
+      assert.equal(listening(p.port), REFUSER_SOCKETS, "only the refuser's sockets listen");
+      for (let i = 1; i <= 3; i++) {
+        const extra = connect(p.port, '127.0.0.1');
+        extra.write(request(`${origin.url}/x`));
+        const text = await readToClose(extra);
+        assert.match(text, /^HTTP\/1.1 503 /);
+        assert.match(text, /\r\nProxy-Status: cuttle; error=connection_limit_reached; details="too many client connections"\r\n/);
+        assert.match(text, /\r\nX-Squid-Error: ERR_ONLY_IF_CACHED_MISS 0\r\n/);
+        await waitFor(`refusal ${i} counted`, () => p.proxy.counters.refused.connections === i);
+      }
+      // A connection taken before the cap is served as ever, a hit.
+      held[1]!.write(keepAlive(`${origin.url}/x`));
+      assert.match(await nextResponse(held[1]!), /^HTTP\/1.1 200 [^]*\r\n\r\nx$/);
+      const status = (await (await fetch(`http://127.0.0.1:${p.proxy.adminAddress()!.port}/status`)).json()) as { refused: Record<string, number> };
+      assert.equal(status.refused.connections, 3);
+      assert.match((await p.proxy.report()).metrics, /^cuttle_accept_handed_over 1$/m);
+      // One closes: a sixteenth of the cap is free, and the proxy listens again before the refuser lets go.
+      held.shift()!.destroy();
+      await waitFor('the port back with the proxy', () => p.proxy.acceptHand() === 'proxy');
+      assert.equal(listening(p.port), ours);
+      const again = connect(p.port, '127.0.0.1');
+      again.write(request(`${origin.url}/x`));
+      assert.match(await readToClose(again), /^HTTP\/1.1 200 [^]*\r\n\r\nx$/);
+      assert.equal(p.proxy.counters.refused.connections, 3);
+      assert.equal(p.proxy.counters.hits, 2);
+      assert.equal(origin.count('/x'), 1);
+      for (const s of held) s.destroy();
+      await p.close();
+      // Squid's fields: result/status and method of each line, the refusals as request-less NONE/503.
+      const lines = p.logLines.map((l) => l.split(/\s+/));
+      assert.deepEqual(lines.map((f) => `${f[3]} ${f[5]}`).sort(), ['NONE/503 NONE', 'NONE/503 NONE', 'NONE/503 NONE', 'TCP_MEM_HIT/200 GET', 'TCP_MEM_HIT/200 GET', 'TCP_MISS/200 GET']);
+    } finally {
+      for (const s of held) s.destroy();
+      await p.close();
       await origin.close();
     }
   });

@@ -40,6 +40,7 @@ describe('Metrics counters', () => {
       diskIndex: () => ({ entries: 0, maxEntries: 1, heapBytes: 0 }),
       bufferPoolBytes: () => 0,
       clientConnections: () => 0,
+      acceptHandedOver: () => 0,
       backgroundWaiting: () => 0,
       peers: () => [],
       mirrors: () => [{ group: 'g', mirror: 'http://m', healthy: true, rttMs: null, revision: null, stale: false, fetches, failures: 0, bytes: 0, probeFailures: 0 } as MirrorSnapshot],

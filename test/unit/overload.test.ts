@@ -4,7 +4,7 @@ import assert from 'node:assert/strict';
 import { describe, it } from 'node:test';
 import { buildConfig } from '../../src/config.ts';
 import { newCounters } from '../../src/counters.ts';
-import { connectionCap, fillRefusal, LAG_TICK_MS, LoopLag, parseListenQueue, openFilesLimit, refuse } from '../../src/overload.ts';
+import { acceptHand, connectionCap, fillRefusal, LAG_TICK_MS, LoopLag, parseListenQueue, openFilesLimit, refuse } from '../../src/overload.ts';
 
 describe('LoopLag', () => {
   it('two ticks in a row later than the bound set lagging; one alone does not; the next tick on time clears it', () => {
@@ -139,5 +139,21 @@ describe('connectionCap', () => {
   it('reads the soft limit from /proc/self/limits', () => {
     const n = openFilesLimit()?.soft;
     if (n !== undefined) assert.ok(n > 0);
+  });
+});
+
+describe('acceptHand', () => {
+  it('hands the ports to the refuser at the cap or while the loop lags; takes them back on time with a sixteenth of the cap free', () => {
+    const at = (hand: 'proxy' | 'refuser', connections: number, lagging = false, cap = 2000) => acceptHand({ hand, connections, cap, lagging });
+    assert.equal(at('proxy', 1999), 'proxy');
+    assert.equal(at('proxy', 2000), 'refuser', 'the next connection would be refused');
+    assert.equal(at('proxy', 10, true), 'refuser', 'a lagging loop');
+    assert.equal(at('refuser', 1999), 'refuser', 'one close at the cap is not room');
+    assert.equal(at('refuser', 1876), 'refuser');
+    assert.equal(at('refuser', 1875), 'proxy', '2000 - 2000/16');
+    assert.equal(at('refuser', 0, true), 'refuser', 'still lagging');
+    assert.equal(at('refuser', 1, false, 2), 'proxy', 'a cap of 2: one free');
+    assert.equal(at('refuser', 0, false, 1), 'proxy');
+    assert.equal(at('refuser', 1, false, 1), 'refuser');
   });
 });
