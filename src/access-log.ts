@@ -105,12 +105,13 @@ export function formatFrontier(tx: Transaction, nowMs: number): string {
 
 /**
  * A finished transaction goes to the access log and to the counters and metrics, at one instant (every
- * path that ends one, the request path, the hit lane, tunnels and refused connections, calls this).
+ * path that ends one, the request path, the hit lane, tunnels and refused connections, calls this):
+ * as ended now, or at `endedAt` (a refusal the refuser thread made, reported later).
  */
-export function recordTransaction(to: { accessLog: AccessLog; metrics: { observe(tx: Transaction, errorToken: string | undefined, nowMs: number): void }; clock: { now(): number } }, tx: Transaction, errorToken: string | undefined): void {
+export function recordTransaction(to: { accessLog: AccessLog; metrics: { observe(tx: Transaction, errorToken: string | undefined, nowMs: number): void }; clock: { now(): number } }, tx: Transaction, errorToken: string | undefined, endedAt?: number): void {
   if (tx.relay || tx.recorded) return;
   tx.recorded = true;
-  const now = to.clock.now();
+  const now = endedAt ?? to.clock.now();
   to.accessLog.write(tx, now);
   to.metrics.observe(tx, errorToken, now);
 }

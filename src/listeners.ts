@@ -13,11 +13,14 @@ import { hasBody, hitAge, storedHitHead } from './deliver.ts';
 import { handleRequest, plainLaneRequest } from './handle-request.ts';
 import { HitLane } from './hit-lane.ts';
 import { acceptHand, connectionCap, openFilesLimit, readMigrateReq, readSomaxconn, refusal, refuse, type AcceptHand, type RefusalReason } from './overload.ts';
-import { Refuser, refuserDescriptors } from './refuser.ts';
+import { Refuser, REFUSER_MIN_OPEN_FILES, refuserDescriptors } from './refuser.ts';
 import { handleConnect } from './tunnel.ts';
 
 /** How long a client may take to send a request's head. */
 const HEADERS_TIMEOUT_MS = 60_000;
+
+/** After a failed attempt to listen again (EMFILE, near overload), the next one waits this long. */
+const RELISTEN_BACKOFF_MS = 1000;
 
 /**
  * node:http's own 'connection' listener (it registers exactly one), taken off `srv`: node reads a
@@ -51,12 +54,18 @@ function acceptSockets(openFiles: number | undefined): number {
 
 export function listenOn(srv: NetServer, host: string, port: number, backlog: number, reusePort = false): Promise<void> {
   return new Promise<void>((resolve, reject) => {
-    const onErr = (err: Error) => reject(new Error(`cannot listen on ${host.includes(':') ? `[${host}]` : host}:${port}: ${err.message}`, { cause: err }));
-    srv.once('error', onErr);
-    srv.listen({ host, port, backlog, reusePort }, () => {
+    // Each listener goes once either way: a server that fails is listened on again (#takeBack).
+    const onListening = () => {
       srv.off('error', onErr);
       resolve();
-    });
+    };
+    const onErr = (err: Error) => {
+      srv.off('listening', onListening);
+      reject(new Error(`cannot listen on ${host.includes(':') ? `[${host}]` : host}:${port}: ${err.message}`, { cause: err }));
+    };
+    srv.once('error', onErr);
+    srv.once('listening', onListening);
+    srv.listen({ host, port, backlog, reusePort });
   });
 }
 
@@ -129,11 +138,13 @@ export class Listeners {
   #bound: AddressInfo[] = [];
   /** The thread that holds the client ports while this proxy is full; undefined where they can't be shared (one socket per address) or it failed. */
   #refuser: Refuser | undefined;
-  /** Who accepts new client connections now, and what the refuser answers. */
+  /** Who accepts new client connections now, and what the refuser answers (and why). */
   #hand: AcceptHand = 'proxy';
   #refusing: { reason: RefusalReason; headBytes: number; bodyBytes: number } | undefined;
   /** A hand-over or take-back under way. */
   #moving: Promise<void> | undefined;
+  /** A take-back failed: the next waits for this timer. */
+  #relistenTimer: NodeJS.Timeout | undefined;
   #listening = false;
   #closing = false;
 
@@ -161,8 +172,9 @@ export class Listeners {
     this.#public = listeners.length - (worker ? 1 : 0);
     // The relay listener of a worker takes only its own workers' connections: one socket.
     const sizes = listeners.map(({ addr }) => (worker && addr.port === 0 ? 1 : acceptSockets(this.#openFiles)));
-    // The refuser joins a port's sockets (SO_REUSEPORT): it needs a group of them (Linux, enough descriptors).
-    const handOver = sizes.slice(0, this.#public).every((n) => n > 1);
+    // The refuser joins a port's sockets (SO_REUSEPORT): it needs a group of them (Linux), and
+    // descriptors to spare for its own.
+    const handOver = sizes.slice(0, this.#public).every((n) => n > 1) && (this.#openFiles === undefined || this.#openFiles >= REFUSER_MIN_OPEN_FILES);
     if (handOver) this.#refuser = new Refuser((count, records) => this.#refused(count, records), (err) => this.#refuserFailed(err));
     this.#cap = connectionCap(cfg, this.#openFiles, sizes.reduce((a, b) => a + b, 0) + (handOver ? refuserDescriptors(this.#public) : 0));
     this.#groups = listeners.map(({ accel }, i) => Array.from({ length: sizes[i]! }, () => this.#server(accel)));
@@ -228,21 +240,27 @@ export class Listeners {
    * go past the cap, and when the loop's lag changes. One move at a time; each decides again when done.
    */
   steer(): void {
+    if (this.#moving || this.#closing || !this.#listening || this.#relistenTimer) return;
     const refuser = this.#refuser;
-    if (!refuser || this.#moving || this.#closing || !this.#listening) return;
-    const lagging = this.#ctx.loopLag.lagging;
-    const next = acceptHand({ hand: this.#hand, connections: this.#connections, cap: this.#cap.cap, lagging });
+    // Without a refuser (its thread failed), this proxy takes its ports back and refuses at accept.
+    const next = refuser ? this.#wanted(this.#hand) : 'proxy';
     if (next === this.#hand) return;
-    const move = next === 'refuser' ? this.#handOver(refuser, lagging ? 'loop_lag' : 'connections') : this.#takeBack(refuser);
+    const move = next === 'refuser' ? this.#handOver(refuser!) : this.#takeBack(refuser);
     this.#moving = move.catch((err: unknown) => this.#ctx.log.error({ err, internal: true }, 'handing the client ports over failed')).finally(() => {
       this.#moving = undefined;
       this.steer();
     });
   }
 
+  /** Who should accept now (overload.ts acceptHand), if `hand` does. */
+  #wanted(hand: AcceptHand): AcceptHand {
+    return acceptHand({ hand, connections: this.#connections, cap: this.#cap.cap, lagging: this.#ctx.loopLag.lagging, handedFor: this.#refusing?.reason });
+  }
+
   /** The refuser listens on the client ports, then this proxy stops: from then on each new connection is refused at once. */
-  async #handOver(refuser: Refuser, reason: RefusalReason): Promise<void> {
+  async #handOver(refuser: Refuser): Promise<void> {
     const { cfg, log } = this.#ctx;
+    const reason: RefusalReason = this.#ctx.loopLag.lagging ? 'loop_lag' : 'connections';
     const answer = errorAnswer(refusal(reason), cfg.visibleHostname);
     try {
       await refuser.open(this.#bound.slice(0, this.#public).map(({ address, port }) => ({ host: address, port })), cfg.listenBacklog, answer.bytes);
@@ -250,14 +268,20 @@ export class Listeners {
       // This proxy refuses at accept, as it does where there is no refuser.
       this.#refuser = undefined;
       void refuser.stop().catch(() => {});
-      log.error({ err, internal: true }, 'the refuser could not take the client ports: refusing at accept from now on');
+      log.error({ err }, 'the refuser could not take the client ports: refusing at accept from now on');
+      return;
+    }
+    // Its reason may have gone while the thread got ready (a lag of two ticks), or the proxy is stopping.
+    if (this.#closing || this.#wanted('proxy') === 'proxy') {
+      await refuser.close();
       return;
     }
     this.#refusing = { reason, headBytes: answer.headBytes, bodyBytes: answer.bodyBytes };
-    // net's close, not node:http's (which also closes the idle keep-alive connections): the sockets stop
-    // listening and every connection stays. Connections still in their accept queues are reset, or, with
-    // net.ipv4.tcp_migrate_req=1, moved to the refuser's sockets.
-    if (!this.#closing) for (const srv of this.#groups.slice(0, this.#public).flat()) NetServer.prototype.close.call(srv);
+    // net's close, not node:http's: node:http's close() is closeIdleConnections() and the end of its
+    // timeout checks, then net's. Here the sockets stop listening, every connection stays, and the
+    // checks go on (listening again starts them anew). Connections still in the accept queues are
+    // reset, or, with net.ipv4.tcp_migrate_req=1, moved to the refuser's sockets.
+    for (const srv of this.#groups.slice(0, this.#public).flat()) NetServer.prototype.close.call(srv);
     this.#hand = 'refuser';
     log.warn({ reason, connections: this.#connections, cap: this.#cap.cap }, reason === 'connections' ? 'at --max-client-connections: the refuser thread answers new connections with 503 until there is room' : 'the event loop lags past --max-loop-lag: the refuser thread answers new connections with 503 until it catches up');
   }
@@ -271,11 +295,17 @@ export class Listeners {
         for (const srv of group) if (!srv.listening) await listenOn(srv, address, port, cfg.listenBacklog, true);
       }
     } catch (err) {
-      // The refuser still holds the ports: the next connection that closes tries again.
-      log.error({ err, internal: true }, 'could not listen again on the client ports: the refuser goes on refusing');
+      // The refuser, if it runs, still holds the ports. Trying again at once would spin: the error comes
+      // back within the same turn (EMFILE, near overload).
+      log.error({ err }, `could not listen again on the client ports: trying again in ${RELISTEN_BACKOFF_MS} ms`);
+      this.#relistenTimer = setTimeout(() => {
+        this.#relistenTimer = undefined;
+        this.steer();
+      }, RELISTEN_BACKOFF_MS).unref();
       return;
     }
     this.#hand = 'proxy';
+    this.#refusing = undefined;
     await refuser?.close().catch((err: unknown) => log.error({ err, internal: true }, 'the refuser could not let go of the client ports'));
     log.info({ connections: this.#connections, cap: this.#cap.cap }, 'accepting new connections again');
   }
@@ -290,17 +320,17 @@ export class Listeners {
     const now = ctx.clock.now();
     const wall = Date.now();
     for (const [addr, at] of records) {
-      recordTransaction(ctx, newTransaction({ startedAt: now - (wall - at), client: plainAddress(addr), method: 'NONE', url: '-', status: 503, headBytes: r.headBytes, bytesOut: r.bodyBytes }), token);
+      // Refused at once, when the thread took it: logged as ended then.
+      const when = now - (wall - at);
+      recordTransaction(ctx, newTransaction({ startedAt: when, client: plainAddress(addr), method: 'NONE', url: '-', status: 503, headBytes: r.headBytes, bytesOut: r.bodyBytes }), token, when);
     }
   }
 
-  /** The refuser thread died: this proxy listens again at once, and refuses at accept from now on. */
+  /** The refuser thread died: this proxy listens again (steer), and refuses at accept from now on. */
   #refuserFailed(err: Error): void {
-    const { log } = this.#ctx;
     this.#refuser = undefined;
-    log.error({ err, internal: true }, 'the refuser thread failed: refusing at accept from now on');
-    if (this.#hand !== 'refuser' || this.#closing) return;
-    void (this.#moving ?? Promise.resolve()).then(() => (this.#hand === 'refuser' ? this.#takeBack(undefined) : undefined));
+    this.#ctx.log.error({ err, internal: true }, 'the refuser thread failed: refusing at accept from now on');
+    this.steer();
   }
 
   /**
@@ -332,6 +362,7 @@ export class Listeners {
   /** Stop accepting; resolves once every connection has closed and the lane answers no join. */
   async close(): Promise<void> {
     this.#closing = true;
+    clearTimeout(this.#relistenTimer);
     await this.#moving;
     await this.#refuser?.stop();
     // A socket handed over listens no more but may still have connections: its close() waits for them too.

@@ -45,11 +45,13 @@ export type AcceptHand = 'proxy' | 'refuser';
 /**
  * Who should accept next. The proxy hands its ports over once it holds --max-client-connections (its
  * next connection would be refused) or its loop lags, and takes them back once the loop is on time and
- * a sixteenth of the cap is free, so that a proxy at its cap does not hand them to and fro at each close.
+ * there is room: below the cap after a lag; after the cap, a sixteenth of it free, so that a proxy at
+ * its cap does not hand them to and fro at each close.
  */
-export function acceptHand(s: { hand: AcceptHand; connections: number; cap: number; lagging: boolean }): AcceptHand {
+export function acceptHand(s: { hand: AcceptHand; connections: number; cap: number; lagging: boolean; handedFor?: RefusalReason | undefined }): AcceptHand {
   if (s.hand === 'proxy') return s.connections >= s.cap || s.lagging ? 'refuser' : 'proxy';
-  return !s.lagging && s.connections <= s.cap - Math.max(1, Math.ceil(s.cap / 16)) ? 'proxy' : 'refuser';
+  const room = s.handedFor === 'loop_lag' ? s.connections < s.cap : s.connections <= s.cap - Math.max(1, Math.ceil(s.cap / 16));
+  return !s.lagging && room ? 'proxy' : 'refuser';
 }
 
 /**

@@ -2,8 +2,8 @@
 // in the proxy's place and answers each new connection with the proxy's labelled 503 at once. Its loop
 // does nothing else, so a refusal never waits behind the proxy's own turns. It starts as a burst nears
 // the cap, so it must listen within milliseconds: plain JavaScript and node:net only (a .ts file costs a
-// new thread 70 ms of type-stripping set-up; this one listens 40 ms after it is asked). The messages
-// are refuser.ts's ToRefuser and FromRefuser.
+// new thread 70 ms of type-stripping set-up; this one listens 40 ms after it is asked). tsc checks it
+// (checkJs) against refuser.ts's ToRefuser and FromRefuser.
 import { createServer } from 'node:net';
 import { parentPort } from 'node:worker_threads';
 
@@ -11,8 +11,6 @@ const port = /** @type {import('node:worker_threads').MessagePort} */ (parentPor
 /** @param {import('./refuser.ts').FromRefuser} m */
 const post = (m) => port.postMessage(m);
 
-/** Connections open at once (each until its 503 is written): past it, reset. */
-const MAX_OPEN = 512;
 /** Refusals logged per report (every REPORT_MS); past it they are counted, not logged one by one. */
 const MAX_RECORDS = 4096;
 const REPORT_MS = 100;
@@ -20,6 +18,8 @@ const REPORT_MS = 100;
 /** @type {import('node:net').Server[]} */
 let servers = [];
 let answer = Buffer.alloc(0);
+/** Connections open at once (each until its 503 is written): past it, reset. */
+let maxOpen = 0;
 let open = 0;
 let refused = 0;
 /** @type {[string, number][]} */
@@ -28,7 +28,7 @@ let records = [];
 /** @param {import('node:net').Socket} sock */
 function take(sock) {
   // A peer that reset before the connection was taken has no address, as in the proxy (listeners.ts).
-  if (open >= MAX_OPEN || sock.remoteAddress === undefined) return void sock.destroy();
+  if (open >= maxOpen || sock.remoteAddress === undefined) return void sock.destroy();
   open++;
   refused++;
   if (records.length < MAX_RECORDS) records.push([sock.remoteAddress, Date.now()]);
@@ -57,6 +57,8 @@ function listen(/** @type {string} */ host, /** @type {number} */ portNo, /** @t
     srv.once('error', reject);
     srv.listen({ host, port: portNo, backlog, reusePort: true }, () => {
       srv.off('error', reject);
+      // A failed accept (EMFILE) is an 'error' of a server that goes on listening: not the thread's end.
+      srv.on('error', () => {});
       resolve(srv);
     });
   });
@@ -66,6 +68,7 @@ port.on('message', (/** @type {import('./refuser.ts').ToRefuser} */ m) => {
   switch (m.type) {
     case 'open':
       answer = Buffer.from(m.answer);
+      maxOpen = m.maxOpen;
       void Promise.allSettled(m.addrs.flatMap(({ host, port: p }) => Array.from({ length: m.sockets }, () => listen(host, p, m.backlog)))).then((all) => {
         const failed = all.find((r) => r.status === 'rejected');
         const ok = all.flatMap((r) => (r.status === 'fulfilled' ? [r.value] : []));

@@ -8,7 +8,7 @@
 import { Worker } from 'node:worker_threads';
 
 export type ToRefuser =
-  | { type: 'open'; addrs: { host: string; port: number }[]; sockets: number; backlog: number; answer: Uint8Array }
+  | { type: 'open'; addrs: { host: string; port: number }[]; sockets: number; maxOpen: number; backlog: number; answer: Uint8Array }
   | { type: 'close' };
 export type FromRefuser =
   | { type: 'listening' }
@@ -19,10 +19,14 @@ export type FromRefuser =
 
 /** Listening sockets per address in the refuser: its loop does nothing else, so a few take a burst. */
 export const REFUSER_SOCKETS = 8;
+/** Connections the refuser holds at once (each until its 503 is written); past it, it resets them. */
+const MAX_OPEN = 512;
+/** The open-files limit below which there is no refuser: it may hold up to 8 × addresses + 512 descriptors, an eighth of this at most. */
+export const REFUSER_MIN_OPEN_FILES = 8192;
 
-/** Descriptors the refuser may hold for `addresses` listen addresses: its sockets and its open refusals (refuser-main.js MAX_OPEN). */
+/** Descriptors the refuser may hold for `addresses` listen addresses: its sockets and its open refusals. */
 export function refuserDescriptors(addresses: number): number {
-  return addresses * REFUSER_SOCKETS + 512;
+  return addresses * REFUSER_SOCKETS + MAX_OPEN;
 }
 
 export class Refuser {
@@ -48,7 +52,7 @@ export class Refuser {
   /** Listen on `addrs` (the proxy's bound addresses) and answer every connection with `answer`; resolves once every socket listens. */
   open(addrs: { host: string; port: number }[], backlog: number, answer: Buffer): Promise<void> {
     const w = (this.#worker ??= this.#start());
-    return this.#ask(w, { type: 'open', addrs, sockets: REFUSER_SOCKETS, backlog, answer }, 'listening');
+    return this.#ask(w, { type: 'open', addrs, sockets: REFUSER_SOCKETS, maxOpen: MAX_OPEN, backlog, answer }, 'listening');
   }
 
   /** Stop listening (the connections being refused finish); resolves after the last report. */

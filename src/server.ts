@@ -277,6 +277,8 @@ export async function createProxy(cfg: Config, opts: ProxyOptions = {}): Promise
       drain.stop(timeoutMs);
       history?.stop();
       loopLag.stop();
+      // Not lagging any more: a hand-over for the lag ends (the drain serves new connections).
+      listeners.steer();
       background.stop();
       // The requests the shutdown cut get their lines just before the log closes (shutdown only closes it).
       const cutLogged: AccessLog = { ...accessLog, close: (ms) => (logCutRequests(ctx), accessLog.close(ms)) };

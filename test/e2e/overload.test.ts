@@ -7,6 +7,7 @@ import assert from 'node:assert/strict';
 import { spawnSync } from 'node:child_process';
 import { once } from 'node:events';
 import { connect, type Socket } from 'node:net';
+import { readdirSync } from 'node:fs';
 import { join } from 'node:path';
 import { describe, it } from 'node:test';
 import { Worker } from 'node:worker_threads';
@@ -336,9 +337,44 @@ describe('overload: refuse fast, never trickle', () => {
       // Squid's fields: result/status and method of each line, the refusals as request-less NONE/503.
       const lines = p.logLines.map((l) => l.split(/\s+/));
       assert.deepEqual(lines.map((f) => `${f[3]} ${f[5]}`).sort(), ['NONE/503 NONE', 'NONE/503 NONE', 'NONE/503 NONE', 'TCP_MEM_HIT/200 GET', 'TCP_MEM_HIT/200 GET', 'TCP_MISS/200 GET']);
+      // Logged as ended when the thread refused them, not when its report came: elapsed 0.
+      assert.deepEqual(lines.filter((f) => f[3] === 'NONE/503').map((f) => f[1]), ['0', '0', '0']);
     } finally {
       for (const s of held) s.destroy();
       await p.close();
+      await origin.close();
+    }
+  });
+  it('a failed attempt to listen again (EMFILE) is tried again a second later, not in a loop: the proxy takes its port back once descriptors are free', async (t) => {
+    const prlimit = requireTool(t, ['prlimit'], 'util-linux');
+    if (!prlimit || process.platform !== 'linux') return;
+    const origin = await startOrigin({ '/x': { body: 'x', headers: { 'cache-control': 'max-age=60' } } });
+    const p = await startChildProxy(['--listen', '127.0.0.1:0', '--cache-dir', join(tmpDir(), 'cache'), '--allow-local-dest', '127.0.0.1', '--max-client-connections', '2']);
+    const pid = p.child.pid!;
+    const admin = Number(/"admin":\{[^}]*"port":(\d+)/.exec(p.stderr())?.[1]);
+    // A proxy that never yields (a listen retried in a loop) fails here, not by hanging the test.
+    const handedOver = async () => Number(/^cuttle_accept_handed_over (\d+)$/m.exec(await (await fetch(`http://127.0.0.1:${admin}/metrics`, { signal: AbortSignal.timeout(15_000) })).text())?.[1]);
+    const limit = (soft: number | string) => assert.equal(spawnSync(prlimit, ['--pid', String(pid), `--nofile=${soft}:`]).status, 0);
+    const soft = openFilesLimit(`/proc/${pid}/limits`)!.soft;
+    const held = [connect(p.port, '127.0.0.1'), connect(p.port, '127.0.0.1')];
+    try {
+      await waitFor('the port handed to the refuser', async () => (await handedOver()) === 1);
+      // No descriptor to spare: the first socket that listens again takes the last one, the next fails.
+      limit(readdirSync(`/proc/${pid}/fd`).length + 1);
+      held.shift()!.destroy();
+      await waitFor('the failed listen logged', () => /could not listen again on the client ports: trying again in 1000 ms/.test(p.stderr()));
+      limit(soft);
+      await waitFor('the port back with the proxy', async () => (await handedOver()) === 0);
+      const again = connect(p.port, '127.0.0.1');
+      again.write(request(`${origin.url}/x`));
+      assert.match(await readToClose(again), /^HTTP\/1.1 200 [^]*\r\n\r\nx$/);
+      assert.equal(origin.count('/x'), 1);
+      // Each retry a second after the last: a few at most (a loop that never yields made thousands).
+      const tries = (p.stderr().match(/could not listen again/g) ?? []).length;
+      assert.ok(tries < 10, `${tries} attempts`);
+    } finally {
+      for (const s of held) s.destroy();
+      await p.stop();
       await origin.close();
     }
   });

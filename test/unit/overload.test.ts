@@ -155,5 +155,9 @@ describe('acceptHand', () => {
     assert.equal(at('refuser', 1, false, 2), 'proxy', 'a cap of 2: one free');
     assert.equal(at('refuser', 0, false, 1), 'proxy');
     assert.equal(at('refuser', 1, false, 1), 'refuser');
+    const afterLag = (connections: number, lagging = false) => acceptHand({ hand: 'refuser', connections, cap: 2000, lagging, handedFor: 'loop_lag' });
+    assert.equal(afterLag(1999), 'proxy', 'handed over for a lag: back once it is over, with any room');
+    assert.equal(afterLag(2000), 'refuser', 'at the cap');
+    assert.equal(afterLag(10, true), 'refuser');
   });
 });
