@@ -73,6 +73,19 @@ sock.on('data', (c) => (text += c.toString('latin1')));
 sock.on('close', () => parentPort.postMessage(text));
 `;
 
+/** A connection from another thread: the whole answer, posted, then the flag set (the test's thread may be blocked). */
+const REFUSED_IN_WORKER = `
+const { parentPort, workerData } = require('node:worker_threads');
+const sock = require('node:net').connect(workerData.port, '127.0.0.1', () => sock.write(workerData.request));
+let text = '';
+sock.on('data', (c) => (text += c.toString('latin1')));
+sock.on('close', () => {
+  parentPort.postMessage(text);
+  Atomics.store(workerData.flag, 0, 1);
+  Atomics.notify(workerData.flag, 0);
+});
+`;
+
 const keepAlive = (url: string) => `GET ${url} HTTP/1.1\r\nHost: ${new URL(url).host}\r\n\r\n`;
 const request = (url: string) => `GET ${url} HTTP/1.1\r\nHost: ${new URL(url).host}\r\nConnection: close\r\n\r\n`;
 
@@ -375,6 +388,31 @@ describe('overload: refuse fast, never trickle', () => {
     } finally {
       for (const s of held) s.destroy();
       await p.stop();
+      await origin.close();
+    }
+  });
+  it("the refuser thread answers while cuttle's own event loop is blocked: a refusal never waits for the proxy's turns", async () => {
+    if (process.platform !== 'linux') return;
+    const origin = await startOrigin({ '/x': { body: 'x', headers: { 'cache-control': 'max-age=60' } } });
+    // In-process: this test's thread is the proxy's, and blocking it blocks the proxy's loop.
+    const p = await startProxy({ 'max-client-connections': 1 });
+    const held = connect(p.port, '127.0.0.1');
+    let worker: Worker | undefined;
+    try {
+      await waitFor('the port handed to the refuser', () => p.proxy.acceptHand() === 'refuser');
+      const flag = new Int32Array(new SharedArrayBuffer(4));
+      worker = new Worker(REFUSED_IN_WORKER, { eval: true, workerData: { port: p.port, request: request(`${origin.url}/x`), flag } });
+      const answered = once(worker, 'message') as Promise<[string]>;
+      // The loop is blocked until the other thread has its whole answer (or a minute, which fails).
+      assert.equal(Atomics.wait(flag, 0, 0, 60_000), 'ok', 'the refusal came while the loop was blocked');
+      const [text] = await answered;
+      assert.match(text, /^HTTP\/1.1 503 [^]*\r\nProxy-Status: cuttle; error=connection_limit_reached; details="too many client connections"\r\n/);
+      await waitFor('the refusal counted', () => p.proxy.counters.refused.connections === 1);
+      assert.equal(origin.count('/x'), 0);
+    } finally {
+      await worker?.terminate();
+      held.destroy();
+      await p.close();
       await origin.close();
     }
   });
