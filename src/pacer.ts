@@ -5,8 +5,14 @@
 // response goes out at once (the watchdog counts the first byte), and the bulk after it takes turns,
 // oldest waiter first, so every reader advances while bytes are there and none starves.
 
-/** What one response writes at a time: a first byte's slice, and each later turn's share. */
-export const SLICE_BYTES = 256 * 1024;
+/**
+ * What one response writes at a time: a first byte's slice, and each later turn's share. A body up to
+ * this goes out in one write. 1 MiB against 256 KiB, alternating bench runs: 1 MiB hits 4,174 and
+ * 4,212 req/s against 3,125 and 3,569 at 64 connections (p99 23 and 27 ms against 35 and 35), 4 MiB
+ * disk hits 825 against 672 (p99 114 against 204 ms); the herds no worse (0 trips, first byte p99 0.73
+ * against 0.98 s at 1,000 nodes and 1.7 against 2.6 s at 10,000 over a WAN).
+ */
+export const SLICE_BYTES = 2 ** 20;
 
 /**
  * Body bytes all responses together write per turn beyond their first slices: a few ms of copying, so
