@@ -304,8 +304,8 @@ export class Listeners {
       }, RELISTEN_BACKOFF_MS).unref();
       return;
     }
+    // #refusing stays: the thread's last report comes as it lets go.
     this.#hand = 'proxy';
-    this.#refusing = undefined;
     await refuser?.close().catch((err: unknown) => log.error({ err, internal: true }, 'the refuser could not let go of the client ports'));
     log.info({ connections: this.#connections, cap: this.#cap.cap }, 'accepting new connections again');
   }
@@ -319,11 +319,14 @@ export class Listeners {
     const { token } = refusal(r.reason);
     const now = ctx.clock.now();
     const wall = Date.now();
+    const refused = (client: string, when: number) => newTransaction({ startedAt: when, client, method: 'NONE', url: '-', status: 503, headBytes: r.headBytes, bytesOut: r.bodyBytes });
     for (const [addr, at] of records) {
       // Refused at once, when the thread took it: logged as ended then.
       const when = now - (wall - at);
-      recordTransaction(ctx, newTransaction({ startedAt: when, client: plainAddress(addr), method: 'NONE', url: '-', status: 503, headBytes: r.headBytes, bytesOut: r.bodyBytes }), token, when);
+      recordTransaction(ctx, refused(plainAddress(addr), when), token, when);
     }
+    // Past the records a report holds: counted as the others are, not logged.
+    for (let i = records.length; i < count; i++) ctx.metrics.observe(refused('-', now), token, now);
   }
 
   /** The refuser thread died: this proxy listens again (steer), and refuses at accept from now on. */

@@ -327,13 +327,12 @@ describe('overload: refuse fast, never trickle', () => {
         assert.match(text, /^HTTP\/1.1 503 /);
         assert.match(text, /\r\nProxy-Status: cuttle; error=connection_limit_reached; details="too many client connections"\r\n/);
         assert.match(text, /\r\nX-Squid-Error: ERR_ONLY_IF_CACHED_MISS 0\r\n/);
-        await waitFor(`refusal ${i} counted`, () => p.proxy.counters.refused.connections === i);
+        // The last is not waited for: the thread's final report, as it lets go, carries it.
+        if (i < 3) await waitFor(`refusal ${i} counted`, () => p.proxy.counters.refused.connections === i);
       }
       // A connection taken before the cap is served as ever, a hit.
       held[1]!.write(keepAlive(`${origin.url}/x`));
       assert.match(await nextResponse(held[1]!), /^HTTP\/1.1 200 [^]*\r\n\r\nx$/);
-      const status = (await (await fetch(`http://127.0.0.1:${p.proxy.adminAddress()!.port}/status`)).json()) as { refused: Record<string, number> };
-      assert.equal(status.refused.connections, 3);
       assert.match((await p.proxy.report()).metrics, /^cuttle_accept_handed_over 1$/m);
       // One closes: a sixteenth of the cap is free, and the proxy listens again before the refuser lets go.
       held.shift()!.destroy();
@@ -343,6 +342,8 @@ describe('overload: refuse fast, never trickle', () => {
       again.write(request(`${origin.url}/x`));
       assert.match(await readToClose(again), /^HTTP\/1.1 200 [^]*\r\n\r\nx$/);
       assert.equal(p.proxy.counters.refused.connections, 3);
+      const status = (await (await fetch(`http://127.0.0.1:${p.proxy.adminAddress()!.port}/status`)).json()) as { refused: Record<string, number> };
+      assert.equal(status.refused.connections, 3);
       assert.equal(p.proxy.counters.hits, 2);
       assert.equal(origin.count('/x'), 1);
       for (const s of held) s.destroy();
