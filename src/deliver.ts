@@ -410,8 +410,12 @@ async function readVerified(body: Extract<StoredObject['body'], { kind: 'file' }
   return whole.length === size && body.verify() === 'ok' ? whole : undefined;
 }
 
-/** What a fill's reader may queue for its socket beyond the kernel's buffer before it waits for `drain`. */
-const QUEUE_BYTES = 2 * SLICE_BYTES;
+/**
+ * What a reader may queue for its socket beyond the kernel's buffer before it waits for `drain`. Bytes
+ * a fill's window has let go stay held while queued, outside --fill-memory, so this is a bound of its
+ * own (README "Storage bounds"), not a multiple of the slice.
+ */
+const QUEUE_BYTES = 512 * 1024;
 
 /** The next turn of the event loop, one promise shared by everyone waiting for it. */
 let turn: Promise<void> | undefined;

@@ -244,7 +244,11 @@ export class Listeners {
     const refuser = this.#refuser;
     // Without a refuser (its thread failed), this proxy takes its ports back and refuses at accept.
     const next = refuser ? this.#wanted(this.#hand) : 'proxy';
-    if (next === this.#hand) return;
+    if (next === this.#hand) {
+      // Handed over for a lag that is over, at the cap: the thread's 503 now says why.
+      if (refuser && next === 'refuser' && this.#refusing?.reason === 'loop_lag' && !this.#ctx.loopLag.lagging) refuser.answer(this.#refuseFor('connections'));
+      return;
+    }
     const move = next === 'refuser' ? this.#handOver(refuser!) : this.#takeBack(refuser);
     this.#moving = move.catch((err: unknown) => this.#ctx.log.error({ err, internal: true }, 'handing the client ports over failed')).finally(() => {
       this.#moving = undefined;
@@ -257,13 +261,21 @@ export class Listeners {
     return acceptHand({ hand, connections: this.#connections, cap: this.#cap.cap, lagging: this.#ctx.loopLag.lagging, handedFor: this.#refusing?.reason });
   }
 
+  /** The refuser's answer from now on, for `reason` (its reports are counted and logged as such). */
+  #refuseFor(reason: RefusalReason): Buffer {
+    const answer = errorAnswer(refusal(reason), this.#ctx.cfg.visibleHostname);
+    this.#refusing = { reason, headBytes: answer.headBytes, bodyBytes: answer.bodyBytes };
+    return answer.bytes;
+  }
+
   /** The refuser listens on the client ports, then this proxy stops: from then on each new connection is refused at once. */
   async #handOver(refuser: Refuser): Promise<void> {
     const { cfg, log } = this.#ctx;
     const reason: RefusalReason = this.#ctx.loopLag.lagging ? 'loop_lag' : 'connections';
-    const answer = errorAnswer(refusal(reason), cfg.visibleHostname);
+    // Set before it listens: what it refuses before a call-off below is counted too.
+    const answer = this.#refuseFor(reason);
     try {
-      await refuser.open(this.#bound.slice(0, this.#public).map(({ address, port }) => ({ host: address, port })), cfg.listenBacklog, answer.bytes);
+      await refuser.open(this.#bound.slice(0, this.#public).map(({ address, port }) => ({ host: address, port })), cfg.listenBacklog, answer);
     } catch (err) {
       // This proxy refuses at accept, as it does where there is no refuser.
       this.#refuser = undefined;
@@ -276,7 +288,6 @@ export class Listeners {
       await refuser.close();
       return;
     }
-    this.#refusing = { reason, headBytes: answer.headBytes, bodyBytes: answer.bodyBytes };
     // net's close, not node:http's: node:http's close() is closeIdleConnections() and the end of its
     // timeout checks, then net's. Here the sockets stop listening, every connection stays, and the
     // checks go on (listening again starts them anew). Connections still in the accept queues are
@@ -289,14 +300,19 @@ export class Listeners {
   /** This proxy listens again, then the refuser lets go (its queued connections move to ours with net.ipv4.tcp_migrate_req=1). */
   async #takeBack(refuser: Refuser | undefined): Promise<void> {
     const { cfg, log } = this.#ctx;
+    const listened: Server[] = [];
     try {
       for (const [i, group] of this.#groups.slice(0, this.#public).entries()) {
         const { address, port } = this.#bound[i]!;
-        for (const srv of group) if (!srv.listening) await listenOn(srv, address, port, cfg.listenBacklog, true);
+        for (const srv of group) if (!srv.listening) await listenOn(srv, address, port, cfg.listenBacklog, true).then(() => listened.push(srv));
       }
     } catch (err) {
-      // The refuser, if it runs, still holds the ports. Trying again at once would spin: the error comes
-      // back within the same turn (EMFILE, near overload).
+      // A running refuser still holds the ports: the sockets that did listen stop again (taking a share
+      // of the connections, they would let this proxy fill up and refuse at accept). Without one, they
+      // are all there is. Trying again at once would spin: the error comes back within the same turn
+      // (EMFILE, near overload).
+      if (refuser) for (const srv of listened) NetServer.prototype.close.call(srv);
+      if (this.#closing) return;
       log.error({ err }, `could not listen again on the client ports: trying again in ${RELISTEN_BACKOFF_MS} ms`);
       this.#relistenTimer = setTimeout(() => {
         this.#relistenTimer = undefined;

@@ -77,6 +77,9 @@ port.on('message', (/** @type {import('./refuser.ts').ToRefuser} */ m) => {
         post({ type: 'failed', message: String(failed.reason?.message ?? failed.reason) });
       });
       break;
+    case 'answer':
+      answer = Buffer.from(m.answer);
+      break;
     case 'close':
       // Its accept queues: with net.ipv4.tcp_migrate_req=1 the kernel moves them to the proxy's sockets.
       for (const s of servers) s.close();

@@ -9,6 +9,7 @@ import { Worker } from 'node:worker_threads';
 
 export type ToRefuser =
   | { type: 'open'; addrs: { host: string; port: number }[]; sockets: number; maxOpen: number; backlog: number; answer: Uint8Array }
+  | { type: 'answer'; answer: Uint8Array }
   | { type: 'close' };
 export type FromRefuser =
   | { type: 'listening' }
@@ -53,6 +54,11 @@ export class Refuser {
   open(addrs: { host: string; port: number }[], backlog: number, answer: Buffer): Promise<void> {
     const w = (this.#worker ??= this.#start());
     return this.#ask(w, { type: 'open', addrs, sockets: REFUSER_SOCKETS, maxOpen: MAX_OPEN, backlog, answer }, 'listening');
+  }
+
+  /** Answer `answer` from now on (the reason changed while it holds the ports). */
+  answer(answer: Buffer): void {
+    this.#worker?.postMessage({ type: 'answer', answer } satisfies ToRefuser);
   }
 
   /** Stop listening (the connections being refused finish); resolves after the last report. */
