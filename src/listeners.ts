@@ -431,10 +431,6 @@ export class Listeners {
       this.#connections++;
       this.#lastAccept = performance.now();
       if (this.#connections >= this.#cap.cap) this.steer();
-      // A quarter of the way to the cap, the refuser's thread starts, so that it is ready at the cap: in
-      // the overload bench a burst took 70 ms from half the cap to the cap, and the thread 200 ms to start
-      // beside a busy proxy on its core.
-      else if (this.#connections * 4 >= this.#cap.cap) this.#refuser?.prepare();
       sock.once('close', () => {
         this.#connectionClosed();
         this.#responding.delete(sock);

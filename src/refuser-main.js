@@ -1,7 +1,7 @@
 // The refuser's thread (src/refuser.ts starts it): while the proxy is full, it holds the client ports
 // in the proxy's place and answers each new connection with the proxy's labelled 503 at once. Its loop
-// does nothing else, so a refusal never waits behind the proxy's own turns. It starts as a burst nears
-// the cap, so it must listen within milliseconds: plain JavaScript and node:net only (a .ts file costs a
+// does nothing else, so a refusal never waits behind the proxy's own turns. It starts when the proxy is
+// full, so it must listen within milliseconds: plain JavaScript and node:net only (a .ts file costs a
 // new thread 70 ms of type-stripping set-up; this one listens 40 ms after it is asked). tsc checks it
 // (checkJs) against refuser.ts's ToRefuser and FromRefuser.
 import { createServer } from 'node:net';
