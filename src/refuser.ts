@@ -45,7 +45,7 @@ export class Refuser {
   /**
    * Listen on `addrs` (the proxy's bound addresses) and answer every connection with `answer`; resolves
    * once every socket listens. The first call starts the thread (~40 ms alone, ~200 ms beside a busy
-   * proxy on its core; about 30 MiB of memory, kept from then on). Started ahead, at a quarter of the
+   * proxy on its core; about 20 MiB of memory, kept from then on). Started ahead, at a quarter of the
    * cap, it cost a 10,000-node herd that never reached the cap its slowest first bytes: 3.4 and 4.5 s
    * against 2.0 and 1.7 s.
    */
