@@ -3,7 +3,7 @@
 // and the request, CONNECT and client-error handlers; listening in order, and draining at shutdown.
 import { createServer, type Server, type ServerResponse } from 'node:http';
 import { Server as NetServer, type AddressInfo, type Socket } from 'node:net';
-import { newTransaction, recordTransaction } from './access-log.ts';
+import { newTransaction, recordTransaction, type Transaction } from './access-log.ts';
 import { plainAddress } from './acl.ts';
 import type { ListenAddr } from './config.ts';
 import type { Ctx } from './context.ts';
@@ -18,6 +18,11 @@ import { handleConnect } from './tunnel.ts';
 
 /** How long a client may take to send a request's head. */
 const HEADERS_TIMEOUT_MS = 60_000;
+
+/** A connection refused before its request was read (a request-less NONE/503 in the access log). */
+function refusedConnection(startedAt: number, client: string, answer: { headBytes: number; bodyBytes: number }): Transaction {
+  return newTransaction({ startedAt, client, method: 'NONE', url: '-', status: 503, headBytes: answer.headBytes, bytesOut: answer.bodyBytes });
+}
 
 /** After a failed attempt to listen again (EMFILE, near overload), the next one waits this long. */
 const RELISTEN_BACKOFF_MS = 1000;
@@ -335,14 +340,13 @@ export class Listeners {
     const { token } = refusal(r.reason);
     const now = ctx.clock.now();
     const wall = Date.now();
-    const refused = (client: string, when: number) => newTransaction({ startedAt: when, client, method: 'NONE', url: '-', status: 503, headBytes: r.headBytes, bytesOut: r.bodyBytes });
     for (const [addr, at] of records) {
       // Refused at once, when the thread took it: logged as ended then.
       const when = now - (wall - at);
-      recordTransaction(ctx, refused(plainAddress(addr), when), token, when);
+      recordTransaction(ctx, refusedConnection(when, plainAddress(addr), r), token, when);
     }
     // Past the records a report holds: counted as the others are, not logged.
-    for (let i = records.length; i < count; i++) ctx.metrics.observe(refused('-', now), token, now);
+    for (let i = records.length; i < count; i++) ctx.metrics.observe(refusedConnection(now, '-', r), token, now);
   }
 
   /** The refuser thread died: this proxy listens again (steer), and refuses at accept from now on. */
@@ -449,7 +453,7 @@ export class Listeners {
       if (overloaded) {
         const err = refuse(ctx.counters, overloaded);
         const sent = endWithError(sock, err, cfg.visibleHostname);
-        recordTransaction(ctx, newTransaction({ startedAt: clock.now(), client, method: 'NONE', url: '-', status: err.status, headBytes: sent.headBytes, bytesOut: sent.bodyBytes }), err.token);
+        recordTransaction(ctx, refusedConnection(clock.now(), client, sent), err.token);
         // What the client sends is read and dropped (unread, its bytes could turn the close into a reset
         // that beats the 503); without the lane node:http has the socket already.
         sock.resume();

@@ -195,11 +195,12 @@ export function openFilesLimit(file = '/proc/self/limits'): { soft: number; hard
  * How many client connections may be open at once: --max-client-connections, and no more than the
  * open-files limit leaves after what is not a client (upstream connections, fills' spill and record
  * files, logs). Past the descriptors, accept(2) fails and node resets connections without a word; below
- * this cap a connection too many gets its 503 and fails over.
+ * this cap a connection too many gets its 503 and fails over. `listenerDescriptors`: what the listeners
+ * hold (their sockets, and the refuser thread's sockets and refusals).
  */
-export function connectionCap(cfg: { maxClientConnections: number; upstreamConnections: number; maxFills: number }, openFiles: number | undefined, listeningSockets = 0): { cap: number; reserve: number; byDescriptors: boolean } {
+export function connectionCap(cfg: { maxClientConnections: number; upstreamConnections: number; maxFills: number }, openFiles: number | undefined, listenerDescriptors = 0): { cap: number; reserve: number; byDescriptors: boolean } {
   // At most half the descriptors are kept: under a low limit (1,024) clients still get the other half.
-  const wanted = 256 + listeningSockets + 4 * cfg.upstreamConnections + 2 * cfg.maxFills;
+  const wanted = 256 + listenerDescriptors + 4 * cfg.upstreamConnections + 2 * cfg.maxFills;
   const reserve = openFiles === undefined ? wanted : Math.min(wanted, Math.floor(openFiles / 2));
   const byFiles = openFiles === undefined ? Infinity : Math.max(1, openFiles - reserve);
   return { cap: Math.min(cfg.maxClientConnections, byFiles), reserve, byDescriptors: byFiles < cfg.maxClientConnections };

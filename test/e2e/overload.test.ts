@@ -34,6 +34,11 @@ function kernelBacklog(ss: string, port: number): number {
   return [...backlogs][0]!;
 }
 
+/** How many sockets listen on `port` (ss: one LISTEN row each; cuttle's share it by SO_REUSEPORT). */
+function listeningSockets(ss: string, port: number): number {
+  return spawnSync(ss, ['-ltnH', `sport = :${port}`], { encoding: 'utf8' }).stdout.trim().split('\n').filter(Boolean).length;
+}
+
 /** Everything the proxy sends on `sock` until it closes. */
 async function readToClose(sock: Socket): Promise<string> {
   let text = '';
@@ -267,7 +272,7 @@ describe('overload: refuse fast, never trickle', () => {
   it('a burst is taken by many listening sockets on one port: 256 per address, at most one per 256 descriptors of the open-files limit', async (t) => {
     const ss = requireTool(t, ['ss'], 'iproute2');
     if (!ss) return;
-    const listening = (port: number) => spawnSync(ss, ['-ltnH', `sport = :${port}`], { encoding: 'utf8' }).stdout.trim().split('\n').filter(Boolean).length;
+    const listening = (port: number) => listeningSockets(ss, port);
     const origin = await startOrigin({ '/x': { body: 'x', headers: { 'cache-control': 'max-age=60' } } });
     const low = await startChildProxy(['--listen', '127.0.0.1:0', '--cache-dir', join(tmpDir(), 'cache'), '--allow-local-dest', '127.0.0.1'], undefined, { openFiles: 1024 });
     const soft = openFilesLimit()?.soft;
@@ -318,7 +323,7 @@ describe('overload: refuse fast, never trickle', () => {
   it('at --max-client-connections the refuser thread holds the port: each new connection gets the labelled 503 from it at once, counted and logged; open connections are served; with room again cuttle listens again', async (t) => {
     const ss = requireTool(t, ['ss'], 'iproute2');
     if (!ss || !refuserHere(t)) return;
-    const listening = (port: number) => spawnSync(ss, ['-ltnH', `sport = :${port}`], { encoding: 'utf8' }).stdout.trim().split('\n').filter(Boolean).length;
+    const listening = (port: number) => listeningSockets(ss, port);
     const origin = await startOrigin({ '/x': { body: 'x', headers: { 'cache-control': 'max-age=60' } } });
     const p = await startProxy({ 'max-client-connections': 2 });
     const ours = listening(p.port);
