@@ -46,6 +46,23 @@ function probeFailure(err: unknown, timeoutMs: number): string {
   return `${pe.token}: ${pe.detail ?? pe.message}`;
 }
 
+/**
+ * undici ends a body delimited by the connection's close (no Content-Length, not chunked) as complete
+ * when the connection is reset, not only when it is closed (a workaround for macOS), so a body cut short
+ * by a crashing upstream was stored and served whole. A reset is an error of the connection (RFC 9112
+ * §8: such a response is incomplete): renamed before undici's own listener reads it (this one is added
+ * first), it fails the body as any broken connection does.
+ */
+function withResetBroken(c: buildConnector.connector): buildConnector.connector {
+  return (opts, cb) =>
+    c(opts, (err, socket) => {
+      socket?.on('error', (e: NodeJS.ErrnoException) => {
+        if (e.code === 'ECONNRESET') e.code = 'ERR_UPSTREAM_CONNRESET';
+      });
+      (cb as (e: Error | null, s: typeof socket) => void)(err, socket);
+    });
+}
+
 type LookupCb = (err: NodeJS.ErrnoException | null, address: string | LookupAddress[], family?: number) => void;
 
 export class Upstream {
@@ -87,7 +104,7 @@ export class Upstream {
       let c = connectors.get(port);
       if (!c) {
         if (connectors.size >= 4096) connectors.clear(); // bounded: ports an admin allows are few in practice
-        c = buildConnector({ timeout: cfg.connectTimeoutMs, lookup: lookupFor(port) as never });
+        c = withResetBroken(buildConnector({ timeout: cfg.connectTimeoutMs, lookup: lookupFor(port) as never }));
         connectors.set(port, c);
       }
       return c(opts, cb);
@@ -102,7 +119,7 @@ export class Upstream {
       maxOrigins: 4096,
     });
     const peerAgent = (readTimeoutMs: number) =>
-      new Agent({ connections: cfg.upstreamConnections, pipelining: 1, keepAliveTimeout: 30_000, headersTimeout: readTimeoutMs, bodyTimeout: readTimeoutMs, connect: { timeout: cfg.peerTimeoutMs } });
+      new Agent({ connections: cfg.upstreamConnections, pipelining: 1, keepAliveTimeout: 30_000, headersTimeout: readTimeoutMs, bodyTimeout: readTimeoutMs, connect: withResetBroken(buildConnector({ timeout: cfg.peerTimeoutMs })) });
     this.#peers = peerAgent(cfg.readTimeoutMs);
     this.#relays = peerAgent(cfg.readTimeoutMs + 10_000);
   }

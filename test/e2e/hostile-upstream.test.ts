@@ -1,0 +1,96 @@
+// Upstreams that break HTTP in ways the parser lets through: whatever they send, no partial object is
+// served as complete or stored, and the next client is not answered with it.
+import assert from 'node:assert/strict';
+import { once } from 'node:events';
+import { connect, createServer, type AddressInfo, type Server, type Socket } from 'node:net';
+import { describe, it } from 'node:test';
+import { waitFor } from '../helpers/mirrors.ts';
+import { get, withProxy } from '../helpers/proxy.ts';
+
+/** A raw origin: `answer` writes whatever it likes on the socket of each request; requests counted. */
+async function rawOrigin(answer: (s: Socket, n: number) => void): Promise<{ url: string; requests: () => number; sockets: Set<Socket>; close: () => Promise<void> }> {
+  let requests = 0;
+  const sockets = new Set<Socket>();
+  const srv: Server = createServer((s) => {
+    sockets.add(s);
+    s.on('close', () => sockets.delete(s));
+    s.on('error', () => {});
+    s.once('data', () => answer(s, ++requests));
+  });
+  srv.listen(0, '127.0.0.1');
+  await once(srv, 'listening');
+  return {
+    url: `http://127.0.0.1:${(srv.address() as AddressInfo).port}`,
+    requests: () => requests,
+    sockets,
+    close: async () => {
+      for (const s of sockets) s.destroy();
+      srv.close();
+      await once(srv, 'close');
+    },
+  };
+}
+
+/** A raw client connection to the proxy, and what it has received so far. */
+function rawClient(port: number): { c: Socket; got: () => string } {
+  const c = connect(port, '127.0.0.1');
+  c.on('error', () => {});
+  let got = '';
+  c.on('data', (d: Buffer) => (got += d.toString('latin1')));
+  return { c, got: () => got };
+}
+
+describe('a body delimited by the connection\'s close', () => {
+  it('cut short by a reset is a broken body: the client is cut short and nothing is stored (RFC 9112 §8)', async () => {
+    // No Content-Length, not chunked: the body ends when the connection does. A reset is an error of the
+    // connection, not its end, so what came before it is not the whole body.
+    let upstream: Socket | undefined;
+    const head = 'HTTP/1.1 200 OK\r\nCache-Control: max-age=600\r\nConnection: close\r\n\r\n';
+    const origin = await rawOrigin((s, n) => {
+      if (n > 1) return s.end(`${head}whole`);
+      upstream = s;
+      s.write(`${head}partial-`);
+    });
+    try {
+      await withProxy({}, async ({ p, pool }) => {
+        const { c, got } = rawClient(p.port);
+        c.write(`GET ${origin.url}/cut HTTP/1.1\r\nHost: x\r\n\r\n`);
+        await waitFor('the first body bytes at the client', () => got().includes('partial-'));
+        let closed = false;
+        c.once('close', () => (closed = true));
+        upstream!.resetAndDestroy();
+        // The client never sees the end of the body (chunked: the terminating chunk); its connection closes.
+        await waitFor('the answer over', () => closed || got().endsWith('\r\n0\r\n\r\n'));
+        assert.doesNotMatch(got(), /\r\n0\r\n\r\n$/, got());
+        assert.ok(closed);
+        await p.proxy.coalescer.settle();
+        assert.equal(p.proxy.counters.truncated, 1);
+        assert.equal(p.proxy.coalescer.stats.fillsCommitted, 0);
+        // Nothing stored: the next request goes upstream again, and gets what the origin sends now.
+        const again = await get(pool, `${origin.url}/cut`);
+        assert.equal(again.body.toString(), 'whole');
+        assert.match(String(again.headers['x-cache']), /^MISS/);
+        assert.equal(origin.requests(), 2);
+      });
+    } finally {
+      await origin.close();
+    }
+  });
+
+  it('ended by a close is the whole body, stored (the control)', async () => {
+    const origin = await rawOrigin((s) => s.end('HTTP/1.1 200 OK\r\nCache-Control: max-age=600\r\nConnection: close\r\n\r\nwhole'));
+    try {
+      await withProxy({}, async ({ p, pool }) => {
+        const first = await get(pool, `${origin.url}/whole`);
+        assert.equal(first.body.toString(), 'whole');
+        await p.proxy.coalescer.settle();
+        const again = await get(pool, `${origin.url}/whole`);
+        assert.equal(again.body.toString(), 'whole');
+        assert.match(String(again.headers['x-cache']), /^HIT/);
+        assert.equal(origin.requests(), 1);
+      });
+    } finally {
+      await origin.close();
+    }
+  });
+});
