@@ -63,6 +63,17 @@ function withResetBroken(c: buildConnector.connector): buildConnector.connector 
     });
 }
 
+/**
+ * A transfer coding other than chunked (gzip, deflate, compress: RFC 9112 §7), if the response names
+ * one. undici undoes only chunked, and the coding goes with the framing cuttle replaces: the bytes under
+ * it are not the representation, and served or stored as it they would be a corrupt object.
+ */
+function unknownCoding(te: string | string[] | undefined): string | undefined {
+  if (te === undefined) return undefined;
+  const codings = (Array.isArray(te) ? te.join(',') : te).split(',').map((c) => c.trim().toLowerCase()).filter(Boolean);
+  return codings.find((c) => c !== 'chunked' && c !== 'identity');
+}
+
 type LookupCb = (err: NodeJS.ErrnoException | null, address: string | LookupAddress[], family?: number) => void;
 
 export class Upstream {
@@ -140,6 +151,11 @@ export class Upstream {
         blocking: false,
         onInfo: r.onInfo && ((i) => r.onInfo!(i.statusCode, i.headers)),
       });
+      const coding = unknownCoding(res.headers['transfer-encoding']);
+      if (coding) {
+        discard(res.body);
+        throw new ProxyError('ERR_INVALID_RESPONSE', `Transfer-Encoding ${coding}: only chunked is decoded`);
+      }
       // Through another worker of this process, the host is still the origin's (that worker asked it).
       return { status: res.statusCode, headers: res.headers as Record<string, string | string[]>, body: res.body, peer: via && via.role !== 'worker' ? via.spec.host : r.url.hostname };
     } catch (err) {

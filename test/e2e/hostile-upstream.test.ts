@@ -4,6 +4,7 @@ import assert from 'node:assert/strict';
 import { once } from 'node:events';
 import { connect, createServer, type AddressInfo, type Server, type Socket } from 'node:net';
 import { describe, it } from 'node:test';
+import { gzipSync } from 'node:zlib';
 import { waitFor } from '../helpers/mirrors.ts';
 import { get, withProxy } from '../helpers/proxy.ts';
 
@@ -93,4 +94,35 @@ describe('a body delimited by the connection\'s close', () => {
       await origin.close();
     }
   });
+});
+
+describe('a transfer coding other than chunked', () => {
+  // cuttle removes the message framing and decodes only chunked: the bytes under any other transfer
+  // coding (gzip, compress, deflate) are not the representation, and must not be served or stored as it.
+  const gz = gzipSync(Buffer.from('the representation'));
+  const chunked = `${gz.length.toString(16)}\r\n${gz.toString('latin1')}\r\n0\r\n\r\n`;
+  for (const [name, te, body] of [
+    ['gzip, chunked', 'gzip, chunked', chunked],
+    ['gzip alone (delimited by the close)', 'gzip', gz.toString('latin1')],
+  ] as const) {
+    it(`(${name}) is a 502 ERR_INVALID_RESPONSE, never stored, for a fill and a pass`, async () => {
+      const origin = await rawOrigin((s) => s.end(Buffer.from(`HTTP/1.1 200 OK\r\nCache-Control: max-age=600\r\nTransfer-Encoding: ${te}\r\n\r\n${body}`, 'latin1')));
+      try {
+        await withProxy({}, async ({ p, pool }) => {
+          for (const method of ['GET', 'GET', 'POST']) {
+            const r = await get(pool, `${origin.url}/coded`, {}, method, method === 'POST' ? 'x' : undefined);
+            assert.equal(r.status, 502, `${method}: ${r.status} ${r.body.toString('latin1')}`);
+            assert.match(String(r.headers['proxy-status']), /^cuttle; error=http_protocol_error/);
+            assert.match(String(r.headers['x-squid-error']), /^ERR_INVALID_RESP/);
+          }
+          // Each GET asked again: nothing was stored.
+          assert.equal(origin.requests(), 3);
+          assert.equal(p.proxy.coalescer.stats.fillsCommitted, 0);
+          assert.equal(p.proxy.coalescer.stats.internalErrors, 0);
+        });
+      } finally {
+        await origin.close();
+      }
+    });
+  }
 });
