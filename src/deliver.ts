@@ -367,7 +367,8 @@ export function rangeSpec(h: IncomingHttpHeaders): { first: number; last: number
 
 /** That range within a body of `size` bytes: 'unsatisfiable' when it lies past the end. */
 function resolveRange(spec: NonNullable<ReturnType<typeof rangeSpec>>, size: number): { start: number; end: number } | 'unsatisfiable' | undefined {
-  if ('suffix' in spec) return spec.suffix === 0 ? 'unsatisfiable' : { start: Math.max(0, size - spec.suffix), end: size - 1 };
+  // A suffix of an empty body selects all of it, no byte: the whole 200 answers (no range of it exists).
+  if ('suffix' in spec) return spec.suffix === 0 ? 'unsatisfiable' : size === 0 ? undefined : { start: Math.max(0, size - spec.suffix), end: size - 1 };
   const end = spec.last === undefined ? size - 1 : Math.min(spec.last, size - 1);
   if (spec.first >= size) return 'unsatisfiable';
   return end < spec.first ? undefined : { start: spec.first, end };

@@ -126,3 +126,20 @@ describe('a transfer coding other than chunked', () => {
     });
   }
 });
+
+describe('a suffix range of a stored empty object', () => {
+  it('is answered with the whole (empty) 200, never a 206 with the malformed Content-Range "bytes 0--1/0"', async () => {
+    await withProxy({}, async ({ origin, p, pool }) => {
+      origin.route('/empty', { body: '', headers: { 'cache-control': 'max-age=600' } });
+      assert.equal((await get(pool, `${origin.url}/empty`)).status, 200);
+      await p.proxy.coalescer.settle();
+      // RFC 9110 §14.1.1: a suffix longer than the representation selects all of it, here no byte at all.
+      const r = await get(pool, `${origin.url}/empty`, { range: 'bytes=-5' });
+      assert.match(String(r.headers['x-cache']), /^HIT/);
+      assert.equal(r.status, 200, `${r.status} Content-Range: ${String(r.headers['content-range'])}`);
+      assert.equal(r.headers['content-range'], undefined);
+      assert.equal(r.body.length, 0);
+      assert.equal(origin.count('/empty'), 1);
+    });
+  });
+});
