@@ -484,7 +484,11 @@ async function resumeFrom(st: FetchState, attempt: Attempt, cl: number, after?: 
   const { res, ac, ttfb, route } = got;
   const range = /^bytes (\d+)-(\d+)\/(\d+)$/.exec(String(res.headers['content-range'] ?? ''));
   let skip: number;
-  if (res.status === 206 && range && Number(range[1]) === from && Number(range[3]) === cl) skip = 0;
+  // A 206 is taken only as exactly the rest, its length stated: bytes past the object's end would reach
+  // readers as the end of a complete response (only its last byte waits for the hash), and a shorter
+  // part would fail the hash of a body another mirror could finish.
+  const rest = range && Number(range[1]) === from && Number(range[2]) === cl - 1 && Number(range[3]) === cl && parseContentLength(res.headers['content-length']) === cl - from;
+  if (res.status === 206 && rest) skip = 0;
   else if (res.status === 200 && parseContentLength(res.headers['content-length']) === cl) skip = from;
   else {
     discard(res.body);
