@@ -167,7 +167,7 @@ export class DiskTier implements Tier {
   async unlock(): Promise<void> {
     if (!this.#locked) return;
     this.#locked = false;
-    await fsp.rm(lockPath(this.#o.dir), { force: true });
+    await unlockCacheDir(this.#o.dir);
   }
 
   #pathOf(hash: string): string {
@@ -535,7 +535,16 @@ function gone(err: unknown): boolean {
   return code === 'ENOENT' || code === 'ENOTDIR';
 }
 
-/** The lock file of a cache directory: one cuttle per directory. */
+/** The lock files this process holds (lockCacheDir). */
+const heldLocks = new Set<string>();
+
+/** Give a cache directory's lock back. */
+export async function unlockCacheDir(dir: string): Promise<void> {
+  const path = lockPath(dir);
+  heldLocks.delete(path);
+  await fsp.rm(path, { force: true });
+}
+
 /**
  * Take a cache directory's lock: a file holding our pid, created exclusively. A lock whose pid is no
  * longer alive is stale (kill -9, a crash) and is taken over. With --workers the process takes it once,
@@ -549,12 +558,15 @@ export async function lockCacheDir(dir: string, emptyTmp = false): Promise<void>
   for (let attempt = 0; ; attempt++) {
     try {
       await fsp.writeFile(path, `${process.pid}\n`, { flag: 'wx' });
+      heldLocks.add(path);
       break;
     } catch (err) {
       if ((err as NodeJS.ErrnoException).code !== 'EEXIST') throw err;
     }
+    // A lock naming this process's own pid that this process does not hold is from an earlier life of
+    // that pid: a container's cuttle is pid 1 in each life, so after a kill -9 it would never start again.
     const pid = lockHolder(dir);
-    if (pid !== undefined) throw new Error(`it is in use by another cuttle (pid ${pid}, ${path}); each cuttle needs its own --cache-dir`);
+    if (pid !== undefined && (pid !== process.pid || heldLocks.has(path))) throw new Error(`it is in use by another cuttle (pid ${pid}, ${path}); each cuttle needs its own --cache-dir`);
     if (attempt >= 2) throw new Error(`could not take the lock ${path}`);
     await fsp.rm(path, { force: true }); // stale: its process is gone
   }

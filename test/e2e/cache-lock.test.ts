@@ -1,0 +1,70 @@
+// The cache directory's lock after a kill -9 of a cuttle that comes back under the same pid, as a
+// container's cuttle does (pid 1 of its pid namespace in every life of the container).
+import assert from 'node:assert/strict';
+import { once } from 'node:events';
+import { mkdirSync, readFileSync, writeFileSync } from 'node:fs';
+import { join } from 'node:path';
+import { spawn } from 'node:child_process';
+import { describe, it } from 'node:test';
+import { lockPath } from '../../src/store-disk.ts';
+import { waitFor } from '../helpers/mirrors.ts';
+import type { Pool } from 'undici';
+import { get, proxyClient, startProxy, tmpDir, type TestProxy } from '../helpers/proxy.ts';
+import { startOrigin } from '../helpers/origin.ts';
+
+describe('the cache lock and a pid that comes back', () => {
+  it('a cuttle that is pid 1 of its namespace, killed with -9, starts again on its cache (its lock names pid 1: itself, not another cuttle)', async (t) => {
+    const dir = tmpDir();
+    const cacheDir = join(dir, 'c');
+    writeFileSync(join(dir, 'cuttle.yaml'), `listen: [127.0.0.1:0]\nadmin-listen: none\naccess-log: none\nworkers: 1\ncache-dir: ${cacheDir}\n`);
+    const life = async (kill: boolean): Promise<{ code: number | null; err: string }> => {
+      const ns = spawn('unshare', ['--pid', '--fork', '--kill-child', '--mount-proc', process.execPath, 'src/main.ts', '--config', join(dir, 'cuttle.yaml')], { stdio: ['ignore', 'ignore', 'pipe'] });
+      let err = '';
+      ns.stderr!.on('data', (c) => (err += c));
+      const exited = once(ns, 'exit');
+      try {
+        await waitFor('cuttle listening or gone', () => /"msg":"cuttle listening"/.test(err) || ns.exitCode !== null);
+        if (ns.exitCode === null) {
+          const pid1 = Number(readFileSync(`/proc/${ns.pid}/task/${ns.pid}/children`, 'utf8').trim());
+          process.kill(pid1, kill ? 'SIGKILL' : 'SIGTERM');
+        }
+        await exited;
+        return { code: ns.exitCode, err };
+      } finally {
+        if (ns.exitCode === null && ns.signalCode === null) {
+          ns.kill('SIGKILL');
+          await exited;
+        }
+      }
+    };
+    const first = await life(true);
+    if (!/"msg":"cuttle listening"/.test(first.err)) {
+      if (process.env.CI === 'true') throw new Error(`unshare --pid: ${first.err}`);
+      return t.skip('no pid namespace for this user');
+    }
+    assert.equal(readFileSync(lockPath(cacheDir), 'utf8').trim(), '1', 'the killed cuttle left its lock, naming pid 1');
+    const second = await life(false);
+    assert.match(second.err, /"msg":"cuttle listening"/, `the second life started: ${second.err.slice(-400)}`);
+    assert.equal(second.code, 0);
+  });
+
+  it("a lock left under this process's own pid is taken over; one this process holds still refuses a second proxy", async () => {
+    const origin = await startOrigin({ '/x': { headers: { 'cache-control': 'max-age=600' }, body: 'stored' } });
+    const cacheDir = join(tmpDir(), 'c');
+    mkdirSync(join(cacheDir, 'v1'), { recursive: true });
+    writeFileSync(lockPath(cacheDir), `${process.pid}\n`); // an earlier life of this pid, killed
+    let p: TestProxy | undefined;
+    let pool: Pool | undefined;
+    try {
+      p = await startProxy({ 'cache-dir': cacheDir });
+      pool = proxyClient(p.url, 1);
+      assert.equal((await get(pool, `${origin.url}/x`)).status, 200);
+      await assert.rejects(startProxy({ 'cache-dir': cacheDir }), /in use by another cuttle/, 'the lock this process holds is still a lock');
+      assert.equal(origin.count('/x'), 1);
+    } finally {
+      await pool?.close();
+      await p?.close();
+      await origin.close();
+    }
+  });
+});
