@@ -459,8 +459,9 @@ async function resume(st: FetchState): Promise<Step> {
   const plan = st.plan!;
   const cl = st.contentLength;
   // Only the object itself is continued: a shared error answer that breaks off is not (its bytes would
-  // be spliced with the object's, and nothing checks an error's hash).
-  if (!plan.cas || st.res?.status !== 200 || cl === undefined || st.fill.received >= cl) return 'fail';
+  // be spliced with the object's, and nothing checks an error's hash). The object's own status, not the
+  // body's being read: a resume's 206 that breaks off too is continued from the next mirror.
+  if (!plan.cas || st.fill.response?.head.status !== 200 || cl === undefined || st.fill.received >= cl) return 'fail';
   if (st.route?.peer && st.attempt && (await resumeFrom(st, st.attempt, cl, st.route))) return 'fetchbody';
   if (!plan.failover) return 'fail';
   for (let attempt = plan.next(); attempt; attempt = plan.next()) {

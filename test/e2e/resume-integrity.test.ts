@@ -108,3 +108,42 @@ describe('resume: a Range answer that is not exactly the rest of the object', ()
     });
   }
 });
+
+describe('resume: a resume that breaks off too', () => {
+  it('is continued from the next mirror: the client gets every byte, the object is stored', async () => {
+    const N = 100_000;
+    const obj = casObjectOf(N);
+    let ranges = 0;
+    // The first request breaks off at 30,000 bytes, the first resume 20,000 bytes later; the second
+    // resume, from a third mirror, finishes it.
+    const route = (req: SeenRequest): Route => {
+      if (!req.headers.range) return { headers: { 'cache-control': 'max-age=3600' }, body: obj.body, resetAfter: 30_000 };
+      const from = rangeStart(req);
+      const rest: Route = { status: 206, headers: { 'content-range': `bytes ${from}-${N - 1}/${N}` }, body: obj.body.subarray(from) };
+      return ++ranges === 1 ? { ...rest, resetAfter: 20_000 } : rest;
+    };
+    const mirrors = await mirrorsWith(3, obj.path, route);
+    let p: TestProxy | undefined;
+    const pool = { p: undefined as ReturnType<typeof proxyClient> | undefined };
+    try {
+      p = await startProxy({ stratum1: mirrors.map((m) => m.url), 'probe-interval': '150ms', 'probe-repo': REPO });
+      await waitFor('mirrors healthy', () => mirrors.every((m) => healthy(p!.proxy, m.url)));
+      pool.p = proxyClient(p.url, 1);
+      const r = await get(pool.p, `${mirrors[0]!.url}${obj.path}`);
+      assert.equal(r.status, 200);
+      assert.ok(r.body.equals(obj.body), 'exact bytes');
+      assert.equal(p.proxy.coalescer.stats.resumes, 2);
+      const asked = mirrors.map((m) => m.seen.filter((s) => s.path === obj.path).map((s) => s.headers.range ?? 'whole'));
+      assert.deepEqual(asked.map((a) => a.length), [1, 1, 1], 'each mirror asked once');
+      assert.equal(asked.flat().filter((a) => a.startsWith('bytes=')).length, 2, 'the whole, then the rest twice');
+      await p.proxy.coalescer.settle();
+      const hit = await get(pool.p, `${mirrors[2]!.url}${obj.path}`);
+      assert.match(String(hit.headers['x-cache']), /^HIT/);
+      assert.ok(hit.body.equals(obj.body));
+    } finally {
+      await pool.p?.close();
+      await p?.close();
+      for (const m of mirrors) await m.close();
+    }
+  });
+});
