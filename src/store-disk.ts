@@ -557,7 +557,7 @@ export async function lockCacheDir(dir: string, emptyTmp = false): Promise<void>
   await fsp.mkdir(join(dir, 'v1', 'tmp'), { recursive: true });
   for (let attempt = 0; ; attempt++) {
     try {
-      await fsp.writeFile(path, `${process.pid}\n`, { flag: 'wx' });
+      await fsp.writeFile(path, `${process.pid}\n${BOOT_ID ?? ''}\n`, { flag: 'wx' });
       heldLocks.add(path);
       break;
     } catch (err) {
@@ -613,14 +613,29 @@ export function lockPath(dir: string): string {
   return join(dir, 'v1', 'cuttle.lock');
 }
 
-/** The pid of the live process holding `dir`'s lock, if any; a lock whose process is gone is stale. */
-export function lockHolder(dir: string): number | undefined {
-  let pid: number;
+/** This boot of the host: a lock written in another boot is stale, whatever process has its pid now. */
+const BOOT_ID = (() => {
   try {
-    pid = Number(fs.readFileSync(lockPath(dir), 'utf8').trim());
+    return fs.readFileSync('/proc/sys/kernel/random/boot_id', 'utf8').trim() || undefined;
   } catch {
     return undefined;
   }
+})();
+
+/**
+ * The pid of the live process holding `dir`'s lock, if any; a lock whose process is gone is stale, and
+ * so is one written in an earlier boot (after a power loss its pid may be any other daemon's now).
+ */
+export function lockHolder(dir: string): number | undefined {
+  let lines: string[];
+  try {
+    lines = fs.readFileSync(lockPath(dir), 'utf8').split('\n');
+  } catch {
+    return undefined;
+  }
+  const pid = Number(lines[0]!.trim());
+  const boot = lines[1]?.trim();
+  if (boot && BOOT_ID && boot !== BOOT_ID) return undefined;
   return Number.isInteger(pid) && pid > 0 && alive(pid) ? pid : undefined;
 }
 

@@ -42,7 +42,7 @@ describe('the cache lock and a pid that comes back', () => {
       if (process.env.CI === 'true') throw new Error(`unshare --pid: ${first.err}`);
       return t.skip('no pid namespace for this user');
     }
-    assert.equal(readFileSync(lockPath(cacheDir), 'utf8').trim(), '1', 'the killed cuttle left its lock, naming pid 1');
+    assert.equal(readFileSync(lockPath(cacheDir), 'utf8').split('\n')[0], '1', 'the killed cuttle left its lock, naming pid 1');
     const second = await life(false);
     assert.match(second.err, /"msg":"cuttle listening"/, `the second life started: ${second.err.slice(-400)}`);
     assert.equal(second.code, 0);
@@ -61,6 +61,35 @@ describe('the cache lock and a pid that comes back', () => {
       assert.equal((await get(pool, `${origin.url}/x`)).status, 200);
       await assert.rejects(startProxy({ 'cache-dir': cacheDir }), /in use by another cuttle/, 'the lock this process holds is still a lock');
       assert.equal(origin.count('/x'), 1);
+    } finally {
+      await pool?.close();
+      await p?.close();
+      await origin.close();
+    }
+  });
+
+  it('a lock written in an earlier boot is stale, although its pid is alive now (another daemon after a power loss); one of this boot is not', async () => {
+    const bootId = readFileSync('/proc/sys/kernel/random/boot_id', 'utf8').trim();
+    const cacheDir = join(tmpDir(), 'c');
+    mkdirSync(join(cacheDir, 'v1'), { recursive: true });
+    // pid 1 is alive on any host: a lock of this boot naming it is held, as far as cuttle can tell.
+    writeFileSync(lockPath(cacheDir), `1\n${bootId}\n`);
+    const held = await startProxy({ 'cache-dir': cacheDir }).catch((err: unknown) => err);
+    if (!(held instanceof Error)) {
+      await (held as TestProxy).close();
+      assert.fail('a lock of this boot naming a live pid is taken over');
+    }
+    assert.match(held.message, /in use by another cuttle \(pid 1,/);
+    writeFileSync(lockPath(cacheDir), `1\n${bootId.replace(/^./, (c) => (c === '0' ? '1' : '0'))}\n`);
+    const origin = await startOrigin({ '/x': { headers: { 'cache-control': 'max-age=600' }, body: 'stored' } });
+    let p: TestProxy | undefined;
+    let pool: Pool | undefined;
+    try {
+      p = await startProxy({ 'cache-dir': cacheDir });
+      pool = proxyClient(p.url, 1);
+      assert.equal((await get(pool, `${origin.url}/x`)).status, 200);
+      assert.equal(origin.count('/x'), 1);
+      assert.equal(readFileSync(lockPath(cacheDir), 'utf8'), `${process.pid}\n${bootId}\n`, 'the lock names this process and this boot');
     } finally {
       await pool?.close();
       await p?.close();
