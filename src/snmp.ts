@@ -114,7 +114,13 @@ export async function startSnmpAgent(o: { listen: ListenAddr; community: string;
             return;
           }
           refresh();
-          fn(msg, rinfo);
+          // net-snmp decodes and answers the packet within this call: what it throws on a packet it did
+          // not foresee would leave the socket's handler and end the process.
+          try {
+            fn(msg, rinfo);
+          } catch (err) {
+            o.log.debug({ err: (err as Error).message }, 'snmp request failed');
+          }
         });
       }) as typeof sock.on;
       return sock;
@@ -136,6 +142,17 @@ export async function startSnmpAgent(o: { listen: ListenAddr; community: string;
     });
   });
   state.port = state.socket!.address().port;
+  // net-snmp walks a GETBULK as the packet says. It never sees the end of the MIB (the walk goes on
+  // with endOfMibView), so max-repetitions 2^31-1 held the event loop until the heap ran out; and a
+  // negative non-repeaters indexes the request's varbinds at -1. Both are brought within the request
+  // and the MIB (it counts max-repetitions over all the varbinds): an agent may answer fewer (RFC 3416).
+  const bulk = agent.getBulkRequest.bind(agent);
+  agent.getBulkRequest = (socket: unknown, message: { pdu: { nonRepeaters: number; maxRepetitions: number; varbinds: unknown[] } }, rinfo: unknown) => {
+    const pdu = message.pdu;
+    pdu.nonRepeaters = Math.min(Math.max(0, pdu.nonRepeaters), pdu.varbinds.length);
+    pdu.maxRepetitions = Math.min(Math.max(0, pdu.maxRepetitions), (rows.length + 1) * pdu.varbinds.length);
+    bulk(socket, message, rinfo);
+  };
   agent.getAuthorizer().addCommunity(o.community);
   mib = agent.getMib();
   for (const [oid, name, kind] of rows) {
