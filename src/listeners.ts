@@ -24,6 +24,9 @@ function refusedConnection(startedAt: number, client: string, answer: { headByte
   return newTransaction({ startedAt, client, method: 'NONE', url: '-', status: 503, headBytes: answer.headBytes, bytesOut: answer.bodyBytes });
 }
 
+/** node:http's parser refused the request (clientError): cuttle's own labelled 400, which closes the connection. */
+const BAD_REQUEST = 'HTTP/1.1 400 Bad Request\r\nProxy-Status: cuttle; error=http_request_error\r\nX-Squid-Error: ERR_INVALID_REQ 0\r\nContent-Length: 0\r\nConnection: close\r\n\r\n';
+
 /** After a failed attempt to listen again (EMFILE, near overload), the next one waits this long. */
 const RELISTEN_BACKOFF_MS = 1000;
 
@@ -488,7 +491,10 @@ export class Listeners {
       // A 400 goes out only where no answer is under way: written while one streams (or one waits behind
       // it), it would land inside or before that answer. Then the connection is closed instead.
       if (socket.writable && err.code !== 'ECONNRESET' && !inFlight) {
-        socket.end('HTTP/1.1 400 Bad Request\r\nProxy-Status: cuttle; error=http_request_error\r\nX-Squid-Error: ERR_INVALID_REQ 0\r\nContent-Length: 0\r\nConnection: close\r\n\r\n');
+        socket.end(BAD_REQUEST);
+        // Logged and counted as Squid logs it (NONE/400 error:invalid-request): garbage leaves a trace.
+        const tx = newTransaction({ startedAt: clock.now(), client: plainAddress((socket as Socket).remoteAddress ?? '-'), method: 'NONE', url: 'error:invalid-request', status: 400, headBytes: BAD_REQUEST.length });
+        recordTransaction(ctx, tx, 'http_request_error');
       } else socket.destroy();
     });
     return srv;

@@ -197,3 +197,31 @@ describe('requests after a request that closes the connection', () => {
     });
   }
 });
+
+describe('a request node:http cannot parse', () => {
+  for (const lane of [true, false]) {
+    it(`gets the labelled 400, one access-log line and its count, as any other answer (hit lane ${lane ? 'on' : 'off'})`, async () => {
+      await withProxy({ 'hit-lane': lane }, async ({ origin, p }) => {
+        const garbage = {
+          'a bad request line': 'GARBAGE\r\n\r\n',
+          'a head past node\'s limit': `GET ${origin.url}/x HTTP/1.1\r\nX: ${'a'.repeat(20_000)}\r\n\r\n`,
+          'Content-Length beside Transfer-Encoding': `GET ${origin.url}/x HTTP/1.1\r\nContent-Length: 1\r\nTransfer-Encoding: chunked\r\n\r\n`,
+        };
+        for (const [name, bytes] of Object.entries(garbage)) {
+          const { c, got } = rawClient(p.port);
+          c.end(bytes);
+          await once(c, 'close');
+          assert.match(got(), /^HTTP\/1\.1 400 Bad Request\r\n/, name);
+          assert.match(got(), /Proxy-Status: cuttle; error=http_request_error/, name);
+        }
+        // Before, none of them was logged or counted: a client's garbage left no trace but its 400.
+        const lines = p.logLines.filter((l) => / NONE\/400 \d+ NONE error:invalid-request /.test(l));
+        assert.equal(lines.length, 3, p.logLines.join(''));
+        assert.match(lines[0]!, / 127\.0\.0\.1 NONE\/400 \d+ NONE error:invalid-request - HIER_NONE\/- -\n$/);
+        assert.equal(p.proxy.counters.requests, 3);
+        assert.equal(p.proxy.counters.errors, 3);
+        assert.equal(origin.count('/x'), 0);
+      });
+    });
+  }
+});
