@@ -29,6 +29,14 @@ const BAD_REQUEST = 'HTTP/1.1 400 Bad Request\r\nProxy-Status: cuttle; error=htt
 
 /** After a failed attempt to listen again (EMFILE, near overload), the next one waits this long. */
 const RELISTEN_BACKOFF_MS = 1000;
+/**
+ * Requests one connection may have in flight through node:http (answered in order, each waiting for the
+ * one before it). node:http reads a whole read's requests at once, ~1,000 pipelined GETs in 64 KiB, and
+ * holds every one until the client reads its answer: 20 clients that pipelined without reading held
+ * 30 MB (1 MB with this bound). Past this depth the client loses its connection. CVMFS clients send one
+ * request at a time, apt pipelines 10; the lane's own answers are bounded apart (hit-lane.ts QUEUE_BYTES).
+ */
+export const PIPELINE_DEPTH = 128;
 
 /**
  * node:http's own 'connection' listener (it registers exactly one), taken off `srv`: node reads a
@@ -469,8 +477,18 @@ export class Listeners {
       log.error({ err, internal: true }, 'request handler failed');
       res.destroy();
     };
+    const inFlight = new WeakMap<Socket, number>();
     srv.on('request', (req, res) => {
-      responding.set(req.socket, res);
+      const sock = req.socket;
+      const n = (inFlight.get(sock) ?? 0) + 1;
+      if (n > PIPELINE_DEPTH) {
+        if (!sock.destroyed) log.warn({ client: sock.remoteAddress, depth: PIPELINE_DEPTH }, 'a client pipelined more requests than it read answers: its connection is closed');
+        sock.destroy();
+        return;
+      }
+      inFlight.set(sock, n);
+      res.once('close', () => inFlight.set(sock, inFlight.get(sock)! - 1));
+      responding.set(sock, res);
       // Draining: this response closes its connection (node:http writes Connection: close).
       if (this.#drain?.draining) res.shouldKeepAlive = false;
       // A memory hit is answered synchronously (no promise); anything that waits returns one.

@@ -8,6 +8,7 @@ import { describe, it } from 'node:test';
 import { gate, startOrigin } from '../helpers/origin.ts';
 import { REPO } from '../helpers/mirrors.ts';
 import { get, proxyClient, startProxy, withProxy } from '../helpers/proxy.ts';
+import { PIPELINE_DEPTH } from '../../src/listeners.ts';
 import { waitFor } from '../helpers/mirrors.ts';
 
 /**
@@ -221,6 +222,32 @@ describe('a request node:http cannot parse', () => {
         assert.equal(p.proxy.counters.requests, 3);
         assert.equal(p.proxy.counters.errors, 3);
         assert.equal(origin.count('/x'), 0);
+      });
+    });
+  }
+});
+
+describe('a client that pipelines more requests than node:http should hold', () => {
+  // node:http reads a whole read's requests at once and holds each until its answer is read: past
+  // PIPELINE_DEPTH in flight on one connection, the connection is cut instead of growing without bound.
+  for (const lane of [true, false]) {
+    it(`is cut past ${PIPELINE_DEPTH} requests in flight through node:http (hit lane ${lane ? 'on: the lane answers up to its queue, node:http the rest' : 'off'})`, async () => {
+      await withProxy({ 'hit-lane': lane }, async ({ origin, p, pool }) => {
+        origin.route('/s', { body: 'x'.repeat(1024), headers: { 'cache-control': 'max-age=600' } });
+        assert.equal((await get(pool, `${origin.url}/s`)).status, 200);
+        const before = p.proxy.counters.requests;
+        const c = connect(p.port, '127.0.0.1');
+        c.on('error', () => {});
+        let closed = false;
+        c.on('data', () => {}); // it reads what it is sent
+        c.once('close', () => (closed = true));
+        // 600 requests in one write (one read of the proxy's): more than the lane queues answers for.
+        const n = 600;
+        c.write(`GET ${origin.url}/s HTTP/1.1\r\nHost: x\r\n\r\n`.repeat(n));
+        await waitFor('the connection cut, or every request answered', () => closed || p.proxy.counters.requests - before === n);
+        assert.ok(closed, `all ${n} pipelined requests were answered: nothing bounds what one connection holds`);
+        assert.ok(p.proxy.counters.requests - before < n);
+        assert.equal(origin.count('/s'), 1);
       });
     });
   }
