@@ -1,45 +1,12 @@
 // Upstreams that break HTTP in ways the parser lets through: whatever they send, no partial object is
 // served as complete or stored, and the next client is not answered with it.
 import assert from 'node:assert/strict';
-import { once } from 'node:events';
-import { connect, createServer, type AddressInfo, type Server, type Socket } from 'node:net';
+import type { Socket } from 'node:net';
 import { describe, it } from 'node:test';
 import { gzipSync } from 'node:zlib';
 import { waitFor } from '../helpers/mirrors.ts';
-import { get, withProxy } from '../helpers/proxy.ts';
-
-/** A raw origin: `answer` writes whatever it likes on the socket of each request; requests counted. */
-async function rawOrigin(answer: (s: Socket, n: number) => void): Promise<{ url: string; requests: () => number; sockets: Set<Socket>; close: () => Promise<void> }> {
-  let requests = 0;
-  const sockets = new Set<Socket>();
-  const srv: Server = createServer((s) => {
-    sockets.add(s);
-    s.on('close', () => sockets.delete(s));
-    s.on('error', () => {});
-    s.once('data', () => answer(s, ++requests));
-  });
-  srv.listen(0, '127.0.0.1');
-  await once(srv, 'listening');
-  return {
-    url: `http://127.0.0.1:${(srv.address() as AddressInfo).port}`,
-    requests: () => requests,
-    sockets,
-    close: async () => {
-      for (const s of sockets) s.destroy();
-      srv.close();
-      await once(srv, 'close');
-    },
-  };
-}
-
-/** A raw client connection to the proxy, and what it has received so far. */
-function rawClient(port: number): { c: Socket; got: () => string } {
-  const c = connect(port, '127.0.0.1');
-  c.on('error', () => {});
-  let got = '';
-  c.on('data', (d: Buffer) => (got += d.toString('latin1')));
-  return { c, got: () => got };
-}
+import { rawOrigin } from '../helpers/origin.ts';
+import { get, rawClient, withProxy } from '../helpers/proxy.ts';
 
 describe('a body delimited by the connection\'s close', () => {
   it('cut short by a reset is a broken body: the client is cut short and nothing is stored (RFC 9112 §8)', async () => {

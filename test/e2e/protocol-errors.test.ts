@@ -3,42 +3,20 @@
 // streaming loses its connection, never a 400 written into the middle of that response.
 import assert from 'node:assert/strict';
 import { once } from 'node:events';
-import { connect, createServer, type AddressInfo, type Server, type Socket } from 'node:net';
+import { connect, type Socket } from 'node:net';
 import { describe, it } from 'node:test';
-import { gate, startOrigin } from '../helpers/origin.ts';
+import { gate, rawOrigin, startOrigin } from '../helpers/origin.ts';
 import { REPO } from '../helpers/mirrors.ts';
-import { get, proxyClient, startProxy, withProxy } from '../helpers/proxy.ts';
+import { get, proxyClient, rawClient, startProxy, withProxy } from '../helpers/proxy.ts';
 import { PIPELINE_DEPTH } from '../../src/listeners.ts';
 import { waitFor } from '../helpers/mirrors.ts';
 
-/**
- * An origin that answers every request with the same raw bytes (or `answer(requestHead)`'s; undefined
- * resets the connection), and counts requests.
- */
-async function rawOrigin(answer: string | ((head: string) => string | undefined)): Promise<{ url: string; requests: () => number; close: () => Promise<void> }> {
-  let requests = 0;
-  const sockets = new Set<Socket>();
-  const srv: Server = createServer((s) => {
-    sockets.add(s);
-    s.on('close', () => sockets.delete(s));
-    s.on('error', () => {});
-    s.on('data', (d: Buffer) => {
-      requests++;
-      const a = typeof answer === 'string' ? answer : answer(d.toString('latin1'));
-      if (a === undefined) s.resetAndDestroy();
-      else s.end(a);
-    });
-  });
-  srv.listen(0, '127.0.0.1');
-  await once(srv, 'listening');
-  return {
-    url: `http://127.0.0.1:${(srv.address() as AddressInfo).port}`,
-    requests: () => requests,
-    close: async () => {
-      for (const s of sockets) s.destroy();
-      srv.close();
-      await once(srv, 'close');
-    },
+/** What a raw origin answers each request: `answer`'s bytes (of the request head), or a reset for undefined. */
+function answering(answer: string | ((head: string) => string | undefined)): (s: Socket, n: number, head: string) => void {
+  return (s, _n, head) => {
+    const a = typeof answer === 'string' ? answer : answer(head);
+    if (a === undefined) s.resetAndDestroy();
+    else s.end(a);
   };
 }
 
@@ -48,19 +26,10 @@ const BROKEN = {
   'an ICY status line': 'ICY 200 OK\r\n\r\nabc',
 };
 
-/** A raw client connection to the proxy, and what it has received so far. */
-function rawClient(port: number): { c: Socket; got: () => string } {
-  const c = connect(port, '127.0.0.1');
-  c.on('error', () => {});
-  let got = '';
-  c.on('data', (d: Buffer) => (got += d.toString('latin1')));
-  return { c, got: () => got };
-}
-
 describe('upstream protocol errors are the upstream\'s', () => {
   for (const [name, answer] of Object.entries(BROKEN)) {
     it(`an origin that sends ${name} gets 502 ERR_INVALID_RESPONSE, not an internal error`, async () => {
-      const origin = await rawOrigin(answer);
+      const origin = await rawOrigin(answering(answer));
       try {
         await withProxy({}, async ({ p, pool }) => {
           const r = await get(pool, `${origin.url}/broken`);
@@ -79,7 +48,7 @@ describe('upstream protocol errors are the upstream\'s', () => {
   }
 
   it('a body that breaks HTTP after its head (an overflowing chunk size) is cut short for the client, not blamed on cuttle', async () => {
-    const origin = await rawOrigin('HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nFFFFFFFFFFFFFFFFFFFF\r\nabc');
+    const origin = await rawOrigin(answering('HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nFFFFFFFFFFFFFFFFFFFF\r\nabc'));
     try {
       await withProxy({}, async ({ p, pool }) => {
         // The head went out before the body broke: the client sees a truncation, never a whole answer.
@@ -154,7 +123,7 @@ describe('a 404 held while the next mirror is asked', () => {
     // The first mirror lacks the object and says so at length (a 100 KiB error page); the second
     // answers its probes but resets the connection on the object: the held 404 is the answer.
     const o1 = await startOrigin({ [`/cvmfs/${REPO}/.cvmfspublished`]: manifest, [path]: { status: 404, body: 'n'.repeat(100 * 1024), headers: { 'cache-control': 'max-age=60' } } });
-    const o2 = await rawOrigin((head) => (head.includes('.cvmfspublished') ? 'HTTP/1.1 200 OK\r\nCache-Control: max-age=61\r\nContent-Length: 6\r\n\r\nNtest\n' : undefined));
+    const o2 = await rawOrigin(answering((head) => (head.includes('.cvmfspublished') ? 'HTTP/1.1 200 OK\r\nCache-Control: max-age=61\r\nContent-Length: 6\r\n\r\nNtest\n' : undefined)));
     const p = await startProxy({ stratum1: [o1.url, o2.url], 'probe-interval': '1h', 'probe-repo': REPO });
     const pool = proxyClient(p.url, 2);
     try {

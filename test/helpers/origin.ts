@@ -2,7 +2,7 @@
 // resets after N bytes, and per-path request counters (the "upstream fetches" every test asserts).
 import { once } from 'node:events';
 import { createServer, type IncomingHttpHeaders, type Server } from 'node:http';
-import type { AddressInfo, Socket } from 'node:net';
+import { createServer as createNetServer, type AddressInfo, type Socket } from 'node:net';
 import { setTimeout as sleepFor } from 'node:timers/promises';
 
 /** A barrier the test opens: an origin response waits behind it (tests wait for states, not time). */
@@ -147,4 +147,30 @@ export async function startOrigin(routes: Record<string, Route | ((req: SeenRequ
   origin.port = port;
   origin.url = `http://127.0.0.1:${port}`;
   return origin;
+}
+
+/**
+ * An origin that writes raw bytes: `onRequest` answers each read of a connection (a request) on its
+ * socket as it likes (whole, cut, reset, held); requests counted, sockets destroyed at close.
+ */
+export async function rawOrigin(onRequest: (s: Socket, n: number, head: string) => void): Promise<{ url: string; requests: () => number; close: () => Promise<void> }> {
+  let requests = 0;
+  const sockets = new Set<Socket>();
+  const srv = createNetServer((s) => {
+    sockets.add(s);
+    s.on('close', () => sockets.delete(s));
+    s.on('error', () => {});
+    s.on('data', (d: Buffer) => onRequest(s, ++requests, d.toString('latin1')));
+  });
+  srv.listen(0, '127.0.0.1');
+  await once(srv, 'listening');
+  return {
+    url: `http://127.0.0.1:${(srv.address() as AddressInfo).port}`,
+    requests: () => requests,
+    close: async () => {
+      for (const s of sockets) s.destroy();
+      srv.close();
+      await once(srv, 'close');
+    },
+  };
 }

@@ -5,6 +5,7 @@ import { mkdtempSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { once } from 'node:events';
+import { connect, type Socket } from 'node:net';
 import { after, before } from 'node:test';
 import { startOrigin, type Origin } from './origin.ts';
 import { Pool, type Dispatcher } from 'undici';
@@ -195,4 +196,13 @@ export function useProxy(overrides: Record<string, unknown> = {}, connections = 
 export async function refusedFor(p: TestProxy, reason: string): Promise<number> {
   const m = new RegExp(`^cuttle_refused_total\\{reason="${reason}"\\} (\\d+)$`, 'm').exec((await p.proxy.report()).metrics);
   return Number(m?.[1]);
+}
+
+/** A raw client connection to the proxy, and what it has received so far. */
+export function rawClient(port: number): { c: Socket; got: () => string } {
+  const c = connect(port, '127.0.0.1');
+  c.on('error', () => {});
+  let got = '';
+  c.on('data', (d: Buffer) => (got += d.toString('latin1')));
+  return { c, got: () => got };
 }
