@@ -166,21 +166,24 @@ function addTo(m: Map<string, Set<string>>, k: string, v: string): void {
 
 const parentOf = (path: string): string => path.slice(0, path.lastIndexOf('/'));
 
+/** cvmfs's catalog schema 2.5 (catalog_sql.cc CreateEmptyDatabase). */
+export const CATALOG_SCHEMA = `
+  CREATE TABLE catalog (md5path_1 INTEGER, md5path_2 INTEGER, parent_1 INTEGER, parent_2 INTEGER, hardlinks INTEGER, hash BLOB, size INTEGER, mode INTEGER, mtime INTEGER, mtimens INTEGER, flags INTEGER, name TEXT, symlink TEXT, uid INTEGER, gid INTEGER, xattr BLOB, CONSTRAINT pk_catalog PRIMARY KEY (md5path_1, md5path_2));
+  CREATE INDEX idx_catalog_parent ON catalog (parent_1, parent_2);
+  CREATE TABLE chunks (md5path_1 INTEGER, md5path_2 INTEGER, offset INTEGER, size INTEGER, hash BLOB, CONSTRAINT pk_chunks PRIMARY KEY (md5path_1, md5path_2, offset, size), FOREIGN KEY (md5path_1, md5path_2) REFERENCES catalog(md5path_1, md5path_2));
+  CREATE TABLE nested_catalogs (path TEXT, sha1 TEXT, size INTEGER, CONSTRAINT pk_nested_catalogs PRIMARY KEY (path));
+  CREATE TABLE bind_mountpoints (path TEXT, sha1 TEXT, size INTEGER, CONSTRAINT pk_bind_mountpoints PRIMARY KEY (path));
+  CREATE TABLE statistics (counter TEXT, value INTEGER, CONSTRAINT pk_statistics PRIMARY KEY (counter));
+  CREATE TABLE properties (key TEXT, value TEXT, CONSTRAINT pk_properties PRIMARY KEY (key));
+`;
+
 /** Write one catalog as cvmfs does, compress it and store it: its hash and path. */
 function writeCatalog(rootPath: string, revision: number, entries: Entry[], nested: { path: string; hash: string }[], store: (raw: Buffer, suffix: 'C') => { hash: string; path: string }, binds: { path: string; hash: string }[] = []): { hash: string; path: string } {
   const dir = mkdtempSync(join(tmpdir(), 'cvmfs-catalog-'));
   const file = join(dir, 'catalog.db');
   try {
     const db = new DatabaseSync(file);
-    db.exec(`
-      CREATE TABLE catalog (md5path_1 INTEGER, md5path_2 INTEGER, parent_1 INTEGER, parent_2 INTEGER, hardlinks INTEGER, hash BLOB, size INTEGER, mode INTEGER, mtime INTEGER, mtimens INTEGER, flags INTEGER, name TEXT, symlink TEXT, uid INTEGER, gid INTEGER, xattr BLOB, CONSTRAINT pk_catalog PRIMARY KEY (md5path_1, md5path_2));
-      CREATE INDEX idx_catalog_parent ON catalog (parent_1, parent_2);
-      CREATE TABLE chunks (md5path_1 INTEGER, md5path_2 INTEGER, offset INTEGER, size INTEGER, hash BLOB, CONSTRAINT pk_chunks PRIMARY KEY (md5path_1, md5path_2, offset, size), FOREIGN KEY (md5path_1, md5path_2) REFERENCES catalog(md5path_1, md5path_2));
-      CREATE TABLE nested_catalogs (path TEXT, sha1 TEXT, size INTEGER, CONSTRAINT pk_nested_catalogs PRIMARY KEY (path));
-      CREATE TABLE bind_mountpoints (path TEXT, sha1 TEXT, size INTEGER, CONSTRAINT pk_bind_mountpoints PRIMARY KEY (path));
-      CREATE TABLE statistics (counter TEXT, value INTEGER, CONSTRAINT pk_statistics PRIMARY KEY (counter));
-      CREATE TABLE properties (key TEXT, value TEXT, CONSTRAINT pk_properties PRIMARY KEY (key));
-    `);
+    db.exec(CATALOG_SCHEMA);
     const prop = db.prepare('INSERT INTO properties (key, value) VALUES (?, ?)');
     prop.run('schema', '2.5');
     prop.run('schema_revision', '7');

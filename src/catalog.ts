@@ -22,6 +22,8 @@ export const FLAG = {
 /** Bits 8–10 hold the content hash's algorithm minus one (SHA-1 = 0); its id follows the hex digits. */
 const ALGORITHM_IDS = ['', '-rmd160', '-shake128'] as const;
 const HASH_POS = 8;
+/** Every content hash cvmfs names is 160 bits (SHA-1, RIPEMD-160, SHAKE-128 cut to 160). */
+const DIGEST_BYTES = 20;
 
 /** A content hash as a path names it: 40 hex digits and the algorithm's id (none for SHA-1). */
 const HASH = /^[0-9a-f]{40}(-rmd160|-shake128)?$/;
@@ -72,6 +74,7 @@ export function pathHash(path: string): [bigint, bigint] {
 
 /** A row's raw digest as a path names it, with the algorithm its flags carry. */
 export function hashOf(blob: Uint8Array, flags: number): string {
+  if (blob.length !== DIGEST_BYTES) throw new Error(`a content hash of ${blob.length} bytes, not ${DIGEST_BYTES}`);
   const id = ALGORITHM_IDS[(flags >> HASH_POS) & 7];
   if (id === undefined) throw new Error(`unknown hash algorithm in flags ${flags}`);
   return Buffer.from(blob).toString('hex') + id;

@@ -170,6 +170,22 @@ class Rate {
   }
 }
 
+/** Whatever reading an open catalog throws (a table missing, a row no cvmfs writes) is that catalog's failure, not a crash. */
+function readCatalog<T>(path: string, read: () => T): T {
+  try {
+    return read();
+  } catch (err) {
+    if (err instanceof WarmError) throw err;
+    throw new WarmError('CATALOG_FAILED', `catalog ${path || '/'} is not a readable catalog: ${(err as Error).message}`);
+  }
+}
+
+/** A catalog's rows, read lazily, under readCatalog. */
+function* catalogRows<T>(path: string, rows: () => Iterable<T>): Generator<T> {
+  const it = readCatalog(path, () => rows()[Symbol.iterator]());
+  for (let next = readCatalog(path, () => it.next()); !next.done; next = readCatalog(path, () => it.next())) yield next.value;
+}
+
 /** Run `fn` over `items` with at most `n` at once, pulling lazily (a catalog's rows are read as they are needed). */
 async function eachLimited<T>(items: Iterable<T>, n: number, fn: (item: T) => Promise<void>): Promise<void> {
   const it = items[Symbol.iterator]();
@@ -343,8 +359,8 @@ class RepoWalk {
     let bytes = 0;
     let nested;
     try {
-      for (const o of c.objects(this.#scope)) bytes += o.size;
-      nested = c.nested(this.#scope);
+      for (const o of catalogRows(path, () => c.objects(this.#scope))) bytes += o.size;
+      nested = readCatalog(path, () => c.nested(this.#scope));
     } finally {
       c.close();
     }
@@ -375,7 +391,7 @@ class RepoWalk {
     let nested;
     try {
       const root = c.rootPath;
-      await eachLimited(c.objects(this.#scope), this.#o.concurrency, async (o) => {
+      await eachLimited(catalogRows(path, () => c.objects(this.#scope)), this.#o.concurrency, async (o) => {
         if (this.#o.signal.aborted) return;
         const got = await this.#object(`${this.#base}/${objectPath(o.hash, o.suffix)}`, o.size, o);
         if (!got) {
@@ -384,7 +400,7 @@ class RepoWalk {
         }
         if (this.#o.check) this.#byPath(root, o, got);
       });
-      nested = c.nested(this.#scope);
+      nested = readCatalog(path, () => c.nested(this.#scope));
     } finally {
       c.close();
     }

@@ -1,0 +1,119 @@
+// `cuttle warm` against a hostile repository: catalogs a Stratum 1 (or whoever holds its signing key)
+// can publish that no cvmfs server writes. warm must end, bounded, with one of its named exits; never
+// a stack trace, never a walk that does not end. Real CLI, real cuttle, a scripted Stratum 1.
+import assert from 'node:assert/strict';
+import { spawn } from 'node:child_process';
+import { createHash } from 'node:crypto';
+import { mkdtempSync, readFileSync, rmSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { DatabaseSync } from 'node:sqlite';
+import { after, describe, it } from 'node:test';
+import { deflateSync } from 'node:zlib';
+import { CATALOG_SCHEMA } from '../../bench/cvmfs-repository.ts';
+import { objectPath, pathHash } from '../../src/catalog.ts';
+import { startOrigin, type Origin } from '../helpers/origin.ts';
+import { startProxy, tmpDir, type TestProxy } from '../helpers/proxy.ts';
+
+const REPO = 'hostile.cern.ch';
+const ROOT = `/cvmfs/${REPO}/`;
+
+const sha1 = (b: Buffer) => createHash('sha1').update(b).digest('hex');
+
+/** A repository's bodies by path under ROOT; add() stores a compressed object and names it. */
+class Bodies extends Map<string, Buffer> {
+  add(raw: Buffer, suffix: '' | 'C' | 'P' | 'X'): string {
+    const z = deflateSync(raw);
+    const hash = sha1(z);
+    this.set(objectPath(hash, suffix), z);
+    return hash;
+  }
+
+  /** A catalog in cvmfs's schema, then `sql` (rows of the test's choosing); its hash. */
+  catalog(sql: (db: DatabaseSync) => void, schema = CATALOG_SCHEMA): string {
+    const dir = mkdtempSync(join(tmpdir(), 'hostile-catalog-'));
+    try {
+      const db = new DatabaseSync(join(dir, 'c.db'));
+      db.exec(schema);
+      sql(db);
+      db.close();
+      return this.add(readFileSync(join(dir, 'c.db')), 'C');
+    } finally {
+      rmSync(dir, { recursive: true, force: true });
+    }
+  }
+
+  manifest(root: string, extra = ''): this {
+    this.set('.cvmfspublished', Buffer.from(`C${root}\nD240\nS1\nN${REPO}\n${extra}--\n${sha1(Buffer.from('sig'))}\n`));
+    this.set('.cvmfswhitelist', Buffer.from(`N${REPO}\n--\n`));
+    return this;
+  }
+}
+
+/** The root directory's row, as cvmfs writes it (its parent is the zero hash). */
+function rootDir(db: DatabaseSync): void {
+  const [a, b] = pathHash('');
+  db.prepare("INSERT INTO catalog VALUES (?, ?, 0, 0, 0, NULL, 4096, 16877, 0, 0, 1, '', '', 0, 0, NULL)").run(a, b);
+}
+
+interface Run {
+  code: number | null;
+  stdout: string;
+  stderr: string;
+}
+
+function warm(args: string[]): Promise<Run> {
+  const child = spawn(process.execPath, ['src/main.ts', 'warm', ...args], { stdio: ['ignore', 'pipe', 'pipe'] });
+  let stdout = '';
+  let stderr = '';
+  child.stdout.on('data', (c: Buffer) => (stdout += c.toString()));
+  child.stderr.on('data', (c: Buffer) => (stderr += c.toString()));
+  return new Promise<Run>((resolve) => child.on('close', (code) => resolve({ code, stdout, stderr })));
+}
+
+async function rig(bodies: Bodies): Promise<{ origin: Origin; proxy: TestProxy; args: (...extra: string[]) => string[]; state: string }> {
+  const origin = await startOrigin();
+  for (const [rel, body] of bodies) origin.route(ROOT + rel, { body, headers: { 'cache-control': 'max-age=259200' } });
+  const proxy = await startProxy();
+  after(async () => {
+    await proxy.close();
+    await origin.close();
+  });
+  const state = join(tmpDir(), 'warm-state.json');
+  return { origin, proxy, state, args: (...extra) => [`${origin.url}/cvmfs/${REPO}`, '--proxy', proxy.url, '--state', state, '--max-bytes', '1GB', ...extra] };
+}
+
+const noStack = (r: Run) => assert.doesNotMatch(r.stderr, /fatal|    at /, r.stderr);
+
+/** A file row under the root directory, with the hash blob and flags of the test's choosing. */
+function fileRow(db: DatabaseSync, name: string, hash: Buffer, flags = 4): void {
+  const [a, b] = pathHash(`/${name}`);
+  const [p1, p2] = pathHash('');
+  db.prepare("INSERT INTO catalog VALUES (?, ?, ?, ?, 0, ?, 10, 33188, 0, 0, ?, ?, '', 0, 0, NULL)").run(a, b, p1, p2, hash, flags, name);
+}
+
+describe('cuttle warm against a hostile repository', () => {
+  const unreadable: [string, (b: Bodies) => string][] = [
+    ['a nested catalog without a hash', (b) => b.catalog((db) => (rootDir(db), db.prepare('INSERT INTO nested_catalogs VALUES (?, NULL, 0)').run('/x')))],
+    ['a content hash of 5 bytes', (b) => b.catalog((db) => (rootDir(db), fileRow(db, 'f', Buffer.from('abcde'))))],
+    ['a hash algorithm cvmfs has not', (b) => b.catalog((db) => (rootDir(db), fileRow(db, 'f', Buffer.alloc(20, 1), 4 | (7 << 8))))],
+    ['no chunks table', (b) => b.catalog((db) => rootDir(db), CATALOG_SCHEMA.replace(/CREATE TABLE chunks[^;]*;/, ''))],
+    ['no nested_catalogs table', (b) => b.catalog((db) => rootDir(db), CATALOG_SCHEMA.replace(/CREATE TABLE nested_catalogs[^;]*;/, ''))],
+  ];
+  for (const [what, build] of unreadable) {
+    it(`a catalog with ${what} is exit 5 CATALOG_FAILED, not a crash, with and without --check`, async () => {
+      const b = new Bodies();
+      const root = build(b);
+      const { args, origin } = await rig(b.manifest(root));
+      const r = await warm(args());
+      noStack(r);
+      assert.equal(r.code, 5, r.stderr + r.stdout);
+      assert.match(r.stdout, /CATALOG_FAILED: catalog \/ is not a readable catalog/);
+      // --check reads the catalog warm has just had cuttle store.
+      const c = await warm(args('--check'));
+      noStack(c);
+      assert.equal(c.code, 5, c.stderr + c.stdout);
+      assert.equal(origin.seen.filter((s) => s.path === ROOT + objectPath(root, 'C')).length, 1, 'the catalog was fetched upstream once');
+    });
+  }
+});
