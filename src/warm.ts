@@ -290,6 +290,13 @@ class RepoWalk {
   #lastProgress = 0;
   /** This revision's catalogs, each complete or walked. */
   readonly #tree: string[] = [];
+  /**
+   * Catalogs planned, and walked (with the walk's answer), in this run: a catalog is read once however
+   * many mountpoints name it. No cvmfs server names one twice, but a repository whose catalogs each name
+   * the one below at two paths would otherwise cost 2^depth walks.
+   */
+  readonly #plannedCatalogs = new Set<string>();
+  readonly #walked = new Map<string, boolean>();
 
   constructor(o: WarmOptions, proxy: ProxyClient, rate: Rate, state: WarmState, repository: string) {
     this.#o = o;
@@ -353,6 +360,8 @@ class RepoWalk {
 
   /** Bytes in scope of the catalogs not yet complete (fetching them, as the walk would). */
   async #plan(hash: string, path: string): Promise<number> {
+    if (this.#plannedCatalogs.has(hash)) return 0;
+    this.#plannedCatalogs.add(hash);
     if (this.#state.subtree(this.#key, hash)) return 0;
     const c = await this.#open(hash, path, 'GET');
     if (!c) return 0;
@@ -373,6 +382,17 @@ class RepoWalk {
    * in it and below it is cached now); with --check, when everything was found cached.
    */
   async #catalog(hash: string, path: string): Promise<boolean> {
+    const walked = this.#walked.get(hash);
+    if (walked !== undefined) return walked;
+    // Until its walk ends it counts as complete: a catalog can't name itself or an ancestor (each names
+    // the hash of the bytes below it), so this is only ever read for a catalog already walked.
+    this.#walked.set(hash, true);
+    const ok = await this.#walk(hash, path);
+    this.#walked.set(hash, ok);
+    return ok;
+  }
+
+  async #walk(hash: string, path: string): Promise<boolean> {
     const done = this.#o.check ? undefined : this.#state.subtree(this.#key, hash);
     if (done) {
       this.#tree.push(...done);

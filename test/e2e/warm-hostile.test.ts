@@ -116,4 +116,34 @@ describe('cuttle warm against a hostile repository', () => {
       assert.equal(origin.seen.filter((s) => s.path === ROOT + objectPath(root, 'C')).length, 1, 'the catalog was fetched upstream once');
     });
   }
+
+  it('catalogs that each name the one below at two mountpoints (2^12 paths to the leaf) are each read once per run, and --check too', async () => {
+    const b = new Bodies();
+    // The leaf names an object the Stratum 1 does not have: no catalog is ever complete, so the state
+    // file can't cut the walk short either.
+    const leaf = b.catalog((db) => (rootDir(db), fileRow(db, 'gone', Buffer.alloc(20, 7))));
+    const catalogs = [leaf];
+    for (let d = 0; d < 12; d++) {
+      const below = catalogs.at(-1)!;
+      catalogs.push(
+        b.catalog((db) => {
+          rootDir(db);
+          for (const at of ['/a', '/b']) db.prepare('INSERT INTO nested_catalogs VALUES (?, ?, 0)').run(at, below);
+        }),
+      );
+    }
+    const { args, proxy, origin } = await rig(b.manifest(catalogs.at(-1)!));
+    const asked = () => proxy.logLines.filter((l) => / GET \S+C /.test(l)).length;
+    const r = await warm(args());
+    noStack(r);
+    assert.equal(r.code, 1, r.stderr + r.stdout); // INCOMPLETE: the leaf's object is missing
+    assert.equal(asked(), 2 * catalogs.length, 'each catalog asked of cuttle twice: once to plan, once to walk');
+    const c = await warm(args('--check'));
+    noStack(c);
+    assert.equal(c.code, 1, c.stderr + c.stdout);
+    assert.equal(asked(), 3 * catalogs.length, '--check reads each once');
+    assert.match(c.stdout, /missing 1 objects/);
+    const upstream = origin.seen.filter((s) => s.path.endsWith('C')).length;
+    assert.equal(upstream, catalogs.length, 'each catalog fetched upstream once');
+  });
 });
