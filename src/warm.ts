@@ -23,6 +23,15 @@ const USER_AGENT = `cuttle-warm/${VERSION}`;
 /** Share of --disk-cache a run may fetch before it stops (--max-bytes' default): past it, a warm would evict what it warmed first. */
 const CACHE_SHARE = 0.9;
 
+/**
+ * How long --watch waits for a manifest's D: 240 s when no repository answered, else within 1 min and
+ * 1 day (cvmfs's clamp for a TTL). A D of -1 or 1e-9 asked again without pause, each ask going upstream
+ * (max-age=0).
+ */
+const watchTtlS = (d: number): number => (Number.isFinite(d) ? Math.min(Math.max(d, 60), 86_400) : 240);
+/** Node fires a timer of more than 2^31-1 ms at once (TimeoutOverflowWarning): a long --watch-interval is this. */
+const TIMER_MAX_MS = 2 ** 31 - 1;
+
 /** warm's named failures and their exit statuses (README "cuttle warm"). */
 export const WARM_ERRORS = {
   INCOMPLETE: { exit: 1, text: 'some objects could not be warmed' },
@@ -616,7 +625,7 @@ export async function warm(o: WarmOptions): Promise<number> {
       if (!o.watch || o.signal.aborted) return status;
       // The next look: at the manifest's TTL (D, what the clients wait), or --watch-interval; a run
       // that failed looks again at the default TTL.
-      const ttlMs = o.watchIntervalMs ?? (Number.isFinite(ttlS) ? ttlS : 240) * 1000;
+      const ttlMs = Math.min(o.watchIntervalMs ?? watchTtlS(ttlS) * 1000, TIMER_MAX_MS);
       try {
         await sleep(ttlMs, undefined, { signal: o.signal });
       } catch {

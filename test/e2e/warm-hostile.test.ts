@@ -13,6 +13,7 @@ import { deflateSync } from 'node:zlib';
 import { CATALOG_SCHEMA } from '../../bench/cvmfs-repository.ts';
 import { objectPath, pathHash } from '../../src/catalog.ts';
 import { startOrigin, type Origin } from '../helpers/origin.ts';
+import { waitFor } from '../helpers/mirrors.ts';
 import { startProxy, tmpDir, type TestProxy } from '../helpers/proxy.ts';
 
 const REPO = 'hostile.cern.ch';
@@ -62,14 +63,17 @@ interface Run {
   stderr: string;
 }
 
-function warm(args: string[]): Promise<Run> {
+function startWarm(args: string[]): { done: Promise<Run>; stop: () => void; stdout: () => string } {
   const child = spawn(process.execPath, ['src/main.ts', 'warm', ...args], { stdio: ['ignore', 'pipe', 'pipe'] });
   let stdout = '';
   let stderr = '';
   child.stdout.on('data', (c: Buffer) => (stdout += c.toString()));
   child.stderr.on('data', (c: Buffer) => (stderr += c.toString()));
-  return new Promise<Run>((resolve) => child.on('close', (code) => resolve({ code, stdout, stderr })));
+  const done = new Promise<Run>((resolve) => child.on('close', (code) => resolve({ code, stdout, stderr })));
+  return { done, stop: () => child.kill('SIGTERM'), stdout: () => stdout };
 }
+
+const warm = (args: string[]) => startWarm(args).done;
 
 async function rig(bodies: Bodies): Promise<{ origin: Origin; proxy: TestProxy; args: (...extra: string[]) => string[]; state: string }> {
   const origin = await startOrigin();
@@ -145,5 +149,32 @@ describe('cuttle warm against a hostile repository', () => {
     assert.match(c.stdout, /missing 1 objects/);
     const upstream = origin.seen.filter((s) => s.path.endsWith('C')).length;
     assert.equal(upstream, catalogs.length, 'each catalog fetched upstream once');
+  });
+
+  for (const d of ['-1', '0.000001', '1e12']) {
+    it(`--watch under a manifest whose TTL is D${d} waits at least a minute, not a loop asking the Stratum 1 without pause`, async () => {
+      const b = new Bodies();
+      const { args, origin } = await rig(b.manifest(b.catalog(rootDir), `D${d}\n`));
+      const w = startWarm(args('--watch'));
+      await waitFor('revision 1 summarised', () => w.stdout().includes('revision 1: fetched'));
+      w.stop();
+      const r = await w.done;
+      noStack(r);
+      assert.equal(r.code, 0, r.stderr + r.stdout);
+      assert.doesNotMatch(r.stderr, /TimeoutOverflowWarning/);
+      assert.equal(origin.seen.filter((s) => s.path === `${ROOT}.cvmfspublished`).length, 1, 'the manifest asked once');
+    });
+  }
+
+  it('--watch-interval past what a timer holds (30d) is no loop either', async () => {
+    const b = new Bodies();
+    const { args, origin } = await rig(b.manifest(b.catalog(rootDir)));
+    const w = startWarm(args('--watch', '--watch-interval', '30d'));
+    await waitFor('revision 1 summarised', () => w.stdout().includes('revision 1: fetched'));
+    w.stop();
+    const r = await w.done;
+    assert.equal(r.code, 0, r.stderr + r.stdout);
+    assert.doesNotMatch(r.stderr, /TimeoutOverflowWarning/);
+    assert.equal(origin.seen.filter((s) => s.path === `${ROOT}.cvmfspublished`).length, 1, 'the manifest asked once');
   });
 });
