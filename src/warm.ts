@@ -112,6 +112,8 @@ interface StateFile {
   complete: Record<string, Record<string, string[]>>;
 }
 
+const isRecord = (v: unknown): v is Record<string, unknown> => typeof v === 'object' && v !== null && !Array.isArray(v);
+
 /** Completed catalogs by repository and scope, kept across runs (--state). */
 class WarmState {
   readonly #path: string;
@@ -120,7 +122,8 @@ class WarmState {
     this.#path = path;
     try {
       const d = JSON.parse(readFileSync(path, 'utf8')) as StateFile;
-      this.#data = d.version === 2 && typeof d.complete === 'object' ? d : { version: 2, complete: {} };
+      // A file of another shape (not one warm wrote, or cut short into valid JSON) is no state, as unparsable bytes are.
+      this.#data = d?.version === 2 && isRecord(d.complete) && Object.values(d.complete).every((r) => isRecord(r) && Object.values(r).every((c) => Array.isArray(c) && c.every((h) => typeof h === 'string'))) ? d : { version: 2, complete: {} };
     } catch {
       this.#data = { version: 2, complete: {} };
     }
@@ -155,10 +158,15 @@ class WarmState {
   }
 
   #save(): void {
-    mkdirSync(dirname(this.#path), { recursive: true });
     const tmp = `${this.#path}.${process.pid}.tmp`;
-    writeFileSync(tmp, `${JSON.stringify(this.#data)}\n`);
-    renameSync(tmp, this.#path);
+    try {
+      mkdirSync(dirname(this.#path), { recursive: true });
+      writeFileSync(tmp, `${JSON.stringify(this.#data)}\n`);
+      renameSync(tmp, this.#path);
+    } catch (err) {
+      rmSync(tmp, { force: true });
+      throw new WarmError('USAGE', `--state ${this.#path} cannot be written: ${(err as Error).message}`);
+    }
   }
 }
 

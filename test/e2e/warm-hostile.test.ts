@@ -4,9 +4,9 @@
 import assert from 'node:assert/strict';
 import { spawn } from 'node:child_process';
 import { createHash } from 'node:crypto';
-import { mkdtempSync, readFileSync, rmSync } from 'node:fs';
+import { mkdirSync, mkdtempSync, readdirSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
-import { join } from 'node:path';
+import { dirname, join } from 'node:path';
 import { DatabaseSync } from 'node:sqlite';
 import { after, describe, it } from 'node:test';
 import { deflateSync } from 'node:zlib';
@@ -176,5 +176,27 @@ describe('cuttle warm against a hostile repository', () => {
     assert.equal(r.code, 0, r.stderr + r.stdout);
     assert.doesNotMatch(r.stderr, /TimeoutOverflowWarning/);
     assert.equal(origin.seen.filter((s) => s.path === `${ROOT}.cvmfspublished`).length, 1, 'the manifest asked once');
+  });
+
+  it('a --state file of another shape is no state (the walk starts afresh), and one that cannot be written is exit 2 naming it, leaving no temporary file', async () => {
+    const b = new Bodies();
+    const { args, state, origin } = await rig(b.manifest(b.catalog(rootDir)));
+    const shapes = ['{"version":2,"complete":null}', '{"version":2,"complete":{"x":5}}', '{"version":2,"complete":{"x":{"y":7}}}', '[]', 'null', '{"version":2,"complete":{"x":{"y":[1]}}}'];
+    for (const text of shapes) {
+      writeFileSync(state, text);
+      const r = await warm(args());
+      noStack(r);
+      assert.equal(r.code, 0, `${text}: ${r.stderr}${r.stdout}`);
+      assert.ok(JSON.parse(readFileSync(state, 'utf8')).complete, 'written afresh');
+    }
+    const root = origin.seen.filter((s) => s.path.endsWith('C')).length;
+    assert.equal(root, 1, 'the root catalog fetched upstream once, then hits');
+    rmSync(state);
+    mkdirSync(state);
+    const r = await warm(args());
+    noStack(r);
+    assert.equal(r.code, 2, r.stderr + r.stdout);
+    assert.match(r.stdout, /USAGE: --state \S+ cannot be written/);
+    assert.deepEqual(readdirSync(dirname(state)), ['warm-state.json'], 'no temporary file left beside it');
   });
 });
