@@ -101,10 +101,11 @@ export class Hierarchy {
   setWorkers(self: number, urls: readonly (string | undefined)[], token: string): void {
     const old = this.#workers;
     const peers = urls.map((url, i) => {
-      if (url === undefined || i === self) return undefined;
       const prev = old?.peers[i];
-      if (prev?.spec.url === url) return prev;
+      if (prev?.spec.url === url && i !== self) return prev;
+      // A worker that exited (or moved) is probed no more, down or not.
       if (prev) this.prober.forget(prev);
+      if (url === undefined || i === self) return undefined;
       const u = new URL(url);
       return new Peer('worker', { url, host: u.hostname, port: Number(u.port), name: `worker${i}`, weight: 1 });
     });

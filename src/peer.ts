@@ -119,6 +119,8 @@ export class PeerProber {
   readonly #intervalMs: number;
   readonly #log: Logger;
   readonly #timers = new Map<Peer, NodeJS.Timeout>();
+  /** Peers that left: a probe in flight for one when it left schedules no other. */
+  readonly #forgotten = new WeakSet<Peer>();
   #stopped = false;
 
   constructor(probe: PeerProbeFn, intervalMs: number, log: Logger) {
@@ -133,8 +135,13 @@ export class PeerProber {
     this.#schedule(peer);
   }
 
+  /** Down peers being probed now. */
+  get probing(): number {
+    return this.#timers.size;
+  }
+
   #schedule(peer: Peer): void {
-    if (this.#stopped || this.#timers.has(peer)) return;
+    if (this.#stopped || this.#timers.has(peer) || this.#forgotten.has(peer)) return;
     const t = setTimeout(() => {
       this.#timers.delete(peer);
       void this.#round(peer);
@@ -151,8 +158,9 @@ export class PeerProber {
     else if (!peer.up) this.#schedule(peer);
   }
 
-  /** Forget a peer that left (a bank re-formed). */
+  /** Forget a peer that left (a bank re-formed, a worker exited). */
   forget(peer: Peer): void {
+    this.#forgotten.add(peer);
     const t = this.#timers.get(peer);
     if (t) clearTimeout(t);
     this.#timers.delete(peer);

@@ -6,6 +6,9 @@ import { describe, it } from 'node:test';
 import { Bank, listensOn } from '../../src/bank.ts';
 import { buildConfig } from '../../src/config.ts';
 import { PeerProber } from '../../src/peer.ts';
+import { Hierarchy } from '../../src/hierarchy.ts';
+import { ProxyError } from '../../src/errors.ts';
+import { workerOf } from '../../src/worker-ring.ts';
 import { memoryLogger } from '../helpers/proxy.ts';
 import { waitFor } from '../helpers/mirrors.ts';
 
@@ -73,5 +76,29 @@ describe('bank membership', () => {
     assert.ok(!listensOn([{ host: '10.0.0.1', port: 3128 }], '10.0.0.1', 3129));
     assert.ok(listensOn([{ host: '::', port: 3128 }], '127.0.0.2', 3128), 'loopback is this host');
     assert.ok(!listensOn([{ host: '::', port: 3128 }], '192.0.2.77', 3128), 'not an address of this host');
+  });
+});
+
+describe('worker peers (--workers)', () => {
+  it('a worker that exits while it is down is probed no more (one probe timer per crash would pile up)', async () => {
+    const cfg = buildConfig({ listen: ['127.0.0.1:3128'] });
+    const { logger } = memoryLogger();
+    let probes = 0;
+    const h = new Hierarchy(cfg, async () => ({ ok: false, why: `refused ${++probes}` }), logger);
+    try {
+      h.setWorkers(0, [undefined, 'http://127.0.0.1:40001'], 'secret');
+      // A key the other worker owns, and its route: that worker.
+      const key = Array.from({ length: 64 }, (_, i) => `http://s1.example/cvmfs/x/${i}`).find((k) => workerOf(k, 2, () => true) === 1)!;
+      const route = h.routes(new URL(key), undefined, 'client', key)[0]!;
+      assert.ok(route.peer, 'the owner worker is the first route');
+      h.peerFailed(route.peer, new ProxyError('ERR_CONNECT_REFUSED', 'refused'));
+      assert.equal(route.peer.up, false);
+      assert.equal(h.prober.probing, 1, 'a down worker is probed');
+      h.setWorkers(0, [undefined, undefined], 'secret'); // it exited
+      assert.equal(h.prober.probing, 0, 'a worker that exited is probed no more');
+      assert.equal(probes, 0);
+    } finally {
+      h.stop();
+    }
   });
 });
