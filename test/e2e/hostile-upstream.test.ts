@@ -63,8 +63,8 @@ describe('a body delimited by the connection\'s close', () => {
   });
 });
 
-describe('a transfer coding other than chunked', () => {
-  // cuttle removes the message framing and decodes only chunked: the bytes under any other transfer
+describe('a transfer coding that transforms the bytes', () => {
+  // cuttle removes the message framing and decodes only chunked: the bytes under a transforming transfer
   // coding (gzip, compress, deflate) are not the representation, and must not be served or stored as it.
   const gz = gzipSync(Buffer.from('the representation'));
   const chunked = `${gz.length.toString(16)}\r\n${gz.toString('latin1')}\r\n0\r\n\r\n`;
@@ -92,6 +92,25 @@ describe('a transfer coding other than chunked', () => {
       }
     });
   }
+
+  it('a token that names no coding is framing noise: the bytes it frames are the 200, stored (as the caching conformance suite asks)', async () => {
+    const origin = await rawOrigin((s) => s.end('HTTP/1.1 200 OK\r\nCache-Control: max-age=600\r\nTransfer-Encoding: x-not-a-coding\r\n\r\nplain bytes'));
+    try {
+      await withProxy({}, async ({ p, pool }) => {
+        const first = await get(pool, `${origin.url}/noise`);
+        assert.equal(first.status, 200);
+        assert.equal(first.body.toString(), 'plain bytes');
+        await p.proxy.coalescer.settle();
+        const again = await get(pool, `${origin.url}/noise`);
+        assert.match(String(again.headers['x-cache']), /^HIT/);
+        assert.equal(again.headers['transfer-encoding'] === 'x-not-a-coding', false, 'the hop-by-hop field is not stored');
+        assert.equal(again.body.toString(), 'plain bytes');
+        assert.equal(origin.requests(), 1);
+      });
+    } finally {
+      await origin.close();
+    }
+  });
 });
 
 describe('a suffix range of a stored empty object', () => {
