@@ -2,7 +2,6 @@
 // can publish that no cvmfs server writes. warm must end, bounded, with one of its named exits; never
 // a stack trace, never a walk that does not end. Real CLI, real cuttle, a scripted Stratum 1.
 import assert from 'node:assert/strict';
-import { spawn } from 'node:child_process';
 import { createHash } from 'node:crypto';
 import { mkdirSync, mkdtempSync, readdirSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
@@ -14,6 +13,7 @@ import { CATALOG_SCHEMA } from '../../bench/cvmfs-repository.ts';
 import { objectPath, pathHash } from '../../src/catalog.ts';
 import { startOrigin, type Origin } from '../helpers/origin.ts';
 import { waitFor } from '../helpers/mirrors.ts';
+import { startWarm, type WarmRun } from '../helpers/warm.ts';
 import { startProxy, tmpDir, type TestProxy } from '../helpers/proxy.ts';
 
 const REPO = 'hostile.cern.ch';
@@ -57,22 +57,6 @@ function rootDir(db: DatabaseSync): void {
   db.prepare("INSERT INTO catalog VALUES (?, ?, 0, 0, 0, NULL, 4096, 16877, 0, 0, 1, '', '', 0, 0, NULL)").run(a, b);
 }
 
-interface Run {
-  code: number | null;
-  stdout: string;
-  stderr: string;
-}
-
-function startWarm(args: string[]): { done: Promise<Run>; stop: () => void; stdout: () => string } {
-  const child = spawn(process.execPath, ['src/main.ts', 'warm', ...args], { stdio: ['ignore', 'pipe', 'pipe'] });
-  let stdout = '';
-  let stderr = '';
-  child.stdout.on('data', (c: Buffer) => (stdout += c.toString()));
-  child.stderr.on('data', (c: Buffer) => (stderr += c.toString()));
-  const done = new Promise<Run>((resolve) => child.on('close', (code) => resolve({ code, stdout, stderr })));
-  return { done, stop: () => child.kill('SIGTERM'), stdout: () => stdout };
-}
-
 const warm = (args: string[]) => startWarm(args).done;
 
 async function rig(bodies: Bodies): Promise<{ origin: Origin; proxy: TestProxy; args: (...extra: string[]) => string[]; state: string }> {
@@ -87,7 +71,7 @@ async function rig(bodies: Bodies): Promise<{ origin: Origin; proxy: TestProxy; 
   return { origin, proxy, state, args: (...extra) => [`${origin.url}/cvmfs/${REPO}`, '--proxy', proxy.url, '--state', state, '--max-bytes', '1GB', ...extra] };
 }
 
-const noStack = (r: Run) => assert.doesNotMatch(r.stderr, /fatal|    at /, r.stderr);
+const noStack = (r: WarmRun) => assert.doesNotMatch(r.stderr, /fatal|    at /, r.stderr);
 
 /** A file row under the root directory, with the hash blob and flags of the test's choosing. */
 function fileRow(db: DatabaseSync, name: string, hash: Buffer, flags = 4): void {
@@ -157,7 +141,7 @@ describe('cuttle warm against a hostile repository', () => {
       const { args, origin } = await rig(b.manifest(b.catalog(rootDir), `D${d}\n`));
       const w = startWarm(args('--watch'));
       await waitFor('revision 1 summarised', () => w.stdout().includes('revision 1: fetched'));
-      w.stop();
+      w.kill('SIGTERM');
       const r = await w.done;
       noStack(r);
       assert.equal(r.code, 0, r.stderr + r.stdout);
@@ -171,7 +155,7 @@ describe('cuttle warm against a hostile repository', () => {
     const { args, origin } = await rig(b.manifest(b.catalog(rootDir)));
     const w = startWarm(args('--watch', '--watch-interval', '30d'));
     await waitFor('revision 1 summarised', () => w.stdout().includes('revision 1: fetched'));
-    w.stop();
+    w.kill('SIGTERM');
     const r = await w.done;
     assert.equal(r.code, 0, r.stderr + r.stdout);
     assert.doesNotMatch(r.stderr, /TimeoutOverflowWarning/);

@@ -2,13 +2,13 @@
 // scripted Stratum 1 serving a repository in cvmfs's own format (bench/cvmfs-repository.ts). Each test
 // counts what reached the Stratum 1.
 import assert from 'node:assert/strict';
-import { spawn } from 'node:child_process';
 import { readFileSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { after, describe, it } from 'node:test';
 import { buildRepository, type Repository } from '../../bench/cvmfs-repository.ts';
 import { gate, startOrigin, type Gate, type Origin } from '../helpers/origin.ts';
 import { waitFor } from '../helpers/mirrors.ts';
+import { startWarm } from '../helpers/warm.ts';
 import { get, proxyClient, refusedFor, startChildProxy, startProxy, tmpDir, type TestProxy } from '../helpers/proxy.ts';
 
 const REPO = 'test.cern.ch';
@@ -24,22 +24,6 @@ function serve(origin: Origin, repo: Repository, opts: { gates?: Map<string, Gat
     }
     origin.route(ROOT + rel, { body: b, gate: opts.gates?.get(rel), headers: { 'content-type': 'application/x-cvmfs', 'cache-control': rel.startsWith('.') ? 'max-age=61' : 'max-age=259200' } });
   }
-}
-
-interface Run {
-  code: number | null;
-  stdout: string;
-  stderr: string;
-}
-
-function startWarm(args: string[]): { done: Promise<Run>; kill: (signal?: NodeJS.Signals) => void; stdout: () => string } {
-  const child = spawn(process.execPath, ['src/main.ts', 'warm', ...args], { stdio: ['ignore', 'pipe', 'pipe'] });
-  let stdout = '';
-  let stderr = '';
-  child.stdout.on('data', (c: Buffer) => (stdout += c.toString()));
-  child.stderr.on('data', (c: Buffer) => (stderr += c.toString()));
-  const done = new Promise<Run>((resolve) => child.on('close', (code) => resolve({ code, stdout, stderr })));
-  return { done, kill: (signal = 'SIGKILL') => child.kill(signal), stdout: () => stdout };
 }
 
 const warm = (args: string[]) => startWarm(args).done;
