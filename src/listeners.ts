@@ -8,6 +8,7 @@ import { plainAddress } from './acl.ts';
 import type { ListenAddr } from './config.ts';
 import type { Ctx } from './context.ts';
 import type { Drain } from './drain.ts';
+import { ERRORS } from './errors.ts';
 import { endWithError, errorAnswer } from './forward.ts';
 import { hasBody, hitAge, storedHitHead } from './deliver.ts';
 import { handleRequest, plainLaneRequest } from './handle-request.ts';
@@ -19,13 +20,22 @@ import { handleConnect } from './tunnel.ts';
 /** How long a client may take to send a request's head. */
 const HEADERS_TIMEOUT_MS = 60_000;
 
-/** A connection refused before its request was read (a request-less NONE/503 in the access log). */
-function refusedConnection(startedAt: number, client: string, answer: { headBytes: number; bodyBytes: number }): Transaction {
-  return newTransaction({ startedAt, client, method: 'NONE', url: '-', status: 503, headBytes: answer.headBytes, bytesOut: answer.bodyBytes });
+/** A connection cuttle answered without a request it could read: one request-less NONE line in the access log. */
+function requestless(startedAt: number, client: string, url: string, status: number, answer: { headBytes: number; bodyBytes: number }): Transaction {
+  return newTransaction({ startedAt, client, method: 'NONE', url, status, headBytes: answer.headBytes, bytesOut: answer.bodyBytes });
 }
 
-/** node:http's parser refused the request (clientError): cuttle's own labelled 400, which closes the connection. */
-const BAD_REQUEST = 'HTTP/1.1 400 Bad Request\r\nProxy-Status: cuttle; error=http_request_error\r\nX-Squid-Error: ERR_INVALID_REQ 0\r\nContent-Length: 0\r\nConnection: close\r\n\r\n';
+/** A connection refused before its request was read (NONE/503). */
+function refusedConnection(startedAt: number, client: string, answer: { headBytes: number; bodyBytes: number }): Transaction {
+  return requestless(startedAt, client, '-', 503, answer);
+}
+
+/**
+ * node:http's parser refused the request (clientError): ERR_BAD_REQUEST's labelled 400, head only, which
+ * closes the connection (logged NONE/400 error:invalid-request, as Squid logs it).
+ */
+const BAD_REQUEST = ERRORS.ERR_BAD_REQUEST;
+const BAD_REQUEST_HEAD = `HTTP/1.1 400 Bad Request\r\nProxy-Status: cuttle; error=${BAD_REQUEST.token}\r\nX-Squid-Error: ${BAD_REQUEST.squid}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n`;
 
 /** After a failed attempt to listen again (EMFILE, near overload), the next one waits this long. */
 const RELISTEN_BACKOFF_MS = 1000;
@@ -509,10 +519,10 @@ export class Listeners {
       // A 400 goes out only where no answer is under way: written while one streams (or one waits behind
       // it), it would land inside or before that answer. Then the connection is closed instead.
       if (socket.writable && err.code !== 'ECONNRESET' && !inFlight) {
-        socket.end(BAD_REQUEST);
+        socket.end(BAD_REQUEST_HEAD);
         // Logged and counted as Squid logs it (NONE/400 error:invalid-request): garbage leaves a trace.
-        const tx = newTransaction({ startedAt: clock.now(), client: plainAddress((socket as Socket).remoteAddress ?? '-'), method: 'NONE', url: 'error:invalid-request', status: 400, headBytes: BAD_REQUEST.length });
-        recordTransaction(ctx, tx, 'http_request_error');
+        const tx = requestless(clock.now(), plainAddress((socket as Socket).remoteAddress ?? '-'), 'error:invalid-request', BAD_REQUEST.status, { headBytes: BAD_REQUEST_HEAD.length, bodyBytes: 0 });
+        recordTransaction(ctx, tx, BAD_REQUEST.token);
       } else socket.destroy();
     });
     return srv;
