@@ -383,16 +383,13 @@ async function fetchbody(st: FetchState): Promise<Step> {
   if (fill.released && st.ac.signal.aborted) return 'fail';
   const e = upstreamError(st.bodyError);
   if (e.code === 'ERR_INTERNAL') throw st.bodyError;
-  // Through a parent, the parent broke it off: the mirror behind it is not to blame. The key's owner (a
-  // bank member, another worker) that answered and then broke off failed its own fill (its upstream's
-  // fault): heads in flight together must not add up to 'down' for a healthy owner. An owner that died
-  // is refused at the next connect (a worker's exit is announced).
-  if (st.route?.peer && !ownerRoute(st.route)) host.hierarchy.peerFailed(st.route.peer, new ProxyError(e.code, `${e.token} after ${fill.received} bytes`));
-  else if (st.route?.peer) {
-    st.route.peer.failures++;
-    st.route.peer.lastError = `${e.token} after ${fill.received} bytes`;
-  }
-  else if (st.mirror) mirrorFailed(st, st.mirror, `${e.token} after ${fill.received} bytes`);
+  const why = `${e.token} after ${fill.received} bytes`;
+  // Through a parent, the parent broke it off: the mirror behind it is not to blame. A key's owner that
+  // broke off failed its own fill (Peer.brokeOff); one that died is refused at the next connect (a
+  // worker's exit is announced).
+  if (st.route?.peer && ownerRoute(st.route)) st.route.peer.brokeOff(why);
+  else if (st.route?.peer) host.hierarchy.peerFailed(st.route.peer, new ProxyError(e.code, why));
+  else if (st.mirror) mirrorFailed(st, st.mirror, why);
   return 'resume';
 }
 

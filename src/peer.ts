@@ -80,6 +80,16 @@ export class Peer {
     this.lastError = why;
   }
 
+  /**
+   * A key's owner (a bank member, another worker) answered, then its body broke off: its own fill failed
+   * (its upstream's fault). Counted and shown, never toward down: heads in flight together would add up
+   * to 'down' for a healthy owner.
+   */
+  brokeOff(why: string): void {
+    this.failures++;
+    this.lastError = why;
+  }
+
   probed(ok: boolean, why?: string): boolean {
     this.probes++;
     if (!ok) {
