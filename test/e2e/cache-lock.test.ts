@@ -8,9 +8,7 @@ import { spawn } from 'node:child_process';
 import { describe, it } from 'node:test';
 import { lockPath } from '../../src/store-disk.ts';
 import { waitFor } from '../helpers/mirrors.ts';
-import type { Pool } from 'undici';
-import { get, proxyClient, startProxy, tmpDir, type TestProxy } from '../helpers/proxy.ts';
-import { startOrigin } from '../helpers/origin.ts';
+import { get, startProxy, tmpDir, withProxy, type TestProxy } from '../helpers/proxy.ts';
 
 describe('the cache lock and a pid that comes back', () => {
   it('a cuttle that is pid 1 of its namespace, killed with -9, starts again on its cache (its lock names pid 1: itself, not another cuttle)', async (t) => {
@@ -49,23 +47,15 @@ describe('the cache lock and a pid that comes back', () => {
   });
 
   it("a lock left under this process's own pid is taken over; one this process holds still refuses a second proxy", async () => {
-    const origin = await startOrigin({ '/x': { headers: { 'cache-control': 'max-age=600' }, body: 'stored' } });
     const cacheDir = join(tmpDir(), 'c');
     mkdirSync(join(cacheDir, 'v1'), { recursive: true });
     writeFileSync(lockPath(cacheDir), `${process.pid}\n`); // an earlier life of this pid, killed
-    let p: TestProxy | undefined;
-    let pool: Pool | undefined;
-    try {
-      p = await startProxy({ 'cache-dir': cacheDir });
-      pool = proxyClient(p.url, 1);
+    await withProxy({ 'cache-dir': cacheDir }, async ({ origin, pool }) => {
+      origin.route('/x', { headers: { 'cache-control': 'max-age=600' }, body: 'stored' });
       assert.equal((await get(pool, `${origin.url}/x`)).status, 200);
       await assert.rejects(startProxy({ 'cache-dir': cacheDir }), /in use by another cuttle/, 'the lock this process holds is still a lock');
       assert.equal(origin.count('/x'), 1);
-    } finally {
-      await pool?.close();
-      await p?.close();
-      await origin.close();
-    }
+    });
   });
 
   it('a lock written in an earlier boot is stale, although its pid is alive now (another daemon after a power loss); one of this boot is not', async () => {
@@ -81,19 +71,11 @@ describe('the cache lock and a pid that comes back', () => {
     }
     assert.match(held.message, /in use by another cuttle \(pid 1,/);
     writeFileSync(lockPath(cacheDir), `1\n${bootId.replace(/^./, (c) => (c === '0' ? '1' : '0'))}\n`);
-    const origin = await startOrigin({ '/x': { headers: { 'cache-control': 'max-age=600' }, body: 'stored' } });
-    let p: TestProxy | undefined;
-    let pool: Pool | undefined;
-    try {
-      p = await startProxy({ 'cache-dir': cacheDir });
-      pool = proxyClient(p.url, 1);
+    await withProxy({ 'cache-dir': cacheDir }, async ({ origin, pool }) => {
+      origin.route('/x', { headers: { 'cache-control': 'max-age=600' }, body: 'stored' });
       assert.equal((await get(pool, `${origin.url}/x`)).status, 200);
       assert.equal(origin.count('/x'), 1);
       assert.equal(readFileSync(lockPath(cacheDir), 'utf8'), `${process.pid}\n${bootId}\n`, 'the lock names this process and this boot');
-    } finally {
-      await pool?.close();
-      await p?.close();
-      await origin.close();
-    }
+    });
   });
 });
